@@ -1,0 +1,29 @@
+# The two set-up commands of README.md:
+#   make simulate   install into .venv and run the 10-hospital federation
+#   make test       install into .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install simulate test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+simulate: $(STAMP)
+	$(BIN)/hemafed simulate $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check core network gui tests bench
+
+test: lint
+	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

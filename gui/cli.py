@@ -1,0 +1,68 @@
+"""The `hemafed` command line: one entry point for the site app, the headless
+aggregator and the tools around them.
+
+Each group of subcommands lives in its own `cmd_*` module exposing
+`register(subparsers)`; heavy imports (torch, Qt) happen inside the handlers so
+`hemafed --help` stays fast and headless commands never load Qt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+COMMAND_MODULES = (
+    "hemafed.gui.cmd_data",
+    "hemafed.gui.cmd_privacy",
+    "hemafed.gui.cmd_federation",
+    "hemafed.gui.cmd_app",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hemafed",
+        description="Federated blood-cell classification with differential privacy "
+        "and secure aggregation.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except UserFacingError as exc:
+        print(f"hemafed: error: {exc}", file=sys.stderr)
+        return 1
+
+
+class UserFacingError(Exception):
+    """An error whose message is meant for the operator, printed without a traceback."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
