@@ -32,6 +32,7 @@ from .imaging import (
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
+NOT_IN_CLASS_FOLDER = "not in a class folder"
 
 
 @dataclass
@@ -141,8 +142,12 @@ def _folder_entries(root: Path, classes: Sequence[str], report: ScanReport) -> l
     entries: list[tuple[Path, int]] = []
     for child in sorted(root.iterdir()):
         if child.is_file():
-            if not is_junk(child):
+            if is_junk(child):
                 report.ignored.append(_rel(child, root))
+            elif is_image_name(child):
+                report.problems.append(Problem(_rel(child, root), NOT_IN_CLASS_FOLDER))
+            else:
+                report.problems.append(Problem(_rel(child, root), Reason.UNSUPPORTED, child.suffix))
             continue
         label = index.get(normalise_class_name(child.name))
         files = sorted(p for p in child.rglob("*") if p.is_file())
