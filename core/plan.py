@@ -1,0 +1,167 @@
+"""The federation plan: the only thing (besides weights) the aggregator sends to sites.
+
+It names a model from the built-in registry and sets the training and privacy
+knobs. No code travels. A site checks a plan against the bounds its operator
+accepts (`SiteBounds`) before joining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .classes import BLOODMNIST_CLASSES
+
+
+class PlanError(ValueError):
+    """A plan that is malformed, inconsistent, or outside what a site accepts."""
+
+
+@dataclass(frozen=True)
+class FederationPlan:
+    federation_id: str = "bloodmnist-demo"
+    model: str = "resnet_gn"
+    input_size: int = 28
+    classes: tuple[str, ...] = BLOODMNIST_CLASSES
+    rounds: int = 10
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.5
+    momentum: float = 0.0
+    clip_norm: float = 1.0
+    delta: float = 1e-5
+    dp: bool = True
+    secagg: bool = True
+    threshold: int = 6
+    min_sites: int = 6
+    max_sites: int = 64
+    server_optimizer: str = "fedavg"
+    server_lr: float = 1.0
+    val_fraction: float = 0.1
+    train_timeout_s: float = 1800.0
+    stage_timeout_s: float = 120.0
+    join_timeout_s: float = 600.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(self.classes))
+        problems = self.problems()
+        if problems:
+            raise PlanError("invalid federation plan: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.federation_id or len(self.federation_id) > 64 or not all(
+            c.isalnum() or c in "-_." for c in self.federation_id
+        ):
+            out.append("federation_id must be 1-64 characters of letters, digits, '-', '_', '.'")
+        for name in ("rounds", "local_epochs", "batch_size", "input_size", "min_sites", "max_sites"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be at least 1")
+        for name in ("lr", "clip_norm", "server_lr", "train_timeout_s", "stage_timeout_s", "join_timeout_s"):
+            if not getattr(self, name) > 0:
+                out.append(f"{name} must be positive")
+        if not 0 < self.delta < 1:
+            out.append("delta must be in (0, 1)")
+        if not 0 <= self.momentum < 1:
+            out.append("momentum must be in [0, 1)")
+        if not 0 < self.val_fraction < 0.5:
+            out.append("val_fraction must be in (0, 0.5)")
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            out.append("classes must be at least two distinct names")
+        if self.server_optimizer not in ("fedavg", "fedadam"):
+            out.append("server_optimizer must be 'fedavg' or 'fedadam'")
+        if self.secagg and not 2 <= self.threshold <= self.max_sites:
+            out.append("threshold t must be between 2 and max_sites")
+        if self.min_sites > self.max_sites:
+            out.append("min_sites cannot exceed max_sites")
+        if self.secagg and self.min_sites < self.threshold:
+            out.append("min_sites must be at least the secure-aggregation threshold t")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["classes"] = list(self.classes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FederationPlan:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise PlanError(f"unknown plan fields: {', '.join(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            default = known[key].default
+            expected = type(default)
+            if key == "classes":
+                if not isinstance(value, list | tuple) or not all(isinstance(c, str) for c in value):
+                    raise PlanError("classes must be a list of names")
+                value = tuple(value)
+            elif expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise PlanError(f"plan field {key} must be {expected.__name__}, got {type(value).__name__}")
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def digest(self) -> str:
+        """A short hash sites and the aggregator compare to be sure they run the same plan."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SiteBounds:
+    """What a hospital's operator accepts; a plan outside these is refused before joining."""
+
+    require_dp: bool = True
+    require_secagg: bool = True
+    min_threshold: int = 2
+    max_rounds: int = 200
+    max_local_epochs: int = 10
+    max_delta: float = 1e-4
+    max_clip_norm: float = 10.0
+    models: tuple[str, ...] = field(default=())  # empty: any registered model
+
+    def violations(self, plan: FederationPlan) -> list[str]:
+        out = []
+        if self.require_dp and not plan.dp:
+            out.append("the plan turns differential privacy off")
+        if self.require_secagg and not plan.secagg:
+            out.append("the plan turns secure aggregation off")
+        if plan.secagg and plan.threshold < self.min_threshold:
+            out.append(f"threshold t={plan.threshold} is below the accepted minimum {self.min_threshold}")
+        if plan.rounds > self.max_rounds:
+            out.append(f"{plan.rounds} rounds exceed the accepted {self.max_rounds}")
+        if plan.local_epochs > self.max_local_epochs:
+            out.append(f"{plan.local_epochs} local epochs exceed the accepted {self.max_local_epochs}")
+        if plan.delta > self.max_delta:
+            out.append(f"delta={plan.delta:g} exceeds the accepted {self.max_delta:g}")
+        if plan.clip_norm > self.max_clip_norm:
+            out.append(f"clip norm {plan.clip_norm:g} exceeds the accepted {self.max_clip_norm:g}")
+        if self.models and plan.model not in self.models:
+            out.append(f"model {plan.model!r} is not in the accepted list")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SiteBounds:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(f"unknown bounds fields: {', '.join(unknown)}")
+        if "models" in data:
+            data = {**data, "models": tuple(data["models"])}
+        return cls(**data)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise PlanError(f"cannot read {path}: {exc}") from exc
