@@ -1,0 +1,131 @@
+"""The one exception tree of the transport.
+
+    NetworkError
+    ├── ProtocolError            a message broke the protocol; the peer gets `code` + `public`, never `detail`
+    │   ├── MalformedMessage     the envelope could not be decoded (bad framing, JSON, types, sizes)
+    │   ├── MessageTooLarge      over a configured size cap
+    │   ├── UnexpectedMessage    well-formed but wrong type / round / stage (raised by the driver's validator)
+    │   └── AuthenticationError  handshake refused (unknown key, bad signature, wrong challenge)
+    ├── ConnectionLost           the connection dropped (peer gone, keepalive, server restart)
+    │   └── PeerError            ...because the peer said we broke the protocol (`error` envelope / close code)
+    │       └── AuthenticationRefused   the aggregator refused our identity; reconnecting will not help
+    ├── ConnectFailed            could not (re)connect within the retry budget
+    │   └── CertificateRejected  the server's certificate is not signed by the pinned CA (or wrong host)
+    ├── NotConnected             send to a site (or from a client) that has no open connection
+    └── ReceiveTimeout           nothing arrived in time (also a builtin `TimeoutError`)
+
+`ProtocolError.code` is a short stable identifier shared by both ends (it travels in
+the `error` envelope); `public` is the one-line text the peer may see; `detail` is for
+the local log only.
+"""
+
+from __future__ import annotations
+
+# Codes that travel on the wire; both ends know them. Public text is deliberately
+# short and generic: it explains what the peer did wrong, never what we run.
+PUBLIC_TEXT: dict[str, str] = {
+    "malformed": "malformed message",
+    "too_large": "message too large",
+    "unexpected": "unexpected message for the current round or stage",
+    "unknown_key": "this site's key is not in the federation's allowed list",
+    "bad_signature": "signature check failed",
+    "handshake": "authentication handshake failed",
+    "timeout": "timed out",
+    "replaced": "replaced by a newer connection from the same site",
+    "shutdown": "aggregator shutting down",
+    "internal": "internal error",
+}
+
+# WebSocket close codes: 4000-4999 are reserved for applications (RFC 6455 §7.4.2).
+CLOSE_CODES: dict[str, int] = {
+    "malformed": 4002,
+    "too_large": 1009,
+    "unexpected": 4003,
+    "unknown_key": 4001,
+    "bad_signature": 4001,
+    "handshake": 4001,
+    "timeout": 4008,
+    "replaced": 4004,
+    "shutdown": 1001,
+    "internal": 1011,
+}
+
+
+class NetworkError(Exception):
+    """Base of every error raised by `hemafed.network`."""
+
+
+class ProtocolError(NetworkError):
+    """A message broke the protocol.
+
+    `detail` is logged locally; the peer only ever sees `code` and `public`.
+    """
+
+    code = "malformed"
+
+    def __init__(self, detail: str, *, public: str | None = None, code: str | None = None) -> None:
+        super().__init__(detail)
+        if code is not None:
+            self.code = code
+        self.detail = detail
+        self.public = public if public is not None else PUBLIC_TEXT.get(self.code, "protocol error")
+
+    @property
+    def close_code(self) -> int:
+        return CLOSE_CODES.get(self.code, 4000)
+
+
+class MalformedMessage(ProtocolError):
+    code = "malformed"
+
+
+class MessageTooLarge(ProtocolError):
+    code = "too_large"
+
+
+class UnexpectedMessage(ProtocolError):
+    """Raise this from a validator for a wrong type, round or stage."""
+
+    code = "unexpected"
+
+
+class AuthenticationError(ProtocolError):
+    code = "handshake"
+
+
+class ConnectionLost(NetworkError):
+    """The connection dropped; `code`/`reason` are the WebSocket close code and reason if any."""
+
+    def __init__(self, message: str, code: int | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+class PeerError(ConnectionLost):
+    """The peer reported that we broke the protocol."""
+
+    def __init__(self, error_code: str, message: str, close_code: int | None = None) -> None:
+        super().__init__(f"{message} ({error_code})", close_code, message)
+        self.error_code = error_code
+        self.message = message
+
+
+class AuthenticationRefused(PeerError):
+    """The aggregator refused this site's identity: fix the configuration, do not retry."""
+
+
+class ConnectFailed(NetworkError):
+    """No connection could be made within the retry budget."""
+
+
+class CertificateRejected(ConnectFailed):
+    """TLS verification failed: wrong CA, wrong host name or expired certificate. Not retried."""
+
+
+class NotConnected(NetworkError):
+    """There is no open connection to send on."""
+
+
+class ReceiveTimeout(NetworkError, TimeoutError):
+    """Nothing arrived before the deadline."""
