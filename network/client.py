@@ -1,0 +1,240 @@
+"""A site's side of the transport: connect, authenticate, send and receive envelopes.
+
+Reconnecting is automatic but never silent: when the connection drops, the call
+that was running raises `ConnectionLost` (the site's round state is gone, the
+aggregator counts it as a dropout), and the next `send()` / `recv()` reconnects
+with exponential back-off and jitter before it proceeds. A refusal of the site's
+identity (`AuthenticationRefused`) or of the server's certificate
+(`CertificateRejected`) is a configuration problem and is never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from hemafed.core.identity import IdentityKey
+from hemafed.network import handshake
+from hemafed.network.envelope import ERROR, WELCOME, Envelope, Limits, error_envelope
+from hemafed.network.errors import (
+    CLOSE_CODES,
+    AuthenticationRefused,
+    CertificateRejected,
+    ConnectFailed,
+    ConnectionLost,
+    MalformedMessage,
+    NotConnected,
+    PeerError,
+    ProtocolError,
+    ReceiveTimeout,
+)
+from hemafed.network.tls import cert_binding, client_context
+
+log = logging.getLogger(__name__)
+
+_PERMANENT_REFUSALS = frozenset({"unknown_key", "bad_signature", "handshake"})
+_CODE_NAMES = {v: k for k, v in CLOSE_CODES.items() if k not in {"bad_signature", "handshake", "shutdown"}}
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential back-off with jitter: attempt k waits about `initial * factor**k`
+    (half fixed, half random so restarted sites do not stampede), at most
+    `max_delay`; gives up after `retry_for` seconds in all (None: never)."""
+
+    initial: float = 0.5
+    factor: float = 2.0
+    max_delay: float = 30.0
+    retry_for: float | None = 300.0
+
+    def delay(self, attempt: int) -> float:
+        d = min(self.max_delay, self.initial * self.factor**attempt)
+        return d / 2 + random.uniform(0, d / 2)
+
+
+class SiteClient:
+    """One site's connection to the aggregator at `url` (wss://host:port)."""
+
+    def __init__(
+        self,
+        url: str,
+        identity: IdentityKey,
+        *,
+        ca_file: str | None = None,
+        insecure: bool = False,
+        federation: str | None = None,
+        limits: Limits | None = None,
+        backoff: Backoff | None = None,
+        open_timeout: float = 10.0,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
+    ) -> None:
+        scheme = urlsplit(url).scheme
+        if scheme == "ws" and not insecure:
+            raise ValueError(f"{url} is plain ws://: unencrypted and unauthenticated, allowed only with --insecure")
+        if scheme not in {"ws", "wss"}:
+            raise ValueError(f"{url}: the aggregator URL must start with wss://")
+        self.url = url
+        self.identity = identity
+        self.federation = federation
+        self.limits = limits or Limits()
+        self.backoff = backoff or Backoff()
+        self.open_timeout = open_timeout
+        self._ssl = client_context(ca_file) if scheme == "wss" else None
+        self._ping = (ping_interval, ping_timeout)
+        self._ws: ClientConnection | None = None
+        self._closed = False
+        self.site: str | None = None  # the name the aggregator knows this site by
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None
+
+    async def __aenter__(self) -> SiteClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> str:
+        """Connect and authenticate, retrying with back-off; returns this site's name."""
+        if self._ws is not None:
+            assert self.site is not None
+            return self.site
+        self._closed = False
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                self._ws, self.site = await self._attempt()
+                log.info("connected to %s as site %s", self.url, self.site)
+                return self.site
+            except AuthenticationRefused as exc:
+                if exc.error_code in _PERMANENT_REFUSALS:
+                    raise
+                why: BaseException = exc
+            except ssl.SSLCertVerificationError as exc:
+                raise CertificateRejected(f"{self.url}: server certificate not trusted: {exc.verify_message}") from None
+            except ProtocolError:
+                raise  # a server speaking something else, or another federation: retrying will not help
+            except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, ConnectionLost) as exc:
+                why = exc
+            except InvalidURI as exc:
+                raise ValueError(str(exc)) from None
+            delay = self.backoff.delay(attempt)
+            attempt += 1
+            budget = self.backoff.retry_for
+            if budget is not None and time.monotonic() + delay - start > budget:
+                raise ConnectFailed(f"could not connect to {self.url} within {budget:g} s: {why}") from None
+            log.info("connecting to %s failed (%s); retrying in %.1f s", self.url, why, delay)
+            await asyncio.sleep(delay)
+
+    async def send(self, env: Envelope) -> None:
+        ws = await self._ensure()
+        try:
+            await ws.send(env.encode())
+        except ConnectionClosed as exc:
+            raise self._lost(exc) from None
+
+    async def recv(self, timeout: float | None = None) -> Envelope:
+        """The next message from the aggregator; `ReceiveTimeout` after `timeout` seconds.
+
+        An `error` envelope from the aggregator raises `PeerError` (the aggregator
+        closes the connection after sending one).
+        """
+        ws = await self._ensure()
+        try:
+            async with asyncio.timeout(timeout):
+                data = await ws.recv()
+        except TimeoutError:
+            raise ReceiveTimeout(f"no message from the aggregator within {timeout} s") from None
+        except ConnectionClosed as exc:
+            raise self._lost(exc) from None
+        try:
+            env = Envelope.decode(data, self.limits)
+        except ProtocolError as exc:
+            log.warning("malformed message from the aggregator: %s", exc.detail)
+            await self._drop(ws, exc)
+            raise
+        if env.type == ERROR:
+            self._ws = None
+            with contextlib.suppress(ConnectionClosed):
+                await ws.close()
+            code, message = env.body.get("code"), env.body.get("message")
+            raise PeerError(
+                code if isinstance(code, str) else "unknown",
+                message if isinstance(message, str) else "the aggregator reported an error",
+            )
+        return env
+
+    async def close(self) -> None:
+        self._closed = True
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            await ws.close()
+
+    # -- internals ---------------------------------------------------------------
+
+    async def _ensure(self) -> ClientConnection:
+        if self._ws is None:
+            if self._closed:
+                raise NotConnected("the client was closed")
+            await self.connect()
+        assert self._ws is not None
+        return self._ws
+
+    async def _attempt(self) -> tuple[ClientConnection, str]:
+        ws = await connect(
+            self.url,
+            ssl=self._ssl,
+            open_timeout=self.open_timeout,
+            max_size=self.limits.max_message,
+            compression=None,
+            ping_interval=self._ping[0],
+            ping_timeout=self._ping[1],
+            user_agent_header=None,
+        )
+        try:
+            async with asyncio.timeout(self.open_timeout):
+                hello = Envelope.decode(await ws.recv(), self.limits)
+                ssl_object = ws.transport.get_extra_info("ssl_object")
+                binding = cert_binding(ssl_object.getpeercert(binary_form=True) if ssl_object else None)
+                await ws.send(handshake.answer(hello, self.identity, binding, self.federation).encode())
+                reply = Envelope.decode(await ws.recv(), self.limits)
+            if reply.type == ERROR:
+                raise handshake.refusal(reply)
+            site = reply.body.get("site")
+            if reply.type != WELCOME or not isinstance(site, str):
+                raise MalformedMessage(f"expected {WELCOME!r} from the aggregator, got {reply.type!r}")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await ws.close()
+            raise
+        return ws, site
+
+    async def _drop(self, ws: ClientConnection, error: ProtocolError) -> None:
+        self._ws = None
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(error_envelope(error.code, error.public).encode())
+        with contextlib.suppress(ConnectionClosed):
+            await ws.close(error.close_code, error.public[:120])
+
+    def _lost(self, exc: ConnectionClosed) -> ConnectionLost:
+        self._ws = None
+        rcvd = exc.rcvd
+        if rcvd is not None and rcvd.code in _CODE_NAMES:
+            return PeerError(_CODE_NAMES[rcvd.code], rcvd.reason or "refused by the aggregator", rcvd.code)
+        if rcvd is not None:
+            return ConnectionLost(f"connection to the aggregator closed (code {rcvd.code} {rcvd.reason})".strip(),
+                                  rcvd.code, rcvd.reason)
+        return ConnectionLost("connection to the aggregator lost")

@@ -1,0 +1,317 @@
+"""The aggregator's side of the transport: a websockets server that authenticates
+sites and turns their traffic into one queue of events for the round driver.
+
+The driver never touches a socket. It reads `Message` / `Connected` /
+`Disconnected` events from `recv()`, sends with `send()` / `broadcast()`, and may
+set `validator` to a function that raises `ProtocolError` (usually
+`UnexpectedMessage`) for a message of the wrong type, round or stage. Such a
+message never reaches the queue: the site gets an `error` envelope with a generic
+text, its connection alone is closed, the details go to the local log, and every
+other site carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from hemafed.core.identity import allowed_sites, fingerprint
+from hemafed.network import handshake
+from hemafed.network.envelope import (
+    AUTH,
+    HANDSHAKE_LIMITS,
+    HELLO,
+    WELCOME,
+    Envelope,
+    Limits,
+    error_envelope,
+)
+from hemafed.network.errors import (
+    NotConnected,
+    ProtocolError,
+    ReceiveTimeout,
+    UnexpectedMessage,
+)
+from hemafed.network.tls import ServerTLS
+
+log = logging.getLogger(__name__)
+
+_LOOPBACK = re.compile(r"(127\.\d+\.\d+\.\d+|::1|localhost)\Z")
+_RESERVED = frozenset({HELLO, AUTH, WELCOME})
+
+
+@dataclass(frozen=True)
+class Message:
+    site: str
+    envelope: Envelope
+
+
+@dataclass(frozen=True)
+class Connected:
+    site: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    site: str
+    reason: str
+
+
+Event = Message | Connected | Disconnected
+Validator = Callable[[str, Envelope], None]
+
+
+class AggregatorServer:
+    """Accepts authenticated sites; see the module docstring for the driver's view.
+
+    `allowed` maps site name -> public key (a `hemafed-ed25519 ...` line or a key).
+    TLS is required unless `insecure=True` (plain ws://, for local tests only).
+    """
+
+    def __init__(
+        self,
+        allowed: Mapping[str, str | Ed25519PublicKey],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: ServerTLS | None = None,
+        insecure: bool = False,
+        federation: str = "hemafed",
+        limits: Limits | None = None,
+        handshake_timeout: float = 10.0,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
+        queue_size: int = 1024,
+    ) -> None:
+        if tls is None and not insecure:
+            raise ValueError("the aggregator needs a TLS certificate; plain ws:// only with insecure=True")
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.federation = federation
+        self.limits = limits or Limits()
+        self.handshake_timeout = handshake_timeout
+        self.validator: Validator | None = None
+        self._allowed = allowed_sites(allowed)
+        self._binding = tls.binding() if tls is not None else b""
+        self._ping = (ping_interval, ping_timeout)
+        self._conns: dict[str, ServerConnection] = {}
+        # Bounded so a flood from one site pushes back on its socket instead of memory.
+        self._queue: asyncio.Queue[Event] = asyncio.Queue(queue_size)
+        self._changed = asyncio.Condition()
+        self._server: Server | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.tls is None and not _LOOPBACK.match(self.host):
+            log.warning("serving plain ws:// on %s: traffic is neither encrypted nor authenticated", self.host)
+        self._server = await serve(
+            self._handle,
+            self.host,
+            self.port,
+            ssl=self.tls.context() if self.tls is not None else None,
+            # Until a site has authenticated it may send only the handshake's few bytes;
+            # the model-sized limit is switched on per connection after the check.
+            max_size=HANDSHAKE_LIMITS.max_message,
+            # Weights and masked vectors do not compress, and inflating is a DoS lever.
+            compression=None,
+            open_timeout=self.handshake_timeout,
+            ping_interval=self._ping[0],
+            ping_timeout=self._ping[1],
+            server_header=None,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("aggregator listening on %s (federation %r)", self.url, self.federation)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> AggregatorServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def url(self) -> str:
+        scheme = "wss" if self.tls is not None else "ws"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+    # -- the driver's API --------------------------------------------------------
+
+    def connected(self) -> set[str]:
+        return set(self._conns)
+
+    async def recv(self, timeout: float | None = None) -> Event:
+        """The next event from any site; raises `ReceiveTimeout` after `timeout` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._queue.get()
+        except TimeoutError:
+            raise ReceiveTimeout(f"no message within {timeout} s") from None
+
+    async def send(self, site: str, env: Envelope) -> None:
+        await self._send_bytes(site, env.encode())
+
+    async def broadcast(self, env: Envelope, sites: Iterable[str] | None = None) -> set[str]:
+        """Send to `sites` (default: all connected); returns the sites it reached.
+
+        A site that is gone is not an error here: dropouts are normal mid-round,
+        and the driver learns of them from `Disconnected` events.
+        """
+        data = env.encode()
+        targets = sorted(self.connected() if sites is None else set(sites))
+        results = await asyncio.gather(*(self._send_bytes(s, data) for s in targets), return_exceptions=True)
+        for site, res in zip(targets, results, strict=True):
+            if isinstance(res, BaseException) and not isinstance(res, NotConnected):
+                log.error("sending to %s failed", site, exc_info=res)
+        return {s for s, res in zip(targets, results, strict=True) if res is None}
+
+    async def wait_for_sites(self, n: int, timeout: float | None = None) -> set[str]:
+        """Wait until at least `n` sites are connected or `timeout` passes; returns who is connected."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(lambda: len(self._conns) >= n)
+        return self.connected()
+
+    async def reject(self, site: str, error: ProtocolError, round: int = 0) -> None:
+        """Refuse a site for something the driver found wrong later: error envelope, close."""
+        ws = self._conns.get(site)
+        if ws is not None:
+            await self._refuse(ws, error, site, round)
+
+    # -- one connection ----------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        peer = _peer(ws)
+        site = await self._authenticate(ws, peer)
+        if site is None:
+            return
+        reason = "closed"
+        try:
+            while True:
+                data = await ws.recv()
+                env: Envelope | None = None
+                try:
+                    env = Envelope.decode(data, self.limits)
+                    if env.type in _RESERVED:
+                        raise UnexpectedMessage(f"handshake message {env.type!r} after authentication")
+                    self._validate(site, env)
+                except ProtocolError as exc:
+                    reason = f"refused: {exc.code}"
+                    await self._refuse(ws, exc, site, env.round if env is not None else 0)
+                    return
+                await self._queue.put(Message(site, env))
+        except ConnectionClosed as exc:
+            reason = _describe_close(exc)
+            if exc.sent is not None and exc.sent.code == 1009:
+                # websockets refused the frame from its header, before buffering it.
+                log.warning("site %s refused: message over the %d-byte limit", site, self.limits.max_message)
+                reason = "refused: too_large"
+        finally:
+            await self._forget(site, ws, reason)
+
+    async def _authenticate(self, ws: ServerConnection, peer: str) -> str | None:
+        challenge = handshake.Challenge.fresh(self.federation, self._binding)
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                await ws.send(challenge.envelope().encode())
+                env = Envelope.decode(await ws.recv(), HANDSHAKE_LIMITS)
+                site, raw = handshake.check(challenge, env, self._allowed)
+        except TimeoutError:
+            await self._refuse(ws, ProtocolError("no answer to the challenge", code="timeout"), f"peer {peer}")
+            return None
+        except ProtocolError as exc:
+            await self._refuse(ws, exc, f"peer {peer}")
+            return None
+        except ConnectionClosed as exc:
+            log.info("peer %s left during the handshake (%s)", peer, _describe_close(exc))
+            return None
+
+        ws.protocol.max_message_size = self.limits.max_message  # see start(); set before the welcome
+        old = self._conns.get(site)
+        self._conns[site] = ws
+        if old is not None:
+            log.info("site %s reconnected from %s; closing its previous connection", site, peer)
+            await self._queue.put(Disconnected(site, "replaced"))
+            await _close(old, ProtocolError("replaced", code="replaced"))
+        try:
+            await ws.send(handshake.welcome(site).encode())
+        except ConnectionClosed:
+            await self._forget(site, ws, "left during the handshake")
+            return None
+        log.info("site %s connected from %s (%s)", site, peer, fingerprint(raw))
+        await self._queue.put(Connected(site, fingerprint(raw)))
+        async with self._changed:
+            self._changed.notify_all()
+        return site
+
+    def _validate(self, site: str, env: Envelope) -> None:
+        if self.validator is None:
+            return
+        try:
+            self.validator(site, env)
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            # A bug in the driver's check must not take the server down, nor leak to the peer.
+            log.exception("validator failed on %s from %s", env.type, site)
+            raise ProtocolError(f"validator raised {exc!r}", code="internal") from exc
+
+    async def _refuse(self, ws: ServerConnection, error: ProtocolError, who: str, round: int = 0) -> None:
+        log.warning("refused %s: %s (%s)", who, error.detail, error.code)
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(error_envelope(error.code, error.public, round).encode())
+        await _close(ws, error)
+
+    async def _forget(self, site: str, ws: ServerConnection, reason: str) -> None:
+        if self._conns.get(site) is not ws:
+            return  # replaced by a newer connection, which already reported the change
+        del self._conns[site]
+        log.info("site %s disconnected (%s)", site, reason)
+        await self._queue.put(Disconnected(site, reason))
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _send_bytes(self, site: str, data: bytes) -> None:
+        ws = self._conns.get(site)
+        if ws is None:
+            raise NotConnected(f"site {site!r} is not connected")
+        try:
+            await ws.send(data)
+        except ConnectionClosed:
+            raise NotConnected(f"site {site!r} disconnected") from None
+
+
+async def _close(ws: ServerConnection, error: ProtocolError) -> None:
+    # A close reason is at most 123 bytes of UTF-8 (RFC 6455 §5.5).
+    reason = error.public.encode()[:123].decode(errors="ignore")
+    with contextlib.suppress(ConnectionClosed):
+        await ws.close(error.close_code, reason)
+
+
+def _peer(ws: ServerConnection) -> str:
+    addr = ws.remote_address
+    return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else str(addr)
+
+
+def _describe_close(exc: ConnectionClosed) -> str:
+    frame = exc.rcvd or exc.sent
+    if frame is None:
+        return "connection dropped"
+    return f"code {frame.code}" + (f": {frame.reason}" if frame.reason else "")
