@@ -109,6 +109,7 @@ class AggregatorServer:
         self._queue: asyncio.Queue[Event] = asyncio.Queue(queue_size)
         self._changed = asyncio.Condition()
         self._server: Server | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -249,7 +250,11 @@ class AggregatorServer:
         if old is not None:
             log.info("site %s reconnected from %s; closing its previous connection", site, peer)
             await self._queue.put(Disconnected(site, "replaced"))
-            await _close(old, ProtocolError("replaced", code="replaced"))
+            # In the background: the old peer is often a dead socket, and its closing
+            # handshake could hold up the new connection for close_timeout.
+            task = asyncio.create_task(_close(old, ProtocolError("replaced", code="replaced")))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         try:
             await ws.send(handshake.welcome(site).encode())
         except ConnectionClosed:
@@ -314,4 +319,6 @@ def _describe_close(exc: ConnectionClosed) -> str:
     frame = exc.rcvd or exc.sent
     if frame is None:
         return "connection dropped"
+    if frame.code in (1000, 1001):
+        return "closed normally" if exc.rcvd is not None else "closed by the aggregator"
     return f"code {frame.code}" + (f": {frame.reason}" if frame.reason else "")
