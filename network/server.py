@@ -158,6 +158,11 @@ class AggregatorServer:
     def connected(self) -> set[str]:
         return set(self._conns)
 
+    @property
+    def site_keys(self) -> dict[str, Ed25519PublicKey]:
+        """Every allowed site's identity key by name (e.g. to check signed secure-aggregation keys)."""
+        return {name: Ed25519PublicKey.from_public_bytes(raw) for raw, name in self._allowed.items()}
+
     async def recv(self, timeout: float | None = None) -> Event:
         """The next event from any site; raises `ReceiveTimeout` after `timeout` seconds."""
         try:

@@ -125,6 +125,7 @@ def test_known_site_connects_and_exchanges_messages(fed: Fed) -> None:
                 joined = await expect(server, Connected)
                 assert joined.site == "good" and joined.fingerprint == fed.good.fingerprint
                 assert server.connected() == {"good"}
+                assert server.site_keys["good"].public_bytes_raw() == fed.good.public_bytes
                 await still_works(server, client)
                 # Near the model-sized limit: more than the handshake allows, so the
                 # limit was raised after authentication.
