@@ -42,7 +42,9 @@ from hemafed.network.tls import cert_binding, client_context
 log = logging.getLogger(__name__)
 
 _PERMANENT_REFUSALS = frozenset({"unknown_key", "bad_signature", "handshake"})
-_CODE_NAMES = {v: k for k, v in CLOSE_CODES.items() if k not in {"bad_signature", "handshake", "shutdown"}}
+# Close codes that mean "the aggregator refused something we sent" (1001, going away, is not one).
+_CODE_NAMES = {CLOSE_CODES[k]: k for k in ("handshake", "malformed", "unexpected", "replaced", "timeout",
+                                           "too_large", "internal")}
 
 
 @dataclass(frozen=True)

@@ -476,3 +476,18 @@ def test_ssl_context_pins_only_the_given_ca(fed: Fed) -> None:
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
     assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
     assert len(ctx.get_ca_certs()) == 1
+
+
+def test_layering() -> None:
+    """network/ never loads Qt; core's identity and certificates need neither asyncio nor sockets."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import hemafed.core.identity, hemafed.core.certs\n"
+        "assert 'asyncio' not in sys.modules and 'websockets' not in sys.modules, 'core pulled in I/O'\n"
+        "import hemafed.network.server, hemafed.network.client\n"
+        "assert not any(m.startswith('PySide6') for m in sys.modules), 'network pulled in Qt'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
