@@ -1,0 +1,239 @@
+"""Whole rounds through both state machines (and the wire format), with dropouts at every stage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from secagg_harness import STAGES, make_round, random_inputs, run_round
+
+from hemafed.core.secagg import (
+    Abandoned,
+    AggStage,
+    ConsistencyError,
+    EncryptedShares,
+    KeyList,
+    MaskedInput,
+    ProtocolStateError,
+    RoundAbandoned,
+    SecAggConfig,
+    SecAggResult,
+    SiteStage,
+    UnmaskRequest,
+    UnmaskShares,
+)
+from hemafed.core.secagg.quantize import error_bound, quantize
+
+
+def config(t: int, dim: int = 24, **kw) -> SecAggConfig:
+    return SecAggConfig(federation_id="test-fed", threshold=t, dim=dim, n_extras=4, clip=2.0, max_sites=16,
+                        max_weight=5000, max_extra=1000, **kw)
+
+
+def expected_outcome(n: int, t: int, drop: dict[int, str]):
+    """(survivors, dropouts) the protocol must produce, or None if it must abandon."""
+    ids = set(range(1, n + 1))
+    u1 = {i for i in ids if drop.get(i) != "before_keys"}
+    u2 = {i for i in u1 if drop.get(i) != "after_keys"}
+    u3 = {i for i in u2 if drop.get(i) != "after_shares"}
+    answering = {i for i in u3 if drop.get(i) != "after_masked"}
+    if min(len(u1), len(u2), len(u3), len(answering)) < t:
+        return None
+    return tuple(sorted(u3)), tuple(sorted(u2 - u3))
+
+
+def exact_ring_sum(cfg, inputs, ids, seed=0):
+    qs = [quantize(cfg, *inputs[i], rng=np.random.default_rng(seed * 1000 + i)).astype(np.uint64) for i in ids]
+    return (np.sum(qs, axis=0) % 2**32).astype(np.uint32)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_output_is_the_exact_sum_of_survivors_despite_dropouts(data):
+    n = data.draw(st.integers(3, 12), label="n")
+    t = data.draw(st.integers(n // 2 + 1, n), label="t")
+    drop = {i: s for i in range(1, n + 1)
+            if (s := data.draw(st.sampled_from((None, None, None, *STAGES)), label=f"drop{i}")) is not None}
+    cfg = config(t)
+    agg, sites, _ = make_round(cfg, n, round=5)
+    inputs = random_inputs(cfg, sites, np.random.default_rng(n * 100 + t))
+    outcome = run_round(cfg, agg, sites, inputs, drop=drop)
+    want = expected_outcome(n, t, drop)
+    if want is None:
+        assert isinstance(outcome, Abandoned) and agg.stage is AggStage.ABANDONED
+        for i, s in sites.items():
+            if i not in drop:  # every site still listening was told; none finished a round that had no result
+                assert s.stage in (SiteStage.ABANDONED, SiteStage.DONE, SiteStage.NEW)
+        return
+    assert isinstance(outcome, SecAggResult)
+    assert (outcome.survivors, outcome.dropouts) == want
+    assert np.array_equal(outcome.ring_sum, exact_ring_sum(cfg, inputs, outcome.survivors))
+    assert outcome.weight_sum == sum(inputs[i][1] for i in outcome.survivors)
+    assert np.array_equal(outcome.extras_sum, np.sum([inputs[i][2] for i in outcome.survivors], axis=0))
+    truth = sum(inputs[i][1] * np.clip(inputs[i][0].astype(np.float64), -cfg.clip, cfg.clip)
+                for i in outcome.survivors)
+    err = np.abs(outcome.weighted_sum - truth)
+    assert np.all(err <= error_bound(cfg, len(outcome.survivors)) + np.abs(truth) * 2.0**-23)
+
+
+def test_one_dropout_at_every_stage_in_one_round():
+    cfg = config(5)
+    agg, sites, _ = make_round(cfg, 9)
+    inputs = random_inputs(cfg, sites, np.random.default_rng(9))
+    drop = {1: "before_keys", 2: "after_keys", 3: "after_shares", 4: "after_masked"}
+    res = run_round(cfg, agg, sites, inputs, drop=drop)
+    assert res.survivors == (4, 5, 6, 7, 8, 9) and res.dropouts == (3,)
+    assert np.array_equal(res.ring_sum, exact_ring_sum(cfg, inputs, res.survivors))
+
+
+@pytest.mark.parametrize("n,t", [(3, 2), (5, 3), (7, 7)])
+def test_no_dropouts_and_the_average(n, t):
+    cfg = config(t)
+    agg, sites, _ = make_round(cfg, n)
+    inputs = random_inputs(cfg, sites, np.random.default_rng(0), scale=0.1)
+    res = run_round(cfg, agg, sites, inputs)
+    assert res.survivors == tuple(range(1, n + 1)) and res.dropouts == ()
+    mean = sum(w * u.astype(np.float64) for u, w, _ in inputs.values()) / sum(w for _, w, _ in inputs.values())
+    assert np.allclose(res.average(), mean, atol=1e-5)
+    assert all(s.stage is SiteStage.DONE for s in sites.values())
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_fewer_than_t_at_any_stage_abandons_and_reveals_nothing(stage):
+    cfg = config(3)
+    agg, sites, _ = make_round(cfg, 4)
+    inputs = random_inputs(cfg, sites, np.random.default_rng(1))
+    seen = []
+    real = agg.receive
+    agg.receive = lambda sid, msg: (seen.append(msg), real(sid, msg))[1]
+    out = run_round(cfg, agg, sites, inputs, drop={1: stage, 2: stage})
+    assert isinstance(out, Abandoned), stage
+    assert agg.stage is AggStage.ABANDONED and agg._sum is None
+    # sites may answer an unmask request that crossed the abandon notice, but fewer than t shares of any
+    # secret ever reach the aggregator, so it can reconstruct nothing
+    assert sum(isinstance(m, UnmaskShares) for m in seen) < cfg.threshold
+    for i in (3, 4):
+        assert sites[i].stage in (SiteStage.ABANDONED, SiteStage.DONE)
+
+
+def test_deadline_advances_with_whoever_answered():
+    cfg = config(3)
+    agg, sites, _ = make_round(cfg, 4)
+    inputs = random_inputs(cfg, sites, np.random.default_rng(2))
+    out = []
+    for i in (1, 2, 3):  # site 4 never answers
+        out += agg.receive(i, sites[i].start(*inputs[i])[0])
+    assert out == [] and agg.awaiting == {4}
+    out = agg.deadline_passed()
+    assert {o.to for o in out} == {1, 2, 3} and all(isinstance(o.message, KeyList) for o in out)
+    assert len(out[0].message.adverts) == 3
+    with pytest.raises(ProtocolStateError):  # the late site is a dropout now
+        agg.receive(4, sites[4].start(*inputs[4])[0])
+
+
+def test_out_of_order_and_duplicate_messages_are_refused_without_harm():
+    cfg = config(2)
+    agg, sites, _ = make_round(cfg, 3)
+    inputs = random_inputs(cfg, sites, np.random.default_rng(3))
+    adv = {i: s.start(*inputs[i])[0] for i, s in sites.items()}
+    with pytest.raises(ProtocolStateError):
+        sites[1].start(*inputs[1])
+    with pytest.raises(ProtocolStateError):  # a masked input during key collection
+        agg.receive(1, MaskedInput(round=0, site_id=1, vector=np.zeros(cfg.vector_len, np.uint32)))
+    with pytest.raises(ProtocolStateError):  # a site receives an unmask request before anything else
+        sites[1].receive(UnmaskRequest(round=0, survivors=(1, 2), dropouts=()))
+    agg.receive(1, adv[1])
+    with pytest.raises(ProtocolStateError):
+        agg.receive(1, adv[1])
+    agg.receive(2, adv[2])
+    outs = agg.receive(3, adv[3])
+    assert agg.stage is AggStage.COLLECT_SHARES
+    with pytest.raises(ProtocolStateError):  # a site may not send what only the aggregator sends
+        agg.receive(1, outs[0].message)
+    # the refused messages changed nothing: the round still completes
+    queue = list(outs)
+    while queue:
+        to, msg = queue.pop(0)
+        for reply in sites[to].receive(msg):
+            queue += agg.receive(to, reply)
+    assert isinstance(agg.outcome, SecAggResult) and agg.outcome.survivors == (1, 2, 3)
+
+
+def _drive_to_unmask(n=4, t=3):
+    cfg = config(t)
+    agg, sites, _ = make_round(cfg, n)
+    inputs = random_inputs(cfg, sites, np.random.default_rng(4))
+    queue = []
+    for i, s in sites.items():
+        queue += agg.receive(i, s.start(*inputs[i])[0])
+    while agg.stage is not AggStage.COLLECT_UNMASK:
+        to, msg = queue.pop(0)
+        for reply in sites[to].receive(msg):
+            queue += agg.receive(to, reply)
+    return cfg, agg, sites, queue
+
+
+@pytest.mark.parametrize("survivors,dropouts,why", [
+    ((1, 2, 3), (3, 4), "overlap"),
+    ((1, 2, 3), (), "differ"),
+    ((1, 2, 3, 4, 5), (), "differ"),
+    ((2, 3, 4), (1,), "not listed as a survivor"),
+    ((1, 2), (3, 4), "fewer than t"),
+])
+def test_site_checks_the_survivor_and_dropout_lists(survivors, dropouts, why):
+    _, _, sites, _ = _drive_to_unmask()
+    with pytest.raises(ConsistencyError, match=why):
+        sites[1].receive(UnmaskRequest(round=0, survivors=survivors, dropouts=dropouts))
+    assert sites[1].stage is SiteStage.AWAIT_UNMASK
+
+
+def test_site_never_reveals_both_shares_of_one_site():
+    _, _, sites, _queue = _drive_to_unmask()
+    first = sites[1].receive(UnmaskRequest(round=0, survivors=(1, 2, 3, 4), dropouts=()))
+    assert {u for u, _ in first[0].self_mask_shares} == {1, 2, 3, 4}
+    # a second request now calling site 4 a dropout would hand out its mask key as well: refused
+    with pytest.raises(ProtocolStateError):
+        sites[1].receive(UnmaskRequest(round=0, survivors=(1, 2, 3), dropouts=(4,)))
+    assert sites[1].revealed_keys == frozenset()
+    # and the guard holds independently of the stage check
+    sites[2].revealed_keys = frozenset({4})
+    with pytest.raises(ConsistencyError, match="both shares"):
+        sites[2].receive(UnmaskRequest(round=0, survivors=(1, 2, 3, 4), dropouts=()))
+
+
+def test_site_checks_key_list():
+    cfg = config(3)
+    _agg, sites, _ = make_round(cfg, 4)
+    inputs = random_inputs(cfg, sites, np.random.default_rng(5))
+    adv = {i: s.start(*inputs[i])[0] for i, s in sites.items()}
+    with pytest.raises(ConsistencyError, match="omits"):
+        sites[1].receive(KeyList(round=0, adverts=(adv[2], adv[3], adv[4])))
+    with pytest.raises(ConsistencyError, match="threshold"):
+        sites[1].receive(KeyList(round=0, adverts=(adv[1], adv[2])))
+    sites[1].receive(KeyList(round=0, adverts=(adv[1], adv[2], adv[3])))  # a valid list still works after refusals
+    assert sites[1].stage is SiteStage.AWAIT_SHARES
+
+
+def test_aggregator_refuses_shares_not_addressed_to_the_key_list():
+    cfg = config(2)
+    agg, sites, _ = make_round(cfg, 3)
+    inputs = random_inputs(cfg, sites, np.random.default_rng(6))
+    outs = []
+    for i, s in sites.items():
+        outs += agg.receive(i, s.start(*inputs[i])[0])
+    shares = sites[1].receive(outs[0].message)[0]
+    with pytest.raises(ConsistencyError):
+        agg.receive(1, EncryptedShares(round=0, site_id=1, shares=shares.shares[:1]))
+    agg.receive(1, shares)
+
+
+def test_abandon_notice_makes_site_forget():
+    cfg = config(2)
+    _, sites, _ = make_round(cfg, 3)
+    inputs = random_inputs(cfg, sites, np.random.default_rng(7))
+    sites[1].start(*inputs[1])
+    assert sites[1].receive(RoundAbandoned(round=0, reason="x")) == []
+    assert sites[1].stage is SiteStage.ABANDONED and sites[1]._input is None and sites[1]._s_sk is None
+    with pytest.raises(ProtocolStateError):
+        sites[1].receive(KeyList(round=0, adverts=()))
