@@ -26,6 +26,8 @@ from .config import SecAggConfig
 from .errors import InputError
 from .prg import RING_DTYPE
 
+_CHUNK = 1 << 17
+
 
 def quantize(cfg: SecAggConfig, update: np.ndarray, weight: int, extras: np.ndarray | None = None,
              rng: np.random.Generator | None = None) -> np.ndarray:
@@ -45,12 +47,22 @@ def quantize(cfg: SecAggConfig, update: np.ndarray, weight: int, extras: np.ndar
     rng = rng if rng is not None else np.random.default_rng()
 
     out = np.empty(cfg.vector_len, RING_DTYPE)
-    x = np.clip(update, -cfg.clip, cfg.clip, dtype=np.float64)
-    x *= (int(weight) / cfg.max_weight) * cfg.scale
-    # floor(x + u), u ~ U[0,1): rounds up with probability frac(x), so E[q] = x; stays in [-L, L]
-    x += rng.random(cfg.dim)
-    np.floor(x, out=x)
-    out[:cfg.dim] = x.astype(np.int32).view(RING_DTYPE)
+    dest = out[:cfg.dim].view(np.int32)
+    factor = (int(weight) / cfg.max_weight) * cfg.scale
+    # float64 is needed (|x| reaches 2^31 / max_sites, beyond float32's 24 bits); working in chunks keeps the
+    # temporaries in cache, which halves the time against whole-vector passes
+    x = np.empty(min(_CHUNK, cfg.dim))
+    u = np.empty_like(x)
+    for i in range(0, cfg.dim, _CHUNK):
+        k = min(_CHUNK, cfg.dim - i)
+        xs, us = x[:k], u[:k]
+        np.copyto(xs, update[i:i + k])
+        np.clip(xs, -cfg.clip, cfg.clip, out=xs)
+        xs *= factor
+        rng.random(out=us)
+        xs += us  # floor(x + u), u ~ U[0,1): rounds up with probability frac(x), so E[q] = x; stays in [-L, L]
+        np.floor(xs, out=xs)
+        dest[i:i + k] = xs
     out[cfg.dim] = int(weight)
     out[cfg.dim + 1:] = extras.astype(RING_DTYPE)
     return out

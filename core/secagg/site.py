@@ -158,7 +158,7 @@ class SiteSecAgg:
             payload = aead.open_(key, self.round, u, self.site_id, ct)
             b_sh[u], s_sh[u] = payload[:shamir.SHARE_LEN], payload[shamir.SHARE_LEN:]
 
-        y = self._input.copy()
+        y, self._input = self._input, None  # masked in place: the plain input stops existing here
         prg.apply_mask(y, self_mask_key(self.cfg, self.round, self.site_id, self._seed), +1)
         for v in senders:
             key = kdf.derive_pair_key(self._s_sk, self._adverts[v].s_pk, kdf.Purpose.PAIRWISE_MASK,
@@ -167,7 +167,7 @@ class SiteSecAgg:
         self._b_shares.update(b_sh)
         self._s_shares.update(s_sh)
         self._u2 = frozenset(senders) | {self.site_id}
-        self._input = self._seed = None  # the only copies of the plain input and seed go with this stage
+        self._seed = None
         self.stage = SiteStage.AWAIT_UNMASK
         return MaskedInput(round=self.round, site_id=self.site_id, vector=y)
 
