@@ -237,3 +237,26 @@ def test_abandon_notice_makes_site_forget():
     assert sites[1].stage is SiteStage.ABANDONED and sites[1]._input is None and sites[1]._s_sk is None
     with pytest.raises(ProtocolStateError):
         sites[1].receive(KeyList(round=0, adverts=()))
+
+
+def test_a_late_masked_input_is_refused_once_the_site_counts_as_dropped():
+    cfg = config(3)
+    agg, sites, _ = make_round(cfg, 4)
+    inputs = random_inputs(cfg, sites, np.random.default_rng(8))
+    queue = []
+    for i, s in sites.items():
+        queue += agg.receive(i, s.start(*inputs[i])[0])
+    late = None
+    while queue:
+        to, msg = queue.pop(0)
+        for reply in sites[to].receive(msg):
+            if isinstance(reply, MaskedInput) and to == 4:
+                late = reply  # held back by a slow link
+                continue
+            queue += agg.receive(to, reply)
+        if not queue and agg.stage is AggStage.COLLECT_MASKED:
+            queue += agg.deadline_passed()
+            # its pairwise key will be reconstructed: accepting its masked input now would unmask it
+            with pytest.raises(ProtocolStateError):
+                agg.receive(4, late)
+    assert agg.outcome.survivors == (1, 2, 3) and agg.outcome.dropouts == (4,)
