@@ -213,9 +213,10 @@ class AggregatorSecAgg:
     def _progress(self) -> list[Outgoing]:
         if self.finished:
             return []
-        live = {s for s in self._answered if s not in self._gone} | (self._pending - self._gone)
-        if self.stage == AggStage.COLLECT_MASKED:
-            live = set(self._answered) | (self._pending - self._gone)  # a masked input counts once it is summed
+        live = set(self._answered) | (self._pending - self._gone)
+        if self.stage in (AggStage.COLLECT_KEYS, AggStage.COLLECT_SHARES):
+            live -= self._gone  # keys or shares from a site that cannot go on are worthless; a summed masked
+            #                     input or revealed shares stay useful after their sender disconnects
         if len(live) < self.cfg.threshold:
             return self._abandon(f"{len(live)} live sites, threshold {self.cfg.threshold}")
         if self._pending - self._gone:

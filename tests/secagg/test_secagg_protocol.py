@@ -263,3 +263,23 @@ def test_a_late_masked_input_is_refused_once_the_site_counts_as_dropped():
             with pytest.raises(ProtocolStateError):
                 agg.receive(4, late)
     assert agg.outcome.survivors == (1, 2, 3) and agg.outcome.dropouts == (4,)
+
+
+def test_answers_stay_valid_after_their_sender_disconnects():
+    cfg = config(3)
+    agg, sites, _ = make_round(cfg, 4)
+    inputs = random_inputs(cfg, sites, np.random.default_rng(10))
+    queue = []
+    for i, s in sites.items():
+        queue += agg.receive(i, s.start(*inputs[i])[0])
+    while queue:
+        to, msg = queue.pop(0)
+        for reply in sites[to].receive(msg):
+            queue += agg.receive(to, reply)
+            # site 1 hangs up right after its masked input, site 2 right after its unmask shares
+            if (to, type(reply)) in ((1, MaskedInput), (2, UnmaskShares)):
+                queue += agg.site_dropped(to)
+                queue = [o for o in queue if o.to != to]
+    assert isinstance(agg.outcome, SecAggResult), agg.outcome
+    assert agg.outcome.survivors == (1, 2, 3, 4)
+    assert np.array_equal(agg.outcome.ring_sum, exact_ring_sum(cfg, inputs, (1, 2, 3, 4)))
