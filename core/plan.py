@@ -24,7 +24,7 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class FederationPlan:
     federation_id: str = "bloodmnist-demo"
-    model: str = "resnet_gn"
+    model: str = "resnet_gn_28"
     input_size: int = 28
     classes: tuple[str, ...] = BLOODMNIST_CLASSES
     rounds: int = 10
@@ -33,6 +33,8 @@ class FederationPlan:
     lr: float = 0.5
     momentum: float = 0.0
     clip_norm: float = 1.0
+    update_clip: float = 1.0  # secure aggregation clips each update coordinate to ±update_clip
+    max_weight: int = 1 << 20  # largest sample count a site may report inside the masked sum
     delta: float = 1e-5
     dp: bool = True
     secagg: bool = True
@@ -62,7 +64,7 @@ class FederationPlan:
         for name in ("rounds", "local_epochs", "batch_size", "input_size", "min_sites", "max_sites"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be at least 1")
-        for name in ("lr", "clip_norm", "server_lr", "train_timeout_s", "stage_timeout_s", "join_timeout_s"):
+        for name in ("lr", "clip_norm", "update_clip", "server_lr", "train_timeout_s", "stage_timeout_s", "join_timeout_s"):
             if not getattr(self, name) > 0:
                 out.append(f"{name} must be positive")
         if not 0 < self.delta < 1:

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "hemafed.gui.cmd_data",
     "hemafed.gui.cmd_privacy",
     "hemafed.gui.cmd_federation",
+    "hemafed.gui.cmd_runtime",
     "hemafed.gui.cmd_app",
 )
 

@@ -1,5 +1,5 @@
-"""`hemafed keys …` and `hemafed certs` (channel security), and the federation's
-runtime commands (`aggregator`, `site`, `simulate`)."""
+"""`hemafed keys …` and `hemafed certs`: channel security (the runtime commands are in
+`cmd_runtime`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     _register_keys(sub)
     _register_certs(sub)
-    # --- federation runtime: `hemafed aggregator`, `hemafed site`, `hemafed simulate` ---
-    # Add their parsers here (one `_register_*` helper each), after the security tools
-    # they depend on.
 
 
 # -- keys ----------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def test_inconsistent_plans_are_refused(change: dict, message: str) -> None:
 
 def test_site_bounds_list_every_violation() -> None:
     plan = FederationPlan(dp=False, secagg=False, rounds=500, delta=1e-3, model="big")
-    bounds = SiteBounds(models=("resnet_gn",))
+    bounds = SiteBounds(models=("resnet_gn_28",))
     found = bounds.violations(plan)
     assert len(found) == 5
     assert SiteBounds(require_dp=False, require_secagg=False, max_rounds=1000, max_delta=1e-2).violations(

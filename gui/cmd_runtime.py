@@ -1,0 +1,107 @@
+"""`hemafed aggregator`, `hemafed site`, `hemafed simulate`: the federation at run time."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("aggregator", help="run the headless aggregator of a federation")
+    p.add_argument("--config", required=True, help="federation.toml (plan, allowed site keys, TLS files)")
+    p.set_defaults(func=_aggregator)
+
+    p = sub.add_parser("site", help="run a hospital site headless (the desktop app drives the same code)")
+    p.add_argument("--config", required=True, help="site.toml (data, state, aggregator URL, CA, ε budget)")
+    p.add_argument("--die-at", metavar="ROUND:STAGE", help=argparse.SUPPRESS)  # simulated crash, for demos
+    p.set_defaults(func=_site)
+
+    p = sub.add_parser("simulate", help="run N hospitals and an aggregator as processes on this machine")
+    p.add_argument("--sites", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--epsilon", type=float, default=8.0, help="privacy budget per hospital (default 8)")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--partition", default="dirichlet:0.5", help="iid or dirichlet:ALPHA")
+    p.add_argument("--no-dp", dest="dp", action="store_false", help="non-private baseline (no DP)")
+    p.add_argument("--no-secagg", dest="secagg", action="store_false",
+                   help="plain aggregation (the aggregator sees each update)")
+    p.add_argument("--insecure", dest="tls", action="store_false", help="plain ws:// instead of TLS")
+    p.add_argument("--threshold", type=int, help="secure-aggregation threshold t (default: majority)")
+    p.add_argument("--drop", action="append", default=[], metavar="SITE@ROUND:STAGE",
+                   help="kill hospital SITE's process at STAGE (train, keys, shares, masked, unmask) of ROUND")
+    p.add_argument("--out", type=Path, default=Path("results/simulation"))
+    p.add_argument("--data", type=Path, help="BloodMNIST .npz or folder holding it")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="resnet_gn_28")
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument("--clip-norm", type=float, default=1.0)
+    p.add_argument("--server-optimizer", choices=("fedavg", "fedadam"), default="fedavg")
+    p.add_argument("--server-lr", type=float, default=1.0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_simulate)
+
+
+def _aggregator(args: argparse.Namespace) -> int:
+    from hemafed.core.plan import PlanError
+    from hemafed.gui.cli import UserFacingError
+    from hemafed.network.aggregator import Aggregator
+    from hemafed.network.config import AggregatorConfig
+
+    try:
+        aggregator = Aggregator(AggregatorConfig.load(args.config))
+    except (PlanError, ValueError, OSError) as exc:
+        raise UserFacingError(str(exc)) from exc
+    asyncio.run(aggregator.run())
+    return 0
+
+
+def _site(args: argparse.Namespace) -> int:
+    from hemafed.core.identity import IdentityError
+    from hemafed.core.plan import PlanError
+    from hemafed.gui.cli import UserFacingError
+    from hemafed.network.config import SiteConfig
+    from hemafed.network.site import SiteRunner
+
+    die_at = None
+    if args.die_at:
+        rnd, stage = args.die_at.split(":", 1)
+        die_at = (int(rnd), stage)
+    try:
+        cfg = SiteConfig.load(args.config)
+        if cfg.torch_threads:
+            import torch
+
+            torch.set_num_threads(int(cfg.torch_threads))
+        runner = SiteRunner(cfg, die_at=die_at)
+    except (PlanError, IdentityError, ValueError, OSError) as exc:
+        raise UserFacingError(str(exc)) from exc
+    path = asyncio.run(runner.run())
+    return 0 if path is not None else 1
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from hemafed.gui.cli import UserFacingError
+    from hemafed.network.simulate import Drop, Simulation, SimulationOptions
+
+    try:
+        drops = [Drop.parse(d) for d in args.drop]
+        opts = SimulationOptions(
+            sites=args.sites, rounds=args.rounds, epsilon=args.epsilon, delta=args.delta, partition=args.partition,
+            dp=args.dp, secagg=args.secagg, tls=args.tls, threshold=args.threshold, drops=drops, out=args.out,
+            data=args.data, seed=args.seed, model=args.model, local_epochs=args.local_epochs,
+            batch_size=args.batch_size, lr=args.lr, clip_norm=args.clip_norm,
+            server_optimizer=args.server_optimizer, server_lr=args.server_lr, quiet=args.quiet)
+        sim = Simulation(opts, command="hemafed " + shlex.join(sys.argv[1:]))
+        metrics = sim.run()
+    except (ValueError, FileExistsError, RuntimeError) as exc:
+        raise UserFacingError(str(exc)) from exc
+    final = metrics["final"]
+    print(f"{metrics['title']}: final test accuracy {final['test_accuracy']:.3f}, "
+          f"max ε spent {final['max_epsilon']}, {final['wall_s']:.0f} s. Results in {args.out}/ "
+          f"(report.md, metrics.json, accuracy.png, epsilon.png, final_model.npz)")
+    return 0

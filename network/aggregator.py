@@ -1,0 +1,347 @@
+"""The aggregator's round driver: broadcasts the global model, carries secure-aggregation
+messages between the sites and the core state machine, applies the server optimizer,
+checkpoints every round, and resumes after a restart.
+
+It never holds an image, one site's update, or one site's sample count: with secure
+aggregation on, it only ever sees masked vectors and their sum.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hemafed.core import secagg
+from hemafed.core.atomic import atomic_write_bytes
+from hemafed.core.checkpoints import Checkpoint, CheckpointStore
+from hemafed.core.identity import parse_public_line
+from hemafed.core.plan import FederationPlan, PlanError
+from hemafed.core.server_opt import make_server_optimizer
+from hemafed.network import protocol as P
+from hemafed.network.config import AggregatorConfig
+from hemafed.network.envelope import Envelope, Limits
+from hemafed.network.errors import NotConnected, UnexpectedMessage
+from hemafed.network.server import AggregatorServer, Connected, Disconnected, Message
+from hemafed.network.tls import ServerTLS
+
+log = logging.getLogger(__name__)
+
+
+def initial_weights(plan: FederationPlan) -> np.ndarray:
+    from hemafed.core.models import build_model, get_flat_params
+
+    return get_flat_params(build_model(plan.model, len(plan.classes), seed=plan.seed))
+
+
+@dataclass
+class RoundOutcome:
+    round: int
+    status: str  # "completed" | "abandoned"
+    participants: list[str] = field(default_factory=list)
+    survivors: list[str] = field(default_factory=list)
+    dropouts: list[str] = field(default_factory=list)
+    declined: list[str] = field(default_factory=list)
+    reason: str = ""
+    fed_val_accuracy: float | None = None
+    confusion: list[list[int]] | None = None
+    mean_update: np.ndarray | None = None
+    wall_s: float = 0.0
+
+    def log_entry(self) -> dict[str, Any]:
+        return {"round": self.round, "status": self.status, "participants": self.participants,
+                "survivors": self.survivors, "dropouts": self.dropouts, "declined": self.declined,
+                "reason": self.reason, "fed_val_accuracy": self.fed_val_accuracy, "confusion": self.confusion,
+                "wall_s": round(self.wall_s, 3), "time": time.time()}
+
+
+class Aggregator:
+    def __init__(self, config: AggregatorConfig) -> None:
+        self.cfg = config
+        self.plan = config.plan
+        names = list(config.sites)
+        if self.plan.secagg and 2 * self.plan.threshold <= len(names):
+            raise PlanError(f"threshold t={self.plan.threshold} must exceed half of the {len(names)} allowed "
+                            "sites (otherwise an aggregator could unmask a site by splitting the others)")
+        if len(names) > self.plan.max_sites:
+            raise PlanError(f"{len(names)} sites exceed the plan's max_sites={self.plan.max_sites}")
+        self.site_ids = {name: i + 1 for i, name in enumerate(names)}
+        self.site_names = {i: name for name, i in self.site_ids.items()}
+        self.keys = {name: parse_public_line(line) for name, line in config.sites.items()}
+        self.store = CheckpointStore(config.state_dir / "checkpoints")
+        self.optimizer = make_server_optimizer(self.plan.server_optimizer, self.plan.server_lr)
+        self.accepted: set[str] = set()
+        self.rejected: dict[str, list[str]] = {}
+        self.weights: np.ndarray | None = None
+        self.dim = 0
+        self.validator: P.SiteMessageValidator | None = None
+        self.server: AggregatorServer | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def _resume(self) -> int:
+        ckpt = self.store.latest()
+        if ckpt is not None:
+            if ckpt.meta.get("plan_digest") != self.plan.digest():
+                raise PlanError(f"checkpoints in {self.store.dir} belong to another plan; use a new state_dir")
+            self.weights = ckpt.weights
+            self.optimizer.load_state(ckpt.optimizer_state)
+            log.info("resuming after round %d from %s", ckpt.round, self.store.dir)
+            return ckpt.round + 1
+        self.weights = initial_weights(self.plan)
+        self.store.save(Checkpoint(0, self.weights, {}, {"plan_digest": self.plan.digest()}))
+        return 1
+
+    async def run(self) -> None:
+        first = self._resume()
+        assert self.weights is not None
+        self.dim = len(self.weights)
+        n_extras = len(self.plan.classes) ** 2
+        self.validator = P.SiteMessageValidator(self.dim, n_extras, max_secagg_bytes=4 * (self.dim + n_extras)
+                                                + 4096 * len(self.site_ids) + 65536)
+        self.validator.secagg = self.plan.secagg
+        tls = None if self.cfg.insecure else ServerTLS(self.cfg.cert, self.cfg.key)
+        self.server = AggregatorServer(
+            self.cfg.sites, host=self.cfg.host, port=self.cfg.port, tls=tls, insecure=self.cfg.insecure,
+            federation=self.plan.federation_id, limits=Limits.for_model(self.dim, max_sites=len(self.site_ids)),
+            ping_interval=30.0, ping_timeout=120.0,
+        )
+        self.server.validator = self.validator
+        await self.server.start()
+        if self.cfg.port_file is not None:
+            atomic_write_bytes(self.cfg.port_file, str(self.server.port).encode(), mode=0o644)
+        try:
+            for rnd in range(first, self.plan.rounds + 1):
+                await self._await_sites(rnd, first=rnd == first)
+                outcome = await self.run_round(rnd)
+                await self._finish_round(outcome)
+            await self.server.broadcast(Envelope(P.DONE, self.plan.rounds, {}, (P.weights_blob(self.weights),)),
+                                        self.accepted)
+            self._status(self.plan.rounds, "done")
+            await asyncio.sleep(0.5)  # let the final weights drain before closing
+        finally:
+            await self.server.close()
+
+    # -- waiting for sites, plans ---------------------------------------------------------
+
+    def _ready(self) -> set[str]:
+        assert self.server is not None
+        return self.accepted & self.server.connected()
+
+    async def _await_sites(self, rnd: int, first: bool) -> None:
+        # The first round of a run waits for every allowed site (up to the join time-out);
+        # later rounds go on as soon as min_sites are ready, so a dead site cannot stall them.
+        need = len(self.site_ids) if first else self.plan.min_sites
+        deadline = time.monotonic() + self.plan.join_timeout_s
+        self._status(rnd, "waiting for sites")
+        while len(self._ready()) < need:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("round %d: %d of %d sites ready after %.0f s; going on", rnd,
+                            len(self._ready()), need, self.plan.join_timeout_s)
+                return
+            try:
+                event = await self.server.recv(timeout=min(remaining, 1.0))
+            except TimeoutError:
+                continue
+            await self._handle_idle(event)
+
+    async def _handle_idle(self, event: Any) -> None:
+        """Events outside a round: joins, plan answers, late messages."""
+        assert self.server is not None
+        if isinstance(event, Connected):
+            self.accepted.discard(event.site)
+            await self._send(event.site, Envelope(P.PLAN, 0, {
+                "plan": self.plan.to_dict(), "digest": self.plan.digest(), "site_id": self.site_ids[event.site]}))
+        elif isinstance(event, Disconnected):
+            self.accepted.discard(event.site)
+        elif isinstance(event, Message):
+            env = event.envelope
+            if env.type == P.PLAN_ACCEPT and env.body.get("digest") == self.plan.digest():
+                self.accepted.add(event.site)
+                log.info("%s accepted the plan (%d ready)", event.site, len(self._ready()))
+            elif env.type in (P.PLAN_ACCEPT, P.PLAN_REJECT):
+                reasons = [str(r)[:200] for r in env.body.get("reasons", [])][:20]
+                self.rejected[event.site] = reasons
+                log.warning("%s refused the plan: %s", event.site, "; ".join(reasons) or "digest mismatch")
+            else:
+                log.debug("ignoring late %s from %s (round %d)", env.type, event.site, env.round)
+
+    async def _send(self, site: str, env: Envelope) -> bool:
+        assert self.server is not None
+        try:
+            await self.server.send(site, env)
+            return True
+        except NotConnected:
+            return False
+
+    # -- one round --------------------------------------------------------------------------
+
+    async def run_round(self, rnd: int) -> RoundOutcome:
+        assert self.server is not None and self.validator is not None and self.weights is not None
+        started = time.monotonic()
+        participants = sorted(self._ready(), key=self.site_ids.__getitem__)
+        outcome = RoundOutcome(rnd, "abandoned", participants=participants)
+        self.validator.round = rnd
+        need = self.plan.threshold if self.plan.secagg else 1
+        if len(participants) < need:
+            outcome.reason = f"{len(participants)} sites ready, {need} needed"
+            return self._abandon(outcome, started)
+        ids = {self.site_ids[s]: s for s in participants}
+        body: dict[str, Any] = {"participants": {str(i): self.cfg.sites[s] for i, s in ids.items()}}
+        reached = await self.server.broadcast(Envelope(P.ROUND_START, rnd, body, (P.weights_blob(self.weights),)),
+                                              participants)
+        self._status(rnd, "training")
+        log.info("round %d: %d sites training", rnd, len(reached))
+        if self.plan.secagg:
+            result = await self._secure_round(rnd, ids, set(reached), outcome)
+        else:
+            result = await self._plain_round(rnd, set(reached), outcome)
+        if result is None:
+            return self._abandon(outcome, started)
+        weighted_sum, weight_sum, extras = result
+        if weight_sum <= 0:
+            outcome.reason = "the surviving sites reported no samples"
+            return self._abandon(outcome, started)
+        outcome.status = "completed"
+        outcome.mean_update = (weighted_sum.astype(np.float64) / weight_sum).astype(np.float32)
+        k = len(self.plan.classes)
+        confusion = np.asarray(extras, dtype=np.int64).reshape(k, k)
+        total = int(confusion.sum())
+        outcome.confusion = confusion.tolist()
+        outcome.fed_val_accuracy = float(np.trace(confusion)) / total if total else None
+        outcome.wall_s = time.monotonic() - started
+        return outcome
+
+    def _abandon(self, outcome: RoundOutcome, started: float) -> RoundOutcome:
+        outcome.status = "abandoned"
+        outcome.wall_s = time.monotonic() - started
+        log.warning("round %d abandoned: %s; the model is unchanged", outcome.round, outcome.reason)
+        return outcome
+
+    async def _secure_round(self, rnd: int, ids: dict[int, str], reached: set[str],
+                            outcome: RoundOutcome) -> tuple[np.ndarray, int, np.ndarray] | None:
+        cfg = P.secagg_config(self.plan, self.dim)
+        machine = secagg.AggregatorSecAgg(cfg, rnd, {i: self.keys[s] for i, s in ids.items()})
+        for sid, name in ids.items():
+            if name not in reached:
+                await self._deliver(machine.site_dropped(sid), rnd)
+        stage_names = {secagg.AggStage.COLLECT_KEYS: "training", secagg.AggStage.COLLECT_SHARES: "sharing keys",
+                       secagg.AggStage.COLLECT_MASKED: "masked input", secagg.AggStage.COLLECT_UNMASK: "unmasking"}
+        stage, deadline = None, 0.0
+        while not machine.finished:
+            if machine.stage != stage:
+                stage = machine.stage
+                timeout = self.plan.train_timeout_s if stage == secagg.AggStage.COLLECT_KEYS \
+                    else self.plan.stage_timeout_s
+                deadline = time.monotonic() + timeout
+                self._status(rnd, stage_names.get(stage, stage.value))
+            remaining = deadline - time.monotonic()
+            try:
+                event = await self.server.recv(timeout=max(remaining, 0.0)) if remaining > 0 else None
+            except TimeoutError:
+                event = None
+            if event is None:
+                log.warning("round %d: stage %s timed out waiting for %s", rnd, stage.value,
+                            sorted(ids[i] for i in machine.awaiting))
+                await self._deliver(machine.deadline_passed(), rnd)
+                continue
+            site = getattr(event, "site", None)
+            sid = self.site_ids.get(site) if site else None
+            if isinstance(event, Message) and sid in ids and event.envelope.round == rnd:
+                env = event.envelope
+                if env.type == P.DECLINE:
+                    outcome.declined.append(site)
+                    log.info("round %d: %s declined (%s)", rnd, site, env.body.get("reason", "no reason"))
+                    await self._deliver(machine.site_dropped(sid), rnd)
+                elif env.type == P.SECAGG:
+                    try:
+                        msg = secagg.decode(env.blobs[0], max_vector_len=cfg.vector_len)
+                        outs = machine.receive(sid, msg)
+                    except secagg.SecAggError as exc:
+                        log.warning("round %d: refused a secure-aggregation message from %s: %s", rnd, site, exc)
+                        await self.server.reject(site, UnexpectedMessage(str(exc)), rnd)
+                        outs = machine.site_dropped(sid)
+                    await self._deliver(outs, rnd)
+                continue
+            if isinstance(event, Disconnected) and sid in ids:
+                await self._deliver(machine.site_dropped(sid), rnd)
+            await self._handle_idle(event)
+        result = machine.outcome
+        if isinstance(result, secagg.Abandoned):
+            outcome.reason = f"{result.reason} (stage {result.stage})"
+            outcome.dropouts = sorted(set(outcome.participants) - set(outcome.declined))
+            return None
+        assert isinstance(result, secagg.SecAggResult)
+        outcome.survivors = [ids[i] for i in result.survivors]
+        outcome.dropouts = sorted(set(outcome.participants) - set(outcome.survivors) - set(outcome.declined))
+        return result.weighted_sum, result.weight_sum, result.extras_sum
+
+    async def _deliver(self, outgoing: list[secagg.Outgoing], rnd: int) -> None:
+        for item in outgoing:
+            await self._send(self.site_names[item.to], Envelope(P.SECAGG, rnd, {}, (secagg.encode(item.message),)))
+
+    async def _plain_round(self, rnd: int, reached: set[str],
+                           outcome: RoundOutcome) -> tuple[np.ndarray, int, np.ndarray] | None:
+        """Without secure aggregation (a baseline): the aggregator sees each site's update."""
+        k2 = len(self.plan.classes) ** 2
+        total, weight, extras = np.zeros(self.dim, np.float64), 0, np.zeros(k2, np.int64)
+        waiting = set(reached)
+        got: list[str] = []
+        deadline = time.monotonic() + self.plan.train_timeout_s
+        while waiting and (remaining := deadline - time.monotonic()) > 0:
+            try:
+                event = await self.server.recv(timeout=remaining)
+            except TimeoutError:
+                break
+            site = getattr(event, "site", None)
+            if isinstance(event, Message) and site in waiting and event.envelope.round == rnd:
+                env = event.envelope
+                waiting.discard(site)
+                if env.type == P.DECLINE:
+                    outcome.declined.append(site)
+                    continue
+                if env.type == P.PLAIN_UPDATE:
+                    total += P.blob_to_vector(env.blobs[0], self.dim)
+                    extras += P.blob_to_vector(env.blobs[1], k2, "<i8")
+                    weight += int(env.body["weight"])
+                    got.append(site)
+                continue
+            if isinstance(event, Disconnected):
+                waiting.discard(site or "")
+            await self._handle_idle(event)
+        outcome.survivors = sorted(got, key=self.site_ids.__getitem__)
+        outcome.dropouts = sorted(set(outcome.participants) - set(got) - set(outcome.declined))
+        if not got:
+            outcome.reason = "no site sent an update"
+            return None
+        return total.astype(np.float32), weight, extras
+
+    # -- after a round ----------------------------------------------------------------------
+
+    async def _finish_round(self, outcome: RoundOutcome) -> None:
+        assert self.weights is not None and self.server is not None
+        if outcome.status == "completed" and outcome.mean_update is not None:
+            self.weights = self.optimizer.step(self.weights, outcome.mean_update)
+        from hemafed.core.models import model_hash
+
+        self.store.save(Checkpoint(outcome.round, self.weights, self.optimizer.state(), {
+            "plan_digest": self.plan.digest(), "status": outcome.status, "model_hash": model_hash(self.weights)}))
+        self.store.append_log(outcome.log_entry())
+        acc = "–" if outcome.fed_val_accuracy is None else f"{outcome.fed_val_accuracy:.3f}"
+        log.info("round %d %s: %d survivors, dropped %s, declined %s, federated validation accuracy %s "
+                 "(%.1f s)", outcome.round, outcome.status, len(outcome.survivors), outcome.dropouts or "none",
+                 outcome.declined or "none", acc, outcome.wall_s)
+        await self.server.broadcast(Envelope(P.ROUND_END, outcome.round, {
+            "status": outcome.status, "fed_val_accuracy": outcome.fed_val_accuracy}), self._ready())
+
+    def _status(self, rnd: int, stage: str) -> None:
+        import json
+
+        data = {"round": rnd, "rounds": self.plan.rounds, "stage": stage, "time": time.time(),
+                "ready": sorted(self._ready()) if self.server else []}
+        atomic_write_bytes(self.cfg.state_dir / "status.json", json.dumps(data).encode(), mode=0o644)

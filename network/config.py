@@ -1,0 +1,110 @@
+"""The two configuration files: the aggregator's `federation.toml` and a site's `site.toml`.
+
+Relative paths are taken relative to the file that names them, so a folder of
+configs can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hemafed.core.plan import FederationPlan, PlanError, SiteBounds, load_toml
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    plan: FederationPlan
+    sites: dict[str, str]  # site name -> "hemafed-ed25519 ..." public-key line
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8765
+    cert: Path | None = None
+    key: Path | None = None
+    insecure: bool = False
+    port_file: Path | None = None  # where to write the bound port (useful with port 0)
+
+    @classmethod
+    def load(cls, path: str | Path) -> AggregatorConfig:
+        path = Path(path)
+        data = load_toml(path)
+        section = _section(data, "federation", path)
+        plan = FederationPlan.from_dict(_section(data, "plan", path))
+        sites = _section(data, "sites", path)
+        if not sites or not all(isinstance(v, str) for v in sites.values()):
+            raise PlanError(f"{path}: [sites] must map each site name to its public-key line")
+        base = path.parent
+        insecure = bool(section.get("insecure", False))
+        cert, key = _opt_path(base, section.get("cert")), _opt_path(base, section.get("key"))
+        if not insecure and (cert is None or key is None):
+            raise PlanError(f"{path}: TLS needs [federation] cert and key (or insecure = true for local tests)")
+        return cls(
+            plan=plan, sites=dict(sites), state_dir=base / section.get("state_dir", "aggregator-state"),
+            host=str(section.get("host", "127.0.0.1")), port=int(section.get("port", 8765)),
+            cert=cert, key=key, insecure=insecure, port_file=_opt_path(base, section.get("port_file")),
+        )
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    data: Path
+    state_dir: Path
+    aggregator: str
+    epsilon: float
+    federation: str | None = None
+    ca_file: Path | None = None
+    insecure: bool = False
+    accountant: str = "rdp"
+    bounds: SiteBounds = field(default_factory=SiteBounds)
+    torch_threads: int | None = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> SiteConfig:
+        path = Path(path)
+        data = load_toml(path)
+        section = _section(data, "site", path)
+        base = path.parent
+        for required in ("data", "aggregator", "epsilon"):
+            if required not in section:
+                raise PlanError(f"{path}: [site] needs '{required}'")
+        return cls(
+            data=base / section["data"], state_dir=base / section.get("state_dir", "site-state"),
+            aggregator=str(section["aggregator"]), epsilon=float(section["epsilon"]),
+            federation=section.get("federation"), ca_file=_opt_path(base, section.get("ca_file")),
+            insecure=bool(section.get("insecure", False)), accountant=str(section.get("accountant", "rdp")),
+            bounds=SiteBounds.from_dict(dict(data.get("bounds", {}))),
+            torch_threads=section.get("torch_threads"),
+        )
+
+
+def _section(data: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
+    value = data.get(name)
+    if not isinstance(value, dict):
+        raise PlanError(f"{path}: missing [{name}] section")
+    return value
+
+
+def _opt_path(base: Path, value: str | None) -> Path | None:
+    return None if value is None else base / value
+
+
+def toml_value(value: Any) -> str:
+    """Render a scalar or list for the small TOML files hemafed writes itself."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def render_toml(sections: dict[str, dict[str, Any]]) -> str:
+    out = []
+    for name, values in sections.items():
+        out.append(f"[{name}]")
+        out += [f"{k} = {toml_value(v)}" for k, v in values.items() if v is not None]
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,92 @@
+"""Writing a simulation's results folder: metrics.json, accuracy.png, epsilon.png, report.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .privacy_statement import privacy_statement
+
+
+def write_metrics(out: Path, metrics: dict[str, Any]) -> Path:
+    path = out / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=False))
+    return path
+
+
+def write_plots(out: Path, metrics: dict[str, Any]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = metrics["rounds"]
+    xs = [r["round"] for r in rounds]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    ax.plot([0, *xs], [metrics["initial_test_accuracy"], *[r["test_accuracy"] for r in rounds]],
+            marker="o", label="global model, held-out test split")
+    fed = [(r["round"], r["fed_val_accuracy"]) for r in rounds if r.get("fed_val_accuracy") is not None]
+    if fed:
+        ax.plot([x - 1 for x, _ in fed], [y for _, y in fed], marker="s", linestyle="--",
+                label="federated validation (model sent in round)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(metrics["title"])
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    acc_path = out / "accuracy.png"
+    fig.savefig(acc_path)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    sites = sorted({s for r in rounds for s in r.get("epsilon", {})})
+    for site in sites:
+        ax.plot(xs, [r.get("epsilon", {}).get(site) for r in rounds], marker=".", label=site)
+    budget = metrics["plan"].get("epsilon_budget")
+    if budget:
+        ax.axhline(budget, color="red", linestyle=":", label=f"budget ε = {budget:g}")
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"ε spent (δ = {metrics['plan']['delta']:g})")
+    ax.grid(alpha=0.3)
+    ax.set_title("privacy spent per hospital")
+    if sites:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    eps_path = out / "epsilon.png"
+    fig.savefig(eps_path)
+    plt.close(fig)
+    return [acc_path, eps_path]
+
+
+def write_report(out: Path, metrics: dict[str, Any]) -> Path:
+    plan = metrics["plan"]
+    rounds = metrics["rounds"]
+    lines = [f"# {metrics['title']}", "", f"Command: `{metrics['command']}`", ""]
+    lines += ["## Plan", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in plan.items()]
+    lines += ["", "## Privacy", "", privacy_statement(
+        dp=plan["dp"], secagg=plan["secagg"], epsilon=plan.get("epsilon_budget"), delta=plan["delta"],
+        threshold=plan.get("threshold")), ""]
+    lines += ["## Results", "",
+              f"Test accuracy of the untrained model: {metrics['initial_test_accuracy']:.3f}. "
+              f"Final test accuracy: **{metrics['final']['test_accuracy']:.3f}** "
+              f"(held-out BloodMNIST test split, {metrics['final']['test_images']} images). "
+              f"Largest ε spent by a hospital: {metrics['final']['max_epsilon']}. "
+              f"Wall time: {metrics['final']['wall_s']:.0f} s.", "",
+              "| round | status | test acc. | fed. val. acc. | sites | dropped / declined | max ε | wall s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rounds:
+        eps = max(r.get("epsilon", {}).values(), default=None)
+        fed = r.get("fed_val_accuracy")
+        gone = ", ".join(r.get("dropouts", []) + [f"{s} (declined)" for s in r.get("declined", [])]) or "–"
+        lines.append(
+            f"| {r['round']} | {r['status']} | {r['test_accuracy']:.3f} | "
+            f"{'–' if fed is None else f'{fed:.3f}'} | {len(r.get('participants', []))} | {gone} | "
+            f"{'–' if eps is None else f'{eps:.2f}'} | {r.get('wall_s', 0):.1f} |")
+    lines += ["", "![accuracy](accuracy.png)", "", "![epsilon](epsilon.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

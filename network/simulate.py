@@ -1,0 +1,336 @@
+"""`hemafed simulate`: an aggregator and N hospital sites as separate processes on
+loopback (real websockets, real TLS), on BloodMNIST split across the hospitals.
+
+The harness plays the role of an outside observer: it partitions the data, starts
+the processes, evaluates each checkpoint on the held-out test split (which no
+site holds), and writes the results folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hemafed.core.plan import FederationPlan
+from hemafed.network.config import render_toml
+
+log = logging.getLogger(__name__)
+
+RUN_ARTIFACTS = ("federation", "sites", "metrics.json", "accuracy.png", "epsilon.png", "report.md",
+                 "final_model.npz")
+
+
+@dataclass
+class Drop:
+    site: int  # 1-based hospital number
+    round: int
+    stage: str
+
+    @classmethod
+    def parse(cls, text: str) -> Drop:
+        from hemafed.network.site import DIE_STAGES
+
+        try:
+            site, rest = text.split("@", 1)
+            rnd, stage = rest.split(":", 1)
+            number = int(site.removeprefix("hospital_"))
+            drop = cls(number, int(rnd), stage)
+        except ValueError:
+            raise ValueError(f"--drop {text!r}: expected SITE@ROUND:STAGE, e.g. 3@2:masked") from None
+        if drop.stage not in DIE_STAGES:
+            raise ValueError(f"--drop {text!r}: stage must be one of {', '.join(DIE_STAGES)}")
+        return drop
+
+
+@dataclass
+class SimulationOptions:
+    sites: int = 10
+    rounds: int = 10
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    partition: str = "dirichlet:0.5"
+    dp: bool = True
+    secagg: bool = True
+    tls: bool = True
+    threshold: int | None = None  # default: a strict majority of the sites
+    drops: list[Drop] = field(default_factory=list)
+    out: Path = Path("results/simulation")
+    data: Path | None = None
+    seed: int = 0
+    model: str = "resnet_gn_28"
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.5
+    clip_norm: float = 1.0
+    server_optimizer: str = "fedavg"
+    server_lr: float = 1.0
+    stage_timeout_s: float = 120.0
+    quiet: bool = False
+
+    def plan(self) -> FederationPlan:
+        t = self.threshold or self.sites // 2 + 1
+        return FederationPlan(
+            federation_id=f"sim-{self.seed}", model=self.model, rounds=self.rounds,
+            local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, clip_norm=self.clip_norm,
+            delta=self.delta, dp=self.dp, secagg=self.secagg, threshold=max(t, 2), min_sites=max(t, 2) if
+            self.secagg else 1, max_sites=max(self.sites, 2), server_optimizer=self.server_optimizer,
+            server_lr=self.server_lr, stage_timeout_s=self.stage_timeout_s, seed=self.seed,
+            join_timeout_s=300.0)
+
+
+def site_name(i: int) -> str:
+    return f"hospital_{i:02d}"
+
+
+def prepare_out(out: Path) -> None:
+    """Reuse `out` only if it is empty or holds a previous run (whose files are replaced)."""
+    if out.exists():
+        extra = [p.name for p in out.iterdir() if p.name not in RUN_ARTIFACTS]
+        if extra:
+            raise FileExistsError(f"{out} holds files that are not from a simulation run ({', '.join(extra[:3])})")
+        for name in RUN_ARTIFACTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+class Simulation:
+    def __init__(self, opts: SimulationOptions, command: str = "hemafed simulate") -> None:
+        self.opts = opts
+        self.command = command
+        self.plan = opts.plan()
+        self.out = opts.out
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.test_x = self.test_y = None
+
+    # -- setting up ----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from hemafed.core.bloodmnist import load_splits, locate
+        from hemafed.core.certs import create_federation_certs
+        from hemafed.core.identity import init_identity
+        from hemafed.core.partition import class_counts, partition
+
+        opts = self.opts
+        prepare_out(self.out)
+        splits = load_splits(locate(opts.data))
+        train, test = splits["train"], splits["test"]
+        self.test_x, self.test_y = test.images, test.labels
+        parts = partition(train.labels, opts.sites, opts.partition, seed=opts.seed)
+        self.counts = class_counts(train.labels, parts, len(self.plan.classes))
+        fed = self.out / "federation"
+        fed.mkdir(parents=True)
+        if opts.tls:
+            create_federation_certs(fed / "tls", ["127.0.0.1", "localhost"])
+        keys = {}
+        for i, idx in enumerate(parts, start=1):
+            name = site_name(i)
+            sdir = self.out / "sites" / name
+            (sdir / "state").mkdir(parents=True)
+            np.savez(sdir / "data.npz", train_images=train.images[idx], train_labels=train.labels[idx])
+            keys[name] = init_identity(sdir / "state").public_line(name)
+            site_section = {"data": "data.npz", "state_dir": "state", "aggregator": "AGGREGATOR_URL",
+                            "epsilon": opts.epsilon, "federation": self.plan.federation_id,
+                            "ca_file": "../../federation/tls/ca.pem" if opts.tls else None,
+                            "insecure": not opts.tls, "torch_threads": 1}
+            bounds = {"require_dp": opts.dp, "require_secagg": opts.secagg}
+            (sdir / "site.toml").write_text(render_toml({"site": site_section, "bounds": bounds}))
+        federation = {"state_dir": "state", "host": "127.0.0.1", "port": 0, "port_file": "port",
+                      "insecure": not opts.tls}
+        if opts.tls:
+            federation |= {"cert": "tls/server.pem", "key": "tls/server.key"}
+        (fed / "federation.toml").write_text(render_toml({
+            "federation": federation, "plan": self.plan.to_dict(), "sites": keys}))
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str], cwd: Path, log_file: Path) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        fh = open(log_file, "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "hemafed.gui.cli", *args], cwd=cwd,
+                                            stdout=fh, stderr=subprocess.STDOUT, env=env)
+
+    def run(self) -> dict[str, Any]:
+        started = time.time()
+        self.setup()
+        fed = self.out / "federation"
+        self._spawn("aggregator", ["aggregator", "--config", "federation.toml"], fed, fed / "aggregator.log")
+        port_file = fed / "port"
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            if self.procs["aggregator"].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the aggregator did not start; see {fed / 'aggregator.log'}")
+            time.sleep(0.1)
+        scheme = "wss" if self.opts.tls else "ws"
+        url = f"{scheme}://127.0.0.1:{port_file.read_text().strip()}"
+        drops = {d.site: d for d in self.opts.drops}
+        for i in range(1, self.opts.sites + 1):
+            sdir = self.out / "sites" / site_name(i)
+            toml = sdir / "site.toml"
+            toml.write_text(toml.read_text().replace("AGGREGATOR_URL", url))
+            args = ["site", "--config", "site.toml"]
+            if i in drops:
+                args += ["--die-at", f"{drops[i].round}:{drops[i].stage}"]
+            self._spawn(site_name(i), args, sdir, sdir / "site.log")
+        try:
+            evaluated = self._monitor()
+        finally:
+            self._stop_all()
+        return self._collect(evaluated, time.time() - started)
+
+    def _monitor(self) -> dict[int, float]:
+        from hemafed.core.checkpoints import CheckpointStore
+
+        store = CheckpointStore(self.out / "federation" / "state" / "checkpoints")
+        evaluated: dict[int, float] = {}
+        agg = self.procs["aggregator"]
+        last_line = ""
+        while True:
+            finished = agg.poll() is not None
+            for rnd in store.rounds():
+                if rnd not in evaluated:
+                    evaluated[rnd] = self.test_accuracy(store.load(rnd).weights)
+            status = self._status()
+            line = self._progress_line(status, evaluated)
+            if line != last_line and not self.opts.quiet:
+                if sys.stderr.isatty():
+                    print("\r" + line.ljust(100), end="", file=sys.stderr, flush=True)
+                else:
+                    print(line, file=sys.stderr, flush=True)
+                last_line = line
+            if finished:
+                if sys.stderr.isatty() and not self.opts.quiet:
+                    print(file=sys.stderr)
+                if agg.returncode != 0:
+                    raise RuntimeError(f"the aggregator exited with {agg.returncode}; see "
+                                       f"{self.out / 'federation' / 'aggregator.log'}")
+                return evaluated
+            time.sleep(0.5)
+
+    def _status(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.out / "federation" / "state" / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _progress_line(self, status: dict[str, Any], evaluated: dict[int, float]) -> str:
+        rounds = self.plan.rounds
+        done = max((r for r in evaluated if r > 0), default=0)
+        width = 20
+        filled = int(width * done / rounds)
+        acc = f"test acc {evaluated[done]:.3f}" if evaluated else ""
+        return (f"[{'#' * filled}{'.' * (width - filled)}] round {min(status.get('round', 1), rounds)}/{rounds} "
+                f"{status.get('stage', 'starting')}, {len(status.get('ready', []))} sites ready  {acc}")
+
+    def _stop_all(self) -> None:
+        deadline = time.monotonic() + 30
+        for _name, proc in self.procs.items():
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    # -- results -------------------------------------------------------------------------------
+
+    def test_accuracy(self, weights: np.ndarray) -> float:
+        from hemafed.core.dp_train import accuracy, evaluate
+        from hemafed.core.models import build_model, set_flat_params
+
+        model = build_model(self.plan.model, len(self.plan.classes))
+        set_flat_params(model, weights)
+        return accuracy(evaluate(model, self.test_x, self.test_y, len(self.plan.classes)))
+
+    def _collect(self, evaluated: dict[int, float], wall_s: float) -> dict[str, Any]:
+        from hemafed.core.checkpoints import CheckpointStore
+        from hemafed.network.sim_report import write_metrics, write_plots, write_report
+
+        store = CheckpointStore(self.out / "federation" / "state" / "checkpoints")
+        site_logs = {site_name(i): _read_jsonl(self.out / "sites" / site_name(i) / "state" / "site_rounds.jsonl")
+                     for i in range(1, self.opts.sites + 1)}
+        rounds = []
+        last_eps: dict[str, float] = {}
+        prev_bytes: dict[str, tuple[int, int]] = {}
+        for entry in store.read_log():
+            rnd = entry["round"]
+            eps, traffic = {}, {}
+            for name, log_entries in site_logs.items():
+                for e in log_entries:
+                    if e["round"] == rnd and e["status"] == "trained" and e.get("epsilon") is not None:
+                        last_eps[name] = e["epsilon"]
+                    if e["round"] == rnd and e["status"] == "round_end":
+                        sent, recv = prev_bytes.get(name, (0, 0))
+                        traffic[name] = {"sent": e["bytes_sent"] - sent, "received": e["bytes_received"] - recv}
+                        prev_bytes[name] = (e["bytes_sent"], e["bytes_received"])
+                if name in last_eps:
+                    eps[name] = round(last_eps[name], 4)
+            rounds.append({
+                "round": rnd, "status": entry["status"], "test_accuracy": evaluated.get(rnd),
+                "fed_val_accuracy": entry.get("fed_val_accuracy"), "participants": entry["participants"],
+                "survivors": entry["survivors"], "dropouts": entry["dropouts"], "declined": entry["declined"],
+                "reason": entry.get("reason", ""), "wall_s": entry["wall_s"], "epsilon": eps, "bytes": traffic,
+            })
+        final_round = max(evaluated)
+        latest = store.load(final_round)
+        from hemafed.network.site import save_model_file
+
+        save_model_file(self.out / "final_model.npz", latest.weights, self.plan, final_round)
+        plan = self.plan.to_dict()
+        plan["epsilon_budget"] = self.opts.epsilon if self.opts.dp else None
+        plan["partition"] = self.opts.partition
+        plan["sites"] = self.opts.sites
+        max_eps = max((e for r in rounds for e in r["epsilon"].values()), default=None)
+        title = (f"{self.opts.sites} hospitals, {self.opts.partition}, "
+                 f"{'DP ε=' + format(self.opts.epsilon, 'g') if self.opts.dp else 'non-private'}, "
+                 f"{'secure aggregation' if self.opts.secagg else 'plain aggregation'}")
+        metrics = {
+            "title": title, "command": self.command, "options": _jsonable(asdict(self.opts)), "plan": plan,
+            "site_class_counts": {site_name(i + 1): row.tolist() for i, row in enumerate(self.counts)},
+            "initial_test_accuracy": evaluated.get(0), "rounds": rounds,
+            "final": {"test_accuracy": evaluated[final_round], "test_images": len(self.test_y),
+                      "max_epsilon": None if max_eps is None else round(max_eps, 3), "wall_s": round(wall_s, 1)},
+        }
+        write_metrics(self.out, metrics)
+        write_plots(self.out, metrics)
+        write_report(self.out, metrics)
+        return metrics
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
