@@ -12,8 +12,9 @@ Every error raised by ``hemafed.core.secagg`` derives from :class:`SecAggError`:
     ├── AuthenticationError          a cryptographic check failed
     │   ├── SignatureError           an advertised key without a valid signature of the site's identity key
     │   └── DecryptionError          a share that does not decrypt, or whose ids inside differ from outside
-    ├── ConsistencyError             the aggregator's lists disagree with what this site saw, or would make it
-    │                                reveal both shares of one site
+    ├── ConsistencyError             lists that contradict what the receiver saw: survivors/dropouts or key
+    │                                list at a site (or a request to reveal both shares of one site); share or
+    │                                unmask recipients at the aggregator
     └── ShamirError                  shares that cannot reconstruct a secret (too few, duplicate, out of range)
 
 The fields are meant for local logs. Never send ``detail`` to a peer: close the connection with a generic

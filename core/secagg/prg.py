@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from .errors import ConfigError
+
 RING_DTYPE = np.dtype("<u4")
 _CHUNK_BYTES = 1 << 18  # a chunk stays in L2 between writing the keystream and adding it; fewer calls than 64 KiB
 _ZERO = memoryview(bytes(_CHUNK_BYTES))
@@ -19,7 +21,7 @@ _IV = bytes(16)
 
 def _encryptor(key: bytes):
     if len(key) != 32:
-        raise ValueError("PRG key must be 32 bytes")
+        raise ConfigError("PRG key must be 32 bytes")
     return Cipher(algorithms.AES(key), modes.CTR(_IV)).encryptor()
 
 
@@ -38,9 +40,9 @@ def expand(key: bytes, n: int) -> np.ndarray:
 def apply_mask(acc: np.ndarray, key: bytes, sign: int) -> None:
     """``acc += sign * expand(key, len(acc))`` modulo 2^32, in place, one cache-sized chunk at a time."""
     if acc.dtype != RING_DTYPE or acc.ndim != 1 or not acc.flags.c_contiguous:
-        raise ValueError("accumulator must be a contiguous 1-D little-endian uint32 array")
+        raise ConfigError("accumulator must be a contiguous 1-D little-endian uint32 array")
     if sign not in (1, -1):
-        raise ValueError("sign must be +1 or -1")
+        raise ConfigError("sign must be +1 or -1")
     op = np.add if sign == 1 else np.subtract
     enc = _encryptor(key)
     scratch = np.empty(_CHUNK_BYTES // 4, dtype=RING_DTYPE)
