@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hemafed.core.secagg import messages as m
 from hemafed.core.secagg.errors import MalformedMessage, SecAggError, VectorLengthError
@@ -123,3 +126,12 @@ def test_all_errors_share_one_base():
         m.decode("text", max_vector_len=None)  # type: ignore[arg-type]
     with pytest.raises(MalformedMessage):
         m.validate(object())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from(SAMPLES))
+def test_arbitrary_or_spliced_bytes_raise_only_secagg_errors(junk, sample):
+    good = m.encode(sample)
+    for data in (junk, good[:9] + junk, good[: len(good) // 2] + junk, b"HFSA\x01" + junk):
+        with contextlib.suppress(SecAggError):
+            m.decode(data, max_vector_len=100)
