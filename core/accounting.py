@@ -1,0 +1,135 @@
+"""Privacy accounting that lives across rounds.
+
+Shaped like Opacus' `IAccountant`: the state is only what the mechanism was given,
+a history of (noise_multiplier σ, sample_rate q, steps); ε is derived on demand for
+a δ. One `Accountant` exists per (site, federation) and is rebuilt from the ledger,
+never re-created empty per round (the trap of calling Opacus `make_private` each
+round, which starts a fresh accountant every time and under-reports the spend).
+
+The maths is Opacus' (`opacus.accountants.RDPAccountant` / `PRVAccountant`), fed
+with our history on each query; we never let Opacus' optimizer hooks step an
+accountant for us.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Literal
+
+AccountantKind = Literal["rdp", "prv"]
+KINDS: tuple[str, ...] = ("rdp", "prv")
+DEFAULT_DELTA = 1e-5
+# PRV needs an error budget on ε; 0.01 is Opacus' default and stays well inside the
+# 1 % we promise operators.
+PRV_EPS_ERROR = 0.01
+
+Entry = tuple[float, float, int]
+
+
+def default_delta(n_samples: int | None) -> float:
+    """δ = 1e-5, or 1/N when that is smaller (sites with more than 100 000 records):
+    δ must not exceed 1/N, or releasing one record outright would fit the guarantee."""
+    if n_samples is None or n_samples <= 0:
+        return DEFAULT_DELTA
+    return min(DEFAULT_DELTA, 1.0 / n_samples)
+
+
+def check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown accountant {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+def _check_entry(sigma: float, q: float, steps: int) -> Entry:
+    sigma, q = float(sigma), float(q)
+    if isinstance(steps, bool) or int(steps) != steps:
+        raise ValueError(f"steps must be an integer, got {steps!r}")
+    steps = int(steps)
+    if not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"noise multiplier must be a finite number ≥ 0, got {sigma}")
+    if not math.isfinite(q) or not 0 < q <= 1:
+        raise ValueError(f"sample rate must be in (0, 1], got {q}")
+    if steps < 0:
+        raise ValueError(f"steps must be ≥ 0, got {steps}")
+    return sigma, q, steps
+
+
+class Accountant:
+    """History of (σ, q, steps) with ε computed on demand.
+
+    `kind` is "rdp" (default, Rényi DP with Opacus' orders) or "prv" (privacy loss
+    random variables, tighter). A step with σ = 0 has no privacy: ε is infinite.
+    """
+
+    def __init__(self, kind: AccountantKind = "rdp", history: Iterable[Entry] = ()) -> None:
+        check_kind(kind)
+        self.kind: AccountantKind = kind
+        self.history: list[Entry] = []
+        for sigma, q, steps in history:
+            self.step(sigma, q, steps)
+
+    def step(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        """Record `steps` noisy steps; consecutive identical (σ, q) are merged as Opacus does."""
+        sigma, q, steps = _check_entry(noise_multiplier, sample_rate, steps)
+        if steps == 0:
+            return
+        if self.history and self.history[-1][:2] == (sigma, q):
+            self.history[-1] = (sigma, q, self.history[-1][2] + steps)
+        else:
+            self.history.append((sigma, q, steps))
+
+    def __len__(self) -> int:
+        return sum(steps for _, _, steps in self.history)
+
+    def copy(self) -> Accountant:
+        return Accountant(self.kind, list(self.history))
+
+    def epsilon(self, delta: float = DEFAULT_DELTA) -> float:
+        """ε spent so far at `delta` (0.0 for an empty history, inf once any step had σ = 0)."""
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if not self.history:
+            return 0.0
+        if any(sigma == 0 for sigma, _, _ in self.history):
+            return math.inf
+        return epsilon_of(self.kind, self.history, delta)
+
+    def projected_epsilon(self, noise_multiplier: float, sample_rate: float, steps: int,
+                          delta: float = DEFAULT_DELTA) -> float:
+        """ε after `steps` more steps at (σ, q), without changing this accountant."""
+        trial = self.copy()
+        trial.step(noise_multiplier, sample_rate, steps)
+        return trial.epsilon(delta)
+
+    def state_dict(self) -> dict:
+        return {"mechanism": self.kind, "history": [list(e) for e in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace the history; a checkpoint from another mechanism is refused."""
+        if not isinstance(state, dict) or "mechanism" not in state or "history" not in state:
+            raise ValueError("accountant state needs 'mechanism' and 'history'")
+        if state["mechanism"] != self.kind:
+            raise ValueError(f"accountant state is for {state['mechanism']!r}, this accountant is {self.kind!r}")
+        fresh = Accountant(self.kind, [tuple(e) for e in state["history"]])
+        self.history = fresh.history
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> Accountant:
+        acc = cls(state.get("mechanism", "rdp") if isinstance(state, dict) else "rdp")
+        acc.load_state_dict(state)
+        return acc
+
+
+def epsilon_of(kind: AccountantKind, history: list[Entry], delta: float) -> float:
+    """ε of a (σ, q, steps) history under `kind` accounting (all σ > 0)."""
+    if kind == "rdp":
+        from opacus.accountants import RDPAccountant
+
+        rdp = RDPAccountant()
+        rdp.history = list(history)
+        return float(rdp.get_epsilon(delta=delta))
+    from opacus.accountants import PRVAccountant
+
+    prv = PRVAccountant()
+    prv.history = list(history)
+    return float(prv.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))

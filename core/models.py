@@ -1,0 +1,190 @@
+"""The model registry: the only way a federation plan can name a model.
+
+A plan carries a registry name, never code. Every model here is DP-compatible:
+GroupNorm instead of BatchNorm (BatchNorm mixes samples, which breaks per-sample
+clipping) and no in-place activations (per-sample gradient hooks read layer
+outputs after the forward pass). `tests/test_models.py` runs Opacus'
+`ModuleValidator.validate` over every entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models.resnet import conv1x1, conv3x3
+
+# Per-channel mean/std of the BloodMNIST training split (RGB, 0..1 scale); images
+# from other sources go through the same transform so all sites agree on it.
+MEAN = (0.7965, 0.6600, 0.6966)
+STD = (0.2159, 0.2447, 0.0926)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 8 groups (the count must divide the channels)."""
+    groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet basic block with GroupNorm and out-of-place ReLU."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.gn1 = group_norm(planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.gn2 = group_norm(planes)
+        self.act = nn.ReLU()
+        self.downsample: nn.Module | None = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(conv1x1(inplanes, planes, stride), group_norm(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.act(self.gn1(self.conv1(x)))
+        out = self.gn2(self.conv2(out))
+        return self.act(out + identity)
+
+
+class GNResNet(nn.Module):
+    """A small ResNet for low-resolution cell images: 3×3 stem, stages of basic blocks,
+    global average pooling, linear head. `stem_stride` > 1 suits 64×64 input."""
+
+    def __init__(self, widths: tuple[int, ...], blocks: tuple[int, ...], num_classes: int = 8,
+                 stem_stride: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(conv3x3(3, widths[0], stem_stride), group_norm(widths[0]), nn.ReLU())
+        layers: list[nn.Module] = []
+        inplanes = widths[0]
+        for i, (width, count) in enumerate(zip(widths, blocks, strict=True)):
+            for j in range(count):
+                layers.append(BasicBlock(inplanes, width, stride=2 if (i > 0 and j == 0) else 1))
+                inplanes = width
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+
+
+class SmallCNN(nn.Module):
+    """A plain 4-convolution CNN: the fast, weaker reference."""
+
+    def __init__(self, num_classes: int = 8, width: int = 32) -> None:
+        super().__init__()
+
+        def stage(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1), group_norm(cout), nn.ReLU()]
+
+        self.features = nn.Sequential(
+            *stage(3, width), *stage(width, width), nn.AvgPool2d(2),
+            *stage(width, 2 * width), *stage(2 * width, 2 * width), nn.AvgPool2d(2),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registry entry: what a plan names and what a site builds from it."""
+
+    name: str
+    input_size: int  # square side in pixels
+    description: str
+    factory: Callable[[int], nn.Module]  # num_classes -> model
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("resnet_gn_28", 28, "GroupNorm ResNet (3 stages 24/40/80, 2 blocks each, 0.28 M parameters), "
+                  "28×28 input; default",
+                  lambda n: GNResNet((24, 40, 80), (2, 2, 2), n)),
+        ModelSpec("resnet_gn_64", 64, "GroupNorm ResNet (3 stages 32/64/128, 2 blocks each, strided stem), "
+                  "64×64 input", lambda n: GNResNet((32, 64, 128), (2, 2, 2), n, stem_stride=2)),
+        ModelSpec("cnn4_28", 28, "plain 4-conv GroupNorm CNN (32/64 channels), 28×28 input; fast reference",
+                  lambda n: SmallCNN(n)),
+    )
+}
+DEFAULT_MODEL = "resnet_gn_28"
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The registry entry for `name`; `KeyError` names the known models."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
+
+
+def build_model(name: str = DEFAULT_MODEL, num_classes: int = 8, seed: int | None = None) -> nn.Module:
+    """A freshly initialised model from the registry (deterministic when `seed` is given)."""
+    spec = get_spec(name)
+    if seed is None:
+        return spec.factory(num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return spec.factory(num_classes)
+
+
+def images_to_tensor(images: np.ndarray, spec_or_size: ModelSpec | int | str) -> torch.Tensor:
+    """(N,H,W,3) uint8 images → normalised float32 (N,3,S,S), resized when needed."""
+    from .imaging import resize_array_batch
+
+    if isinstance(spec_or_size, ModelSpec):
+        size = spec_or_size.input_size
+    elif isinstance(spec_or_size, str):
+        size = get_spec(spec_or_size).input_size
+    else:
+        size = int(spec_or_size)
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"expected (N,H,W,3) uint8 images, got {images.dtype} {images.shape}")
+    if len(images) and (images.shape[1] != size or images.shape[2] != size):
+        images = resize_array_batch(images, size)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def get_flat_params(model: nn.Module) -> np.ndarray:
+    """All trainable parameters, in `model.parameters()` order, as one float32 vector."""
+    with torch.no_grad():
+        return torch.cat([p.detach().reshape(-1).float().cpu() for p in model.parameters()]).numpy().copy()
+
+
+def set_flat_params(model: nn.Module, vec: np.ndarray | torch.Tensor) -> None:
+    """Load a flat vector produced by `get_flat_params` (same architecture) into `model`."""
+    flat = torch.as_tensor(np.asarray(vec, dtype=np.float32) if not isinstance(vec, torch.Tensor) else vec)
+    total = num_parameters(model)
+    if flat.ndim != 1 or flat.numel() != total:
+        raise ValueError(f"expected a flat vector of {total} values, got shape {tuple(flat.shape)}")
+    if not torch.isfinite(flat).all():
+        raise ValueError("parameter vector holds NaN or infinite values")
+    offset = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            n = p.numel()
+            p.copy_(flat[offset:offset + n].view_as(p).to(p.dtype))
+            offset += n
+
+
+def model_hash(vec_or_model: np.ndarray | nn.Module) -> str:
+    """sha256 hex of the float32 little-endian parameter vector."""
+    vec = get_flat_params(vec_or_model) if isinstance(vec_or_model, nn.Module) else vec_or_model
+    data = np.ascontiguousarray(np.asarray(vec, dtype="<f4"))
+    return hashlib.sha256(data.tobytes()).hexdigest()
