@@ -67,6 +67,7 @@ class SiteSecAgg:
         self._s_shares: dict[int, bytes] = {}          # owner -> my share of owner's pairwise-mask key
         self._u2: frozenset[int] = frozenset()
         self._seed: bytes | None = None
+        self._mine: AdvertiseKeys | None = None
         self.revealed_self: frozenset[int] = frozenset()
         self.revealed_keys: frozenset[int] = frozenset()
 
