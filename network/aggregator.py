@@ -80,6 +80,8 @@ class Aggregator:
         self.dim = 0
         self.validator: P.SiteMessageValidator | None = None
         self.server: AggregatorServer | None = None
+        self.outcomes: list[RoundOutcome] = []
+        self.listening = asyncio.Event()  # set once the server is bound (its port is then known)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -112,6 +114,7 @@ class Aggregator:
         )
         self.server.validator = self.validator
         await self.server.start()
+        self.listening.set()
         if self.cfg.port_file is not None:
             atomic_write_bytes(self.cfg.port_file, str(self.server.port).encode(), mode=0o644)
         try:
@@ -133,19 +136,26 @@ class Aggregator:
         return self.accepted & self.server.connected()
 
     async def _await_sites(self, rnd: int, first: bool) -> None:
-        # The first round of a run waits for every allowed site (up to the join time-out);
-        # later rounds go on as soon as min_sites are ready, so a dead site cannot stall them.
-        need = len(self.site_ids) if first else self.plan.min_sites
+        """Wait for the sites of the next round.
+
+        The first round of a run waits up to the join time-out for every allowed site;
+        after that (and in later rounds) it goes on once min_sites are ready, so a dead
+        site cannot stall the federation, and a round is never started that could not
+        possibly finish.
+        """
+        assert self.server is not None
+        want = len(self.site_ids) if first else self.plan.min_sites
         deadline = time.monotonic() + self.plan.join_timeout_s
         self._status(rnd, "waiting for sites")
-        while len(self._ready()) < need:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                log.warning("round %d: %d of %d sites ready after %.0f s; going on", rnd,
-                            len(self._ready()), need, self.plan.join_timeout_s)
-                return
+        while len(self._ready()) < want:
+            if time.monotonic() > deadline:
+                if len(self._ready()) >= self.plan.min_sites:
+                    return
+                log.warning("round %d: %d of the %d sites needed are ready; still waiting", rnd,
+                            len(self._ready()), self.plan.min_sites)
+                deadline = time.monotonic() + self.plan.join_timeout_s
             try:
-                event = await self.server.recv(timeout=min(remaining, 1.0))
+                event = await self.server.recv(timeout=1.0)
             except TimeoutError:
                 continue
             await self._handle_idle(event)
@@ -325,6 +335,7 @@ class Aggregator:
 
     async def _finish_round(self, outcome: RoundOutcome) -> None:
         assert self.weights is not None and self.server is not None
+        self.outcomes.append(outcome)
         if outcome.status == "completed" and outcome.mean_update is not None:
             self.weights = self.optimizer.step(self.weights, outcome.mean_update)
         from hemafed.core.models import model_hash

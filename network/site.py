@@ -59,11 +59,14 @@ class SiteRunner:
     """One site in one federation. `run()` returns the path of the final model (or None)."""
 
     def __init__(self, cfg: SiteConfig, *, identity: IdentityKey | None = None,
-                 die_at: tuple[int, str] | None = None, on_event: EventFn | None = None,
+                 die_at: tuple[int, str] | None = None, on_die: Callable[[], None] | None = None,
+                 on_event: EventFn | None = None,
                  accept_plan: Callable[[FederationPlan, PrivacySettings | None], bool] | None = None) -> None:
         self.cfg = cfg
         self.identity = identity or load_identity(cfg.state_dir)
         self.die_at = die_at
+        self.on_die = on_die or _hard_exit
+        self.last_result = None  # the latest LocalResult: loss and steps for the operator; never sent
         self.on_event = on_event or (lambda kind, data: None)
         self.accept_plan = accept_plan
         self.plan: FederationPlan | None = None
@@ -223,6 +226,7 @@ class SiteRunner:
                      self.privacy.delta)
         started = time.monotonic()
         result = await asyncio.to_thread(self._train, model, rnd)
+        self.last_result = result
         train_s = time.monotonic() - started
         from hemafed.core.models import model_hash
 
@@ -339,8 +343,12 @@ class SiteRunner:
     def _maybe_die(self, rnd: int, stage: str) -> None:
         if self.die_at == (rnd, stage):
             log.warning("simulated crash at round %d, stage %s", rnd, stage)
-            logging.shutdown()
-            os._exit(17)
+            self.on_die()
+
+
+def _hard_exit() -> None:
+    logging.shutdown()
+    os._exit(17)
 
 
 def _size(env: Envelope) -> int:

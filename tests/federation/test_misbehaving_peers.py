@@ -1,0 +1,106 @@
+"""A running federation refuses strangers, forgers and malformed or out-of-place
+messages, each with a clear error, and finishes its rounds regardless."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from fedharness import make_federation, run
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from hemafed.core.identity import IdentityKey
+from hemafed.network import handshake
+from hemafed.network import protocol as P
+from hemafed.network.client import Backoff, SiteClient
+from hemafed.network.envelope import Envelope, Limits
+from hemafed.network.errors import AuthenticationRefused
+from hemafed.network.tls import cert_binding, client_context
+
+pytestmark = pytest.mark.slow
+LIMITS = Limits.for_model(1_000_000)
+
+
+@dataclass(frozen=True)
+class Forger(IdentityKey):
+    """Claims another site's public key but can only sign with its own."""
+
+    claimed: Ed25519PublicKey | None = None
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        assert self.claimed is not None
+        return self.claimed
+
+
+@contextlib.asynccontextmanager
+async def raw_session(url: str, identity: IdentityKey, ca: Path) -> AsyncIterator[ClientConnection]:
+    """An authenticated connection that sends whatever bytes the test wants."""
+    async with connect(url, ssl=client_context(ca), compression=None, max_size=None) as ws:
+        hello = Envelope.decode(await ws.recv(), LIMITS)
+        binding = cert_binding(ws.transport.get_extra_info("ssl_object").getpeercert(binary_form=True))
+        await ws.send(handshake.answer(hello, identity, binding).encode())
+        assert Envelope.decode(await ws.recv(), LIMITS).type == "welcome"
+        yield ws
+
+
+async def error_code(ws: ClientConnection) -> str | None:
+    """The code of the error envelope the aggregator sends before closing; a frame
+    too large to read is refused by the WebSocket layer itself, with close code 1009."""
+    code = None
+    try:
+        while True:
+            env = Envelope.decode(await ws.recv(), LIMITS)
+            if env.type == "error":
+                code = env.body["code"]
+    except ConnectionClosed as exc:
+        if code is None and exc.rcvd is not None and exc.rcvd.code == 1009:
+            code = "too_large"
+    return code
+
+
+def test_federation_carries_on_through_bad_peers(tmp_path: Path) -> None:
+    # site4's key is allowed but no real site uses it: the test misbehaves with it
+    fed = make_federation(tmp_path, n_sites=3, threshold=3, rounds=2, extra_sites=1, join_timeout_s=3.0)
+    codes: dict[str, str | None] = {}
+
+    async def attack() -> None:
+        url, ca = fed.url, fed.ca
+        stranger = SiteClient(url, IdentityKey.generate(), ca_file=ca, backoff=Backoff(retry_for=1))
+        with pytest.raises(AuthenticationRefused) as info:
+            await stranger.connect()
+        codes["unknown key"] = info.value.error_code
+        forger = Forger(IdentityKey.generate().private_key, claimed=fed.identities["site1"].public_key)
+        with pytest.raises(AuthenticationRefused) as info:
+            await SiteClient(url, forger, ca_file=ca, backoff=Backoff(retry_for=1)).connect()
+        codes["bad signature"] = info.value.error_code
+        insider = fed.identities["site4"]
+        async with raw_session(url, insider, ca) as ws:
+            await ws.send(b"\x00\x00\x00\x05{nope")
+            codes["malformed"] = await error_code(ws)
+        async with raw_session(url, insider, ca) as ws:
+            await ws.send(Envelope(P.SECAGG, 1, {}, (b"\x00" * (LIMITS.max_message + 16),)).encode())
+            codes["oversized"] = await error_code(ws)
+        async with raw_session(url, insider, ca) as ws:
+            await ws.send(Envelope(P.DECLINE, 99, {"reason": "none"}).encode())
+            codes["wrong round"] = await error_code(ws)
+
+    async def main() -> None:
+        agg_task = await fed.start_aggregator()
+        sites = [fed.start_site(n) for n in fed.site_configs]
+        await attack()
+        await agg_task
+        await asyncio.gather(*sites)
+
+    run(main())
+    assert codes == {"unknown key": "unknown_key", "bad signature": "bad_signature", "malformed": "malformed",
+                     "oversized": "too_large", "wrong round": "unexpected"}
+    outcomes = fed.aggregator.outcomes
+    assert [o.status for o in outcomes] == ["completed", "completed"]
+    assert all(o.survivors == ["site1", "site2", "site3"] for o in outcomes)
