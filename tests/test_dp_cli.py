@@ -1,0 +1,28 @@
+"""`hemafed train-central`: the centralised reference rows, private and not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hemafed.gui.cli import main as cli_main
+
+
+@pytest.mark.slow
+def test_train_central_dp_and_non_private(shared_data, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["train-central", "--data", str(shared_data), "--model", "cnn4_28", "--epochs", "1", "--subset", "400",
+              "--json"]
+    assert cli_main([*common, "--epsilon", "4"]) == 0
+    dp = json.loads(capsys.readouterr().out)
+    assert dp["dp"] and 0 < dp["epsilon"] <= 4 and dp["sigma"] > 0 and dp["delta"] == pytest.approx(1e-5)
+    assert dp["privacy"].startswith("DP") and dp["n_train"] == 400 and dp["n_test"] > 3000
+    assert 0.0 <= dp["test_accuracy"] <= 1.0 and len(dp["confusion"]) == 8
+    assert cli_main(common) == 0
+    base = json.loads(capsys.readouterr().out)
+    assert not base["dp"] and base["epsilon"] is None and base["privacy"] == "NON-PRIVATE"
+
+
+def test_train_central_reports_missing_data(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["train-central", "--data", str(tmp_path / "nothing.npz"), "--epochs", "1"]) == 1
+    assert "error" in capsys.readouterr().err

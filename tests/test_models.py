@@ -1,0 +1,80 @@
+"""The model registry: DP-compatible entries, flat parameter vectors, hashes, input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+
+from hemafed.core.models import (
+    DEFAULT_MODEL,
+    MODELS,
+    build_model,
+    get_flat_params,
+    images_to_tensor,
+    model_hash,
+    num_parameters,
+    set_flat_params,
+)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_is_dp_compatible_and_runs(name: str) -> None:
+    spec = MODELS[name]
+    model = build_model(name, num_classes=8)
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    out = model(torch.randn(2, 3, spec.input_size, spec.input_size))
+    assert out.shape == (2, 8)
+    assert spec.name == name and spec.description
+
+
+def test_default_model_size() -> None:
+    assert MODELS[DEFAULT_MODEL].input_size == 28
+    assert 0.2e6 < num_parameters(build_model(DEFAULT_MODEL)) < 0.4e6
+    assert build_model(DEFAULT_MODEL, num_classes=3)(torch.randn(1, 3, 28, 28)).shape == (1, 3)
+
+
+def test_unknown_model() -> None:
+    with pytest.raises(KeyError, match="known"):
+        build_model("resnet152")
+
+
+def test_seeded_build_is_deterministic_and_leaves_global_rng_alone() -> None:
+    torch.manual_seed(5)
+    expected_next = torch.rand(1)
+    torch.manual_seed(5)
+    a = get_flat_params(build_model(DEFAULT_MODEL, seed=1))
+    assert torch.rand(1) == expected_next
+    b = get_flat_params(build_model(DEFAULT_MODEL, seed=1))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, get_flat_params(build_model(DEFAULT_MODEL, seed=2)))
+
+
+def test_flat_params_round_trip_and_hash() -> None:
+    src, dst = build_model("cnn4_28", seed=1), build_model("cnn4_28", seed=2)
+    vec = get_flat_params(src)
+    assert vec.dtype == np.float32 and vec.shape == (num_parameters(src),)
+    assert model_hash(src) != model_hash(dst)
+    set_flat_params(dst, vec)
+    assert model_hash(dst) == model_hash(src) == model_hash(vec)
+    assert len(model_hash(vec)) == 64
+    with pytest.raises(ValueError):
+        set_flat_params(dst, vec[:-1])
+    bad = vec.copy()
+    bad[0] = np.nan
+    with pytest.raises(ValueError):
+        set_flat_params(dst, bad)
+
+
+def test_images_to_tensor() -> None:
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (4, 28, 28, 3), dtype=np.uint8)
+    x = images_to_tensor(imgs, MODELS[DEFAULT_MODEL])
+    assert x.shape == (4, 3, 28, 28) and x.dtype == torch.float32
+    assert abs(float(x.mean())) < 3
+    assert images_to_tensor(imgs, "resnet_gn_64").shape == (4, 3, 64, 64)
+    assert images_to_tensor(imgs, 32).shape == (4, 3, 32, 32)
+    with pytest.raises(ValueError):
+        images_to_tensor(imgs.astype(np.float32), 28)
