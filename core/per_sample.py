@@ -10,6 +10,10 @@ each clipped to L2 norm `C` (plus, for diagnostics, the per-sample norms):
   convolution backward with one group per sample, Linear, GroupNorm). The batch
   gradient that autograd would otherwise compute next to the per-sample ones is
   never computed; the clipped sum is a weighted sum of the per-sample gradients.
+  Convolutions at low resolution with many channels take the mixed ghost path
+  instead: per-sample norms from the ghost-norm identity, clipped sum from one
+  batch weight-gradient convolution with rescaled output gradients
+  (`use_ghost_norm` picks per layer by operation count).
 * ``"hooks"``: Opacus' `GradSampleModule` (autograd computes `.grad` and Opacus'
   hooks compute `.grad_sample` alongside). Kept as the reference implementation
   and for layers `"bk"` does not know.
@@ -54,15 +58,43 @@ def conv2d_per_sample_weight_grad(m: nn.Conv2d, x: torch.Tensor, grad_out: torch
     return gw.view(b, cout, cin, *m.kernel_size)
 
 
+def use_ghost_norm(m: nn.Conv2d, grad_out: torch.Tensor) -> bool:
+    """Ghost norm costs T²(d+p) per sample, materialising costs T·d·p (T output
+    positions, d = Cin·kh·kw, p = Cout): deep, low-resolution layers favour the ghost norm."""
+    t = grad_out.shape[2] * grad_out.shape[3]
+    d = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+    return t * (d + m.out_channels) < d * m.out_channels
+
+
+def conv2d_ghost_sq_norms(m: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """‖∂L_i/∂W‖² per sample without forming the gradient (Li et al. 2021, "ghost
+    clipping"): Σ_{t,s} (a_t·a_s)(g_t·g_s) over the unfolded input a and output gradient g."""
+    b = x.shape[0]
+    a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # (B, d, T)
+    g = grad_out.reshape(b, grad_out.shape[1], -1)  # (B, p, T)
+    return (torch.bmm(a.transpose(1, 2), a) * torch.bmm(g.transpose(1, 2), g)).sum(dim=(1, 2))
+
+
+def conv2d_clipped_weight_grad(m: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor,
+                               factors: torch.Tensor) -> torch.Tensor:
+    """Σ_i c_i ∂L_i/∂W as one ordinary (batch) weight-gradient convolution with scaled output gradients."""
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        grad_out * factors.view(-1, 1, 1, 1), x, m.weight.detach(), None, list(m.stride), list(m.padding),
+        list(m.dilation), False, [0, 0], m.groups, [False, True, False])
+    return gw
+
+
 class _Layer:
     """What one trainable layer kept for the current batch."""
 
-    __slots__ = ("inp", "module", "per_sample")
+    __slots__ = ("ghost_sq", "grad_out", "inp", "module", "per_sample")
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.inp: torch.Tensor | None = None
         self.per_sample: dict[str, torch.Tensor] | None = None
+        self.ghost_sq: torch.Tensor | None = None  # per-sample squared weight-gradient norms (ghost layers)
+        self.grad_out: torch.Tensor | None = None
 
 
 class BookKeepingClipper:
@@ -101,10 +133,15 @@ class BookKeepingClipper:
         assert x is not None
         b = x.shape[0]
         if isinstance(m, nn.Conv2d):
-            layer.per_sample = {"weight": conv2d_per_sample_weight_grad(m, x, grad_out)}
+            layer.per_sample = {}
             if m.bias is not None:
                 layer.per_sample["bias"] = grad_out.sum(dim=(2, 3))
-            layer.inp = None
+            if use_ghost_norm(m, grad_out):
+                layer.ghost_sq = conv2d_ghost_sq_norms(m, x, grad_out)
+                layer.grad_out = grad_out
+            else:
+                layer.per_sample["weight"] = conv2d_per_sample_weight_grad(m, x, grad_out)
+                layer.inp = None
         elif isinstance(m, nn.Linear):
             g = grad_out.reshape(b, -1, grad_out.shape[-1])
             xi = x.reshape(b, -1, x.shape[-1])
@@ -146,15 +183,20 @@ class BookKeepingClipper:
         for layer in self.layers:
             for t in (layer.per_sample or {}).values():
                 sq += t.reshape(t.shape[0], -1).pow(2).sum(dim=1)
+            if layer.ghost_sq is not None:
+                sq += layer.ghost_sq
         norms = sq.sqrt()
         factors = clip_factors(norms, clip_norm)
         grads: list[torch.Tensor] = []
         for layer in self.layers:
             ps = layer.per_sample or {}
             for name, p in layer.module.named_parameters(recurse=False):
-                summed = torch.einsum("b,b...->...", factors, ps[name])
+                if name == "weight" and layer.ghost_sq is not None:
+                    summed = conv2d_clipped_weight_grad(layer.module, layer.inp, layer.grad_out, factors)
+                else:
+                    summed = torch.einsum("b,b...->...", factors, ps[name])
                 grads.append(summed.reshape(p.shape))
-            layer.per_sample, layer.inp = None, None
+            layer.per_sample, layer.inp, layer.ghost_sq, layer.grad_out = None, None, None, None
         return grads, norms.detach(), float(loss.detach())
 
 
