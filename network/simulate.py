@@ -68,6 +68,7 @@ class SimulationOptions:
     out: Path = Path("results/simulation")
     data: Path | None = None
     seed: int = 0
+    subset: int | None = None  # use only this many training images (quick demos and tests)
     model: str = "resnet_gn_28"
     local_epochs: int = 1
     batch_size: int = 64
@@ -129,6 +130,9 @@ class Simulation:
         prepare_out(self.out)
         splits = load_splits(locate(opts.data))
         train, test = splits["train"], splits["test"]
+        if opts.subset is not None:
+            keep = np.sort(np.random.default_rng(opts.seed).permutation(len(train.labels))[:opts.subset])
+            train = type(train)(train.images[keep], train.labels[keep])
         self.test_x, self.test_y = test.images, test.labels
         parts = partition(train.labels, opts.sites, opts.partition, seed=opts.seed)
         self.counts = class_counts(train.labels, parts, len(self.plan.classes))
