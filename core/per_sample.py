@@ -155,7 +155,7 @@ class BookKeepingClipper:
             dims = tuple(range(2, x.dim()))
             layer.per_sample = {}
             if m.weight is not None:
-                layer.per_sample["weight"] = (xhat * grad_out).sum(dim=dims)
+                layer.per_sample["weight"] = torch.einsum("bc...,bc...->bc", xhat, grad_out)
             if m.bias is not None:
                 layer.per_sample["bias"] = grad_out.sum(dim=dims)
             layer.inp = None
@@ -182,7 +182,8 @@ class BookKeepingClipper:
         sq = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         for layer in self.layers:
             for t in (layer.per_sample or {}).values():
-                sq += t.reshape(t.shape[0], -1).pow(2).sum(dim=1)
+                # vector_norm reads the per-sample gradients once and allocates no copy of them
+                sq += torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square()
             if layer.ghost_sq is not None:
                 sq += layer.ghost_sq
         norms = sq.sqrt()
