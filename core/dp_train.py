@@ -152,6 +152,12 @@ def train_local(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.dp:
+        from opacus.validators import ModuleValidator
+
+        errors = ModuleValidator.validate(model, strict=False)
+        if errors:  # e.g. BatchNorm mixes samples: per-sample clipping would not bound sensitivity
+            raise ValueError(f"model is not DP-compatible: {errors}")
     clipper = make_clipper(model, config.engine) if config.dp else None
     sigma = float(noise_multiplier) if config.dp else 0.0
     losses: list[float] = []

@@ -118,7 +118,12 @@ class BookKeepingClipper:
     def _forward_hook(self, layer: _Layer):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if not torch.is_grad_enabled():
-                return
+                return None
+            if layer.inp is not None or layer.per_sample is not None:
+                # A layer applied twice per batch (shared weights) would have its per-sample
+                # gradient mis-measured and the clipping bound broken: fail closed.
+                raise RuntimeError(f"{type(module).__name__} used more than once in one forward pass; "
+                                   "book-keeping clipping needs each layer once (use engine 'hooks')")
             layer.inp = inputs[0].detach()
             if not output.requires_grad:
                 # The first layer: nothing upstream requires grad, so its output becomes
@@ -177,8 +182,14 @@ class BookKeepingClipper:
     def clipped_sum(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, clip_norm: float,
                     ) -> tuple[list[torch.Tensor], torch.Tensor, float]:
         """(clipped gradient sum per parameter, per-sample norms, summed loss) for one batch."""
+        for layer in self.layers:
+            layer.per_sample, layer.inp, layer.ghost_sq, layer.grad_out = None, None, None, None
         loss = loss_fn(self.model(x), y)
         loss.backward()
+        missing = [type(layer.module).__name__ for layer in self.layers if layer.per_sample is None]
+        if missing:
+            # Every trainable layer must contribute to the norm, or a sample could escape its clip.
+            raise RuntimeError(f"no per-sample gradient for {', '.join(missing)}; refusing an unclipped step")
         sq = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         for layer in self.layers:
             for t in (layer.per_sample or {}).values():

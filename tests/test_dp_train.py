@@ -213,3 +213,24 @@ def test_short_dp_run_on_real_data_beats_the_untrained_model(shared_data) -> Non
     after = accuracy(evaluate(model, x_te, y_te))
     assert result.dp and result.noise_multiplier == plan.sigma > 0
     assert after > before + 0.1, (before, after)
+
+
+def test_models_that_would_break_the_clip_are_refused() -> None:
+    x, y = _data(8)
+    bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                             torch.nn.LazyLinear(8))
+    bn(x)
+    with pytest.raises(ValueError, match="DP-compatible"):
+        train_local(bn, x, y, LocalTrainConfig(batch_size=4, local_steps=1), noise_multiplier=1.0, seed=0)
+
+    class Shared(torch.nn.Module):  # one conv applied twice: its per-sample gradient has two parts
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.fc = torch.nn.Linear(3, 8)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(self.conv(t)).mean(dim=(2, 3)))
+
+    with pytest.raises(RuntimeError, match="more than once"):
+        train_local(Shared(), x, y, LocalTrainConfig(batch_size=4, local_steps=1), noise_multiplier=1.0, seed=0)
