@@ -213,29 +213,21 @@ class SiteRunner:
         self.on_event("round_start", {"round": rnd})
         self._maybe_die(rnd, "train")
         confusion = await asyncio.to_thread(self._evaluate, model)
-        if self.privacy is not None:
-            try:
-                projected = self.ledger.check_round(self.privacy.sigma, self.privacy.sample_rate, self.privacy.steps)
-            except BudgetExhausted as exc:
-                log.warning("round %d: declining, %s", rnd, exc)
-                self._log_round(rnd, "declined", reason="budget exhausted")
-                self.on_event("declined", {"round": rnd, "reason": str(exc)})
-                await self._send(Envelope(P.DECLINE, rnd, {"reason": "budget_exhausted"}))
-                return
-            log.info("round %d: training (ε will be %.3f of %.3g at δ=%g)", rnd, projected, self.cfg.epsilon,
-                     self.privacy.delta)
         started = time.monotonic()
-        result = await asyncio.to_thread(self._train, model, rnd)
+        try:
+            result = await asyncio.to_thread(self._train, model, rnd)
+        except BudgetExhausted as exc:
+            log.warning("round %d: declining, %s", rnd, exc)
+            self._log_round(rnd, "declined", reason="budget exhausted")
+            self.on_event("declined", {"round": rnd, "reason": str(exc)})
+            await self._send(Envelope(P.DECLINE, rnd, {"reason": "budget_exhausted"}))
+            return
         self.last_result = result
-        train_s = time.monotonic() - started
-        from hemafed.core.models import model_hash
-
-        if self.privacy is not None:
-            # The spend is recorded, durably, before any byte derived from the update leaves the site.
-            self.ledger.record_round(rnd, result.noise_multiplier, result.sample_rate, result.steps,
-                                     model_hash(self.global_weights))
         eps = self.ledger.spent_epsilon() if self.privacy is not None else None
-        self._log_round(rnd, "trained", epsilon=eps, loss=result.mean_loss, train_s=train_s)
+        log.info("round %d: trained %d steps in %.1f s, %s", rnd, result.steps, time.monotonic() - started,
+                 f"ε spent {eps:.3f} of {self.cfg.epsilon:g} at δ={self.privacy.delta:g}" if self.privacy
+                 else "NON-PRIVATE")
+        self._log_round(rnd, "trained", epsilon=eps, loss=result.mean_loss, train_s=time.monotonic() - started)
         self.on_event("trained", {"round": rnd, "epsilon": eps, "loss": result.mean_loss})
         n = len(data.train_labels)
         if plan.secagg:
@@ -274,23 +266,28 @@ class SiteRunner:
         return evaluate(model, self.data.val_images, self.data.val_labels, len(self.plan.classes))
 
     def _train(self, model, rnd: int):
+        """Train one round; with DP, the budget check and the durable ledger entry come
+        first and last (`train_private_round`), so the spend is on disk before any send."""
         import torch
 
         from hemafed.core.dp_train import LocalTrainConfig, train_local
+        from hemafed.core.private_round import train_private_round
 
         assert self.plan is not None and self.data is not None
         if self.cfg.torch_threads:
             torch.set_num_threads(self.cfg.torch_threads)
-        plan = self.plan
+        plan, data = self.plan, self.data
         config = LocalTrainConfig(local_epochs=plan.local_epochs, batch_size=plan.batch_size, lr=plan.lr,
                                   momentum=plan.momentum, clip_norm=plan.clip_norm, dp=plan.dp)
-        sigma = self.privacy.sigma if self.privacy else 0.0
 
         def progress(step: int, total: int, loss: float) -> None:
             self.on_event("train_progress", {"round": rnd, "step": step, "total": total, "loss": loss})
 
-        return train_local(model, self.data.train_images, self.data.train_labels, config,
-                           noise_multiplier=sigma, progress=progress)
+        if self.privacy is None:
+            return train_local(model, data.train_images, data.train_labels, config, noise_multiplier=0.0,
+                               progress=progress)
+        return train_private_round(self.ledger, rnd, model, data.train_images, data.train_labels, config,
+                                   self.privacy.sigma, progress=progress).result
 
     async def _on_secagg(self, env: Envelope) -> None:
         if self.machine is None or env.round != self.machine.round:
