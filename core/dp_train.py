@@ -180,12 +180,12 @@ def train_local(
                         if sigma > 0:
                             g = g + torch.normal(0.0, sigma * config.clip_norm, size=g.shape, generator=noise_gen)
                         p.grad = g / expected_batch
-                else:
-                    if not len(idx):
-                        continue
+                elif len(idx):
                     loss = _sum_ce(model(xb), yb)
                     (loss / len(idx)).backward()
                     loss_sum = float(loss.detach())
+                else:
+                    loss_sum = 0.0  # no gradients: SGD leaves every parameter as it is
                 opt.step()
                 step_loss = loss_sum / max(1, len(idx))
                 losses.append(step_loss)
