@@ -99,7 +99,7 @@ def test_default_delta() -> None:
     assert default_delta(1000) == pytest.approx(1e-5)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(sigma=st.floats(0.5, 5.0), q=st.floats(0.001, 0.5), steps=st.integers(1, 500), extra=st.integers(1, 500))
 def test_epsilon_grows_with_steps_and_falls_with_noise(sigma: float, q: float, steps: int, extra: int) -> None:
     a = Accountant()
