@@ -30,8 +30,8 @@ class FederationPlan:
     rounds: int = 10
     local_epochs: int = 1
     batch_size: int = 64
-    lr: float = 0.5
-    momentum: float = 0.0
+    lr: float = 0.1
+    momentum: float = 0.9
     clip_norm: float = 1.0
     update_clip: float = 1.0  # secure aggregation clips each update coordinate to ±update_clip
     max_weight: int = 1 << 20  # largest sample count a site may report inside the masked sum
@@ -64,7 +64,8 @@ class FederationPlan:
         for name in ("rounds", "local_epochs", "batch_size", "input_size", "min_sites", "max_sites"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be at least 1")
-        for name in ("lr", "clip_norm", "update_clip", "server_lr", "train_timeout_s", "stage_timeout_s", "join_timeout_s"):
+        for name in ("lr", "clip_norm", "update_clip", "server_lr", "train_timeout_s", "stage_timeout_s",
+                     "join_timeout_s"):
             if not getattr(self, name) > 0:
                 out.append(f"{name} must be positive")
         if not 0 < self.delta < 1:

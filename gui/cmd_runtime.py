@@ -12,10 +12,12 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("aggregator", help="run the headless aggregator of a federation")
     p.add_argument("--config", required=True, help="federation.toml (plan, allowed site keys, TLS files)")
+    p.add_argument("--insecure", action="store_true", help="allow plain ws:// (local tests only)")
     p.set_defaults(func=_aggregator)
 
     p = sub.add_parser("site", help="run a hospital site headless (the desktop app drives the same code)")
     p.add_argument("--config", required=True, help="site.toml (data, state, aggregator URL, CA, ε budget)")
+    p.add_argument("--insecure", action="store_true", help="allow plain ws:// (local tests only)")
     p.add_argument("--die-at", metavar="ROUND:STAGE", help=argparse.SUPPRESS)  # simulated crash, for demos
     p.set_defaults(func=_site)
 
@@ -39,13 +41,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="resnet_gn_28")
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument("--lr", type=float, default=0.1, help="local learning rate (default 0.1)")
+    p.add_argument("--momentum", type=float, default=0.9, help="local SGD momentum (default 0.9)")
     p.add_argument("--clip-norm", type=float, default=1.0)
     p.add_argument("--server-optimizer", choices=("fedavg", "fedadam"), default="fedavg")
     p.add_argument("--server-lr", type=float, default=1.0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_simulate)
     register_experiment(sub)
+
+
+def _confirm_insecure(cfg, flag: bool):
+    """Plain ws:// needs both the config's `insecure = true` and --insecure on the command line."""
+    from hemafed.core.plan import PlanError
+
+    if cfg.insecure and not flag:
+        raise PlanError("the configuration asks for plain ws:// (insecure = true); pass --insecure to confirm "
+                        "this is a local test")
+    return cfg
 
 
 def _aggregator(args: argparse.Namespace) -> int:
@@ -55,7 +68,7 @@ def _aggregator(args: argparse.Namespace) -> int:
     from hemafed.network.config import AggregatorConfig
 
     try:
-        aggregator = Aggregator(AggregatorConfig.load(args.config))
+        aggregator = Aggregator(_confirm_insecure(AggregatorConfig.load(args.config), args.insecure))
     except (PlanError, ValueError, OSError) as exc:
         raise UserFacingError(str(exc)) from exc
     asyncio.run(aggregator.run())
@@ -74,7 +87,7 @@ def _site(args: argparse.Namespace) -> int:
         rnd, stage = args.die_at.split(":", 1)
         die_at = (int(rnd), stage)
     try:
-        cfg = SiteConfig.load(args.config)
+        cfg = _confirm_insecure(SiteConfig.load(args.config), args.insecure)
         if cfg.torch_threads:
             import torch
 
@@ -96,7 +109,7 @@ def _simulate(args: argparse.Namespace) -> int:
             sites=args.sites, rounds=args.rounds, epsilon=args.epsilon, delta=args.delta, partition=args.partition,
             dp=args.dp, secagg=args.secagg, tls=args.tls, threshold=args.threshold, drops=drops, out=args.out,
             data=args.data, seed=args.seed, subset=args.subset, model=args.model, local_epochs=args.local_epochs,
-            batch_size=args.batch_size, lr=args.lr, clip_norm=args.clip_norm,
+            batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, clip_norm=args.clip_norm,
             server_optimizer=args.server_optimizer, server_lr=args.server_lr, quiet=args.quiet)
         sim = Simulation(opts, command="hemafed " + shlex.join(sys.argv[1:]))
         metrics = sim.run()

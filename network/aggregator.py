@@ -144,7 +144,7 @@ class Aggregator:
         possibly finish.
         """
         assert self.server is not None
-        want = len(self.site_ids) if first else self.plan.min_sites
+        want = len(self.site_ids) - len(self.rejected) if first else self.plan.min_sites
         deadline = time.monotonic() + self.plan.join_timeout_s
         self._status(rnd, "waiting for sites")
         while len(self._ready()) < want:
@@ -173,6 +173,7 @@ class Aggregator:
             env = event.envelope
             if env.type == P.PLAN_ACCEPT and env.body.get("digest") == self.plan.digest():
                 self.accepted.add(event.site)
+                self.rejected.pop(event.site, None)
                 log.info("%s accepted the plan (%d ready)", event.site, len(self._ready()))
             elif env.type in (P.PLAN_ACCEPT, P.PLAN_REJECT):
                 reasons = [str(r)[:200] for r in env.body.get("reasons", [])][:20]

@@ -73,7 +73,9 @@ class SiteMessageValidator:
     def __call__(self, site: str, env: Envelope) -> None:
         if env.type not in SITE_TYPES:
             raise UnexpectedMessage(f"{site} sent unknown type {env.type!r}")
-        if env.type in ROUND_BOUND and env.round != self.round:
+        # A message for an earlier round is a benign race (that round ended while the site
+        # was still training) and the driver drops it; a future round is never legitimate.
+        if env.type in ROUND_BOUND and env.round > self.round:
             raise UnexpectedMessage(f"{site} sent {env.type} for round {env.round} during round {self.round}")
         if env.type == SECAGG:
             if not self.secagg:

@@ -72,7 +72,8 @@ class SimulationOptions:
     model: str = "resnet_gn_28"
     local_epochs: int = 1
     batch_size: int = 64
-    lr: float = 0.5
+    lr: float = 0.1
+    momentum: float = 0.9
     clip_norm: float = 1.0
     server_optimizer: str = "fedavg"
     server_lr: float = 1.0
@@ -83,7 +84,8 @@ class SimulationOptions:
         t = self.threshold or self.sites // 2 + 1
         return FederationPlan(
             federation_id=f"sim-{self.seed}", model=self.model, rounds=self.rounds,
-            local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, clip_norm=self.clip_norm,
+            local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
+            clip_norm=self.clip_norm,
             delta=self.delta, dp=self.dp, secagg=self.secagg, threshold=max(t, 2), min_sites=max(t, 2) if
             self.secagg else 1, max_sites=max(self.sites, 2), server_optimizer=self.server_optimizer,
             server_lr=self.server_lr, stage_timeout_s=self.stage_timeout_s, seed=self.seed,
@@ -134,7 +136,9 @@ class Simulation:
             keep = np.sort(np.random.default_rng(opts.seed).permutation(len(train.labels))[:opts.subset])
             train = type(train)(train.images[keep], train.labels[keep])
         self.test_x, self.test_y = test.images, test.labels
-        parts = partition(train.labels, opts.sites, opts.partition, seed=opts.seed)
+        # Every hospital needs a few batches of its own (Dirichlet draws are redrawn until it has them).
+        parts = partition(train.labels, opts.sites, opts.partition, seed=opts.seed,
+                          min_per_site=min(2 * opts.batch_size, len(train.labels) // (2 * opts.sites)))
         self.counts = class_counts(train.labels, parts, len(self.plan.classes))
         fed = self.out / "federation"
         fed.mkdir(parents=True)
@@ -172,7 +176,9 @@ class Simulation:
         started = time.time()
         self.setup()
         fed = self.out / "federation"
-        self._spawn("aggregator", ["aggregator", "--config", "federation.toml"], fed, fed / "aggregator.log")
+        insecure = [] if self.opts.tls else ["--insecure"]
+        self._spawn("aggregator", ["aggregator", "--config", "federation.toml", *insecure], fed,
+                    fed / "aggregator.log")
         port_file = fed / "port"
         deadline = time.monotonic() + 120
         while not port_file.exists():
@@ -186,7 +192,7 @@ class Simulation:
             sdir = self.out / "sites" / site_name(i)
             toml = sdir / "site.toml"
             toml.write_text(toml.read_text().replace("AGGREGATOR_URL", url))
-            args = ["site", "--config", "site.toml"]
+            args = ["site", "--config", "site.toml", *insecure]
             if i in drops:
                 args += ["--die-at", f"{drops[i].round}:{drops[i].stage}"]
             self._spawn(site_name(i), args, sdir, sdir / "site.log")

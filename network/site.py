@@ -154,7 +154,6 @@ class SiteRunner:
     def prepare(self, plan: FederationPlan) -> None:
         """Check the plan against the bounds, load the data, calibrate σ for the whole plan."""
         from hemafed.core.calibration import BudgetTooSmall, calibrate_sigma, sample_rate, steps_per_round
-        from hemafed.core.ledger import PrivacyLedger
         from hemafed.core.models import get_spec
 
         reasons = self.cfg.bounds.violations(plan)
@@ -176,14 +175,35 @@ class SiteRunner:
             log.warning("this plan is NON-PRIVATE: updates carry no differential-privacy guarantee")
             return
         q, steps = sample_rate(n, plan.batch_size), steps_per_round(n, plan.batch_size, plan.local_epochs)
-        delta = min(plan.delta, 1.0 / n)
+        self.ledger = self._open_ledger(plan, default_delta=min(plan.delta, 1.0 / n))
+        # σ is fitted so the rounds still to come, on top of what the ledger already
+        # holds (a restarted site), stay within the budget.
+        remaining = max(plan.rounds - self.ledger.rounds, 1)
+        prior = [(e.sigma, e.sample_rate, e.steps) for e in self.ledger.entries]
         try:
-            sigma = calibrate_sigma(self.cfg.epsilon, delta, q, steps * plan.rounds, kind=self.cfg.accountant)
+            sigma = calibrate_sigma(self.cfg.epsilon, self.ledger.delta, q, steps * remaining,
+                                    kind=self.ledger.kind, prior=prior)
         except BudgetTooSmall as exc:
             raise PlanRefused([str(exc)]) from exc
-        self.privacy = PrivacySettings(sigma, q, steps, delta)
-        self.ledger = PrivacyLedger(plan.federation_id, self.cfg.epsilon, delta, kind=self.cfg.accountant,
-                                    state=self.cfg.state_dir)
+        self.privacy = PrivacySettings(sigma, q, steps, self.ledger.delta)
+
+    def _open_ledger(self, plan: FederationPlan, default_delta: float):
+        """This federation's ledger: δ and accountant stay what they were when it was
+        created; a different budget is refused rather than silently applied."""
+        from hemafed.core.ledger import LedgerCorrupt, PrivacyLedger
+
+        try:
+            ledger = PrivacyLedger(plan.federation_id, state=self.cfg.state_dir)
+        except FileNotFoundError:
+            return PrivacyLedger(plan.federation_id, self.cfg.epsilon, default_delta, kind=self.cfg.accountant,
+                                 state=self.cfg.state_dir)
+        except LedgerCorrupt as exc:
+            raise PlanRefused([f"the privacy ledger is damaged ({exc}); training is stopped until it is "
+                               "restored from a backup"]) from exc
+        if ledger.budget_epsilon != self.cfg.epsilon:
+            raise PlanRefused([f"this federation's ledger was opened with budget ε = {ledger.budget_epsilon:g}; "
+                               f"the configured {self.cfg.epsilon:g} cannot replace it"])
+        return ledger
 
     def _load_data(self, plan: FederationPlan) -> LocalData:
         from hemafed.core.partition import stratified_split

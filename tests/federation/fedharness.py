@@ -39,7 +39,7 @@ class Federation:
     async def start_aggregator(self, cls: type[Aggregator] = Aggregator, port: int = 0) -> asyncio.Task:
         self.aggregator = cls(replace(self.agg_config, port=port))
         task = asyncio.create_task(self.aggregator.run())
-        await asyncio.wait_for(self.aggregator.listening.wait(), 10)
+        await asyncio.wait_for(self.aggregator.listening.wait(), 120)
         return task
 
     @property
@@ -60,7 +60,7 @@ def make_federation(root: Path, n_sites: int, threshold: int, rounds: int, *, im
     settings: dict[str, Any] = {
         "federation_id": "test-fed", "model": "cnn4_28", "rounds": rounds, "batch_size": 16, "lr": 0.1,
         "threshold": threshold, "min_sites": threshold, "max_sites": max(n_sites + extra_sites, 2),
-        "max_weight": 4096, "update_clip": 1.0, "train_timeout_s": 120.0, "stage_timeout_s": 10.0,
+        "max_weight": 4096, "update_clip": 1.0, "train_timeout_s": 120.0, "stage_timeout_s": 30.0,
         "join_timeout_s": 5.0}
     plan = FederationPlan(**(settings | plan_overrides))
     rng = np.random.default_rng(0)
