@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .atomic import atomic_write_bytes
+
 CA_FILE = "ca.pem"
 CERT_FILE = "server.pem"
 KEY_FILE = "server.key"
@@ -121,13 +123,13 @@ def create_federation_certs(
     )
 
     pem = serialization.Encoding.PEM
-    _write(out / CA_FILE, ca_cert.public_bytes(pem), 0o644)
-    _write(out / CERT_FILE, server_cert.public_bytes(pem) + ca_cert.public_bytes(pem), 0o644)
-    _write(out / KEY_FILE, _private_pem(server_key), 0o600)
+    atomic_write_bytes(out / CA_FILE, ca_cert.public_bytes(pem), 0o644)
+    atomic_write_bytes(out / CERT_FILE, server_cert.public_bytes(pem) + ca_cert.public_bytes(pem), 0o644)
+    atomic_write_bytes(out / KEY_FILE, _private_pem(server_key), 0o600)
     ca_key_file = None
     if keep_ca_key:
         ca_key_file = out / CA_KEY_FILE
-        _write(ca_key_file, _private_pem(ca_key), 0o600)
+        atomic_write_bytes(ca_key_file, _private_pem(ca_key), 0o600)
     digest = ca_cert.fingerprint(hashes.SHA256()).hex().upper()
     return FederationCerts(
         ca_file=out / CA_FILE,
@@ -149,14 +151,3 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    if hasattr(os, "fchmod"):
-        os.fchmod(fd, mode)  # a stale temp file would keep its old, maybe wider, mode
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from hemafed.core import paths
+
+from .atomic import atomic_write_bytes
 
 KEY_TYPE = "hemafed-ed25519"
 KEY_DIR = "identity"
@@ -87,9 +87,12 @@ def init_identity(state_dir: str | os.PathLike[str] | None = None, *, force: boo
         )
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    _atomic_write(path, pem, mode=0o600, replace=force)
+    try:
+        atomic_write_bytes(path, pem, 0o600, overwrite=force)
+    except FileExistsError:
+        raise IdentityError(f"{path} appeared while writing; not overwriting it") from None
     identity = IdentityKey(key, path)
-    _atomic_write(folder / PUB_FILE, (identity.public_line() + "\n").encode(), mode=0o644, replace=True)
+    atomic_write_bytes(folder / PUB_FILE, (identity.public_line() + "\n").encode(), 0o644)
     return identity
 
 
@@ -183,35 +186,3 @@ def _raw(public_key: Ed25519PublicKey | bytes) -> bytes:
     return public_key if isinstance(public_key, bytes) else public_raw(public_key)
 
 
-def _atomic_write(path: Path, data: bytes, *, mode: int, replace: bool) -> None:
-    """Write via a temp file in the same folder (created with `mode`, never wider),
-    fsync, then rename into place, so a crash leaves either the old file or the new."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            # link() fails if the target exists, closing the check-then-write race.
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise IdentityError(f"{path} appeared while writing; not overwriting it") from None
-            except OSError:
-                if path.exists():
-                    raise IdentityError(f"{path} already exists; not overwriting it") from None
-                os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    if os.name == "posix":
-        with contextlib.suppress(OSError):
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)

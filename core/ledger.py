@@ -23,12 +23,12 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .accounting import Accountant, AccountantKind, check_kind
+from .atomic import atomic_write_bytes
 from .paths import state_dir
 
 FORMAT = "hemafed-privacy-ledger"
@@ -84,30 +84,6 @@ def ledger_path(federation_id: str, state: str | os.PathLike[str] | None = None)
 
 def _checksum(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _parse(path: Path, raw: bytes) -> dict:
@@ -254,7 +230,7 @@ class PrivacyLedger:
             "rounds": [asdict(e) for e in self.entries],
         }
         doc = {"format": FORMAT, "version": VERSION, "sha256": _checksum(body), "body": body}
-        _atomic_write(self.path, json.dumps(doc, indent=1).encode())
+        atomic_write_bytes(self.path, json.dumps(doc, indent=1).encode())
         # Temp files of writers killed mid-write are never read; we hold the lock, so
         # none of them belongs to a live writer.
         for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
