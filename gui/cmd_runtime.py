@@ -129,6 +129,7 @@ def register_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sites", type=int, default=10)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--central-epochs", type=int, default=12)
+    p.add_argument("--model", default="resnet_gn_28")
     p.add_argument("--out", type=Path, default=Path("results/experiment"))
     p.add_argument("--doc", type=Path, default=Path("docs/RESULTS.md"))
     p.add_argument("--data", type=Path)
@@ -140,7 +141,7 @@ def _experiment(args: argparse.Namespace) -> int:
     from hemafed.network.experiment import run_experiment
     from hemafed.network.simulate import SimulationOptions
 
-    base = SimulationOptions(sites=args.sites, rounds=args.rounds, data=args.data, seed=args.seed)
+    base = SimulationOptions(sites=args.sites, rounds=args.rounds, data=args.data, seed=args.seed, model=args.model)
     rows = run_experiment(base, epsilons=[float(e) for e in args.epsilons.split(",")],
                           partitions=args.partitions.split(","), central_epochs=args.central_epochs, out=args.out,
                           doc=args.doc, command="hemafed " + shlex.join(sys.argv[1:]))
