@@ -25,7 +25,7 @@ from hemafed.core.server_opt import make_server_optimizer
 from hemafed.network import protocol as P
 from hemafed.network.config import AggregatorConfig
 from hemafed.network.envelope import Envelope, Limits
-from hemafed.network.errors import NotConnected, UnexpectedMessage
+from hemafed.network.errors import MalformedMessage, NotConnected, UnexpectedMessage
 from hemafed.network.server import AggregatorServer, Connected, Disconnected, Message
 from hemafed.network.tls import ServerTLS
 
@@ -244,6 +244,7 @@ class Aggregator:
         stage_names = {secagg.AggStage.COLLECT_KEYS: "training", secagg.AggStage.COLLECT_SHARES: "sharing keys",
                        secagg.AggStage.COLLECT_MASKED: "masked input", secagg.AggStage.COLLECT_UNMASK: "unmasking"}
         stage, deadline = None, 0.0
+        dropped: set[str] = {name for name in ids.values() if name not in reached}
         while not machine.finished:
             if machine.stage != stage:
                 stage = machine.stage
@@ -257,8 +258,9 @@ class Aggregator:
             except TimeoutError:
                 event = None
             if event is None:
-                log.warning("round %d: stage %s timed out waiting for %s", rnd, stage.value,
-                            sorted(ids[i] for i in machine.awaiting))
+                late = {ids[i] for i in machine.awaiting}
+                log.warning("round %d: stage %s timed out waiting for %s", rnd, stage.value, sorted(late))
+                dropped |= late
                 await self._deliver(machine.deadline_passed(), rnd)
                 continue
             site = getattr(event, "site", None)
@@ -276,16 +278,18 @@ class Aggregator:
                     except secagg.SecAggError as exc:
                         log.warning("round %d: refused a secure-aggregation message from %s: %s", rnd, site, exc)
                         await self.server.reject(site, UnexpectedMessage(str(exc)), rnd)
+                        dropped.add(site)
                         outs = machine.site_dropped(sid)
                     await self._deliver(outs, rnd)
                 continue
             if isinstance(event, Disconnected) and sid in ids:
+                dropped.add(site)
                 await self._deliver(machine.site_dropped(sid), rnd)
             await self._handle_idle(event)
         result = machine.outcome
         if isinstance(result, secagg.Abandoned):
             outcome.reason = f"{result.reason} (stage {result.stage})"
-            outcome.dropouts = sorted(set(outcome.participants) - set(outcome.declined))
+            outcome.dropouts = sorted(dropped, key=self.site_ids.__getitem__)
             return None
         assert isinstance(result, secagg.SecAggResult)
         outcome.survivors = [ids[i] for i in result.survivors]
@@ -317,8 +321,15 @@ class Aggregator:
                     outcome.declined.append(site)
                     continue
                 if env.type == P.PLAIN_UPDATE:
-                    total += P.blob_to_vector(env.blobs[0], self.dim)
-                    extras += P.blob_to_vector(env.blobs[1], k2, "<i8")
+                    try:
+                        update = P.blob_to_vector(env.blobs[0], self.dim)
+                        counts = P.blob_to_vector(env.blobs[1], k2, "<i8")
+                    except MalformedMessage as exc:
+                        log.warning("round %d: refused the update of %s: %s", rnd, site, exc)
+                        await self.server.reject(site, exc, rnd)
+                        continue
+                    total += update
+                    extras += counts
                     weight += int(env.body["weight"])
                     got.append(site)
                 continue

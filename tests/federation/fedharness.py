@@ -47,9 +47,10 @@ class Federation:
         assert self.aggregator is not None and self.aggregator.server is not None
         return self.aggregator.server.url
 
-    def start_site(self, name: str, die_at: tuple[int, str] | None = None) -> asyncio.Task:
+    def start_site(self, name: str, die_at: tuple[int, str] | None = None,
+                   cls: type[SiteRunner] = SiteRunner) -> asyncio.Task:
         cfg = replace(self.site_configs[name], aggregator=self.url)
-        runner = SiteRunner(cfg, identity=self.identities[name], die_at=die_at, on_die=_crash)
+        runner = cls(cfg, identity=self.identities[name], die_at=die_at, on_die=_crash)
         self.runners[name] = runner
         return asyncio.create_task(runner.run(), name=name)
 

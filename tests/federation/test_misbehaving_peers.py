@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fedharness import make_federation, run
@@ -16,11 +17,13 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from hemafed.core.identity import IdentityKey
+from hemafed.core.plan import SiteBounds
 from hemafed.network import handshake
 from hemafed.network import protocol as P
 from hemafed.network.client import Backoff, SiteClient
 from hemafed.network.envelope import Envelope, Limits
 from hemafed.network.errors import AuthenticationRefused
+from hemafed.network.site import SiteRunner
 from hemafed.network.tls import cert_binding, client_context
 
 pytestmark = pytest.mark.slow
@@ -104,3 +107,32 @@ def test_federation_carries_on_through_bad_peers(tmp_path: Path) -> None:
     outcomes = fed.aggregator.outcomes
     assert [o.status for o in outcomes] == ["completed", "completed"]
     assert all(o.survivors == ["site1", "site2", "site3"] for o in outcomes)
+
+
+class PoisonedSite(SiteRunner):
+    """A participant whose update is NaN (a bug or an attack)."""
+
+    def _train(self, model, rnd: int):
+        result = super()._train(model, rnd)
+        result.update[:] = np.nan
+        return result
+
+
+def test_plain_aggregation_refuses_a_non_finite_update(tmp_path: Path) -> None:
+    """Without secure aggregation the aggregator reads updates itself: NaN is refused, not summed."""
+    fed = make_federation(tmp_path, n_sites=3, threshold=2, rounds=1, secagg=False, dp=False)
+    for name, cfg in fed.site_configs.items():
+        fed.site_configs[name] = replace(cfg, bounds=SiteBounds(require_dp=False, require_secagg=False))
+
+    async def main() -> None:
+        agg_task = await fed.start_aggregator()
+        tasks = [fed.start_site(n, cls=PoisonedSite if n == "site3" else SiteRunner) for n in fed.site_configs]
+        await agg_task
+        await asyncio.gather(*tasks[:2])
+        tasks[2].cancel()
+
+    run(main())
+    (outcome,) = fed.aggregator.outcomes
+    assert outcome.status == "completed" and outcome.survivors == ["site1", "site2"]
+    assert outcome.dropouts == ["site3"]
+    assert np.isfinite(outcome.mean_update).all()
