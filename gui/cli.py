@@ -19,7 +19,6 @@ COMMAND_MODULES = (
     "hemafed.gui.cmd_privacy",
     "hemafed.gui.cmd_federation",
     "hemafed.gui.cmd_runtime",
-    "hemafed.gui.cmd_app",
 )
 
 
@@ -32,13 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
