@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from hemafed.network import protocol as P
 from hemafed.network.config import AggregatorConfig
 from hemafed.network.envelope import Envelope, Limits
 from hemafed.network.errors import MalformedMessage, NotConnected, UnexpectedMessage
+from hemafed.network.progress import progress_bar
 from hemafed.network.server import AggregatorServer, Connected, Disconnected, Message
 from hemafed.network.tls import ServerTLS
 
@@ -368,3 +370,7 @@ class Aggregator:
         data = {"round": rnd, "rounds": self.plan.rounds, "stage": stage, "time": time.time(),
                 "ready": sorted(self._ready()) if self.server else []}
         atomic_write_bytes(self.cfg.state_dir / "status.json", json.dumps(data).encode(), mode=0o644)
+        if sys.stderr.isatty():
+            done = rnd if stage == "done" else rnd - 1
+            print(progress_bar(done, self.plan.rounds, f"round {rnd}/{self.plan.rounds}: {stage}, "
+                               f"{len(data['ready'])} sites ready"), file=sys.stderr, flush=True)

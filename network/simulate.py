@@ -24,6 +24,7 @@ import numpy as np
 
 from hemafed.core.plan import FederationPlan
 from hemafed.network.config import render_toml
+from hemafed.network.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -240,11 +241,9 @@ class Simulation:
     def _progress_line(self, status: dict[str, Any], evaluated: dict[int, float]) -> str:
         rounds = self.plan.rounds
         done = max((r for r in evaluated if r > 0), default=0)
-        width = 20
-        filled = int(width * done / rounds)
-        acc = f"test acc {evaluated[done]:.3f}" if evaluated else ""
-        return (f"[{'#' * filled}{'.' * (width - filled)}] round {min(status.get('round', 1), rounds)}/{rounds} "
-                f"{status.get('stage', 'starting')}, {len(status.get('ready', []))} sites ready  {acc}")
+        acc = f"  test acc {evaluated[done]:.3f}" if evaluated else ""
+        return progress_bar(done, rounds, f"round {min(status.get('round', 1), rounds)}/{rounds} "
+                            f"{status.get('stage', 'starting')}, {len(status.get('ready', []))} sites ready{acc}")
 
     def _stop_all(self) -> None:
         deadline = time.monotonic() + 30
