@@ -20,6 +20,7 @@ def write_plots(out: Path, metrics: dict[str, Any]) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = metrics["rounds"]
     xs = [r["round"] for r in rounds]
@@ -31,6 +32,7 @@ def write_plots(out: Path, metrics: dict[str, Any]) -> list[Path]:
         ax.plot([x - 1 for x, _ in fed], [y for _, y in fed], marker="s", linestyle="--",
                 label="federated validation (model sent in round)")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -49,6 +51,7 @@ def write_plots(out: Path, metrics: dict[str, Any]) -> list[Path]:
     if budget:
         ax.axhline(budget, color="red", linestyle=":", label=f"budget ε = {budget:g}")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"ε spent (δ = {metrics['plan']['delta']:g})")
     ax.grid(alpha=0.3)
     ax.set_title("privacy spent per hospital")
