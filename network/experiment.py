@@ -85,8 +85,11 @@ def write_results(doc: Path, rows: list[Row], base: SimulationOptions, central_e
     lines += ["", "ε is per hospital, with respect to one training image at that hospital, at the δ above; each "
               "hospital's ledger enforces the budget. Secure aggregation changes what the aggregator sees, not the "
               "DP guarantee; its only effect on accuracy is quantization (a bound per coordinate is in "
-              "docs/secure-aggregation.md). Each row is one run (one seed): differences of a point or two are "
-              "within run-to-run noise.", ""]
+              "docs/secure-aggregation.md). Each row is one run: DP noise is drawn fresh in every run and the "
+              "federated models have not "
+              "converged after these rounds, so single runs differ by up to ~10 points for reasons of chance alone "
+              "(the two ε = 3 Dirichlet rows differ only by secure aggregation, whose effect is a quantization "
+              "error far below 0.1 %). Ranking the federated rows needs several seeds.", ""]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines))
 
