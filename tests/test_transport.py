@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from forger import Forger
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -152,18 +152,6 @@ def test_unknown_key_is_refused_and_not_retried(fed: Fed) -> None:
             assert server.connected() == {"good"}
 
     run(main())
-
-
-@dataclass(frozen=True)
-class Forger(IdentityKey):
-    """Claims another site's public key but can only sign with its own."""
-
-    claimed: Ed25519PublicKey | None = None
-
-    @property
-    def public_key(self) -> Ed25519PublicKey:
-        assert self.claimed is not None
-        return self.claimed
 
 
 def test_bad_signature_is_refused(fed: Fed) -> None:

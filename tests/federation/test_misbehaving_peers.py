@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fedharness import make_federation, run
+from forger import Forger
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -28,18 +28,6 @@ from hemafed.network.tls import cert_binding, client_context
 
 pytestmark = pytest.mark.slow
 LIMITS = Limits.for_model(1_000_000)
-
-
-@dataclass(frozen=True)
-class Forger(IdentityKey):
-    """Claims another site's public key but can only sign with its own."""
-
-    claimed: Ed25519PublicKey | None = None
-
-    @property
-    def public_key(self) -> Ed25519PublicKey:
-        assert self.claimed is not None
-        return self.claimed
 
 
 @contextlib.asynccontextmanager
