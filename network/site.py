@@ -383,14 +383,3 @@ def save_model_file(path: Path, weights: np.ndarray, plan: FederationPlan, rnd: 
     np.savez(buf, weights=weights, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
     atomic_write_bytes(path, buf.getvalue(), mode=0o600)
     return path
-
-
-def load_saved_model(path: str | Path):
-    """A model saved by a site (`latest.npz` / `final.npz`), rebuilt from the registry."""
-    from hemafed.core.models import build_model, set_flat_params
-
-    with np.load(path, allow_pickle=False) as data:
-        meta = json.loads(bytes(data["meta"]).decode())
-        model = build_model(meta["model"], len(meta["classes"]))
-        set_flat_params(model, data["weights"])
-    return model, meta
