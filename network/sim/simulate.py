@@ -170,7 +170,7 @@ class Simulation:
     def _spawn(self, name: str, args: list[str], cwd: Path, log_file: Path) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         fh = open(log_file, "ab")  # noqa: SIM115 - kept open for the child's lifetime
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "hemafed.gui.cli", *args], cwd=cwd,
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "hemafed.network.node", *args], cwd=cwd,
                                             stdout=fh, stderr=subprocess.STDOUT, env=env)
 
     def run(self) -> dict[str, Any]:
@@ -270,7 +270,7 @@ class Simulation:
 
     def _collect(self, evaluated: dict[int, float], wall_s: float) -> dict[str, Any]:
         from hemafed.core.checkpoints import CheckpointStore
-        from hemafed.network.sim_report import write_metrics, write_plots, write_report
+        from hemafed.network.sim.report import write_metrics, write_plots, write_report
 
         store = CheckpointStore(self.out / "federation" / "state" / "checkpoints")
         site_logs = {site_name(i): _read_jsonl(self.out / "sites" / site_name(i) / "state" / "site_rounds.jsonl")

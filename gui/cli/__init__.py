@@ -1,7 +1,7 @@
 """The `hemafed` command line: one entry point for the site app, the headless
 aggregator and the tools around them.
 
-Each group of subcommands lives in its own `cmd_*` module exposing
+Each audience's subcommands live in their own module exposing
 `register(subparsers)`; heavy imports (torch, Qt) happen inside the handlers so
 `hemafed --help` stays fast and headless commands never load Qt.
 """
@@ -14,11 +14,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
+# One module per audience: the hospital operator, the federation's admin, researchers.
 COMMAND_MODULES = (
-    "hemafed.gui.cmd_data",
-    "hemafed.gui.cmd_privacy",
-    "hemafed.gui.cmd_federation",
-    "hemafed.gui.cmd_runtime",
+    "hemafed.gui.cli.operator",
+    "hemafed.gui.cli.admin",
+    "hemafed.gui.cli.research",
 )
 
 
@@ -56,7 +56,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 class UserFacingError(Exception):
     """An error whose message is meant for the operator, printed without a traceback."""
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hemafed.network.simulate import Simulation, SimulationOptions
+from hemafed.network.sim.simulate import Simulation, SimulationOptions
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .privacy_statement import privacy_statement
+from hemafed.network.privacy_statement import privacy_statement
 
 
 def write_metrics(out: Path, metrics: dict[str, Any]) -> Path:

@@ -1,0 +1,5 @@
+import sys
+
+from hemafed.gui.cli import main
+
+sys.exit(main())

@@ -1,0 +1,132 @@
+"""Commands for a hospital site's operator: check images, the identity key, the
+privacy ledger, and the headless site."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("scan", help="check a folder, CSV manifest or .npz of images")
+    p.add_argument("path", help="class-folder tree, CSV manifest (path,label) or MedMNIST .npz")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_scan)
+
+    _register_keys(sub)
+
+    p = sub.add_parser("ledger", help="privacy spent per federation at this site")
+    p.add_argument("--state", help="site state directory (default: the user's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_ledger)
+
+    p = sub.add_parser("site", help="run a hospital site headless (the desktop app drives the same code)")
+    p.add_argument("--config", required=True, help="site.toml (data, state, aggregator URL, CA, ε budget)")
+    p.add_argument("--insecure", action="store_true", help="allow plain ws:// (local tests only)")
+    p.add_argument("--die-at", metavar="ROUND:STAGE", help=argparse.SUPPRESS)  # simulated crash, for demos
+    p.set_defaults(func=_site)
+
+
+def _scan(args: argparse.Namespace) -> int:
+    from hemafed.core.scan import scan_source
+    from hemafed.gui.cli import UserFacingError
+
+    def progress(i: int, n: int) -> None:
+        if sys.stderr.isatty() and not args.json:
+            print(f"\rscanning {i}/{n}", end="" if i < n else "\n", file=sys.stderr)
+
+    try:
+        result = scan_source(args.path, progress=progress)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserFacingError(str(exc)) from exc
+    if args.json:
+        print(result.report.to_json())
+    else:
+        print("\n".join(result.report.summary_lines()))
+    return 0
+
+
+def _register_keys(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keys", help="this site's Ed25519 identity key")
+    keys = p.add_subparsers(dest="keys_command", metavar="ACTION")
+
+    k = keys.add_parser("init", help="create the identity key and print what to send to the aggregator's admin")
+    k.add_argument("--state", help="state directory (default: HEMAFED_STATE_DIR or the user data directory)")
+    k.add_argument("--force", action="store_true", help="replace an existing key (the aggregator must be told)")
+    k.add_argument("--comment", default="", help="label appended to the public-key line, e.g. the hospital name")
+    k.set_defaults(func=_keys_init)
+
+    k = keys.add_parser("show", help="print the fingerprint and public-key line")
+    k.add_argument("--state", help="state directory")
+    k.add_argument("--comment", default="", help="label appended to the public-key line")
+    k.set_defaults(func=_keys_show)
+
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+def _keys_init(args: argparse.Namespace) -> int:
+    from hemafed.core.identity import IdentityError, init_identity
+    from hemafed.gui.cli import UserFacingError
+
+    try:
+        identity = init_identity(args.state, force=args.force)
+    except IdentityError as exc:
+        raise UserFacingError(str(exc)) from exc
+    print(f"created {identity.path} (readable by you only)")
+    _print_identity(identity, args.comment)
+    return 0
+
+
+def _keys_show(args: argparse.Namespace) -> int:
+    from hemafed.core.identity import IdentityError, load_identity
+    from hemafed.gui.cli import UserFacingError
+
+    try:
+        identity = load_identity(args.state)
+    except IdentityError as exc:
+        raise UserFacingError(str(exc)) from exc
+    _print_identity(identity, args.comment)
+    return 0
+
+
+def _print_identity(identity: object, comment: str) -> None:
+    from hemafed.core.identity import IdentityKey, short_fingerprint
+
+    assert isinstance(identity, IdentityKey)
+    print(f"fingerprint: {identity.fingerprint}")
+    print(f"short form:  {short_fingerprint(identity.public_key)}")
+    print("public key (send this line to the aggregator's admin; confirm the fingerprint by phone):")
+    print(identity.public_line(comment))
+
+
+def _ledger(args: argparse.Namespace) -> int:
+    from hemafed.core.ledger import list_ledgers
+
+    ledgers = list_ledgers(args.state)
+    if args.json:
+        print(json.dumps(ledgers, indent=2))
+        return 1 if any("error" in entry for entry in ledgers) else 0
+    if not ledgers:
+        print("no privacy ledgers yet")
+        return 0
+    print(f"{'federation':<28}{'rounds':>7}{'spent ε':>10}{'budget ε':>10}{'δ':>10}  accountant")
+    for entry in ledgers:
+        if "error" in entry:
+            print(f"DAMAGED {entry['path']}: {entry['error']}", file=sys.stderr)
+            continue
+        print(f"{entry['federation_id']:<28}{entry['rounds']:>7}{entry['spent_epsilon']:>10.4f}"
+              f"{entry['budget_epsilon']:>10.4g}{entry['delta']:>10.1e}  {entry['accountant']}")
+    return 1 if any("error" in entry for entry in ledgers) else 0
+
+
+def _site(args: argparse.Namespace) -> int:
+    from hemafed.core.identity import IdentityError
+    from hemafed.core.plan import PlanError
+    from hemafed.gui.cli import UserFacingError
+    from hemafed.network.node import run_site
+
+    try:
+        return run_site(args.config, args.insecure, args.die_at)
+    except (PlanError, IdentityError, ValueError, OSError) as exc:
+        raise UserFacingError(str(exc)) from exc

@@ -1,0 +1,193 @@
+"""Commands for researchers: demo data, privacy planning, the centralised baseline,
+the simulation and the comparison experiment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo-data", help="write simulated hospital folders from BloodMNIST")
+    p.add_argument("--sites", type=int, default=10)
+    p.add_argument("--partition", default="dirichlet:0.5", help="iid or dirichlet:ALPHA")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per hospital)")
+    p.add_argument("--format", choices=("png", "jpg", "bmp", "tiff"), default="png")
+    p.add_argument("--data", help="BloodMNIST .npz or folder holding it (default: find or download)")
+    p.set_defaults(func=_demo_data)
+
+    p = sub.add_parser("privacy", help="differential-privacy planning")
+    psub = p.add_subparsers(dest="privacy_command", metavar="SUBCOMMAND")
+    p.set_defaults(func=lambda _args: p.print_help() or 2)
+    plan = psub.add_parser("plan", help="noise multiplier σ that makes a federation plan fit an (ε, δ) budget")
+    plan.add_argument("--epsilon", type=float, required=True, help="ε budget for the whole federation")
+    plan.add_argument("--delta", type=float, default=None, help="δ (default: min(1e-5, 1/N))")
+    plan.add_argument("--samples", type=int, required=True, help="N, training images at the site")
+    plan.add_argument("--batch", type=int, required=True, help="expected batch size B (q = B/N)")
+    plan.add_argument("--rounds", type=int, required=True)
+    plan.add_argument("--local-epochs", type=int, default=1)
+    plan.add_argument("--local-steps", type=int, default=None, help="fixed local steps per round (overrides epochs)")
+    plan.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=_plan)
+
+    p = sub.add_parser("train-central", help="centralised baseline on BloodMNIST (non-private or DP)")
+    p.add_argument("--data", help="BloodMNIST .npz or folder holding it (default: find or download)")
+    p.add_argument("--model", default="resnet_gn_28")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epsilon", type=float, default=None, help="train with DP-SGD at this ε (default: non-private)")
+    p.add_argument("--delta", type=float, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--clip", type=float, default=1.0, help="per-sample clipping norm C")
+    p.add_argument("--subset", type=int, default=None, help="train on this many images only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_train_central)
+
+    p = sub.add_parser("simulate", help="run N hospitals and an aggregator as processes on this machine")
+    p.add_argument("--sites", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--epsilon", type=float, default=8.0, help="privacy budget per hospital (default 8)")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--partition", default="dirichlet:0.5", help="iid or dirichlet:ALPHA")
+    p.add_argument("--no-dp", dest="dp", action="store_false", help="non-private baseline (no DP)")
+    p.add_argument("--no-secagg", dest="secagg", action="store_false",
+                   help="plain aggregation (the aggregator sees each update)")
+    p.add_argument("--insecure", dest="tls", action="store_false", help="plain ws:// instead of TLS")
+    p.add_argument("--threshold", type=int, help="secure-aggregation threshold t (default: majority)")
+    p.add_argument("--drop", action="append", default=[], metavar="SITE@ROUND:STAGE",
+                   help="kill hospital SITE's process at STAGE (train, keys, shares, masked, unmask) of ROUND")
+    p.add_argument("--out", type=Path, default=Path("results/simulation"))
+    p.add_argument("--data", type=Path, help="BloodMNIST .npz or folder holding it")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subset", type=int, help="use only this many training images (quick runs)")
+    p.add_argument("--model", default="resnet_gn_28")
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.1, help="local learning rate (default 0.1)")
+    p.add_argument("--momentum", type=float, default=0.9, help="local SGD momentum (default 0.9)")
+    p.add_argument("--clip-norm", type=float, default=1.0)
+    p.add_argument("--server-optimizer", choices=("fedavg", "fedadam"), default="fedavg")
+    p.add_argument("--server-lr", type=float, default=1.0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("experiment", help="the comparison table: centralised vs FedAvg vs +DP vs +secure aggregation")
+    p.add_argument("--epsilons", default="3,8", help="ε per hospital, comma-separated (default 3,8)")
+    p.add_argument("--partitions", default="iid,dirichlet:0.5", help="comma-separated (default iid,dirichlet:0.5)")
+    p.add_argument("--sites", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--central-epochs", type=int, default=12)
+    p.add_argument("--model", default="resnet_gn_28")
+    p.add_argument("--out", type=Path, default=Path("results/experiment"))
+    p.add_argument("--doc", type=Path, default=Path("docs/RESULTS.md"))
+    p.add_argument("--data", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_experiment)
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from hemafed.core.demo_data import write_demo_sites
+    from hemafed.gui.cli import UserFacingError
+
+    try:
+        summary = write_demo_sites(
+            out=args.out, n_sites=args.sites, scheme=args.partition, seed=args.seed,
+            fmt=args.format, data=args.data,
+        )
+    except (ValueError, FileExistsError) as exc:
+        raise UserFacingError(str(exc)) from exc
+    print(summary.table())
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from hemafed.core.calibration import BudgetTooSmall, plan_privacy
+    from hemafed.gui.cli import UserFacingError
+
+    try:
+        plan = plan_privacy(args.epsilon, args.samples, args.batch, args.rounds, args.local_epochs,
+                            delta=args.delta, local_steps=args.local_steps, kind=args.accountant)
+    except (BudgetTooSmall, ValueError) as exc:
+        raise UserFacingError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return 0
+    print(f"budget ε = {plan.epsilon:g} at δ = {plan.delta:.2e} ({plan.accountant.upper()} accounting)")
+    print(f"N = {plan.n_samples}, B = {plan.batch_size}: sample rate q = {plan.sample_rate:.5g}, "
+          f"{plan.steps_per_round} steps per round, {plan.total_steps} steps in {plan.rounds} rounds")
+    print(f"noise multiplier σ = {plan.sigma:.4f} (noise std σ·C per step)")
+    print("\nround  ε after round")
+    for i, eps in enumerate(plan.epsilon_per_round, 1):
+        print(f"{i:5d}  {eps:.4f}")
+    return 0
+
+
+def _train_central(args: argparse.Namespace) -> int:
+    from hemafed.core.bloodmnist import DatasetUnavailable
+    from hemafed.core.calibration import BudgetTooSmall
+    from hemafed.core.central import train_central
+    from hemafed.gui.cli import UserFacingError
+
+    def epoch_done(epoch: int, total: int, loss: float) -> None:
+        if not args.json:
+            print(f"epoch {epoch}/{total}: mean loss {loss:.4f}", file=sys.stderr, flush=True)
+
+    try:
+        result = train_central(args.data, model_name=args.model, epochs=args.epochs, epsilon=args.epsilon,
+                               delta=args.delta, batch_size=args.batch, lr=args.lr, clip_norm=args.clip,
+                               train_subset=args.subset, seed=args.seed, epoch_done=epoch_done)
+    except (DatasetUnavailable, BudgetTooSmall, KeyError, ValueError) as exc:
+        raise UserFacingError(str(exc)) from exc
+    if args.json:
+        data = result.to_dict()
+        if data["epsilon"] is not None and not math.isfinite(data["epsilon"]):
+            data["epsilon"] = None
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"{result.privacy_label}: {result.model}, {result.epochs} epochs on {result.n_train} images, "
+          f"test accuracy {result.test_accuracy:.4f} on {result.n_test} images ({result.seconds:.0f} s)")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from hemafed.gui.cli import UserFacingError
+    from hemafed.network.sim.simulate import Drop, Simulation, SimulationOptions
+
+    try:
+        drops = [Drop.parse(d) for d in args.drop]
+        opts = SimulationOptions(
+            sites=args.sites, rounds=args.rounds, epsilon=args.epsilon, delta=args.delta, partition=args.partition,
+            dp=args.dp, secagg=args.secagg, tls=args.tls, threshold=args.threshold, drops=drops, out=args.out,
+            data=args.data, seed=args.seed, subset=args.subset, model=args.model, local_epochs=args.local_epochs,
+            batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, clip_norm=args.clip_norm,
+            server_optimizer=args.server_optimizer, server_lr=args.server_lr, quiet=args.quiet)
+        sim = Simulation(opts, command="hemafed " + shlex.join(sys.argv[1:]))
+        metrics = sim.run()
+    except (ValueError, FileExistsError, RuntimeError) as exc:
+        raise UserFacingError(str(exc)) from exc
+    final = metrics["final"]
+    print(f"{metrics['title']}: final test accuracy {final['test_accuracy']:.3f}, "
+          f"max ε spent {final['max_epsilon']}, {final['wall_s']:.0f} s. Results in {args.out}/ "
+          f"(report.md, metrics.json, accuracy.png, epsilon.png, final_model.npz)")
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from hemafed.network.sim.experiment import run_experiment
+    from hemafed.network.sim.simulate import SimulationOptions
+
+    base = SimulationOptions(sites=args.sites, rounds=args.rounds, data=args.data, seed=args.seed, model=args.model)
+    rows = run_experiment(base, epsilons=[float(e) for e in args.epsilons.split(",")],
+                          partitions=args.partitions.split(","), central_epochs=args.central_epochs, out=args.out,
+                          doc=args.doc, command="hemafed " + shlex.join(sys.argv[1:]))
+    for r in rows:
+        print(f"{r.setting:<36} {r.partition:<15} ε={r.epsilon} acc={r.test_accuracy:.3f}")
+    print(f"table written to {args.doc}")
+    return 0

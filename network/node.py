@@ -1,0 +1,71 @@
+"""The two headless roles as plain functions, and a small process entry point.
+
+`python -m hemafed.network.node aggregator|site --config FILE` is how the simulation
+starts its processes (so nothing in `network/` goes through the user-facing CLI);
+`hemafed aggregator` and `hemafed site` call the same functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def confirm_insecure(cfg, flag: bool):
+    """Plain ws:// needs both the config's `insecure = true` and --insecure on the command line."""
+    from hemafed.core.plan import PlanError
+
+    if cfg.insecure and not flag:
+        raise PlanError("the configuration asks for plain ws:// (insecure = true); pass --insecure to confirm "
+                        "this is a local test")
+    return cfg
+
+
+def run_aggregator(config: str | Path, insecure: bool = False) -> int:
+    """Load federation.toml and run the aggregator to the end of the plan."""
+    from hemafed.network.aggregator import Aggregator
+    from hemafed.network.config import AggregatorConfig
+
+    aggregator = Aggregator(confirm_insecure(AggregatorConfig.load(config), insecure))
+    asyncio.run(aggregator.run())
+    return 0
+
+
+def run_site(config: str | Path, insecure: bool = False, die_at: str | None = None) -> int:
+    """Load site.toml and run the site until the federation is done; 0 when a final model was saved."""
+    from hemafed.network.config import SiteConfig
+    from hemafed.network.site import SiteRunner
+
+    crash = None
+    if die_at:
+        rnd, stage = die_at.split(":", 1)
+        crash = (int(rnd), stage)
+    cfg = confirm_insecure(SiteConfig.load(config), insecure)
+    if cfg.torch_threads:
+        import torch
+
+        torch.set_num_threads(int(cfg.torch_threads))
+    runner = SiteRunner(cfg, die_at=crash)
+    path = asyncio.run(runner.run())
+    return 0 if path is not None else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hemafed.network.node")
+    parser.add_argument("role", choices=("aggregator", "site"))
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--die-at", metavar="ROUND:STAGE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.role == "aggregator":
+        return run_aggregator(args.config, args.insecure)
+    return run_site(args.config, args.insecure, args.die_at)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
