@@ -58,6 +58,19 @@ class SiteConfig:
     accountant: str = "rdp"
     bounds: SiteBounds = field(default_factory=SiteBounds)
     torch_threads: int | None = None
+    roster: Path | None = None  # roster.json signed by the federation key (see hemafed.core.roster)
+    roster_key: str | None = None  # the federation key's public line, confirmed by phone
+    peers: tuple[str, ...] = ()  # or: the peers' fingerprints / key lines, listed by this site itself
+
+    def pinned_roster(self):
+        """The roster this site pins (a `hemafed.core.roster.Roster`), or None when it pins none."""
+        from hemafed.core.roster import RosterError, load_signed_roster, roster_from_fingerprints
+
+        if self.roster is not None:
+            if not self.roster_key:
+                raise RosterError("site.toml names a roster but no roster_key to verify it with")
+            return load_signed_roster(self.roster, self.roster_key, self.federation)
+        return roster_from_fingerprints(self.peers) if self.peers else None
 
     @classmethod
     def load(cls, path: str | Path) -> SiteConfig:
@@ -75,6 +88,8 @@ class SiteConfig:
             insecure=bool(section.get("insecure", False)), accountant=str(section.get("accountant", "rdp")),
             bounds=SiteBounds.from_dict(dict(data.get("bounds", {}))),
             torch_threads=section.get("torch_threads"),
+            roster=_opt_path(base, section.get("roster")), roster_key=section.get("roster_key"),
+            peers=tuple(section.get("peers", ())),
         )
 
 

@@ -30,6 +30,8 @@ from .messages import (
                      Message,
                      RoundAbandoned,
                      ShareDelivery,
+                     SignatureList,
+                     SurvivorSignature,
                      UnmaskRequest,
                      UnmaskShares,
                      decode,
@@ -42,6 +44,7 @@ __all__ = [
     "ConfigError", "ConsistencyError", "DecryptionError", "EncryptedShares", "InputError", "KeyList",
     "MalformedMessage", "MaskedInput", "Message", "Outgoing", "ProtocolStateError", "RoundAbandoned",
     "RoundMismatch", "SecAggConfig", "SecAggError", "SecAggResult", "ShamirError", "ShareDelivery",
-    "SignatureError", "SiteSecAgg", "SiteStage", "UnmaskRequest", "UnmaskShares", "VectorLengthError", "decode",
+    "SignatureError", "SignatureList", "SiteSecAgg", "SiteStage", "SurvivorSignature", "UnmaskRequest",
+    "UnmaskShares", "VectorLengthError", "decode",
     "encode",
 ]

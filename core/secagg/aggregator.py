@@ -38,12 +38,14 @@ from .messages import (
     Message,
     RoundAbandoned,
     ShareDelivery,
+    SignatureList,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskShares,
     validate,
 )
 from .quantize import dequantize
-from .signing import verify_advert
+from .signing import verify_advert, verify_survivors
 from .site import self_mask_key
 
 
@@ -51,13 +53,15 @@ class AggStage(enum.Enum):
     COLLECT_KEYS = "collect_keys"
     COLLECT_SHARES = "collect_shares"
     COLLECT_MASKED = "collect_masked"
+    COLLECT_SIGNATURES = "collect_signatures"  # consistency check: survivors sign the survivor/dropout lists
     COLLECT_UNMASK = "collect_unmask"
     DONE = "done"
     ABANDONED = "abandoned"
 
 
 _EXPECTS = {AggStage.COLLECT_KEYS: AdvertiseKeys, AggStage.COLLECT_SHARES: EncryptedShares,
-            AggStage.COLLECT_MASKED: MaskedInput, AggStage.COLLECT_UNMASK: UnmaskShares}
+            AggStage.COLLECT_MASKED: MaskedInput, AggStage.COLLECT_SIGNATURES: SurvivorSignature,
+            AggStage.COLLECT_UNMASK: UnmaskShares}
 
 
 class Outgoing(NamedTuple):
@@ -144,7 +148,8 @@ class AggregatorSecAgg:
         if site_id not in self._pending or site_id in self._gone:
             raise ProtocolStateError("no message expected from this site now", round=self.round, site_id=site_id)
         check = {AdvertiseKeys: self._check_advert, EncryptedShares: self._check_shares,
-                 MaskedInput: self._check_masked, UnmaskShares: self._check_unmask}[type(msg)]
+                 MaskedInput: self._check_masked, SurvivorSignature: self._check_signature,
+                 UnmaskShares: self._check_unmask}[type(msg)]
         check(site_id, msg)
         if isinstance(msg, MaskedInput):
             # sum on arrival: no per-site vector is kept, and memory stays at one vector
@@ -202,6 +207,12 @@ class AggregatorSecAgg:
             raise VectorLengthError(f"masked vector has {len(msg.vector)} words, expected {self.cfg.vector_len}",
                                     round=self.round, site_id=sid)
 
+    def _check_signature(self, sid: int, msg: SurvivorSignature) -> None:
+        verify_survivors(self._ids[sid], msg.signature, self.cfg.federation_id, self.round, sid, *self._lists())
+
+    def _lists(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return tuple(sorted(self._u3)), tuple(sorted(self._u2 - self._u3))
+
     def _check_unmask(self, sid: int, msg: UnmaskShares) -> None:
         if ({u for u, _ in msg.self_mask_shares} != self._u3
                 or {v for v, _ in msg.key_shares} != self._u2 - self._u3):
@@ -214,9 +225,9 @@ class AggregatorSecAgg:
         if self.finished:
             return []
         live = set(self._answered) | (self._pending - self._gone)
-        if self.stage in (AggStage.COLLECT_KEYS, AggStage.COLLECT_SHARES):
-            live -= self._gone  # keys or shares from a site that cannot go on are worthless; a summed masked
-            #                     input or revealed shares stay useful after their sender disconnects
+        if self.stage in (AggStage.COLLECT_KEYS, AggStage.COLLECT_SHARES, AggStage.COLLECT_SIGNATURES):
+            live -= self._gone  # keys, shares or a signature from a site that cannot go on are worthless; a
+            #                     summed masked input or revealed shares stay useful after their sender leaves
         if len(live) < self.cfg.threshold:
             return self._abandon(f"{len(live)} live sites, threshold {self.cfg.threshold}")
         if self._pending - self._gone:
@@ -228,6 +239,8 @@ class AggregatorSecAgg:
             return self._after_shares({s: m for s, m in collected.items() if s not in self._gone})
         if self.stage == AggStage.COLLECT_MASKED:
             return self._after_masked(set(collected))
+        if self.stage == AggStage.COLLECT_SIGNATURES:
+            return self._after_signatures({s: m for s, m in collected.items() if s not in self._gone})
         return self._after_unmask(collected)
 
     def _after_keys(self, adverts: dict[int, AdvertiseKeys]) -> list[Outgoing]:
@@ -254,8 +267,15 @@ class AggregatorSecAgg:
         if len(reachable) < self.cfg.threshold:
             return self._abandon(f"{len(reachable)} survivors can answer, threshold {self.cfg.threshold}")
         req = UnmaskRequest(round=self.round, survivors=tuple(sorted(u3)), dropouts=tuple(sorted(self._u2 - u3)))
-        self._enter(AggStage.COLLECT_UNMASK, reachable)
+        self._enter(AggStage.COLLECT_SIGNATURES, reachable)
         return [Outgoing(s, req) for s in sorted(reachable)]
+
+    def _after_signatures(self, sigs: dict[int, SurvivorSignature]) -> list[Outgoing]:
+        survivors, dropouts = self._lists()
+        out = SignatureList(round=self.round, survivors=survivors, dropouts=dropouts,
+                            signatures=tuple((s, sigs[s].signature) for s in sorted(sigs)))
+        self._enter(AggStage.COLLECT_UNMASK, set(sigs))
+        return [Outgoing(s, out) for s in sorted(sigs)]
 
     def _after_unmask(self, replies: dict[int, UnmaskShares]) -> list[Outgoing]:
         try:

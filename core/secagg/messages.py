@@ -8,7 +8,9 @@ Stage order (→ aggregator, ← site):
 4. ``ShareDelivery``   aggregator → each site of U2: the ciphertexts addressed to it
 5. ``MaskedInput``     site → aggregator  the masked uint32 vector
 6. ``UnmaskRequest``   aggregator → each site of U3: survivors (U3) and dropouts (U2 \\ U3)
-7. ``UnmaskShares``    site → aggregator  shares of survivors' self-mask seeds and dropouts' mask keys
+7. ``SurvivorSignature`` site → aggregator  its identity key's signature over those two lists
+8. ``SignatureList``   aggregator → each signer (U4): every signature received, ≥ t of them
+9. ``UnmaskShares``    site → aggregator  shares of survivors' self-mask seeds and dropouts' mask keys
    ``RoundAbandoned``  aggregator → sites, at any stage: forget the round
 
 Wire format (never pickle)::
@@ -37,7 +39,7 @@ from .errors import MalformedMessage, SecAggError, VectorLengthError
 from .prg import RING_DTYPE
 from .signing import SIGNATURE_LEN
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the consistency check (SurvivorSignature, SignatureList)
 MAGIC = b"HFSA"
 MAX_SITE_ID = 2**16
 MAX_ROUND = 2**63 - 1
@@ -117,6 +119,30 @@ class UnmaskRequest:
 
 
 @dataclass(frozen=True)
+class SurvivorSignature:
+    """Site → aggregator: the site's identity-key signature over the survivor and dropout lists it was sent."""
+
+    type: ClassVar[str] = "secagg.survivor_signature"
+    version: ClassVar[int] = SCHEMA_VERSION
+    round: int
+    site_id: int
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class SignatureList:
+    """Aggregator → every signer: the lists and ``(signer, signature)`` pairs; a site reveals shares only after
+    checking that at least t sites signed the very lists it signed."""
+
+    type: ClassVar[str] = "secagg.signature_list"
+    version: ClassVar[int] = SCHEMA_VERSION
+    round: int
+    survivors: tuple[int, ...]
+    dropouts: tuple[int, ...]
+    signatures: tuple[tuple[int, bytes], ...]
+
+
+@dataclass(frozen=True)
 class UnmaskShares:
     """Site → aggregator: its share of each survivor's self-mask seed and of each dropout's mask key."""
 
@@ -138,10 +164,11 @@ class RoundAbandoned:
     reason: str
 
 
-Message = (AdvertiseKeys | KeyList | EncryptedShares | ShareDelivery | MaskedInput | UnmaskRequest | UnmaskShares
-           | RoundAbandoned)
-MESSAGE_TYPES: dict[str, type] = {cls.type: cls for cls in (AdvertiseKeys, KeyList, EncryptedShares, ShareDelivery,
-                                                              MaskedInput, UnmaskRequest, UnmaskShares, RoundAbandoned)}
+Message = (AdvertiseKeys | KeyList | EncryptedShares | ShareDelivery | MaskedInput | UnmaskRequest
+           | SurvivorSignature | SignatureList | UnmaskShares | RoundAbandoned)
+MESSAGE_TYPES: dict[str, type] = {cls.type: cls for cls in (
+    AdvertiseKeys, KeyList, EncryptedShares, ShareDelivery, MaskedInput, UnmaskRequest, SurvivorSignature,
+    SignatureList, UnmaskShares, RoundAbandoned)}
 
 
 # ---------------------------------------------------------------- validation (objects, whether decoded or built)
@@ -222,6 +249,13 @@ def validate(msg: Any, *, max_vector_len: int | None = None) -> Message:
         elif isinstance(msg, UnmaskRequest):
             _ids(msg.survivors, "survivors")
             _ids(msg.dropouts, "dropouts")
+        elif isinstance(msg, SurvivorSignature):
+            _int(msg.site_id, 1, MAX_SITE_ID, "site_id")
+            _bytes(msg.signature, range(SIGNATURE_LEN + 1), "signature")  # a wrong size is a SignatureError later
+        elif isinstance(msg, SignatureList):
+            _ids(msg.survivors, "survivors")
+            _ids(msg.dropouts, "dropouts")
+            _pairs(msg.signatures, SIGNATURE_LEN, "signatures")
         elif isinstance(msg, UnmaskShares):
             _int(msg.site_id, 1, MAX_SITE_ID, "site_id")
             _pairs(msg.self_mask_shares, shamir.SHARE_LEN, "self_mask_shares")
@@ -272,6 +306,11 @@ def encode(msg: Message) -> bytes:
         payload = np.ascontiguousarray(msg.vector, RING_DTYPE).tobytes()
     elif isinstance(msg, UnmaskRequest):
         header.update(survivors=list(msg.survivors), dropouts=list(msg.dropouts))
+    elif isinstance(msg, SurvivorSignature):
+        header.update(site_id=msg.site_id, signature=_b64(msg.signature))
+    elif isinstance(msg, SignatureList):
+        header.update(survivors=list(msg.survivors), dropouts=list(msg.dropouts),
+                      signatures=[[i, _b64(s)] for i, s in msg.signatures])
     elif isinstance(msg, UnmaskShares):
         header.update(site_id=msg.site_id, self_mask_shares=[[i, _b64(s)] for i, s in msg.self_mask_shares],
                       key_shares=[[i, _b64(s)] for i, s in msg.key_shares])
@@ -361,6 +400,13 @@ def decode(data: bytes, *, max_vector_len: int | None) -> Message:
         elif cls is UnmaskRequest:
             msg = UnmaskRequest(round=h["round"], survivors=_id_list(h["survivors"], "survivors"),
                                 dropouts=_id_list(h["dropouts"], "dropouts"))
+        elif cls is SurvivorSignature:
+            msg = SurvivorSignature(round=h["round"], site_id=h["site_id"], signature=_unb64(h["signature"],
+                                                                                             "signature"))
+        elif cls is SignatureList:
+            msg = SignatureList(round=h["round"], survivors=_id_list(h["survivors"], "survivors"),
+                                dropouts=_id_list(h["dropouts"], "dropouts"),
+                                signatures=_pair_list(h["signatures"], "signatures"))
         elif cls is UnmaskShares:
             msg = UnmaskShares(round=h["round"], site_id=h["site_id"],
                                self_mask_shares=_pair_list(h["self_mask_shares"], "self_mask_shares"),

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from . import aead, kdf, prg, shamir
 from .config import SecAggConfig
@@ -26,12 +27,14 @@ from .messages import (
     Message,
     RoundAbandoned,
     ShareDelivery,
+    SignatureList,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskShares,
     validate,
 )
 from .quantize import quantize
-from .signing import sign_advert, verify_advert
+from .signing import sign_advert, sign_survivors, verify_advert, verify_survivors
 
 
 class SiteStage(enum.Enum):
@@ -39,8 +42,13 @@ class SiteStage(enum.Enum):
     AWAIT_KEY_LIST = "await_key_list"  # AdvertiseKeys sent
     AWAIT_SHARES = "await_shares"      # EncryptedShares sent
     AWAIT_UNMASK = "await_unmask"      # MaskedInput sent
+    AWAIT_SIGNATURES = "await_signatures"  # SurvivorSignature sent (consistency check)
     DONE = "done"                      # UnmaskShares sent
     ABANDONED = "abandoned"            # the aggregator gave the round up
+
+
+def kdf_raw(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def self_mask_key(cfg: SecAggConfig, round: int, site_id: int, seed: bytes) -> bytes:
@@ -48,15 +56,28 @@ def self_mask_key(cfg: SecAggConfig, round: int, site_id: int, seed: bytes) -> b
 
 
 class SiteSecAgg:
-    """One site, one round. ``peers`` maps every site id of the round (this one included) to its identity key."""
+    """One site, one round. ``peers`` maps every site id of the round (this one included) to its identity key.
+
+    ``roster``, when given, holds the identity public keys (raw 32 bytes) this site accepts as peers — e.g. a
+    :class:`hemafed.core.roster.Roster` from a roster signed by the federation's admin, or from fingerprints in
+    the site's own configuration. A round whose
+    participant list (which the aggregator supplies) holds any other key is refused before anything is sent,
+    so a compromised aggregator cannot slip in keys of its own.
+    """
 
     def __init__(self, cfg: SecAggConfig, round: int, site_id: int, identity: Ed25519PrivateKey,
-                 peers: Mapping[int, Ed25519PublicKey], rng: np.random.Generator | None = None) -> None:
+                 peers: Mapping[int, Ed25519PublicKey], rng: np.random.Generator | None = None,
+                 roster: Container[bytes] | None = None) -> None:
         cfg.check_round(len(peers))
         if site_id not in peers:
             raise ConfigError("this site is not among the round's peers", round=round, site_id=site_id)
         if any(not 1 <= i <= cfg.max_sites for i in peers):
             raise ConfigError(f"site ids must lie in 1..{cfg.max_sites}", round=round)
+        if roster is not None:
+            for sid, key in sorted(peers.items()):
+                if kdf_raw(key) not in roster:
+                    raise ConsistencyError("the round's participant list holds a key that is not on this site's "
+                                           "roster", round=round, site_id=sid)
         self.cfg, self.round, self.site_id = cfg, round, site_id
         self._identity, self._peers, self._rng = identity, dict(peers), rng
         self.stage = SiteStage.NEW
@@ -66,6 +87,7 @@ class SiteSecAgg:
         self._b_shares: dict[int, bytes] = {}          # owner -> my share of owner's self-mask seed
         self._s_shares: dict[int, bytes] = {}          # owner -> my share of owner's pairwise-mask key
         self._u2: frozenset[int] = frozenset()
+        self._lists: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # the survivor/dropout lists signed
         self._seed: bytes | None = None
         self._mine: AdvertiseKeys | None = None
         self.revealed_self: frozenset[int] = frozenset()
@@ -103,7 +125,10 @@ class SiteSecAgg:
             return [self._on_shares(msg)]
         if isinstance(msg, UnmaskRequest):
             self._expect(SiteStage.AWAIT_UNMASK, msg)
-            return [self._on_unmask(msg)]
+            return [self._on_unmask_request(msg)]
+        if isinstance(msg, SignatureList):
+            self._expect(SiteStage.AWAIT_SIGNATURES, msg)
+            return [self._on_signatures(msg)]
         raise ProtocolStateError(f"a site does not accept {msg.type}", round=self.round)
 
     @property
@@ -172,8 +197,33 @@ class SiteSecAgg:
         self.stage = SiteStage.AWAIT_UNMASK
         return MaskedInput(round=self.round, site_id=self.site_id, vector=y)
 
-    def _on_unmask(self, msg: UnmaskRequest) -> UnmaskShares:
-        survivors, dropouts = set(msg.survivors), set(msg.dropouts)
+    def _on_unmask_request(self, msg: UnmaskRequest) -> SurvivorSignature:
+        """Check the lists, then sign them; no share leaves before ≥ t sites are shown to have signed the same."""
+        self._check_lists(msg.survivors, msg.dropouts)
+        self._lists = (tuple(sorted(msg.survivors)), tuple(sorted(msg.dropouts)))
+        sig = sign_survivors(self._identity, self.cfg.federation_id, self.round, *self._lists)
+        self.stage = SiteStage.AWAIT_SIGNATURES
+        return SurvivorSignature(round=self.round, site_id=self.site_id, signature=sig)
+
+    def _on_signatures(self, msg: SignatureList) -> UnmaskShares:
+        lists = (tuple(sorted(msg.survivors)), tuple(sorted(msg.dropouts)))
+        if lists != self._lists:
+            raise ConsistencyError("the signature list is for other survivor and dropout lists than this site "
+                                   "signed", round=self.round)
+        signers = dict(msg.signatures)
+        if self.site_id not in signers:
+            raise ConsistencyError("the signature list omits this site's own signature", round=self.round)
+        if not set(signers) <= set(lists[0]):
+            raise ConsistencyError("a signer is not among the survivors", round=self.round)
+        if len(signers) < self.cfg.threshold:
+            raise ConsistencyError(f"{len(signers)} sites signed the survivor list, threshold is "
+                                   f"{self.cfg.threshold}", round=self.round)
+        for sid, sig in signers.items():
+            verify_survivors(self._peers[sid], sig, self.cfg.federation_id, self.round, sid, *lists)
+        return self._unmask_shares(*lists)
+
+    def _check_lists(self, survivors_in: tuple[int, ...], dropouts_in: tuple[int, ...]) -> None:
+        survivors, dropouts = set(survivors_in), set(dropouts_in)
         if survivors & dropouts:
             raise ConsistencyError("survivor and dropout lists overlap", round=self.round)
         if survivors | dropouts != self._u2:
@@ -187,6 +237,10 @@ class SiteSecAgg:
         # Belt and braces beyond the overlap check: never hand out both shares of one site, across calls too.
         if survivors & self.revealed_keys or dropouts & self.revealed_self:
             raise ConsistencyError("would reveal both shares of one site", round=self.round)
+
+    def _unmask_shares(self, survivors_in: tuple[int, ...], dropouts_in: tuple[int, ...]) -> UnmaskShares:
+        survivors, dropouts = set(survivors_in), set(dropouts_in)
+        self._check_lists(survivors_in, dropouts_in)
         reply = UnmaskShares(round=self.round, site_id=self.site_id,
                              self_mask_shares=tuple((u, self._b_shares[u]) for u in sorted(survivors)),
                              key_shares=tuple((v, self._s_shares[v]) for v in sorted(dropouts)))

@@ -7,6 +7,7 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     _register_certs(sub)
+    _register_roster(sub)
 
     p = sub.add_parser("aggregator", help="run the headless aggregator of a federation")
     p.add_argument("--config", required=True, help="federation.toml (plan, allowed site keys, TLS files)")
@@ -59,3 +60,38 @@ def _aggregator(args: argparse.Namespace) -> int:
         return run_aggregator(args.config, args.insecure)
     except (PlanError, ValueError, OSError) as exc:
         raise UserFacingError(str(exc)) from exc
+
+
+def _register_roster(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("roster", help="sign the federation's roster of site keys (run off the aggregator host)")
+    rsub = p.add_subparsers(dest="roster_command", metavar="ACTION")
+    p.set_defaults(func=lambda _args: p.print_help() or 2)
+    s = rsub.add_parser("sign", help="sign the [sites] of federation.toml with the federation key")
+    s.add_argument("--admin-state", required=True,
+                   help="state folder holding the federation key (create it with `hemafed keys init --state DIR`)")
+    s.add_argument("--config", required=True, help="federation.toml: its plan's federation_id and [sites]")
+    s.add_argument("--out", required=True, help="roster.json to give every site")
+    s.set_defaults(func=_roster_sign)
+
+
+def _roster_sign(args: argparse.Namespace) -> int:
+    from hemafed.core.identity import IdentityError, load_identity, short_fingerprint
+    from hemafed.core.plan import PlanError, load_toml
+    from hemafed.core.roster import write_roster
+    from hemafed.gui.cli import UserFacingError
+
+    try:
+        data = load_toml(args.config)
+        fed = data.get("plan", {}).get("federation_id", "bloodmnist-demo")
+        sites = data.get("sites")
+        if not isinstance(sites, dict) or not sites:
+            raise PlanError(f"{args.config} has no [sites] table")
+        admin = load_identity(args.admin_state)
+        path = write_roster(args.out, admin, fed, sites)
+    except (PlanError, IdentityError, OSError) as exc:
+        raise UserFacingError(str(exc)) from exc
+    print(f"roster of federation {fed!r} with {len(sites)} sites written to {path}")
+    print("give every site roster.json and this federation key line (roster_key in site.toml);")
+    print(f"confirm its fingerprint by phone: {short_fingerprint(admin.public_key)}")
+    print(admin.public_line("federation"))
+    return 0

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hemafed.core.secagg import AggregatorSecAgg, SecAggConfig, SiteSecAgg, decode, encode
 
-STAGES = ("before_keys", "after_keys", "after_shares", "after_masked")
+STAGES = ("before_keys", "after_keys", "after_shares", "after_masked", "after_signature")
 
 
 def make_round(cfg: SecAggConfig, n: int, round: int = 0, seed: int = 0):
@@ -35,7 +35,7 @@ def run_round(cfg: SecAggConfig, agg: AggregatorSecAgg, sites: dict[int, SiteSec
     ``tap(event, obj)`` sees the aggregator after every call.
     """
     drop = drop or {}
-    stage_of = {"before_keys": 0, "after_keys": 1, "after_shares": 2, "after_masked": 3}
+    stage_of = {"before_keys": 0, "after_keys": 1, "after_shares": 2, "after_masked": 3, "after_signature": 4}
     sent_count: dict[int, int] = dict.fromkeys(sites, 0)
     tx = (lambda m: wire(m, cfg)) if via_wire else (lambda m: m)
 

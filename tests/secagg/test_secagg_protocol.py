@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from secagg_harness import STAGES, make_round, random_inputs, run_round
@@ -19,6 +20,9 @@ from hemafed.core.secagg import (
     RoundAbandoned,
     SecAggConfig,
     SecAggResult,
+    SignatureError,
+    SignatureList,
+    SiteSecAgg,
     SiteStage,
     UnmaskRequest,
     UnmaskShares,
@@ -37,8 +41,9 @@ def expected_outcome(n: int, t: int, drop: dict[int, str]):
     u1 = {i for i in ids if drop.get(i) != "before_keys"}
     u2 = {i for i in u1 if drop.get(i) != "after_keys"}
     u3 = {i for i in u2 if drop.get(i) != "after_shares"}
-    answering = {i for i in u3 if drop.get(i) != "after_masked"}
-    if min(len(u1), len(u2), len(u3), len(answering)) < t:
+    signing = {i for i in u3 if drop.get(i) != "after_masked"}
+    answering = {i for i in signing if drop.get(i) != "after_signature"}
+    if min(len(u1), len(u2), len(u3), len(signing), len(answering)) < t:
         return None
     return tuple(sorted(u3)), tuple(sorted(u2 - u3))
 
@@ -170,11 +175,20 @@ def _drive_to_unmask(n=4, t=3):
     queue = []
     for i, s in sites.items():
         queue += agg.receive(i, s.start(*inputs[i])[0])
-    while agg.stage is not AggStage.COLLECT_UNMASK:
+    while agg.stage is not AggStage.COLLECT_SIGNATURES:
         to, msg = queue.pop(0)
         for reply in sites[to].receive(msg):
             queue += agg.receive(to, reply)
     return cfg, agg, sites, queue
+
+
+def _signature_list(sites, survivors, dropouts, signers=None):
+    """What an aggregator would forward after collecting the survivors' signatures over these lists."""
+    sigs = []
+    for i in signers or survivors:
+        (reply,) = sites[i].receive(UnmaskRequest(round=0, survivors=survivors, dropouts=dropouts))
+        sigs.append((i, reply.signature))
+    return SignatureList(round=0, survivors=survivors, dropouts=dropouts, signatures=tuple(sigs))
 
 
 @pytest.mark.parametrize("survivors,dropouts,why", [
@@ -193,16 +207,66 @@ def test_site_checks_the_survivor_and_dropout_lists(survivors, dropouts, why):
 
 def test_site_never_reveals_both_shares_of_one_site():
     _, _, sites, _queue = _drive_to_unmask()
-    first = sites[1].receive(UnmaskRequest(round=0, survivors=(1, 2, 3, 4), dropouts=()))
+    first = sites[1].receive(_signature_list(sites, (1, 2, 3, 4), ()))
     assert {u for u, _ in first[0].self_mask_shares} == {1, 2, 3, 4}
     # a second request now calling site 4 a dropout would hand out its mask key as well: refused
     with pytest.raises(ProtocolStateError):
         sites[1].receive(UnmaskRequest(round=0, survivors=(1, 2, 3), dropouts=(4,)))
     assert sites[1].revealed_keys == frozenset()
     # and the guard holds independently of the stage check
-    sites[2].revealed_keys = frozenset({4})
+    fresh = _drive_to_unmask()[2]
+    fresh[2].revealed_keys = frozenset({4})
     with pytest.raises(ConsistencyError, match="both shares"):
-        sites[2].receive(UnmaskRequest(round=0, survivors=(1, 2, 3, 4), dropouts=()))
+        fresh[2].receive(UnmaskRequest(round=0, survivors=(1, 2, 3, 4), dropouts=()))
+
+
+def test_consistency_check_reveals_nothing_until_t_sites_signed_the_same_lists():
+    _, _, sites, _ = _drive_to_unmask(n=4, t=3)
+    honest = _signature_list(sites, (1, 2, 3, 4), (), signers=(1, 2, 3, 4))
+    # an aggregator telling site 1 that site 4 dropped, while the others were told it survived, cannot show
+    # site 1 t signatures over the lists it was sent
+    sites2 = _drive_to_unmask(n=4, t=3)[2]
+    (own,) = sites2[1].receive(UnmaskRequest(round=0, survivors=(1, 2, 3), dropouts=(4,)))
+    with pytest.raises(ConsistencyError, match="other survivor and dropout lists"):
+        sites2[1].receive(honest)
+    relabelled = SignatureList(round=0, survivors=(1, 2, 3), dropouts=(4,),
+                               signatures=((1, own.signature), *(p for p in honest.signatures if p[0] in (2, 3))))
+    with pytest.raises(SignatureError):
+        sites2[1].receive(relabelled)
+    assert sites2[1].stage is SiteStage.AWAIT_SIGNATURES and sites2[1].revealed_self == frozenset()
+    # too few signers, a signer outside the survivors, or its own signature missing: refused
+    with pytest.raises(ConsistencyError, match="threshold"):
+        sites[1].receive(SignatureList(round=0, survivors=(1, 2, 3, 4), dropouts=(),
+                                       signatures=honest.signatures[:2]))
+    with pytest.raises(ConsistencyError, match="omits this site"):
+        sites[1].receive(SignatureList(round=0, survivors=(1, 2, 3, 4), dropouts=(),
+                                       signatures=honest.signatures[1:]))
+    assert sites[1].stage is SiteStage.AWAIT_SIGNATURES
+    shares = sites[1].receive(honest)[0]
+    assert isinstance(shares, UnmaskShares) and sites[1].stage is SiteStage.DONE
+
+
+def test_aggregator_refuses_a_signature_over_other_lists():
+    _cfg, agg, sites, queue = _drive_to_unmask(n=4, t=3)
+    to, request = queue[0]
+    forged = sites[to].receive(UnmaskRequest(round=0, survivors=request.survivors[:-1],
+                                             dropouts=request.survivors[-1:]))[0]
+    with pytest.raises(SignatureError):
+        agg.receive(to, forged)
+    assert agg.stage is AggStage.COLLECT_SIGNATURES and to in agg.awaiting
+
+
+def test_site_refuses_a_round_with_a_key_outside_its_roster():
+    cfg = config(3)
+    keys = {i: Ed25519PrivateKey.generate() for i in range(1, 5)}
+    pubs = {i: k.public_key() for i, k in keys.items()}
+    roster = [p.public_bytes_raw() for p in pubs.values()]
+    SiteSecAgg(cfg, 0, 1, keys[1], pubs, roster=roster)  # everyone on the roster: accepted
+    planted = dict(pubs)
+    planted[3] = Ed25519PrivateKey.generate().public_key()  # the aggregator substitutes a key of its own
+    with pytest.raises(ConsistencyError, match="roster") as err:
+        SiteSecAgg(cfg, 0, 1, keys[1], planted, roster=roster)
+    assert err.value.site_id == 3
 
 
 def test_site_checks_key_list():
