@@ -36,20 +36,25 @@ def run_aggregator(config: str | Path, insecure: bool = False) -> int:
 
 
 def run_site(config: str | Path, insecure: bool = False, die_at: str | None = None) -> int:
-    """Load site.toml and run the site until the federation is done; 0 when a final model was saved."""
+    """Load site.toml and run the site until the federation is done; 0 when a final model
+    was saved, 1 otherwise. Every failure reaches the log as one line with what to do
+    (from the driver's events), never as a traceback."""
     from hemafed.network.config import SiteConfig
-    from hemafed.network.site import SiteRunner
+    from hemafed.network.site import DIE_STAGES, SiteRunner
+    from hemafed.network.site_events import log_event
 
     crash = None
     if die_at:
-        rnd, stage = die_at.split(":", 1)
+        rnd, _, stage = die_at.partition(":")
+        if not rnd.isdigit() or stage not in DIE_STAGES:
+            raise ValueError(f"--die-at {die_at!r}: expected ROUND:STAGE with STAGE one of {', '.join(DIE_STAGES)}")
         crash = (int(rnd), stage)
     cfg = confirm_insecure(SiteConfig.load(config), insecure)
     if cfg.torch_threads:
         import torch
 
         torch.set_num_threads(int(cfg.torch_threads))
-    runner = SiteRunner(cfg, die_at=crash)
+    runner = SiteRunner(cfg, die_at=crash, on_event=log_event)
     path = asyncio.run(runner.run())
     return 0 if path is not None else 1
 
