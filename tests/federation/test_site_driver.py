@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -15,10 +17,12 @@ from typing import Any
 import pytest
 from fedharness import make_federation, run
 
-from hemafed.core.identity import IdentityKey
+from hemafed.core.certs import create_federation_certs
+from hemafed.core.identity import IdentityKey, init_identity
 from hemafed.core.ledger import PrivacyLedger
 from hemafed.network import site as site_module
 from hemafed.network.client import Backoff, SiteClient
+from hemafed.network.config import render_toml
 from hemafed.network.site import SiteRunner
 from hemafed.network.site_events import (
     ConnectionChanged,
@@ -76,7 +80,7 @@ def check_order(events: list[Any]) -> None:
 
 def test_stop_during_training_leaves_cleanly_and_records_nothing(tmp_path: Path) -> None:
     # enough local steps that stop() lands in the middle of training
-    fed = make_federation(tmp_path, n_sites=3, threshold=2, rounds=1, images_per_site=256, local_epochs=8,
+    fed = make_federation(tmp_path, n_sites=3, threshold=2, rounds=1, images_per_site=128, local_epochs=4,
                           batch_size=8)
     rec = Recorder()
     timing: dict[str, float] = {}
@@ -239,3 +243,38 @@ def test_the_operator_answers_the_plan_from_another_thread(tmp_path: Path) -> No
     assert stages == ["training", "keys", "shares", "masked", "unmask", "waiting"]
     assert rec.of(TrainProgress)[-1].step == rec.of(TrainProgress)[-1].total
     check_order(rec.events)
+
+
+def test_hemafed_site_explains_fatal_errors_without_a_traceback(tmp_path: Path) -> None:
+    """The headless command, as an operator runs it: an unknown key and a certificate from
+    another CA each end in one line saying what to do, and a non-zero exit."""
+    fed = make_federation(tmp_path, n_sites=2, threshold=2, rounds=1, join_timeout_s=60.0)
+    stranger = init_identity(tmp_path / "stranger")
+    rogue_ca = create_federation_certs(tmp_path / "rogue", ["127.0.0.1"]).ca_file
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    agg_task = asyncio.run_coroutine_threadsafe(fed.start_aggregator(), loop).result(60)
+    try:
+        def site(name: str, state: Path, ca: Path) -> subprocess.CompletedProcess[str]:
+            cfg = fed.site_configs["site1"]
+            toml = tmp_path / f"{name}.toml"
+            toml.write_text(render_toml({"site": {
+                "data": str(cfg.data), "state_dir": str(state), "aggregator": fed.url, "epsilon": 30.0,
+                "federation": "test-fed", "ca_file": str(ca)}}))
+            return subprocess.run([sys.executable, "-m", "hemafed.gui.cli", "site", "--config", str(toml)],
+                                  capture_output=True, text=True, timeout=120)
+
+        unknown = site("stranger", tmp_path / "stranger", fed.ca)
+        wrong_ca = site("rogue", fed.site_configs["site1"].state_dir, rogue_ca)
+    finally:
+        loop.call_soon_threadsafe(agg_task.cancel)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+    for result in (unknown, wrong_ca):
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+    assert "not in the federation's allowed list" in unknown.stderr
+    assert f"confirm its fingerprint {stranger.fingerprint} by phone" in unknown.stderr
+    assert unknown.stderr.count("connecting wss://") == 1  # no retry loop
+    assert "certificate not trusted" in wrong_ca.stderr and "ca.pem" in wrong_ca.stderr
