@@ -38,6 +38,7 @@ from hemafed.core.plan import FederationPlan
 from hemafed.core.site_events import (
     ConnectionChanged,
     Finished,
+    RoundFinished,
     SiteEvent,
     SiteFailed,
     StageChanged,
@@ -124,6 +125,7 @@ class SiteRunner:
         self._wake: asyncio.Event | None = None
         self._decision: asyncio.Future[tuple[bool, str]] | None = None
         self._last_progress = 0.0
+        self._tried_to_connect = False
 
     @property
     def site_id(self) -> int:
@@ -198,7 +200,8 @@ class SiteRunner:
             if self.client is not None:
                 with contextlib.suppress(Exception):
                     await self.client.close()
-                self._emit(ConnectionChanged("disconnected", self.cfg.aggregator))
+                if self._tried_to_connect:
+                    self._emit(ConnectionChanged("disconnected", self.cfg.aggregator))
             self._emit(Finished(self.final_path if outcome == "done" else None, self.machine.rounds_trained,
                                 outcome=outcome))
         return self.final_path if outcome == "done" else None
@@ -237,6 +240,7 @@ class SiteRunner:
         """Connect (with back-off); None when connected, "failed" after a fatal error."""
         assert self.client is not None
         url = self.cfg.aggregator
+        self._tried_to_connect = True
         self._emit(ConnectionChanged("connecting" if first else "reconnecting", url))
         warned = False
 
@@ -303,9 +307,7 @@ class SiteRunner:
         lost = False
         for i, action in enumerate(actions):
             if isinstance(action, sr.Emit):
-                self._emit(action.event)
-                if isinstance(action.event, StageChanged):
-                    self._maybe_die(action.event.round, action.event.stage)
+                self._event_action(action.event)
                 continue
             if isinstance(action, sr.Stop):
                 return action.outcome
@@ -339,10 +341,20 @@ class SiteRunner:
         return None
 
     def _perform_now(self, actions: list[sr.Action]) -> None:
-        """Actions that are only events (connection changes, stop)."""
+        """Only the events of `actions` (after a lost connection or a stop nothing else goes out)."""
         for action in actions:
             if isinstance(action, sr.Emit):
-                self._emit(action.event)
+                self._event_action(action.event)
+
+    def _event_action(self, event: SiteEvent) -> None:
+        self._emit(event)
+        if isinstance(event, StageChanged):
+            self._maybe_die(event.round, event.stage)
+        elif isinstance(event, RoundFinished):
+            # the site's own round log (the simulation's traffic figures come from it)
+            status = "round_end" if event.status in ("completed", "abandoned") else event.status
+            self._log_round(event.round, status, outcome=event.status, detail=event.detail,
+                            bytes_sent=self.bytes_sent, bytes_received=self.bytes_received)
 
     def _emit(self, event: SiteEvent) -> None:
         if self.on_event is None:
@@ -476,7 +488,6 @@ class SiteRunner:
                                                 epsilon_spent=self._spent())
         except BudgetExhausted as exc:
             log.warning("round %d: declining, %s", rnd, exc)
-            self._log_round(rnd, "declined", reason="budget exhausted")
             return self.machine.budget_exhausted(rnd, str(exc))
         except Exception as exc:  # a bug or a resource failure: never a traceback for the operator
             log.exception("round %d: training failed", rnd)
