@@ -232,7 +232,11 @@ class SiteRound:
 
     def stop(self) -> list[Action]:
         """The operator leaves: a round in progress ends as "left" for this site."""
-        out = self._leave_round("this site left the federation")
+        if self.phase is Phase.TRAINING:
+            detail = "left during training: the round's spend is recorded only if its training had finished"
+        else:
+            detail = "left after training: the round's spend stays recorded in the ledger"
+        out = self._leave_round(detail)
         self.phase = Phase.STOPPED
         return out
 

@@ -144,8 +144,10 @@ class SiteRunner:
 
     def answer_plan_threadsafe(self, accept: bool, reason: str = "") -> None:
         """`answer_plan` from any thread (e.g. a GUI's)."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self.answer_plan, accept, reason)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed in between: nothing waits any more
+                loop.call_soon_threadsafe(self.answer_plan, accept, reason)
 
     def stop(self) -> None:
         """Leave the federation: training stops between two steps, nothing more is sent, the
@@ -190,6 +192,10 @@ class SiteRunner:
             outcome = await self._main()
         except _Stopped:
             outcome = "stopped"
+        except asyncio.CancelledError:  # the task running us was cancelled (the app quits): a stop
+            self._stop_flag.set()  # a training thread still running stops at its next step
+            outcome = "stopped"
+            raise
         except Exception as exc:  # a bug: say so on the event channel too, then let it surface
             self._emit(SiteFailed(f"internal error: {safe_text(f'{type(exc).__name__}: {exc}')}", True,
                                   "see the site's log; please report this to the hemafed maintainers"))
