@@ -268,9 +268,15 @@ def test_hemafed_site_explains_fatal_errors_without_a_traceback(tmp_path: Path) 
         unknown = site("stranger", tmp_path / "stranger", fed.ca)
         wrong_ca = site("rogue", fed.site_configs["site1"].state_dir, rogue_ca)
     finally:
-        loop.call_soon_threadsafe(agg_task.cancel)
+        async def shutdown() -> None:
+            agg_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await agg_task
+
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(30)
+        loop.close()
     for result in (unknown, wrong_ca):
         assert result.returncode == 1, result.stderr
         assert "Traceback" not in result.stderr
