@@ -23,12 +23,13 @@ class HemafedError(Exception):
 
     def __init__(self, message: str = "", *, what_to_do: str | None = None) -> None:
         super().__init__(message)
+        self.message = message  # a subclass may narrow it (e.g. the peer's text without a code)
         if what_to_do is not None:
             self.what_to_do = what_to_do
 
-    @property
-    def message(self) -> str:
-        return str(self)
+    def for_people(self) -> str:
+        """One line for an operator: the message, then the next step when there is one."""
+        return f"{self}; {self.what_to_do}" if self.what_to_do else str(self)
 
 
 class FatalError(HemafedError):

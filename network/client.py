@@ -3,9 +3,12 @@
 Reconnecting is automatic but never silent: when the connection drops, the call
 that was running raises `ConnectionLost` (the site's round state is gone, the
 aggregator counts it as a dropout), and the next `send()` / `recv()` reconnects
-with exponential back-off and jitter before it proceeds. A refusal of the site's
-identity (`AuthenticationRefused`) or of the server's certificate
-(`CertificateRejected`) is a configuration problem and is never retried.
+with exponential back-off and jitter before it proceeds (a driver that must not
+resend stale round messages passes `reconnect=False` and reconnects itself). A
+refusal of the site's identity (`AuthenticationRefused`) or of the server's
+certificate (`CertificateRejected`) is a configuration problem and is never
+retried. Text the aggregator sends (error messages, close reasons) is escaped
+with `safe_text` before it is put in an exception.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import random
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -23,6 +27,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from hemafed.core.identity import IdentityKey
+from hemafed.core.text import safe_text
 from hemafed.network import handshake
 from hemafed.network.envelope import ERROR, WELCOME, Envelope, Limits, error_envelope
 from hemafed.network.errors import (
@@ -42,6 +47,8 @@ from hemafed.network.tls import cert_binding, client_context
 log = logging.getLogger(__name__)
 
 _PERMANENT_REFUSALS = frozenset({"unknown_key", "bad_signature", "handshake"})
+_REFUSED_CLOSE = CLOSE_CODES["unknown_key"]  # 4001: the handshake was refused (the error frame may be lost)
+RetryFn = Callable[[str, float], None]  # (why the attempt failed, seconds until the next one)
 # Close codes that mean "the aggregator refused something we sent" (1001, going away, is not one).
 _CODE_NAMES = {CLOSE_CODES[k]: k for k in ("handshake", "malformed", "unexpected", "replaced", "timeout",
                                            "too_large", "internal")}
@@ -108,8 +115,14 @@ class SiteClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def connect(self) -> str:
-        """Connect and authenticate, retrying with back-off; returns this site's name."""
+    async def connect(self, on_retry: RetryFn | None = None) -> str:
+        """Connect and authenticate, retrying with back-off; returns this site's name.
+
+        `on_retry(why, delay)` is called before each wait (a driver shows "reconnecting").
+        Raises `AuthenticationRefused` / `CertificateRejected` (never retried), a
+        `ProtocolError` when the server speaks something else or serves another
+        federation, and `ConnectFailed` when the retry budget is spent.
+        """
         if self._ws is not None:
             assert self.site is not None
             return self.site
@@ -122,14 +135,21 @@ class SiteClient:
                 log.info("connected to %s as site %s", self.url, self.site)
                 return self.site
             except AuthenticationRefused as exc:
-                if exc.error_code in _PERMANENT_REFUSALS:
-                    raise
-                why: BaseException = exc
+                # the aggregator wrote this text: escape it before anyone logs or shows it
+                refused = AuthenticationRefused(safe_text(exc.error_code, 40), safe_text(exc.message, 300), exc.code)
+                if refused.error_code in _PERMANENT_REFUSALS:
+                    raise refused from None
+                why: BaseException = refused  # "shutdown", "internal", ...: the aggregator may be restarting
             except ssl.SSLCertVerificationError as exc:
                 raise CertificateRejected(f"{self.url}: server certificate not trusted: {exc.verify_message}") from None
             except ProtocolError:
                 raise  # a server speaking something else, or another federation: retrying will not help
-            except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, ConnectionLost) as exc:
+            except ConnectionClosed as exc:
+                if exc.rcvd is not None and exc.rcvd.code == _REFUSED_CLOSE:
+                    raise AuthenticationRefused("handshake", safe_text(exc.rcvd.reason or "authentication refused"),
+                                                exc.rcvd.code) from None
+                why = exc
+            except (OSError, TimeoutError, InvalidHandshake, ConnectionLost) as exc:
                 why = exc
             except InvalidURI as exc:
                 raise ValueError(str(exc)) from None
@@ -137,11 +157,18 @@ class SiteClient:
             attempt += 1
             budget = self.backoff.retry_for
             if budget is not None and time.monotonic() + delay - start > budget:
-                raise ConnectFailed(f"could not connect to {self.url} within {budget:g} s: {why}") from None
-            log.info("connecting to %s failed (%s); retrying in %.1f s", self.url, why, delay)
+                raise ConnectFailed(f"could not connect to {self.url} within {budget:g} s: "
+                                    f"{safe_text(str(why))}") from None
+            log.info("connecting to %s failed (%s); retrying in %.1f s", self.url, safe_text(str(why)), delay)
+            if on_retry is not None:
+                on_retry(safe_text(str(why)), delay)
             await asyncio.sleep(delay)
 
-    async def send(self, env: Envelope) -> None:
+    async def send(self, env: Envelope, *, reconnect: bool = True) -> None:
+        """Send one envelope; with `reconnect=False` a dropped connection raises
+        `NotConnected` instead of reconnecting (round messages must not reach a new session)."""
+        if not reconnect and self._ws is None:
+            raise NotConnected("not connected to the aggregator")
         ws = await self._ensure()
         try:
             await ws.send(env.encode())
@@ -174,8 +201,8 @@ class SiteClient:
                 await ws.close()
             code, message = env.body.get("code"), env.body.get("message")
             raise PeerError(
-                code if isinstance(code, str) else "unknown",
-                message if isinstance(message, str) else "the aggregator reported an error",
+                safe_text(code, 40) if isinstance(code, str) else "unknown",
+                safe_text(message, 300) if isinstance(message, str) else "the aggregator reported an error",
             )
         return env
 
@@ -234,9 +261,10 @@ class SiteClient:
     def _lost(self, exc: ConnectionClosed) -> ConnectionLost:
         self._ws = None
         rcvd = exc.rcvd
+        reason = safe_text(rcvd.reason, 120) if rcvd is not None else ""
         if rcvd is not None and rcvd.code in _CODE_NAMES:
-            return PeerError(_CODE_NAMES[rcvd.code], rcvd.reason or "refused by the aggregator", rcvd.code)
+            return PeerError(_CODE_NAMES[rcvd.code], reason or "refused by the aggregator", rcvd.code)
         if rcvd is not None:
-            return ConnectionLost(f"connection to the aggregator closed (code {rcvd.code} {rcvd.reason})".strip(),
-                                  rcvd.code, rcvd.reason)
+            return ConnectionLost(f"connection to the aggregator closed (code {rcvd.code} {reason})".strip(),
+                                  rcvd.code, reason)
         return ConnectionLost("connection to the aggregator lost")

@@ -1,18 +1,21 @@
 """The one exception tree of the transport.
 
-    NetworkError
+    NetworkError (a hemafed.core.errors.HemafedError)
     ├── ProtocolError            a message broke the protocol; the peer gets `code` + `public`, never `detail`
     │   ├── MalformedMessage     the envelope could not be decoded (bad framing, JSON, types, sizes)
     │   ├── MessageTooLarge      over a configured size cap
     │   ├── UnexpectedMessage    well-formed but wrong type / round / stage (raised by the driver's validator)
     │   └── AuthenticationError  handshake refused (unknown key, bad signature, wrong challenge)
-    ├── ConnectionLost           the connection dropped (peer gone, keepalive, server restart)
+    ├── ConnectionLost           transient: the connection dropped (peer gone, keepalive, server restart)
     │   └── PeerError            ...because the peer said we broke the protocol (`error` envelope / close code)
-    │       └── AuthenticationRefused   the aggregator refused our identity; reconnecting will not help
-    ├── ConnectFailed            could not (re)connect within the retry budget
-    │   └── CertificateRejected  the server's certificate is not signed by the pinned CA (or wrong host)
-    ├── NotConnected             send to a site (or from a client) that has no open connection
+    ├── AuthenticationRefused    FATAL: the aggregator refused our identity; reconnecting will not help
+    ├── ConnectFailed            transient: could not (re)connect within the retry budget
+    ├── CertificateRejected      FATAL: the server's certificate is not signed by the pinned CA (or wrong host)
+    ├── NotConnected             transient: send to a site (or from a client) that has no open connection
     └── ReceiveTimeout           nothing arrived in time (also a builtin `TimeoutError`)
+
+FATAL ones are also `hemafed.core.errors.FatalError`, transient ones `TransientError`:
+a site driver stops on the first and reconnects with back-off on the second.
 
 `ProtocolError.code` is a short stable identifier shared by both ends (it travels in
 the `error` envelope); `public` is the one-line text the peer may see; `detail` is for
@@ -20,6 +23,8 @@ the local log only.
 """
 
 from __future__ import annotations
+
+from hemafed.core.errors import FatalError, HemafedError, TransientError
 
 # Codes that travel on the wire; both ends know them. Public text is deliberately
 # short and generic: it explains what the peer did wrong, never what we run.
@@ -51,7 +56,7 @@ CLOSE_CODES: dict[str, int] = {
 }
 
 
-class NetworkError(Exception):
+class NetworkError(HemafedError):
     """Base of every error raised by `hemafed.network`."""
 
 
@@ -93,7 +98,7 @@ class AuthenticationError(ProtocolError):
     code = "handshake"
 
 
-class ConnectionLost(NetworkError):
+class ConnectionLost(TransientError, NetworkError):
     """The connection dropped; `code`/`reason` are the WebSocket close code and reason if any."""
 
     def __init__(self, message: str, code: int | None = None, reason: str = "") -> None:
@@ -103,7 +108,7 @@ class ConnectionLost(NetworkError):
 
 
 class PeerError(ConnectionLost):
-    """The peer reported that we broke the protocol."""
+    """The peer reported that we broke the protocol. `message` is the peer's text (untrusted)."""
 
     def __init__(self, error_code: str, message: str, close_code: int | None = None) -> None:
         super().__init__(f"{message} ({error_code})", close_code, message)
@@ -111,19 +116,38 @@ class PeerError(ConnectionLost):
         self.message = message
 
 
-class AuthenticationRefused(PeerError):
-    """The aggregator refused this site's identity: fix the configuration, do not retry."""
+class AuthenticationRefused(FatalError, NetworkError):
+    """The aggregator refused this site's identity: fix the configuration, do not retry.
+
+    Not a `ConnectionLost`: code that reconnects on a lost connection must not retry this.
+    `message` is the aggregator's text (untrusted: escape it before showing it).
+    """
+
+    what_to_do = ("send this site's public key (`hemafed keys show`) to the federation's admin and "
+                  "confirm its fingerprint by phone; start the site again once it is on the list")
+
+    def __init__(self, error_code: str, message: str, close_code: int | None = None) -> None:
+        super().__init__(f"{message} ({error_code})")
+        self.error_code = error_code
+        self.message = message
+        self.code = close_code
+        self.reason = message
 
 
-class ConnectFailed(NetworkError):
+class ConnectFailed(TransientError, NetworkError):
     """No connection could be made within the retry budget."""
 
+    what_to_do = "check that the aggregator is running and that its address and port are reachable from here"
 
-class CertificateRejected(ConnectFailed):
+
+class CertificateRejected(FatalError, NetworkError):
     """TLS verification failed: wrong CA, wrong host name or expired certificate. Not retried."""
 
+    what_to_do = ("check that ca_file is the federation's ca.pem from the admin and that the aggregator URL "
+                  "uses the host name in its certificate; ask the admin if the certificate was renewed")
 
-class NotConnected(NetworkError):
+
+class NotConnected(TransientError, NetworkError):
     """There is no open connection to send on."""
 
 

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+# `hemafed site` exit status by how the run ended (`Finished.outcome`).
+EXIT_CODES = {"done": 0, "failed": 1, "stopped": 130}
 
 
 def confirm_insecure(cfg, flag: bool):
@@ -36,22 +41,43 @@ def run_aggregator(config: str | Path, insecure: bool = False) -> int:
 
 
 def run_site(config: str | Path, insecure: bool = False, die_at: str | None = None) -> int:
-    """Load site.toml and run the site until the federation is done; 0 when a final model was saved."""
+    """Load site.toml and run the site until the federation is done; the exit status is
+    0 when a final model was saved, 1 after a fatal error, 130 after SIGINT/SIGTERM (the
+    site leaves cleanly). Every failure reaches the log as one line with what to do (from
+    the driver's events), never as a traceback."""
     from hemafed.network.config import SiteConfig
-    from hemafed.network.site import SiteRunner
+    from hemafed.network.site import DIE_STAGES, SiteRunner
+    from hemafed.network.site_events import Finished, log_event
 
     crash = None
     if die_at:
-        rnd, stage = die_at.split(":", 1)
+        rnd, _, stage = die_at.partition(":")
+        if not rnd.isdigit() or stage not in DIE_STAGES:
+            raise ValueError(f"--die-at {die_at!r}: expected ROUND:STAGE with STAGE one of {', '.join(DIE_STAGES)}")
         crash = (int(rnd), stage)
     cfg = confirm_insecure(SiteConfig.load(config), insecure)
     if cfg.torch_threads:
         import torch
 
         torch.set_num_threads(int(cfg.torch_threads))
-    runner = SiteRunner(cfg, die_at=crash)
-    path = asyncio.run(runner.run())
-    return 0 if path is not None else 1
+    outcome = {"value": "failed"}
+
+    def on_event(event: object) -> None:
+        log_event(event)  # type: ignore[arg-type]
+        if isinstance(event, Finished):
+            outcome["value"] = event.outcome
+
+    runner = SiteRunner(cfg, die_at=crash, on_event=on_event)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # leave cleanly: the round in progress becomes a dropout
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, runner.stop)
+        await runner.run()
+
+    asyncio.run(main())
+    return EXIT_CODES[outcome["value"]]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

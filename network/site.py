@@ -1,36 +1,73 @@
-"""A hospital site's round driver: checks the plan, trains with DP-SGD off the event
-loop, records the privacy spend before anything leaves, and takes part in secure
-aggregation. The headless `hemafed site` and the desktop app drive the same object.
+"""A hospital site's driver: I/O, threads and time around the round state machine
+(`hemafed.core.site_round.SiteRound`), which makes every decision.
+
+The driver connects (reconnecting with back-off after a transient failure), feeds each
+message to the machine and carries out the actions it returns: sends, typed events
+(`hemafed.core.site_events`, all delivered on the event-loop thread), preparing a plan
+and training a round off the event loop. With DP, the durable ledger entry is written
+inside training (`train_private_round`), so the spend is on disk before any send.
+The headless `hemafed site` and the desktop app drive the same object:
+
+    runner = SiteRunner(cfg, on_event=show, auto_accept=False)
+    path = await runner.run()            # on the driver's event loop
+    runner.answer_plan(True)             # on that loop, after PlanReceived(awaiting_answer=True)
+    runner.answer_plan_threadsafe(True)  # the same from any other thread (a GUI)
+    runner.stop() / runner.stop_threadsafe()
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from hemafed.core import secagg
+from hemafed.core import site_round as sr
 from hemafed.core.atomic import append_line_durable, atomic_write_bytes
-from hemafed.core.identity import IdentityKey, load_identity, parse_public_line
-from hemafed.core.plan import FederationPlan, PlanError
+from hemafed.core.identity import IdentityKey, load_identity
+from hemafed.core.plan import FederationPlan
+from hemafed.core.site_events import (
+    ConnectionChanged,
+    Finished,
+    RoundFinished,
+    SiteEvent,
+    SiteFailed,
+    StageChanged,
+    TrainProgress,
+)
+from hemafed.core.site_round import PlanRefused, PrivacySettings
+from hemafed.core.text import safe_text
 from hemafed.network import protocol as P
-from hemafed.network.client import SiteClient
+from hemafed.network.client import Backoff, SiteClient
 from hemafed.network.config import SiteConfig
 from hemafed.network.envelope import Envelope, Limits
-from hemafed.network.errors import ConnectionLost
+from hemafed.network.errors import (
+    AuthenticationRefused,
+    CertificateRejected,
+    ConnectFailed,
+    ConnectionLost,
+    NotConnected,
+    ProtocolError,
+)
 
 log = logging.getLogger(__name__)
 
 DIE_STAGES = ("train", "keys", "shares", "masked", "unmask")
-EventFn = Callable[[str, dict[str, Any]], None]
+EventFn = Callable[[SiteEvent], None]
+T = TypeVar("T")
+PROGRESS_EVERY_S = 0.1  # at most ~10 TrainProgress events a second (and always the last step)
+SHORT_SESSION_S = 5.0  # a session shorter than this counts towards the reconnect back-off
+
+__all__ = ["DIE_STAGES", "LocalData", "PlanRefused", "PrivacySettings", "SiteRunner", "save_model_file"]
 
 
 @dataclass
@@ -42,138 +79,346 @@ class LocalData:
 
 
 @dataclass(frozen=True)
-class PrivacySettings:
-    sigma: float
-    sample_rate: float
-    steps: int
-    delta: float
+class _Prepared:
+    privacy: PrivacySettings | None
+    n_params: int
+    epsilon_spent: float | None
+    epsilon_per_round: tuple[float, ...]
 
 
-class PlanRefused(Exception):
-    def __init__(self, reasons: list[str]) -> None:
-        super().__init__("; ".join(reasons))
-        self.reasons = reasons
+class _Stopped(Exception):
+    """stop() was called: unwind to run()."""
 
 
 class SiteRunner:
-    """One site in one federation. `run()` returns the path of the final model (or None)."""
+    """One site in one federation. `run()` returns the path of the final model (or None).
+
+    `on_event` receives every `SiteEvent` on the event-loop thread that runs `run()`;
+    it must not block (the GUI bridge re-emits them as queued Qt signals). With
+    `auto_accept` (headless) an acceptable plan is accepted at once; otherwise the
+    driver waits for `answer_plan()` after `PlanReceived(awaiting_answer=True)`.
+    `die_at=(round, stage)` simulates a crash (`on_die`, default: exit the process).
+    """
 
     def __init__(self, cfg: SiteConfig, *, identity: IdentityKey | None = None,
-                 die_at: tuple[int, str] | None = None, on_die: Callable[[], None] | None = None,
-                 on_event: EventFn | None = None,
-                 accept_plan: Callable[[FederationPlan, PrivacySettings | None], bool] | None = None) -> None:
+                 on_event: EventFn | None = None, auto_accept: bool = True,
+                 die_at: tuple[int, str] | None = None, on_die: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
         self.identity = identity or load_identity(cfg.state_dir)
+        self.on_event = on_event
+        self.auto_accept = auto_accept
         self.die_at = die_at
         self.on_die = on_die or _hard_exit
-        self.last_result = None  # the latest LocalResult: loss and steps for the operator; never sent
-        self.on_event = on_event or (lambda kind, data: None)
-        self.accept_plan = accept_plan
+        self.backoff = Backoff()  # reconnect policy: a site gives up after backoff.retry_for seconds unreachable
+        self.machine = sr.SiteRound(cfg.bounds, identity=self.identity.private_key, secagg_config=P.secagg_config,
+                                    federation=cfg.federation, auto_accept=auto_accept)
         self.plan: FederationPlan | None = None
-        self.site_id = 0
         self.data: LocalData | None = None
         self.privacy: PrivacySettings | None = None
         self.ledger = None
-        self.machine: secagg.SiteSecAgg | None = None
-        self.global_weights: np.ndarray | None = None
+        self.last_result = None  # the latest LocalResult: loss and steps for the operator; never sent
         self.bytes_sent = self.bytes_received = 0
         self.client: SiteClient | None = None
-        self.finished = False
         self.final_path: Path | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_flag = threading.Event()  # also the training's cancel flag (checked between steps)
+        self._wake: asyncio.Event | None = None
+        self._decision: asyncio.Future[tuple[bool, str]] | None = None
+        self._last_progress = 0.0
+        self._tried_to_connect = False
 
-    # -- main loop ---------------------------------------------------------------------------
+    @property
+    def site_id(self) -> int:
+        return self.machine.site_id
+
+    # -- control (the UI's side) ---------------------------------------------------------------
+
+    def answer_plan(self, accept: bool, reason: str = "") -> bool:
+        """The operator's decision on the plan awaiting an answer; call on the driver's loop.
+        False when no plan is waiting (answered already, or none offered)."""
+        fut = self._decision
+        if fut is None or fut.done():
+            return False
+        fut.set_result((bool(accept), str(reason)))
+        return True
+
+    def answer_plan_threadsafe(self, accept: bool, reason: str = "") -> None:
+        """`answer_plan` from any thread (e.g. a GUI's)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed in between: nothing waits any more
+                loop.call_soon_threadsafe(self.answer_plan, accept, reason)
+
+    def stop(self) -> None:
+        """Leave the federation: training stops between two steps, nothing more is sent, the
+        connection closes (the aggregator counts a dropout) and `run()` returns soon after.
+        A round whose training had not finished leaves nothing in the ledger; one whose
+        spend was already recorded keeps it (the RoundFinished event says which)."""
+        self._stop_flag.set()
+        if self._wake is not None:
+            self._wake.set()
+
+    def stop_threadsafe(self) -> None:
+        """`stop()` from any thread; training sees the flag at once, the loop wakes soon after."""
+        self._stop_flag.set()
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed in between: run() is over anyway
+                loop.call_soon_threadsafe(self.stop)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_flag.is_set()
+
+    # -- main loop -----------------------------------------------------------------------------
 
     async def run(self) -> Path | None:
-        self.client = SiteClient(self.cfg.aggregator, self.identity, ca_file=self.cfg.ca_file,
-                                 insecure=self.cfg.insecure, federation=self.cfg.federation,
-                                 limits=Limits.for_model(4_000_000), ping_interval=30.0, ping_timeout=120.0)
+        """Take part until the federation is done, a fatal error, or `stop()`. Returns the
+        final model's path (None otherwise); the last event is always `Finished`."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        if self._stop_flag.is_set():
+            self._wake.set()
+        outcome = "failed"
         try:
-            while True:
-                try:
-                    env = await self.client.recv(timeout=None)
-                except ConnectionLost as exc:
-                    log.warning("connection to the aggregator lost (%s); reconnecting", exc)
-                    self.machine = None
-                    continue
-                self.bytes_received += _size(env)
-                await self._dispatch(env)
-                if self.finished:
-                    return self.final_path
+            try:
+                self.client = SiteClient(self.cfg.aggregator, self.identity, ca_file=self.cfg.ca_file,
+                                         insecure=self.cfg.insecure, federation=self.cfg.federation,
+                                         limits=Limits.for_model(4_000_000), backoff=self.backoff,
+                                         ping_interval=30.0, ping_timeout=120.0)
+            except ValueError as exc:  # a bad URL in site.toml, caught before any connection
+                self._emit(SiteFailed(str(exc), True, "fix the aggregator URL in site.toml"))
+                return None
+            outcome = await self._main()
+        except _Stopped:
+            outcome = "stopped"
+        except asyncio.CancelledError:  # the task running us was cancelled (the app quits): a stop
+            self._stop_flag.set()  # a training thread still running stops at its next step
+            outcome = "stopped"
+            raise
+        except Exception as exc:  # a bug: say so on the event channel too, then let it surface
+            self._emit(SiteFailed(f"internal error: {safe_text(f'{type(exc).__name__}: {exc}')}", True,
+                                  "see the site's log; please report this to the hemafed maintainers"))
+            raise
         finally:
-            await self.client.close()
+            if outcome == "stopped":
+                self._perform_now(self.machine.stop())
+            if self.client is not None:
+                with contextlib.suppress(Exception):
+                    await self.client.close()
+                if self._tried_to_connect:
+                    self._emit(ConnectionChanged("disconnected", self.cfg.aggregator))
+            self._emit(Finished(self.final_path if outcome == "done" else None, self.machine.rounds_trained,
+                                outcome=outcome))
+        return self.final_path if outcome == "done" else None
+
+    async def _main(self) -> str:
+        assert self.client is not None
+        first, short_sessions = True, 0
+        while True:
+            if self.stopping:
+                raise _Stopped
+            if not self.client.connected:
+                if not first and short_sessions:
+                    # The aggregator keeps dropping us at once: do not hammer it.
+                    await self._interruptible(asyncio.sleep(self.backoff.delay(short_sessions - 1)))
+                failed = await self._connect(first)
+                if failed:
+                    return failed
+                first, session_start = False, time.monotonic()
+            try:
+                env = await self._interruptible(self.client.recv(timeout=None))
+            except (ConnectionLost, NotConnected, ProtocolError) as exc:
+                short_sessions = short_sessions + 1 if time.monotonic() - session_start < SHORT_SESSION_S else 0
+                self._connection_lost(exc)
+                continue
+            self.bytes_received += _size(env)
+            try:
+                actions = self.machine.receive(env)
+            except sr.MessageRefused as exc:
+                log.warning("refused a %s message from the aggregator: %s", safe_text(env.type, 40), exc)
+                continue
+            outcome = await self._perform(actions)
+            if outcome is not None:
+                return outcome
+
+    async def _connect(self, first: bool) -> str | None:
+        """Connect (with back-off); None when connected, "failed" after a fatal error."""
+        assert self.client is not None
+        url = self.cfg.aggregator
+        self._tried_to_connect = True
+        self._emit(ConnectionChanged("connecting" if first else "reconnecting", url))
+        warned = False
+
+        def on_retry(why: str, delay: float) -> None:
+            nonlocal warned
+            self._emit(ConnectionChanged("reconnecting", url, f"{why}; next try in {delay:.0f} s"))
+            if not warned:
+                warned = True
+                self._emit(SiteFailed(f"cannot reach the aggregator at {url}: {why}", False,
+                                      "nothing to do yet: the site keeps trying; if this lasts, check that the "
+                                      "aggregator is running and reachable from this network"))
+
+        try:
+            await self._interruptible(self.client.connect(on_retry))
+        except AuthenticationRefused as exc:
+            return self._fail(f"the aggregator refused this site's key: {exc.message}",
+                              f"send this site's public key to the federation's admin and confirm its "
+                              f"fingerprint {self.identity.fingerprint} by phone (`hemafed keys show` prints the "
+                              f"line to send); start the site again once the admin has added it")
+        except CertificateRejected as exc:
+            return self._fail(str(exc), exc.what_to_do)
+        except ProtocolError as exc:
+            return self._fail(f"{url} is not this federation's aggregator: {safe_text(exc.detail)}",
+                              "check the aggregator URL and the federation name in site.toml with the admin")
+        except ConnectFailed as exc:
+            return self._fail(str(exc), "check that the aggregator is running and reachable from here, "
+                                        "then start the site again")
+        self._emit(ConnectionChanged("connected", url))
+        self._perform_now(self.machine.connected())
+        return None
+
+    def _fail(self, message: str, what_to_do: str) -> str:
+        log.debug("fatal: %s", message)
+        self._emit(SiteFailed(message, True, what_to_do))
+        return "failed"
+
+    def _connection_lost(self, exc: BaseException) -> None:
+        why = safe_text(str(exc))
+        log.warning("connection to the aggregator lost (%s); reconnecting", why)
+        self._emit(ConnectionChanged("reconnecting", self.cfg.aggregator, why))
+        self._perform_now(self.machine.connection_lost(why))
+
+    async def _interruptible(self, aw: Awaitable[T]) -> T:
+        """Await `aw` unless stop() comes first (then cancel it and raise _Stopped)."""
+        assert self._wake is not None
+        task = asyncio.ensure_future(aw)
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({task, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waker.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if task.cancelled():
+            raise _Stopped
+        return task.result()
+
+    # -- actions -------------------------------------------------------------------------------
+
+    async def _perform(self, actions: list[sr.Action]) -> str | None:
+        """Carry out the machine's actions in order; a run outcome when the run should end."""
+        lost = False
+        for i, action in enumerate(actions):
+            if isinstance(action, sr.Emit):
+                self._event_action(action.event)
+                continue
+            if isinstance(action, sr.Stop):
+                return action.outcome
+            if self.stopping:  # nothing more goes out after stop(); its events still do
+                self._perform_now(actions[i + 1:])
+                raise _Stopped
+            if isinstance(action, sr.Send):
+                if lost:
+                    continue  # the rest of a batch for a connection that is gone
+                try:
+                    await self._send(Envelope(action.type, action.round, action.body, action.blobs))
+                except (ConnectionLost, NotConnected) as exc:
+                    # Transient: the round is lost for this site; the loop reconnects.
+                    lost = True
+                    self._connection_lost(exc)
+                continue
+            if isinstance(action, sr.Prepare):
+                more = await self._prepare_action(action.plan)
+            elif isinstance(action, sr.AskOperator):
+                more = await self._ask_operator()
+            elif isinstance(action, sr.Train):
+                more = await self._train_action(action)
+            elif isinstance(action, sr.Finish):
+                self.final_path = await asyncio.to_thread(self._save_final, action)
+                return "done"
+            else:
+                raise TypeError(f"unknown action {action!r}")
+            outcome = await self._perform(more)
+            if outcome is not None:
+                return outcome
+        return None
+
+    def _perform_now(self, actions: list[sr.Action]) -> None:
+        """Only the events of `actions` (after a lost connection or a stop nothing else goes out)."""
+        for action in actions:
+            if isinstance(action, sr.Emit):
+                self._event_action(action.event)
+
+    def _event_action(self, event: SiteEvent) -> None:
+        self._emit(event)
+        if isinstance(event, StageChanged):
+            self._maybe_die(event.round, event.stage)
+        elif isinstance(event, RoundFinished):
+            # the site's own round log (the simulation's traffic figures come from it)
+            status = "round_end" if event.status in ("completed", "abandoned") else event.status
+            self._log_round(event.round, status, outcome=event.status, detail=event.detail,
+                            bytes_sent=self.bytes_sent, bytes_received=self.bytes_received)
+
+    def _emit(self, event: SiteEvent) -> None:
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(event)
+        except Exception:  # a broken consumer must not take the federation down
+            log.exception("the site's event handler failed on %s", type(event).__name__)
 
     async def _send(self, env: Envelope) -> None:
         assert self.client is not None
         self.bytes_sent += _size(env)
-        await self.client.send(env)
+        await self.client.send(env, reconnect=False)
 
-    async def _dispatch(self, env: Envelope) -> None:
-        if env.type == P.PLAN:
-            await self._on_plan(env)
-        elif env.type == P.ROUND_START:
-            await self._on_round_start(env)
-        elif env.type == P.SECAGG:
-            await self._on_secagg(env)
-        elif env.type == P.ROUND_END:
-            self._log_round(env.round, "round_end", outcome=env.body.get("status"), bytes_sent=self.bytes_sent,
-                            bytes_received=self.bytes_received)
-            self.on_event("round_end", {"round": env.round, **dict(env.body)})
-        elif env.type == P.DONE:
-            self.final_path = self._on_done(env)
-            self.finished = True
-        elif env.type == "error":
-            log.error("the aggregator reported an error: %s", env.body.get("message"))
-        else:
-            log.warning("ignoring unexpected %s message", env.type)
-
-    # -- plan ------------------------------------------------------------------------------------
-
-    async def _on_plan(self, env: Envelope) -> None:
+    async def _ask_operator(self) -> list[sr.Action]:
+        assert self._loop is not None
+        self._decision = self._loop.create_future()
         try:
-            plan = FederationPlan.from_dict(dict(env.body.get("plan", {})))
-            if env.body.get("digest") != plan.digest():
-                raise PlanRefused(["plan digest does not match its contents"])
-            if self.cfg.federation and plan.federation_id != self.cfg.federation:
-                raise PlanRefused([f"federation {plan.federation_id!r} is not the configured one"])
-            self.site_id = int(env.body["site_id"])
-            self.prepare(plan)
-            if self.accept_plan is not None and not self.accept_plan(plan, self.privacy):
-                raise PlanRefused(["the operator declined the plan"])
-        except (PlanError, PlanRefused, ValueError, KeyError, TypeError) as exc:
-            reasons = exc.reasons if isinstance(exc, PlanRefused) else [str(exc)]
-            log.error("refusing the federation plan: %s", "; ".join(reasons))
-            self.on_event("plan_refused", {"reasons": reasons})
-            await self._send(Envelope(P.PLAN_REJECT, 0, {"reasons": reasons}))
-            return
-        log.info("joined federation %s as site %d (%s)", plan.federation_id, self.site_id,
-                 f"σ={self.privacy.sigma:.3f}, q={self.privacy.sample_rate:.4f}, {self.privacy.steps} steps/round, "
-                 f"δ={self.privacy.delta:g}" if self.privacy else "NON-PRIVATE")
-        self.on_event("plan_accepted", {"plan": plan.to_dict(), "privacy": self.privacy and vars(self.privacy)})
-        await self._send(Envelope(P.PLAN_ACCEPT, 0, {"digest": plan.digest()}))
+            accept, reason = await self._interruptible(self._decision)
+        finally:
+            self._decision = None
+        return self.machine.answer(accept, reason)
 
-    def prepare(self, plan: FederationPlan) -> None:
-        """Check the plan against the bounds, load the data, calibrate σ for the whole plan."""
+    # -- preparing a plan ------------------------------------------------------------------------
+
+    async def _prepare_action(self, plan: FederationPlan) -> list[sr.Action]:
+        try:
+            ready = await asyncio.to_thread(self.prepare, plan)
+        except PlanRefused as exc:
+            return self.machine.prepared(None, n_params=0, problems=exc.reasons, what_to_do=exc.what_to_do or None)
+        except Exception as exc:  # e.g. an unreadable file: refuse the plan with the reason
+            log.exception("preparing the plan failed")
+            return self.machine.prepared(None, n_params=0,
+                                         problems=[safe_text(f"cannot prepare the plan here: {exc}")])
+        return self.machine.prepared(ready.privacy, n_params=ready.n_params, epsilon_spent=ready.epsilon_spent,
+                                     epsilon_per_round=ready.epsilon_per_round)
+
+    def prepare(self, plan: FederationPlan) -> _Prepared:
+        """Load the data, open the ledger, calibrate σ for the whole plan (off the event loop).
+        Raises `PlanRefused` with every reason the plan cannot run here."""
         from hemafed.core.calibration import BudgetTooSmall, calibrate_sigma, sample_rate, steps_per_round
-        from hemafed.core.models import get_spec
+        from hemafed.core.models import build_model
 
-        reasons = self.cfg.bounds.violations(plan)
-        try:
-            if get_spec(plan.model).input_size != plan.input_size:
-                reasons.append(f"model {plan.model} does not take {plan.input_size}-pixel input")
-        except KeyError as exc:
-            reasons.append(str(exc.args[0]))
-        if reasons:
-            raise PlanRefused(reasons)
-        if self.plan is None or self.plan.digest() != plan.digest():
+        n_params = sum(p.numel() for p in build_model(plan.model, len(plan.classes)).parameters())
+        if self.plan is None or self.plan.digest() != plan.digest() or self.data is None:
             self.data = self._load_data(plan)
         self.plan = plan
         n = len(self.data.train_labels)
         if n < plan.batch_size:
-            raise PlanRefused([f"only {n} training images, fewer than the batch size {plan.batch_size}"])
+            raise PlanRefused([f"only {n} training images, fewer than the batch size {plan.batch_size}"],
+                              "add training images, or ask the admin for a smaller batch size")
+        if plan.secagg and n > plan.max_weight:
+            raise PlanRefused([f"{n} training images, more than the plan's max_weight {plan.max_weight}"],
+                              "ask the federation's admin to raise max_weight")
         if not plan.dp:
             self.privacy = None
             log.warning("this plan is NON-PRIVATE: updates carry no differential-privacy guarantee")
-            return
+            return _Prepared(None, n_params, None, ())
         q, steps = sample_rate(n, plan.batch_size), steps_per_round(n, plan.batch_size, plan.local_epochs)
         self.ledger = self._open_ledger(plan, default_delta=min(plan.delta, 1.0 / n))
         # σ is fitted so the rounds still to come, on top of what the ledger already
@@ -184,8 +429,11 @@ class SiteRunner:
             sigma = calibrate_sigma(self.cfg.epsilon, self.ledger.delta, q, steps * remaining,
                                     kind=self.ledger.kind, prior=prior)
         except BudgetTooSmall as exc:
-            raise PlanRefused([str(exc)]) from exc
+            raise PlanRefused([str(exc)], "raise the ε budget in site.toml (a new federation id starts a new "
+                                          "ledger), or ask the admin for fewer rounds or local epochs") from exc
         self.privacy = PrivacySettings(sigma, q, steps, self.ledger.delta)
+        return _Prepared(self.privacy, n_params, self.ledger.spent_epsilon(),
+                         _projection(self.ledger, sigma, q, steps, remaining))
 
     def _open_ledger(self, plan: FederationPlan, default_delta: float):
         """This federation's ledger: δ and accountant stay what they were when it was
@@ -198,85 +446,85 @@ class SiteRunner:
             return PrivacyLedger(plan.federation_id, self.cfg.epsilon, default_delta, kind=self.cfg.accountant,
                                  state=self.cfg.state_dir)
         except LedgerCorrupt as exc:
-            raise PlanRefused([f"the privacy ledger is damaged ({exc}); training is stopped until it is "
-                               "restored from a backup"]) from exc
+            raise PlanRefused([f"the privacy ledger is damaged ({exc})"],
+                              "training is stopped until the ledger file is restored from a backup; never "
+                              "delete it (the spend it records would be lost)") from exc
         if ledger.budget_epsilon != self.cfg.epsilon:
             raise PlanRefused([f"this federation's ledger was opened with budget ε = {ledger.budget_epsilon:g}; "
-                               f"the configured {self.cfg.epsilon:g} cannot replace it"])
+                               f"the configured {self.cfg.epsilon:g} cannot replace it"],
+                              f"set epsilon = {ledger.budget_epsilon:g} in site.toml again")
         return ledger
 
     def _load_data(self, plan: FederationPlan) -> LocalData:
         from hemafed.core.partition import stratified_split
         from hemafed.core.scan import scan_source
 
-        site = scan_source(self.cfg.data, plan.classes, size=plan.input_size)
+        try:
+            site = scan_source(self.cfg.data, plan.classes, size=plan.input_size)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            raise PlanRefused([f"cannot load the training images from {self.cfg.data}: {exc}"],
+                              "check the data folder in site.toml (`hemafed scan` shows what it holds)") from exc
         if site.report.problems:
             log.warning("%d files skipped while loading %s (run `hemafed scan` for the list)",
                         len(site.report.problems), self.cfg.data)
+        if len(site.labels) == 0:
+            raise PlanRefused([f"no usable training images in {self.cfg.data}"],
+                              "check the data folder in site.toml (`hemafed scan` shows what it holds)")
         train, val = stratified_split(site.labels, plan.val_fraction, seed=plan.seed)
         log.info("local data: %d training and %d validation images", len(train), len(val))
         return LocalData(site.images[train], site.labels[train], site.images[val], site.labels[val])
 
     # -- a round -------------------------------------------------------------------------------
 
-    async def _on_round_start(self, env: Envelope) -> None:
+    async def _train_action(self, action: sr.Train) -> list[sr.Action]:
+        from hemafed.core.dp_train import TrainingCancelled
         from hemafed.core.ledger import BudgetExhausted
 
-        plan, data = self.plan, self.data
-        if plan is None or data is None:
-            log.warning("round_start before a plan was accepted; ignoring")
-            return
-        rnd = env.round
-        model = self._model(env)
-        if model is None:
-            return
-        self.on_event("round_start", {"round": rnd})
-        self._maybe_die(rnd, "train")
-        confusion = await asyncio.to_thread(self._evaluate, model)
-        started = time.monotonic()
+        rnd = action.round
+        recorded_before = self.ledger.rounds if self.ledger is not None and self.privacy is not None else 0
         try:
+            model = await asyncio.to_thread(self._model, action)
+            confusion = await asyncio.to_thread(self._evaluate, model)
+            if self.stopping:
+                raise TrainingCancelled("stopped before training")
+            started = time.monotonic()
             result = await asyncio.to_thread(self._train, model, rnd)
+        except TrainingCancelled:
+            return self.machine.train_cancelled(rnd, recorded=self._recorded_since(recorded_before),
+                                                epsilon_spent=self._spent())
         except BudgetExhausted as exc:
             log.warning("round %d: declining, %s", rnd, exc)
-            self._log_round(rnd, "declined", reason="budget exhausted")
-            self.on_event("declined", {"round": rnd, "reason": str(exc)})
-            await self._send(Envelope(P.DECLINE, rnd, {"reason": "budget_exhausted"}))
-            return
+            return self.machine.budget_exhausted(rnd, str(exc))
+        except Exception as exc:  # a bug or a resource failure: never a traceback for the operator
+            log.exception("round %d: training failed", rnd)
+            return self.machine.train_failed(rnd, safe_text(f"{type(exc).__name__}: {exc}"))
         self.last_result = result
-        eps = self.ledger.spent_epsilon() if self.privacy is not None else None
+        eps = self._spent()
         log.info("round %d: trained %d steps in %.1f s, %s", rnd, result.steps, time.monotonic() - started,
                  f"ε spent {eps:.3f} of {self.cfg.epsilon:g} at δ={self.privacy.delta:g}" if self.privacy
                  else "NON-PRIVATE")
         self._log_round(rnd, "trained", epsilon=eps, loss=result.mean_loss, train_s=time.monotonic() - started)
-        self.on_event("trained", {"round": rnd, "epsilon": eps, "loss": result.mean_loss})
-        n = len(data.train_labels)
-        if plan.secagg:
-            peers = {int(k): parse_public_line(v) for k, v in env.body.get("participants", {}).items()}
-            cfg = P.secagg_config(plan, len(result.update))
-            self.machine = secagg.SiteSecAgg(cfg, rnd, self.site_id, self.identity.private_key, peers)
-            self._maybe_die(rnd, "keys")
-            for msg in self.machine.start(result.update, n, confusion.reshape(-1)):
-                await self._send(Envelope(P.SECAGG, rnd, {}, (secagg.encode(msg),)))
-        else:
-            weighted = (result.update.astype(np.float64) * n).astype(np.float32)
-            await self._send(Envelope(P.PLAIN_UPDATE, rnd, {"weight": n}, (
-                P.weights_blob(weighted), np.ascontiguousarray(confusion.reshape(-1), "<i8").tobytes())))
+        if self.stopping:  # stop() came after the last step: the spend is recorded, nothing is sent
+            return self.machine.train_cancelled(rnd, recorded=self._recorded_since(recorded_before),
+                                                epsilon_spent=eps)
+        assert self.data is not None
+        return self.machine.trained(rnd, sr.TrainOutcome(result.update, len(self.data.train_labels),
+                                                         confusion, eps))
 
-    def _model(self, env: Envelope):
+    def _recorded_since(self, before: int) -> bool:
+        """Did this round reach the ledger? (`record_round` updates the open ledger object.)"""
+        return self.ledger is not None and self.privacy is not None and self.ledger.rounds > before
+
+    def _spent(self) -> float | None:
+        return self.ledger.spent_epsilon() if self.ledger is not None and self.privacy is not None else None
+
+    def _model(self, action: sr.Train):
         from hemafed.core.models import build_model, set_flat_params
 
         assert self.plan is not None
         model = build_model(self.plan.model, len(self.plan.classes))
-        try:
-            n_params = sum(p.numel() for p in model.parameters())
-            if len(env.blobs) != 1:
-                raise ValueError("round_start must carry the global weights")
-            self.global_weights = P.blob_to_vector(env.blobs[0], n_params)
-            set_flat_params(model, self.global_weights)
-        except Exception as exc:  # a bad model must not crash the site
-            log.error("round %d: unusable global model (%s); skipping the round", env.round, exc)
-            return None
-        self._save_model("latest", self.global_weights, env.round)
+        set_flat_params(model, action.weights)
+        self._save_model("latest", action.weights, action.round)
         return model
 
     def _evaluate(self, model) -> np.ndarray:
@@ -286,8 +534,9 @@ class SiteRunner:
         return evaluate(model, self.data.val_images, self.data.val_labels, len(self.plan.classes))
 
     def _train(self, model, rnd: int):
-        """Train one round; with DP, the budget check and the durable ledger entry come
-        first and last (`train_private_round`), so the spend is on disk before any send."""
+        """Train one round on this thread (not the loop's); with DP, the budget check and the
+        durable ledger entry come first and last (`train_private_round`), so the spend is on
+        disk before any send. Stops between steps once `stop()` is called."""
         import torch
 
         from hemafed.core.dp_train import LocalTrainConfig, train_local
@@ -301,49 +550,28 @@ class SiteRunner:
                                   momentum=plan.momentum, clip_norm=plan.clip_norm, dp=plan.dp)
 
         def progress(step: int, total: int, loss: float) -> None:
-            self.on_event("train_progress", {"round": rnd, "step": step, "total": total, "loss": loss})
+            self._progress(TrainProgress(rnd, step, total, float(loss)))
 
         if self.privacy is None:
             return train_local(model, data.train_images, data.train_labels, config, noise_multiplier=0.0,
-                               progress=progress)
+                               progress=progress, cancel=self._stop_flag)
         return train_private_round(self.ledger, rnd, model, data.train_images, data.train_labels, config,
-                                   self.privacy.sigma, progress=progress).result
+                                   self.privacy.sigma, progress=progress, cancel=self._stop_flag).result
 
-    async def _on_secagg(self, env: Envelope) -> None:
-        if self.machine is None or env.round != self.machine.round:
-            log.debug("ignoring a secure-aggregation message for round %d", env.round)
+    def _progress(self, event: TrainProgress) -> None:
+        """Called on the training thread: hand the event to the loop's thread (throttled)."""
+        now = time.monotonic()
+        if event.step < event.total and now - self._last_progress < PROGRESS_EVERY_S:
             return
-        try:
-            msg = secagg.decode(env.blobs[0] if env.blobs else b"", max_vector_len=self.machine.cfg.vector_len)
-            stage = {secagg.KeyList: "shares", secagg.ShareDelivery: "masked",
-                     secagg.UnmaskRequest: "unmask"}.get(type(msg))
-            if stage:
-                self._maybe_die(env.round, stage)
-            outs = self.machine.receive(msg)
-        except secagg.SecAggError as exc:
-            # Refusing is always safe: the site reveals nothing more this round.
-            log.error("round %d: refusing a secure-aggregation message: %s", env.round, exc)
-            self.machine = None
-            return
-        for out in outs:
-            await self._send(Envelope(P.SECAGG, env.round, {}, (secagg.encode(out),)))
-        if self.machine.finished:
-            self._log_round(env.round, f"secagg_{self.machine.stage.value}")
-            self.machine = None
+        self._last_progress = now
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._emit, event)
 
-    def _on_done(self, env: Envelope) -> Path | None:
-        assert self.plan is not None
-        try:
-            from hemafed.core.models import build_model
-
-            weights = P.blob_to_vector(env.blobs[0], sum(p.numel() for p in build_model(
-                self.plan.model, len(self.plan.classes)).parameters()))
-        except Exception as exc:
-            log.error("final model unusable: %s", exc)
-            return None
-        path = self._save_model("final", weights, env.round)
+    def _save_final(self, action: sr.Finish) -> Path:
+        path = self._save_model("final", action.weights, action.round)
         log.info("federation finished; final model saved to %s", path)
-        self.on_event("done", {"path": str(path)})
         return path
 
     # -- bookkeeping -----------------------------------------------------------------------------
@@ -358,9 +586,20 @@ class SiteRunner:
         append_line_durable(self.cfg.state_dir / "site_rounds.jsonl", json.dumps(entry))
 
     def _maybe_die(self, rnd: int, stage: str) -> None:
+        stage = "train" if stage == "training" else stage
         if self.die_at == (rnd, stage):
             log.warning("simulated crash at round %d, stage %s", rnd, stage)
             self.on_die()
+
+
+def _projection(ledger, sigma: float, q: float, steps: int, rounds: int) -> tuple[float, ...]:
+    """This site's ε after each of the next `rounds` rounds at (σ, q, steps), on top of its ledger."""
+    acc = ledger.accountant()
+    out = []
+    for _ in range(rounds):
+        acc.step(sigma, q, steps)
+        out.append(acc.epsilon(ledger.delta))
+    return tuple(out)
 
 
 def _hard_exit() -> None:
@@ -383,3 +622,4 @@ def save_model_file(path: Path, weights: np.ndarray, plan: FederationPlan, rnd: 
     np.savez(buf, weights=weights, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
     atomic_write_bytes(path, buf.getvalue(), mode=0o600)
     return path
+

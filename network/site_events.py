@@ -1,96 +1,72 @@
-"""What a site driver tells its user interface: small typed events, all delivered on the
-driver's event-loop thread, in order.
+"""The site driver's typed events (defined in `hemafed.core.site_events`, where the
+round state machine makes them); see that module for their order and meaning.
+`log_event` is the headless site's log line for each."""
 
-The headless `hemafed site` turns them into log lines; the desktop app forwards them to
-the GUI thread through queued Qt signals. The driver never waits on a consumer except
-for the plan decision (`PlanReceived` → `SiteRunner.answer_plan`).
-"""
+import logging
 
-from __future__ import annotations
+from hemafed.core.site_events import (
+    OUTCOMES,
+    STAGES,
+    ConnectionChanged,
+    Finished,
+    PlanAnswered,
+    PlanReceived,
+    RoundFinished,
+    RoundStarted,
+    SiteEvent,
+    SiteFailed,
+    StageChanged,
+    TrainProgress,
+)
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-# Stages of one round as the operator sees them (`StageChanged.stage`).
-STAGES = ("waiting", "training", "keys", "shares", "masked", "unmask")
-
-
-@dataclass(frozen=True)
-class ConnectionChanged:
-    """`state`: "connecting" | "connected" | "reconnecting" | "disconnected"."""
-
-    state: str
-    url: str = ""
-    detail: str = ""
+__all__ = ["OUTCOMES", "STAGES", "ConnectionChanged", "Finished", "PlanAnswered", "PlanReceived", "RoundFinished",
+           "RoundStarted", "SiteEvent", "SiteFailed", "StageChanged", "TrainProgress", "describe", "log_event"]
 
 
-@dataclass(frozen=True)
-class PlanReceived:
-    """The aggregator's plan, checked against this site's bounds. `problems` lists what is
-    outside the bounds (then the site refuses without asking); `privacy` holds σ, q, steps
-    and δ when the plan is private. The driver waits for `answer_plan(accept)`."""
-
-    plan: Any  # hemafed.core.plan.FederationPlan
-    privacy: Any | None  # hemafed.network.site.PrivacySettings
-    problems: tuple[str, ...] = ()
-    epsilon_per_round: tuple[float, ...] = ()
+def log_event(event: SiteEvent, logger: logging.Logger | None = None) -> None:
+    """The headless site's log line for one event (the app shows the same events)."""
+    logger = logger or logging.getLogger("hemafed.site")
+    level, text = describe(event)
+    if text:
+        logger.log(level, "%s", text)
 
 
-@dataclass(frozen=True)
-class PlanAnswered:
-    accepted: bool
-    reasons: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class RoundStarted:
-    round: int
-    rounds: int
-    participants: int
-
-
-@dataclass(frozen=True)
-class StageChanged:
-    round: int
-    stage: str  # one of STAGES
-
-
-@dataclass(frozen=True)
-class TrainProgress:
-    round: int
-    step: int
-    total: int
-    loss: float
-
-
-@dataclass(frozen=True)
-class RoundFinished:
-    """`status`: "completed" | "abandoned" | "declined" | "left"; `accuracy` is the
-    federation-wide validation accuracy of the model this round started from."""
-
-    round: int
-    status: str
-    accuracy: float | None = None
-    epsilon_spent: float | None = None
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class SiteFailed:
-    """Something went wrong. `fatal`: the driver has stopped (or will not retry this)."""
-
-    message: str
-    fatal: bool
-    what_to_do: str = ""
-
-
-@dataclass(frozen=True)
-class Finished:
-    model_path: Path | None
-    rounds_trained: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-SiteEvent = (ConnectionChanged | PlanReceived | PlanAnswered | RoundStarted | StageChanged | TrainProgress
-             | RoundFinished | SiteFailed | Finished)
+def describe(event: SiteEvent) -> tuple[int, str]:
+    """(log level, one line in words) for an event; "" for events too frequent to log."""
+    if isinstance(event, ConnectionChanged):
+        level = logging.WARNING if event.state == "reconnecting" else logging.INFO
+        return level, f"{event.state} {event.url}" + (f" ({event.detail})" if event.detail else "")
+    if isinstance(event, PlanReceived):
+        plan, privacy = event.plan, event.privacy
+        noise = (f"σ={privacy.sigma:.3f}, q={privacy.sample_rate:.4f}, {privacy.steps} steps/round, "
+                 f"δ={privacy.delta:g}" if privacy is not None else "NON-PRIVATE")
+        text = f"plan for federation {plan.federation_id}: {plan.rounds} rounds of {plan.model}, {noise}"
+        if event.epsilon_per_round:
+            text += f", ε after the last round {event.epsilon_per_round[-1]:.3f}"
+        if event.problems:
+            text += "; outside this site's bounds: " + "; ".join(event.problems)
+        return logging.INFO, text
+    if isinstance(event, PlanAnswered):
+        if event.accepted:
+            return logging.INFO, "accepted the plan"
+        return logging.ERROR, "refused the plan: " + "; ".join(event.reasons)
+    if isinstance(event, RoundStarted):
+        return logging.INFO, f"round {event.round}/{event.rounds} started with {event.participants} sites"
+    if isinstance(event, StageChanged):
+        return logging.DEBUG, f"round {event.round}: {event.stage}"
+    if isinstance(event, TrainProgress):
+        return logging.DEBUG, ""
+    if isinstance(event, RoundFinished):
+        acc = "" if event.accuracy is None else f", federated validation accuracy {event.accuracy:.3f}"
+        eps = "" if event.epsilon_spent is None else f", ε spent {event.epsilon_spent:.3f}"
+        detail = f" ({event.detail})" if event.detail else ""
+        level = logging.INFO if event.status == "completed" else logging.WARNING
+        return level, f"round {event.round} {event.status}{acc}{eps}{detail}"
+    if isinstance(event, SiteFailed):
+        todo = f" — what to do: {event.what_to_do}" if event.what_to_do else ""
+        return (logging.ERROR if event.fatal else logging.WARNING), f"{event.message}{todo}"
+    if isinstance(event, Finished):
+        if event.outcome == "done":
+            return logging.INFO, f"federation finished; final model saved to {event.model_path}"
+        return logging.INFO, f"site {event.outcome} after training {event.rounds_trained} rounds"
+    return logging.DEBUG, repr(event)

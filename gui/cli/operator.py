@@ -121,6 +121,10 @@ def _ledger(args: argparse.Namespace) -> int:
 
 
 def _site(args: argparse.Namespace) -> int:
+    """Run the headless site. Failures during the run reach the log as one line with what to
+    do (from the driver's events) and a non-zero exit; errors before it (the config, the
+    identity key) are printed the same way, never as a traceback."""
+    from hemafed.core.errors import HemafedError
     from hemafed.core.identity import IdentityError
     from hemafed.core.plan import PlanError
     from hemafed.gui.cli import UserFacingError
@@ -128,5 +132,7 @@ def _site(args: argparse.Namespace) -> int:
 
     try:
         return run_site(args.config, args.insecure, args.die_at)
+    except HemafedError as exc:
+        raise UserFacingError(exc.for_people()) from exc
     except (PlanError, IdentityError, ValueError, OSError) as exc:
         raise UserFacingError(str(exc)) from exc
