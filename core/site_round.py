@@ -29,7 +29,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
@@ -191,8 +191,10 @@ class SiteRound:
     """One site's view of one federation, across reconnects (see the module docstring)."""
 
     def __init__(self, bounds: SiteBounds, *, identity: Any, secagg_config: SecAggConfigFn,
-                 federation: str | None = None, auto_accept: bool = True) -> None:
+                 federation: str | None = None, auto_accept: bool = True,
+                 roster: Container[bytes] | None = None) -> None:
         self.bounds = bounds
+        self.roster = roster  # pinned peer keys: a round naming any other key is refused (core/roster.py)
         self.federation = federation
         self.auto_accept = auto_accept
         self._identity = identity  # Ed25519 private key: signs this site's secure-aggregation keys
@@ -354,7 +356,7 @@ class SiteRound:
                     raise MessageRefused(f"round_start participant {key}: {safe_text(str(exc))}") from None
             try:
                 machine = secagg.SiteSecAgg(self._secagg_config(plan, self.n_params), rnd, self.site_id,
-                                            self._identity, peers)
+                                            self._identity, peers, roster=self.roster)
             except secagg.SecAggError as exc:
                 raise MessageRefused(f"round {rnd} cannot be aggregated securely here: {exc}") from None
         out: list[Action] = []

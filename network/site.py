@@ -111,7 +111,8 @@ class SiteRunner:
         self.on_die = on_die or _hard_exit
         self.backoff = Backoff()  # reconnect policy: a site gives up after backoff.retry_for seconds unreachable
         self.machine = sr.SiteRound(cfg.bounds, identity=self.identity.private_key, secagg_config=P.secagg_config,
-                                    federation=cfg.federation, auto_accept=auto_accept)
+                                    federation=cfg.federation, auto_accept=auto_accept,
+                                    roster=cfg.pinned_roster())
         self.plan: FederationPlan | None = None
         self.data: LocalData | None = None
         self.privacy: PrivacySettings | None = None

@@ -220,6 +220,19 @@ def test_a_secure_round_advertises_keys_and_refuses_bad_participants() -> None:
     assert m.phase is sr.Phase.SECAGG and m.epsilon_spent == 1.5
 
 
+def test_a_pinned_roster_refuses_a_round_naming_a_key_off_it() -> None:
+    from hemafed.core.roster import roster_from_fingerprints
+
+    m = joined()
+    m.roster = roster_from_fingerprints([ME.fingerprint, PEER.fingerprint])
+    planted = {"1": ME.public_line(), "2": IdentityKey.generate().public_line()}  # the aggregator's own key
+    before = snapshot(m)
+    with pytest.raises(sr.MessageRefused, match="roster"):
+        m.receive(round_start(1, planted))
+    assert snapshot(m) == before
+    assert any(isinstance(a, sr.Train) for a in m.receive(round_start(1)))  # the real peers: accepted
+
+
 def test_budget_exhausted_declines_the_round_and_stops() -> None:
     m = joined()
     m.receive(round_start(1))
