@@ -9,6 +9,7 @@ aggregation on, it only ever sees masked vectors and their sum.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -26,12 +27,14 @@ from hemafed.core.server_opt import make_server_optimizer
 from hemafed.network import protocol as P
 from hemafed.network.config import AggregatorConfig
 from hemafed.network.envelope import Envelope, Limits
-from hemafed.network.errors import MalformedMessage, NotConnected, UnexpectedMessage
+from hemafed.network.errors import MalformedMessage, NotConnected, ProtocolError
 from hemafed.network.progress import progress_bar
+from hemafed.network.schema import SafeLogFilter, safe_text
 from hemafed.network.server import AggregatorServer, Connected, Disconnected, Message
 from hemafed.network.tls import ServerTLS
 
 log = logging.getLogger(__name__)
+log.addFilter(SafeLogFilter())
 
 
 def initial_weights(plan: FederationPlan) -> np.ndarray:
@@ -83,6 +86,7 @@ class Aggregator:
         self.validator: P.SiteMessageValidator | None = None
         self.server: AggregatorServer | None = None
         self.outcomes: list[RoundOutcome] = []
+        self._status_failing = False
         self.listening = asyncio.Event()  # set once the server is bound (its port is then known)
 
     # -- lifecycle ------------------------------------------------------------------
@@ -94,25 +98,31 @@ class Aggregator:
                 raise PlanError(f"checkpoints in {self.store.dir} belong to another plan; use a new state_dir")
             self.weights = ckpt.weights
             self.optimizer.load_state(ckpt.optimizer_state)
+            self._reconcile_log(ckpt)
             log.info("resuming after round %d from %s", ckpt.round, self.store.dir)
             return ckpt.round + 1
         self.weights = initial_weights(self.plan)
         self.store.save(Checkpoint(0, self.weights, {}, {"plan_digest": self.plan.digest()}))
         return 1
 
+    def _reconcile_log(self, ckpt: Checkpoint) -> None:
+        """A crash between a round's checkpoint and its log line leaves the line missing: add it back."""
+        if ckpt.round == 0 or any(e.get("round") == ckpt.round for e in self.store.read_log()):
+            return
+        log.warning("round %d has a checkpoint but no log line (a crash in between); recording it", ckpt.round)
+        self.store.append_log({"round": ckpt.round, "status": ckpt.meta.get("status", "completed"),
+                               "recovered": True, "time": time.time()})
+
     async def run(self) -> None:
         first = self._resume()
         assert self.weights is not None
         self.dim = len(self.weights)
-        n_extras = len(self.plan.classes) ** 2
-        self.validator = P.SiteMessageValidator(self.dim, n_extras, max_secagg_bytes=4 * (self.dim + n_extras)
-                                                + 4096 * len(self.site_ids) + 65536)
-        self.validator.secagg = self.plan.secagg
+        self.validator = P.plan_validator(self.plan, self.dim, len(self.site_ids))
         tls = None if self.cfg.insecure else ServerTLS(self.cfg.cert, self.cfg.key)
         self.server = AggregatorServer(
             self.cfg.sites, host=self.cfg.host, port=self.cfg.port, tls=tls, insecure=self.cfg.insecure,
             federation=self.plan.federation_id, limits=Limits.for_model(self.dim, max_sites=len(self.site_ids)),
-            ping_interval=30.0, ping_timeout=120.0,
+            ping_interval=30.0, ping_timeout=120.0, **self.cfg.server_options(),
         )
         self.server.validator = self.validator
         await self.server.start()
@@ -163,7 +173,22 @@ class Aggregator:
             await self._handle_idle(event)
 
     async def _handle_idle(self, event: Any) -> None:
-        """Events outside a round: joins, plan answers, late messages."""
+        """Events outside a round: joins, plan answers, late messages. A failure here drops that site only."""
+        try:
+            await self._handle_idle_unguarded(event)
+        except Exception as exc:
+            await self._drop_peer(getattr(event, "site", None), exc)
+
+    async def _drop_peer(self, site: str | None, exc: BaseException, rnd: int = 0) -> None:
+        """Handling a message from `site` failed unexpectedly: log it, close that site, carry on."""
+        log.error("handling a message from %s failed; dropping that site", site, exc_info=exc)
+        if site is None or self.server is None:
+            return
+        self.accepted.discard(site)
+        with contextlib.suppress(Exception):
+            await self.server.reject(site, ProtocolError(f"handler failed: {exc!r}", code="internal"), rnd)
+
+    async def _handle_idle_unguarded(self, event: Any) -> None:
         assert self.server is not None
         if isinstance(event, Connected):
             self.accepted.discard(event.site)
@@ -178,7 +203,8 @@ class Aggregator:
                 self.rejected.pop(event.site, None)
                 log.info("%s accepted the plan (%d ready)", event.site, len(self._ready()))
             elif env.type in (P.PLAN_ACCEPT, P.PLAN_REJECT):
-                reasons = [str(r)[:200] for r in env.body.get("reasons", [])][:20]
+                # The schema made `reasons` a short list of bounded strings; escape them for the log.
+                reasons = [safe_text(r) for r in env.body.get("reasons", [])][:20]
                 self.rejected[event.site] = reasons
                 log.warning("%s refused the plan: %s", event.site, "; ".join(reasons) or "digest mismatch")
             else:
@@ -271,15 +297,21 @@ class Aggregator:
                 env = event.envelope
                 if env.type == P.DECLINE:
                     outcome.declined.append(site)
-                    log.info("round %d: %s declined (%s)", rnd, site, env.body.get("reason", "no reason"))
+                    log.info("round %d: %s declined (%s)", rnd, site, safe_text(env.body.get("reason", "no reason")))
                     await self._deliver(machine.site_dropped(sid), rnd)
                 elif env.type == P.SECAGG:
                     try:
                         msg = secagg.decode(env.blobs[0], max_vector_len=cfg.vector_len)
                         outs = machine.receive(sid, msg)
                     except secagg.SecAggError as exc:
-                        log.warning("round %d: refused a secure-aggregation message from %s: %s", rnd, site, exc)
-                        await self.server.reject(site, UnexpectedMessage(str(exc)), rnd)
+                        log.warning("round %d: refused a secure-aggregation message from %s: %s", rnd, site,
+                                    safe_text(exc))
+                        code = "malformed" if isinstance(exc, secagg.MalformedMessage) else "unexpected"
+                        await self.server.reject(site, ProtocolError(str(exc), code=code), rnd)
+                        dropped.add(site)
+                        outs = machine.site_dropped(sid)
+                    except Exception as exc:
+                        await self._drop_peer(site, exc, rnd)
                         dropped.add(site)
                         outs = machine.site_dropped(sid)
                     await self._deliver(outs, rnd)
@@ -326,13 +358,16 @@ class Aggregator:
                     try:
                         update = P.blob_to_vector(env.blobs[0], self.dim)
                         counts = P.blob_to_vector(env.blobs[1], k2, "<i8")
+                        if (counts < 0).any() or counts.sum() > self.plan.max_weight:
+                            raise MalformedMessage("confusion counts out of range")
                     except MalformedMessage as exc:
                         log.warning("round %d: refused the update of %s: %s", rnd, site, exc)
                         await self.server.reject(site, exc, rnd)
                         continue
+                    # The schema bounds the weight to [0, plan.max_weight]: no overflow, no negative scaling.
                     total += update
                     extras += counts
-                    weight += int(env.body["weight"])
+                    weight += env.body["weight"]
                     got.append(site)
                 continue
             if isinstance(event, Disconnected):
@@ -354,9 +389,9 @@ class Aggregator:
             self.weights = self.optimizer.step(self.weights, outcome.mean_update)
         from hemafed.core.models import model_hash
 
-        self.store.save(Checkpoint(outcome.round, self.weights, self.optimizer.state(), {
-            "plan_digest": self.plan.digest(), "status": outcome.status, "model_hash": model_hash(self.weights)}))
-        self.store.append_log(outcome.log_entry())
+        ckpt = Checkpoint(outcome.round, self.weights, self.optimizer.state(), {
+            "plan_digest": self.plan.digest(), "status": outcome.status, "model_hash": model_hash(self.weights)})
+        await self._record(ckpt, outcome)
         acc = "–" if outcome.fed_val_accuracy is None else f"{outcome.fed_val_accuracy:.3f}"
         log.info("round %d %s: %d survivors, dropped %s, declined %s, federated validation accuracy %s "
                  "(%.1f s)", outcome.round, outcome.status, len(outcome.survivors), outcome.dropouts or "none",
@@ -364,12 +399,58 @@ class Aggregator:
         await self.server.broadcast(Envelope(P.ROUND_END, outcome.round, {
             "status": outcome.status, "fed_val_accuracy": outcome.fed_val_accuracy}), self._ready())
 
+    async def _record(self, ckpt: Checkpoint, outcome: RoundOutcome) -> None:
+        """Write the round's checkpoint, then its log line; retry until both are on disk.
+
+        The next round never starts on state that is not recorded: while the disk
+        refuses (full, EMFILE, permissions) the aggregator keeps its round state in
+        memory, keeps serving its connections (joins, late messages) and retries with
+        back-off, saying so in the log and in status.json when it can.
+        """
+        delay, attempt = 0.5, 0
+        while True:
+            try:
+                self.store.save(ckpt)
+                if not any(e.get("round") == outcome.round for e in self.store.read_log()[-1:]):
+                    self.store.append_log(outcome.log_entry())
+                if attempt:
+                    log.warning("round %d recorded after %d failed attempts", outcome.round, attempt)
+                return
+            except OSError as exc:
+                attempt += 1
+                log.error("cannot record round %d (attempt %d): %s; the next round waits, retrying in %.1f s",
+                          outcome.round, attempt, exc, delay)
+                self._status(outcome.round, f"cannot write the checkpoint: {exc.strerror or exc}")
+            await self._pump(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _pump(self, seconds: float) -> None:
+        """Serve idle events (joins, plan answers, late messages) for `seconds`."""
+        assert self.server is not None
+        until = time.monotonic() + seconds
+        while (left := until - time.monotonic()) > 0:
+            try:
+                event = await self.server.recv(timeout=left)
+            except TimeoutError:
+                return
+            await self._handle_idle(event)
+
     def _status(self, rnd: int, stage: str) -> None:
+        """Best effort: status.json is for people; failing to write it never stops a round."""
         import json
 
         data = {"round": rnd, "rounds": self.plan.rounds, "stage": stage, "time": time.time(),
                 "ready": sorted(self._ready()) if self.server else []}
-        atomic_write_bytes(self.cfg.state_dir / "status.json", json.dumps(data).encode(), mode=0o644)
+        try:
+            atomic_write_bytes(self.cfg.state_dir / "status.json", json.dumps(data).encode(), mode=0o644)
+        except OSError as exc:
+            if not self._status_failing:
+                log.error("cannot write %s: %s (will keep trying)", self.cfg.state_dir / "status.json", exc)
+            self._status_failing = True
+        else:
+            if self._status_failing:
+                log.info("status.json is being written again")
+            self._status_failing = False
         if sys.stderr.isatty():
             done = rnd if stage == "done" else rnd - 1
             print(progress_bar(done, self.plan.rounds, f"round {rnd}/{self.plan.rounds}: {stage}, "
