@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -149,11 +150,16 @@ class AggregatorServer:
         if self.tls is None and not _LOOPBACK.match(self.host):
             log.warning("serving plain ws:// on %s: traffic is neither encrypted nor authenticated", self.host)
         soft, hard = raise_open_file_limit()
-        log.info("open-file limit %s (hard %s)", soft, hard)
+        # Keep descriptors for our own files (checkpoints, status, logs) and for every allowed site.
+        room = soft - _FD_RESERVE - 2 * len(self._allowed) if soft > 0 else self.gate.total
+        if self.gate.total > room:
+            log.warning("open-file limit %d: lowering the cap on unauthenticated connections from %d to %d",
+                        soft, self.gate.total, max(room, 1))
+            self.gate.total = max(room, 1)
+        log.info("open-file limit %s (hard %s); at most %d unauthenticated connections, %d per address",
+                 soft, hard, self.gate.total, self.gate.per_address)
         self._server = await serve(
             self._handle,
-            self.host,
-            self.port,
             ssl=self.tls.context() if self.tls is not None else None,
             # Until a site has authenticated it may send only the handshake's few bytes;
             # the model-sized limit is switched on per connection after the check.
@@ -166,7 +172,7 @@ class AggregatorServer:
             server_header=None,
             # Inbound frames buffered per connection before reading pauses: bounds memory per peer.
             max_queue=self._max_queue,
-            create_connection=_gated_connection(self.gate),
+            sock=_listen(self.host, self.port, self.gate),
         )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("aggregator listening on %s (federation %r)", self.url, self.federation)
@@ -322,7 +328,8 @@ class AggregatorServer:
             return None
 
         ws.protocol.max_message_size = self.limits.max_message  # see start(); set before the welcome
-        self.gate.authenticated(ws)
+        with contextlib.suppress(AttributeError, OSError):
+            self.gate.release(ws.transport.get_extra_info("socket").fileno())
         old = self._conns.get(site)
         self._conns[site] = ws
         self._outboxes[ws] = asyncio.Queue(self._send_queue)
@@ -410,14 +417,22 @@ class AggregatorServer:
 
 
 _REFUSE_TIMEOUT = 5.0
+_FD_RESERVE = 64  # descriptors kept for the process's own files
 
 
 class AdmissionGate:
-    """Counts peers that have connected (TLS done) but not authenticated, in all and per address."""
+    """Counts TCP connections that have not authenticated yet, in all and per address.
+
+    Checked in `accept()` itself (see `_GatedListener`), before TLS: a refused
+    connection is closed at once and never holds a file descriptor, whatever stage
+    (TCP, TLS, HTTP, challenge) the peer stalls in.
+    """
 
     def __init__(self, total: int, per_address: int) -> None:
+        if total < 1 or per_address < 1:
+            raise ValueError("connection caps must be at least 1")
         self.total, self.per_address = total, per_address
-        self._pending: dict[object, str] = {}
+        self._pending: dict[int, str] = {}  # file descriptor -> address
         self._by_address: Counter[str] = Counter()
         self.refused = 0
         self._last_log = 0.0
@@ -426,46 +441,76 @@ class AdmissionGate:
     def pending(self) -> int:
         return len(self._pending)
 
-    def admit(self, conn: object, address: str) -> bool:
+    def admit(self, fd: int, address: str) -> bool:
         if len(self._pending) >= self.total or self._by_address[address] >= self.per_address:
             self.refused += 1
             now = time.monotonic()
             if now - self._last_log > 10.0:  # a flood must not flood the log too
                 self._last_log = now
-                log.warning("refusing connections: %d unauthenticated peers (%d from %s); %d refused so far",
+                log.warning("refusing connections: %d unauthenticated (%d from %s); %d refused so far",
                             len(self._pending), self._by_address[address], address, self.refused)
             return False
-        self._pending[conn] = address
+        self._pending[fd] = address
         self._by_address[address] += 1
         return True
 
-    def authenticated(self, conn: object) -> None:
-        self.release(conn)
-
-    def release(self, conn: object) -> None:
-        address = self._pending.pop(conn, None)
+    def release(self, fd: int) -> None:
+        """The connection on `fd` authenticated or closed: it no longer counts."""
+        address = self._pending.pop(fd, None)
         if address is not None:
             self._by_address[address] -= 1
             if self._by_address[address] <= 0:
                 del self._by_address[address]
 
 
-def _gated_connection(gate: AdmissionGate) -> type[ServerConnection]:
-    class GatedConnection(ServerConnection):
-        """Checks the admission gate as soon as the (TLS) connection is up, before any HTTP."""
+class _CountedSocket(socket.socket):
+    """An accepted connection that leaves the gate when it closes (before its descriptor can be reused)."""
 
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)
-            peer = transport.get_extra_info("peername")
-            address = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
-            if not gate.admit(self, address):
-                transport.abort()
+    gate: AdmissionGate | None = None
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            gate.release(self)
-            super().connection_lost(exc)
+    def close(self) -> None:
+        if self.gate is not None and self.fileno() >= 0:
+            self.gate.release(self.fileno())
+        super().close()
 
-    return GatedConnection
+    def detach(self) -> int:
+        if self.gate is not None and self.fileno() >= 0:
+            self.gate.release(self.fileno())
+        return super().detach()
+
+
+class _GatedListener(socket.socket):
+    """A listening socket whose `accept()` (called by asyncio's accept loop) applies the gate."""
+
+    gate: AdmissionGate
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        fd, addr = self._accept()  # type: ignore[attr-defined]
+        conn = _CountedSocket(self.family, self.type, self.proto, fileno=fd)
+        address = str(addr[0]) if isinstance(addr, tuple) and addr else str(addr)
+        if not self.gate.admit(fd, address):
+            conn.close()
+            raise ConnectionAbortedError("over the unauthenticated-connection cap")  # asyncio skips it
+        conn.gate = self.gate
+        return conn, addr
+
+
+def _listen(host: str, port: int, gate: AdmissionGate, backlog: int = 128) -> _GatedListener:
+    family, type_, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                           flags=socket.AI_PASSIVE)[0]
+    sock = _GatedListener(family, type_, proto)
+    try:
+        sock.gate = gate
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def raise_open_file_limit(target: int = 65536) -> tuple[int, int]:
