@@ -87,6 +87,7 @@ class Aggregator:
         self.server: AggregatorServer | None = None
         self.outcomes: list[RoundOutcome] = []
         self._status_failing = False
+        self.record_failures = 0  # failed attempts to write a round's checkpoint or log line (for tests, status)
         self.listening = asyncio.Event()  # set once the server is bound (its port is then known)
 
     # -- lifecycle ------------------------------------------------------------------
@@ -418,6 +419,7 @@ class Aggregator:
                 return
             except OSError as exc:
                 attempt += 1
+                self.record_failures += 1
                 log.error("cannot record round %d (attempt %d): %s; the next round waits, retrying in %.1f s",
                           outcome.round, attempt, exc, delay)
                 self._status(outcome.round, f"cannot write the checkpoint: {exc.strerror or exc}")
