@@ -16,47 +16,31 @@ from __future__ import annotations
 
 import numpy as np
 
-from hemafed.core import secagg
+from hemafed.core import agg_round
+from hemafed.core.agg_round import DECLINE, PLAIN_UPDATE, PLAN_ACCEPT, PLAN_REJECT, SECAGG
 from hemafed.core.plan import FederationPlan
 from hemafed.network import schema
 from hemafed.network.envelope import Envelope
 from hemafed.network.errors import MalformedMessage, UnexpectedMessage
 
-PLAN = "plan"
-PLAN_ACCEPT = "plan_accept"
-PLAN_REJECT = "plan_reject"
-ROUND_START = "round_start"
-DECLINE = "decline"
-SECAGG = "secagg"
-PLAIN_UPDATE = "plain_update"
-ROUND_END = "round_end"
-DONE = "done"
+# The names and helpers live with the machine that speaks them (core/agg_round.py); drivers use them from here.
+PLAN = agg_round.PLAN
+ROUND_START = agg_round.ROUND_START
+ROUND_END = agg_round.ROUND_END
+DONE = agg_round.DONE
+secagg_config = agg_round.secagg_config
+weights_blob = agg_round.weights_blob
 
 SITE_TYPES = frozenset({PLAN_ACCEPT, PLAN_REJECT, DECLINE, SECAGG, PLAIN_UPDATE})
 ROUND_BOUND = frozenset({DECLINE, SECAGG, PLAIN_UPDATE})
 
 
-def secagg_config(plan: FederationPlan, dim: int) -> secagg.SecAggConfig:
-    """The secure-aggregation parameters both sides derive from the plan (they must agree exactly)."""
-    k = len(plan.classes)
-    return secagg.SecAggConfig(federation_id=plan.federation_id, threshold=plan.threshold, dim=dim,
-                               n_extras=k * k, clip=plan.update_clip, max_sites=plan.max_sites,
-                               max_weight=plan.max_weight)
-
-
-def weights_blob(weights: np.ndarray) -> bytes:
-    return np.ascontiguousarray(weights, dtype="<f4").tobytes()
-
-
 def blob_to_vector(blob: bytes, length: int, dtype: str = "<f4") -> np.ndarray:
     """A received vector, checked for length and finiteness before anyone uses it."""
-    itemsize = np.dtype(dtype).itemsize
-    if len(blob) != length * itemsize:
-        raise MalformedMessage(f"vector of {len(blob)} bytes, expected {length} × {itemsize}")
-    vec = np.frombuffer(blob, dtype=dtype).astype(dtype[1:] if dtype[0] in "<>" else dtype)
-    if vec.dtype.kind == "f" and not np.isfinite(vec).all():
-        raise MalformedMessage("vector holds NaN or infinite values")
-    return vec
+    try:
+        return agg_round.blob_to_vector(blob, length, dtype)
+    except ValueError as exc:
+        raise MalformedMessage(str(exc)) from None
 
 
 class SiteMessageValidator:

@@ -13,7 +13,6 @@ Together the tests push well over 10,000 messages through per run (see `TOTAL`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -26,7 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hemafed.core import secagg, strict_json
+from hemafed.core import agg_round, secagg, strict_json
+from hemafed.core.agg_round import Inbound
 from hemafed.core.plan import FederationPlan
 from hemafed.core.secagg import messages as M
 from hemafed.network import protocol as P
@@ -34,7 +34,6 @@ from hemafed.network.aggregator import Aggregator
 from hemafed.network.config import AggregatorConfig
 from hemafed.network.envelope import Envelope, Limits
 from hemafed.network.errors import ProtocolError
-from hemafed.network.server import AggregatorServer, Message
 
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -153,21 +152,23 @@ def test_strict_json_raises_only_its_error(batch: list[str | bytes]) -> None:
 # ---------------------------------------------------------------- the aggregator's handling, end to end minus sockets
 
 PLAN = FederationPlan(federation_id="fuzz", model="cnn4_28", rounds=2, threshold=3, min_sites=3, max_sites=5,
-                      max_weight=4096, dp=False)
+                      max_weight=4096, dp=False, join_timeout_s=10.0, stage_timeout_s=10.0, train_timeout_s=100.0)
+DIM = 66_472  # cnn4_28's parameters with 8 classes (checked below)
 SITES = [f"site{i}" for i in range(1, 6)]
 
 
-@pytest.fixture(scope="module")
-def aggregator(tmp_path_factory: pytest.TempPathFactory) -> Aggregator:
-    keys = {name: _key_line() for name in SITES}
-    cfg = AggregatorConfig(plan=PLAN, sites=keys, state_dir=Path(tmp_path_factory.mktemp("agg")), insecure=True,
-                           port=0)
+def _aggregator(root: Path) -> Aggregator:
+    """A real aggregator, resumed from its (empty) state directory, with no socket: the driver's
+    `prepare` builds the federation machine and the edge's validator exactly as `run` does."""
+    cfg = AggregatorConfig(plan=PLAN, sites={name: _key_line() for name in SITES}, state_dir=root, insecure=True)
     agg = Aggregator(cfg)
-    agg.dim = 100
-    agg.validator = P.plan_validator(PLAN, agg.dim, len(SITES))
-    agg.validator.round = 1
-    agg.server = AggregatorServer(cfg.sites, insecure=True, port=0, federation=PLAN.federation_id)
+    agg.prepare()
     return agg
+
+
+@pytest.fixture(scope="module")
+def state_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(tmp_path_factory.mktemp("agg"))
 
 
 def _key_line() -> str:
@@ -190,34 +191,68 @@ def site_envelopes(draw: st.DrawFn) -> tuple[str, Envelope]:
     else:
         body = draw(st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=3))
     blobs = tuple(draw(st.lists(st.binary(max_size=16), max_size=2)))
+    if kind == P.SECAGG and draw(st.booleans()):
+        blobs = (draw(secagg_bytes()),)
     if kind == P.PLAIN_UPDATE and draw(st.booleans()):
-        blobs = (np.zeros(100, "<f4").tobytes(), np.zeros(len(PLAN.classes) ** 2, "<i8").tobytes())
+        blobs = (np.zeros(DIM, "<f4").tobytes(), np.zeros(len(PLAN.classes) ** 2, "<i8").tobytes())
     return site, Envelope(kind, rnd, body, blobs)
 
 
-def _aggregator_state(agg: Aggregator) -> tuple:
-    return (frozenset(agg.accepted), tuple(sorted((k, tuple(v)) for k, v in agg.rejected.items())),
-            agg.validator.round, agg.validator.secagg)
+events = (site_envelopes() | st.tuples(st.sampled_from(["connect", "disconnect", "join", "join"]),
+                                       st.sampled_from(SITES))
+          | st.tuples(st.just("tick"), st.sampled_from([0.5, 5.0, 200.0, 4000.0])))
+
+
+def _machine_view(agg: Aggregator) -> tuple:
+    m = agg.machine
+    return (frozenset(m.accepted), tuple(sorted((k, tuple(v)) for k, v in m.rejected.items())), m.stage, m.round,
+            frozenset(m.connected_sites), len(m.outcomes), m.deadline, agg.validator.round, m.weights.tobytes())
 
 
 @FUZZ
-@given(st.lists(site_envelopes(), min_size=PER_EXAMPLE, max_size=PER_EXAMPLE))
-def test_aggregator_validator_and_handler(aggregator: Aggregator, batch: list[tuple[str, Envelope]]) -> None:
-    """What passes the validator is handled without any exception; what is refused changes nothing."""
+@given(st.lists(events, min_size=PER_EXAMPLE, max_size=PER_EXAMPLE))
+def test_aggregator_edge_and_federation_machine(state_root: Path, batch: list) -> None:
+    """Joins, leaves, clock ticks and generated messages, in any order, through the aggregator's edge
+    (validator) into its federation machine (core/agg_round.py), without sockets: a message the edge
+    refuses changes nothing; whatever passes is handled without any exception and without any
+    `internal` refusal (which would mean a bug on the aggregator's side)."""
+    import tempfile
 
-    async def feed() -> None:
-        for site, env in batch:
-            before = _aggregator_state(aggregator)
-            try:
-                aggregator.validator(site, env)
-            except ProtocolError:
-                assert _aggregator_state(aggregator) == before
-                continue
-            await aggregator._handle_idle_unguarded(Message(site, env))
+    with tempfile.TemporaryDirectory(dir=state_root) as tmp:
+        agg = _aggregator(Path(tmp))
+        assert agg.dim == DIM
+        m, now = agg.machine, 0.0
+        m.start(now)
+        for item in batch:
+            if isinstance(item[1], Envelope):
+                site, env = item
+                before = _machine_view(agg)
+                try:
+                    agg.validator(site, env)
+                except ProtocolError:
+                    assert _machine_view(agg) == before
+                    continue
+                actions = m.receive(Inbound(site, env.type, env.round, env.body, env.blobs), now)
+            elif item[0] == "tick":
+                now += item[1]
+                actions = m.tick(now)
+            elif item[0] == "connect":
+                actions = m.connected(item[1], now)
+            elif item[0] == "join":  # what a well-behaved site does: connect, accept the plan
+                actions = m.connected(item[1], now)
+                actions += m.receive(Inbound(item[1], P.PLAN_ACCEPT, 0, {"digest": PLAN.digest()}), now)
+            else:
+                actions = m.disconnected(item[1], now)
+            assert not [a for a in actions if isinstance(a, agg_round.Reject) and a.code == "internal"], actions
+            for action in actions:
+                if isinstance(action, agg_round.RoundFinished):
+                    actions += m.recorded(action.outcome.round, now)
+            agg.validator.round = m.round_in_progress
             # whatever a site wrote, what the aggregator keeps (and logs) is one printable line
-            assert all(reason.isprintable() for reason in aggregator.rejected.get(site, []))
-
-    asyncio.run(feed())
+            assert all(r.isprintable() for reasons in m.rejected.values() for r in reasons)
+            assert m.accepted <= set(SITES)
+            TOTAL["round steps"] = TOTAL.get("round steps", 0) + (m.stage is agg_round.Stage.ROUND)
+        TOTAL["rounds ended"] = TOTAL.get("rounds ended", 0) + len(m.outcomes)
     TOTAL["messages"] += len(batch)
 
 
@@ -284,3 +319,5 @@ def test_fuzzing_covers_at_least_ten_thousand_messages() -> None:
     assert 5 * FUZZ.max_examples * PER_EXAMPLE >= 10_000
     if TOTAL["messages"]:
         assert TOTAL["messages"] >= 10_000, TOTAL
+        # the machine was driven into rounds (and through round ends), not only refused at the door
+        assert TOTAL["round steps"] > 0 and TOTAL["rounds ended"] > 0, TOTAL
