@@ -114,13 +114,16 @@ def test_a_plain_update_of_the_wrong_length_is_refused_and_the_site_dropped() ->
 
 
 def _secure_round(m: R.FederationMachine, keys: dict[str, IdentityKey], updates: dict[str, np.ndarray],
-                  weights: dict[str, int], drop_after_keys: str | None = None) -> R.RoundOutcome:
+                  weights: dict[str, int], drop_after_keys: str | None = None,
+                  sink: list | None = None) -> R.RoundOutcome:
     """Drive a secure round through the machine with real site-side secure-aggregation machines."""
     rnd = m.round
     cfg = R.secagg_config(m.plan, DIM)
     joined = m.tick(0.0)
     for s in keys:
         joined += _join(m, s)
+    if sink is not None:
+        sink += joined
     start = [a for a in _of(joined, R.Broadcast) if a.type == R.ROUND_START]
     assert start, "the round did not start"
     pubs = {int(i): parse_public_line(line) for i, line in start[0].body["participants"].items()}
@@ -139,6 +142,8 @@ def _secure_round(m: R.FederationMachine, keys: dict[str, IdentityKey], updates:
             out = m.receive(item, now)
         else:
             out = item
+        if sink is not None:
+            sink += out
         for action in out:
             if isinstance(action, R.RoundFinished):
                 return action.outcome
@@ -181,3 +186,22 @@ def test_unknown_site_is_a_driver_bug_not_a_peer_fault() -> None:
     m, _ = _machine(_plan(secagg=False))
     with pytest.raises(KeyError):
         m.connected("mallory", 0.0)
+
+
+def test_everything_the_machine_sends_fits_the_schema_sites_can_check() -> None:
+    """network/schema.py declares the aggregator → site messages too; the machine's output must fit it."""
+    from hemafed.network import schema
+
+    m, keys = _machine(_plan(secagg=True, rounds=1))
+    sent: list = [*m.start(0.0)]
+    outcome = _secure_round(m, keys, {s: np.full(DIM, 0.1, np.float32) for s in keys}, dict.fromkeys(keys, 5),
+                            sink=sent)
+    assert outcome.status == "completed"
+    sent += m.recorded(1, 5.0)
+    schemas = schema.aggregator_schemas(DIM, K * K)
+    kinds = set()
+    for action in sent:
+        if isinstance(action, R.Send | R.Broadcast):
+            schema.check_body(schemas, action.type, dict(action.body), action.blobs)
+            kinds.add(action.type)
+    assert kinds == {R.PLAN, R.ROUND_START, R.SECAGG, R.ROUND_END, R.DONE}
