@@ -11,10 +11,13 @@ from __future__ import annotations
 DEFAULT_LIMIT = 200
 
 
-def safe_text(value: object, limit: int = DEFAULT_LIMIT) -> str:
+def safe_text(value: object, limit: int = DEFAULT_LIMIT, *, escape_backslash: bool = True) -> str:
     """`value` as one printable line of at most `limit` characters (a cut ends in '…').
 
-    Non-strings are shown by type and `repr` (an int too large to print shows as its type only).
+    Control, format and separator characters (newlines, ESC, bidi overrides, U+2028…) become
+    `\\xNN` / `\\uNNNN`; backslashes are doubled (unless `escape_backslash` is off, for text
+    that is ours and only needs its control characters neutralised), so an escape cannot be
+    faked. Non-strings are shown by `repr` (an int too large to print shows as its type only).
     """
     if limit < 1:
         raise ValueError("limit must be at least 1")
@@ -23,11 +26,16 @@ def safe_text(value: object, limit: int = DEFAULT_LIMIT) -> str:
             value = repr(value)
         except (ValueError, RecursionError):  # e.g. an int over Python's digit limit
             value = f"<{type(value).__name__}>"
-    raw = value[: limit + 1]  # escaping only grows text: never look further than needed
     out: list[str] = []
     size = 0
-    for ch in raw:
-        piece = ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+    for ch in value[: limit + 1]:  # escaping only grows text: never look further than needed
+        if ch == "\\" and escape_backslash:
+            piece = "\\\\"
+        elif not ch.isprintable():  # Unicode categories C* and Z*, except the ASCII space
+            code = ord(ch)
+            piece = f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+        else:
+            piece = ch
         if size + len(piece) > limit:
             return "".join(out)[: limit - 1] + "…"
         out.append(piece)

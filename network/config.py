@@ -24,6 +24,16 @@ class AggregatorConfig:
     key: Path | None = None
     insecure: bool = False
     port_file: Path | None = None  # where to write the bound port (useful with port 0)
+    # Resource caps (docs/deployment.md): peers that have not authenticated yet, in all and
+    # per address; how long one message to a site may take to send before that site is dropped.
+    max_unauthenticated: int = 256
+    max_unauthenticated_per_address: int = 32
+    send_timeout_s: float = 60.0
+
+    def server_options(self) -> dict[str, Any]:
+        return {"max_unauthenticated": self.max_unauthenticated,
+                "max_unauthenticated_per_address": self.max_unauthenticated_per_address,
+                "send_timeout": self.send_timeout_s}
 
     @classmethod
     def load(cls, path: str | Path) -> AggregatorConfig:
@@ -43,6 +53,9 @@ class AggregatorConfig:
             plan=plan, sites=dict(sites), state_dir=base / section.get("state_dir", "aggregator-state"),
             host=str(section.get("host", "127.0.0.1")), port=int(section.get("port", 8765)),
             cert=cert, key=key, insecure=insecure, port_file=_opt_path(base, section.get("port_file")),
+            max_unauthenticated=_positive(section, "max_unauthenticated", 256, path),
+            max_unauthenticated_per_address=_positive(section, "max_unauthenticated_per_address", 32, path),
+            send_timeout_s=float(_positive(section, "send_timeout_s", 60.0, path)),
         )
 
 
@@ -97,6 +110,13 @@ def _section(data: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
     value = data.get(name)
     if not isinstance(value, dict):
         raise PlanError(f"{path}: missing [{name}] section")
+    return value
+
+
+def _positive(section: dict[str, Any], name: str, default: float, path: Path) -> Any:
+    value = section.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise PlanError(f"{path}: [federation] {name} must be a positive number")
     return value
 
 

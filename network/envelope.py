@@ -19,10 +19,11 @@ import json
 import math
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hemafed.core import strict_json
 from hemafed.network.errors import MalformedMessage, MessageTooLarge
 
 VERSION = 1
@@ -152,9 +153,8 @@ def error_envelope(code: str, message: str, round: int = 0) -> Envelope:
 
 def _parse_header(raw: bytes) -> dict[str, Any]:
     try:
-        text = raw.decode("utf-8")
-        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as exc:
+        header = strict_json.loads(raw)
+    except strict_json.StrictJSONError as exc:
         raise MalformedMessage(f"header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise MalformedMessage("header is not a JSON object")
@@ -187,19 +187,6 @@ def _check_round(value: object) -> None:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _no_duplicates(pairs: Sequence[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _no_constants(name: str) -> float:
-    raise ValueError(f"{name} is not allowed")
 
 
 def is_finite_number(value: object) -> bool:

@@ -358,7 +358,7 @@ def test_random_messages_only_raise_message_refused() -> None:
 
 
 def test_safe_text_escapes_and_caps_peer_text() -> None:
-    assert safe_text("round 3 ok\nFAKE LOG LINE\x1b[31m") == "round 3 ok\\nFAKE LOG LINE\\x1b[31m"
+    assert safe_text("round 3 ok\nFAKE LOG LINE\x1b[31m") == "round 3 ok\\x0aFAKE LOG LINE\\x1b[31m"
     assert safe_text("a\u202eb") == "a\\u202eb"  # no right-to-left override on a screen
     assert len(safe_text("y" * 10_000, 50)) == 50 and safe_text("y" * 10_000, 50).endswith("…")
     assert len(safe_text("\n" * 10_000, 50)) <= 50

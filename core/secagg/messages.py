@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .. import strict_json
 from . import aead, shamir
 from .errors import MalformedMessage, SecAggError, VectorLengthError
 from .prg import RING_DTYPE
@@ -367,9 +368,10 @@ def decode(data: bytes, *, max_vector_len: int | None) -> Message:
     if head_len > MAX_HEADER_BYTES or _PREAMBLE.size + head_len > len(data):
         raise MalformedMessage("header length out of range")
     try:
-        h = json.loads(data[_PREAMBLE.size:_PREAMBLE.size + head_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise MalformedMessage("header is not JSON") from exc
+        # Strict: an integer of thousands of digits, 1e400 or NaN is refused here, as a MalformedMessage.
+        h = strict_json.loads(data[_PREAMBLE.size:_PREAMBLE.size + head_len])
+    except strict_json.StrictJSONError as exc:
+        raise MalformedMessage(f"header is not strict JSON: {exc}") from None
     if not isinstance(h, dict) or not isinstance(h.get("type"), str):
         raise MalformedMessage("header must be an object with a type")
     cls = MESSAGE_TYPES.get(h["type"])
