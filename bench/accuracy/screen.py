@@ -25,17 +25,24 @@ import torch.nn.functional as F
 
 from core.calibration import calibrate_sigma
 from core.fedsgd import FedSGDServer, clipped_gradient_sum
-from core.models import build_model, get_flat_params, set_flat_params, split_features
+from core.models import get_flat_params, set_flat_params
 from core.partition import partition
 
 AUG_PERMS: dict[int, torch.Tensor] = {}
 
 
-def load(cache: Path, split: str, groups: int = 27, pool: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def load(cache: Path, split: str, groups: int = 27, pool: int = 0, log: float = 0.0,
+         extra_pool: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     d = torch.load(cache / f"{split}.pt")
-    x = F.group_norm(d["x"].float(), groups)
+    x = d["x"].float()
+    if log:  # compress the heavy-tailed scattering coefficients (sign kept for the low-pass channel)
+        x = torch.sign(x) * torch.log1p(x.abs() / log)
+    x = F.group_norm(x, groups)
     if pool:
-        x = F.adaptive_avg_pool2d(x, pool)
+        pooled = F.adaptive_avg_pool2d(x, pool).flatten(1)
+        if extra_pool:
+            pooled = torch.cat([pooled, F.adaptive_avg_pool2d(x, extra_pool).flatten(1)], 1)
+        x = pooled
     return x, d["y"].long()
 
 
@@ -49,8 +56,9 @@ def accuracy(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def run(args: argparse.Namespace, seed: int) -> dict:
     cache = Path(args.cache)
-    x_tr, y_tr = load(cache, "train", pool=args.pool)
-    x_ev, y_ev = load(cache, "test" if args.test else "val", pool=args.pool)
+    x_tr, y_tr = load(cache, "train", pool=args.pool, log=args.log, extra_pool=args.extra_pool)
+    x_ev, y_ev = load(cache, "test" if args.test else "val", pool=args.pool, log=args.log,
+                      extra_pool=args.extra_pool)
     parts = partition(y_tr.numpy(), args.sites, args.partition, seed=seed)
     if args.alone is not None:  # one hospital alone: its own records, its own DP-SGD
         sizes = np.array([len(p) for p in parts])
@@ -59,15 +67,14 @@ def run(args: argparse.Namespace, seed: int) -> dict:
         idx = torch.as_tensor(parts[site])
         x_tr, y_tr = x_tr[idx], y_tr[idx]
     n_total = len(y_tr)
-    q = min(1.0, args.batch / n_total)
+    q = args.q if args.q else min(1.0, args.batch / n_total)
     delta = 1e-5
     sigma = calibrate_sigma(args.eps, delta, q, args.steps) if args.eps > 0 else 0.0
     n_noise = args.sites if (args.mode == "local" and args.alone is None) else 1
-    model = build_model(args.model, seed=seed)
-    _, head = split_features(model)
-    if args.pool:  # linear head on spatially pooled features (fewer parameters, less noise)
-        torch.manual_seed(seed)
-        head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(x_tr[0].numel(), 8))
+    # linear head on the (optionally pooled) cached features; with --pool 3 this is exactly the head of the
+    # registry model scatter_linear_28 (whose `features` pool to 3×3)
+    torch.manual_seed(seed)
+    head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(x_tr[0].numel(), 8))
     server = FedSGDServer(args.lr, args.momentum, ema=args.ema)
     w = get_flat_params(head)
     gen = torch.Generator().manual_seed(seed)
@@ -100,14 +107,16 @@ def main() -> None:
     ap.add_argument("--cache", default="/tmp/acc")
     ap.add_argument("--out", default="/tmp/acc/screen.jsonl")
     ap.add_argument("--tag", default="")
-    ap.add_argument("--model", default="scatter_linear_28")
     ap.add_argument("--eps", type=float, default=8.0, help="0: non-private")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch", type=float, default=1024, help="expected batch, all hospitals (q = B/N)")
+    ap.add_argument("--q", type=float, default=0.0, help="Poisson rate per record (overrides --batch)")
     ap.add_argument("--lr", type=float, default=2.0)
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--pool", type=int, default=0, help="adaptive average pool of the 7×7 maps to P×P")
+    ap.add_argument("--extra-pool", type=int, default=0, help="also concatenate a second pooling size")
+    ap.add_argument("--log", type=float, default=0.0, help="log(1 + |x|/s) before GroupNorm, s = this")
     ap.add_argument("--ema", type=float, default=0.0)
     ap.add_argument("--mode", choices=("distributed", "local"), default="distributed")
     ap.add_argument("--sites", type=int, default=10)
@@ -126,8 +135,9 @@ def main() -> None:
                  "acc_std": float(np.std(accs)), "runs": res})
     with open(args.out, "a") as fh:
         fh.write(json.dumps(line) + "\n")
-    print(f"{args.tag} eps={args.eps} mode={args.mode} T={args.steps} B={args.batch} lr={args.lr} "
-          f"clip={args.clip} ema={args.ema} pool={args.pool} alone={args.alone}: "
+    print(f"{args.tag} eps={args.eps} mode={args.mode} T={args.steps} B={args.batch} q={res[0]['q']:.4f} "
+          f"lr={args.lr} "
+          f"clip={args.clip} ema={args.ema} pool={args.pool}+{args.extra_pool} log={args.log} alone={args.alone}: "
           f"acc {np.mean(accs):.4f} ± {np.std(accs):.4f} "
           f"σ={res[0]['sigma']:.3f} ({res[0]['seconds']:.0f} s)", flush=True)
 
