@@ -284,3 +284,16 @@ def plan_noise_multiplier(epsilon: float, delta: float, sample_rate: float, roun
     codec = DistributedNoise.for_secagg(secagg_cfg, 1.0, clip_norm, colluders)
     return calibrate_sigma(epsilon, delta, sample_rate, rounds,
                            skellam=(codec.l2_sensitivity, codec.l1_sensitivity))
+
+
+def check_plan_budget(privacy: SitePrivacy, ledger, rounds: int) -> float:
+    """ε this site will have spent after `rounds` more rounds of the plan; `PlanError` when that passes its
+    budget (call at join time, so a site refuses a plan it cannot finish rather than dropping out midway)."""
+    from .plan import PlanError
+
+    projected = ledger.accountant().projected_epsilon(privacy.sigma, privacy.sample_rate, rounds, ledger.delta,
+                                                      skellam=privacy.skellam)
+    if not projected <= ledger.budget_epsilon:
+        raise PlanError(f"the plan's {rounds} rounds at σ={privacy.sigma:.4g}, q={privacy.sample_rate:.4g} would "
+                        f"spend ε={projected:.4g} > this site's budget {ledger.budget_epsilon:g} (δ={ledger.delta:g})")
+    return projected

@@ -9,6 +9,7 @@ from torch import nn
 
 from hemafed.core.fedsgd import (
     FedSGDServer,
+    check_plan_budget,
     clipped_gradient_sum,
     plan_noise_multiplier,
     server_round,
@@ -54,10 +55,14 @@ def test_rounds_record_what_the_plan_promises(tmp_path, mode: str) -> None:
     plan = _plan(mode, sigma)
     cfg = SecAggConfig(plan.federation_id, threshold=plan.threshold, dim=84, n_extras=1, max_sites=plan.max_sites)
     privacy = site_privacy(plan, cfg, SiteBounds())
+    tight = PrivacyLedger(plan.federation_id, eps / 2, 1e-5, state=tmp_path / "tight")
+    with pytest.raises(PlanError, match="budget"):
+        check_plan_budget(privacy, tight, rounds)
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)
     data = [(torch.randn(50, 20), torch.randint(0, 4, (50,))) for _ in range(n_sites)]
     ledgers = [PrivacyLedger(plan.federation_id, eps, 1e-5, state=tmp_path / f"s{i}") for i in range(n_sites)]
+    assert check_plan_budget(privacy, ledgers[0], rounds) <= eps
     server = FedSGDServer(lr=0.5, momentum=0.9)
     head = _head()
     w = get_flat_params(head)
