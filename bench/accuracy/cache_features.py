@@ -27,6 +27,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/acc")
     ap.add_argument("--dihedral", action="store_true")
+    ap.add_argument("--ks", type=int, nargs="*", default=None, help="these symmetries (0-7) of --splits")
+    ap.add_argument("--splits", nargs="*", default=["train", "val", "test"])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -35,8 +37,12 @@ def main() -> None:
     splits = load_splits(locate(None))
     scat = Scattering2D(28, 2, 8)
     for name, split in splits.items():
+        if name not in args.splits:
+            continue
         x = images_to_tensor(split.images, 28)
         ks = range(8) if (args.dihedral and name == "train") else [0]
+        if args.ks is not None:
+            ks = args.ks
         for k in ks:
             path = out / (f"{name}.pt" if k == 0 else f"{name}_d{k}.pt")
             if path.exists():

@@ -32,9 +32,14 @@ AUG_PERMS: dict[int, torch.Tensor] = {}
 
 
 def load(cache: Path, split: str, groups: int = 27, pool: int = 0, log: float = 0.0,
-         extra_pool: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+         extra_pool: int = 0, orbit: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     d = torch.load(cache / f"{split}.pt")
     x = d["x"].float()
+    for k in orbit:  # average the features over symmetries of the image (invariant features, no privacy cost)
+        if k:
+            x += torch.load(cache / f"{split}_d{k}.pt")["x"].float()
+    if orbit:
+        x /= len(orbit)
     if log:  # compress the heavy-tailed scattering coefficients (sign kept for the low-pass channel)
         x = torch.sign(x) * torch.log1p(x.abs() / log)
     x = F.group_norm(x, groups)
@@ -56,9 +61,10 @@ def accuracy(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def run(args: argparse.Namespace, seed: int) -> dict:
     cache = Path(args.cache)
-    x_tr, y_tr = load(cache, "train", pool=args.pool, log=args.log, extra_pool=args.extra_pool)
+    orbit = tuple(args.orbit)
+    x_tr, y_tr = load(cache, "train", pool=args.pool, log=args.log, extra_pool=args.extra_pool, orbit=orbit)
     x_ev, y_ev = load(cache, "test" if args.test else "val", pool=args.pool, log=args.log,
-                      extra_pool=args.extra_pool)
+                      extra_pool=args.extra_pool, orbit=orbit)
     parts = partition(y_tr.numpy(), args.sites, args.partition, seed=seed)
     if args.alone is not None:  # one hospital alone: its own records, its own DP-SGD
         sizes = np.array([len(p) for p in parts])
@@ -117,6 +123,7 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=0, help="adaptive average pool of the 7×7 maps to P×P")
     ap.add_argument("--extra-pool", type=int, default=0, help="also concatenate a second pooling size")
     ap.add_argument("--log", type=float, default=0.0, help="log(1 + |x|/s) before GroupNorm, s = this")
+    ap.add_argument("--orbit", type=int, nargs="*", default=[], help="average features over these symmetries")
     ap.add_argument("--ema", type=float, default=0.0)
     ap.add_argument("--mode", choices=("distributed", "local"), default="distributed")
     ap.add_argument("--sites", type=int, default=10)

@@ -16,7 +16,8 @@ def main() -> None:
     print("|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         feats = "full 7×7" if not r.get("pool") else f"pool {r['pool']}" + (
-            f"+{r['extra_pool']}" if r.get("extra_pool") else "") + (f", log {r['log']}" if r.get("log") else "")
+            f"+{r['extra_pool']}" if r.get("extra_pool") else "") + (f", log {r['log']}" if r.get("log") else "") + (
+            f", orbit {r['orbit']}" if r.get("orbit") else "")
         acc = f"{r['acc_mean']:.4f}" + (f" ± {r['acc_std']:.4f}" if len(r["runs"]) > 1 else "")
         eps = "∞" if r["eps"] == 0 else f"{r['eps']:g}"
         secs = sum(x["seconds"] for x in r["runs"]) / len(r["runs"])
