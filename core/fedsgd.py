@@ -165,6 +165,10 @@ class SitePrivacy:
     sample_rate: float
     clip_norm: float
     codec: object  # core.distributed_noise.DistributedNoise: the ring encoding (and, if distributed, the noise)
+    # The server divides the noisy sum by this plan constant (the plan's `batch_size`, set to ≈ q·ΣN from the
+    # sizes the hospitals declared), never by a count computed from the data: an exact record count in the
+    # clear would not be covered by the DP guarantee.
+    expected_batch: float = 1.0
 
     @property
     def skellam(self) -> tuple[float, float] | None:
@@ -207,7 +211,8 @@ def site_privacy(plan, secagg_cfg, bounds=None) -> SitePrivacy:
         raise PlanError("a fedsgd plan needs a plan-wide noise_multiplier")
     codec = DistributedNoise.for_secagg(secagg_cfg, plan.noise_multiplier, plan.clip_norm,
                                         plan.dp_colluders if plan.dp_mode == "distributed" else 0)
-    return SitePrivacy(plan.dp_mode, plan.noise_multiplier, plan.sample_rate, plan.clip_norm, codec)
+    return SitePrivacy(plan.dp_mode, plan.noise_multiplier, plan.sample_rate, plan.clip_norm, codec,
+                       float(plan.batch_size))
 
 
 def prepare_site(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
@@ -224,7 +229,7 @@ class SiteContribution:
 
     update: np.ndarray  # float64 vector for `quantize` (weight = max_weight: factor L/clip)
     weight: int
-    extras: np.ndarray  # [number of local training records, …] (summed under the masks)
+    extras: np.ndarray  # what the caller passed (e.g. evaluation counts), summed under the masks
     noise_hook: Callable[[np.ndarray], None] | None  # distributed: adds the Skellam share to the integers
     entry: object  # the LedgerEntry just written
     loss: float
@@ -237,7 +242,8 @@ def site_round(ledger, round_number: int, privacy: SitePrivacy, trainable: nn.Mo
     """Check the budget, compute the clipped gradient sum, record the spend durably, then encode.
 
     Raises `BudgetExhausted` before any computation when the round would pass the budget.
-    `extras` (e.g. evaluation counts) are appended after the record count.
+    `extras` (e.g. evaluation counts) ride in the masked vector unchanged; the site's record count is not
+    sent (the server normalises by the plan's constant `expected_batch`).
     """
     from .models import model_hash, set_flat_params
 
@@ -253,22 +259,17 @@ def site_round(ledger, round_number: int, privacy: SitePrivacy, trainable: nn.Mo
         vec += gaussian_noise(len(vec), sigma * privacy.clip_norm, rng)
     else:
         hook = codec.noise_hook(rng)
-    more = np.zeros(0, np.int64) if extras is None else np.asarray(extras, np.int64)
+    more = np.zeros(secagg_cfg.n_extras, np.int64) if extras is None else np.asarray(extras, np.int64)
     return SiteContribution(update=codec.encode(vec, secagg_cfg.clip), weight=secagg_cfg.max_weight,
-                            extras=np.concatenate([[gs.n_samples], more]).astype(np.int64), noise_hook=hook,
-                            entry=entry, loss=gs.loss_sum / max(1, gs.batch_size))
+                            extras=more, noise_hook=hook, entry=entry, loss=gs.loss_sum / max(1, gs.batch_size))
 
 
 def server_round(server: FedSGDServer, privacy: SitePrivacy, weights: np.ndarray, ring_sum: np.ndarray,
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(new weights, summed extras after the record count) from the unmasked ring sum of one round."""
+    """(new weights, summed extras) from the unmasked ring sum of one round."""
     codec = privacy.codec
     grad_sum = codec.decode(ring_sum[:codec.dim])
-    extras = ring_sum[codec.dim + 1:].astype(np.int64)
-    n_total = int(extras[0])
-    if n_total <= 0:
-        raise ValueError("the survivors report no training records")
-    return server.apply(weights, grad_sum, privacy.sample_rate * n_total), extras[1:]
+    return server.apply(weights, grad_sum, privacy.expected_batch), ring_sum[codec.dim + 1:].astype(np.int64)
 
 
 def plan_noise_multiplier(epsilon: float, delta: float, sample_rate: float, rounds: int, mode: str,

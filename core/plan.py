@@ -45,6 +45,8 @@ class FederationPlan:
     server_lr: float = 1.0
     # DP-FedSGD (core.fedsgd): "fedsgd" = one Poisson-sampled DP-SGD step per round at rate `sample_rate`
     # (the same q for every record at every hospital), the server steps with momentum `momentum` at `server_lr`.
+    # fedsgd: `batch_size` is the expected batch over the whole federation, q·ΣN from the declared sizes; the
+    # server divides the noisy sum by it (a public constant, so no record count need leave a site)
     algorithm: str = "fedavg"  # "fedavg" (local epochs, today's path) | "fedsgd"
     sample_rate: float = 0.0  # fedsgd: Poisson rate q per record; 0 = batch_size / N at each site (fedavg)
     # "local": each site adds the full noise σ·C to what it sends (trusts no one); "distributed": each site

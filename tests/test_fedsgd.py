@@ -26,7 +26,7 @@ from hemafed.core.secagg.quantize import quantize
 
 def _plan(mode: str, sigma: float) -> FederationPlan:
     return FederationPlan(algorithm="fedsgd", sample_rate=0.2, dp_mode=mode, noise_multiplier=sigma, rounds=5,
-                          threshold=3, min_sites=3, max_sites=5)
+                          threshold=3, min_sites=3, max_sites=5, batch_size=30)
 
 
 def _head() -> nn.Module:
@@ -69,11 +69,11 @@ def test_rounds_record_what_the_plan_promises(tmp_path, mode: str) -> None:
     for rnd in range(rounds):
         ring = np.zeros(cfg.vector_len, RING_DTYPE)
         for (x, y), ledger in zip(data, ledgers, strict=True):
-            c = site_round(ledger, rnd, privacy, head, x, y, w, cfg, generator=gen, rng=rng)
+            c = site_round(ledger, rnd, privacy, head, x, y, w, cfg, generator=gen, rng=rng, extras=np.array([7]))
             ring += quantize(cfg, c.update, c.weight, c.extras, rng, noise=c.noise_hook)
             assert (c.noise_hook is None) == (mode == "local")
-        w, _ = server_round(server, privacy, w, ring)
-        assert np.all(np.isfinite(w))
+        w, extras = server_round(server, privacy, w, ring)
+        assert np.all(np.isfinite(w)) and extras.tolist() == [7 * n_sites]
     for ledger in ledgers:
         assert ledger.rounds == rounds
         assert ledger.spent_epsilon() <= eps
@@ -95,8 +95,9 @@ def test_server_round_equals_sgd_on_the_decoded_sum() -> None:
     codec = privacy.codec
     g = np.linspace(-3, 3, 10)
     ring = quantize(cfg, codec.encode(g, cfg.clip), cfg.max_weight, np.array([40]), np.random.default_rng(0))
-    w, _ = server_round(FedSGDServer(lr=0.1, momentum=0.0), privacy, np.zeros(10, np.float32), ring)
-    np.testing.assert_allclose(w, -0.1 * g / (0.2 * 40), atol=1e-5)
+    w, extras = server_round(FedSGDServer(lr=0.1, momentum=0.0), privacy, np.zeros(10, np.float32), ring)
+    np.testing.assert_allclose(w, -0.1 * g / 30, atol=1e-5)  # divided by the plan's batch_size, a constant
+    assert extras.tolist() == [40]
 
 
 def test_site_requiring_local_dp_refuses_a_distributed_plan() -> None:
