@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,9 +31,12 @@ def register_bench_model() -> None:
 
     from hemafed.core import models
 
+    # HEMAFED_BENCH_HIDDEN (inherited by the site processes) shrinks the model, e.g. 7 → 16.6 k parameters,
+    # the size of the scatter_linear_28 head, to measure the fixed per-round cost DP-FedSGD pays per step
+    hidden = int(os.environ.get("HEMAFED_BENCH_HIDDEN", "420"))
     models.MODELS[BENCH_MODEL] = models.ModelSpec(
-        BENCH_MODEL, 28, "benchmark-only MLP, 0.99 M parameters",
-        lambda n: nn.Sequential(nn.Flatten(), nn.Linear(28 * 28 * 3, 420), nn.ReLU(), nn.Linear(420, n)))
+        BENCH_MODEL, 28, f"benchmark-only MLP, hidden width {hidden}",
+        lambda n: nn.Sequential(nn.Flatten(), nn.Linear(28 * 28 * 3, hidden), nn.ReLU(), nn.Linear(hidden, n)))
 
 
 def run_site(config: str) -> None:

@@ -24,7 +24,9 @@ DEFAULT_DELTA = 1e-5
 # 1 % we promise operators.
 PRV_EPS_ERROR = 0.01
 
-Entry = tuple[float, float, int]
+# (σ, q, steps): Poisson-subsampled Gaussian; (σ, q, steps, Δ₂, Δ₁): Poisson-subsampled Skellam in the
+# secure-aggregation ring (core.distributed_noise), σ relative to the integer L2 sensitivity Δ₂.
+Entry = tuple
 
 
 def default_delta(n_samples: int | None) -> float:
@@ -40,7 +42,9 @@ def check_kind(kind: str) -> None:
         raise ValueError(f"unknown accountant {kind!r}; choose one of {', '.join(KINDS)}")
 
 
-def _check_entry(sigma: float, q: float, steps: int) -> Entry:
+def _check_entry(sigma: float, q: float, steps: int, *skellam: float) -> Entry:
+    if len(skellam) not in (0, 2) or any(not (float(v) > 0 and math.isfinite(float(v))) for v in skellam):
+        raise ValueError(f"a Skellam entry needs positive finite sensitivities (Δ₂, Δ₁), got {skellam!r}")
     sigma, q = float(sigma), float(q)
     if isinstance(steps, bool) or int(steps) != steps:
         raise ValueError(f"steps must be an integer, got {steps!r}")
@@ -51,7 +55,7 @@ def _check_entry(sigma: float, q: float, steps: int) -> Entry:
         raise ValueError(f"sample rate must be in (0, 1], got {q}")
     if steps < 0:
         raise ValueError(f"steps must be ≥ 0, got {steps}")
-    return sigma, q, steps
+    return (sigma, q, steps, *(float(v) for v in skellam))
 
 
 class Accountant:
@@ -65,21 +69,27 @@ class Accountant:
         check_kind(kind)
         self.kind: AccountantKind = kind
         self.history: list[Entry] = []
-        for sigma, q, steps in history:
-            self.step(sigma, q, steps)
+        for entry in history:
+            sigma, q, steps, *skellam = entry
+            self.step(sigma, q, steps, skellam=tuple(skellam) or None)
 
-    def step(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
-        """Record `steps` noisy steps; consecutive identical (σ, q) are merged as Opacus does."""
-        sigma, q, steps = _check_entry(noise_multiplier, sample_rate, steps)
+    def step(self, noise_multiplier: float, sample_rate: float, steps: int = 1, *,
+             skellam: tuple[float, float] | None = None) -> None:
+        """Record `steps` noisy steps; consecutive identical mechanisms are merged as Opacus does.
+
+        `skellam` = (Δ₂, Δ₁) marks Skellam noise in the ring (distributed DP) with those integer
+        sensitivities; σ is then relative to Δ₂ and ε uses the Skellam RDP bound."""
+        sigma, q, steps, *extra = _check_entry(noise_multiplier, sample_rate, steps, *(skellam or ()))
         if steps == 0:
             return
-        if self.history and self.history[-1][:2] == (sigma, q):
-            self.history[-1] = (sigma, q, self.history[-1][2] + steps)
+        last = self.history[-1] if self.history else None
+        if last is not None and (last[0], last[1], *last[3:]) == (sigma, q, *extra):
+            self.history[-1] = (sigma, q, last[2] + steps, *extra)
         else:
-            self.history.append((sigma, q, steps))
+            self.history.append((sigma, q, steps, *extra))
 
     def __len__(self) -> int:
-        return sum(steps for _, _, steps in self.history)
+        return sum(entry[2] for entry in self.history)
 
     def copy(self) -> Accountant:
         return Accountant(self.kind, list(self.history))
@@ -90,15 +100,15 @@ class Accountant:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         if not self.history:
             return 0.0
-        if any(sigma == 0 for sigma, _, _ in self.history):
+        if any(entry[0] == 0 for entry in self.history):
             return math.inf
         return epsilon_of(self.kind, self.history, delta)
 
     def projected_epsilon(self, noise_multiplier: float, sample_rate: float, steps: int,
-                          delta: float = DEFAULT_DELTA) -> float:
+                          delta: float = DEFAULT_DELTA, *, skellam: tuple[float, float] | None = None) -> float:
         """ε after `steps` more steps at (σ, q), without changing this accountant."""
         trial = self.copy()
-        trial.step(noise_multiplier, sample_rate, steps)
+        trial.step(noise_multiplier, sample_rate, steps, skellam=skellam)
         return trial.epsilon(delta)
 
     def state_dict(self) -> dict:
@@ -121,7 +131,11 @@ class Accountant:
 
 
 def epsilon_of(kind: AccountantKind, history: list[Entry], delta: float) -> float:
-    """ε of a (σ, q, steps) history under `kind` accounting (all σ > 0)."""
+    """ε of a history under `kind` accounting (all σ > 0)."""
+    if any(len(entry) == 5 for entry in history):
+        if kind != "rdp":
+            raise ValueError("Skellam (distributed DP) steps are accounted with RDP only; use the 'rdp' accountant")
+        return _mixed_rdp_epsilon(history, delta)
     if kind == "rdp":
         from opacus.accountants import RDPAccountant
 
@@ -133,3 +147,23 @@ def epsilon_of(kind: AccountantKind, history: list[Entry], delta: float) -> floa
     prv = PRVAccountant()
     prv.history = list(history)
     return float(prv.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
+
+
+def _mixed_rdp_epsilon(history: list[Entry], delta: float) -> float:
+    """RDP at integer orders, Gaussian entries by Opacus' exact subsampled-Gaussian analysis and Skellam
+    entries by `core.distributed_noise.skellam_rdp`, composed by addition and converted as Opacus does."""
+    import numpy as np
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    from .distributed_noise import ORDERS, skellam_rdp
+
+    orders = list(ORDERS)
+    rdp = np.zeros(len(orders))
+    for entry in history:
+        sigma, q, steps = entry[:3]
+        if len(entry) == 5:
+            rdp += skellam_rdp(q, sigma, steps, entry[3], entry[4], orders)
+        else:
+            rdp += np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders))
+    eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(eps)

@@ -48,16 +48,19 @@ def steps_per_round(n_samples: int, batch_size: int, local_epochs: int = 1, loca
     return local_epochs * steps_per_epoch(n_samples, batch_size)
 
 
-def _epsilon(kind: AccountantKind, prior: list[Entry], sigma: float, q: float, steps: int, delta: float) -> float:
+def _epsilon(kind: AccountantKind, prior: list[Entry], sigma: float, q: float, steps: int, delta: float,
+             skellam: tuple[float, float] | None = None) -> float:
     acc = Accountant(kind, prior)
-    acc.step(sigma, q, steps)
+    acc.step(sigma, q, steps, skellam=skellam)
     return acc.epsilon(delta)
 
 
 def calibrate_sigma(epsilon: float, delta: float, sample_rate: float, steps: int, *,
-                    kind: AccountantKind = "rdp", prior: Iterable[Entry] = ()) -> float:
+                    kind: AccountantKind = "rdp", prior: Iterable[Entry] = (),
+                    skellam: tuple[float, float] | None = None) -> float:
     """Smallest σ (within relative 1e-3, rounded up) such that `steps` more steps at
-    (σ, q) on top of `prior` history keep ε(δ) ≤ `epsilon`."""
+    (σ, q) on top of `prior` history keep ε(δ) ≤ `epsilon`. `skellam` = (Δ₂, Δ₁)
+    calibrates distributed-DP Skellam noise instead of Gaussian noise."""
     check_kind(kind)
     prior = list(prior)
     if not (epsilon > 0 and math.isfinite(epsilon)):
@@ -67,14 +70,14 @@ def calibrate_sigma(epsilon: float, delta: float, sample_rate: float, steps: int
     if prior and Accountant(kind, prior).epsilon(delta) >= epsilon:
         raise BudgetTooSmall(f"the budget ε={epsilon:g} is already spent")
     lo, hi = 0.0, 1.0
-    while _epsilon(kind, prior, hi, sample_rate, steps, delta) > epsilon:
+    while _epsilon(kind, prior, hi, sample_rate, steps, delta, skellam) > epsilon:
         lo, hi = hi, hi * 2
         if hi > MAX_SIGMA:
             raise BudgetTooSmall(f"ε={epsilon:g} at δ={delta:g} would need σ > {MAX_SIGMA:g} "
                                  f"for {steps} steps at q={sample_rate:.4g}")
     while hi - lo > SIGMA_RTOL * hi:
         mid = (lo + hi) / 2
-        if _epsilon(kind, prior, mid, sample_rate, steps, delta) > epsilon:
+        if _epsilon(kind, prior, mid, sample_rate, steps, delta, skellam) > epsilon:
             lo = mid
         else:
             hi = mid
@@ -82,7 +85,8 @@ def calibrate_sigma(epsilon: float, delta: float, sample_rate: float, steps: int
 
 
 def max_rounds(sigma: float, epsilon: float, delta: float, sample_rate: float, steps_per_round: int, *,
-               kind: AccountantKind = "rdp", prior: Iterable[Entry] = (), limit: int = 100_000) -> int:
+               kind: AccountantKind = "rdp", prior: Iterable[Entry] = (), limit: int = 100_000,
+               skellam: tuple[float, float] | None = None) -> int:
     """How many whole rounds of `steps_per_round` steps at (σ, q) fit the budget (0 if none)."""
     check_kind(kind)
     prior = list(prior)
@@ -90,7 +94,7 @@ def max_rounds(sigma: float, epsilon: float, delta: float, sample_rate: float, s
         return 0
 
     def fits(rounds: int) -> bool:
-        return _epsilon(kind, prior, sigma, sample_rate, rounds * steps_per_round, delta) <= epsilon
+        return _epsilon(kind, prior, sigma, sample_rate, rounds * steps_per_round, delta, skellam) <= epsilon
 
     if not fits(1):
         return 0

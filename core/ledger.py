@@ -71,6 +71,43 @@ class LedgerEntry:
     epsilon: float  # cumulative ε after this round, at `delta`
     model_hash: str  # sha256 of the global model the round started from
     time: float  # Unix time the entry was written
+    # What protects this site's records in this round (additive; ledgers written before these fields read
+    # back as local Gaussian DP, which is what they recorded).
+    dp_mode: str = "local"  # "local": this site added the full noise | "distributed": a share, see below
+    mechanism: str = "gaussian"  # "gaussian" (σ w.r.t. C) | "skellam" (σ w.r.t. the integer Δ₂ below)
+    l2_sensitivity: float = 0.0  # skellam: Δ₂ in ring units
+    l1_sensitivity: float = 0.0  # skellam: Δ₁ in ring units
+    threshold: int = 0  # distributed: t, the fewest survivors whose sum is ever unmasked
+    colluders: int = 0  # distributed: c, shares discounted (each site knows its own)
+    share_variance: float = 0.0  # distributed: Skellam variance this site added per coordinate (ring units)
+    protection: str = ""  # one sentence for the operator: who the guarantee holds against, assuming what
+
+    def accountant_entry(self) -> tuple:
+        if self.mechanism == "skellam":
+            return (self.sigma, self.sample_rate, self.steps, self.l2_sensitivity, self.l1_sensitivity)
+        return (self.sigma, self.sample_rate, self.steps)
+
+
+@dataclass(frozen=True)
+class Protection:
+    """What protects a round's release, as the ledger records it (default: local Gaussian DP)."""
+
+    dp_mode: str = "local"
+    mechanism: str = "gaussian"
+    l2_sensitivity: float = 0.0
+    l1_sensitivity: float = 0.0
+    threshold: int = 0
+    colluders: int = 0
+    share_variance: float = 0.0
+    protection: str = ("local DP: this site added the full Gaussian noise σ·C itself; the guarantee holds "
+                       "against everyone who sees what it sent, trusting no one")
+
+    @property
+    def skellam(self) -> tuple[float, float] | None:
+        return (self.l2_sensitivity, self.l1_sensitivity) if self.mechanism == "skellam" else None
+
+    def fields(self) -> dict:
+        return asdict(self)
 
 
 def ledger_path(federation_id: str, state: str | os.PathLike[str] | None = None) -> Path:
@@ -108,6 +145,10 @@ def _parse(path: Path, raw: bytes) -> dict:
         for e in entries:
             if not (e.sigma > 0 and 0 < e.sample_rate <= 1 and e.steps >= 0 and math.isfinite(e.epsilon)):
                 raise ValueError(f"bad entry {e}")
+            if e.mechanism not in ("gaussian", "skellam") or e.dp_mode not in ("local", "distributed"):
+                raise ValueError(f"unknown mechanism or DP mode in {e}")
+            if e.mechanism == "skellam" and not (e.l2_sensitivity > 0 and e.l1_sensitivity > 0):
+                raise ValueError(f"Skellam entry without sensitivities: {e}")
     except (KeyError, TypeError, ValueError) as exc:
         raise LedgerCorrupt(f"{path}: malformed ledger ({exc})") from exc
     body["rounds"] = entries
@@ -176,7 +217,7 @@ class PrivacyLedger:
 
     def accountant(self) -> Accountant:
         """A fresh accountant rebuilt from every recorded round."""
-        return Accountant(self.kind, [(e.sigma, e.sample_rate, e.steps) for e in self.entries])
+        return Accountant(self.kind, [e.accountant_entry() for e in self.entries])
 
     def spent_epsilon(self) -> float:
         """ε spent so far at the ledger's δ (recomputed from the history, not trusted from the file)."""
@@ -191,27 +232,32 @@ class PrivacyLedger:
 
     # -- the budget check and the append -------------------------------------------
 
-    def check_round(self, sigma: float, sample_rate: float, steps: int) -> float:
-        """ε after a round of `steps` steps at (σ, q); raises `BudgetExhausted` if past the budget."""
-        projected = self.accountant().projected_epsilon(sigma, sample_rate, steps, self.delta)
+    def check_round(self, sigma: float, sample_rate: float, steps: int, *,
+                    skellam: tuple[float, float] | None = None) -> float:
+        """ε after a round of `steps` steps at (σ, q) (Skellam noise with integer sensitivities (Δ₂, Δ₁) when
+        `skellam` is given); raises `BudgetExhausted` if past the budget."""
+        projected = self.accountant().projected_epsilon(sigma, sample_rate, steps, self.delta, skellam=skellam)
         if not projected <= self.budget_epsilon:
             raise BudgetExhausted(self.federation_id, self.spent_epsilon(), projected, self.budget_epsilon,
                                   self.delta)
         return projected
 
-    def record_round(self, round: int, sigma: float, sample_rate: float, steps: int, model_hash: str) -> LedgerEntry:
+    def record_round(self, round: int, sigma: float, sample_rate: float, steps: int, model_hash: str, *,
+                     protection: Protection | None = None) -> LedgerEntry:
         """Append a round and make it durable before returning; nothing is written if it would pass the budget.
 
         Call this after training and *before* the update leaves the site. Each call is
         a spend: a round number seen before (a retried round) is recorded again.
+        `protection` (default: local Gaussian DP) says which mechanism and trust assumption apply.
         """
+        protection = protection or Protection()
         with self._locked():
             # Another process may have appended since we loaded: the file is the truth.
             self._load()
-            epsilon = self.check_round(sigma, sample_rate, steps)
+            epsilon = self.check_round(sigma, sample_rate, steps, skellam=protection.skellam)
             entry = LedgerEntry(round=int(round), sigma=float(sigma), sample_rate=float(sample_rate),
                                 steps=int(steps), delta=self.delta, epsilon=float(epsilon),
-                                model_hash=str(model_hash), time=time.time())
+                                model_hash=str(model_hash), time=time.time(), **protection.fields())
             self.entries = [*self.entries, entry]
             try:
                 self._write()

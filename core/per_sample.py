@@ -147,6 +147,13 @@ class BookKeepingClipper:
             else:
                 layer.per_sample["weight"] = conv2d_per_sample_weight_grad(m, x, grad_out)
                 layer.inp = None
+        elif isinstance(m, nn.Linear) and x.dim() == 2:
+            # One input vector per sample: the weight gradient is the outer product g_i x_iᵀ, whose norm
+            # is ‖g_i‖·‖x_i‖ ("ghost" norm) and whose clipped sum is one matmul; never materialised
+            # (for a linear head on 11,907 scattering features that is 95 k numbers per sample).
+            layer.ghost_sq = grad_out.square().sum(dim=1) * x.square().sum(dim=1)
+            layer.grad_out = grad_out
+            layer.per_sample = {"bias": grad_out} if m.bias is not None else {}
         elif isinstance(m, nn.Linear):
             g = grad_out.reshape(b, -1, grad_out.shape[-1])
             xi = x.reshape(b, -1, x.shape[-1])
@@ -203,7 +210,9 @@ class BookKeepingClipper:
         for layer in self.layers:
             ps = layer.per_sample or {}
             for name, p in layer.module.named_parameters(recurse=False):
-                if name == "weight" and layer.ghost_sq is not None:
+                if name == "weight" and layer.ghost_sq is not None and isinstance(layer.module, nn.Linear):
+                    summed = (layer.grad_out * factors[:, None]).t() @ layer.inp
+                elif name == "weight" and layer.ghost_sq is not None:
                     summed = conv2d_clipped_weight_grad(layer.module, layer.inp, layer.grad_out, factors)
                 else:
                     summed = torch.einsum("b,b...->...", factors, ps[name])

@@ -43,6 +43,18 @@ class FederationPlan:
     max_sites: int = 64
     server_optimizer: str = "fedavg"
     server_lr: float = 1.0
+    # DP-FedSGD (core.fedsgd): "fedsgd" = one Poisson-sampled DP-SGD step per round at rate `sample_rate`
+    # (the same q for every record at every hospital), the server steps with momentum `momentum` at `server_lr`.
+    # fedsgd: `batch_size` is the expected batch over the whole federation, q·ΣN from the declared sizes; the
+    # server divides the noisy sum by it (a public constant, so no record count need leave a site)
+    algorithm: str = "fedavg"  # "fedavg" (local epochs, today's path) | "fedsgd"
+    sample_rate: float = 0.0  # fedsgd: Poisson rate q per record; 0 = batch_size / N at each site (fedavg)
+    # "local": each site adds the full noise σ·C to what it sends (trusts no one); "distributed": each site
+    # adds a Skellam share σ²Δ²/(t − dp_colluders) inside secure aggregation (core.distributed_noise)
+    dp_mode: str = "local"
+    dp_colluders: int = 1  # distributed: shares discounted for collusion (1: each site knows its own share)
+    noise_multiplier: float = 0.0  # fedsgd: σ common to all sites (0: each site calibrates its own, local only)
+    ema: float = 0.0  # fedsgd: EMA decay of the released weights (post-processing, no privacy cost)
     val_fraction: float = 0.1
     train_timeout_s: float = 1800.0
     stage_timeout_s: float = 120.0
@@ -78,6 +90,26 @@ class FederationPlan:
             out.append("classes must be at least two distinct names")
         if self.server_optimizer not in ("fedavg", "fedadam"):
             out.append("server_optimizer must be 'fedavg' or 'fedadam'")
+        if self.algorithm not in ("fedavg", "fedsgd"):
+            out.append("algorithm must be 'fedavg' or 'fedsgd'")
+        if self.dp_mode not in ("local", "distributed"):
+            out.append("dp_mode must be 'local' or 'distributed'")
+        if not 0 <= self.sample_rate <= 1:
+            out.append("sample_rate must be in [0, 1]")
+        if self.algorithm == "fedsgd" and self.sample_rate <= 0:
+            out.append("a fedsgd plan needs a sample_rate q in (0, 1]")
+        if not 0 <= self.ema < 1:
+            out.append("ema must be in [0, 1)")
+        if self.noise_multiplier < 0:
+            out.append("noise_multiplier must be ≥ 0")
+        if self.dp and self.dp_mode == "distributed":
+            if not self.secagg:
+                out.append("distributed DP needs secure aggregation (the noise is only complete in the sum)")
+            if self.algorithm != "fedsgd" or self.noise_multiplier <= 0:
+                out.append("distributed DP needs algorithm 'fedsgd' and a plan-wide noise_multiplier > 0 "
+                           "(every site's share must be of the same σ)")
+            if not 0 <= self.dp_colluders < self.threshold:
+                out.append("dp_colluders must be in [0, threshold)")
         if self.secagg and not 2 <= self.threshold <= self.max_sites:
             out.append("threshold t must be between 2 and max_sites")
         if self.min_sites > self.max_sites:
@@ -124,6 +156,9 @@ class SiteBounds:
 
     require_dp: bool = True
     require_secagg: bool = True
+    # True: this hospital adds the full noise itself and refuses a distributed-DP plan (whose guarantee
+    # rests on the other hospitals' shares and the aggregator's semi-honesty)
+    require_local_dp: bool = False
     min_threshold: int = 2
     max_rounds: int = 200
     max_local_epochs: int = 10
@@ -137,6 +172,9 @@ class SiteBounds:
             out.append("the plan turns differential privacy off")
         if self.require_secagg and not plan.secagg:
             out.append("the plan turns secure aggregation off")
+        if self.require_local_dp and plan.dp and plan.dp_mode != "local":
+            out.append(f"the plan uses {plan.dp_mode} DP; this site requires local DP (it adds the full noise "
+                       "itself)")
         if plan.secagg and plan.threshold < self.min_threshold:
             out.append(f"threshold t={plan.threshold} is below the accepted minimum {self.min_threshold}")
         if plan.rounds > self.max_rounds:

@@ -20,6 +20,8 @@ average is that divided by Σ w_i.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from .config import SecAggConfig
@@ -30,8 +32,15 @@ _CHUNK = 1 << 17
 
 
 def quantize(cfg: SecAggConfig, update: np.ndarray, weight: int, extras: np.ndarray | None = None,
-             rng: np.random.Generator | None = None) -> np.ndarray:
-    """The site's input as one uint32 vector of length ``cfg.vector_len``."""
+             rng: np.random.Generator | None = None,
+             noise: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+    """The site's input as one uint32 vector of length ``cfg.vector_len``.
+
+    ``noise``, when given, is called once with the int32 view of the quantized update words (after rounding,
+    before the weight and extras are written) and adds integer noise in place, wrapping modulo 2^32: the hook
+    for distributed DP (`core.distributed_noise.DistributedNoise.noise_hook`), whose analysis needs the noise
+    added to the rounded integers, never clipped.
+    """
     update = np.asarray(update)
     if update.shape != (cfg.dim,) or not np.issubdtype(update.dtype, np.floating):
         raise InputError(f"update must be a float vector of length {cfg.dim}")
@@ -63,6 +72,8 @@ def quantize(cfg: SecAggConfig, update: np.ndarray, weight: int, extras: np.ndar
         xs += us  # floor(x + u), u ~ U[0,1): rounds up with probability frac(x), so E[q] = x; stays in [-L, L]
         np.floor(xs, out=xs)
         dest[i:i + k] = xs
+    if noise is not None:
+        noise(dest)
     out[cfg.dim] = int(weight)
     out[cfg.dim + 1:] = extras.astype(RING_DTYPE)
     return out

@@ -1,0 +1,300 @@
+"""DP-FedSGD: one Poisson-sampled DP-SGD step per round, summed over hospitals.
+
+Each round every hospital draws its own Poisson batch (each of its records joins
+independently with probability q), computes per-sample gradients of the global
+model, clips each to L2 norm C and sums them. The aggregator learns only the sum
+over hospitals (secure aggregation) plus noise, divides by the expected batch
+q·ΣN and takes one SGD-with-momentum step. With the same q at every hospital the
+union of the hospitals' batches *is* a Poisson sample of the union at rate q, so
+this is exactly central DP-SGD over all hospitals' records (Dirichlet label skew
+does not bias it: every record counts once, wherever it lives).
+
+Noise (`core.distributed_noise` and the plan's `dp_mode`):
+
+* ``local``: each hospital adds N(0, σ²C²) to its own sum before it leaves; the
+  sum over n hospitals carries nσ²C² (√n more noise than needed), trusting no one.
+* ``distributed``: each hospital adds an integer Skellam share of variance
+  σ²Δ²/t in the secure-aggregation ring; any ≥ t survivors' sum carries ≥ σ²Δ².
+
+Per-record ε is the same (σ, q, steps) in both modes; see docs/privacy.md for what
+each mode protects against.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .per_sample import make_clipper
+
+
+@dataclass
+class GradientSum:
+    """One hospital's contribution before noise: Σ_i clip_C(∇ℓ_i) over its Poisson batch.
+
+    `batch_size` (the realised Poisson batch) must never leave the site in the clear:
+    the expected batch q·N is what the server divides by.
+    """
+
+    vector: np.ndarray  # float32, flat, over the trainable parameters in `parameters()` order
+    batch_size: int
+    loss_sum: float
+    n_samples: int
+    sample_rate: float
+    clip_norm: float
+
+
+def prepare_inputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The fixed (data-independent) part of the model applied once to all of a site's images."""
+    from .models import split_features
+
+    features, _ = split_features(model)
+    return features(images)
+
+
+def _sum_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def poisson_batch(n: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a Poisson sample: each of n records independently with probability q."""
+    return torch.nonzero(torch.rand(n, generator=generator) < sample_rate).view(-1)
+
+
+def clipped_gradient_sum(trainable: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, sample_rate: float,
+                         clip_norm: float, generator: torch.Generator | None = None,
+                         indices: torch.Tensor | None = None) -> GradientSum:
+    """Draw a Poisson batch (or use `indices`) and return the clipped per-sample gradient sum.
+
+    `trainable` is the part of the model that is trained (`split_features(model)[1]`)
+    and `inputs` what `prepare_inputs` produced. No noise is added here.
+    """
+    n = len(labels)
+    if not 0 < sample_rate <= 1 or not clip_norm > 0:
+        raise ValueError("need 0 < sample_rate ≤ 1 and clip_norm > 0")
+    if indices is None:
+        if generator is None:
+            generator = torch.Generator().manual_seed(secrets.randbits(63))
+        indices = poisson_batch(n, sample_rate, generator)
+    params = [p for p in trainable.parameters()]
+    if len(indices) == 0:
+        vec = np.zeros(sum(p.numel() for p in params), np.float32)
+        return GradientSum(vec, 0, 0.0, n, sample_rate, clip_norm)
+    was_training = trainable.training
+    trainable.train()
+    clipper = make_clipper(trainable, "bk")
+    try:
+        with clipper:
+            grads, _, loss_sum = clipper.clipped_sum(inputs[indices], labels[indices], _sum_ce, clip_norm)
+    finally:
+        clipper.close()
+        trainable.train(was_training)
+    vec = torch.cat([g.reshape(-1) for g in grads]).numpy().astype(np.float32)
+    return GradientSum(vec, len(indices), float(loss_sum), n, sample_rate, clip_norm)
+
+
+def gaussian_noise(dim: int, std: float, rng: np.random.Generator | None = None) -> np.ndarray:
+    """N(0, std²) per coordinate from OS randomness by default (the local-DP share)."""
+    rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
+    return rng.normal(0.0, std, size=dim).astype(np.float32)
+
+
+class FedSGDServer:
+    """The aggregator's step: w ← w − lr·v, v ← μ·v + g, g = noisy sum / (q·ΣN).
+
+    Optional EMA of the weights (De et al. 2022) for evaluation and release; it is
+    post-processing of already-private models and costs no privacy.
+    """
+
+    def __init__(self, lr: float, momentum: float = 0.9, ema: float = 0.0) -> None:
+        if not lr > 0 or not 0 <= momentum < 1 or not 0 <= ema < 1:
+            raise ValueError("need lr > 0, 0 ≤ momentum < 1, 0 ≤ ema < 1")
+        self.lr, self.momentum, self.ema_decay = lr, momentum, ema
+        self.velocity: np.ndarray | None = None
+        self.ema: np.ndarray | None = None
+
+    def apply(self, weights: np.ndarray, noisy_sum: np.ndarray, expected_batch: float) -> np.ndarray:
+        if not expected_batch > 0 or not math.isfinite(expected_batch):
+            raise ValueError("expected batch must be positive")
+        g = noisy_sum.astype(np.float64) / expected_batch
+        self.velocity = g if self.velocity is None else self.momentum * self.velocity + g
+        new = (weights - self.lr * self.velocity).astype(np.float32)
+        if self.ema_decay:
+            self.ema = new.copy() if self.ema is None else \
+                (self.ema_decay * self.ema + (1 - self.ema_decay) * new).astype(np.float32)
+        return new
+
+    def state(self) -> dict[str, np.ndarray]:
+        out = {}
+        if self.velocity is not None:
+            out["velocity"] = self.velocity
+        if self.ema is not None:
+            out["ema"] = self.ema
+        return out
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.velocity = state.get("velocity")
+        self.ema = state.get("ema")
+
+
+Evaluate = Callable[[np.ndarray], float]
+
+
+# --------------------------------------------------------------------------- the drivers' API
+#
+# Site, once per federation:   privacy = site_privacy(plan, secagg_cfg)           (PlanError if refused)
+#                              trainable, inputs = prepare_site(model, images)    (features computed once)
+# Site, every round:           c = site_round(ledger, rnd, privacy, trainable, inputs, labels, weights)
+#                              SiteSecAgg.start(c.update, c.weight, c.extras, noise=c.noise_hook)
+# Aggregator, every round:     weights = server_round(server, privacy, weights, ring_sum)
+
+
+@dataclass(frozen=True)
+class SitePrivacy:
+    """What a site derives from the plan at join time (identical at every site and the aggregator)."""
+
+    mode: str  # "local" | "distributed"
+    sigma: float
+    sample_rate: float
+    clip_norm: float
+    codec: object  # core.distributed_noise.DistributedNoise: the ring encoding (and, if distributed, the noise)
+    # The server divides the noisy sum by this plan constant (the plan's `batch_size`, set to ≈ q·ΣN from the
+    # sizes the hospitals declared), never by a count computed from the data: an exact record count in the
+    # clear would not be covered by the DP guarantee.
+    expected_batch: float = 1.0
+
+    @property
+    def skellam(self) -> tuple[float, float] | None:
+        if self.mode != "distributed":
+            return None
+        return (self.codec.l2_sensitivity, self.codec.l1_sensitivity)
+
+    def protection(self):
+        """The ledger's `Protection` for one round of this plan."""
+        from .ledger import Protection
+
+        if self.mode == "local":
+            return Protection()
+        c = self.codec
+        return Protection(
+            dp_mode="distributed", mechanism="skellam", l2_sensitivity=c.l2_sensitivity,
+            l1_sensitivity=c.l1_sensitivity, threshold=c.threshold, colluders=c.colluders,
+            share_variance=c.share_variance,
+            protection=(f"distributed DP: this site added a Skellam share (variance σ²Δ²/(t−c), "
+                        f"t={c.threshold}, c={c.colluders}); the unmasked sum of ≥ {c.threshold} sites carries "
+                        f"noise σ={self.sigma:.4g}. "
+                        "Holds against the aggregator, every other site and users of the model, assuming a "
+                        "semi-honest aggregator and secure aggregation with threshold t; "
+                        f"if {c.colluders + 1} or more sites pool their own shares, σ drops to "
+                        f"{c.sigma_with(c.colluders + 1):.4g} for the rest"))
+
+
+def site_privacy(plan, secagg_cfg, bounds=None) -> SitePrivacy:
+    """Check a DP-FedSGD plan (and the site's bounds) and derive the round's privacy parameters."""
+    from .distributed_noise import DistributedNoise
+    from .plan import PlanError
+
+    if plan.algorithm != "fedsgd" or not plan.dp:
+        raise PlanError("site_privacy is for private fedsgd plans")
+    if bounds is not None:
+        problems = bounds.violations(plan)
+        if problems:
+            raise PlanError("; ".join(problems))
+    if plan.noise_multiplier <= 0:
+        raise PlanError("a fedsgd plan needs a plan-wide noise_multiplier")
+    codec = DistributedNoise.for_secagg(secagg_cfg, plan.noise_multiplier, plan.clip_norm,
+                                        plan.dp_colluders if plan.dp_mode == "distributed" else 0)
+    return SitePrivacy(plan.dp_mode, plan.noise_multiplier, plan.sample_rate, plan.clip_norm, codec,
+                       float(plan.batch_size))
+
+
+def prepare_site(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """(trainable part, its inputs): the fixed features of every local image, computed once per federation."""
+    from .models import split_features
+
+    features, trainable = split_features(model)
+    return trainable, features(images)
+
+
+@dataclass
+class SiteContribution:
+    """What the site hands to secure aggregation for one round (the ledger entry is already durable)."""
+
+    update: np.ndarray  # float64 vector for `quantize` (weight = max_weight: factor L/clip)
+    weight: int
+    extras: np.ndarray  # what the caller passed (e.g. evaluation counts), summed under the masks
+    noise_hook: Callable[[np.ndarray], None] | None  # distributed: adds the Skellam share to the integers
+    entry: object  # the LedgerEntry just written
+    loss: float
+
+
+def site_round(ledger, round_number: int, privacy: SitePrivacy, trainable: nn.Module, inputs: torch.Tensor,
+               labels: torch.Tensor, global_weights: np.ndarray, secagg_cfg, *,
+               generator: torch.Generator | None = None, rng: np.random.Generator | None = None,
+               extras: np.ndarray | None = None) -> SiteContribution:
+    """Check the budget, compute the clipped gradient sum, record the spend durably, then encode.
+
+    Raises `BudgetExhausted` before any computation when the round would pass the budget.
+    `extras` (e.g. evaluation counts) ride in the masked vector unchanged; the site's record count is not
+    sent (the server normalises by the plan's constant `expected_batch`).
+    """
+    from .models import model_hash, set_flat_params
+
+    q, sigma, codec = privacy.sample_rate, privacy.sigma, privacy.codec
+    ledger.check_round(sigma, q, 1, skellam=privacy.skellam)
+    set_flat_params(trainable, global_weights)
+    gs = clipped_gradient_sum(trainable, inputs, labels, q, privacy.clip_norm, generator)
+    entry = ledger.record_round(round_number, sigma, q, 1, model_hash(np.asarray(global_weights, np.float32)),
+                                protection=privacy.protection())
+    vec = gs.vector.astype(np.float64)
+    hook = None
+    if privacy.mode == "local":
+        vec += gaussian_noise(len(vec), sigma * privacy.clip_norm, rng)
+    else:
+        hook = codec.noise_hook(rng)
+    more = np.zeros(secagg_cfg.n_extras, np.int64) if extras is None else np.asarray(extras, np.int64)
+    return SiteContribution(update=codec.encode(vec, secagg_cfg.clip), weight=secagg_cfg.max_weight,
+                            extras=more, noise_hook=hook, entry=entry, loss=gs.loss_sum / max(1, gs.batch_size))
+
+
+def server_round(server: FedSGDServer, privacy: SitePrivacy, weights: np.ndarray, ring_sum: np.ndarray,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(new weights, summed extras) from the unmasked ring sum of one round."""
+    codec = privacy.codec
+    grad_sum = codec.decode(ring_sum[:codec.dim])
+    return server.apply(weights, grad_sum, privacy.expected_batch), ring_sum[codec.dim + 1:].astype(np.int64)
+
+
+def plan_noise_multiplier(epsilon: float, delta: float, sample_rate: float, rounds: int, mode: str,
+                          secagg_cfg=None, colluders: int = 1, clip_norm: float = 1.0) -> float:
+    """σ for a fedsgd plan: `rounds` steps at rate q spend ≤ ε at δ per record, under the plan's mechanism
+    (Gaussian for local DP, Skellam in the ring of `secagg_cfg` for distributed DP)."""
+    from .calibration import calibrate_sigma
+    from .distributed_noise import DistributedNoise
+
+    if mode == "local":
+        return calibrate_sigma(epsilon, delta, sample_rate, rounds)
+    # Δ₂, Δ₁ do not depend on σ: derive them with a placeholder σ, then calibrate
+    codec = DistributedNoise.for_secagg(secagg_cfg, 1.0, clip_norm, colluders)
+    return calibrate_sigma(epsilon, delta, sample_rate, rounds,
+                           skellam=(codec.l2_sensitivity, codec.l1_sensitivity))
+
+
+def check_plan_budget(privacy: SitePrivacy, ledger, rounds: int) -> float:
+    """ε this site will have spent after `rounds` more rounds of the plan; `PlanError` when that passes its
+    budget (call at join time, so a site refuses a plan it cannot finish rather than dropping out midway)."""
+    from .plan import PlanError
+
+    projected = ledger.accountant().projected_epsilon(privacy.sigma, privacy.sample_rate, rounds, ledger.delta,
+                                                      skellam=privacy.skellam)
+    if not projected <= ledger.budget_epsilon:
+        raise PlanError(f"the plan's {rounds} rounds at σ={privacy.sigma:.4g}, q={privacy.sample_rate:.4g} would "
+                        f"spend ε={projected:.4g} > this site's budget {ledger.budget_epsilon:g} (δ={ledger.delta:g})")
+    return projected
