@@ -137,6 +137,7 @@ class RoundOutcome:
     fed_val_accuracy: float | None = None
     confusion: list[list[int]] | None = None
     mean_update: np.ndarray | None = None
+    ring_sum: np.ndarray | None = None  # DP-FedSGD: the unmasked ring sum the server step decodes
     wall_s: float = 0.0
 
     def log_entry(self) -> dict[str, Any]:
@@ -357,7 +358,9 @@ class FederationMachine:
         outcome = self._round.result(now)
         self._round = None
         self.stage = Stage.RECORDING
-        if outcome.status == "completed" and outcome.mean_update is not None:
+        if outcome.status == "completed" and outcome.ring_sum is not None:
+            self.weights = self.optimizer.step_ring(self.weights, outcome.ring_sum)  # type: ignore[attr-defined]
+        elif outcome.status == "completed" and outcome.mean_update is not None:
             self.weights = self.optimizer.step(self.weights, outcome.mean_update)
         else:
             log.warning("round %d abandoned: %s; the model is unchanged", outcome.round, outcome.reason)
@@ -382,6 +385,7 @@ class _Round:
         self.participants = set(outcome.participants)
         self.finished = False
         self.sums: tuple[np.ndarray, int, np.ndarray] | None = None
+        self.ring_sum: np.ndarray | None = None
 
     def takes(self, msg: Inbound) -> bool:
         return msg.site in self.participants and msg.round == self.number and msg.type in (DECLINE, SECAGG,
@@ -418,7 +422,10 @@ class _Round:
             outcome.reason = "the surviving sites reported no samples"
             return outcome
         outcome.status = "completed"
-        outcome.mean_update = (weighted_sum.astype(np.float64) / weight_sum).astype(np.float32)
+        if self.fed.plan.algorithm == "fedsgd":
+            outcome.ring_sum = self.ring_sum  # the server step decodes it (core.server_opt.FedSGDStep)
+        else:
+            outcome.mean_update = (weighted_sum.astype(np.float64) / weight_sum).astype(np.float32)
         k = len(self.fed.plan.classes)
         confusion = np.asarray(extras, dtype=np.int64).reshape(k, k)
         total = int(confusion.sum())
@@ -582,3 +589,4 @@ class _SecureRound(_Round):
         self.outcome.dropouts = sorted(self.participants - set(self.outcome.survivors)
                                        - set(self.outcome.declined), key=ids.__getitem__)
         self.sums = (result.weighted_sum, result.weight_sum, result.extras_sum)
+        self.ring_sum = result.ring_sum

@@ -65,3 +65,38 @@ def make_server_optimizer(name: str, lr: float) -> ServerOptimizer:
     if name == "fedadam":
         return FedAdam(lr)
     raise ValueError(f"unknown server optimizer {name!r}")
+
+
+class FedSGDStep(ServerOptimizer):
+    """DP-FedSGD's server step (`core.fedsgd`): decode the unmasked ring sum of the sites' clipped, noised
+    gradient sums, divide by the plan's expected batch and take one SGD-with-momentum step. It needs the
+    ring sum, not a mean update: use `step_ring`."""
+
+    def __init__(self, plan, dim: int) -> None:
+        from .agg_round import secagg_config
+        from .fedsgd import FedSGDServer, site_privacy
+
+        self.privacy = site_privacy(plan, secagg_config(plan, dim))
+        self.server = FedSGDServer(plan.server_lr, plan.momentum, plan.ema)
+
+    def step(self, weights: np.ndarray, mean_update: np.ndarray) -> np.ndarray:
+        raise TypeError("DP-FedSGD steps on the ring sum: call step_ring")
+
+    def step_ring(self, weights: np.ndarray, ring_sum: np.ndarray) -> np.ndarray:
+        from .fedsgd import server_round
+
+        new, _extras = server_round(self.server, self.privacy, weights, ring_sum)
+        return new
+
+    def state(self) -> dict[str, np.ndarray]:
+        return self.server.state()
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.server.load_state(state)
+
+
+def make_plan_optimizer(plan, dim: int) -> ServerOptimizer:
+    """The server optimizer a plan asks for (`dim`: the model's parameter count)."""
+    if plan.algorithm == "fedsgd":
+        return FedSGDStep(plan, dim)
+    return make_server_optimizer(plan.server_optimizer, plan.server_lr)

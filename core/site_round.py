@@ -164,6 +164,7 @@ class TrainOutcome:
     weight: int
     confusion: np.ndarray
     epsilon_spent: float | None
+    noise_hook: Callable[[np.ndarray], None] | None = None  # distributed DP: adds this site's integer noise share
 
 
 class Phase(enum.Enum):
@@ -386,7 +387,7 @@ class SiteRound:
                          (weighted.tobytes(), extras.astype("<i8").tobytes())), Emit(StageChanged(rnd, "waiting"))]
         assert self.secagg is not None
         try:
-            msgs = self.secagg.start(result.update, int(result.weight), extras)
+            msgs = self.secagg.start(result.update, int(result.weight), extras, noise=result.noise_hook)
         except secagg.SecAggError as exc:
             return self._leave_round(f"this site's update cannot enter secure aggregation ({exc}); "
                                      "the round's spend stays recorded", failed=True)

@@ -26,7 +26,7 @@ from hemafed.core.atomic import atomic_write_bytes
 from hemafed.core.checkpoints import Checkpoint, CheckpointStore
 from hemafed.core.identity import parse_public_line
 from hemafed.core.plan import FederationPlan, PlanError
-from hemafed.core.server_opt import make_server_optimizer
+from hemafed.core.server_opt import make_plan_optimizer
 from hemafed.network import protocol as P
 from hemafed.network.config import AggregatorConfig
 from hemafed.network.envelope import Envelope, Limits
@@ -63,7 +63,7 @@ class Aggregator:
             parse_public_line(line)  # a bad key line fails here, at start, with its message
         self.site_ids = {name: i + 1 for i, name in enumerate(names)}
         self.store = CheckpointStore(config.state_dir / "checkpoints")
-        self.optimizer = make_server_optimizer(self.plan.server_optimizer, self.plan.server_lr)
+        self.optimizer = make_plan_optimizer(self.plan, len(initial_weights(self.plan)))
         self.machine: R.FederationMachine | None = None
         self._weights: np.ndarray | None = None
         self.dim = 0

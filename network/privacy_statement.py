@@ -4,10 +4,27 @@ from __future__ import annotations
 
 
 def privacy_statement(*, dp: bool, secagg: bool, epsilon: float | None, delta: float,
-                      threshold: int | None, accountant: str = "RDP") -> str:
+                      threshold: int | None, accountant: str = "RDP", dp_mode: str = "local",
+                      colluders: int = 1) -> str:
     """Markdown text saying what is protected, from whom, with which ε and δ."""
     parts: list[str] = []
-    if dp and epsilon is not None:
+    if dp and epsilon is not None and dp_mode == "distributed":
+        parts.append(
+            f"**Differential privacy, distributed through secure aggregation.** Each round, each hospital "
+            f"takes one DP-SGD step's clipped gradient sum over a Poisson sample of its images and adds a "
+            f"*share* of Skellam noise to it inside secure aggregation; the sum the aggregator unmasks (at "
+            f"least t = {threshold} hospitals) carries the full noise. What the aggregator unmasks and every "
+            f"model it releases are (ε = {epsilon:g}, δ = {delta:g})-differentially private with respect to "
+            f"adding or removing any single training image at any hospital, accounted ({accountant}, Skellam "
+            f"mechanism, Poisson subsampling) over every round. This holds against the aggregator, the other "
+            f"hospitals and users of the model, **assuming** the aggregator follows the secure-aggregation "
+            f"protocol (it never sees one hospital's masked contribution unmasked) and at most {colluders} "
+            f"hospital(s) pool their own noise shares with it (more colluders weaken the noise; "
+            f"docs/privacy.md gives the ε then). One hospital's contribution on its own carries only its "
+            f"share of the noise: secure aggregation, not DP, is what hides it. Each hospital records every "
+            f"round in its own ledger before sending and refuses a plan whose rounds would pass its budget."
+        )
+    elif dp and epsilon is not None:
         parts.append(
             f"**Differential privacy.** Every model update a hospital sends is "
             f"(ε = {epsilon:g}, δ = {delta:g})-differentially private with respect to adding or removing "
@@ -25,13 +42,15 @@ def privacy_statement(*, dp: bool, secagg: bool, epsilon: float | None, delta: f
         )
     if secagg and threshold is not None:
         parts.append(
-            f"**Secure aggregation** (Bonawitz et al. 2017, semi-honest model). The aggregator sees "
-            f"only masked updates and learns the sum over the surviving hospitals of each round, "
-            f"never one hospital's update, sample count or validation counts, as long as it does "
-            f"not collude with {threshold - 1} or more hospitals (threshold t = {threshold}); a round "
-            f"with fewer than t surviving hospitals is abandoned without revealing anything. It does "
-            f"not protect against an actively malicious aggregator that lies about which hospitals "
-            f"are present, nor against a malicious hospital sending a poisoned update."
+            f"**Secure aggregation** (Bonawitz et al. 2017, with dropouts and the signed consistency "
+            f"check). The aggregator sees only masked updates and learns the sum over the surviving "
+            f"hospitals of each round, never one hospital's update, sample count or validation counts, "
+            f"as long as it does not collude with {threshold - 1} or more hospitals (threshold "
+            f"t = {threshold}); a round with fewer than t surviving hospitals is abandoned without "
+            f"revealing anything. Survivors sign the survivor list, so the aggregator cannot tell "
+            f"different hospitals different lists; with a pinned roster it cannot add keys of its own. "
+            f"It can still pretend that hospitals dropped out (the sum then covers only t of them), and "
+            f"nothing protects against a malicious hospital sending a poisoned update."
         )
     else:
         parts.append(

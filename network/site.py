@@ -117,6 +117,7 @@ class SiteRunner:
         self.data: LocalData | None = None
         self.privacy: PrivacySettings | None = None
         self.ledger = None
+        self.fedsgd = None  # core.fedsgd_site.FedSGDSite for a DP-FedSGD plan
         self.last_result = None  # the latest LocalResult: loss and steps for the operator; never sent
         self.bytes_sent = self.bytes_received = 0
         self.client: SiteClient | None = None
@@ -408,8 +409,11 @@ class SiteRunner:
         n_params = sum(p.numel() for p in build_model(plan.model, len(plan.classes)).parameters())
         if self.plan is None or self.plan.digest() != plan.digest() or self.data is None:
             self.data = self._load_data(plan)
+            self.fedsgd = None
         self.plan = plan
         n = len(self.data.train_labels)
+        if plan.algorithm == "fedsgd":
+            return self._prepare_fedsgd(plan, n_params)
         if n < plan.batch_size:
             raise PlanRefused([f"only {n} training images, fewer than the batch size {plan.batch_size}"],
                               "add training images, or ask the admin for a smaller batch size")
@@ -435,6 +439,30 @@ class SiteRunner:
         self.privacy = PrivacySettings(sigma, q, steps, self.ledger.delta)
         return _Prepared(self.privacy, n_params, self.ledger.spent_epsilon(),
                          _projection(self.ledger, sigma, q, steps, remaining))
+
+    def _prepare_fedsgd(self, plan: FederationPlan, n_params: int) -> _Prepared:
+        """DP-FedSGD: the plan fixes σ and q for every site; this site checks its bounds and that the plan's
+        rounds fit its budget, and computes its images' fixed features once."""
+        from hemafed.core.fedsgd_site import FedSGDSite
+        from hemafed.core.plan import PlanError
+
+        assert self.data is not None
+        if not plan.dp or not plan.secagg:
+            raise PlanRefused(["a fedsgd plan must use differential privacy and secure aggregation"],
+                              "ask the federation's admin for a private plan")
+        n = len(self.data.train_labels)
+        self.ledger = self._open_ledger(plan, default_delta=min(plan.delta, 1.0 / n))
+        if self.fedsgd is None or self.fedsgd.plan.digest() != plan.digest():
+            try:
+                self.fedsgd = FedSGDSite(plan, P.secagg_config(plan, n_params), self.ledger, self.cfg.bounds,
+                                         self.data.train_images, self.data.train_labels, self.data.val_images,
+                                         self.data.val_labels)
+            except PlanError as exc:
+                raise PlanRefused([str(exc)], "raise the ε budget in site.toml (a new federation id starts a new "
+                                              "ledger), or ask the admin for fewer rounds") from exc
+        fs = self.fedsgd.privacy
+        self.privacy = PrivacySettings(fs.sigma, fs.sample_rate, 1, self.ledger.delta)
+        return _Prepared(self.privacy, n_params, self.ledger.spent_epsilon(), self.fedsgd.epsilon_per_round())
 
     def _open_ledger(self, plan: FederationPlan, default_delta: float):
         """This federation's ledger: δ and accountant stay what they were when it was
@@ -483,6 +511,8 @@ class SiteRunner:
 
         rnd = action.round
         recorded_before = self.ledger.rounds if self.ledger is not None and self.privacy is not None else 0
+        if self.fedsgd is not None and self.plan is not None and self.plan.algorithm == "fedsgd":
+            return await self._fedsgd_round(action, recorded_before)
         try:
             model = await asyncio.to_thread(self._model, action)
             confusion = await asyncio.to_thread(self._evaluate, model)
@@ -511,6 +541,33 @@ class SiteRunner:
         assert self.data is not None
         return self.machine.trained(rnd, sr.TrainOutcome(result.update, len(self.data.train_labels),
                                                          confusion, eps))
+
+    async def _fedsgd_round(self, action: sr.Train, recorded_before: int) -> list[sr.Action]:
+        from hemafed.core.fedsgd_site import RoundCancelled
+        from hemafed.core.ledger import BudgetExhausted
+
+        rnd, fs = action.round, self.fedsgd
+        assert fs is not None
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(self._save_model, "latest", action.weights, rnd)
+            done = await asyncio.to_thread(fs.round, rnd, action.weights, self._stop_flag)
+        except RoundCancelled:
+            return self.machine.train_cancelled(rnd, recorded=False, epsilon_spent=self._spent())
+        except BudgetExhausted as exc:
+            log.warning("round %d: declining, %s", rnd, exc)
+            return self.machine.budget_exhausted(rnd, str(exc))
+        except Exception as exc:  # a bug or a resource failure: never a traceback for the operator
+            log.exception("round %d: computing the gradient failed", rnd)
+            return self.machine.train_failed(rnd, safe_text(f"{type(exc).__name__}: {exc}"))
+        c = done.contribution
+        self._progress(TrainProgress(rnd, 1, 1, float(c.loss)))
+        self._log_round(rnd, "trained", epsilon=done.epsilon_spent, loss=c.loss, train_s=time.monotonic() - started)
+        if self.stopping:  # stop() came after the gradient: the spend is recorded, nothing is sent
+            return self.machine.train_cancelled(rnd, recorded=self._recorded_since(recorded_before),
+                                                epsilon_spent=done.epsilon_spent)
+        return self.machine.trained(rnd, sr.TrainOutcome(c.update, c.weight, done.confusion, done.epsilon_spent,
+                                                         noise_hook=c.noise_hook))
 
     def _recorded_since(self, before: int) -> bool:
         """Did this round reach the ledger? (`record_round` updates the open ledger object.)"""

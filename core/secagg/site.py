@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Container, Mapping
+from collections.abc import Callable, Container, Mapping
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -95,10 +95,12 @@ class SiteSecAgg:
 
     # ------------------------------------------------------------------ driving
 
-    def start(self, update: np.ndarray, weight: int, extras: np.ndarray | None = None) -> list[Message]:
-        """Quantize the input (the float update is not kept) and advertise fresh round keys."""
+    def start(self, update: np.ndarray, weight: int, extras: np.ndarray | None = None,
+              noise: Callable[[np.ndarray], None] | None = None) -> list[Message]:
+        """Quantize the input (the float update is not kept) and advertise fresh round keys. ``noise`` adds this
+        site's share of distributed-DP noise to the quantized integers (see `quantize`)."""
         self._expect(SiteStage.NEW)
-        self._input = quantize(self.cfg, update, weight, extras, self._rng)
+        self._input = quantize(self.cfg, update, weight, extras, self._rng, noise=noise)
         self._c_sk, c_pk = kdf.new_keypair()
         self._s_sk, s_pk = kdf.new_keypair()
         sig = sign_advert(self._identity, self.cfg.federation_id, self.round, self.site_id, c_pk, s_pk)

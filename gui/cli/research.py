@@ -50,12 +50,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_train_central)
 
+    from hemafed.network.sim.simulate import SimulationOptions
+
+    d = SimulationOptions()
     p = sub.add_parser("simulate", help="run N hospitals and an aggregator as processes on this machine")
-    p.add_argument("--sites", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--epsilon", type=float, default=8.0, help="privacy budget per hospital (default 8)")
-    p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--partition", default="dirichlet:0.5", help="iid or dirichlet:ALPHA")
+    p.add_argument("--sites", type=int, default=d.sites)
+    p.add_argument("--rounds", type=int, default=d.rounds, help=f"rounds (default {d.rounds})")
+    p.add_argument("--epsilon", type=float, default=d.epsilon,
+                   help=f"privacy budget per hospital (default {d.epsilon:g})")
+    p.add_argument("--delta", type=float, default=d.delta)
+    p.add_argument("--partition", default=d.partition, help="iid or dirichlet:ALPHA")
     p.add_argument("--no-dp", dest="dp", action="store_false", help="non-private baseline (no DP)")
     p.add_argument("--no-secagg", dest="secagg", action="store_false",
                    help="plain aggregation (the aggregator sees each update)")
@@ -63,18 +67,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=int, help="secure-aggregation threshold t (default: majority)")
     p.add_argument("--drop", action="append", default=[], metavar="SITE@ROUND:STAGE",
                    help="kill hospital SITE's process at STAGE (train, keys, shares, masked, unmask) of ROUND")
-    p.add_argument("--out", type=Path, default=Path("results/simulation"))
+    p.add_argument("--out", type=Path, default=d.out)
     p.add_argument("--data", type=Path, help="BloodMNIST .npz or folder holding it")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--subset", type=int, help="use only this many training images (quick runs)")
-    p.add_argument("--model", default="resnet_gn_28")
-    p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1, help="local learning rate (default 0.1)")
-    p.add_argument("--momentum", type=float, default=0.9, help="local SGD momentum (default 0.9)")
-    p.add_argument("--clip-norm", type=float, default=1.0)
-    p.add_argument("--server-optimizer", choices=("fedavg", "fedadam"), default="fedavg")
-    p.add_argument("--server-lr", type=float, default=1.0)
+    p.add_argument("--model", default=d.model, help=f"model from the registry (default {d.model})")
+    p.add_argument("--algorithm", choices=("fedsgd", "fedavg"), default=d.algorithm,
+                   help="fedsgd: one DP-SGD step per round (default); fedavg: local epochs per round")
+    p.add_argument("--dp-mode", choices=("distributed", "local"), default=d.dp_mode,
+                   help="fedsgd: noise shares inside secure aggregation (default) or full noise at each site")
+    p.add_argument("--sample-rate", type=float, default=d.sample_rate,
+                   help=f"fedsgd: Poisson rate per image per round (default {d.sample_rate})")
+    p.add_argument("--local-epochs", type=int, default=d.local_epochs, help="fedavg only")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="fedavg only")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"fedavg: local learning rate (default {d.lr})")
+    p.add_argument("--momentum", type=float, default=d.momentum, help=f"SGD momentum (default {d.momentum})")
+    p.add_argument("--clip-norm", type=float, default=d.clip_norm)
+    p.add_argument("--server-optimizer", choices=("fedavg", "fedadam"), default=d.server_optimizer,
+                   help="fedavg only")
+    p.add_argument("--server-lr", type=float, default=d.server_lr, help=f"server step size (default {d.server_lr})")
+    p.add_argument("--eval-every", type=int, help="test-evaluate every k-th round (default: about 50 points)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_simulate)
 
@@ -167,7 +179,9 @@ def _simulate(args: argparse.Namespace) -> int:
             dp=args.dp, secagg=args.secagg, tls=args.tls, threshold=args.threshold, drops=drops, out=args.out,
             data=args.data, seed=args.seed, subset=args.subset, model=args.model, local_epochs=args.local_epochs,
             batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, clip_norm=args.clip_norm,
-            server_optimizer=args.server_optimizer, server_lr=args.server_lr, quiet=args.quiet)
+            server_optimizer=args.server_optimizer, server_lr=args.server_lr, quiet=args.quiet,
+            algorithm=args.algorithm, dp_mode=args.dp_mode, sample_rate=args.sample_rate,
+            eval_every=args.eval_every)
         sim = Simulation(opts, command="hemafed " + shlex.join(sys.argv[1:]))
         metrics = sim.run()
     except (ValueError, FileExistsError, RuntimeError) as exc:

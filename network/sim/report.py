@@ -24,12 +24,14 @@ def write_plots(out: Path, metrics: dict[str, Any]) -> list[Path]:
 
     rounds = metrics["rounds"]
     xs = [r["round"] for r in rounds]
+    tested = [(r["round"], r["test_accuracy"]) for r in rounds if r.get("test_accuracy") is not None]
+    many = len(rounds) > 60
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    ax.plot([0, *xs], [metrics["initial_test_accuracy"], *[r["test_accuracy"] for r in rounds]],
-            marker="o", label="global model, held-out test split")
+    ax.plot([0, *(x for x, _ in tested)], [metrics["initial_test_accuracy"], *(y for _, y in tested)],
+            marker="." if many else "o", label="global model, held-out test split")
     fed = [(r["round"], r["fed_val_accuracy"]) for r in rounds if r.get("fed_val_accuracy") is not None]
     if fed:
-        ax.plot([x - 1 for x, _ in fed], [y for _, y in fed], marker="s", linestyle="--",
+        ax.plot([x - 1 for x, _ in fed], [y for _, y in fed], marker=None if many else "s", linestyle="--",
                 label="federated validation (model sent in round)")
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -46,7 +48,7 @@ def write_plots(out: Path, metrics: dict[str, Any]) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     sites = sorted({s for r in rounds for s in r.get("epsilon", {})})
     for site in sites:
-        ax.plot(xs, [r.get("epsilon", {}).get(site) for r in rounds], marker=".", label=site)
+        ax.plot(xs, [r.get("epsilon", {}).get(site) for r in rounds], marker=None if many else ".", label=site)
     budget = metrics["plan"].get("epsilon_budget")
     if budget:
         ax.axhline(budget, color="red", linestyle=":", label=f"budget ε = {budget:g}")
@@ -72,7 +74,8 @@ def write_report(out: Path, metrics: dict[str, Any]) -> Path:
     lines += [f"| {k} | {v} |" for k, v in plan.items()]
     lines += ["", "## Privacy", "", privacy_statement(
         dp=plan["dp"], secagg=plan["secagg"], epsilon=plan.get("epsilon_budget"), delta=plan["delta"],
-        threshold=plan.get("threshold")), ""]
+        threshold=plan.get("threshold"), dp_mode=plan.get("dp_mode", "local"),
+        colluders=plan.get("dp_colluders", 1)), ""]
     lines += ["## Results", "",
               f"Test accuracy of the untrained model: {metrics['initial_test_accuracy']:.3f}. "
               f"Final test accuracy: **{metrics['final']['test_accuracy']:.3f}** "
@@ -81,12 +84,19 @@ def write_report(out: Path, metrics: dict[str, Any]) -> Path:
               f"Wall time: {metrics['final']['wall_s']:.0f} s.", "",
               "| round | status | test acc. | fed. val. acc. | sites | dropped / declined | max ε | wall s |",
               "|---|---|---|---|---|---|---|---|"]
+    if len(rounds) > 60:
+        lines.insert(len(lines) - 2, "Rounds whose model was tested, and every round with a dropout, decline or "
+                                     "abandon (all rounds: metrics.json).\n")
     for r in rounds:
+        if len(rounds) > 60 and r.get("test_accuracy") is None and r["status"] == "completed" \
+                and not r.get("dropouts") and not r.get("declined"):
+            continue
         eps = max(r.get("epsilon", {}).values(), default=None)
         fed = r.get("fed_val_accuracy")
         gone = ", ".join(r.get("dropouts", []) + [f"{s} (declined)" for s in r.get("declined", [])]) or "–"
         lines.append(
-            f"| {r['round']} | {r['status']} | {r['test_accuracy']:.3f} | "
+            f"| {r['round']} | {r['status']} | "
+            f"{'–' if r.get('test_accuracy') is None else format(r['test_accuracy'], '.3f')} | "
             f"{'–' if fed is None else f'{fed:.3f}'} | {len(r.get('participants', []))} | {gone} | "
             f"{'–' if eps is None else f'{eps:.2f}'} | {r.get('wall_s', 0):.1f} |")
     lines += ["", "![accuracy](accuracy.png)", "", "![epsilon](epsilon.png)", ""]

@@ -56,8 +56,11 @@ class Drop:
 
 @dataclass
 class SimulationOptions:
+    """Defaults: the recipe chosen on validation data (docs/accuracy-levers.md): DP-FedSGD on fixed
+    scattering features with distributed DP through secure aggregation."""
+
     sites: int = 10
-    rounds: int = 10
+    rounds: int = 500
     epsilon: float = 8.0
     delta: float = 1e-5
     partition: str = "dirichlet:0.5"
@@ -70,27 +73,48 @@ class SimulationOptions:
     data: Path | None = None
     seed: int = 0
     subset: int | None = None  # use only this many training images (quick demos and tests)
-    model: str = "resnet_gn_28"
+    model: str = "scatter_linear_28"
+    algorithm: str = "fedsgd"  # "fedsgd": one DP-SGD step per round | "fedavg": local epochs per round
+    dp_mode: str = "distributed"  # fedsgd: "distributed" (noise shares inside secure aggregation) | "local"
+    sample_rate: float = 0.1713  # fedsgd: Poisson rate per record (≈ 2,048 of BloodMNIST's 11,959 per round)
     local_epochs: int = 1
-    batch_size: int = 64
+    batch_size: int = 64  # fedavg only; fedsgd's plan carries the expected batch q·ΣN
     lr: float = 0.1
     momentum: float = 0.9
     clip_norm: float = 1.0
     server_optimizer: str = "fedavg"
-    server_lr: float = 1.0
+    server_lr: float = 0.5
     stage_timeout_s: float = 120.0
+    eval_every: int | None = None  # test-evaluate every k-th checkpoint (default: about 50 points per run)
     quiet: bool = False
 
-    def plan(self) -> FederationPlan:
-        t = self.threshold or self.sites // 2 + 1
-        return FederationPlan(
+    def plan(self, train_sizes: list[int] | None = None, dim: int | None = None) -> FederationPlan:
+        """The federation's plan. For a private fedsgd plan the harness plays the admin: from the sites'
+        training-set sizes it sets the expected batch q·ΣN and the plan-wide σ that makes `rounds` steps
+        spend the ε budget (`core.fedsgd.plan_noise_multiplier`)."""
+        t = max(self.threshold or self.sites // 2 + 1, 2)
+        plan = FederationPlan(
             federation_id=f"sim-{self.seed}", model=self.model, rounds=self.rounds,
             local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
             clip_norm=self.clip_norm,
-            delta=self.delta, dp=self.dp, secagg=self.secagg, threshold=max(t, 2), min_sites=max(t, 2) if
-            self.secagg else 1, max_sites=max(self.sites, 2), server_optimizer=self.server_optimizer,
+            delta=self.delta, dp=self.dp, secagg=self.secagg, threshold=t, min_sites=t if self.secagg else 1,
+            max_sites=max(self.sites, 2), server_optimizer=self.server_optimizer,
             server_lr=self.server_lr, stage_timeout_s=self.stage_timeout_s, seed=self.seed,
             join_timeout_s=300.0)
+        if self.algorithm != "fedsgd" or train_sizes is None or dim is None:
+            return plan
+        from dataclasses import replace
+
+        from hemafed.core.agg_round import secagg_config
+        from hemafed.core.fedsgd import plan_noise_multiplier
+
+        plan = replace(plan, algorithm="fedsgd", sample_rate=self.sample_rate,
+                       batch_size=max(1, round(self.sample_rate * sum(train_sizes))))
+        if not self.dp:
+            return plan
+        sigma = plan_noise_multiplier(self.epsilon, self.delta, self.sample_rate, self.rounds, self.dp_mode,
+                                      secagg_config(plan, dim), plan.dp_colluders, self.clip_norm)
+        return replace(plan, dp_mode=self.dp_mode, noise_multiplier=sigma)
 
 
 def site_name(i: int) -> str:
@@ -120,6 +144,7 @@ class Simulation:
         self.out = opts.out
         self.procs: dict[str, subprocess.Popen] = {}
         self.test_x = self.test_y = None
+        self._test_inputs = self._trainable = None
 
     # -- setting up ----------------------------------------------------------------------------
 
@@ -138,9 +163,19 @@ class Simulation:
             train = type(train)(train.images[keep], train.labels[keep])
         self.test_x, self.test_y = test.images, test.labels
         # Every hospital needs a few batches of its own (Dirichlet draws are redrawn until it has them).
+        per_site = 2 * opts.batch_size if opts.algorithm == "fedavg" else 64
         parts = partition(train.labels, opts.sites, opts.partition, seed=opts.seed,
-                          min_per_site=min(2 * opts.batch_size, len(train.labels) // (2 * opts.sites)))
+                          min_per_site=min(per_site, len(train.labels) // (2 * opts.sites)))
         self.counts = class_counts(train.labels, parts, len(self.plan.classes))
+        if opts.algorithm == "fedsgd":
+            from hemafed.core.models import build_model
+            from hemafed.core.partition import stratified_split
+
+            # each site holds out its validation split the same way (core.partition.stratified_split)
+            sizes = [len(stratified_split(train.labels[idx], self.plan.val_fraction, seed=self.plan.seed)[0])
+                     for idx in parts]
+            dim = sum(p.numel() for p in build_model(self.plan.model, len(self.plan.classes)).parameters())
+            self.plan = opts.plan(sizes, dim)
         fed = self.out / "federation"
         fed.mkdir(parents=True)
         if opts.tls:
@@ -210,10 +245,14 @@ class Simulation:
         evaluated: dict[int, float] = {}
         agg = self.procs["aggregator"]
         last_line = ""
+        every = self.opts.eval_every or max(1, self.plan.rounds // 50)
         while True:
             finished = agg.poll() is not None
-            for rnd in store.rounds():
-                if rnd not in evaluated:
+            rounds = store.rounds()
+            for rnd in rounds:
+                # every k-th checkpoint while running, and the last one at the end
+                due = rnd % every == 0 or (finished and rnd == max(rounds))
+                if rnd not in evaluated and due:
                     evaluated[rnd] = self.test_accuracy(store.load(rnd).weights)
             status = self._status()
             line = self._progress_line(status, evaluated)
@@ -261,12 +300,16 @@ class Simulation:
     # -- results -------------------------------------------------------------------------------
 
     def test_accuracy(self, weights: np.ndarray) -> float:
+        """Accuracy on the held-out test split; a model's fixed features are computed once."""
         from hemafed.core.dp_train import accuracy, evaluate
-        from hemafed.core.models import build_model, set_flat_params
+        from hemafed.core.models import build_model, images_to_tensor, set_flat_params, split_features
 
-        model = build_model(self.plan.model, len(self.plan.classes))
-        set_flat_params(model, weights)
-        return accuracy(evaluate(model, self.test_x, self.test_y, len(self.plan.classes)))
+        if self._test_inputs is None:
+            model = build_model(self.plan.model, len(self.plan.classes))
+            features, self._trainable = split_features(model)
+            self._test_inputs = features(images_to_tensor(self.test_x, self.plan.input_size))
+        set_flat_params(self._trainable, weights)
+        return accuracy(evaluate(self._trainable, self._test_inputs, self.test_y, len(self.plan.classes)))
 
     def _collect(self, evaluated: dict[int, float], wall_s: float) -> dict[str, Any]:
         from hemafed.core.checkpoints import CheckpointStore
@@ -278,11 +321,15 @@ class Simulation:
         rounds = []
         last_eps: dict[str, float] = {}
         prev_bytes: dict[str, tuple[int, int]] = {}
+        by_round: dict[str, dict[int, list[dict[str, Any]]]] = {}
+        for name, log_entries in site_logs.items():
+            for e in log_entries:
+                by_round.setdefault(name, {}).setdefault(e.get("round"), []).append(e)
         for entry in store.read_log():
             rnd = entry["round"]
             eps, traffic = {}, {}
-            for name, log_entries in site_logs.items():
-                for e in log_entries:
+            for name in site_logs:
+                for e in by_round.get(name, {}).get(rnd, []):
                     if e["round"] == rnd and e["status"] == "trained" and e.get("epsilon") is not None:
                         last_eps[name] = e["epsilon"]
                     if e["round"] == rnd and e["status"] == "round_end":
