@@ -136,8 +136,8 @@ def test_the_operator_can_decline() -> None:
     m.receive(plan_msg(make_plan()))
     m.prepared(None, n_params=N_PARAMS)
     actions = m.answer(False, "not\nnow")
-    assert sends(actions) == [sr.Send(sr.PLAN_REJECT, 0, {"reasons": ["not\\nnow"]})]
-    assert events(actions) == [PlanAnswered(False, ("not\\nnow",))]
+    assert sends(actions) == [sr.Send(sr.PLAN_REJECT, 0, {"reasons": ["not\\x0anow"]})]
+    assert events(actions) == [PlanAnswered(False, ("not\\x0anow",))]
     assert actions[-1] == sr.Stop("stopped") and m.phase is sr.Phase.STOPPED
 
 
@@ -258,7 +258,7 @@ def test_stop_and_connection_loss_end_the_round_for_this_site() -> None:
     m.receive(round_start(1))
     m.trained(1, outcome(eps=1.0))
     (left,) = events(m.connection_lost("peer\ngone"))
-    assert left.round == 1 and left.status == "left" and "peer\\ngone" in left.detail and left.epsilon_spent == 1.0
+    assert left.round == 1 and left.status == "left" and "peer\\x0agone" in left.detail and left.epsilon_spent == 1.0
     assert m.phase is sr.Phase.WAIT_PLAN
     m.connected()
     with pytest.raises(sr.MessageRefused):
@@ -363,4 +363,4 @@ def test_safe_text_escapes_and_caps_peer_text() -> None:
     assert len(safe_text("y" * 10_000, 50)) == 50 and safe_text("y" * 10_000, 50).endswith("…")
     assert len(safe_text("\n" * 10_000, 50)) <= 50
     assert safe_text(10**5000) == "<int>" and safe_text(12) == "12"
-    assert safe_list(["a\n", 3] * 30) == ["a\\n", "3"] * 10 and safe_list(5) == ["5"]
+    assert safe_list(["a\n", 3] * 30) == ["a\\x0a", "3"] * 10 and safe_list(5) == ["5"]
