@@ -1,0 +1,90 @@
+"""DP-FedSGD end to end over real TLS websockets: each site sends one clipped gradient sum per round with its
+share of Skellam noise inside secure aggregation; the aggregator decodes the unmasked sum and steps. Every
+site's ledger records each round with the distributed-DP protection, and the ε it holds is the ε the plan
+promised; a site whose bounds require local DP refuses the plan."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedharness import make_federation, run
+
+from hemafed.core.accounting import Accountant
+from hemafed.core.agg_round import secagg_config
+from hemafed.core.checkpoints import CheckpointStore
+from hemafed.core.fedsgd import plan_noise_multiplier, site_privacy
+from hemafed.core.ledger import PrivacyLedger, ledger_path
+from hemafed.core.models import build_model
+from hemafed.core.plan import SiteBounds
+from hemafed.network.site_events import Finished, PlanAnswered
+
+pytestmark = pytest.mark.slow
+
+ROUNDS, Q, EPSILON = 3, 0.3, 30.0
+
+
+def fedsgd_federation(tmp_path: Path):
+    fed = make_federation(tmp_path, n_sites=3, threshold=2, rounds=ROUNDS, images_per_site=48,
+                          model="scatter_linear_28", algorithm="fedsgd", sample_rate=Q, server_lr=0.5)
+    dim = sum(p.numel() for p in build_model("scatter_linear_28").parameters())
+    sigma = plan_noise_multiplier(EPSILON, 1e-5, Q, ROUNDS, "distributed", secagg_config(fed.plan, dim),
+                                  fed.plan.dp_colluders)
+    plan = replace(fed.plan, dp_mode="distributed", noise_multiplier=sigma, batch_size=round(Q * 3 * 43))
+    fed.plan = plan
+    fed.agg_config = replace(fed.agg_config, plan=plan)
+    return fed, dim
+
+
+def test_distributed_dp_fedsgd_rounds_complete_and_ledgers_agree_with_the_plan(tmp_path: Path) -> None:
+    fed, dim = fedsgd_federation(tmp_path)
+
+    async def main() -> None:
+        agg = await fed.start_aggregator()
+        sites = [fed.start_site(n) for n in fed.site_configs]
+        await agg
+        await asyncio.wait_for(asyncio.gather(*sites), 60)
+
+    run(main(), timeout=300)
+    store = CheckpointStore(fed.agg_config.state_dir / "checkpoints")
+    assert [e["status"] for e in store.read_log()] == ["completed"] * ROUNDS
+    assert not np.array_equal(store.load(0).weights, store.load(ROUNDS).weights)
+    assert set(store.load(ROUNDS).optimizer_state) == {"velocity"}  # the server's momentum is checkpointed
+    privacy = site_privacy(fed.plan, secagg_config(fed.plan, dim))
+    for name, cfg in fed.site_configs.items():
+        ledger = PrivacyLedger(fed.plan.federation_id, state=cfg.state_dir)
+        assert [e.round for e in ledger.entries] == list(range(1, ROUNDS + 1)), name
+        for e in ledger.entries:
+            assert (e.dp_mode, e.mechanism, e.threshold) == ("distributed", "skellam", 2)
+            assert e.sigma == pytest.approx(fed.plan.noise_multiplier) and e.sample_rate == Q and e.steps == 1
+        promised = Accountant(ledger.kind).projected_epsilon(privacy.sigma, Q, ROUNDS, ledger.delta,
+                                                             skellam=privacy.skellam)
+        assert ledger.spent_epsilon() == pytest.approx(promised, rel=1e-9)
+        assert ledger.spent_epsilon() <= EPSILON
+    assert all(r.final_path is not None for r in fed.runners.values())
+
+
+def test_a_site_requiring_local_dp_refuses_a_distributed_plan(tmp_path: Path) -> None:
+    fed, _ = fedsgd_federation(tmp_path)
+    name = "site1"
+    fed.site_configs[name] = replace(fed.site_configs[name], bounds=SiteBounds(require_local_dp=True))
+    events: list[object] = []
+
+    async def main() -> None:
+        agg = await fed.start_aggregator()
+        task = fed.start_site(name)
+        fed.runners[name].on_event = events.append
+        await asyncio.wait_for(task, 60)
+        agg.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await agg
+
+    run(main(), timeout=120)
+    answered = [e for e in events if isinstance(e, PlanAnswered)]
+    assert answered and not answered[0].accepted
+    assert any("requires local DP" in r for r in answered[0].reasons), answered
+    assert isinstance(events[-1], Finished) and events[-1].model_path is None
+    assert not ledger_path(fed.plan.federation_id, fed.site_configs[name].state_dir).exists()  # nothing spent
