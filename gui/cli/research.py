@@ -35,6 +35,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=_plan)
+    fs = psub.add_parser("fedsgd-plan", help="the [plan] of a DP-FedSGD federation: σ shared by all sites for an "
+                                             "(ε, δ) per site, and the expected batch")
+    fs.add_argument("--epsilon", type=float, default=8.0, help="ε each site spends over the whole plan (default 8)")
+    fs.add_argument("--delta", type=float, default=1e-5)
+    fs.add_argument("--rounds", type=int, default=500)
+    fs.add_argument("--sample-rate", type=float, default=0.1713, help="Poisson rate q per image per round")
+    fs.add_argument("--images", type=int, required=True,
+                    help="training images over all sites (each site's count, as the sites declare it)")
+    fs.add_argument("--sites", type=int, required=True, help="sites allowed in the federation")
+    fs.add_argument("--threshold", type=int, help="secure-aggregation threshold t (default: a strict majority)")
+    fs.add_argument("--dp-mode", choices=("distributed", "local"), default="distributed")
+    fs.add_argument("--model", default="scatter_linear_28")
+    fs.add_argument("--federation-id", default="bloodmnist-demo")
+    fs.set_defaults(func=_fedsgd_plan)
 
     p = sub.add_parser("train-central", help="centralised baseline on BloodMNIST (non-private or DP)")
     p.add_argument("--data", help="BloodMNIST .npz or folder holding it (default: find or download)")
@@ -138,6 +152,37 @@ def _plan(args: argparse.Namespace) -> int:
     print("\nround  ε after round")
     for i, eps in enumerate(plan.epsilon_per_round, 1):
         print(f"{i:5d}  {eps:.4f}")
+    return 0
+
+
+def _fedsgd_plan(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from hemafed.core.agg_round import secagg_config
+    from hemafed.core.calibration import BudgetTooSmall
+    from hemafed.core.fedsgd import plan_noise_multiplier
+    from hemafed.core.models import build_model
+    from hemafed.core.plan import FederationPlan, PlanError
+    from hemafed.gui.cli import UserFacingError
+    from hemafed.network.config import render_toml
+
+    t = args.threshold or args.sites // 2 + 1
+    try:
+        plan = FederationPlan(federation_id=args.federation_id, model=args.model, rounds=args.rounds,
+                              algorithm="fedsgd", sample_rate=args.sample_rate, delta=args.delta, threshold=t,
+                              min_sites=t, max_sites=max(args.sites, 2), momentum=0.9, server_lr=0.5,
+                              batch_size=max(1, round(args.sample_rate * args.images)))
+        dim = sum(p.numel() for p in build_model(plan.model, len(plan.classes)).parameters())
+        sigma = plan_noise_multiplier(args.epsilon, args.delta, args.sample_rate, args.rounds, args.dp_mode,
+                                      secagg_config(plan, dim), plan.dp_colluders, plan.clip_norm)
+        plan = replace(plan, dp_mode=args.dp_mode, noise_multiplier=sigma)
+    except (PlanError, BudgetTooSmall, KeyError, ValueError) as exc:
+        raise UserFacingError(str(exc)) from exc
+    print(f"# DP-FedSGD: ε = {args.epsilon:g} per site at δ = {args.delta:g} after {args.rounds} rounds; "
+          f"σ = {sigma:.4f} ({args.dp_mode} DP), q = {args.sample_rate}, expected batch {plan.batch_size}")
+    defaults = FederationPlan().to_dict()
+    print(render_toml({"plan": {k: v for k, v in plan.to_dict().items()
+                                if v != defaults[k] or k in ("federation_id", "threshold", "min_sites")}}))
     return 0
 
 
