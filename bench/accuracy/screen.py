@@ -91,7 +91,7 @@ def run(args: argparse.Namespace, seed: int) -> dict:
         set_flat_params(head, w)
         if args.eps > 0:
             gs = clipped_gradient_sum(head, x_tr, y_tr, q, args.clip, gen)
-            noise = rng.normal(0.0, sigma * args.clip * np.sqrt(n_noise), size=gs.vector.shape)
+            noise = rng.normal(0.0, sigma * args.clip * np.sqrt(n_noise * args.noise_factor), size=gs.vector.shape)
             w = server.apply(w, gs.vector + noise, q * n_total)
         else:  # non-private: mean gradient of a Poisson batch, no clipping, no noise
             idx = torch.nonzero(torch.rand(n_total, generator=gen) < q).view(-1)
@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--orbit", type=int, nargs="*", default=[], help="average features over these symmetries")
     ap.add_argument("--ema", type=float, default=0.0)
     ap.add_argument("--mode", choices=("distributed", "local"), default="distributed")
+    ap.add_argument("--noise-factor", type=float, default=1.0,
+                    help="noise variance × this: survivors/(t − c) for distributed shares (10/(6 − 1) = 2)")
     ap.add_argument("--sites", type=int, default=10)
     ap.add_argument("--partition", default="dirichlet:0.5")
     ap.add_argument("--alone", default=None, help="'median' or a hospital index: train one hospital alone")
