@@ -160,7 +160,7 @@ class SiteBounds:
     # rests on the other hospitals' shares and the aggregator's semi-honesty)
     require_local_dp: bool = False
     min_threshold: int = 2
-    max_rounds: int = 200
+    max_rounds: int = 1000  # DP-FedSGD plans run hundreds of one-step rounds; the ε budget is the real limit
     max_local_epochs: int = 10
     max_delta: float = 1e-4
     max_clip_norm: float = 10.0

@@ -38,8 +38,11 @@ def describe(event: SiteEvent) -> tuple[int, str]:
         return level, f"{event.state} {event.url}" + (f" ({event.detail})" if event.detail else "")
     if isinstance(event, PlanReceived):
         plan, privacy = event.plan, event.privacy
-        noise = (f"σ={privacy.sigma:.3f}, q={privacy.sample_rate:.4f}, {privacy.steps} steps/round, "
-                 f"δ={privacy.delta:g}" if privacy is not None else "NON-PRIVATE")
+        if privacy is not None:
+            noise = (f"σ={privacy.sigma:.3f}, q={privacy.sample_rate:.4f}, {privacy.steps} steps/round, "
+                     f"δ={privacy.delta:g}")
+        else:  # not prepared (refused by the bounds) or a plan without DP
+            noise = f"{getattr(plan, 'dp_mode', 'local')} DP (not checked)" if plan.dp else "NON-PRIVATE"
         text = f"plan for federation {plan.federation_id}: {plan.rounds} rounds of {plan.model}, {noise}"
         if event.epsilon_per_round:
             text += f", ε after the last round {event.epsilon_per_round[-1]:.3f}"

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from hemafed.core.plan import FederationPlan
+from hemafed.core.plan import FederationPlan, SiteBounds
 from hemafed.network.config import render_toml
 from hemafed.network.progress import progress_bar
 
@@ -191,7 +191,8 @@ class Simulation:
                             "epsilon": opts.epsilon, "federation": self.plan.federation_id,
                             "ca_file": "../../federation/tls/ca.pem" if opts.tls else None,
                             "insecure": not opts.tls, "torch_threads": 1}
-            bounds = {"require_dp": opts.dp, "require_secagg": opts.secagg}
+            bounds = {"require_dp": opts.dp, "require_secagg": opts.secagg,
+                      "max_rounds": max(self.plan.rounds, SiteBounds().max_rounds)}
             (sdir / "site.toml").write_text(render_toml({"site": site_section, "bounds": bounds}))
         federation = {"state_dir": "state", "host": "127.0.0.1", "port": 0, "port_file": "port",
                       "insecure": not opts.tls}
@@ -246,8 +247,12 @@ class Simulation:
         agg = self.procs["aggregator"]
         last_line = ""
         every = self.opts.eval_every or max(1, self.plan.rounds // 50)
+        sites = [p for name, p in self.procs.items() if name != "aggregator"]
         while True:
             finished = agg.poll() is not None
+            if not finished and all(p.poll() is not None for p in sites):
+                raise RuntimeError(f"every hospital stopped before the federation finished; see their logs, "
+                                   f"{self.out / 'sites'}/*/site.log")
             rounds = store.rounds()
             for rnd in rounds:
                 # every k-th checkpoint while running, and the last one at the end
