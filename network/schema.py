@@ -248,6 +248,9 @@ PLAN = Obj(optional={
     "max_sites": Int(1, MAX_SITE_ID), "server_optimizer": Str(32), "server_lr": _PLAN_POS,
     "val_fraction": Float(0.0, 1.0), "train_timeout_s": _PLAN_POS, "stage_timeout_s": _PLAN_POS,
     "join_timeout_s": _PLAN_POS, "seed": _PLAN_INT,
+    "algorithm": Str(16, choices=frozenset({"fedavg", "fedsgd"})), "sample_rate": Float(0.0, 1.0),
+    "dp_mode": Str(16, choices=frozenset({"local", "distributed"})), "dp_colluders": Int(0, MAX_SITE_ID),
+    "noise_multiplier": Float(0.0, 1e9), "ema": Float(0.0, 1.0),
 })
 """The plan's field types and outer ranges; `FederationPlan.from_dict` then checks its consistency."""
 

@@ -143,7 +143,7 @@ def test_the_operator_can_decline() -> None:
 
 @pytest.mark.parametrize(("plan", "bounds", "reason"), [
     (make_plan(dp=False), SiteBounds(), "differential privacy off"),
-    (make_plan(rounds=500), SiteBounds(), "500 rounds exceed"),
+    (make_plan(rounds=1500), SiteBounds(), "1500 rounds exceed"),
     (make_plan(threshold=2), SiteBounds(min_threshold=3), "threshold t=2"),
     (make_plan(federation_id="other"), SiteBounds(), "not the configured"),
     (make_plan(input_size=32), SiteBounds(), "does not take 32-pixel input"),

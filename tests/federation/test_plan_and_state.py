@@ -40,11 +40,11 @@ def test_inconsistent_plans_are_refused(change: dict, message: str) -> None:
 
 
 def test_site_bounds_list_every_violation() -> None:
-    plan = FederationPlan(dp=False, secagg=False, rounds=500, delta=1e-3, model="big")
+    plan = FederationPlan(dp=False, secagg=False, rounds=1500, delta=1e-3, model="big")
     bounds = SiteBounds(models=("resnet_gn_28",))
     found = bounds.violations(plan)
     assert len(found) == 5
-    assert SiteBounds(require_dp=False, require_secagg=False, max_rounds=1000, max_delta=1e-2).violations(
+    assert SiteBounds(require_dp=False, require_secagg=False, max_rounds=2000, max_delta=1e-2).violations(
         plan) == []
     assert SiteBounds().violations(FederationPlan()) == []
 
