@@ -104,6 +104,9 @@ class DataPage(QWidget):
         self.grid.setIconSize(QSize(88, 88))
         self.grid.setGridSize(QSize(112, 122))
         self.grid.setUniformItemSizes(True)
+        # lay out 17,000 items a batch at a time between events, not in one go
+        self.grid.setLayoutMode(QListView.LayoutMode.Batched)
+        self.grid.setBatchSize(500)
         self.grid.setResizeMode(QListView.ResizeMode.Adjust)
         self.grid.setMovement(QListView.Movement.Static)
         self.grid.setWordWrap(False)

@@ -160,8 +160,12 @@ class ThumbnailModel(QAbstractListModel):
             if len(self._cache) > CACHE_LIMIT:
                 self._cache.popitem(last=False)
         if results and len(self.rows):
-            self.dataChanged.emit(self.index(0), self.index(len(self.rows) - 1),
-                                  [Qt.ItemDataRole.DecorationRole])
+            # only the rows that got an icon (a full-range dataChanged makes the view re-ask every row)
+            rows = np.searchsorted(self.rows, [item for item, _ in results])
+            rows = rows[(rows < len(self.rows))]
+            if len(rows):
+                self.dataChanged.emit(self.index(int(rows.min())), self.index(int(rows.max())),
+                                      [Qt.ItemDataRole.DecorationRole])
 
     def _batch_done(self) -> None:
         self._job = None
