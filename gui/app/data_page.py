@@ -167,8 +167,8 @@ class DataPage(QWidget):
         erow.addWidget(self.export_btn)
         pw.addLayout(erow)
         self.tabs = QTabWidget()
-        self.tabs.addTab(self.chart, "Images per class")
-        self.tabs.addTab(split_w, "Training / validation split")
+        self.tabs.addTab(self.chart, "Per class")
+        self.tabs.addTab(split_w, "Train / validation")
         self.tabs.addTab(prob_w, "Problems")
 
         right = QWidget()

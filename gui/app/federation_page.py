@@ -94,9 +94,12 @@ class FederationPage(QWidget):
         for b in (self.create_key_btn, import_btn, copy_btn):
             key_row.addWidget(b)
         key_row.addStretch(1)
-        id_box = QGroupBox("This site's identity (send the public key to the federation's admin; "
-                           "read the fingerprint out by phone)")
+        id_box = QGroupBox("This site's identity")
         iv = QVBoxLayout(id_box)
+        how = QLabel("Send the public key to the federation's admin, then read this fingerprint out to them by "
+                     "phone so they know the key is really yours:")
+        how.setWordWrap(True)
+        iv.addWidget(how)
         iv.addWidget(self.fingerprint)
         iv.addWidget(self.key_info)
         iv.addLayout(key_row)
@@ -119,8 +122,10 @@ class FederationPage(QWidget):
         self.banner.setVisible(False)
 
         self.connection = QLabel(CONNECTION_WORDS["disconnected"])
+        self.connection.setWordWrap(True)
         self.round_label = QLabel("—")
         self.stage = QLabel("—")
+        self.stage.setWordWrap(True)
         self.train_bar = QProgressBar()
         self.train_bar.setFormat("step %v of %m")
         self.train_bar.setRange(0, 1)
@@ -369,6 +374,11 @@ class FederationPage(QWidget):
 
     def show_failure(self, failure: ev.SiteFailed) -> None:
         self.last_failure = failure
+        if failure.fatal:
+            self.stage.setText("stopped: see the message above")
+            self.train_bar.setRange(0, 1)
+            self.train_bar.setValue(0)
+            self.train_bar.setFormat("—")
         todo = f"<br><b>What to do:</b> {failure.what_to_do}" if failure.what_to_do else ""
         retry = "" if failure.fatal else "<br><i>The site keeps trying.</i>"
         self.banner.setText(f"<b>{failure.message}</b>{todo}{retry}")

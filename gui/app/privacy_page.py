@@ -79,7 +79,7 @@ class PrivacyPage(QWidget):
             ticks.addWidget(t)
             ticks.addStretch(1)
         ticks.takeAt(ticks.count() - 1)
-        budget_box = QGroupBox("This hospital's privacy budget")
+        budget_box = QGroupBox("Privacy budget")
         grid = QGridLayout(budget_box)
         grid.addWidget(QLabel("ε budget"), 0, 0)
         grid.addWidget(self.slider, 0, 1)
@@ -108,7 +108,7 @@ class PrivacyPage(QWidget):
         form.addRow("rounds in the plan", self.rounds_label)
         form.addRow("rounds the budget allows", self.allowed_label)
         form.addRow("training images", self.data_label)
-        plan_box = QGroupBox("What the budget means for the federation's plan")
+        plan_box = QGroupBox("What this budget means for the plan")
         pv = QVBoxLayout(plan_box)
         pv.addWidget(self.plan_title)
         pv.addLayout(form)
@@ -117,18 +117,19 @@ class PrivacyPage(QWidget):
         pv.addWidget(self.chart, 1)
 
         self.ledger_table = QTableWidget(0, 6)
-        self.ledger_table.setHorizontalHeaderLabels(["federation", "rounds", "ε spent", "ε remaining", "budget ε", "δ"])
+        self.ledger_table.setHorizontalHeaderLabels(["federation", "rounds", "ε spent", "ε left", "budget", "δ"])
         self.history = QTableWidget(0, 5)
         self.history.setHorizontalHeaderLabels(["round", "ε after", "σ", "steps", "recorded"])
         for table in (self.ledger_table, self.history):
-            table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+            table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+            table.horizontalHeader().setStretchLastSection(True)
             table.verticalHeader().setVisible(False)
             table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
             table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.ledger_table.itemSelectionChanged.connect(self._show_history)
         self.ledger_note = QLabel()
         self.ledger_note.setWordWrap(True)
-        ledger_box = QGroupBox("Privacy ledger: what this site has already spent (kept on this computer)")
+        ledger_box = QGroupBox("Privacy already spent (the ledger)")
         lv = QVBoxLayout(ledger_box)
         lv.addWidget(self.ledger_note)
         lv.addWidget(self.ledger_table, 1)
@@ -220,7 +221,8 @@ class PrivacyPage(QWidget):
                                  f"δ = {proj.delta:.2g}.{noisy}")
             first = proj.rounds_done + 1
             self.chart.line(list(range(first, first + len(proj.epsilon_per_round))), proj.epsilon_per_round,
-                            title="ε spent after each round", xlabel="round", ylabel="ε",
+                            title="ε this site will have spent after each round to come", xlabel="round",
+                            ylabel="ε",
                             hline=proj.epsilon, hline_label=f"budget ε = {proj.epsilon:g}",
                             ylim=(0, proj.epsilon * 1.15))
         self.verdict.style().unpolish(self.verdict)
@@ -256,6 +258,6 @@ class PrivacyPage(QWidget):
         self.history.setRowCount(len(entries))
         for r, e in enumerate(entries):
             values = (str(e.round), f"{e.epsilon:.4g}", f"{e.sigma:.3f}", str(e.steps),
-                      time.strftime("%Y-%m-%d %H:%M", time.localtime(e.time)))
+                      time.strftime("%d %b %H:%M", time.localtime(e.time)))
             for c, value in enumerate(values):
                 self.history.setItem(r, c, QTableWidgetItem(value))

@@ -43,7 +43,8 @@ class SiteWorker:
 
         result: Path | None = None
         try:
-            self.runner = SiteRunner(self.cfg, identity=self.identity, on_event=self.bridge.event.emit)
+            self.runner = SiteRunner(self.cfg, identity=self.identity, on_event=self.bridge.event.emit,
+                                     auto_accept=False)  # the operator reviews the plan
         except Exception as exc:  # e.g. the identity key cannot be read
             self._ready.set()
             self.bridge.crashed.emit(str(exc))

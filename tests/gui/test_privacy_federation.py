@@ -135,3 +135,30 @@ def test_settings_persist_between_runs(qtbot, tmp_path: Path) -> None:
     assert (second.width(), second.height()) == (760, 560)
     qtbot.waitUntil(lambda: not second.state.projection_pending, timeout=30_000)
     second.close()
+
+
+def test_events_from_the_driver_thread_reach_the_page_on_the_gui_thread(qtbot, window) -> None:
+    """The bridge the site worker uses: events emitted on another thread (as the driver's
+    asyncio thread does) are queued to the GUI thread, in order."""
+    import threading
+
+    from PySide6.QtCore import QThread
+
+    from hemafed.gui.app.site_worker import SiteBridge
+
+    fed = window.federation_page
+    bridge = SiteBridge()
+    seen: list[tuple[str, bool]] = []
+    gui_thread = QThread.currentThread()
+    bridge.event.connect(lambda e: seen.append((type(e).__name__, QThread.currentThread() is gui_thread)))
+    bridge.event.connect(fed.on_event)
+    events = [ev.ConnectionChanged("connected"), ev.RoundStarted(1, 2, 3), ev.StageChanged(1, "training"),
+              *(ev.TrainProgress(1, s, 40, 1.0) for s in range(1, 41)),
+              ev.RoundFinished(1, "completed", accuracy=0.5, epsilon_spent=0.7)]
+    sender = threading.Thread(target=lambda: [bridge.event.emit(e) for e in events])
+    sender.start()
+    sender.join()
+    qtbot.waitUntil(lambda: len(seen) == len(events), timeout=5000)
+    assert [name for name, _ in seen] == [type(e).__name__ for e in events]
+    assert all(on_gui for _, on_gui in seen)
+    assert fed.train_bar.value() == 40 and fed.epsilon.text().startswith("0.7 of")
