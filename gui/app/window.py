@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from PySide6.QtCore import QByteArray, QSize
 from PySide6.QtGui import QCloseEvent, QIcon
 from PySide6.QtWidgets import (
@@ -69,6 +71,16 @@ class MainWindow(QMainWindow):
             self.resize(1280, 800)
         self.nav.setCurrentRow(int(state.settings.get_float("window/page", 0)))
         self._leaving = False
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        # Re-check the images remembered from last time, in the background, once shown.
+        if self.state.scan is None and self.data_page.job is None and self.state.source \
+                and Path(self.state.source).exists() and not self._rechecked:
+            self._rechecked = True
+            self.data_page.start_scan(self.state.source)
+
+    _rechecked = False
 
     def _status(self) -> None:
         scan = self.state.scan

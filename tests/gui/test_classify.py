@@ -78,3 +78,15 @@ def test_bad_model_file_is_refused_in_words(tmp_path: Path) -> None:
         load_model_file(bad)
     with pytest.raises(ModelFileError, match="no such model file"):
         load_model_file(tmp_path / "nope.npz")
+
+
+def test_hemafed_alone_without_a_display_prints_usage(monkeypatch, capsys) -> None:
+    from hemafed.gui import cli
+
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert not cli._on_a_desktop()
+    assert cli.main([]) == 2
+    assert "gui" in capsys.readouterr().out
+    monkeypatch.setenv("DISPLAY", ":0")
+    assert cli._on_a_desktop()  # PySide6 is installed here: a desktop opens the app
