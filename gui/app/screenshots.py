@@ -3,11 +3,11 @@
     QT_QPA_PLATFORM=offscreen .venv/bin/python -m hemafed.gui.app.screenshots [--out docs/screenshots]
 
 Real inputs: the PBC sample JPEGs (../shared/data) on the Data page; then the site's
-data is the BloodMNIST .npz, on which a cnn4_28 model is trained here for a few DP-SGD
-rounds with σ from the site's own calibration, each round recorded in a real privacy
-ledger and scored on the site's validation split; Classify runs it on PBC JPEGs.
-The federation page is driven by the site driver's own event dataclasses (replayed,
-no aggregator runs here); the classify page runs the real model on real JPEGs.
+data is a 3,000-image draw from BloodMNIST's training split (an .npz), on which a
+cnn4_28 model is trained here for a few DP-SGD rounds with σ from the site's own
+calibration, each round recorded in a real privacy ledger and scored on the site's
+validation split. The federation page is driven by the site driver's own event
+dataclasses (replayed, no aggregator runs here); Classify runs the model on PBC JPEGs.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 SIZES = ((1280, 800), (1920, 1080))
 FEDERATION = "bloodmnist-demo"
+SITE_IMAGES = 3000  # a mid-size hospital; keeps the demo training to a few minutes on 2 cores
 
 
 def _wait(app, until, timeout: float = 120.0) -> None:
@@ -47,7 +48,7 @@ def _settle(app, window, seconds: float = 0.4) -> None:
     app.processEvents()
 
 
-def train_demo_model(source: Path, state_dir: Path, out: Path, rounds: int = 4):
+def train_demo_model(source: Path, state_dir: Path, out: Path, rounds: int = 3):
     """A real (small) result: cnn4_28 trained with DP-SGD on this site's split, each round
     recorded in this site's ledger before its model is kept. Returns (plan, accuracies, model path)."""
     import numpy as np
@@ -61,7 +62,7 @@ def train_demo_model(source: Path, state_dir: Path, out: Path, rounds: int = 4):
     from hemafed.core.scan import scan_source
     from hemafed.network.site import save_model_file
 
-    plan = FederationPlan(federation_id=FEDERATION, model="cnn4_28", rounds=10, local_epochs=1, batch_size=128,
+    plan = FederationPlan(federation_id=FEDERATION, model="cnn4_28", rounds=10, local_epochs=2, batch_size=128,
                           threshold=3, min_sites=3, lr=0.1, momentum=0.9)
     site = scan_source(source, plan.classes, size=plan.input_size)
     train, val = stratified_split(site.labels, plan.val_fraction, seed=plan.seed)
@@ -84,6 +85,17 @@ def train_demo_model(source: Path, state_dir: Path, out: Path, rounds: int = 4):
     return plan, accuracies, save_model_file(out, weights, plan, rounds)
 
 
+def site_npz(source: Path, out: Path, n: int = SITE_IMAGES) -> Path:
+    """This demo hospital's images: `n` images drawn from BloodMNIST's training split."""
+    import numpy as np
+
+    with np.load(source) as data:
+        images, labels = data["train_images"], data["train_labels"]
+    pick = np.sort(np.random.default_rng(0).choice(len(labels), n, replace=False))
+    np.savez(out, train_images=images[pick], train_labels=labels[pick])
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/screenshots")
@@ -99,13 +111,13 @@ def main() -> int:
     if data is None or not (data / "pbc_sample").is_dir():
         raise SystemExit("needs ../shared/data/pbc_sample (or HEMAFED_DATA_DIR)")
     pbc = data / "pbc_sample"
-    npz = data / "bloodmnist" / "bloodmnist_28.npz"
     app = QApplication.instance() or QApplication([])
     with tempfile.TemporaryDirectory() as tmp:
         state_dir = Path(tmp) / "state"
         state_dir.mkdir()
         os.environ["HEMAFED_STATE_DIR"] = str(state_dir)
-        print("training the demo model (a few DP-SGD rounds on the BloodMNIST training split)…", flush=True)
+        npz = site_npz(data / "bloodmnist" / "bloodmnist_28.npz", Path(tmp) / "site-bloodmnist.npz")
+        print("training the demo model (a few DP-SGD rounds on the site's images)…", flush=True)
         started = time.monotonic()
         plan, accuracies, model_path = train_demo_model(npz, state_dir, Path(tmp) / "final.npz")
         print(f"trained in {time.monotonic() - started:.0f} s; accuracy per round {accuracies}", flush=True)
@@ -183,9 +195,11 @@ def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_p
     nxt = len(accuracies) + 1
     fed.on_event(ev.RoundStarted(nxt, plan.rounds, 6))
     fed.on_event(ev.StageChanged(nxt, "training"))
-    fed.on_event(ev.TrainProgress(nxt, 7, 12, 1.42))
+    total = entries[-1].steps  # this site's real steps per round
+    fed.on_event(ev.TrainProgress(nxt, total * 3 // 5, total, 1.42))
     fed.join_btn.setEnabled(False)
     fed.leave_btn.setEnabled(True)
+    fed.joinedChanged.emit(True)
     grab("federation")
 
     # Plan review (the dialog the operator sees before round 1)
@@ -193,7 +207,9 @@ def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_p
     dialog = fed.dialog
     _settle(app, window)
     grab("plan-review", dialog)
-    dialog.reject()
+    dialog.finished.disconnect()  # only a picture: no answer is logged
+    dialog.close()
+    fed.dialog = None
 
     # Results: accuracy per round, confusion on this site's validation split, statement
     for rnd, acc in enumerate(accuracies, start=1):
@@ -217,6 +233,11 @@ def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_p
     from hemafed.core.identity import load_identity, short_fingerprint
 
     fp = short_fingerprint(load_identity(state.state_dir).public_key)
+    # a fresh Join from a PC whose key the federation does not list (yet)
+    fed.log.clear()
+    for label in (fed.round_label, fed.participants, fed.epsilon):
+        label.setText("—")
+    fed.on_event(ev.ConnectionChanged("connecting", fed.url.text()))
     fed.on_event(ev.SiteFailed("The aggregator does not know this site's key: it is not on the federation's list.",
                                fatal=True, what_to_do=f"send the public key (fingerprint {fp}) to the federation's "
                                "admin, confirm the fingerprint by phone, then press Join again. The site has "
@@ -224,6 +245,7 @@ def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_p
     fed.on_event(ev.ConnectionChanged("disconnected", fed.url.text(), "refused by the aggregator"))
     fed.join_btn.setEnabled(True)
     fed.leave_btn.setEnabled(False)
+    fed.joinedChanged.emit(False)
     grab("error-unknown-key")
     _ = privacy
     window.close()
