@@ -184,7 +184,9 @@ def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_p
     ledger = state.ledger_for(plan.federation_id)
     entries = state.ledger_entries(plan.federation_id)
     settings = PrivacySettings(entries[-1].sigma, entries[-1].sample_rate, entries[-1].steps, ledger["delta"])
-    received = ev.PlanReceived(plan, settings, (), tuple(e.epsilon for e in entries))
+    # ε after each round of the whole plan: what is recorded, then the projection for the rest
+    projected = tuple(e.epsilon for e in entries) + tuple(privacy.epsilon_per_round if privacy else ())
+    received = ev.PlanReceived(plan, settings, (), projected)
     fed.on_event(ev.PlanAnswered(True))
     for rnd, acc in enumerate(accuracies, start=1):
         fed.on_event(ev.RoundStarted(rnd, plan.rounds, 6))
@@ -247,7 +249,6 @@ def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_p
     fed.leave_btn.setEnabled(False)
     fed.joinedChanged.emit(False)
     grab("error-unknown-key")
-    _ = privacy
     window.close()
 
 
