@@ -32,6 +32,7 @@ from .imaging import (
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
+UsableFn = Callable[[Path, int], None]  # (file, label index) of each image that decoded
 NOT_IN_CLASS_FOLDER = "not in a class folder"
 
 
@@ -110,9 +111,14 @@ def scan_source(
     size: int | None = None,
     npz_split: str = "train",
     progress: ProgressFn | None = None,
+    on_usable: UsableFn | None = None,
 ) -> SiteImages:
     """Scan `source` (folder, .csv manifest or .npz). With `size`, keep the usable
-    images centre-cropped and resized to `size`; without, only validate them."""
+    images centre-cropped and resized to `size`; without, only validate them.
+
+    `on_usable(file, label)` hears each usable file of a folder or manifest, in the
+    order of `labels` (the app lists them without decoding twice). An exception raised
+    by `progress` stops the scan and propagates: that is how a caller cancels."""
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
@@ -120,12 +126,12 @@ def scan_source(
     if path.is_dir():
         report = ScanReport(str(path), "folder", classes)
         entries = _folder_entries(path, classes, report)
-        return _decode_entries(entries, report, size, progress)
+        return _decode_entries(entries, report, size, progress, on_usable)
     suffix = path.suffix.lower()
     if suffix == ".csv":
         report = ScanReport(str(path), "csv", classes)
         entries = _csv_entries(path, classes, report)
-        return _decode_entries(entries, report, size, progress)
+        return _decode_entries(entries, report, size, progress, on_usable)
     if suffix == ".npz":
         return _scan_npz(path, classes, size, npz_split)
     raise ValueError(
@@ -207,6 +213,7 @@ def _decode_entries(
     report: ScanReport,
     size: int | None,
     progress: ProgressFn | None,
+    on_usable: UsableFn | None = None,
 ) -> SiteImages:
     root = Path(report.source) if report.kind == "folder" else Path(report.source).parent
     counts: Counter[int] = Counter()
@@ -223,6 +230,8 @@ def _decode_entries(
         if opened.conversion:
             report.converted.append(Conversion(_rel(file, root), opened.conversion))
         counts[label] += 1
+        if on_usable is not None:
+            on_usable(file, label)
         if size is not None:
             images.append(centre_crop_resize(opened.image, size))
             labels.append(label)

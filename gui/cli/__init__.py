@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "hemafed.gui.cli.operator",
     "hemafed.gui.cli.admin",
     "hemafed.gui.cli.research",
+    "hemafed.gui.cli.desktop",
 )
 
 
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if not argv and _on_a_desktop():
+        # Double-clicked or started from a menu: open the app rather than print usage.
+        argv = ["gui"]
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -52,6 +58,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserFacingError as exc:
         print(f"hemafed: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _on_a_desktop() -> bool:
+    """A display to open a window on, and the Qt extra installed (a headless aggregator
+    install has no PySide6: there `hemafed` alone prints the usage)."""
+    import importlib.util
+    import os
+
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return False
+    return importlib.util.find_spec("PySide6") is not None
 
 
 class UserFacingError(Exception):

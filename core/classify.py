@@ -1,0 +1,246 @@
+"""Using a federation's model on new images: load the model file a site saved, prepare
+images exactly as training did, predict.
+
+The desktop app's Classify panel and `hemafed classify` both call this module, so
+the two can never disagree. Preprocessing is the training path step for step:
+`imaging.open_rgb` (any format `scan` accepts, converted to 8-bit RGB) →
+`imaging.centre_crop_resize` to the model's input size (what `scan_source(size=...)`
+keeps) → `models.images_to_tensor` (the shared normalisation).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .classes import normalise_class_name
+from .imaging import ImageRejected, centre_crop_resize, is_image_name, is_junk, open_rgb
+
+ProgressFn = Callable[[int, int], None]
+
+# A model file is a few MB; anything far larger is not one of ours and is refused
+# before numpy reads it.
+MAX_MODEL_FILE_BYTES = 512 * 1024 * 1024
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used, with the reason in words."""
+
+
+@dataclass
+class ModelFile:
+    """A loaded model (in eval mode) and what its file says about it."""
+
+    path: Path
+    model: object  # torch.nn.Module; typed loosely so importing this module does not need torch
+    name: str
+    classes: tuple[str, ...]
+    input_size: int
+    round: int | None
+    federation_id: str | None
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, C) for (N, H, W, 3) uint8 images already at any size."""
+        import torch
+
+        from .models import images_to_tensor
+
+        if len(images) == 0:
+            return np.zeros((0, len(self.classes)), np.float32)
+        with torch.no_grad():
+            logits = self.model(images_to_tensor(images, self.input_size))  # type: ignore[operator]
+            return torch.softmax(logits, dim=1).numpy()
+
+
+def load_model_file(path: str | Path) -> ModelFile:
+    """Load a model file written by the site (`network.site.save_model_file`): flat
+    float32 `weights` plus a JSON `meta` (model, classes, input_size, round, federation_id)."""
+    from .models import build_model, get_spec, num_parameters, set_flat_params
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: no such model file") from None
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if size > MAX_MODEL_FILE_BYTES:
+        raise ModelFileError(f"{path}: {size / 1e6:.0f} MB is too large for a hemafed model file")
+    try:
+        with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as data:
+            if "weights" not in data or "meta" not in data:
+                raise ModelFileError(f"{path}: not a hemafed model file (no 'weights'/'meta' arrays)")
+            weights = np.asarray(data["weights"], dtype=np.float32)
+            meta = json.loads(bytes(np.asarray(data["meta"], dtype=np.uint8)).decode("utf-8"))
+    except ModelFileError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{path}: not a readable model file ({exc})") from exc
+    try:
+        name = str(meta["model"])
+        classes = tuple(str(c) for c in meta["classes"])
+        input_size = int(meta["input_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: model file description is incomplete ({exc})") from exc
+    try:
+        spec = get_spec(name)
+    except KeyError as exc:
+        raise ModelFileError(f"{path}: {exc.args[0]}") from exc
+    if spec.input_size != input_size:
+        raise ModelFileError(f"{path}: model {name} takes {spec.input_size}-pixel input, the file says {input_size}")
+    model = build_model(name, len(classes))
+    if weights.ndim != 1 or weights.size != num_parameters(model):
+        raise ModelFileError(f"{path}: {weights.size} weights do not fit {name} with {len(classes)} classes "
+                             f"({num_parameters(model)} expected)")
+    try:
+        set_flat_params(model, weights)
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: {exc}") from exc
+    model.eval()
+    rnd = meta.get("round")
+    return ModelFile(path=path, model=model, name=name, classes=classes, input_size=input_size,
+                     round=int(rnd) if isinstance(rnd, int) else None, federation_id=meta.get("federation_id"))
+
+
+def prepare_image(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int], str | None]:
+    """One image file as the model's input (size×size×3 uint8), its original (width, height)
+    and the conversion applied, if any. Raises `ImageRejected` with the reason."""
+    opened = open_rgb(path)
+    try:
+        return centre_crop_resize(opened.image, size), opened.image.size, opened.conversion
+    finally:
+        opened.image.close()
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: Path
+    true_class: str | None  # the class-named folder the file sits in, if any
+
+
+def collect_inputs(paths: Iterable[str | Path], classes: Sequence[str]) -> tuple[list[InputFile], list[str]]:
+    """Expand files and folders into image files; a file inside a folder named like one of
+    `classes` gets that class as its true class. Returns (inputs, problems in words)."""
+    by_name = {normalise_class_name(c): c for c in classes}
+    inputs: list[InputFile] = []
+    problems: list[str] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                rel_parts = file.relative_to(path).parts
+                if any(part.startswith(".") for part in rel_parts) or is_junk(file):
+                    continue
+                if not is_image_name(file):
+                    problems.append(f"{file}: unsupported file type {file.suffix or '(none)'}")
+                    continue
+                inputs.append(InputFile(file, by_name.get(normalise_class_name(file.parent.name))))
+        elif path.is_file():
+            if not is_image_name(path):
+                problems.append(f"{path}: unsupported file type {path.suffix or '(none)'}")
+                continue
+            inputs.append(InputFile(path, by_name.get(normalise_class_name(path.parent.name))))
+        else:
+            problems.append(f"{path}: no such file or folder")
+    return inputs, problems
+
+
+@dataclass
+class Prediction:
+    path: str
+    predicted: str | None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    true_class: str | None = None
+    original_size: tuple[int, int] | None = None
+    conversion: str | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        out: dict = {"path": self.path}
+        if self.error:
+            out["error"] = self.error
+            return out
+        out["predicted"] = self.predicted
+        out["probabilities"] = self.probabilities
+        if self.true_class is not None:
+            out["true_class"] = self.true_class
+        if self.original_size is not None:
+            out["original_size"] = list(self.original_size)
+        if self.conversion:
+            out["conversion"] = self.conversion
+        return out
+
+
+@dataclass
+class ClassifyReport:
+    model: str
+    predictions: list[Prediction]
+    problems: list[str]
+
+    def accuracy_per_class(self) -> dict[str, dict[str, float | int]]:
+        """For files whose folder names their class: images, correct and accuracy per class."""
+        out: dict[str, dict[str, float | int]] = {}
+        for p in self.predictions:
+            if p.true_class is None or p.error:
+                continue
+            row = out.setdefault(p.true_class, {"images": 0, "correct": 0})
+            row["images"] += 1
+            row["correct"] += int(p.predicted == p.true_class)
+        for row in out.values():
+            row["accuracy"] = row["correct"] / row["images"]
+        return dict(sorted(out.items()))
+
+    def to_dict(self) -> dict:
+        out: dict = {"model": self.model, "files": [p.to_dict() for p in self.predictions]}
+        if self.problems:
+            out["problems"] = self.problems
+        per_class = self.accuracy_per_class()
+        if per_class:
+            out["accuracy_per_class"] = per_class
+            total = sum(int(r["images"]) for r in per_class.values())
+            out["accuracy"] = sum(int(r["correct"]) for r in per_class.values()) / total
+        return out
+
+
+def classify_paths(model: ModelFile, paths: Iterable[str | Path], *, batch_size: int = 64,
+                   progress: ProgressFn | None = None,
+                   cancelled: Callable[[], bool] | None = None) -> ClassifyReport:
+    """Predict every image under `paths`; a bad file is reported, never fatal. `cancelled`
+    is polled between images (the app's Cancel)."""
+    inputs, problems = collect_inputs(paths, model.classes)
+    predictions: list[Prediction] = []
+    batch: list[tuple[Prediction, np.ndarray]] = []
+
+    def flush() -> None:
+        probs = model.predict(np.stack([img for _, img in batch]))
+        for (pred, _), row in zip(batch, probs, strict=True):
+            pred.probabilities = {c: float(v) for c, v in zip(model.classes, row, strict=True)}
+            pred.predicted = model.classes[int(np.argmax(row))]
+        batch.clear()
+
+    for i, item in enumerate(inputs):
+        if cancelled is not None and cancelled():
+            break
+        if progress:
+            progress(i, len(inputs))
+        pred = Prediction(str(item.path), None, true_class=item.true_class)
+        predictions.append(pred)
+        try:
+            image, original, conversion = prepare_image(item.path, model.input_size)
+        except ImageRejected as exc:
+            pred.error = f"{exc.reason}" + (f" ({exc.detail})" if exc.detail else "")
+            continue
+        pred.original_size, pred.conversion = original, conversion
+        batch.append((pred, image))
+        if len(batch) >= batch_size:
+            flush()
+    if batch:
+        flush()
+    if progress:
+        progress(len(inputs), len(inputs))
+    return ClassifyReport(model=model.name, predictions=predictions, problems=problems)

@@ -1,0 +1,263 @@
+"""Privacy page: the ε budget and δ, in plain words; for the federation's plan, the noise
+σ, ε after each round and how many rounds the budget allows; the ledger of what this
+site has already spent."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QSlider,
+    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .charts import Chart
+from .projection import NOISY_SIGMA
+from .state import AppState
+
+EPS_MIN, EPS_MAX = 0.1, 100.0
+SLIDER_STEPS = 300  # log scale: 100 steps per factor of 10
+DELTAS = (1e-4, 1e-5, 1e-6, 1e-7)
+
+HELP = ("<b>ε (epsilon) limits how much the shared model can reveal about any one image of this "
+        "hospital.</b> Smaller ε = stronger protection, but a noisier, less accurate model. "
+        "ε is spent by every round this site trains and never comes back: when the next round would pass "
+        "the budget, this site stops taking part. Typical budgets are 1 (strong) to 10 (moderate). "
+        "<br><b>δ</b> is the small chance the ε guarantee does not hold; it must stay far below 1 divided by "
+        "the number of images. The federation's plan sets it; this site refuses plans above the value chosen here.")
+
+
+def eps_to_slider(eps: float) -> int:
+    return round((math.log10(eps) - math.log10(EPS_MIN)) * 100)
+
+
+def slider_to_eps(value: int) -> float:
+    return round(10 ** (math.log10(EPS_MIN) + value / 100), 2)
+
+
+class PrivacyPage(QWidget):
+    title = "Privacy"
+
+    def __init__(self, state: AppState) -> None:
+        super().__init__()
+        self.state = state
+
+        self.slider = QSlider(Qt.Orientation.Horizontal)
+        self.slider.setRange(0, SLIDER_STEPS)
+        self.spin = QDoubleSpinBox()
+        self.spin.setRange(EPS_MIN, EPS_MAX)
+        self.spin.setDecimals(2)
+        self.spin.setSingleStep(0.5)
+        self.spin.setKeyboardTracking(False)
+        self.delta = QComboBox()
+        for d in DELTAS:
+            self.delta.addItem(f"{d:g}", d)
+        self._sync_controls()
+        self.slider.valueChanged.connect(lambda v: self.spin.setValue(slider_to_eps(v)))
+        self.spin.valueChanged.connect(self._spin_changed)
+        self.delta.currentIndexChanged.connect(lambda _i: self._apply())
+
+        ticks = QHBoxLayout()
+        for label in ("0.1 strongest", "1", "10", "100 weakest"):
+            t = QLabel(label)
+            t.setObjectName("hint")
+            ticks.addWidget(t)
+            ticks.addStretch(1)
+        ticks.takeAt(ticks.count() - 1)
+        budget_box = QGroupBox("Privacy budget")
+        grid = QGridLayout(budget_box)
+        grid.addWidget(QLabel("ε budget"), 0, 0)
+        grid.addWidget(self.slider, 0, 1)
+        grid.addWidget(self.spin, 0, 2)
+        grid.addLayout(ticks, 1, 1)
+        grid.addWidget(QLabel("largest δ accepted"), 2, 0)
+        grid.addWidget(self.delta, 2, 2)
+        help_label = QLabel(HELP)
+        help_label.setWordWrap(True)
+        help_label.setObjectName("help")
+        grid.addWidget(help_label, 3, 0, 1, 3)
+        grid.setColumnStretch(1, 1)
+
+        self.plan_title = QLabel()
+        self.plan_title.setWordWrap(True)
+        self.sigma_label = QLabel("—")
+        self.rounds_label = QLabel("—")
+        self.allowed_label = QLabel("—")
+        self.data_label = QLabel("—")
+        self.data_label.setWordWrap(True)
+        self.verdict = QLabel()
+        self.verdict.setWordWrap(True)
+        self.verdict.setObjectName("verdict")
+        form = QFormLayout()
+        form.addRow("noise σ (per step)", self.sigma_label)
+        form.addRow("rounds in the plan", self.rounds_label)
+        form.addRow("rounds the budget allows", self.allowed_label)
+        form.addRow("training images", self.data_label)
+        plan_box = QGroupBox("What this budget means for the plan")
+        pv = QVBoxLayout(plan_box)
+        pv.addWidget(self.plan_title)
+        pv.addLayout(form)
+        pv.addWidget(self.verdict)
+        self.chart = Chart(height=2.3)
+        pv.addWidget(self.chart, 1)
+
+        self.ledger_table = QTableWidget(0, 6)
+        self.ledger_table.setHorizontalHeaderLabels(["federation", "rounds", "ε spent", "ε left", "budget", "δ"])
+        self.history = QTableWidget(0, 5)
+        self.history.setHorizontalHeaderLabels(["round", "ε after", "σ", "steps", "recorded"])
+        for table in (self.ledger_table, self.history):
+            table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+            table.horizontalHeader().setStretchLastSection(True)
+            table.verticalHeader().setVisible(False)
+            table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+            table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.ledger_table.itemSelectionChanged.connect(self._show_history)
+        self.ledger_note = QLabel()
+        self.ledger_note.setWordWrap(True)
+        ledger_box = QGroupBox("Privacy already spent (the ledger)")
+        lv = QVBoxLayout(ledger_box)
+        lv.addWidget(self.ledger_note)
+        lv.addWidget(self.ledger_table, 1)
+        lv.addWidget(QLabel("History of the selected federation:"))
+        lv.addWidget(self.history, 1)
+
+        left = QWidget()
+        left_l = QVBoxLayout(left)
+        left_l.setContentsMargins(0, 0, 0, 0)
+        left_l.addWidget(budget_box)
+        left_l.addWidget(ledger_box, 1)
+        splitter = QSplitter()
+        splitter.addWidget(left)
+        splitter.addWidget(plan_box)
+        splitter.setStretchFactor(0, 1)
+        splitter.setStretchFactor(1, 1)
+        layout = QVBoxLayout(self)
+        layout.addWidget(splitter)
+
+        state.projectionChanged.connect(self.refresh_projection)
+        state.ledgersChanged.connect(self.refresh_ledgers)
+        state.budgetChanged.connect(self._sync_controls)
+        self.refresh_projection()
+        self.refresh_ledgers()
+
+    # -- controls -----------------------------------------------------------------------------
+
+    def _sync_controls(self) -> None:
+        for w in (self.slider, self.spin, self.delta):
+            w.blockSignals(True)
+        self.spin.setValue(self.state.epsilon)
+        self.slider.setValue(eps_to_slider(max(self.state.epsilon, EPS_MIN)))
+        index = self.delta.findData(self.state.max_delta)
+        if index < 0:
+            self.delta.addItem(f"{self.state.max_delta:g}", self.state.max_delta)
+            index = self.delta.count() - 1
+        self.delta.setCurrentIndex(index)
+        for w in (self.slider, self.spin, self.delta):
+            w.blockSignals(False)
+
+    def _spin_changed(self, value: float) -> None:
+        self.slider.blockSignals(True)
+        self.slider.setValue(eps_to_slider(value))
+        self.slider.blockSignals(False)
+        self._apply()
+
+    def _apply(self) -> None:
+        self.state.set_budget(self.spin.value(), self.delta.currentData())
+
+    def set_budget(self, epsilon: float) -> None:
+        """Programmatic budget change (as if typed into the box)."""
+        self.spin.setValue(epsilon)
+
+    # -- projection ---------------------------------------------------------------------------
+
+    def refresh_projection(self) -> None:
+        state, proj, plan = self.state, self.state.projection, self.state.plan
+        source = (f"the plan received from the aggregator (federation <b>{plan.federation_id}</b>)"
+                  if state.plan_received else "the federation's <b>default plan</b> (no aggregator joined yet: "
+                  "the real plan is shown here when it arrives)")
+        self.plan_title.setText(f"For {source}: model {plan.model}, {plan.rounds} rounds of {plan.local_epochs} "
+                                f"local epoch(s), batch {plan.batch_size}.")
+        self.rounds_label.setText(str(plan.rounds))
+        if proj is None:
+            for label in (self.sigma_label, self.allowed_label, self.data_label):
+                label.setText("…")
+            self.verdict.setText("Computing…")
+            self.chart.empty("computing…")
+            return
+        self.data_label.setText(f"about {proj.n_train} (an estimate: check your images on the Data page)"
+                                if proj.n_estimated else f"{proj.n_train} (after keeping the validation split)")
+        already = (f" ({proj.rounds_done} already done in this federation, ε {proj.spent:.3g} spent)"
+                   if proj.rounds_done else "")
+        if proj.refusal:
+            self.sigma_label.setText("—")
+            self.allowed_label.setText(f"<b>{proj.rounds_allowed}</b>{already}")
+            self.verdict.setProperty("ok", False)
+            self.verdict.setText(f"<b>This site will not join:</b> {proj.refusal}.")
+            self.chart.empty("no projection: the plan does not fit this budget")
+        else:
+            assert proj.sigma is not None
+            noisy = (f" This is a lot of noise (σ above {NOISY_SIGMA:g}); expect a markedly less accurate model."
+                     if proj.sigma > NOISY_SIGMA else "")
+            self.sigma_label.setText(f"{proj.sigma:.3f}")
+            self.allowed_label.setText(f"all {proj.rounds_allowed} still to come{already}")
+            self.verdict.setProperty("ok", True)
+            self.verdict.setText(f"The plan fits: after its last round this site will have spent "
+                                 f"ε = {proj.epsilon_per_round[-1]:.3g} of {proj.epsilon:g} at "
+                                 f"δ = {proj.delta:.2g}.{noisy}")
+            first = proj.rounds_done + 1
+            self.chart.line(list(range(first, first + len(proj.epsilon_per_round))), proj.epsilon_per_round,
+                            title="ε this site will have spent after each round to come", xlabel="round",
+                            ylabel="ε",
+                            hline=proj.epsilon, hline_label=f"budget ε = {proj.epsilon:g}",
+                            ylim=(0, proj.epsilon * 1.15))
+        self.verdict.style().unpolish(self.verdict)
+        self.verdict.style().polish(self.verdict)
+
+    # -- ledger -------------------------------------------------------------------------------
+
+    def refresh_ledgers(self) -> None:
+        ledgers = self.state.ledgers
+        self.ledger_note.setText(f"Stored in {self.state.state_dir / 'ledgers'}. Each round is written here "
+                                 "before this site's update leaves the computer." if ledgers else
+                                 "No rounds trained yet: nothing spent.")
+        self.ledger_table.setRowCount(len(ledgers))
+        for r, e in enumerate(ledgers):
+            if "error" in e:
+                values = (e["path"], "DAMAGED", e["error"], "", "", "")
+            else:
+                values = (e["federation_id"], str(e["rounds"]), f"{e['spent_epsilon']:.4g}",
+                          f"{e['remaining_epsilon']:.4g}", f"{e['budget_epsilon']:g}", f"{e['delta']:.2g}")
+            for c, value in enumerate(values):
+                self.ledger_table.setItem(r, c, QTableWidgetItem(value))
+        if ledgers:
+            self.ledger_table.selectRow(0)
+        else:
+            self.history.setRowCount(0)
+
+    def _show_history(self) -> None:
+        rows = self.ledger_table.selectionModel().selectedRows()
+        if not rows:
+            return
+        entry = self.state.ledgers[rows[0].row()]
+        entries = self.state.ledger_entries(entry["federation_id"]) if "error" not in entry else []
+        self.history.setRowCount(len(entries))
+        for r, e in enumerate(entries):
+            values = (str(e.round), f"{e.epsilon:.4g}", f"{e.sigma:.3f}", str(e.steps),
+                      time.strftime("%d %b %H:%M", time.localtime(e.time)))
+            for c, value in enumerate(values):
+                self.history.setItem(r, c, QTableWidgetItem(value))

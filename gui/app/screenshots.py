@@ -1,0 +1,256 @@
+"""Render every page of the app with real data to PNG (docs/screenshots/):
+
+    QT_QPA_PLATFORM=offscreen .venv/bin/python -m hemafed.gui.app.screenshots [--out docs/screenshots]
+
+Real inputs: the PBC sample JPEGs (../shared/data) on the Data page; then the site's
+data is a 3,000-image draw from BloodMNIST's training split (an .npz), on which a
+cnn4_28 model is trained here for a few DP-SGD rounds with σ from the site's own
+calibration, each round recorded in a real privacy ledger and scored on the site's
+validation split. The federation page is driven by the site driver's own event
+dataclasses (replayed, no aggregator runs here); Classify runs the model on PBC JPEGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+SIZES = ((1280, 800), (1920, 1080))
+FEDERATION = "bloodmnist-demo"
+SITE_IMAGES = 3000  # a mid-size hospital; keeps the demo training to a few minutes on 2 cores
+
+
+def _wait(app, until, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while not until():
+        if time.monotonic() > end:
+            raise TimeoutError("the app did not settle")
+        app.processEvents()
+        time.sleep(0.01)
+
+
+def _settle(app, window, seconds: float = 0.4) -> None:
+    """Let workers (charts, thumbnails, projections) finish and the window repaint."""
+    from hemafed.gui.app.charts import Chart
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        app.processEvents()
+        time.sleep(0.01)
+    _wait(app, lambda: not window.state.projection_pending
+          and not any(c.busy() for c in window.findChildren(Chart))
+          and not window.data_page.model.busy())
+    app.processEvents()
+
+
+def train_demo_model(source: Path, state_dir: Path, out: Path, rounds: int = 3):
+    """A real (small) result: cnn4_28 trained with DP-SGD on this site's split, each round
+    recorded in this site's ledger before its model is kept. Returns (plan, accuracies, model path)."""
+    import numpy as np
+
+    from hemafed.core.calibration import calibrate_sigma, sample_rate, steps_per_round
+    from hemafed.core.dp_train import LocalTrainConfig, accuracy, evaluate, train_local
+    from hemafed.core.ledger import PrivacyLedger
+    from hemafed.core.models import build_model, get_flat_params, model_hash
+    from hemafed.core.partition import stratified_split
+    from hemafed.core.plan import FederationPlan
+    from hemafed.core.scan import scan_source
+    from hemafed.network.site import save_model_file
+
+    plan = FederationPlan(federation_id=FEDERATION, model="cnn4_28", rounds=10, local_epochs=2, batch_size=128,
+                          threshold=3, min_sites=3, lr=0.1, momentum=0.9)
+    site = scan_source(source, plan.classes, size=plan.input_size)
+    train, val = stratified_split(site.labels, plan.val_fraction, seed=plan.seed)
+    n = len(train)
+    q, steps = sample_rate(n, plan.batch_size), steps_per_round(n, plan.batch_size, plan.local_epochs)
+    ledger = PrivacyLedger(plan.federation_id, 8.0, min(plan.delta, 1.0 / n), state=state_dir)
+    sigma = calibrate_sigma(8.0, ledger.delta, q, steps * plan.rounds)
+    model = build_model(plan.model, len(plan.classes), seed=0)
+    config = LocalTrainConfig(local_epochs=plan.local_epochs, batch_size=plan.batch_size, lr=plan.lr,
+                              momentum=plan.momentum, clip_norm=plan.clip_norm, dp=True)
+    accuracies = []
+    for rnd in range(1, rounds + 1):
+        start = get_flat_params(model)
+        ledger.check_round(sigma, q, steps)
+        train_local(model, site.images[train], site.labels[train], config, noise_multiplier=sigma)
+        ledger.record_round(rnd, sigma, q, steps, model_hash(start))
+        accuracies.append(accuracy(evaluate(model, site.images[val], site.labels[val], len(plan.classes))))
+    weights = get_flat_params(model)
+    assert np.isfinite(weights).all()
+    return plan, accuracies, save_model_file(out, weights, plan, rounds)
+
+
+def site_npz(source: Path, out: Path, n: int = SITE_IMAGES) -> Path:
+    """This demo hospital's images: `n` images drawn from BloodMNIST's training split."""
+    import numpy as np
+
+    with np.load(source) as data:
+        images, labels = data["train_images"], data["train_labels"]
+    pick = np.sort(np.random.default_rng(0).choice(len(labels), n, replace=False))
+    np.savez(out, train_images=images[pick], train_labels=labels[pick])
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs/screenshots")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from PySide6.QtWidgets import QApplication
+
+    from hemafed.core.paths import dev_data_dir
+
+    data = dev_data_dir()
+    if data is None or not (data / "pbc_sample").is_dir():
+        raise SystemExit("needs ../shared/data/pbc_sample (or HEMAFED_DATA_DIR)")
+    pbc = data / "pbc_sample"
+    app = QApplication.instance() or QApplication([])
+    with tempfile.TemporaryDirectory() as tmp:
+        state_dir = Path(tmp) / "state"
+        state_dir.mkdir()
+        os.environ["HEMAFED_STATE_DIR"] = str(state_dir)
+        npz = site_npz(data / "bloodmnist" / "bloodmnist_28.npz", Path(tmp) / "site-bloodmnist.npz")
+        print("training the demo model (a few DP-SGD rounds on the site's images)…", flush=True)
+        started = time.monotonic()
+        plan, accuracies, model_path = train_demo_model(npz, state_dir, Path(tmp) / "final.npz")
+        print(f"trained in {time.monotonic() - started:.0f} s; accuracy per round {accuracies}", flush=True)
+        for width, height in SIZES:
+            shoot(app, Path(tmp) / f"cfg{width}", pbc, npz, plan, accuracies, model_path, out, width, height)
+    from hemafed.gui.app.workers import wait_for_jobs
+
+    wait_for_jobs()
+    return 0
+
+
+def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_path: Path, out: Path,
+          width: int, height: int) -> None:
+    from hemafed.core.identity import init_identity
+    from hemafed.gui.app.main import create_window
+    from hemafed.gui.app.state import RoundRecord
+    from hemafed.network import site_events as ev
+
+    window = create_window(config_dir)
+    state = window.state
+    window.resize(width, height)
+    window.show()
+    suffix = f"{width}x{height}"
+
+    def grab(name: str, widget=None) -> None:
+        _settle(app, window)
+        path = out / f"{name}-{suffix}.png"
+        (widget or window).grab().save(str(path))
+        print("wrote", path, flush=True)
+
+    # Data: the PBC sample, a platelet previewed
+    window.show_page("data")
+    page = window.data_page
+    page.start_scan(str(pbc))
+    _wait(app, lambda: page.job is None and state.scan is not None)
+    page.filter.setCurrentIndex(1)
+    _settle(app, window)
+    page.show_preview(page.model.index(3))
+    _wait(app, lambda: "pixels" in page.preview_info.text())
+    page.filter.setCurrentIndex(0)
+    grab("data")
+    page.start_scan(str(npz))  # from here on, the site's data is the one the demo model trained on
+    _wait(app, lambda: page.job is None and state.scan is not None and state.scan.report.kind == "npz")
+
+    # Privacy: the received plan, with the rounds already in this site's ledger
+    state.set_plan(plan, received=True)
+    state.refresh_ledgers()
+    window.show_page("privacy")
+    grab("privacy")
+
+    # Federation, mid-round (the driver's events, replayed in the order it sends them)
+    init_identity(state.state_dir) if not (state.state_dir / "identity").exists() else None
+    fed = window.federation_page
+    fed.refresh_identity()
+    fed.url.setText("wss://aggregator.hospital-network.example:8765")
+    fed.ca.setText(str(Path.home() / "hemafed" / "federation-ca.pem"))
+    fed.federation.setText(plan.federation_id)
+    window.show_page("federation")
+    privacy = state.projection
+    fed.on_event(ev.ConnectionChanged("connecting", fed.url.text()))
+    fed.on_event(ev.ConnectionChanged("connected", fed.url.text()))
+    from hemafed.network.site import PrivacySettings
+
+    ledger = state.ledger_for(plan.federation_id)
+    entries = state.ledger_entries(plan.federation_id)
+    settings = PrivacySettings(entries[-1].sigma, entries[-1].sample_rate, entries[-1].steps, ledger["delta"])
+    # ε after each round of the whole plan: what is recorded, then the projection for the rest
+    projected = tuple(e.epsilon for e in entries) + tuple(privacy.epsilon_per_round if privacy else ())
+    received = ev.PlanReceived(plan, settings, (), projected)
+    fed.on_event(ev.PlanAnswered(True))
+    for rnd, acc in enumerate(accuracies, start=1):
+        fed.on_event(ev.RoundStarted(rnd, plan.rounds, 6))
+        fed.on_event(ev.StageChanged(rnd, "training"))
+        for stage in ("keys", "shares", "masked", "unmask"):
+            fed.on_event(ev.StageChanged(rnd, stage))
+        fed.on_event(ev.RoundFinished(rnd, "completed", accuracy=acc, epsilon_spent=entries[rnd - 1].epsilon))
+    nxt = len(accuracies) + 1
+    fed.on_event(ev.RoundStarted(nxt, plan.rounds, 6))
+    fed.on_event(ev.StageChanged(nxt, "training"))
+    total = entries[-1].steps  # this site's real steps per round
+    fed.on_event(ev.TrainProgress(nxt, total * 3 // 5, total, 1.42))
+    fed.join_btn.setEnabled(False)
+    fed.leave_btn.setEnabled(True)
+    fed.joinedChanged.emit(True)
+    grab("federation")
+
+    # Plan review (the dialog the operator sees before round 1)
+    fed.review_plan(received)
+    dialog = fed.dialog
+    _settle(app, window)
+    grab("plan-review", dialog)
+    dialog.finished.disconnect()  # only a picture: no answer is logged
+    dialog.close()
+    fed.dialog = None
+
+    # Results: accuracy per round, confusion on this site's validation split, statement
+    for rnd, acc in enumerate(accuracies, start=1):
+        state.add_round(RoundRecord(rnd, "completed", acc, entries[rnd - 1].epsilon))
+    state.set_model(model_path)
+    window.show_page("results")
+    window.results_page.tabs.setCurrentIndex(0)
+    _wait(app, lambda: window.results_page.job is None)
+    grab("results")
+
+    # Classify: full-size PBC JPEGs, one per class
+    window.results_page.tabs.setCurrentIndex(1)
+    panel = window.results_page.classify_panel
+    files = [str(sorted((pbc / c).glob("*.jpg"))[5]) for c in plan.classes]
+    panel.classify(files)
+    _wait(app, lambda: panel.job is None)
+    grab("classify")
+
+    # One failure state: this site's key is not on the federation's list
+    window.show_page("federation")
+    from hemafed.core.identity import load_identity, short_fingerprint
+
+    fp = short_fingerprint(load_identity(state.state_dir).public_key)
+    # a fresh Join from a PC whose key the federation does not list (yet)
+    fed.log.clear()
+    for label in (fed.round_label, fed.participants, fed.epsilon):
+        label.setText("—")
+    fed.on_event(ev.ConnectionChanged("connecting", fed.url.text()))
+    fed.on_event(ev.SiteFailed("The aggregator does not know this site's key: it is not on the federation's list.",
+                               fatal=True, what_to_do=f"send the public key (fingerprint {fp}) to the federation's "
+                               "admin, confirm the fingerprint by phone, then press Join again. The site has "
+                               "stopped retrying."))
+    fed.on_event(ev.ConnectionChanged("disconnected", fed.url.text(), "refused by the aggregator"))
+    fed.join_btn.setEnabled(True)
+    fed.leave_btn.setEnabled(False)
+    fed.joinedChanged.emit(False)
+    grab("error-unknown-key")
+    window.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

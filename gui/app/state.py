@@ -1,0 +1,233 @@
+"""The app's model: everything the pages share, with signals the pages subscribe to.
+No widgets here; pages only read it and call its setters (napari style)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PySide6.QtCore import QObject, QTimer, Signal
+
+from hemafed.core.plan import FederationPlan, SiteBounds
+from hemafed.core.scan import ScanReport
+
+from .projection import Projection, project
+from .settings import Settings
+from .workers import Job
+
+DEFAULT_EPSILON = 8.0
+DEFAULT_MAX_DELTA = 1e-4
+DEFAULT_URL = "wss://aggregator.example.org:8765"
+
+
+def default_plan() -> FederationPlan:
+    """The plan shown before an aggregator has sent one: the federation defaults."""
+    return FederationPlan(federation_id="not-joined-yet")
+
+
+@dataclass
+class ScanResult:
+    """A finished scan of the site's images, as the Data page shows it."""
+
+    report: ScanReport
+    labels: np.ndarray  # label index per usable image
+    files: list[Path] = field(default_factory=list)  # usable files (folder / CSV); empty for .npz
+    images: np.ndarray | None = None  # the pixels of an .npz source (N, H, W, 3)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.report.classes
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    status: str
+    accuracy: float | None
+    epsilon_spent: float | None
+
+
+class AppState(QObject):
+    scanChanged = Signal()
+    budgetChanged = Signal()
+    planChanged = Signal()
+    projectionChanged = Signal()
+    ledgersChanged = Signal()
+    roundsChanged = Signal()
+    modelChanged = Signal()
+
+    def __init__(self, settings: Settings, state_dir: Path | None = None) -> None:
+        super().__init__()
+        from hemafed.core.paths import state_dir as default_state_dir
+
+        self.settings = settings
+        self.state_dir = Path(state_dir) if state_dir else default_state_dir()
+        self.scan: ScanResult | None = None
+        self.source = settings.get_str("data/source")
+        self.epsilon = settings.get_float("privacy/epsilon", DEFAULT_EPSILON)
+        self.max_delta = settings.get_float("privacy/max_delta", DEFAULT_MAX_DELTA)
+        self.plan = default_plan()
+        self.plan_received = False
+        self.projection: Projection | None = None
+        self.ledgers: list[dict] = []
+        self.rounds: list[RoundRecord] = []
+        self.model_path: Path | None = None
+        self.privacy_used: dict | None = None  # σ, q, steps, δ of the plan this site joined
+        self._projection_job: Job | None = None
+        self._projection_dirty = False
+        # Calibration takes 0.3-3 s (the first call imports the accountant's maths), so it runs
+        # in a worker; a burst of slider moves is coalesced into one computation.
+        self._debounce = QTimer(self)
+        self._debounce.setSingleShot(True)
+        self._debounce.setInterval(120)
+        self._debounce.timeout.connect(self._start_projection)
+        self.refresh_ledgers()
+        self.update_projection()
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def set_scan(self, scan: ScanResult | None) -> None:
+        self.scan = scan
+        if scan is not None:
+            self.source = scan.report.source
+            self.settings.set("data/source", self.source)
+        self.scanChanged.emit()
+        self.update_projection()
+
+    def split(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(train, val) indices the site will use for the current plan (the driver's split)."""
+        from hemafed.core.partition import stratified_split
+
+        if self.scan is None or len(self.scan.labels) == 0:
+            return None
+        return stratified_split(self.scan.labels, self.plan.val_fraction, seed=self.plan.seed)
+
+    def n_train(self) -> int | None:
+        split = self.split()
+        return None if split is None else len(split[0])
+
+    # -- privacy ------------------------------------------------------------------------------
+
+    @property
+    def bounds(self) -> SiteBounds:
+        return SiteBounds(max_delta=self.max_delta)
+
+    def set_budget(self, epsilon: float, max_delta: float | None = None) -> None:
+        changed = epsilon != self.epsilon or (max_delta is not None and max_delta != self.max_delta)
+        self.epsilon = float(epsilon)
+        if max_delta is not None:
+            self.max_delta = float(max_delta)
+        self.settings.set("privacy/epsilon", self.epsilon)
+        self.settings.set("privacy/max_delta", self.max_delta)
+        if changed:
+            self.budgetChanged.emit()
+            self.update_projection()
+
+    def set_plan(self, plan: FederationPlan, received: bool = True) -> None:
+        self.plan, self.plan_received = plan, received
+        self.planChanged.emit()
+        self.update_projection()
+
+    def ledger_for(self, federation_id: str) -> dict | None:
+        return next((e for e in self.ledgers if e.get("federation_id") == federation_id), None)
+
+    def ledger_entries(self, federation_id: str) -> list:
+        from hemafed.core.ledger import LedgerError, PrivacyLedger
+
+        try:
+            return list(PrivacyLedger(federation_id, state=self.state_dir).entries)
+        except (FileNotFoundError, LedgerError, OSError):
+            return []
+
+    def refresh_ledgers(self) -> None:
+        from hemafed.core.ledger import list_ledgers
+
+        self.ledgers = list_ledgers(self.state_dir)
+        self.ledgersChanged.emit()
+
+    def update_projection(self) -> None:
+        """Recompute σ and the ε projection soon (in a worker); `projectionChanged` follows."""
+        self.projection_pending = True
+        self._debounce.start()
+
+    projection_pending = False
+
+    def _start_projection(self) -> None:
+        if self._projection_job is not None:
+            self._projection_dirty = True
+            return
+        epsilon, plan, n_train, bounds = self.epsilon, self.plan, self.n_train(), self.bounds
+        ledger = self.ledger_for(plan.federation_id)
+        state_dir = self.state_dir
+
+        def compute(job: Job) -> Projection:
+            from hemafed.core.ledger import LedgerError, PrivacyLedger
+
+            if ledger is not None and "error" in ledger:
+                proj = project(epsilon, plan, n_train, bounds=bounds)
+                proj.refusal = (f"this federation's privacy ledger is damaged ({ledger['error']}); "
+                                "restore it from a backup before joining")
+                return proj
+            entries: list = []
+            if ledger is not None:
+                try:
+                    entries = list(PrivacyLedger(plan.federation_id, state=state_dir).entries)
+                except (FileNotFoundError, LedgerError, OSError):
+                    entries = []
+            return project(epsilon, plan, n_train, bounds=bounds, ledger=ledger, ledger_entries=entries)
+
+        self._projection_job = Job(compute)
+        self._projection_job.signals.result.connect(self._projection_ready)
+        self._projection_job.signals.errored.connect(self._projection_failed)
+        self._projection_job.signals.finished.connect(self._projection_done)
+        self._projection_job.start()
+
+    def _projection_ready(self, projection: Projection) -> None:
+        if not self._projection_dirty:
+            self.projection = projection
+            self.projection_pending = False
+            self.projectionChanged.emit()
+
+    def _projection_failed(self, message: str) -> None:
+        self.projection = None
+        self.projection_pending = False
+        self.projectionChanged.emit()
+
+    def _projection_done(self) -> None:
+        self._projection_job = None
+        if self._projection_dirty:
+            self._projection_dirty = False
+            self._start_projection()
+
+    def shutdown(self) -> None:
+        self._debounce.stop()
+        if self._projection_job is not None:
+            self._projection_job.cancel()
+
+    def join_refusal(self) -> str | None:
+        """Why this site cannot join now, in words (None: it can)."""
+        if not self.source:
+            return "no images chosen: choose a folder, CSV or .npz on the Data page"
+        if not Path(self.source).exists():
+            return f"the data folder {self.source} is missing: reconnect the drive or choose it again on the Data page"
+        if self.scan is not None and self.scan.report.total_valid == 0:
+            return f"no usable images in {self.source}: see the problems list on the Data page"
+        if self.projection_pending or self.projection is None:
+            return "the privacy projection is still being computed; try again in a moment"
+        if self.projection.refusal:
+            return self.projection.refusal
+        return None
+
+    # -- federation results ---------------------------------------------------------------------
+
+    def add_round(self, record: RoundRecord) -> None:
+        self.rounds = [r for r in self.rounds if r.round != record.round] + [record]
+        self.rounds.sort(key=lambda r: r.round)
+        self.roundsChanged.emit()
+
+    def set_model(self, path: Path | None) -> None:
+        self.model_path = path
+        if path is not None:
+            self.settings.set("results/model", str(path))
+        self.modelChanged.emit()

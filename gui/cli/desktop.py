@@ -1,0 +1,62 @@
+"""Commands around the desktop app: open it, and use a federation's model on images
+(`classify` runs headless too; it shares every line of its preprocessing with the app)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gui", help="open the desktop app (needs the [gui] extra: PySide6)")
+    p.add_argument("--config-dir", help="where the app keeps its settings (default: the user's config folder)")
+    p.set_defaults(func=_gui)
+
+    p = sub.add_parser("classify", help="predict the cell class of images with a federation's model file")
+    p.add_argument("--model", required=True, metavar="MODEL.npz", help="model file saved by a site")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image files or folders (a file in a class-named folder is scored against that class)")
+    p.add_argument("--json", action="store_true", help="print per-file results (and accuracy per class) as JSON")
+    p.set_defaults(func=_classify)
+
+
+def _gui(args: argparse.Namespace) -> int:
+    from hemafed.gui.cli import UserFacingError
+
+    try:
+        from hemafed.gui.app.main import run_app
+    except ImportError as exc:
+        raise UserFacingError(f"the desktop app needs PySide6 ({exc}); install with: pip install 'hemafed[gui]'") \
+            from exc
+    return run_app(config_dir=args.config_dir)
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from hemafed.core.classify import ModelFileError, classify_paths, load_model_file
+    from hemafed.gui.cli import UserFacingError
+
+    try:
+        model = load_model_file(args.model)
+    except ModelFileError as exc:
+        raise UserFacingError(str(exc)) from exc
+    report = classify_paths(model, args.paths)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(f"model: {model.name} (federation {model.federation_id}, round {model.round}) — "
+              "research model, not a diagnostic device")
+        for pred in report.predictions:
+            if pred.error:
+                print(f"{pred.path}: SKIPPED, {pred.error}")
+                continue
+            top = sorted(pred.probabilities.items(), key=lambda kv: -kv[1])[:3]
+            print(f"{pred.path}: {pred.predicted} ({', '.join(f'{c} {p:.0%}' for c, p in top)})")
+        for problem in report.problems:
+            print(f"skipped: {problem}")
+        per_class = report.accuracy_per_class()
+        if per_class:
+            print(f"\n{'class':<16}{'images':>8}{'correct':>9}{'accuracy':>10}")
+            for name, row in per_class.items():
+                print(f"{name:<16}{row['images']:>8}{row['correct']:>9}{row['accuracy']:>10.1%}")
+    scored = [p for p in report.predictions if not p.error]
+    return 0 if scored else 1

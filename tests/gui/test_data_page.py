@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from PIL import Image
+from PySide6.QtCore import Qt
+
+from hemafed.core.classes import BLOODMNIST_CLASSES
+
+from .conftest import scan
+
+
+def test_pbc_sample_shows_8_classes_of_25_and_no_problems(qtbot, window, pbc: Path) -> None:
+    scan(qtbot, window, pbc)
+    page, state = window.data_page, window.state
+    assert state.scan.report.per_class == {c: 25 for c in BLOODMNIST_CLASSES}
+    assert page.problems.rowCount() == 0
+    assert "no problem files" in page.summary.text()
+    assert page.model.rowCount() == 200
+    # filter by class: 25 thumbnails, all of that class
+    page.filter.setCurrentIndex(1 + BLOODMNIST_CLASSES.index("platelet"))
+    assert page.model.rowCount() == 25
+    assert {page.model.index(r).data(256 + 2) for r in range(25)} == {"platelet"}
+    # thumbnails load lazily in a worker
+    qtbot.waitUntil(lambda: not page.model.busy(), timeout=20_000)
+    # click → large preview with name, original size and file size
+    index = page.model.index(0)
+    with qtbot.waitSignal(page.grid.clicked, timeout=1000):
+        qtbot.mouseClick(page.grid.viewport(), Qt.MouseButton.LeftButton, pos=page.grid.visualRect(index).center())
+    qtbot.waitUntil(lambda: "pixels" in page.preview_info.text(), timeout=10_000)
+    name = page.model.index(0).data()
+    assert name in page.preview_info.text() and "KB" in page.preview_info.text()
+    with Image.open(next(pbc.glob(f"platelet/{name}"))) as img:
+        assert f"{img.size[0]} × {img.size[1]} pixels" in page.preview_info.text()
+    # the split the site will use (the driver's own function and the plan's fraction and seed)
+    from hemafed.core.partition import stratified_split
+
+    train, val = stratified_split(state.scan.labels, state.plan.val_fraction, seed=state.plan.seed)
+    total_row = page.split_table.rowCount() - 1
+    assert page.split_table.item(total_row, 1).text() == str(len(train))
+    assert page.split_table.item(total_row, 2).text() == str(len(val))
+    assert len(val) > 0 and len(train) + len(val) == 200
+
+
+def test_bad_files_are_each_listed_and_exported(qtbot, window, pbc: Path, tmp_path: Path) -> None:
+    root = tmp_path / "site"
+    for cls in ("neutrophil", "platelet"):
+        (root / cls).mkdir(parents=True)
+        for src in sorted((pbc / cls).glob("*.jpg"))[:3]:
+            (root / cls / src.name).write_bytes(src.read_bytes())
+    (root / "neutrophil" / "empty.jpg").write_bytes(b"")
+    (root / "neutrophil" / "report.pdf.png").write_bytes(b"%PDF-1.4 not an image")
+    good = next((pbc / "platelet").glob("*.jpg")).read_bytes()
+    (root / "platelet" / "cut.jpg").write_bytes(good[: len(good) // 3])
+    (root / "platelet" / "scan.docx").write_bytes(b"PK\x03\x04")
+    Image.new("L", (64, 64), 128).save(root / "platelet" / "gray.png")
+    scan(qtbot, window, root)
+    page = window.data_page
+    rows = {page.problems.item(r, 0).text(): page.problems.item(r, 1).text()
+            for r in range(page.problems.rowCount())}
+    assert rows["neutrophil/empty.jpg"] == "empty file"
+    assert rows["neutrophil/report.pdf.png"] == "not an image"
+    assert rows["platelet/cut.jpg"] in ("truncated image", "unreadable")
+    assert rows["platelet/scan.docx"] == "unsupported file type"
+    assert rows["platelet/gray.png"] == "converted (used)"
+    assert window.state.scan.report.total_valid == 7
+    assert "4 file(s) cannot be used" in page.summary.text()
+    out = tmp_path / "problems.csv"
+    assert page.export_problems(out) == 5
+    with out.open() as fh:
+        exported = list(csv.reader(fh))
+    assert exported[0] == ["file", "problem", "detail"]
+    assert {r[0] for r in exported[1:]} == set(rows)
+
+
+def test_missing_folder_is_said_in_words(qtbot, window, tmp_path: Path) -> None:
+    window.data_page.start_scan(str(tmp_path / "unplugged-drive"))
+    assert "does not exist" in window.data_page.summary.text()
+    assert window.data_page.job is None
+
+
+def test_cancel_stops_a_scan(qtbot, window, pbc: Path) -> None:
+    page = window.data_page
+    page.start_scan(str(pbc))
+    job = page.job
+    page.cancel_scan()
+    qtbot.waitUntil(lambda: page.job is None, timeout=30_000)
+    assert job.cancelled()
+    assert window.state.scan is None
+    assert "cancelled" in page.summary.text()

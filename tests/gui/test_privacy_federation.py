@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from hemafed.core.plan import FederationPlan
+from hemafed.network import site_events as ev
+from hemafed.network.site import PrivacySettings
+
+from .conftest import scan
+
+
+def set_budget(qtbot, window, epsilon: float) -> None:
+    with qtbot.waitSignal(window.state.projectionChanged, timeout=30_000):
+        window.privacy_page.set_budget(epsilon)
+    qtbot.waitUntil(lambda: not window.state.projection_pending, timeout=30_000)
+
+
+def test_budget_change_updates_projection_and_rounds_allowed(qtbot, window, pbc: Path) -> None:
+    scan(qtbot, window, pbc)
+    qtbot.waitUntil(lambda: not window.state.projection_pending, timeout=30_000)
+    page, state = window.privacy_page, window.state
+    set_budget(qtbot, window, 6.0)
+    loose = state.projection
+    assert loose.fits and not loose.n_estimated and loose.n_train == state.n_train()
+    assert page.sigma_label.text() == f"{loose.sigma:.3f}"
+    assert page.allowed_label.text().startswith(f"all {state.plan.rounds}")
+    assert len(loose.epsilon_per_round) == state.plan.rounds
+    assert loose.epsilon_per_round[-1] <= 6.0 and loose.epsilon_per_round == sorted(loose.epsilon_per_round)
+    set_budget(qtbot, window, 2.0)
+    strict = state.projection
+    assert strict.fits and strict.sigma > loose.sigma  # less budget, more noise
+    assert page.sigma_label.text() == f"{strict.sigma:.3f}"
+    assert strict.epsilon_per_round[-1] <= 2.0
+    assert "The plan fits" in page.verdict.text()
+    # the slider follows the box (log scale)
+    assert abs(page.slider.value() - round((math.log10(2.0) + 1) * 100)) <= 1
+
+
+def test_budget_too_small_refuses_join_with_the_reason(qtbot, window, pbc: Path) -> None:
+    scan(qtbot, window, pbc)
+    set_budget(qtbot, window, 0.1)
+    proj = window.state.projection
+    assert not proj.fits and "budget is too small" in proj.refusal
+    assert proj.rounds_allowed < window.state.plan.rounds
+    assert "will not join" in window.privacy_page.verdict.text()
+    fed = window.federation_page
+    fed.create_key()
+    fed.url.setText("wss://127.0.0.1:9")
+    assert not fed.join()
+    assert fed.worker is None
+    assert not fed.banner.isHidden()
+    assert "budget is too small" in fed.banner.text() and "What to do" in fed.banner.text()
+
+
+def test_join_refused_without_data_or_key(qtbot, window, tmp_path: Path) -> None:
+    fed = window.federation_page
+    fed.url.setText("wss://127.0.0.1:9")
+    assert not fed.join()
+    assert "identity key" in fed.banner.text()
+    fed.create_key()
+    assert len(fed.fingerprint.text().replace(":", "").replace(" ", "")) >= 8
+    window.state.source = str(tmp_path / "gone")
+    assert not fed.join()
+    assert "missing" in fed.banner.text() and "Data page" in fed.banner.text()
+
+
+def _plan() -> FederationPlan:
+    return FederationPlan(federation_id="ward-7", model="cnn4_28", rounds=3, threshold=2, min_sites=2)
+
+
+def test_plan_review_and_live_status_from_site_events(qtbot, window) -> None:
+    fed, state = window.federation_page, window.state
+    plan = _plan()
+    privacy = PrivacySettings(sigma=1.234, sample_rate=0.1, steps=10, delta=1e-5)
+    fed.on_event(ev.ConnectionChanged("connected", "wss://agg:8765"))
+    assert fed.connection.text().startswith("connected")
+    fed.on_event(ev.PlanReceived(plan, privacy, (), (1.0, 2.0, 3.0)))
+    assert state.plan == plan and state.plan_received
+    dialog = fed.dialog
+    assert dialog is not None and dialog.isVisible()
+    texts = " ".join(label.text() for label in dialog.findChildren(type(fed.connection)))
+    for needle in ("cnn4_28", "σ = 1.234", "threshold t = 2", "will see", "never see", "batch size 64"):
+        assert needle in texts, needle
+    dialog.accept_btn.click()
+    assert fed.dialog is None and "you accepted the plan" in fed.log.toPlainText()
+    fed.on_event(ev.RoundStarted(1, 3, 4))
+    fed.on_event(ev.StageChanged(1, "training"))
+    fed.on_event(ev.TrainProgress(1, 5, 10, 0.8))
+    assert fed.round_label.text() == "round 1 of 3" and fed.participants.text() == "4"
+    assert fed.stage.text() == "training on this hospital's images"
+    assert (fed.train_bar.value(), fed.train_bar.maximum()) == (5, 10)
+    fed.on_event(ev.StageChanged(1, "masked"))
+    assert "masked update" in fed.stage.text()
+    fed.on_event(ev.RoundFinished(1, "completed", accuracy=0.42, epsilon_spent=1.5))
+    assert fed.epsilon.text().startswith("1.5 of")
+    assert [r.round for r in state.rounds] == [1] and state.rounds[0].accuracy == 0.42
+
+
+def test_plan_outside_bounds_is_shown_not_asked(qtbot, window) -> None:
+    fed = window.federation_page
+    fed.on_event(ev.PlanReceived(_plan(), None, ("delta=0.001 exceeds the accepted 0.0001",), ()))
+    assert fed.dialog is None
+    assert "outside what this site accepts" in fed.banner.text() and "delta=0.001" in fed.banner.text()
+
+
+def test_failures_are_shown_in_words_with_the_next_step(qtbot, window) -> None:
+    fed = window.federation_page
+    fed.on_event(ev.SiteFailed("This site's key is not on the federation's list.", fatal=True,
+                               what_to_do="send the fingerprint to the federation's admin"))
+    text = fed.banner.text()
+    assert "not on the federation's list" in text and "send the fingerprint" in text
+    assert "keeps trying" not in text
+    fed.on_event(ev.SiteFailed("The aggregator cannot be reached.", fatal=False, what_to_do="check the address"))
+    assert "keeps trying" in fed.banner.text()
+    assert "PROBLEM: The aggregator cannot be reached." in fed.log.toPlainText()
+
+
+def test_settings_persist_between_runs(qtbot, tmp_path: Path) -> None:
+    from hemafed.gui.app.main import create_window
+
+    first = create_window(tmp_path / "cfg")
+    qtbot.addWidget(first)
+    qtbot.waitUntil(lambda: not first.state.projection_pending, timeout=30_000)
+    first.privacy_page.set_budget(3.5)
+    first.federation_page.url.setText("wss://agg.example:8765")
+    first.federation_page.federation.setText("ward-7")
+    first.state.settings.set("federation/url", first.federation_page.url.text())
+    first.resize(760, 560)  # inside the offscreen screen (800×600)
+    first.close()
+    second = create_window(tmp_path / "cfg")
+    qtbot.addWidget(second)
+    assert second.state.epsilon == 3.5 and second.privacy_page.spin.value() == 3.5
+    assert second.federation_page.url.text() == "wss://agg.example:8765"
+    assert (second.width(), second.height()) == (760, 560)
+    qtbot.waitUntil(lambda: not second.state.projection_pending, timeout=30_000)
+    second.close()
+
+
+def test_events_from_the_driver_thread_reach_the_page_on_the_gui_thread(qtbot, window) -> None:
+    """The bridge the site worker uses: events emitted on another thread (as the driver's
+    asyncio thread does) are queued to the GUI thread, in order."""
+    import threading
+
+    from PySide6.QtCore import QThread
+
+    from hemafed.gui.app.site_worker import SiteBridge
+
+    fed = window.federation_page
+    bridge = SiteBridge()
+    seen: list[tuple[str, bool]] = []
+    gui_thread = QThread.currentThread()
+    bridge.event.connect(lambda e: seen.append((type(e).__name__, QThread.currentThread() is gui_thread)))
+    bridge.event.connect(fed.on_event)
+    events = [ev.ConnectionChanged("connected"), ev.RoundStarted(1, 2, 3), ev.StageChanged(1, "training"),
+              *(ev.TrainProgress(1, s, 40, 1.0) for s in range(1, 41)),
+              ev.RoundFinished(1, "completed", accuracy=0.5, epsilon_spent=0.7)]
+    sender = threading.Thread(target=lambda: [bridge.event.emit(e) for e in events])
+    sender.start()
+    sender.join()
+    qtbot.waitUntil(lambda: len(seen) == len(events), timeout=5000)
+    assert [name for name, _ in seen] == [type(e).__name__ for e in events]
+    assert all(on_gui for _, on_gui in seen)
+    assert fed.train_bar.value() == 40 and fed.epsilon.text().startswith("0.7 of")
