@@ -38,20 +38,21 @@ import numpy as np
 from . import secagg
 from .identity import parse_public_line
 from .plan import FederationPlan
+from .round_messages import (  # the round vocabulary, shared with the other end
+    DECLINE,
+    DONE,
+    PLAIN_UPDATE,
+    PLAN,
+    PLAN_ACCEPT,
+    PLAN_REJECT,
+    ROUND_END,
+    ROUND_START,
+    SECAGG,
+)
 from .server_opt import ServerOptimizer
 
 log = logging.getLogger(__name__)
 
-# The round vocabulary (hemafed.network.protocol re-exports these).
-PLAN = "plan"
-PLAN_ACCEPT = "plan_accept"
-PLAN_REJECT = "plan_reject"
-ROUND_START = "round_start"
-DECLINE = "decline"
-SECAGG = "secagg"
-PLAIN_UPDATE = "plain_update"
-ROUND_END = "round_end"
-DONE = "done"
 
 
 def secagg_config(plan: FederationPlan, dim: int) -> secagg.SecAggConfig:

@@ -39,6 +39,17 @@ from . import secagg
 from .errors import FatalError, HemafedError
 from .identity import IdentityError, parse_public_line
 from .plan import FederationPlan, PlanError, SiteBounds
+from .round_messages import (  # the round vocabulary, shared with the other end
+    DECLINE,
+    DONE,
+    PLAIN_UPDATE,
+    PLAN,
+    PLAN_ACCEPT,
+    PLAN_REJECT,
+    ROUND_END,
+    ROUND_START,
+    SECAGG,
+)
 from .site_events import (
     PlanAnswered,
     PlanReceived,
@@ -52,16 +63,6 @@ from .text import safe_text
 
 log = logging.getLogger(__name__)
 
-# The message types a site handles (the same strings as `hemafed.network.protocol`).
-PLAN = "plan"
-PLAN_ACCEPT = "plan_accept"
-PLAN_REJECT = "plan_reject"
-ROUND_START = "round_start"
-DECLINE = "decline"
-SECAGG = "secagg"
-PLAIN_UPDATE = "plain_update"
-ROUND_END = "round_end"
-DONE = "done"
 
 MAX_INT = 2**31 - 1  # no plan number a site uses is anywhere near this; bigger is hostile
 MAX_CLASSES = 1000

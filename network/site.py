@@ -507,20 +507,18 @@ class SiteRunner:
 
     async def _train_action(self, action: sr.Train) -> list[sr.Action]:
         from hemafed.core.dp_train import TrainingCancelled
+        from hemafed.core.fedsgd_site import RoundCancelled
         from hemafed.core.ledger import BudgetExhausted
 
         rnd = action.round
         recorded_before = self.ledger.rounds if self.ledger is not None and self.privacy is not None else 0
-        if self.fedsgd is not None and self.plan is not None and self.plan.algorithm == "fedsgd":
-            return await self._fedsgd_round(action, recorded_before)
+        started = time.monotonic()
         try:
-            model = await asyncio.to_thread(self._model, action)
-            confusion = await asyncio.to_thread(self._evaluate, model)
-            if self.stopping:
-                raise TrainingCancelled("stopped before training")
-            started = time.monotonic()
-            result = await asyncio.to_thread(self._train, model, rnd)
-        except TrainingCancelled:
+            if self.fedsgd is not None and self.plan is not None and self.plan.algorithm == "fedsgd":
+                outcome, loss, steps = await asyncio.to_thread(self._fedsgd_work, action)
+            else:
+                outcome, loss, steps = await self._fedavg_work(action)
+        except (TrainingCancelled, RoundCancelled):
             return self.machine.train_cancelled(rnd, recorded=self._recorded_since(recorded_before),
                                                 epsilon_spent=self._spent())
         except BudgetExhausted as exc:
@@ -529,45 +527,40 @@ class SiteRunner:
         except Exception as exc:  # a bug or a resource failure: never a traceback for the operator
             log.exception("round %d: training failed", rnd)
             return self.machine.train_failed(rnd, safe_text(f"{type(exc).__name__}: {exc}"))
-        self.last_result = result
-        eps = self._spent()
-        log.info("round %d: trained %d steps in %.1f s, %s", rnd, result.steps, time.monotonic() - started,
+        eps = outcome.epsilon_spent
+        log.info("round %d: trained %d steps in %.1f s, %s", rnd, steps, time.monotonic() - started,
                  f"ε spent {eps:.3f} of {self.cfg.epsilon:g} at δ={self.privacy.delta:g}" if self.privacy
                  else "NON-PRIVATE")
-        self._log_round(rnd, "trained", epsilon=eps, loss=result.mean_loss, train_s=time.monotonic() - started)
+        self._log_round(rnd, "trained", epsilon=eps, loss=loss, train_s=time.monotonic() - started)
         if self.stopping:  # stop() came after the last step: the spend is recorded, nothing is sent
             return self.machine.train_cancelled(rnd, recorded=self._recorded_since(recorded_before),
                                                 epsilon_spent=eps)
+        return self.machine.trained(rnd, outcome)
+
+    async def _fedavg_work(self, action: sr.Train) -> tuple[sr.TrainOutcome, float, int]:
+        """Local epochs of (DP-)SGD from the global model; the evaluation comes first."""
+        from hemafed.core.dp_train import TrainingCancelled
+
+        model = await asyncio.to_thread(self._model, action)
+        confusion = await asyncio.to_thread(self._evaluate, model)
+        if self.stopping:
+            raise TrainingCancelled("stopped before training")
+        result = await asyncio.to_thread(self._train, model, action.round)
+        self.last_result = result
         assert self.data is not None
-        return self.machine.trained(rnd, sr.TrainOutcome(result.update, len(self.data.train_labels),
-                                                         confusion, eps))
+        return (sr.TrainOutcome(result.update, len(self.data.train_labels), confusion, self._spent()),
+                result.mean_loss, result.steps)
 
-    async def _fedsgd_round(self, action: sr.Train, recorded_before: int) -> list[sr.Action]:
-        from hemafed.core.fedsgd_site import RoundCancelled
-        from hemafed.core.ledger import BudgetExhausted
-
-        rnd, fs = action.round, self.fedsgd
-        assert fs is not None
-        started = time.monotonic()
-        try:
-            await asyncio.to_thread(self._save_model, "latest", action.weights, rnd)
-            done = await asyncio.to_thread(fs.round, rnd, action.weights, self._stop_flag)
-        except RoundCancelled:
-            return self.machine.train_cancelled(rnd, recorded=False, epsilon_spent=self._spent())
-        except BudgetExhausted as exc:
-            log.warning("round %d: declining, %s", rnd, exc)
-            return self.machine.budget_exhausted(rnd, str(exc))
-        except Exception as exc:  # a bug or a resource failure: never a traceback for the operator
-            log.exception("round %d: computing the gradient failed", rnd)
-            return self.machine.train_failed(rnd, safe_text(f"{type(exc).__name__}: {exc}"))
+    def _fedsgd_work(self, action: sr.Train) -> tuple[sr.TrainOutcome, float, int]:
+        """DP-FedSGD (on a worker thread): evaluate, then one clipped gradient sum with this site's noise share;
+        the ledger entry is durable before this returns."""
+        assert self.fedsgd is not None
+        self._save_model("latest", action.weights, action.round)
+        done = self.fedsgd.round(action.round, action.weights, self._stop_flag)
         c = done.contribution
-        self._progress(TrainProgress(rnd, 1, 1, float(c.loss)))
-        self._log_round(rnd, "trained", epsilon=done.epsilon_spent, loss=c.loss, train_s=time.monotonic() - started)
-        if self.stopping:  # stop() came after the gradient: the spend is recorded, nothing is sent
-            return self.machine.train_cancelled(rnd, recorded=self._recorded_since(recorded_before),
-                                                epsilon_spent=done.epsilon_spent)
-        return self.machine.trained(rnd, sr.TrainOutcome(c.update, c.weight, done.confusion, done.epsilon_spent,
-                                                         noise_hook=c.noise_hook))
+        self._progress(TrainProgress(action.round, 1, 1, float(c.loss)))
+        return (sr.TrainOutcome(c.update, c.weight, done.confusion, done.epsilon_spent, noise_hook=c.noise_hook),
+                c.loss, 1)
 
     def _recorded_since(self, before: int) -> bool:
         """Did this round reach the ledger? (`record_round` updates the open ledger object.)"""

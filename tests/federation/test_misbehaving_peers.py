@@ -4,8 +4,6 @@ messages, each with a clear error, and finishes its rounds regardless."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,48 +11,17 @@ import numpy as np
 import pytest
 from fedharness import make_federation, run
 from forger import Forger
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from hostile import LIMITS, error_code, raw_session
 
 from hemafed.core.identity import IdentityKey
 from hemafed.core.plan import SiteBounds
-from hemafed.network import handshake
 from hemafed.network import protocol as P
 from hemafed.network.client import Backoff, SiteClient
-from hemafed.network.envelope import Envelope, Limits
+from hemafed.network.envelope import Envelope
 from hemafed.network.errors import AuthenticationRefused
 from hemafed.network.site import SiteRunner
-from hemafed.network.tls import cert_binding, client_context
 
 pytestmark = pytest.mark.slow
-LIMITS = Limits.for_model(1_000_000)
-
-
-@contextlib.asynccontextmanager
-async def raw_session(url: str, identity: IdentityKey, ca: Path) -> AsyncIterator[ClientConnection]:
-    """An authenticated connection that sends whatever bytes the test wants."""
-    async with connect(url, ssl=client_context(ca), compression=None, max_size=None) as ws:
-        hello = Envelope.decode(await ws.recv(), LIMITS)
-        binding = cert_binding(ws.transport.get_extra_info("ssl_object").getpeercert(binary_form=True))
-        await ws.send(handshake.answer(hello, identity, binding).encode())
-        assert Envelope.decode(await ws.recv(), LIMITS).type == "welcome"
-        yield ws
-
-
-async def error_code(ws: ClientConnection) -> str | None:
-    """The code of the error envelope the aggregator sends before closing; a frame
-    too large to read is refused by the WebSocket layer itself, with close code 1009."""
-    code = None
-    try:
-        while True:
-            env = Envelope.decode(await ws.recv(), LIMITS)
-            if env.type == "error":
-                code = env.body["code"]
-    except ConnectionClosed as exc:
-        if code is None and exc.rcvd is not None and exc.rcvd.code == 1009:
-            code = "too_large"
-    return code
-
 
 def test_federation_carries_on_through_bad_peers(tmp_path: Path) -> None:
     # site4's key is allowed but no real site uses it: the test misbehaves with it

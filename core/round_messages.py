@@ -1,0 +1,22 @@
+"""The round vocabulary both ends speak (message types in the envelope's `type`).
+
+aggregator → site                       site → aggregator
+  plan        (after connecting)          plan_accept / plan_reject
+  round_start (round r, global weights)   decline (budget exhausted, …)
+  secagg      (one encoded core message)  secagg  (one encoded core message)
+                                          plain_update (only when secure aggregation is off)
+  round_end   (status, federated metrics)
+  done        (final weights)
+
+`core.agg_round` and `core.site_round` use these; `hemafed.network.protocol` re-exports them.
+"""
+
+PLAN = "plan"
+PLAN_ACCEPT = "plan_accept"
+PLAN_REJECT = "plan_reject"
+ROUND_START = "round_start"
+DECLINE = "decline"
+SECAGG = "secagg"
+PLAIN_UPDATE = "plain_update"
+ROUND_END = "round_end"
+DONE = "done"
