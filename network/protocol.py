@@ -1,12 +1,5 @@
-"""The round vocabulary carried in envelopes between the aggregator and the sites.
-
-aggregator → site                       site → aggregator
-  plan        (after connecting)          plan_accept / plan_reject
-  round_start (round r, global weights)   decline (budget exhausted, …)
-  secagg      (one encoded core message)  secagg  (one encoded core message)
-                                          plain_update (only when secure aggregation is off)
-  round_end   (status, federated metrics)
-  done        (final weights)
+"""The round vocabulary carried in envelopes between the aggregator and the sites (the message
+types and who sends which: `hemafed.core.round_messages`), and the aggregator's edge validator.
 
 Secure-aggregation messages ride as one opaque blob each, encoded and decoded by
 `hemafed.core.secagg.messages`; weights as raw little-endian float32.
