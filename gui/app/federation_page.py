@@ -247,6 +247,10 @@ class FederationPage(QWidget):
         if identity is None:
             return f"this site has no usable identity key ({error})", "create or import one above"
         reason = self.state.join_refusal()
+        if reason and "outside what this site accepts" in reason and self.state.plan_received:
+            # The aggregator's last plan was refused; its admin may have changed it since. The
+            # driver checks the plan it gets on joining against the same bounds, so let it ask.
+            reason = None
         if reason:
             if "budget" in reason or "ledger" in reason:
                 todo = "raise the budget on the Privacy page if your policy allows, or ask for a plan with fewer rounds"
