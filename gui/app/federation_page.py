@@ -322,7 +322,7 @@ class FederationPage(QWidget):
             self.connection.setText(CONNECTION_WORDS.get(e.state, e.state) + (f" ({e.url})" if e.url else ""))
             self.append_log(f"connection: {e.state}" + (f" — {e.detail}" if e.detail else ""))
         elif isinstance(e, ev.PlanReceived):
-            self.state.set_plan(e.plan, received=True)
+            self.state.set_plan(e.plan, received=True, epsilon_per_round=tuple(e.epsilon_per_round))
             self.rounds_total = e.plan.rounds
             self.append_log(f"plan received: {e.plan.model}, {e.plan.rounds} rounds, federation {e.plan.federation_id}")
             if e.problems:

@@ -74,6 +74,7 @@ class AppState(QObject):
         self.rounds: list[RoundRecord] = []
         self.model_path: Path | None = None
         self.privacy_used: dict | None = None  # σ, q, steps, δ of the plan this site joined
+        self.driver_epsilon: tuple[float, ...] = ()  # the driver's ε per round for the plan received
         self._projection_job: Job | None = None
         self._projection_dirty = False
         # Calibration takes 0.3-3 s (the first call imports the accountant's maths), so it runs
@@ -124,8 +125,12 @@ class AppState(QObject):
             self.budgetChanged.emit()
             self.update_projection()
 
-    def set_plan(self, plan: FederationPlan, received: bool = True) -> None:
+    def set_plan(self, plan: FederationPlan, received: bool = True,
+                 epsilon_per_round: tuple[float, ...] = ()) -> None:
+        """`epsilon_per_round`: the driver's projection for this plan (`PlanReceived`); the
+        Privacy page shows it for a DP-FedSGD plan rather than recomputing it."""
         self.plan, self.plan_received = plan, received
+        self.driver_epsilon = tuple(epsilon_per_round) if received else ()
         self.planChanged.emit()
         self.update_projection()
 
@@ -158,6 +163,7 @@ class AppState(QObject):
             self._projection_dirty = True
             return
         epsilon, plan, n_train, bounds = self.epsilon, self.plan, self.n_train(), self.bounds
+        driver_epsilon = self.driver_epsilon
         ledger = self.ledger_for(plan.federation_id)
         state_dir = self.state_dir
 
@@ -175,7 +181,8 @@ class AppState(QObject):
                     entries = list(PrivacyLedger(plan.federation_id, state=state_dir).entries)
                 except (FileNotFoundError, LedgerError, OSError):
                     entries = []
-            return project(epsilon, plan, n_train, bounds=bounds, ledger=ledger, ledger_entries=entries)
+            return project(epsilon, plan, n_train, bounds=bounds, ledger=ledger, ledger_entries=entries,
+                           driver_epsilon=driver_epsilon)
 
         self._projection_job = Job(compute)
         self._projection_job.signals.result.connect(self._projection_ready)

@@ -127,11 +127,16 @@ def join(qtbot, win) -> list[object]:
     return seen
 
 
-def accept_plan(qtbot, win) -> None:
+def accept_plan(qtbot, win) -> str:
+    """Click "Accept and join" in the plan review; returns the review's text."""
+    from PySide6.QtWidgets import QLabel
+
     page = win.federation_page
     qtbot.waitUntil(lambda: page.dialog is not None, timeout=60_000)
+    text = " ".join(label.text() for label in page.dialog.findChildren(QLabel))
     qtbot.mouseClick(page.dialog.accept_btn, Qt.MouseButton.LeftButton)
     assert page.dialog is None
+    return text
 
 
 def wait_left(qtbot, win, timeout: int = 60_000) -> None:
@@ -148,7 +153,7 @@ def test_the_app_runs_a_real_federation_to_the_end(qtbot, window, tmp_path: Path
     with running(fed, {"site2": None, "site3": None}) as agg:
         point_app_at(window, fed, agg.url)
         seen = join(qtbot, window)
-        accept_plan(qtbot, window)
+        review = accept_plan(qtbot, window)
         wait_left(qtbot, window, timeout=180_000)
         qtbot.waitUntil(agg.done, timeout=60_000)
     page, state = window.federation_page, window.state
@@ -167,10 +172,31 @@ def test_the_app_runs_a_real_federation_to_the_end(qtbot, window, tmp_path: Path
     assert ledger.rounds == fed.plan.rounds
     assert page.epsilon.text().startswith(f"{ledger.spent_epsilon():.4g} of")
     assert state.rounds[-1].epsilon_spent == pytest.approx(ledger.spent_epsilon())
+    statement = window.results_page.statement.toPlainText()
     if fedsgd:
         assert {e.dp_mode for e in ledger.entries} == {"distributed"}
         received = events(seen, ev.PlanReceived)[0]
         assert received.epsilon_per_round[-1] == pytest.approx(ledger.spent_epsilon(), rel=1e-9)
+        for needle in ("one DP-SGD step", "q = 0.3", "<b>distributed</b>", "pool their noise shares",
+                       "t = 2", "c = 1", f"σ = {fed.plan.noise_multiplier:.3g}",
+                       f"ε = {received.epsilon_per_round[-1]:.3g}</b>", "never see"):
+            assert needle in review, needle
+        # the Privacy page shows the driver's projection for this plan, and the app's own
+        # computation from the plan (before joining) agrees with it
+        proj = state.projection
+        assert proj.from_driver and proj.mechanism == "skellam" and proj.sigma == fed.plan.noise_multiplier
+        from hemafed.gui.app.projection import project
+
+        own = project(state.epsilon, fed.plan, 57, bounds=state.bounds)
+        assert own.epsilon_per_round == pytest.approx(list(received.epsilon_per_round), rel=1e-9)
+        assert "distributed through secure aggregation" in statement
+        history = window.privacy_page.history
+        assert history.rowCount() == fed.plan.rounds
+        assert history.item(0, 4).text().startswith("distributed") and "c=1" in history.item(0, 4).text()
+    else:
+        assert "local epoch(s)" in review and "<b>local</b>" in review
+        assert "Differential privacy." in statement and window.privacy_page.history.item(0, 4).text().startswith(
+            "local")
     assert not page.banner.isVisible()
 
 
