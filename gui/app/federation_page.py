@@ -311,7 +311,7 @@ class FederationPage(QWidget):
         self.join_btn.setEnabled(True)
         self.leave_btn.setEnabled(False)
         self.connection.setText(CONNECTION_WORDS["disconnected"])
-        self.state.refresh_ledgers()
+        self.state.refresh_ledgers_soon()
         self.joinedChanged.emit(False)
 
     # -- events ---------------------------------------------------------------------------------
@@ -354,7 +354,7 @@ class FederationPage(QWidget):
             acc = f", accuracy {e.accuracy:.1%}" if e.accuracy is not None else ""
             self.append_log(f"round {e.round} {e.status}{acc}" + (f" — {e.detail}" if e.detail else ""))
             self.state.add_round(RoundRecord(e.round, e.status, e.accuracy, e.epsilon_spent))
-            self.state.refresh_ledgers()
+            self.state.refresh_ledgers_soon()  # off the GUI thread: the next round is training
         elif isinstance(e, ev.SiteFailed):
             self.show_failure(e)
         elif isinstance(e, ev.Finished):

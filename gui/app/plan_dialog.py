@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from PySide6.QtWidgets import QDialog, QDialogButtonBox, QFormLayout, QLabel, QVBoxLayout
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (
+    QDialog,
+    QDialogButtonBox,
+    QFormLayout,
+    QFrame,
+    QLabel,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
 
 
 def plan_rows(plan, privacy, epsilon_budget: float, epsilon_per_round: tuple[float, ...]) -> list[tuple[str, str]]:
@@ -10,8 +20,7 @@ def plan_rows(plan, privacy, epsilon_budget: float, epsilon_per_round: tuple[flo
 
     model = MODELS.get(plan.model)
     fedsgd = plan.algorithm == "fedsgd"
-    after = (f"; after the plan's last round this site will have spent <b>ε = {epsilon_per_round[-1]:.3g}</b> "
-             f"of its budget {epsilon_budget:g}" if epsilon_per_round else "")
+    after = ""  # ε after the plan has its own row
     rows = [
         ("federation", plan.federation_id),
         ("model", f"{plan.model}" + (f" — {model.description}" if model else "")),
@@ -26,6 +35,10 @@ def plan_rows(plan, privacy, epsilon_budget: float, epsilon_per_round: tuple[flo
     else:
         rows.append(("training per round", f"<b>{plan.local_epochs} local epoch(s)</b> (FedAvg), batch size "
                                            f"{plan.batch_size}, learning rate {plan.lr:g}"))
+    if epsilon_per_round and plan.dp:
+        rows.append(("ε after the plan", f"<b>{epsilon_per_round[-1]:.3g}</b> of this site's budget "
+                                         f"{epsilon_budget:g} after the last round (ε is spent by every round "
+                                         "and never comes back; smaller is stronger protection)"))
     rows.append(("per-image gradient clip", f"{plan.clip_norm:g} (no single image can move the model by more)"))
     if not plan.dp or privacy is None:
         rows.append(("differential privacy", "OFF — updates carry no privacy guarantee"))
@@ -80,19 +93,30 @@ class PlanDialog(QDialog):
     def __init__(self, event, epsilon_budget: float, parent=None) -> None:
         super().__init__(parent)
         self.setWindowTitle("Review the federation's plan")
-        self.setMinimumWidth(640)
+        self.setMinimumWidth(760)
         plan, privacy = event.plan, event.privacy
         layout = QVBoxLayout(self)
         head = QLabel("The aggregator asks this site to train the model below. Nothing is trained and nothing is "
                       "sent until you accept.")
         head.setWordWrap(True)
         layout.addWidget(head)
-        form = QFormLayout()
+        # Word-wrapped rows in a plain form get squeezed (and clipped) when the dialog is not
+        # tall enough; in a resizable scroll area each row keeps the height its text needs.
+        rows = QWidget()
+        form = QFormLayout(rows)
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.DontWrapRows)
         for key, value in plan_rows(plan, privacy, epsilon_budget, tuple(event.epsilon_per_round)):
             label = QLabel(value)
             label.setWordWrap(True)
+            label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
             form.addRow(f"{key}:", label)
-        layout.addLayout(form)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setWidget(rows)
+        layout.addWidget(scroll, 1)
+        self.resize(820, 760)
         sees = QLabel(sees_text(plan))
         sees.setWordWrap(True)
         sees.setObjectName("help")

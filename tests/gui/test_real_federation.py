@@ -117,13 +117,21 @@ def point_app_at(win, fed: Federation, url: str, *, site: str = GUI_SITE, ca: Pa
 
 
 def join(qtbot, win) -> list[object]:
-    """Click Join; returns the list the driver's events are appended to (on the GUI thread)."""
+    """Click Join; returns the list of (event, stage text shown after it), every event the
+    driver sent, in order. The recorder wraps the page's handler before the worker starts
+    (the page connects `self.on_event` then), so not even the first event is missed."""
     page = win.federation_page
+    seen: list[object] = []
+    handler = type(page).on_event.__get__(page)
+
+    def record(e: object) -> None:
+        handler(e)
+        seen.append((e, page.stage.text()))
+
+    page.on_event = record
     qtbot.waitUntil(lambda: not win.state.projection_pending, timeout=30_000)
     qtbot.mouseClick(page.join_btn, Qt.MouseButton.LeftButton)
     assert page.worker is not None, page.banner.text()
-    seen: list[object] = []
-    page.worker.bridge.event.connect(lambda e: seen.append((e, page.stage.text())))
     return seen
 
 
@@ -172,6 +180,8 @@ def test_the_app_runs_a_real_federation_to_the_end(qtbot, window, tmp_path: Path
     assert ledger.rounds == fed.plan.rounds
     assert page.epsilon.text().startswith(f"{ledger.spent_epsilon():.4g} of")
     assert state.rounds[-1].epsilon_spent == pytest.approx(ledger.spent_epsilon())
+    qtbot.waitUntil(lambda: (state.ledger_for(fed.plan.federation_id) or {}).get("rounds") == fed.plan.rounds,
+                    timeout=10_000)  # the ledgers are re-read in a worker
     statement = window.results_page.statement.toPlainText()
     if fedsgd:
         assert {e.dp_mode for e in ledger.entries} == {"distributed"}
@@ -179,7 +189,7 @@ def test_the_app_runs_a_real_federation_to_the_end(qtbot, window, tmp_path: Path
         assert received.epsilon_per_round[-1] == pytest.approx(ledger.spent_epsilon(), rel=1e-9)
         for needle in ("one DP-SGD step", "q = 0.3", "<b>distributed</b>", "pool their noise shares",
                        "t = 2", "c = 1", f"σ = {fed.plan.noise_multiplier:.3g}",
-                       f"ε = {received.epsilon_per_round[-1]:.3g}</b>", "never see"):
+                       f"<b>{received.epsilon_per_round[-1]:.3g}</b> of this site's budget", "never see"):
             assert needle in review, needle
         # the Privacy page shows the driver's projection for this plan, and the app's own
         # computation from the plan (before joining) agrees with it
@@ -191,7 +201,7 @@ def test_the_app_runs_a_real_federation_to_the_end(qtbot, window, tmp_path: Path
         assert own.epsilon_per_round == pytest.approx(list(received.epsilon_per_round), rel=1e-9)
         assert "distributed through secure aggregation" in statement
         history = window.privacy_page.history
-        assert history.rowCount() == fed.plan.rounds
+        qtbot.waitUntil(lambda: history.rowCount() == fed.plan.rounds, timeout=10_000)
         assert history.item(0, 4).text().startswith("distributed") and "c=1" in history.item(0, 4).text()
     else:
         assert "local epoch(s)" in review and "<b>local</b>" in review
