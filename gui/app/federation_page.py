@@ -247,6 +247,10 @@ class FederationPage(QWidget):
         if identity is None:
             return f"this site has no usable identity key ({error})", "create or import one above"
         reason = self.state.join_refusal()
+        if reason and "outside what this site accepts" in reason and self.state.plan_received:
+            # The aggregator's last plan was refused; its admin may have changed it since. The
+            # driver checks the plan it gets on joining against the same bounds, so let it ask.
+            reason = None
         if reason:
             if "budget" in reason or "ledger" in reason:
                 todo = "raise the budget on the Privacy page if your policy allows, or ask for a plan with fewer rounds"
@@ -307,7 +311,7 @@ class FederationPage(QWidget):
         self.join_btn.setEnabled(True)
         self.leave_btn.setEnabled(False)
         self.connection.setText(CONNECTION_WORDS["disconnected"])
-        self.state.refresh_ledgers()
+        self.state.refresh_ledgers_soon()
         self.joinedChanged.emit(False)
 
     # -- events ---------------------------------------------------------------------------------
@@ -318,7 +322,7 @@ class FederationPage(QWidget):
             self.connection.setText(CONNECTION_WORDS.get(e.state, e.state) + (f" ({e.url})" if e.url else ""))
             self.append_log(f"connection: {e.state}" + (f" — {e.detail}" if e.detail else ""))
         elif isinstance(e, ev.PlanReceived):
-            self.state.set_plan(e.plan, received=True)
+            self.state.set_plan(e.plan, received=True, epsilon_per_round=tuple(e.epsilon_per_round))
             self.rounds_total = e.plan.rounds
             self.append_log(f"plan received: {e.plan.model}, {e.plan.rounds} rounds, federation {e.plan.federation_id}")
             if e.problems:
@@ -350,7 +354,7 @@ class FederationPage(QWidget):
             acc = f", accuracy {e.accuracy:.1%}" if e.accuracy is not None else ""
             self.append_log(f"round {e.round} {e.status}{acc}" + (f" — {e.detail}" if e.detail else ""))
             self.state.add_round(RoundRecord(e.round, e.status, e.accuracy, e.epsilon_spent))
-            self.state.refresh_ledgers()
+            self.state.refresh_ledgers_soon()  # off the GUI thread: the next round is training
         elif isinstance(e, ev.SiteFailed):
             self.show_failure(e)
         elif isinstance(e, ev.Finished):

@@ -42,6 +42,13 @@ HELP = ("<b>ε (epsilon) limits how much the shared model can reveal about any o
         "the number of images. The federation's plan sets it; this site refuses plans above the value chosen here.")
 
 
+def protection_words(entry) -> str:
+    """A ledger entry's protection in a few words (the full sentence is the cell's tooltip)."""
+    if getattr(entry, "dp_mode", "local") == "distributed":
+        return f"distributed (share of noise, t={entry.threshold}, c={entry.colluders})"
+    return "local (full noise added here)"
+
+
 def eps_to_slider(eps: float) -> int:
     return round((math.log10(eps) - math.log10(EPS_MIN)) * 100)
 
@@ -118,8 +125,8 @@ class PrivacyPage(QWidget):
 
         self.ledger_table = QTableWidget(0, 6)
         self.ledger_table.setHorizontalHeaderLabels(["federation", "rounds", "ε spent", "ε left", "budget", "δ"])
-        self.history = QTableWidget(0, 5)
-        self.history.setHorizontalHeaderLabels(["round", "ε after", "σ", "steps", "recorded"])
+        self.history = QTableWidget(0, 6)
+        self.history.setHorizontalHeaderLabels(["round", "ε after", "σ", "steps", "protection", "recorded"])
         for table in (self.ledger_table, self.history):
             table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
             table.horizontalHeader().setStretchLastSection(True)
@@ -190,8 +197,14 @@ class PrivacyPage(QWidget):
         source = (f"the plan received from the aggregator (federation <b>{plan.federation_id}</b>)"
                   if state.plan_received else "the federation's <b>default plan</b> (no aggregator joined yet: "
                   "the real plan is shown here when it arrives)")
-        self.plan_title.setText(f"For {source}: model {plan.model}, {plan.rounds} rounds of {plan.local_epochs} "
-                                f"local epoch(s), batch {plan.batch_size}.")
+        if plan.algorithm == "fedsgd":
+            mode = ("distributed DP: each hospital adds a share of the noise inside secure aggregation"
+                    if plan.dp_mode == "distributed" else "local DP: this site adds the full noise")
+            self.plan_title.setText(f"For {source}: model {plan.model}, {plan.rounds} rounds of one DP-SGD step "
+                                    f"(sampling rate q = {plan.sample_rate:g}); {mode}.")
+        else:
+            self.plan_title.setText(f"For {source}: model {plan.model}, {plan.rounds} rounds of "
+                                    f"{plan.local_epochs} local epoch(s), batch {plan.batch_size}.")
         self.rounds_label.setText(str(plan.rounds))
         if proj is None:
             for label in (self.sigma_label, self.allowed_label, self.data_label):
@@ -213,7 +226,8 @@ class PrivacyPage(QWidget):
             assert proj.sigma is not None
             noisy = (f" This is a lot of noise (σ above {NOISY_SIGMA:g}); expect a markedly less accurate model."
                      if proj.sigma > NOISY_SIGMA else "")
-            self.sigma_label.setText(f"{proj.sigma:.3f}")
+            self.sigma_label.setText(f"{proj.sigma:.3f}" + (" (the federation's, the same for every hospital)"
+                                                             if plan.algorithm == "fedsgd" else ""))
             self.allowed_label.setText(f"all {proj.rounds_allowed} still to come{already}")
             self.verdict.setProperty("ok", True)
             self.verdict.setText(f"The plan fits: after its last round this site will have spent "
@@ -245,7 +259,9 @@ class PrivacyPage(QWidget):
             for c, value in enumerate(values):
                 self.ledger_table.setItem(r, c, QTableWidgetItem(value))
         if ledgers:
-            self.ledger_table.selectRow(0)
+            selected = self.ledger_table.selectionModel().selectedRows()
+            self.ledger_table.selectRow(selected[0].row() if selected and selected[0].row() < len(ledgers) else 0)
+            self._show_history()  # the selection may not have changed, but the rows under it have
         else:
             self.history.setRowCount(0)
 
@@ -257,7 +273,10 @@ class PrivacyPage(QWidget):
         entries = self.state.ledger_entries(entry["federation_id"]) if "error" not in entry else []
         self.history.setRowCount(len(entries))
         for r, e in enumerate(entries):
-            values = (str(e.round), f"{e.epsilon:.4g}", f"{e.sigma:.3f}", str(e.steps),
+            values = (str(e.round), f"{e.epsilon:.4g}", f"{e.sigma:.3f}", str(e.steps), protection_words(e),
                       time.strftime("%d %b %H:%M", time.localtime(e.time)))
             for c, value in enumerate(values):
-                self.history.setItem(r, c, QTableWidgetItem(value))
+                item = QTableWidgetItem(value)
+                if c == 4 and e.protection:
+                    item.setToolTip(e.protection)  # the ledger's own sentence: against whom, assuming what
+                self.history.setItem(r, c, item)

@@ -37,6 +37,8 @@ class Projection:
     epsilon_per_round: list[float] = field(default_factory=list)  # cumulative ε after each round to come
     rounds_allowed: int = 0
     refusal: str | None = None  # why Join is refused; None when the plan fits
+    mechanism: str = "gaussian"  # "skellam" for a distributed-DP plan
+    from_driver: bool = False  # ε per round as the site driver computed it for the plan it received
 
     @property
     def fits(self) -> bool:
@@ -44,8 +46,11 @@ class Projection:
 
 
 def project(epsilon: float, plan: FederationPlan, n_train: int | None, *, bounds: SiteBounds | None = None,
-            ledger: dict | None = None, ledger_entries: list | None = None, accountant: str = "rdp") -> Projection:
-    """`ledger`: this federation's ledger summary (`PrivacyLedger.summary()`), if one exists."""
+            ledger: dict | None = None, ledger_entries: list | None = None, accountant: str = "rdp",
+            driver_epsilon: tuple[float, ...] = ()) -> Projection:
+    """`ledger`: this federation's ledger summary (`PrivacyLedger.summary()`), if one exists.
+    `driver_epsilon`: ε after each round still to come as the site driver computed it for a
+    DP-FedSGD plan it received (`PlanReceived.epsilon_per_round`); used as is when given."""
     estimated = not n_train
     n = n_train or 2000
     delta = float(ledger["delta"]) if ledger else min(plan.delta, 1.0 / n)
@@ -65,6 +70,8 @@ def project(epsilon: float, plan: FederationPlan, n_train: int | None, *, bounds
         proj.refusal = (f"this federation's ledger was opened with budget ε = {stored:g}; "
                         f"a budget of {epsilon:g} cannot replace it (set ε back to {stored:g})")
         return proj
+    if plan.algorithm == "fedsgd":
+        return _project_fedsgd(proj, plan, ledger_entries or [], accountant, driver_epsilon)
     if n < plan.batch_size and not estimated:
         proj.refusal = f"only {n} training images, fewer than the plan's batch size {plan.batch_size}"
         return proj
@@ -86,4 +93,35 @@ def project(epsilon: float, plan: FederationPlan, n_train: int | None, *, bounds
         acc.step(sigma, q, steps)
         proj.epsilon_per_round.append(acc.epsilon(delta))
     proj.rounds_allowed = remaining
+    return proj
+
+
+def _project_fedsgd(proj: Projection, plan: FederationPlan, entries: list, accountant: str,
+                    driver_epsilon: tuple[float, ...]) -> Projection:
+    """A DP-FedSGD plan fixes σ and q for every site (one step per round): nothing is fitted
+    here; the budget either covers the plan's rounds at that σ or the site refuses it."""
+    proj.sigma, proj.sample_rate, proj.steps_per_round = plan.noise_multiplier, plan.sample_rate, 1
+    proj.mechanism = "skellam" if plan.dp_mode == "distributed" else "gaussian"
+    remaining = max(plan.rounds - proj.rounds_done, 0)
+    if driver_epsilon:
+        proj.epsilon_per_round, proj.from_driver = list(driver_epsilon), True
+    elif plan.noise_multiplier > 0:
+        from hemafed.core.agg_round import secagg_config
+        from hemafed.core.fedsgd import site_privacy
+        from hemafed.core.models import build_model
+
+        dim = sum(p.numel() for p in build_model(plan.model, len(plan.classes)).parameters())
+        privacy = site_privacy(plan, secagg_config(plan, dim))
+        acc = Accountant(accountant, [e.accountant_entry() for e in entries])  # type: ignore[arg-type]
+        proj.epsilon_per_round = [acc.projected_epsilon(privacy.sigma, privacy.sample_rate, r, proj.delta,
+                                                        skellam=privacy.skellam) for r in range(1, remaining + 1)]
+    else:
+        proj.refusal = "the plan has no noise multiplier σ"
+        return proj
+    proj.rounds_allowed = sum(1 for e in proj.epsilon_per_round if e <= proj.epsilon)
+    if proj.epsilon_per_round and proj.epsilon_per_round[-1] > proj.epsilon:
+        proj.refusal = (f"the budget is too small for this plan: its {len(proj.epsilon_per_round)} rounds at the "
+                        f"federation's noise σ = {plan.noise_multiplier:.3g} would spend ε = "
+                        f"{proj.epsilon_per_round[-1]:.3g}, more than this site's budget {proj.epsilon:g}; "
+                        f"the budget covers {proj.rounds_allowed} of them")
     return proj

@@ -322,14 +322,20 @@ class ResultsPage(QWidget):
             return
         entries = self.state.ledger_entries(plan.federation_id)
         sigma = f"{entries[-1].sigma:.3f}" if entries else "—"
+        last = entries[-1] if entries else None
+        distributed = last is not None and last.dp_mode == "distributed"
+        mode = ("distributed DP (a share of the noise, inside secure aggregation)" if distributed
+                else "local DP-SGD" if plan.dp else "no DP")
         head = (f"**This site, federation {plan.federation_id}:** {ledger['rounds']} round(s) trained, "
                 f"ε spent = {ledger['spent_epsilon']:.4g} of its budget {ledger['budget_epsilon']:g} at "
                 f"δ = {ledger['delta']:.2g} (accountant: {ledger['accountant'].upper()}); per-image clip "
                 f"{plan.clip_norm:g}, noise σ = {sigma}; mode: "
-                f"{'DP-SGD' if plan.dp else 'no DP'} + {'secure aggregation' if plan.secagg else 'plain updates'}.")
+                f"{mode} + {'secure aggregation' if plan.secagg else 'plain updates'}.")
         body = privacy_statement(dp=plan.dp, secagg=plan.secagg, epsilon=ledger["spent_epsilon"],
                                  delta=ledger["delta"], threshold=plan.threshold,
-                                 accountant=ledger["accountant"].upper())
+                                 accountant=ledger["accountant"].upper(),
+                                 dp_mode="distributed" if distributed else "local",
+                                 colluders=last.colluders if distributed else plan.dp_colluders)
         self.statement.setMarkdown(head + "\n\n" + body)
 
     def shutdown(self) -> None:

@@ -85,6 +85,26 @@ def train_demo_model(source: Path, state_dir: Path, out: Path, rounds: int = 3):
     return plan, accuracies, save_model_file(out, weights, plan, rounds)
 
 
+def fedsgd_plan():
+    """A DP-FedSGD plan with distributed DP as a federation's admin sets it up for 9 hospitals
+    (`hemafed privacy fedsgd-plan`): σ shared by every site, q per image, one step per round."""
+    from dataclasses import replace
+
+    from hemafed.core.agg_round import secagg_config
+    from hemafed.core.fedsgd import plan_noise_multiplier
+    from hemafed.core.models import build_model
+    from hemafed.core.plan import FederationPlan
+
+    q, rounds = 0.02, 200
+    plan = FederationPlan(federation_id="blood-cells-2026", model="scatter_linear_28", rounds=rounds,
+                          algorithm="fedsgd", sample_rate=q, batch_size=round(q * 9 * 1800), threshold=5,
+                          min_sites=5, max_sites=9, server_lr=0.5)
+    dim = sum(p.numel() for p in build_model(plan.model).parameters())
+    sigma = plan_noise_multiplier(6.0, plan.delta, q, rounds, "distributed", secagg_config(plan, dim),
+                                  plan.dp_colluders)
+    return replace(plan, dp_mode="distributed", noise_multiplier=sigma)
+
+
 def site_npz(source: Path, out: Path, n: int = SITE_IMAGES) -> Path:
     """This demo hospital's images: `n` images drawn from BloodMNIST's training split."""
     import numpy as np
@@ -168,37 +188,40 @@ def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_p
     window.show_page("privacy")
     grab("privacy")
 
-    # Federation, mid-round (the driver's events, replayed in the order it sends them)
+    # Federation, mid-round, in a DP-FedSGD federation with distributed DP (the default recipe):
+    # the driver's events, replayed in the order it sends them
     init_identity(state.state_dir) if not (state.state_dir / "identity").exists() else None
     fed = window.federation_page
     fed.refresh_identity()
     fed.url.setText("wss://aggregator.hospital-network.example:8765")
     fed.ca.setText(str(Path.home() / "hemafed" / "federation-ca.pem"))
-    fed.federation.setText(plan.federation_id)
+    sgd = fedsgd_plan()
+    fed.federation.setText(sgd.federation_id)
     window.show_page("federation")
-    privacy = state.projection
-    fed.on_event(ev.ConnectionChanged("connecting", fed.url.text()))
-    fed.on_event(ev.ConnectionChanged("connected", fed.url.text()))
+    from hemafed.gui.app.projection import project
     from hemafed.network.site import PrivacySettings
 
-    ledger = state.ledger_for(plan.federation_id)
-    entries = state.ledger_entries(plan.federation_id)
-    settings = PrivacySettings(entries[-1].sigma, entries[-1].sample_rate, entries[-1].steps, ledger["delta"])
-    # ε after each round of the whole plan: what is recorded, then the projection for the rest
-    projected = tuple(e.epsilon for e in entries) + tuple(privacy.epsilon_per_round if privacy else ())
-    received = ev.PlanReceived(plan, settings, (), projected)
+    proj = project(state.epsilon, sgd, state.n_train(), bounds=state.bounds)
+    assert proj.fits and proj.epsilon_per_round, proj.refusal
+    received = ev.PlanReceived(sgd, PrivacySettings(sgd.noise_multiplier, sgd.sample_rate, 1, proj.delta), (),
+                               tuple(proj.epsilon_per_round), awaiting_answer=True)
+    fed.on_event(ev.ConnectionChanged("connecting", fed.url.text()))
+    fed.on_event(ev.ConnectionChanged("connected", fed.url.text()))
     fed.on_event(ev.PlanAnswered(True))
-    for rnd, acc in enumerate(accuracies, start=1):
-        fed.on_event(ev.RoundStarted(rnd, plan.rounds, 6))
+    done = 57
+    for rnd in range(done - 3, done + 1):
+        fed.on_event(ev.RoundStarted(rnd, sgd.rounds, 9))
         fed.on_event(ev.StageChanged(rnd, "training"))
+        fed.on_event(ev.TrainProgress(rnd, 1, 1, 1.9 - rnd / 100))
         for stage in ("keys", "shares", "masked", "unmask"):
             fed.on_event(ev.StageChanged(rnd, stage))
-        fed.on_event(ev.RoundFinished(rnd, "completed", accuracy=acc, epsilon_spent=entries[rnd - 1].epsilon))
-    nxt = len(accuracies) + 1
-    fed.on_event(ev.RoundStarted(nxt, plan.rounds, 6))
+        fed.on_event(ev.RoundFinished(rnd, "completed", accuracy=0.55 + rnd / 400,
+                                      epsilon_spent=proj.epsilon_per_round[rnd - 1]))
+    nxt = done + 1
+    fed.on_event(ev.RoundStarted(nxt, sgd.rounds, 9))
     fed.on_event(ev.StageChanged(nxt, "training"))
-    total = entries[-1].steps  # this site's real steps per round
-    fed.on_event(ev.TrainProgress(nxt, total * 3 // 5, total, 1.42))
+    fed.on_event(ev.TrainProgress(nxt, 1, 1, 1.43))
+    fed.on_event(ev.StageChanged(nxt, "masked"))
     fed.join_btn.setEnabled(False)
     fed.leave_btn.setEnabled(True)
     fed.joinedChanged.emit(True)
@@ -212,8 +235,11 @@ def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_p
     dialog.finished.disconnect()  # only a picture: no answer is logged
     dialog.close()
     fed.dialog = None
+    entries = state.ledger_entries(plan.federation_id)
 
     # Results: accuracy per round, confusion on this site's validation split, statement
+    # (the demo federation this site trained in, not the DP-FedSGD one replayed above)
+    state.rounds = []
     for rnd, acc in enumerate(accuracies, start=1):
         state.add_round(RoundRecord(rnd, "completed", acc, entries[rnd - 1].epsilon))
     state.set_model(model_path)

@@ -74,7 +74,9 @@ class AppState(QObject):
         self.rounds: list[RoundRecord] = []
         self.model_path: Path | None = None
         self.privacy_used: dict | None = None  # σ, q, steps, δ of the plan this site joined
+        self.driver_epsilon: tuple[float, ...] = ()  # the driver's ε per round for the plan received
         self._projection_job: Job | None = None
+        self._ledger_jobs: list[Job] = []
         self._projection_dirty = False
         # Calibration takes 0.3-3 s (the first call imports the accountant's maths), so it runs
         # in a worker; a burst of slider moves is coalesced into one computation.
@@ -124,8 +126,12 @@ class AppState(QObject):
             self.budgetChanged.emit()
             self.update_projection()
 
-    def set_plan(self, plan: FederationPlan, received: bool = True) -> None:
+    def set_plan(self, plan: FederationPlan, received: bool = True,
+                 epsilon_per_round: tuple[float, ...] = ()) -> None:
+        """`epsilon_per_round`: the driver's projection for this plan (`PlanReceived`); the
+        Privacy page shows it for a DP-FedSGD plan rather than recomputing it."""
         self.plan, self.plan_received = plan, received
+        self.driver_epsilon = tuple(epsilon_per_round) if received else ()
         self.planChanged.emit()
         self.update_projection()
 
@@ -146,6 +152,22 @@ class AppState(QObject):
         self.ledgers = list_ledgers(self.state_dir)
         self.ledgersChanged.emit()
 
+    def refresh_ledgers_soon(self) -> None:
+        """`refresh_ledgers` read in a worker, for use while training: each summary replays the
+        accountant over every round (50 ms and more), which would stall the window."""
+        from hemafed.core.ledger import list_ledgers
+
+        state_dir = self.state_dir
+        job = Job(lambda job: list_ledgers(state_dir))
+        job.signals.result.connect(self._ledgers_read)
+        job.signals.finished.connect(lambda: self._ledger_jobs.remove(job) if job in self._ledger_jobs else None)
+        self._ledger_jobs.append(job)
+        job.start()
+
+    def _ledgers_read(self, ledgers: list) -> None:
+        self.ledgers = ledgers
+        self.ledgersChanged.emit()
+
     def update_projection(self) -> None:
         """Recompute σ and the ε projection soon (in a worker); `projectionChanged` follows."""
         self.projection_pending = True
@@ -158,6 +180,7 @@ class AppState(QObject):
             self._projection_dirty = True
             return
         epsilon, plan, n_train, bounds = self.epsilon, self.plan, self.n_train(), self.bounds
+        driver_epsilon = self.driver_epsilon
         ledger = self.ledger_for(plan.federation_id)
         state_dir = self.state_dir
 
@@ -175,7 +198,8 @@ class AppState(QObject):
                     entries = list(PrivacyLedger(plan.federation_id, state=state_dir).entries)
                 except (FileNotFoundError, LedgerError, OSError):
                     entries = []
-            return project(epsilon, plan, n_train, bounds=bounds, ledger=ledger, ledger_entries=entries)
+            return project(epsilon, plan, n_train, bounds=bounds, ledger=ledger, ledger_entries=entries,
+                           driver_epsilon=driver_epsilon)
 
         self._projection_job = Job(compute)
         self._projection_job.signals.result.connect(self._projection_ready)
@@ -204,6 +228,8 @@ class AppState(QObject):
         self._debounce.stop()
         if self._projection_job is not None:
             self._projection_job.cancel()
+        for job in self._ledger_jobs:
+            job.cancel()
 
     def join_refusal(self) -> str | None:
         """Why this site cannot join now, in words (None: it can)."""
