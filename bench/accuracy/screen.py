@@ -85,11 +85,11 @@ def run(args: argparse.Namespace, seed: int) -> dict:
         idx = torch.as_tensor(parts[site])
         x_tr, y_tr = x_tr[idx], y_tr[idx]
     if args.am:  # augmentation multiplicity: each record is (N, k, D), its k views' gradients averaged
-        views = [x_tr]
+        am_views = [x_tr]
         for k in args.am:
             v, _ = load(cache, f"train_d{k}", pool=args.pool)
-            views.append(v if args.alone is None else v[idx])
-        x_tr = torch.stack(views, 1)
+            am_views.append(v if args.alone is None else v[idx])
+        x_tr = torch.stack(am_views, 1)
     n_total = len(y_tr)
     q = args.q if args.q else min(1.0, args.batch / n_total)
     delta = 1e-5
