@@ -5,7 +5,8 @@ The desktop app's Classify panel and `hemafed classify` both call this module, s
 the two can never disagree. Preprocessing is the training path step for step:
 `imaging.open_rgb` (any format `scan` accepts, converted to 8-bit RGB) →
 `imaging.centre_crop_resize` to the model's input size (what `scan_source(size=...)`
-keeps) → `models.images_to_tensor` (the shared normalisation).
+keeps: a full-field microscope image gets BloodMNIST's 200/360 centre crop first) →
+`models.images_to_tensor` (the shared normalisation).
 """
 
 from __future__ import annotations

@@ -161,3 +161,10 @@ def scatter_features(x: torch.Tensor, scattering: Scattering2D, batch_size: int 
     if not parts:
         return x.new_zeros((0, x.shape[1] * scattering.coefficients, scattering.out_size, scattering.out_size))
     return torch.cat(parts)
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th of the 8 symmetries of the square (k = 0 identity, 1–3 rotations by 90°,
+    4–7 the same followed by a left–right flip) of a (B, C, H, W) batch."""
+    x = torch.rot90(x, k % 4, dims=(2, 3))
+    return torch.flip(x, dims=(3,)) if k >= 4 else x

@@ -60,6 +60,13 @@ def prepare_inputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def _sum_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy. Logits (B, k, C) are k views of each record (augmentation
+    multiplicity, De et al. 2022): the record's loss is the mean over its views, so its
+    per-sample gradient — the thing clipped — is the average of the k views' gradients."""
+    if logits.dim() == 3:
+        k = logits.shape[1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[2]), labels.repeat_interleave(k),
+                               reduction="sum") / k
     return F.cross_entropy(logits, labels, reduction="sum")
 
 

@@ -34,7 +34,7 @@ class FedSGDRound:
 class FedSGDSite:
     def __init__(self, plan, secagg_cfg, ledger, bounds, train_images: np.ndarray, train_labels: np.ndarray,
                  val_images: np.ndarray, val_labels: np.ndarray) -> None:
-        from .models import build_model, images_to_tensor
+        from .models import build_model, evaluation_features, images_to_tensor
 
         self.plan, self.secagg_cfg, self.ledger = plan, secagg_cfg, ledger
         self.privacy: SitePrivacy = site_privacy(plan, secagg_cfg, bounds)
@@ -44,8 +44,8 @@ class FedSGDSite:
         model = build_model(plan.model, len(plan.classes))
         self.trainable, self.inputs = prepare_site(model, images_to_tensor(train_images, plan.input_size))
         self.labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
-        _, val_inputs = prepare_site(model, images_to_tensor(val_images, plan.input_size))
-        self.val_inputs = val_inputs
+        # validation is evaluation: with the model's test-time augmentation (8 views, as classify)
+        self.val_inputs = evaluation_features(model)(images_to_tensor(val_images, plan.input_size))
         self.val_labels = np.asarray(val_labels)
         self.n_params = sum(p.numel() for p in self.trainable.parameters())
 

@@ -141,10 +141,33 @@ def to_rgb(img: Image.Image) -> OpenedImage:
     return OpenedImage(img.convert("RGB"), f"{mode} → RGB")
 
 
+# BloodMNIST (MedMNIST v2) was made from the PBC analyser's full-field 360×363 JPEGs by a
+# 200×200 centre crop, then a resize to 28×28 (bloodmnist/PROVENANCE.md). A model trained on
+# it has only seen the cell at that magnification, so a full-field image must be cropped the
+# same way before resizing, or the cell arrives at 56 % of the size the model knows.
+# The rule: an image whose short side is at least FULL_FIELD_MIN_SIDE pixels is a full-field
+# capture and keeps the centre square of side round(short side × FULL_FIELD_CROP) (200 px of
+# a 360-px PBC image, exactly BloodMNIST's crop); a smaller image is taken as already cropped
+# (every MedMNIST release, 28 to 224 px, is) and keeps its whole centre square.
+FULL_FIELD_CROP = 200 / 360
+FULL_FIELD_MIN_SIDE = 300
+
+
+def crop_side(width: int, height: int) -> int:
+    """Side of the centre square `centre_crop_resize` keeps of a width×height image."""
+    short = min(width, height)
+    if short >= FULL_FIELD_MIN_SIDE:
+        return max(1, round(short * FULL_FIELD_CROP))
+    return short
+
+
 def centre_crop_resize(img: Image.Image, size: int) -> np.ndarray:
-    """Centre-crop to a square, resize to `size`×`size` (antialiased), as HxWx3 uint8."""
+    """Centre-crop (see `crop_side`), resize to `size`×`size` (antialiased), as HxWx3 uint8.
+
+    The offsets are floor((W − side)/2), floor((H − side)/2), as BloodMNIST's: for a
+    360×363 PBC image that is rows 81..280 and columns 80..279."""
     width, height = img.size
-    side = min(width, height)
+    side = crop_side(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     if side != width or side != height:
         img = img.crop((left, top, left + side, top + side))

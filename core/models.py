@@ -107,13 +107,14 @@ class ScatterNet(nn.Module):
     """
 
     def __init__(self, head: nn.Module, size: int = 28, j_max: int = 2, angles: int = 8, groups: int = 27,
-                 pool: int = 3) -> None:
+                 pool: int = 3, tta: bool = True) -> None:
         super().__init__()
         from .features import Scattering2D
 
         self.scattering = Scattering2D(size, j_max, angles)
         self.groups, self.pool = groups, pool
         self.head = head
+        self.tta = tta
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -122,7 +123,25 @@ class ScatterNet(nn.Module):
         f = F.group_norm(scatter_features(x, self.scattering, batch_size), self.groups)
         return F.adaptive_avg_pool2d(f, self.pool)
 
+    @torch.no_grad()
+    def eval_features(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Test-time augmentation: the features averaged over the 8 symmetries of the square
+        (a blood cell has no orientation; the scattering grid is not exactly rotation-equivariant,
+        so the 8 views differ). The head is linear, so the head of this average is exactly the
+        average of the head's logits over the 8 views. Pure post-processing of the released
+        model: no privacy cost. 8 feature passes per image."""
+        from .features import dihedral
+
+        total = self.features(x, batch_size)
+        for k in range(1, 8):
+            total += self.features(dihedral(x, k), batch_size)
+        return total / 8
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # evaluation (model.eval(): classify, test accuracy) averages over the 8 views;
+        # training sees one view per image, as the sites' cached features are
+        if not self.training and self.tta:
+            return self.head(self.eval_features(x))
         return self.head(self.features(x))
 
 
@@ -135,6 +154,15 @@ def split_features(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Ten
     if isinstance(model, ScatterNet):
         return model.features, model.head
     return (lambda x: x), model
+
+
+def evaluation_features(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The fixed feature map for *evaluating* the trainable part: with test-time augmentation
+    (ScatterNet.tta) the 8-view average, so `head(evaluation_features(x))` is what
+    `model.eval()(x)` computes."""
+    if isinstance(model, ScatterNet):
+        return model.eval_features if model.tta else model.features
+    return split_features(model)[0]
 
 
 @dataclass(frozen=True)

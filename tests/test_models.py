@@ -78,3 +78,28 @@ def test_images_to_tensor() -> None:
     assert images_to_tensor(imgs, 32).shape == (4, 3, 32, 32)
     with pytest.raises(ValueError):
         images_to_tensor(imgs.astype(np.float32), 28)
+
+
+def test_scatter_test_time_augmentation_averages_the_eight_views() -> None:
+    """In eval mode scatter_linear_28 averages its logits over the 8 symmetries of the square
+    (its head is linear, so averaging the features is the same thing); the result is therefore
+    exactly invariant to rotating or flipping the image, and training mode sees one view."""
+    from hemafed.core.features import dihedral
+    from hemafed.core.models import evaluation_features, split_features
+
+    torch.manual_seed(0)
+    model = build_model("scatter_linear_28", 8)
+    x = torch.randn(3, 3, 28, 28)
+    features, head = split_features(model)
+    model.eval()
+    with torch.no_grad():
+        views = torch.stack([head(features(dihedral(x, k))) for k in range(8)])
+        tta = model(x)
+        assert torch.allclose(tta, views.mean(0), atol=1e-5)
+        assert torch.allclose(head(evaluation_features(model)(x)), tta, atol=1e-6)
+        for k in (1, 4, 6):
+            assert torch.allclose(model(dihedral(x, k)), tta, atol=1e-4)
+        # the single views really differ (otherwise the averaging would be pointless)
+        assert (views[0] - views[1]).abs().max() > 1e-3
+        model.train()
+        assert torch.allclose(model(x), views[0], atol=1e-5)

@@ -52,11 +52,15 @@ def load(cache: Path, split: str, groups: int = 27, pool: int = 0, log: float = 
 
 
 @torch.no_grad()
-def accuracy(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def accuracy(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, views: list[torch.Tensor] | None = None) -> float:
+    """Top-1 accuracy; with `views` (features of transformed copies of the same images) the
+    logits are averaged over x and every view first (test-time augmentation)."""
     head.eval()
-    correct = sum(int((head(x[i:i + 1024]).argmax(1) == y[i:i + 1024]).sum()) for i in range(0, len(y), 1024))
+    logits = head(x)
+    for v in views or []:
+        logits = logits + head(v)
     head.train()
-    return correct / len(y)
+    return float((logits.argmax(1) == y).float().mean())
 
 
 def run(args: argparse.Namespace, seed: int) -> dict:
@@ -65,6 +69,14 @@ def run(args: argparse.Namespace, seed: int) -> dict:
     x_tr, y_tr = load(cache, "train", pool=args.pool, log=args.log, extra_pool=args.extra_pool, orbit=orbit)
     x_ev, y_ev = load(cache, "test" if args.test else "val", pool=args.pool, log=args.log,
                       extra_pool=args.extra_pool, orbit=orbit)
+    views = None
+    if args.tta:  # the 7 other symmetries of the square of every evaluation image
+        split = "test" if args.test else "val"
+        views = []
+        for k in range(1, 8):
+            d = torch.load(cache / f"{split}_d{k}.pt")
+            v = F.group_norm(d["x"].float(), 27)
+            views.append(F.adaptive_avg_pool2d(v, args.pool).flatten(1) if args.pool else v)
     parts = partition(y_tr.numpy(), args.sites, args.partition, seed=seed)
     if args.alone is not None:  # one hospital alone: its own records, its own DP-SGD
         sizes = np.array([len(p) for p in parts])
@@ -72,6 +84,12 @@ def run(args: argparse.Namespace, seed: int) -> dict:
         site = int(order[len(order) // 2]) if args.alone == "median" else int(args.alone)
         idx = torch.as_tensor(parts[site])
         x_tr, y_tr = x_tr[idx], y_tr[idx]
+    if args.am:  # augmentation multiplicity: each record is (N, k, D), its k views' gradients averaged
+        am_views = [x_tr]
+        for k in args.am:
+            v, _ = load(cache, f"train_d{k}", pool=args.pool)
+            am_views.append(v if args.alone is None else v[idx])
+        x_tr = torch.stack(am_views, 1)
     n_total = len(y_tr)
     q = args.q if args.q else min(1.0, args.batch / n_total)
     delta = 1e-5
@@ -80,7 +98,7 @@ def run(args: argparse.Namespace, seed: int) -> dict:
     # linear head on the (optionally pooled) cached features; with --pool 3 this is exactly the head of the
     # registry model scatter_linear_28 (whose `features` pool to 3×3)
     torch.manual_seed(seed)
-    head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(x_tr[0].numel(), 8))
+    head = torch.nn.Sequential(torch.nn.Flatten(start_dim=-1), torch.nn.Linear(x_tr.shape[-1], 8))
     server = FedSGDServer(args.lr, args.momentum, ema=args.ema)
     w = get_flat_params(head)
     gen = torch.Generator().manual_seed(seed)
@@ -104,7 +122,8 @@ def run(args: argparse.Namespace, seed: int) -> dict:
             curve.append((step + 1, accuracy(head, x_ev, y_ev)))
     set_flat_params(head, server.ema if args.ema else w)
     acc = accuracy(head, x_ev, y_ev)
-    return {"seed": seed, "acc": acc, "sigma": sigma, "q": q, "n_train": n_total,
+    acc_tta = accuracy(head, x_ev, y_ev, views) if views else None
+    return {"seed": seed, "acc": acc, "acc_tta": acc_tta, "sigma": sigma, "q": q, "n_train": n_total,
             "seconds": time.perf_counter() - t0, "curve": curve}
 
 
@@ -134,6 +153,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--test", action="store_true", help="evaluate on the test split (final numbers only)")
+    ap.add_argument("--am", type=int, nargs="*", default=[],
+                    help="augmentation multiplicity: also these symmetries' train features (train_dK.pt)")
+    ap.add_argument("--tta", action="store_true",
+                    help="also report accuracy with logits averaged over the 8 dihedral views ({split}_d1..7.pt)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -142,12 +165,17 @@ def main() -> None:
     line = {k: v for k, v in vars(args).items() if k not in ("cache", "out", "threads")}
     line.update({"split": "test" if args.test else "val", "acc_mean": float(np.mean(accs)),
                  "acc_std": float(np.std(accs)), "runs": res})
+    if args.tta:
+        tta = [r["acc_tta"] for r in res]
+        line.update({"acc_tta_mean": float(np.mean(tta)), "acc_tta_std": float(np.std(tta))})
     with open(args.out, "a") as fh:
         fh.write(json.dumps(line) + "\n")
     print(f"{args.tag} eps={args.eps} mode={args.mode} T={args.steps} B={args.batch} q={res[0]['q']:.4f} "
           f"lr={args.lr} "
           f"clip={args.clip} ema={args.ema} pool={args.pool}+{args.extra_pool} log={args.log} alone={args.alone}: "
           f"acc {np.mean(accs):.4f} ± {np.std(accs):.4f} "
+          f"{'tta {:.4f} ± {:.4f} '.format(line['acc_tta_mean'], line['acc_tta_std']) if args.tta else ''}"
+          f"nf={args.noise_factor} "
           f"σ={res[0]['sigma']:.3f} ({res[0]['seconds']:.0f} s)", flush=True)
 
 

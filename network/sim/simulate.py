@@ -307,12 +307,19 @@ class Simulation:
     def test_accuracy(self, weights: np.ndarray) -> float:
         """Accuracy on the held-out test split; a model's fixed features are computed once."""
         from hemafed.core.dp_train import accuracy, evaluate
-        from hemafed.core.models import build_model, images_to_tensor, set_flat_params, split_features
+        from hemafed.core.models import (
+            build_model,
+            evaluation_features,
+            images_to_tensor,
+            set_flat_params,
+            split_features,
+        )
 
         if self._test_inputs is None:
             model = build_model(self.plan.model, len(self.plan.classes))
-            features, self._trainable = split_features(model)
-            self._test_inputs = features(images_to_tensor(self.test_x, self.plan.input_size))
+            _, self._trainable = split_features(model)
+            # as classify sees the model: with its test-time augmentation (8 views for scatter_*)
+            self._test_inputs = evaluation_features(model)(images_to_tensor(self.test_x, self.plan.input_size))
         set_flat_params(self._trainable, weights)
         return accuracy(evaluate(self._trainable, self._test_inputs, self.test_y, len(self.plan.classes)))
 

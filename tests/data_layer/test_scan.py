@@ -184,3 +184,46 @@ def test_real_pbc_sample(shared_data: Path) -> None:
     assert site.images.shape == (200, 28, 28, 3)
     # full-size microscope images: a stained cell is darker than the background on average
     assert 60 < site.images.mean() < 230
+
+
+def test_full_field_image_gets_bloodmnist_crop() -> None:
+    """A 360×363 analyser image keeps rows 81..280, columns 80..279 (BloodMNIST's 200×200
+    crop); a 64×64 or 224×224 image (already cropped, like every MedMNIST release) keeps
+    its whole square."""
+    from hemafed.core.imaging import centre_crop_resize, crop_side
+
+    assert crop_side(360, 363) == 200
+    assert crop_side(224, 224) == 224
+    assert crop_side(64, 70) == 64
+    # 360 wide, 363 high; the crop window is white, everything outside it black
+    arr = np.zeros((363, 360, 3), np.uint8)
+    arr[81:281, 80:280] = 255
+    out = centre_crop_resize(Image.fromarray(arr), 28)
+    assert out.shape == (28, 28, 3)
+    assert out.min() == 255  # nothing from outside the window
+    # the old full-square crop would have kept the black frame
+    small = np.zeros((224, 224, 3), np.uint8)
+    small[50:174, 50:174] = 255
+    kept = centre_crop_resize(Image.fromarray(small), 28)
+    assert kept[0, 0].max() == 0 and kept[14, 14].min() == 255
+
+
+@pytest.mark.realdata
+def test_pbc_jpegs_preprocess_like_bloodmnist(shared_data: Path) -> None:
+    """Scanning the real full-size PBC JPEGs gives the BloodMNIST arrays of the same images
+    (bloodmnist_index.csv maps each file to its test index) to within resampling rounding;
+    without the 200/360 crop they differ by tens of grey levels."""
+    import csv
+
+    from hemafed.core.bloodmnist import load_splits, locate
+
+    with open(shared_data / "bloodmnist" / "bloodmnist_index.csv", newline="") as fh:
+        index = {Path(r["pbc_source_path"]).name: int(r["index"])
+                 for r in csv.DictReader(fh) if r["split"] == "test"}
+    test = load_splits(locate(shared_data / "bloodmnist" / "bloodmnist_28.npz"))["test"].images
+    files: list[str] = []
+    site = scan_source(shared_data / "pbc_sample", size=28, on_usable=lambda f, _: files.append(f.name))
+    reference = np.stack([test[index[name]] for name in files]).astype(float)
+    diff = np.abs(site.images.astype(float) - reference).mean(axis=(1, 2, 3))
+    assert diff.mean() < 1.0, diff.mean()
+    assert diff.max() < 4.0, diff.max()
