@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# On the project's machines the development data lies beside the checkout (no download needed).
+SHARED_DATA := $(abspath $(wildcard ../shared/data))
+
 simulate: $(STAMP)
-	$(BIN)/hemafed simulate $(ARGS)
+	$(if $(SHARED_DATA),HEMAFED_DATA_DIR="$${HEMAFED_DATA_DIR:-$(SHARED_DATA)}") $(BIN)/hemafed simulate $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check core network gui tests bench
