@@ -119,6 +119,9 @@ def site_npz(source: Path, out: Path, n: int = SITE_IMAGES) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/screenshots")
+    parser.add_argument("--classify-model", type=Path,
+                        help="model file for the Classify screens, e.g. the main job's results/simulation/"
+                             "final_model.npz (default: the small demo model trained here)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +145,8 @@ def main() -> int:
         plan, accuracies, model_path = train_demo_model(npz, state_dir, Path(tmp) / "final.npz")
         print(f"trained in {time.monotonic() - started:.0f} s; accuracy per round {accuracies}", flush=True)
         for width, height in SIZES:
-            shoot(app, Path(tmp) / f"cfg{width}", pbc, npz, plan, accuracies, model_path, out, width, height)
+            shoot(app, Path(tmp) / f"cfg{width}", pbc, npz, plan, accuracies, model_path, out, width, height,
+                  classify_model=args.classify_model)
     from hemafed.gui.app.workers import wait_for_jobs
 
     wait_for_jobs()
@@ -150,7 +154,7 @@ def main() -> int:
 
 
 def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_path: Path, out: Path,
-          width: int, height: int) -> None:
+          width: int, height: int, classify_model: Path | None = None) -> None:
     from hemafed.core.identity import init_identity
     from hemafed.gui.app.main import create_window
     from hemafed.gui.app.state import RoundRecord
@@ -249,6 +253,8 @@ def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_p
     grab("results")
 
     # Classify: full-size PBC JPEGs, one per class
+    if classify_model is not None:
+        state.set_model(classify_model)
     window.results_page.tabs.setCurrentIndex(1)
     panel = window.results_page.classify_panel
     files = [str(sorted((pbc / c).glob("*.jpg"))[5]) for c in plan.classes]
