@@ -98,6 +98,9 @@ class FederationPlan:
             out.append("sample_rate must be in [0, 1]")
         if self.algorithm == "fedsgd" and self.sample_rate <= 0:
             out.append("a fedsgd plan needs a sample_rate q in (0, 1]")
+        if self.algorithm == "fedsgd" and not (self.dp and self.secagg):
+            out.append("algorithm 'fedsgd' runs with differential privacy and secure aggregation on; a "
+                       "non-private or plain-aggregation baseline uses algorithm 'fedavg'")
         if not 0 <= self.ema < 1:
             out.append("ema must be in [0, 1)")
         if self.noise_multiplier < 0:

@@ -74,3 +74,9 @@ def test_checkpoint_store_resumes_from_latest_good(tmp_path: Path) -> None:
     with open(store.log_path, "a") as fh:
         fh.write('{"round": 3, "sta')  # a crash mid-append
     assert [e["round"] for e in store.read_log()] == [0, 1, 2]
+
+
+def test_a_fedsgd_plan_without_dp_or_secure_aggregation_is_refused_with_the_alternative() -> None:
+    for off in ({"dp": False}, {"secagg": False}):
+        with pytest.raises(PlanError, match="baseline uses algorithm 'fedavg'"):
+            FederationPlan(algorithm="fedsgd", sample_rate=0.1, **off)
