@@ -26,6 +26,7 @@ from fedharness import make_federation, run
 from hostile import error_code, join_and_attack, raw_session
 
 from hemafed.core.plan import SiteBounds
+from hemafed.core.secagg.messages import MAGIC, SCHEMA_VERSION
 from hemafed.network import protocol as P
 from hemafed.network.config import render_toml
 from hemafed.network.envelope import Envelope
@@ -38,7 +39,7 @@ def _secagg_blob_with_huge_int(rnd: int) -> bytes:
     digits = "1" + "0" * 5000
     head = (f'{{"type":"secagg.advertise_keys","round":{rnd},"site_id":{digits},"c_pk":"","s_pk":"",'
             f'"signature":""}}').encode()
-    return b"HFSA" + struct.pack("<BI", 1, len(head)) + head
+    return MAGIC + struct.pack("<BI", SCHEMA_VERSION, len(head)) + head
 
 
 def _raw_envelope(kind: str, rnd: int, body_json: str, blobs: tuple[bytes, ...] = ()) -> bytes:
@@ -50,8 +51,11 @@ def _raw_envelope(kind: str, rnd: int, body_json: str, blobs: tuple[bytes, ...] 
 
 def test_secure_federation_survives_malformed_bodies_and_forged_log_lines(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    # site4 and site5 are allowed keys with no real site behind them: the attackers.
-    fed = make_federation(tmp_path, n_sites=3, threshold=3, rounds=1, extra_sites=2, join_timeout_s=4.0)
+    # site4 and site5 are allowed keys with no real site behind them: the attackers. The first round
+    # waits for every site that has not refused the plan (site5 ends refused), so it starts once the
+    # three real sites and site4 are in; the long join time-out keeps a slow machine from starting it
+    # without them (that round would be abandoned and the late site left knocking on a closed server).
+    fed = make_federation(tmp_path, n_sites=3, threshold=3, rounds=1, extra_sites=2, join_timeout_s=120.0)
     codes: dict[str, str | None] = {}
     forged = "fine\n2026-01-01 00:00:00 INFO hemafed.network.aggregator: site1 accepted the plan\x1b[2K"
 
@@ -104,7 +108,7 @@ def test_secure_federation_survives_malformed_bodies_and_forged_log_lines(
 def test_plain_federation_refuses_weights_out_of_bounds(tmp_path: Path) -> None:
     """Plain mode: 10**400 used to overflow, a negative weight used to scale the average."""
     fed = make_federation(tmp_path, n_sites=2, threshold=2, rounds=1, extra_sites=3, secagg=False, dp=False,
-                          join_timeout_s=4.0)
+                          join_timeout_s=120.0)  # round 1 starts once all five are in, never without them
     for name, cfg in fed.site_configs.items():
         fed.site_configs[name] = replace(cfg, bounds=SiteBounds(require_dp=False, require_secagg=False))
     k2 = len(fed.plan.classes) ** 2
