@@ -1,0 +1,116 @@
+"""Scattering at a larger scale, J = 3, next to the recipe's J = 2 features (research script).
+
+    python -m bench.accuracy.j3_features cache                       # /tmp/exp/j3_{train,val}.pt (≈ 6 min, 1 thread)
+    python -m bench.accuracy.j3_features ceiling                     # non-private linear heads, validation
+    python -m bench.accuracy.j3_features dp --kind both --eps 8 --lr 0.125   # DP, realised noise ×2, validation
+
+J = 3 needs a side that is a multiple of 8: the 28-pixel images are upsampled to 32 (bilinear).
+`--kind`: j2 (the recipe: J = 2 pooled 3×3), j3 (J = 3, 4×4), j3p2 (J = 3 pooled 2×2 + j2), both
+(J = 3 4×4 + j2). Reads the J = 2 cache of `bench.accuracy.cache_features` from `--j2` (/tmp/acc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hemafed.core.calibration import calibrate_sigma
+from hemafed.core.fedsgd import FedSGDServer, clipped_gradient_sum
+from hemafed.core.models import get_flat_params, set_flat_params
+
+
+def cache(out: Path) -> None:
+    from hemafed.core.bloodmnist import load_splits, locate
+    from hemafed.core.features import Scattering2D, scatter_features
+    from hemafed.core.models import images_to_tensor
+
+    splits = load_splits(locate(None))
+    scat = Scattering2D(32, 3, 8)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("val", "train"):
+        x = F.interpolate(images_to_tensor(splits[name].images, 28), size=32, mode="bilinear", align_corners=False)
+        started = time.time()
+        f = scatter_features(x, scat, 256).half()
+        torch.save({"x": f, "y": torch.as_tensor(splits[name].labels)}, out / f"j3_{name}.pt")
+        print(name, tuple(f.shape), f"{time.time() - started:.0f} s", flush=True)
+
+
+def features(kind: str, split: str, j2_dir: Path, j3_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    d = torch.load(j2_dir / f"{split}.pt")
+    j2 = F.adaptive_avg_pool2d(F.group_norm(d["x"].float(), 27), 3).flatten(1)
+    y = d["y"].long().reshape(-1)
+    if kind == "j2":
+        return j2, y
+    j3 = F.group_norm(torch.load(j3_dir / f"j3_{split}.pt")["x"].float(), 21)
+    if kind == "j3":
+        return j3.flatten(1), y
+    if kind == "j3p2":
+        return torch.cat([j2, F.adaptive_avg_pool2d(j3, 2).flatten(1)], 1), y
+    return torch.cat([j2, j3.flatten(1)], 1), y
+
+
+def ceiling(args: argparse.Namespace) -> None:
+    for kind in ("j2", "j3", "j3p2", "both"):
+        tx, ty = features(kind, "train", args.j2, args.j3)
+        vx, vy = features(kind, "val", args.j2, args.j3)
+        torch.manual_seed(0)
+        head = torch.nn.Linear(tx.shape[1], 8)
+        opt = torch.optim.Adam(head.parameters(), 1e-3)
+        best = acc = 0.0
+        for _ in range(30):
+            perm = torch.randperm(len(ty))
+            for i in range(0, len(ty), 256):
+                idx = perm[i:i + 256]
+                opt.zero_grad()
+                F.cross_entropy(head(tx[idx]), ty[idx]).backward()
+                opt.step()
+            with torch.no_grad():
+                acc = float((head(vx).argmax(1) == vy).float().mean())
+            best = max(best, acc)
+        print(f"{kind} dim {tx.shape[1]}: last {acc:.4f} best {best:.4f}", flush=True)
+
+
+def dp(args: argparse.Namespace) -> None:
+    tx, ty = features(args.kind, "train", args.j2, args.j3)
+    vx, vy = features(args.kind, "val", args.j2, args.j3)
+    q = 0.1713
+    sigma = calibrate_sigma(args.eps, 1e-5, q, args.rounds)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(tx.shape[1], 8)
+    server = FedSGDServer(args.lr, 0.9)
+    w = get_flat_params(head)
+    gen = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    started = time.time()
+    for _ in range(args.rounds):
+        set_flat_params(head, w)
+        gs = clipped_gradient_sum(head, tx, ty, q, 1.0, gen)
+        w = server.apply(w, gs.vector + rng.normal(0, sigma * np.sqrt(2), size=gs.vector.shape), q * len(ty))
+    set_flat_params(head, w)
+    with torch.no_grad():
+        acc = float((head(vx).argmax(1) == vy).float().mean())
+    print(f"{args.kind} dim {tx.shape[1]} eps {args.eps} lr {args.lr} T {args.rounds}: single {acc:.4f} "
+          f"({time.time() - started:.0f} s)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=("cache", "ceiling", "dp"))
+    ap.add_argument("--j2", type=Path, default=Path("/tmp/acc"))
+    ap.add_argument("--j3", type=Path, default=Path("/tmp/exp"))
+    ap.add_argument("--kind", choices=("j2", "j3", "j3p2", "both"), default="both")
+    ap.add_argument("--eps", type=float, default=8.0)
+    ap.add_argument("--lr", type=float, default=0.125)
+    ap.add_argument("--rounds", type=int, default=500)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    {"cache": lambda: cache(args.j3), "ceiling": lambda: ceiling(args), "dp": lambda: dp(args)}[args.what]()
+
+
+if __name__ == "__main__":
+    main()
