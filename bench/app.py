@@ -193,8 +193,11 @@ def serve_federation(root: Path, fedsgd: bool, rounds: int, images_per_site: int
     asyncio.run(serve())
 
 
-def stall_during_training(fedsgd: bool, rounds: int, images_per_site: int) -> dict:
-    """The app trains as site1 of a real loopback federation while the heartbeat runs."""
+def stall_during_training(fedsgd: bool, rounds: int, images_per_site: int, trace: Path | None = None) -> dict:
+    """The app trains as site1 of a real loopback federation while the heartbeat runs. With `trace`,
+    every thread's stack is dumped there whenever a beat is 50 ms late (faulthandler's watchdog is a
+    C thread: it needs no interpreter lock, so it sees who holds it during the stall)."""
+    import faulthandler
     import multiprocessing as mp
 
     from PySide6.QtCore import QElapsedTimer, QTimer
@@ -242,11 +245,34 @@ def stall_during_training(fedsgd: bool, rounds: int, images_per_site: int) -> di
         beat_times: list[int] = []
         event_times: list[tuple[int, str]] = []
 
+        trace_file = open(trace, "a") if trace else None  # noqa: SIM115 (closed below)
+        gc_started: dict[int, float] = {}
+
+        def gc_timing(phase: str, info: dict) -> None:  # collections of the cyclic GC hold the lock too
+            import threading
+
+            if phase == "start":
+                gc_started[threading.get_ident()] = time.perf_counter()
+            elif trace_file is not None:
+                ms = (time.perf_counter() - gc_started.pop(threading.get_ident(), time.perf_counter())) * 1000
+                if ms > 10:
+                    trace_file.write(f"gc gen {info['generation']} took {ms:.0f} ms on "
+                                     f"{threading.current_thread().name} at {clock.elapsed()} ms\n")
+
+        if trace_file is not None:
+            import gc
+
+            gc.callbacks.append(gc_timing)
+
         def beat() -> None:
             now = clock.elapsed()
             gaps.append(now - last[0] - BEAT_MS)
             beat_times.append(now)
             last[0] = now
+            if trace_file is not None:
+                trace_file.write(f"--- beat at {now} ms (gap {gaps[-1]} ms)\n")
+                trace_file.flush()
+                faulthandler.dump_traceback_later(0.05 + BEAT_MS / 1000, repeat=True, file=trace_file)
 
         timer = QTimer()
         timer.setInterval(BEAT_MS)
@@ -254,6 +280,8 @@ def stall_during_training(fedsgd: bool, rounds: int, images_per_site: int) -> di
         started = time.perf_counter()
         clock.start()
         timer.start()
+        if trace_file is not None:  # Join itself too
+            faulthandler.dump_traceback_later(0.05 + BEAT_MS / 1000, repeat=True, file=trace_file)
         handled: list[tuple[float, str]] = []
         on_event = page.on_event
 
@@ -263,7 +291,9 @@ def stall_during_training(fedsgd: bool, rounds: int, images_per_site: int) -> di
             handled.append(((time.perf_counter() - t0) * 1000, type(e).__name__))
 
         page.on_event = timed
+        t0 = time.perf_counter()
         assert page.join(), page.banner.text()
+        print(f"Join returned in {(time.perf_counter() - t0) * 1000:.0f} ms")
 
         def count(e: object) -> None:
             event_times.append((clock.elapsed(), type(e).__name__))
@@ -278,6 +308,10 @@ def stall_during_training(fedsgd: bool, rounds: int, images_per_site: int) -> di
             time.sleep(0.001)
         wall = time.perf_counter() - started
         timer.stop()
+        if trace_file is not None:
+            faulthandler.cancel_dump_traceback_later()
+            gc.callbacks.remove(gc_timing)
+            trace_file.close()
         win.close()
         wait_for_jobs()
         server.join(300)
@@ -293,16 +327,36 @@ def stall_during_training(fedsgd: bool, rounds: int, images_per_site: int) -> di
             "beats": len(gaps), "p99_stall_ms": sorted(gaps)[int(0.99 * (len(gaps) - 1))]}
 
 
-def training_main() -> int:
+def compile_bytecode() -> None:
+    """Installed, the app imports compiled bytecode (pip and the bundle write it); a checkout run
+    with PYTHONDONTWRITEBYTECODE=1 compiles each module from source on first import instead (the
+    driver's: 80 ms with the interpreter lock held at Join), a stall no installed app has."""
+    import compileall
+    import importlib.util
+
+    for package in ("hemafed.core", "hemafed.network", "hemafed.gui"):
+        spec = importlib.util.find_spec(package)
+        assert spec is not None and spec.submodule_search_locations
+        for folder in spec.submodule_search_locations:
+            compileall.compile_dir(folder, quiet=1)
+
+
+def training_main(only: str | None, trace: Path | None, write: bool) -> int:
     from bench._report import machine_line, write_section
+
+    compile_bytecode()
 
     rows = []
     for fedsgd, rounds, n in ((False, 2, 1500), (True, 5, 1500)):
-        r = stall_during_training(fedsgd, rounds, n)
+        if only and only != ("fedsgd" if fedsgd else "fedavg"):
+            continue
+        r = stall_during_training(fedsgd, rounds, n, trace)
         print(r)
         assert r["outcomes"] == ["completed"] * rounds, r
         rows.append(f"| {r['plan']} | {r['wall_s']:.1f} | {r['progress_events']} | {r['max_stall_ms']} | "
                     f"{r['p99_stall_ms']} |")
+    if not write:
+        return 0
     verdict = all(int(row.split("|")[4]) < 100 for row in rows)
     write_section("app-training", f"""### Event-loop stalls while training (`bench/app.py --training`)
 
@@ -325,9 +379,12 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-folder", action="store_true", help="skip the 17,092-PNG folder")
     parser.add_argument("--training", action="store_true", help="only the stalls while training")
+    parser.add_argument("--only", choices=("fedavg", "fedsgd"), help="--training: one plan only (nothing written)")
+    parser.add_argument("--trace-stalls", type=Path, metavar="FILE",
+                        help="--training: dump every thread's stack to FILE whenever a beat is 50 ms late")
     args = parser.parse_args()
     if args.training:
-        return training_main()
+        return training_main(args.only, args.trace_stalls, write=args.only is None)
     from bench._report import machine_line, write_section
     from hemafed.core.paths import dev_data_dir
 
