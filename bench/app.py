@@ -382,7 +382,11 @@ def main() -> int:
     parser.add_argument("--only", choices=("fedavg", "fedsgd"), help="--training: one plan only (nothing written)")
     parser.add_argument("--trace-stalls", type=Path, metavar="FILE",
                         help="--training: dump every thread's stack to FILE whenever a beat is 50 ms late")
+    parser.add_argument("--switch-interval", type=float, metavar="S",
+                        help="sys.setswitchinterval(S) first (the interpreter's default is 0.005)")
     args = parser.parse_args()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     if args.training:
         return training_main(args.only, args.trace_stalls, write=args.only is None)
     from bench._report import machine_line, write_section
