@@ -397,7 +397,7 @@ while ~450,000 objects were alive; (2) the dynamic loader mapping Triton's 480 M
 that import, 135 ms; (3) Join itself waited for the driver thread to import its modules (up to 0.5 s). Now the
 driver's modules are imported once with the collector paused and the heap then frozen (`gc.freeze`), Triton's
 library is mapped first through a ctypes call that releases the lock, `core/models.py` no longer imports
-torchvision, and Join returns at once (2-4 ms). What remains are single beats delayed by the training thread's
+torchvision, and Join returns at once (2-36 ms). What remains are single beats delayed by the training thread's
 Python work and the machine's other jobs. Tried and not kept: `sys.setswitchinterval(0.001)` (1 ms instead of
 5 ms) lowered p99 (8 vs 13-16 ms) but not the maximum (71 and 54 vs 38 and 37 ms, fedavg, load average
 10-13). The bytecode is compiled first (`compileall`), as an installed app has it: this checkout runs with
