@@ -193,8 +193,11 @@ def serve_federation(root: Path, fedsgd: bool, rounds: int, images_per_site: int
     asyncio.run(serve())
 
 
-def stall_during_training(fedsgd: bool, rounds: int, images_per_site: int) -> dict:
-    """The app trains as site1 of a real loopback federation while the heartbeat runs."""
+def stall_during_training(fedsgd: bool, rounds: int, images_per_site: int, trace: Path | None = None) -> dict:
+    """The app trains as site1 of a real loopback federation while the heartbeat runs. With `trace`,
+    every thread's stack is dumped there whenever a beat is 50 ms late (faulthandler's watchdog is a
+    C thread: it needs no interpreter lock, so it sees who holds it during the stall)."""
+    import faulthandler
     import multiprocessing as mp
 
     from PySide6.QtCore import QElapsedTimer, QTimer
@@ -242,11 +245,34 @@ def stall_during_training(fedsgd: bool, rounds: int, images_per_site: int) -> di
         beat_times: list[int] = []
         event_times: list[tuple[int, str]] = []
 
+        trace_file = open(trace, "a") if trace else None  # noqa: SIM115 (closed below)
+        gc_started: dict[int, float] = {}
+
+        def gc_timing(phase: str, info: dict) -> None:  # collections of the cyclic GC hold the lock too
+            import threading
+
+            if phase == "start":
+                gc_started[threading.get_ident()] = time.perf_counter()
+            elif trace_file is not None:
+                ms = (time.perf_counter() - gc_started.pop(threading.get_ident(), time.perf_counter())) * 1000
+                if ms > 10:
+                    trace_file.write(f"gc gen {info['generation']} took {ms:.0f} ms on "
+                                     f"{threading.current_thread().name} at {clock.elapsed()} ms\n")
+
+        if trace_file is not None:
+            import gc
+
+            gc.callbacks.append(gc_timing)
+
         def beat() -> None:
             now = clock.elapsed()
             gaps.append(now - last[0] - BEAT_MS)
             beat_times.append(now)
             last[0] = now
+            if trace_file is not None:
+                trace_file.write(f"--- beat at {now} ms (gap {gaps[-1]} ms)\n")
+                trace_file.flush()
+                faulthandler.dump_traceback_later(0.05 + BEAT_MS / 1000, repeat=True, file=trace_file)
 
         timer = QTimer()
         timer.setInterval(BEAT_MS)
@@ -254,6 +280,8 @@ def stall_during_training(fedsgd: bool, rounds: int, images_per_site: int) -> di
         started = time.perf_counter()
         clock.start()
         timer.start()
+        if trace_file is not None:  # Join itself too
+            faulthandler.dump_traceback_later(0.05 + BEAT_MS / 1000, repeat=True, file=trace_file)
         handled: list[tuple[float, str]] = []
         on_event = page.on_event
 
@@ -263,7 +291,9 @@ def stall_during_training(fedsgd: bool, rounds: int, images_per_site: int) -> di
             handled.append(((time.perf_counter() - t0) * 1000, type(e).__name__))
 
         page.on_event = timed
+        t0 = time.perf_counter()
         assert page.join(), page.banner.text()
+        print(f"Join returned in {(time.perf_counter() - t0) * 1000:.0f} ms")
 
         def count(e: object) -> None:
             event_times.append((clock.elapsed(), type(e).__name__))
@@ -278,6 +308,10 @@ def stall_during_training(fedsgd: bool, rounds: int, images_per_site: int) -> di
             time.sleep(0.001)
         wall = time.perf_counter() - started
         timer.stop()
+        if trace_file is not None:
+            faulthandler.cancel_dump_traceback_later()
+            gc.callbacks.remove(gc_timing)
+            trace_file.close()
         win.close()
         wait_for_jobs()
         server.join(300)
@@ -293,30 +327,81 @@ def stall_during_training(fedsgd: bool, rounds: int, images_per_site: int) -> di
             "beats": len(gaps), "p99_stall_ms": sorted(gaps)[int(0.99 * (len(gaps) - 1))]}
 
 
-def training_main() -> int:
+def compile_bytecode() -> None:
+    """Installed, the app imports compiled bytecode (pip and the bundle write it); a checkout run
+    with PYTHONDONTWRITEBYTECODE=1 compiles each module from source on first import instead (the
+    driver's: 80 ms with the interpreter lock held at Join), a stall no installed app has."""
+    import compileall
+    import importlib.util
+
+    for package in ("hemafed.core", "hemafed.network", "hemafed.gui"):
+        spec = importlib.util.find_spec(package)
+        assert spec is not None and spec.submodule_search_locations
+        for folder in spec.submodule_search_locations:
+            compileall.compile_dir(folder, quiet=1)
+
+
+def training_main(only: str | None, trace: Path | None, write: bool, runs: int) -> int:
     from bench._report import machine_line, write_section
 
-    rows = []
-    for fedsgd, rounds, n in ((False, 2, 1500), (True, 5, 1500)):
-        r = stall_during_training(fedsgd, rounds, n)
-        print(r)
-        assert r["outcomes"] == ["completed"] * rounds, r
-        rows.append(f"| {r['plan']} | {r['wall_s']:.1f} | {r['progress_events']} | {r['max_stall_ms']} | "
-                    f"{r['p99_stall_ms']} |")
-    verdict = all(int(row.split("|")[4]) < 100 for row in rows)
+    compile_bytecode()
+    rows, maxima, repeated = [], [], []
+    for run in range(1, runs + 1):
+        for fedsgd, rounds, n in ((False, 2, 1500), (True, 5, 1500)):
+            if only and only != ("fedsgd" if fedsgd else "fedavg"):
+                continue
+            for _attempt in range(3):
+                load = os.getloadavg()[0]  # this shared machine's load: stalls grow with it
+                r = stall_during_training(fedsgd, rounds, n, trace)
+                load = f"{load:.1f} → {os.getloadavg()[0]:.1f}"
+                print(r, "load average (1 min):", load)
+                assert r["outcomes"] == ["completed"] * rounds, r
+                if r["progress_events"] > 0:
+                    break
+                # The other two sites can finish without the app's (threshold 2): such a run measured
+                # no training, so it is repeated and counted.
+                print("the app's site did not train in this run (it was not in the rounds); repeating it")
+                repeated.append(r["plan"])
+            maxima.append(r["max_stall_ms"])
+            rows.append(f"| {run} | {r['plan']} | {load} | {r['wall_s']:.1f} | {r['progress_events']} | "
+                        f"{r['max_stall_ms']} | {r['p99_stall_ms']} |")
+    if not write:
+        return 0
+    verdict = max(maxima) < 100
+    left_out = (f"Runs in which the app's site was left out of every round (the other two sites completed them "
+                f"without it) were repeated: {len(repeated)}." if repeated else "")
     write_section("app-training", f"""### Event-loop stalls while training (`bench/app.py --training`)
 
-{machine_line()}; Qt offscreen; other helpers' jobs were sharing the 2 cores.
+{machine_line()}; Qt offscreen; the 2 cores were shared with other jobs (the load average is in the table).
 
 The app joins a real federation on loopback (TLS aggregator and two headless sites in a child process, as on
 other machines; BloodMNIST training images) through its Federation page, accepts the plan and trains as one
 site to the end; the site driver runs in its worker thread, its events reach the window as queued signals.
-Same 10 ms heartbeat as above, from Join until the driver's thread has finished. Target < 100 ms:
-{'met' if verdict else 'NOT met'}.
+Same 10 ms heartbeat as above, from Join until the driver's thread has finished; {runs} run(s) of each plan.
+Target < 100 ms: {'met' if verdict else 'NOT met'} (longest stall {max(maxima)} ms).
 
-| plan | wall s | training-progress events | max stall ms | p99 stall ms |
-|---|---:|---:|---:|---:|
-""" + "\n".join(rows))
+{left_out}
+
+| run | plan | load average (1 min, start → end) | wall s | training-progress events | max stall ms | p99 stall ms |
+|---:|---|---|---:|---:|---:|---:|
+""" + "\n".join(rows) + """
+
+How the stalls were found and removed (`--trace-stalls FILE` dumps every thread's stack whenever a beat is
+50 ms late, from faulthandler's watchdog, a C thread that needs no interpreter lock, and logs every garbage
+collection over 10 ms). Before, the longest stalls were 186-816 ms (DP-FedSGD) and 187-561 ms (fedavg); the
+window's own reactions to the driver's events were short (≤ 25 ms). The driver thread held the interpreter
+lock in three kinds of long pieces: (1) full garbage collections, 193-825 ms, set off by importing the
+driver's modules on its thread (at Join, at the plan through torchvision, which pulled in torch._dynamo,
+SymPy and triton, and at the first training step, where torch imports torch._dynamo for the first optimizer)
+while ~450,000 objects were alive; (2) the dynamic loader mapping Triton's 480 MB library (CUDA torch) inside
+that import, 135 ms; (3) Join itself waited for the driver thread to import its modules (up to 0.5 s). Now the
+driver's modules are imported once with the collector paused and the heap then frozen (`gc.freeze`), Triton's
+library is mapped first through a ctypes call that releases the lock, `core/models.py` no longer imports
+torchvision, and Join returns at once (2-36 ms). What remains are single beats delayed by the training thread's
+Python work and the machine's other jobs. Tried and not kept: `sys.setswitchinterval(0.001)` (1 ms instead of
+5 ms) lowered p99 (8 vs 13-16 ms) but not the maximum (71 and 54 vs 38 and 37 ms, fedavg, load average
+10-13). The bytecode is compiled first (`compileall`), as an installed app has it: this checkout runs with
+PYTHONDONTWRITEBYTECODE=1, and compiling the driver's modules from source at Join held the lock 80 ms.""")
     return 0
 
 
@@ -325,9 +410,18 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-folder", action="store_true", help="skip the 17,092-PNG folder")
     parser.add_argument("--training", action="store_true", help="only the stalls while training")
+    parser.add_argument("--training-runs", type=int, default=3, help="--training: runs of each plan")
+    parser.add_argument("--only", choices=("fedavg", "fedsgd"), help="--training: one plan only (nothing written)")
+    parser.add_argument("--trace-stalls", type=Path, metavar="FILE",
+                        help="--training: dump every thread's stack to FILE whenever a beat is 50 ms late")
+    parser.add_argument("--switch-interval", type=float, metavar="S",
+                        help="sys.setswitchinterval(S) first (the interpreter's default is 0.005)")
     args = parser.parse_args()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     if args.training:
-        return training_main()
+        return training_main(args.only, args.trace_stalls, write=args.only is None and args.trace_stalls is None,
+                             runs=args.training_runs)
     from bench._report import machine_line, write_section
     from hemafed.core.paths import dev_data_dir
 

@@ -17,12 +17,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import conv1x1, conv3x3
 
 # Per-channel mean/std of the BloodMNIST training split (RGB, 0..1 scale); images
 # from other sources go through the same transform so all sites agree on it.
 MEAN = (0.7965, 0.6600, 0.6966)
 STD = (0.2159, 0.2447, 0.0926)
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """torchvision's ResNet 3×3 convolution (same layer, same parameters). Defined here because
+    importing torchvision pulls in torch._dynamo, sympy and triton: 1.5 s and ~170,000 Python
+    objects in every site process, and in the desktop app a full garbage collection over them
+    that stalled the window (docs/benchmarks.md, app-training)."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """torchvision's ResNet 1×1 convolution."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:

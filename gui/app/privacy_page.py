@@ -45,8 +45,8 @@ HELP = ("<b>ε (epsilon) limits how much the shared model can reveal about any o
 def protection_words(entry) -> str:
     """A ledger entry's protection in a few words (the full sentence is the cell's tooltip)."""
     if getattr(entry, "dp_mode", "local") == "distributed":
-        return f"distributed (share of noise, t={entry.threshold}, c={entry.colluders})"
-    return "local (full noise added here)"
+        return f"distributed (t={entry.threshold}, c={entry.colluders})"
+    return "local (all noise here)"
 
 
 def eps_to_slider(eps: float) -> int:
@@ -131,8 +131,14 @@ class PrivacyPage(QWidget):
             table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
             table.horizontalHeader().setStretchLastSection(True)
             table.verticalHeader().setVisible(False)
+            table.setWordWrap(False)
             table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
             table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        # The protection words take the room that is left (elided, the full sentence is the cell's
+        # tooltip), so the date recorded stays whole at 1280×800 instead of under a scroll bar.
+        history_header = self.history.horizontalHeader()
+        history_header.setStretchLastSection(False)
+        history_header.setSectionResizeMode(4, QHeaderView.ResizeMode.Stretch)
         self.ledger_table.itemSelectionChanged.connect(self._show_history)
         self.ledger_note = QLabel()
         self.ledger_note.setWordWrap(True)

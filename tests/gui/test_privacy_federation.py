@@ -162,3 +162,39 @@ def test_events_from_the_driver_thread_reach_the_page_on_the_gui_thread(qtbot, w
     assert [name for name, _ in seen] == [type(e).__name__ for e in events]
     assert all(on_gui for _, on_gui in seen)
     assert fed.train_bar.value() == 40 and fed.epsilon.text().startswith("0.7 of")
+
+
+def test_leave_before_the_driver_has_started_stops_it_without_connecting(qtbot, tmp_path: Path) -> None:
+    """Join returns at once (the driver's imports happen on its thread); a Leave that comes
+    before the driver exists is kept and the driver finishes as stopped without connecting."""
+    from hemafed.core.identity import init_identity
+    from hemafed.gui.app.site_worker import SiteWorker
+    from hemafed.network.config import SiteConfig
+
+    identity = init_identity(tmp_path / "site")
+    cfg = SiteConfig(data=tmp_path / "none.npz", state_dir=tmp_path / "site", aggregator="wss://127.0.0.1:9/",
+                     epsilon=8.0)
+    worker = SiteWorker(cfg, identity)
+    seen: list[object] = []
+    worker.bridge.event.connect(seen.append)
+    worker.stop()  # Leave pressed while the thread is still starting
+    with qtbot.waitSignal(worker.bridge.finished, timeout=60_000) as finished:
+        worker.start()
+    assert worker.join(10)
+    assert finished.args == [None]
+    qtbot.waitUntil(lambda: any(isinstance(e, ev.Finished) for e in seen), timeout=5000)
+    assert [type(e).__name__ for e in seen] == ["Finished"] and seen[0].outcome == "stopped"
+
+
+def test_driver_modules_are_imported_with_the_collector_paused_and_frozen() -> None:
+    """After the import the collector runs again, and the objects that existed are frozen
+    (later collections skip them: the long ones stalled the window while training)."""
+    import gc
+    import sys
+
+    from hemafed.gui.app.site_worker import DRIVER_MODULES, import_driver_modules
+
+    import_driver_modules()
+    assert gc.isenabled()
+    assert all(name in sys.modules for name in DRIVER_MODULES)
+    assert gc.get_freeze_count() > 100_000  # torch, Opacus and Qt's wrappers at least
