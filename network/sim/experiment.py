@@ -90,7 +90,7 @@ class _Sigmas:
 
 
 def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str,
-                   features: FeatureSet | None = None, on_row: Callable[[Row], None] | None = None) -> list[Row]:
+                   features: FeatureSet | None = None) -> list[Row]:
     import torch
 
     torch.set_num_threads(opts.threads)
@@ -110,8 +110,6 @@ def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str,
         log.info("%s | %s | %s | ε %s: %s", row.section, row.setting, row.partition, row.epsilon, row.cell())
         (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
         write_results(doc, rows, opts, feats, command, time.time() - started, partial=True)
-        if on_row:
-            on_row(row)
 
     def seeds_run(section: str, setting: str, partition: str, eps: float | None, s: float | None,
                   make: Callable[[int], tuple[list[np.ndarray], Recipe]], note: str = "") -> None:
