@@ -5,7 +5,7 @@
     python -m bench.accuracy.j3_features dp --kind both --eps 8 --lr 0.125   # DP, realised noise ×2, validation
 
 J = 3 needs a side that is a multiple of 8: the 28-pixel images are upsampled to 32 (bilinear).
-`--kind`: j2 (the recipe: J = 2 pooled 3×3), j3 (J = 3, 4×4), j3p2 (J = 3 pooled 2×2 + j2), both
+`--kind`: j2 (the recipe: J = 2 pooled 3×3), j3 (J = 3, 4×4), j3p2 / j3p3 (J = 3 pooled 2×2 / 3×3 + j2), both
 (J = 3 4×4 + j2). Reads the J = 2 cache of `bench.accuracy.cache_features` from `--j2` (/tmp/acc).
 """
 
@@ -49,13 +49,13 @@ def features(kind: str, split: str, j2_dir: Path, j3_dir: Path) -> tuple[torch.T
     j3 = F.group_norm(torch.load(j3_dir / f"j3_{split}.pt")["x"].float(), 21)
     if kind == "j3":
         return j3.flatten(1), y
-    if kind == "j3p2":
-        return torch.cat([j2, F.adaptive_avg_pool2d(j3, 2).flatten(1)], 1), y
+    if kind in ("j3p2", "j3p3"):
+        return torch.cat([j2, F.adaptive_avg_pool2d(j3, int(kind[-1])).flatten(1)], 1), y
     return torch.cat([j2, j3.flatten(1)], 1), y
 
 
 def ceiling(args: argparse.Namespace) -> None:
-    for kind in ("j2", "j3", "j3p2", "both"):
+    for kind in args.kinds:
         tx, ty = features(kind, "train", args.j2, args.j3)
         vx, vy = features(kind, "val", args.j2, args.j3)
         torch.manual_seed(0)
@@ -103,7 +103,8 @@ def main() -> None:
     ap.add_argument("what", choices=("cache", "ceiling", "dp"))
     ap.add_argument("--j2", type=Path, default=Path("/tmp/acc"))
     ap.add_argument("--j3", type=Path, default=Path("/tmp/exp"))
-    ap.add_argument("--kind", choices=("j2", "j3", "j3p2", "both"), default="both")
+    ap.add_argument("--kind", choices=("j2", "j3", "j3p2", "j3p3", "both"), default="both")
+    ap.add_argument("--kinds", nargs="+", default=["j2", "j3", "j3p2", "both"], help="ceiling: these kinds")
     ap.add_argument("--eps", type=float, default=8.0)
     ap.add_argument("--lr", type=float, default=0.125)
     ap.add_argument("--rounds", type=int, default=500)
