@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.accuracy.head_ceiling import fit
 from hemafed.core.calibration import calibrate_sigma
 from hemafed.core.fedsgd import FedSGDServer, clipped_gradient_sum
 from hemafed.core.models import get_flat_params, set_flat_params
@@ -60,18 +61,7 @@ def ceiling(args: argparse.Namespace) -> None:
         vx, vy = features(kind, "val", args.j2, args.j3)
         torch.manual_seed(0)
         head = torch.nn.Linear(tx.shape[1], 8)
-        opt = torch.optim.Adam(head.parameters(), 1e-3)
-        best = acc = 0.0
-        for _ in range(30):
-            perm = torch.randperm(len(ty))
-            for i in range(0, len(ty), 256):
-                idx = perm[i:i + 256]
-                opt.zero_grad()
-                F.cross_entropy(head(tx[idx]), ty[idx]).backward()
-                opt.step()
-            with torch.no_grad():
-                acc = float((head(vx).argmax(1) == vy).float().mean())
-            best = max(best, acc)
+        acc, best = fit(head, tx, ty, vx, vy)
         print(f"{kind} dim {tx.shape[1]}: last {acc:.4f} best {best:.4f}", flush=True)
 
 
