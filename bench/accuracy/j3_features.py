@@ -25,7 +25,7 @@ from hemafed.core.fedsgd import FedSGDServer, clipped_gradient_sum
 from hemafed.core.models import get_flat_params, set_flat_params
 
 
-def cache(out: Path) -> None:
+def cache(out: Path, views: bool = False) -> None:
     from hemafed.core.bloodmnist import load_splits, locate
     from hemafed.core.features import Scattering2D, scatter_features
     from hemafed.core.models import images_to_tensor
@@ -33,21 +33,30 @@ def cache(out: Path) -> None:
     splits = load_splits(locate(None))
     scat = Scattering2D(32, 3, 8)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("val", "train"):
+    from hemafed.core.features import dihedral
+
+    jobs = [(name, 0) for name in ("val", "train")] + [("val", k) for k in range(1, 8) if views]
+    for name, k in jobs:
+        path = out / (f"j3_{name}.pt" if k == 0 else f"j3_{name}_d{k}.pt")
+        if path.exists():
+            continue
         x = F.interpolate(images_to_tensor(splits[name].images, 28), size=32, mode="bilinear", align_corners=False)
         started = time.time()
-        f = scatter_features(x, scat, 256).half()
-        torch.save({"x": f, "y": torch.as_tensor(splits[name].labels)}, out / f"j3_{name}.pt")
-        print(name, tuple(f.shape), f"{time.time() - started:.0f} s", flush=True)
+        f = scatter_features(dihedral(x, k), scat, 256).half()
+        torch.save({"x": f, "y": torch.as_tensor(splits[name].labels)}, path)
+        print(path.name, tuple(f.shape), f"{time.time() - started:.0f} s", flush=True)
 
 
-def features(kind: str, split: str, j2_dir: Path, j3_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    d = torch.load(j2_dir / f"{split}.pt")
+def features(kind: str, split: str, j2_dir: Path, j3_dir: Path, view: int = 0,
+             j2_views: Path = Path("/tmp/acc2")) -> tuple[torch.Tensor, torch.Tensor]:
+    """`view` k > 0: the k-th symmetry of the square of every image (J = 2 from `j2_views`)."""
+    d = torch.load(j2_dir / f"{split}.pt" if view == 0 else j2_views / f"{split}_d{view}.pt")
     j2 = F.adaptive_avg_pool2d(F.group_norm(d["x"].float(), 27), 3).flatten(1)
     y = d["y"].long().reshape(-1)
     if kind == "j2":
         return j2, y
-    j3 = F.group_norm(torch.load(j3_dir / f"j3_{split}.pt")["x"].float(), 21)
+    j3 = F.group_norm(torch.load(j3_dir / (f"j3_{split}.pt" if view == 0 else f"j3_{split}_d{view}.pt"))["x"]
+                      .float(), 21)
     if kind == "j3":
         return j3.flatten(1), y
     if kind in ("j3p2", "j3p3"):
@@ -68,24 +77,31 @@ def ceiling(args: argparse.Namespace) -> None:
 def dp(args: argparse.Namespace) -> None:
     tx, ty = features(args.kind, "train", args.j2, args.j3)
     vx, vy = features(args.kind, "val", args.j2, args.j3)
+    views = [features(args.kind, "val", args.j2, args.j3, k)[0] for k in range(1, 8)] if args.tta else []
     q = 0.1713
     sigma = calibrate_sigma(args.eps, 1e-5, q, args.rounds)
-    torch.manual_seed(0)
-    head = torch.nn.Linear(tx.shape[1], 8)
-    server = FedSGDServer(args.lr, 0.9)
-    w = get_flat_params(head)
-    gen = torch.Generator().manual_seed(0)
-    rng = np.random.default_rng(0)
-    started = time.time()
-    for _ in range(args.rounds):
+    singles, ttas = [], []
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(tx.shape[1], 8)
+        server = FedSGDServer(args.lr, 0.9)
+        w = get_flat_params(head)
+        gen = torch.Generator().manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        for _ in range(args.rounds):
+            set_flat_params(head, w)
+            gs = clipped_gradient_sum(head, tx, ty, q, 1.0, gen)
+            w = server.apply(w, gs.vector + rng.normal(0, sigma * np.sqrt(2), size=gs.vector.shape), q * len(ty))
         set_flat_params(head, w)
-        gs = clipped_gradient_sum(head, tx, ty, q, 1.0, gen)
-        w = server.apply(w, gs.vector + rng.normal(0, sigma * np.sqrt(2), size=gs.vector.shape), q * len(ty))
-    set_flat_params(head, w)
-    with torch.no_grad():
-        acc = float((head(vx).argmax(1) == vy).float().mean())
-    print(f"{args.kind} dim {tx.shape[1]} eps {args.eps} lr {args.lr} T {args.rounds}: single {acc:.4f} "
-          f"({time.time() - started:.0f} s)")
+        with torch.no_grad():
+            logits = head(vx)
+            singles.append(float((logits.argmax(1) == vy).float().mean()))
+            for v in views:
+                logits = logits + head(v)
+            ttas.append(float((logits.argmax(1) == vy).float().mean()))
+    tta = f", TTA {np.mean(ttas):.4f} ± {np.std(ttas):.4f}" if views else ""
+    print(f"{args.kind} dim {tx.shape[1]} eps {args.eps} lr {args.lr} T {args.rounds} seeds {args.seeds}: "
+          f"single {np.mean(singles):.4f} ± {np.std(singles):.4f}{tta}", flush=True)
 
 
 def main() -> None:
@@ -98,9 +114,12 @@ def main() -> None:
     ap.add_argument("--eps", type=float, default=8.0)
     ap.add_argument("--lr", type=float, default=0.125)
     ap.add_argument("--rounds", type=int, default=500)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--tta", action="store_true", help="dp: also logits averaged over the 8 views (needs the views)")
+    ap.add_argument("--views", action="store_true", help="cache: also the 7 other symmetries of the val split")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    {"cache": lambda: cache(args.j3), "ceiling": lambda: ceiling(args), "dp": lambda: dp(args)}[args.what]()
+    {"cache": lambda: cache(args.j3, args.views), "ceiling": lambda: ceiling(args), "dp": lambda: dp(args)}[args.what]()
 
 
 if __name__ == "__main__":
