@@ -146,7 +146,8 @@ def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str,
         sg = sigma(eps, "local")
         seeds_run("alone", "one hospital alone (median size), DP-SGD", main, eps, sg,
                   lambda s, sg=sg: (median_hospital(s), Recipe(T, q, lr, privacy="central", sigma=sg)))
-    t, c = base.plan().threshold, base.plan().dp_colluders
+    shares = base.plan()
+    t, c = shares.threshold, shares.dp_colluders
     for partition in opts.partitions:
         split = parts(partition)
         seeds_run("federated", "DP-FedSGD, non-private", partition, None, None, lambda s, f=split: (f(s), np_recipe))
@@ -230,6 +231,7 @@ def _sigma(s: float | None) -> str:
 def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, feats: FeatureSet, command: str,
                   wall_s: float, *, partial: bool) -> None:
     base = replace(opts.base, sites=opts.sites)
+    plan = base.plan()
     seeds = ", ".join(str(s) for s in opts.seeds)
     lines = ["# Results: private federated learning on BloodMNIST", ""]
     if partial:
@@ -245,8 +247,8 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, feats: Fe
         "and no data in them; a linear head of 17,504 parameters is trained), DP-FedSGD: one Poisson-sampled "
         f"step per round, rate q = {base.sample_rate} per record at every hospital, {base.rounds} rounds, "
         f"clip C = {base.clip_norm}, server SGD lr {base.server_lr} with momentum {base.momentum}; "
-        f"{opts.sites} hospitals; secure aggregation threshold t = {base.plan().threshold}, "
-        f"c = {base.plan().dp_colluders}. Test-time augmentation (logits averaged over the 8 symmetries of the "
+        f"{opts.sites} hospitals; secure aggregation threshold t = {plan.threshold}, "
+        f"c = {plan.dp_colluders}. Test-time augmentation (logits averaged over the 8 symmetries of the "
         "square) in every evaluation. ε is per hospital, per training record, at δ = 1e-5, RDP accounting; σ is "
         "calibrated so the plan spends exactly the budget. Non-private rows: T = "
         f"{opts.np_rounds}, expected batch {opts.np_batch}, lr {opts.np_lr} (one hospital alone: q = "
@@ -277,7 +279,7 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, feats: Fe
           [r for r in rows if r.section == "federated"],
           "Distributed DP: each hospital adds a Skellam share inside secure aggregation, sized so that any "
           "t − c shares carry σ; with every hospital surviving, the released sum carries n/(t − c) times the "
-          f"accounted variance ({opts.sites}/({base.plan().threshold} − {base.plan().dp_colluders}) here), and "
+          f"accounted variance ({opts.sites}/({plan.threshold} − {plan.dp_colluders}) here), and "
           "this is what these rows include. Local DP: each hospital adds the full N(0, σ²C²) before its update "
           f"leaves; the sum carries {opts.sites} times that variance.")
     table("The README's main job (a real federation)", [r for r in rows if r.section == "main job"],
