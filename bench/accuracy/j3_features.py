@@ -19,10 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.accuracy.head_ceiling import fit
-from hemafed.core.calibration import calibrate_sigma
-from hemafed.core.fedsgd import FedSGDServer, clipped_gradient_sum
-from hemafed.core.models import get_flat_params, set_flat_params
+from bench.accuracy.head_ceiling import fit, private_fit
 
 
 def cache(out: Path, views: bool = False) -> None:
@@ -78,27 +75,7 @@ def dp(args: argparse.Namespace) -> None:
     tx, ty = features(args.kind, "train", args.j2, args.j3)
     vx, vy = features(args.kind, "val", args.j2, args.j3)
     views = [features(args.kind, "val", args.j2, args.j3, k)[0] for k in range(1, 8)] if args.tta else []
-    q = 0.1713
-    sigma = calibrate_sigma(args.eps, 1e-5, q, args.rounds)
-    singles, ttas = [], []
-    for seed in args.seeds:
-        torch.manual_seed(seed)
-        head = torch.nn.Linear(tx.shape[1], 8)
-        server = FedSGDServer(args.lr, 0.9)
-        w = get_flat_params(head)
-        gen = torch.Generator().manual_seed(seed)
-        rng = np.random.default_rng(seed)
-        for _ in range(args.rounds):
-            set_flat_params(head, w)
-            gs = clipped_gradient_sum(head, tx, ty, q, 1.0, gen)
-            w = server.apply(w, gs.vector + rng.normal(0, sigma * np.sqrt(2), size=gs.vector.shape), q * len(ty))
-        set_flat_params(head, w)
-        with torch.no_grad():
-            logits = head(vx)
-            singles.append(float((logits.argmax(1) == vy).float().mean()))
-            for v in views:
-                logits = logits + head(v)
-            ttas.append(float((logits.argmax(1) == vy).float().mean()))
+    singles, ttas = private_fit(tx, ty, vx, vy, views, args.eps, args.lr, args.rounds, args.seeds)
     tta = f", TTA {np.mean(ttas):.4f} ± {np.std(ttas):.4f}" if views else ""
     print(f"{args.kind} dim {tx.shape[1]} eps {args.eps} lr {args.lr} T {args.rounds} seeds {args.seeds}: "
           f"single {np.mean(singles):.4f} ± {np.std(singles):.4f}{tta}", flush=True)
