@@ -11,7 +11,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[gui,test]'
+	# No wheel cache: it would keep a second copy of every download on the (shared, small) CI disk.
+	$(BIN)/python -m pip install --quiet --no-cache-dir -e '.[gui,test]'
 	touch $(STAMP)
 
 install: $(STAMP)
