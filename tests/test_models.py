@@ -80,15 +80,16 @@ def test_images_to_tensor() -> None:
         images_to_tensor(imgs.astype(np.float32), 28)
 
 
-def test_scatter_test_time_augmentation_averages_the_eight_views() -> None:
-    """In eval mode scatter_linear_28 averages its logits over the 8 symmetries of the square
+@pytest.mark.parametrize("name", ["scatter_linear_28", "scatter_synth_28"])
+def test_scatter_test_time_augmentation_averages_the_eight_views(name: str) -> None:
+    """In eval mode a scatter_* model averages its logits over the 8 symmetries of the square
     (its head is linear, so averaging the features is the same thing); the result is therefore
     exactly invariant to rotating or flipping the image, and training mode sees one view."""
     from hemafed.core.features import dihedral
     from hemafed.core.models import evaluation_features, split_features
 
     torch.manual_seed(0)
-    model = build_model("scatter_linear_28", 8)
+    model = build_model(name, 8)
     x = torch.randn(3, 3, 28, 28)
     features, head = split_features(model)
     model.eval()

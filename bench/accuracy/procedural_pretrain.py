@@ -1,0 +1,107 @@
+"""Lever 6 of issue 9: features learned from procedurally generated images only (research script).
+
+The encoder and its pre-training live in `core/procedural_features.py` (the model `scatter_synth_28`
+uses the weights it made). This script screens encoders on BloodMNIST's validation split: the
+non-private linear-probe ceiling, alone and beside the scattering features, and private heads:
+
+    python -m hemafed.core.procedural_features --minutes 35 --steps 100000 --out /tmp/randp/enc.npz
+    python -m bench.accuracy.procedural_pretrain probe --out /tmp/randp --cache /tmp/acc --concat
+    python -m bench.accuracy.procedural_pretrain dp --ckpt /tmp/randp/enc.npz --concat --eps 8 3 --lrs 0.5 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hemafed.core.procedural_features import GROUPS, encoder_body, load_encoder, standardise
+
+
+def real_images() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """BloodMNIST's train and val splits as [0, 1] tensors (what the encoder was trained on)."""
+    from hemafed.core.bloodmnist import load_splits, locate
+
+    splits = load_splits(locate(None))
+    return {name: (torch.from_numpy(s.images).permute(0, 3, 1, 2).float() / 255, torch.as_tensor(s.labels))
+            for name, s in splits.items() if name in ("train", "val")}
+
+
+@torch.no_grad()
+def learned(body: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    maps = torch.cat([F.adaptive_avg_pool2d(body(standardise(x[i:i + 512])), 3) for i in range(0, len(x), 512)])
+    return F.group_norm(maps, GROUPS).flatten(1)
+
+
+def probe(args: argparse.Namespace) -> None:
+    from bench.accuracy.head_ceiling import fit, load
+
+    data = real_images()
+    scat = {name: load(args.cache, name, 3)[0] for name in ("train", "val")}
+    ty, vy = data["train"][1], data["val"][1]
+    torch.manual_seed(0)
+    encoders = [(p.stem, load_encoder(str(p))) for p in sorted(args.out.glob("*.npz"))]
+    for name, body in [*encoders, ("random init", encoder_body().eval())]:  # never trained: random conv features
+        feats = {split: learned(body, x) for split, (x, _) in data.items()}
+        runs = [("learned", feats["train"], feats["val"])]
+        if args.concat:
+            runs.append(("learned + scattering", torch.cat([feats["train"], scat["train"]], 1),
+                         torch.cat([feats["val"], scat["val"]], 1)))
+        for label, tx, vx in runs:
+            torch.manual_seed(0)
+            last, best = fit(nn.Linear(tx.shape[1], 8), tx, ty, vx, vy, args.epochs)
+            print(f"{name:>16} {label:>22} ({tx.shape[1]} dims): last {last:.4f} best {best:.4f}", flush=True)
+    torch.manual_seed(0)
+    last, best = fit(nn.Linear(scat["train"].shape[1], 8), scat["train"], ty, scat["val"], vy, args.epochs)
+    print(f"{'scattering':>16} {'alone':>22} ({scat['train'].shape[1]} dims): last {last:.4f} best {best:.4f}")
+
+
+def private(args: argparse.Namespace) -> None:
+    """Private linear heads (`head_ceiling.private_fit`) on the learned features of `--ckpt`, with the
+    recipe's scattering features beside them (`--concat`), single view and with the 8-view TTA."""
+    from bench.accuracy.cache_features import dihedral
+    from bench.accuracy.head_ceiling import private_fit
+    from bench.accuracy.j3_features import features
+
+    data = real_images()
+    body = load_encoder(str(args.ckpt))
+    (tx_img, ty), (vx_img, vy) = data["train"], data["val"]
+    tx, vx = learned(body, tx_img), learned(body, vx_img)
+    views = [learned(body, dihedral(vx_img, k)) for k in range(1, 8)]
+    if args.concat:
+        tx = torch.cat([tx, features("j2", "train", args.cache, args.cache)[0]], 1)
+        vx = torch.cat([vx, features("j2", "val", args.cache, args.cache)[0]], 1)
+        views = [torch.cat([v, features("j2", "val", args.cache, args.cache, k)[0]], 1)
+                 for k, v in enumerate(views, 1)]
+    for eps in args.eps:
+        for lr in args.lrs:
+            singles, ttas = private_fit(tx, ty, vx, vy, views, eps, lr, args.rounds, args.seeds)
+            print(f"{'learned + scattering' if args.concat else 'learned'} dim {tx.shape[1]} eps {eps} lr {lr} "
+                  f"T {args.rounds} seeds {args.seeds}: single {np.mean(singles):.4f} ± {np.std(singles):.4f}, "
+                  f"TTA {np.mean(ttas):.4f} ± {np.std(ttas):.4f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["probe", "dp"])
+    ap.add_argument("--out", type=Path, default=Path("/tmp/randp"), help="probe: every *.npz encoder here")
+    ap.add_argument("--ckpt", type=Path, default=Path("/tmp/randp/enc.npz"), help="dp: the encoder")
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/acc"), help="scattering caches (cache_features)")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--concat", action="store_true", help="the scattering features beside the learned ones")
+    ap.add_argument("--eps", type=float, nargs="+", default=[8.0, 3.0], help="dp: these ε")
+    ap.add_argument("--lrs", type=float, nargs="+", default=[0.5, 0.25], help="dp: these server lr")
+    ap.add_argument("--rounds", type=int, default=500)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    {"probe": probe, "dp": private}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Image features learned from procedurally generated images only (no hospital data, no download).
+
+After Baradad et al. 2021 ("Learning to See by Looking at Noise") and Tang et al. 2023 (DP-RandP):
+a small GroupNorm CNN is trained with SimCLR's contrastive loss on "dead leaves" images (ellipses of
+random colour, size and texture painted over each other), then frozen. No real image is ever seen,
+so using these features costs no privacy; every site computes the same features from the weights
+shipped in `hemafed.assets` (`ENCODER_ASSET`), which this module's `pretrain` made:
+
+    python -m hemafed.core.procedural_features --steps 3777 --out assets/procedural_encoder_28.npz
+
+(3,777 steps of 256 images, 35 min on 2 CPU cores; docs/accuracy-levers.md has the screen.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SIZE = 28
+ENCODER_ASSET = "procedural_encoder_28.npz"
+CHANNELS = 128  # of the encoder's last maps (7×7 at 28 px)
+GROUPS = 16  # GroupNorm groups of the pooled features (8 channels each)
+
+
+def dead_leaves(n: int, gen: torch.Generator, shapes: int = 48) -> torch.Tensor:
+    """(n, 3, SIZE, SIZE) images in [0, 1]: ellipses painted back to front, radii from a power law."""
+    ys, xs = torch.meshgrid(torch.arange(SIZE, dtype=torch.float32), torch.arange(SIZE, dtype=torch.float32),
+                            indexing="ij")
+    img = torch.rand(n, 3, 1, 1, generator=gen).expand(n, 3, SIZE, SIZE).clone()
+
+    def u(*shape: int) -> torch.Tensor:
+        return torch.rand(n, *shape, generator=gen)
+
+    for _ in range(shapes):
+        # p(r) ∝ r^-3 on [1.5, 14] px: few large shapes, many small ones (as in natural images)
+        lo, hi = 1.5 ** -2, 14.0 ** -2
+        r = (lo + (hi - lo) * u(1, 1)) ** -0.5
+        cy, cx = u(1, 1) * (SIZE + 8) - 4, u(1, 1) * (SIZE + 8) - 4
+        theta, ratio = u(1, 1) * math.pi, 0.4 + 0.6 * u(1, 1)
+        dy, dx = ys - cy, xs - cx
+        a = dx * torch.cos(theta) + dy * torch.sin(theta)
+        b = -dx * torch.sin(theta) + dy * torch.cos(theta)
+        inside = ((a / r) ** 2 + (b / (r * ratio)) ** 2 <= 1.0).unsqueeze(1)
+        colour = u(3, 1, 1)
+        freq, phase, ang = 0.2 + 1.3 * u(1, 1), u(1, 1) * 2 * math.pi, u(1, 1) * math.pi
+        grating = torch.sin(freq * (xs * torch.cos(ang) + ys * torch.sin(ang)) + phase).unsqueeze(1)
+        fill = (colour + 0.25 * u(1, 1, 1) * grating * (u(1, 1, 1) < 0.5)).clamp(0, 1)
+        img = torch.where(inside, fill, img)
+    return img
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A SimCLR view: random resized crop, a symmetry of the square, colour jitter, blur, pixel noise."""
+    from .features import dihedral
+
+    n = len(x)
+    scale = (0.35 + 0.65 * torch.rand(n, generator=gen)).sqrt()
+    shift = (1 - scale).unsqueeze(1) * (2 * torch.rand(n, 2, generator=gen) - 1)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    x = dihedral(x, int(torch.randint(8, (1,), generator=gen)))
+    gain = 0.6 + 0.8 * torch.rand(n, 3, 1, 1, generator=gen)
+    bias = 0.2 * (torch.rand(n, 3, 1, 1, generator=gen) - 0.5)
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = (x - mean) * gain + mean + bias
+    grey = torch.rand(n, 1, 1, 1, generator=gen) < 0.2
+    x = torch.where(grey, x.mean(1, keepdim=True).expand_as(x), x)
+    blur = torch.rand(n, 1, 1, 1, generator=gen) < 0.4
+    x = torch.where(blur, F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1), x)
+    return x + 0.03 * torch.randn(x.shape, generator=gen)
+
+
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    """Per image and channel. Removes the colour statistics that synthetic and stained images do not
+    share, and makes the features independent of the input's per-channel normalisation."""
+    return (x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True) + 1e-3)
+
+
+def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.GroupNorm(8, cout), nn.ReLU())
+
+
+def encoder_body(width: int = 32) -> nn.Sequential:
+    """28 px → (4·width)×7×7 maps; 277 k parameters at width 32."""
+    w = width
+    return nn.Sequential(_block(3, w), _block(w, 2 * w, 2), _block(2 * w, 2 * w), _block(2 * w, 4 * w, 2),
+                         _block(4 * w, 4 * w))
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2) -> torch.Tensor:
+    """SimCLR's loss: each view must pick its partner among the 2n − 1 others."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    sim = z @ z.T / tau
+    sim.fill_diagonal_(-1e9)
+    n = len(z1)
+    return F.cross_entropy(sim, torch.cat([torch.arange(n, 2 * n), torch.arange(n)]))
+
+
+def pretrain(steps: int, out: Path, batch: int = 256, lr: float = 1e-3, seed: int = 0,
+             minutes: float | None = None, log_every: int = 100) -> int:
+    """SimCLR on dead-leaves images; saves the encoder body's weights to `out` (.npz). Stops after
+    `steps` steps or `minutes`, whichever comes first; returns the steps taken."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    body = encoder_body()
+    proj = nn.Sequential(nn.Linear(CHANNELS, 256), nn.ReLU(), nn.Linear(256, 128))
+    opt = torch.optim.Adam([*body.parameters(), *proj.parameters()], lr)
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        return proj(body(standardise(x)).mean((2, 3)))
+
+    started = time.monotonic()
+    step = 0
+    while step < steps and (minutes is None or time.monotonic() - started < 60 * minutes):
+        x = dead_leaves(batch, gen)
+        loss = nt_xent(embed(augment(x, gen)), embed(augment(x, gen)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        if log_every and step % log_every == 0:
+            print(f"step {step}: loss {loss.item():.3f} ({(time.monotonic() - started) / 60:.1f} min)", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **{k: v.detach().numpy() for k, v in body.state_dict().items()})
+    return step
+
+
+@cache
+def load_encoder(path: str | None = None) -> nn.Sequential:
+    """The frozen encoder (shipped weights unless `path`), in eval mode, without gradients."""
+    from importlib.resources import files
+
+    source = Path(path) if path else files("hemafed.assets") / ENCODER_ASSET
+    body = encoder_body()
+    with source.open("rb") as fh, np.load(fh, allow_pickle=False) as arrays:
+        body.load_state_dict({k: torch.from_numpy(arrays[k].copy()) for k in arrays.files})
+    body.requires_grad_(False)
+    return body.eval()
+
+
+@torch.no_grad()
+def procedural_features(x: torch.Tensor, batch_size: int = 256, pool: int = 3) -> torch.Tensor:
+    """(N, 3, 28, 28) images in [0, 1] → (N, 128, pool, pool): the encoder's maps, average-pooled,
+    GroupNorm per image."""
+    body = load_encoder()
+    parts = [F.adaptive_avg_pool2d(body(standardise(x[i:i + batch_size])), pool) for i in range(0, len(x), batch_size)]
+    feats = torch.cat(parts) if parts else x.new_zeros((0, CHANNELS, pool, pool))
+    return F.group_norm(feats, GROUPS)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="pre-train the procedural-image encoder (see module docstring)")
+    ap.add_argument("--steps", type=int, default=3777)
+    ap.add_argument("--minutes", type=float, default=None, help="stop earlier after this long")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    steps = pretrain(args.steps, args.out, minutes=args.minutes)
+    print(f"{steps} steps; encoder saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
