@@ -219,9 +219,9 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("scatter_linear_28", 28, "fixed scattering features (J=2, 8 angles; no parameters) + GroupNorm "
                   "+ 3×3 average pooling (243×3×3) + linear head (17.5 k parameters), 28×28 input; built for DP "
                   "(Tramèr & Boneh 2021)", scatter_linear),
-        ModelSpec("scatter_synth_28", 28, "scattering features (as scatter_linear_28) + features of a CNN "
-                  "pre-trained on procedurally generated images only (no real data; weights shipped with the app), "
-                  "both 3×3 pooled ((243+128)×3×3) + linear head (26.7 k parameters), 28×28 input; built for DP",
+        ModelSpec("scatter_synth_28", 28, "fixed image features that no patient data went into: wavelet "
+                  "scattering, and a small network trained only on computer-generated shapes (shipped with the app); "
+                  "only the final layer (26.7 k numbers) is trained, 28×28 input; built for DP",
                   scatter_synth_linear),
         ModelSpec("cnn4_28", 28, "plain 4-conv GroupNorm CNN (32/64 channels), 28×28 input; fast reference",
                   lambda n: SmallCNN(n)),

@@ -96,7 +96,7 @@ def fedsgd_plan():
     from hemafed.core.plan import FederationPlan
 
     q, rounds = 0.02, 200
-    plan = FederationPlan(federation_id="blood-cells-2026", model="scatter_linear_28", rounds=rounds,
+    plan = FederationPlan(federation_id="blood-cells-2026", model="scatter_synth_28", rounds=rounds,
                           algorithm="fedsgd", sample_rate=q, batch_size=round(q * 9 * 1800), threshold=5,
                           min_sites=5, max_sites=9, server_lr=0.5)
     dim = sum(p.numel() for p in build_model(plan.model).parameters())

@@ -243,9 +243,10 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, feats: Fe
         "counts). The training split is divided across the hospitals; every accuracy below is on the held-out "
         f"test split ({len(feats.test_y):,} images), which no hospital holds, touched once per reported number. "
         "Hyperparameters were chosen on the validation split (docs/accuracy-levers.md).", "",
-        f"Recipe (`hemafed simulate`'s defaults): model `{base.model}` (fixed scattering features, no parameters "
-        "and no data in them; a linear head of 17,504 parameters is trained), DP-FedSGD: one Poisson-sampled "
-        f"step per round, rate q = {base.sample_rate} per record at every hospital, {base.rounds} rounds, "
+        f"Recipe (`hemafed simulate`'s defaults): model `{base.model}` (fixed features that no real data went "
+        f"into; a linear head of {feats.train_x[0].numel() * 8 + 8:,} parameters is trained), DP-FedSGD: one "
+        f"Poisson-sampled step per round, rate q = {base.sample_rate} per record at every hospital, "
+        f"{base.rounds} rounds, "
         f"clip C = {base.clip_norm}, server SGD lr {base.server_lr} with momentum {base.momentum}; "
         f"{opts.sites} hospitals; secure aggregation threshold t = {plan.threshold}, "
         f"c = {plan.dp_colluders}. Test-time augmentation (logits averaged over the 8 symmetries of the "

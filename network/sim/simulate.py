@@ -57,7 +57,7 @@ class Drop:
 @dataclass
 class SimulationOptions:
     """Defaults: the recipe chosen on validation data (docs/accuracy-levers.md): DP-FedSGD on fixed
-    scattering features with distributed DP through secure aggregation."""
+    features (scattering + a CNN pre-trained on procedural images) with distributed DP through secure aggregation."""
 
     sites: int = 10
     rounds: int = 500
@@ -73,7 +73,7 @@ class SimulationOptions:
     data: Path | None = None
     seed: int = 0
     subset: int | None = None  # use only this many training images (quick demos and tests)
-    model: str = "scatter_linear_28"
+    model: str = "scatter_synth_28"
     algorithm: str = "fedsgd"  # "fedsgd": one DP-SGD step per round | "fedavg": local epochs per round
     dp_mode: str = "distributed"  # fedsgd: "distributed" (noise shares inside secure aggregation) | "local"
     sample_rate: float = 0.1713  # fedsgd: Poisson rate per record (≈ 2,048 of BloodMNIST's 11,959 per round)
