@@ -13,6 +13,26 @@ from typing import Any
 from hemafed.core.plan import FederationPlan, PlanError, SiteBounds, load_toml
 
 
+def _plan(section: dict[str, Any], n_sites: int, path: Path) -> FederationPlan:
+    """The [plan] as written; or, when it gives `epsilon` (each site's budget) and `expected_images`
+    (the training images all sites hold together), the recommended recipe for that budget, with
+    σ computed here (`core.recipe`) and any other fields in the section overriding the recipe."""
+    if "epsilon" not in section and "expected_images" not in section:
+        return FederationPlan.from_dict(section)
+    from hemafed.core.recipe import recommended_plan
+
+    fields = dict(section)
+    epsilon, images = fields.pop("epsilon", None), fields.pop("expected_images", None)
+    if epsilon is None or images is None:
+        raise PlanError(f"{path}: [plan] needs both epsilon (each site's budget) and expected_images (about "
+                        "how many training images all sites hold together) to use the recommended recipe")
+    dp_mode = fields.pop("dp_mode", "distributed")
+    try:
+        return recommended_plan(epsilon, images, n_sites, dp_mode, **fields)
+    except PlanError as exc:
+        raise PlanError(f"{path}: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class AggregatorConfig:
     plan: FederationPlan
@@ -40,10 +60,10 @@ class AggregatorConfig:
         path = Path(path)
         data = load_toml(path)
         section = _section(data, "federation", path)
-        plan = FederationPlan.from_dict(_section(data, "plan", path))
         sites = _section(data, "sites", path)
         if not sites or not all(isinstance(v, str) for v in sites.values()):
             raise PlanError(f"{path}: [sites] must map each site name to its public-key line")
+        plan = _plan(_section(data, "plan", path), len(sites), path)
         base = path.parent
         insecure = bool(section.get("insecure", False))
         cert, key = _opt_path(base, section.get("cert")), _opt_path(base, section.get("key"))

@@ -34,3 +34,43 @@ def test_caps_default_and_can_be_set(tmp_path: Path) -> None:
 def test_bad_caps_are_refused_with_the_field_named(tmp_path: Path, field: str, value: object) -> None:
     with pytest.raises(PlanError, match=field):
         AggregatorConfig.load(_write(tmp_path, **{field: value}))
+
+
+def _write_plan(tmp_path: Path, plan: dict, n_sites: int = 10) -> Path:
+    path = tmp_path / "federation.toml"
+    path.write_text(render_toml({"federation": {"insecure": True}, "plan": plan,
+                                 "sites": {f"s{i}": IdentityKey.generate().public_line() for i in range(n_sites)}}))
+    return path
+
+
+def test_a_budget_in_the_plan_gives_the_recommended_recipe_that_spends_it(tmp_path: Path) -> None:
+    """`epsilon` + `expected_images` instead of a full [plan]: the aggregator computes σ, and the plan a
+    site receives spends exactly that budget at the site's own accountant."""
+    from hemafed.core.accounting import Accountant
+    from hemafed.core.agg_round import secagg_config
+    from hemafed.core.fedsgd import site_privacy
+    from hemafed.core.models import build_model
+    from hemafed.core.recipe import RECIPE
+
+    plan = AggregatorConfig.load(_write_plan(tmp_path, {"federation_id": "blood-2026", "epsilon": 3,
+                                                        "expected_images": 10761, "rounds": 60})).plan
+    assert (plan.algorithm, plan.dp_mode, plan.model, plan.rounds) == ("fedsgd", "distributed", RECIPE["model"], 60)
+    assert (plan.threshold, plan.min_sites, plan.max_sites, plan.batch_size) == (6, 6, 10, round(0.1713 * 10761))
+    dim = sum(p.numel() for p in build_model(plan.model).parameters())
+    privacy = site_privacy(plan, secagg_config(plan, dim))
+    eps = Accountant("rdp").projected_epsilon(privacy.sigma, plan.sample_rate, plan.rounds, plan.delta,
+                                              skellam=privacy.skellam)
+    assert 2.95 < eps <= 3.0
+
+
+@pytest.mark.parametrize("plan,match", [
+    ({"federation_id": "x", "epsilon": 8}, "expected_images"),
+    ({"federation_id": "x", "expected_images": 1000}, "epsilon"),
+    ({"federation_id": "x", "epsilon": 8, "expected_images": 1000, "noise_multiplier": 1.0}, "noise_multiplier"),
+    ({"federation_id": "x", "epsilon": -1, "expected_images": 1000}, "epsilon"),
+    ({"federation_id": "x", "epsilon": 8, "expected_images": 1000, "rounds": "many"}, "rounds"),
+])
+def test_a_budget_plan_that_cannot_be_built_is_refused_with_the_reason(tmp_path: Path, plan: dict,
+                                                                       match: str) -> None:
+    with pytest.raises(PlanError, match=match):
+        AggregatorConfig.load(_write_plan(tmp_path, plan))

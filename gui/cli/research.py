@@ -158,28 +158,18 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _fedsgd_plan(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from hemafed.core.agg_round import secagg_config
-    from hemafed.core.calibration import BudgetTooSmall
-    from hemafed.core.fedsgd import plan_noise_multiplier
-    from hemafed.core.models import build_model
     from hemafed.core.plan import FederationPlan, PlanError
+    from hemafed.core.recipe import recommended_plan
     from hemafed.gui.cli import UserFacingError
     from hemafed.network.config import render_toml
 
-    t = args.threshold or args.sites // 2 + 1
     try:
-        plan = FederationPlan(federation_id=args.federation_id, model=args.model, rounds=args.rounds,
-                              algorithm="fedsgd", sample_rate=args.sample_rate, delta=args.delta, threshold=t,
-                              min_sites=t, max_sites=max(args.sites, 2), momentum=0.9, server_lr=0.5,
-                              batch_size=max(1, round(args.sample_rate * args.images)))
-        dim = sum(p.numel() for p in build_model(plan.model, len(plan.classes)).parameters())
-        sigma = plan_noise_multiplier(args.epsilon, args.delta, args.sample_rate, args.rounds, args.dp_mode,
-                                      secagg_config(plan, dim), plan.dp_colluders, plan.clip_norm)
-        plan = replace(plan, dp_mode=args.dp_mode, noise_multiplier=sigma)
-    except (PlanError, BudgetTooSmall, KeyError, ValueError) as exc:
+        plan = recommended_plan(args.epsilon, args.images, args.sites, args.dp_mode,
+                                federation_id=args.federation_id, model=args.model, rounds=args.rounds,
+                                sample_rate=args.sample_rate, delta=args.delta, threshold=args.threshold)
+    except (PlanError, KeyError, ValueError) as exc:
         raise UserFacingError(str(exc)) from exc
+    sigma = plan.noise_multiplier
     print(f"# DP-FedSGD: ε = {args.epsilon:g} per site at δ = {args.delta:g} after {args.rounds} rounds; "
           f"σ = {sigma:.4f} ({args.dp_mode} DP), q = {args.sample_rate}, expected batch {plan.batch_size}")
     defaults = FederationPlan().to_dict()

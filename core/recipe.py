@@ -1,0 +1,63 @@
+"""The recommended federation plan: the recipe measured in docs/RESULTS.md and chosen on validation
+data (docs/accuracy-levers.md), for a given privacy budget.
+
+DP-FedSGD (one Poisson-sampled DP-SGD step per round over all sites) on `scatter_synth_28`'s fixed
+features, with distributed DP: each site adds a noise share inside secure aggregation. The noise
+multiplier is the one that makes the plan's rounds spend exactly `epsilon` at every site, so
+whoever writes the plan (the admin, or `hemafed aggregator` from `epsilon` in federation.toml)
+computes it here and every site checks it against its own budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from .plan import FederationPlan, PlanError
+
+RECIPE: dict[str, Any] = {
+    "model": "scatter_synth_28",
+    "algorithm": "fedsgd",
+    "rounds": 500,
+    "sample_rate": 0.1713,  # q: ≈ 2,048 of BloodMNIST's 11,959 training images per round
+    "server_lr": 0.5,
+    "momentum": 0.9,
+    "clip_norm": 1.0,
+}
+
+
+def recommended_plan(epsilon: float, images: int, sites: int, dp_mode: str = "distributed",
+                     **fields: Any) -> FederationPlan:
+    """The recipe for `sites` allowed sites holding about `images` training images together, spending
+    `epsilon` per site over its rounds. `fields` override the recipe or set any other plan field
+    (`federation_id`, `rounds`, `threshold`, `delta`, ...), type-checked as in federation.toml.
+    The expected batch the server divides by is q·images; `threshold` defaults to a strict majority."""
+    from .agg_round import secagg_config
+    from .calibration import BudgetTooSmall
+    from .fedsgd import plan_noise_multiplier
+    from .models import build_model
+
+    if not (isinstance(epsilon, int | float) and not isinstance(epsilon, bool) and 0 < epsilon < 1000):
+        raise PlanError(f"epsilon must be a number in (0, 1000), got {epsilon!r}")
+    if not (isinstance(images, int) and not isinstance(images, bool) and images > 0):
+        raise PlanError(f"the expected number of training images must be a positive integer, got {images!r}")
+    if dp_mode not in ("distributed", "local"):
+        raise PlanError(f"dp_mode must be 'distributed' or 'local', got {dp_mode!r}")
+    for name in ("noise_multiplier", "batch_size", "dp_mode"):
+        if name in fields:
+            raise PlanError(f"{name} is derived from the budget here; leave it out (or give the whole plan "
+                            "without epsilon)")
+    values = {**RECIPE, **{k: v for k, v in fields.items() if v is not None}}
+    threshold = values.get("threshold") or sites // 2 + 1
+    values.setdefault("min_sites", threshold)
+    values.setdefault("max_sites", max(sites, 2))
+    values["threshold"] = threshold
+    plan = FederationPlan.from_dict(values)
+    plan = replace(plan, batch_size=max(1, round(plan.sample_rate * images)))
+    dim = sum(p.numel() for p in build_model(plan.model, len(plan.classes)).parameters())
+    try:
+        sigma = plan_noise_multiplier(float(epsilon), plan.delta, plan.sample_rate, plan.rounds, dp_mode,
+                                      secagg_config(plan, dim), plan.dp_colluders, plan.clip_norm)
+    except BudgetTooSmall as exc:
+        raise PlanError(str(exc)) from exc
+    return replace(plan, dp_mode=dp_mode, noise_multiplier=sigma)
