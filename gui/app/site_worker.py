@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 # first optimizer is created, i.e. at the first training step of the first round.
 DRIVER_MODULES = ("hemafed.network.site", "hemafed.core.models", "hemafed.core.dp_train",
                   "hemafed.core.private_round", "hemafed.core.fedsgd_site", "hemafed.core.ledger",
-                  "hemafed.core.calibration", "hemafed.core.scan", "hemafed.core.partition", "torch._dynamo")
+                  "hemafed.core.calibration", "hemafed.core.scan", "hemafed.core.partition",
+                  # the fixed feature maps of the scatter_* models, imported on first use otherwise
+                  "hemafed.core.features", "hemafed.core.procedural_features", "torch._dynamo")
 _import_lock = threading.Lock()
 _imported = False
 
