@@ -136,7 +136,9 @@ def bench_federation(root: Path, fedsgd: bool, rounds: int, images_per_site: int
     assert data_dir is not None, "set HEMAFED_DATA_DIR"
     certs = create_federation_certs(root / "tls", ["127.0.0.1"])
     q = 0.05
-    plan = FederationPlan(federation_id="bench-app", model="scatter_linear_28" if fedsgd else "cnn4_28",
+    from hemafed.core.recipe import RECIPE
+
+    plan = FederationPlan(federation_id="bench-app", model=RECIPE["model"] if fedsgd else "cnn4_28",
                           rounds=rounds, batch_size=32, lr=0.1, threshold=2, min_sites=2, max_sites=3,
                           max_weight=4096, update_clip=1.0, train_timeout_s=600.0, stage_timeout_s=60.0,
                           join_timeout_s=60.0)
