@@ -32,8 +32,8 @@ def real_images() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 @torch.no_grad()
-def learned(body: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    maps = torch.cat([F.adaptive_avg_pool2d(body(standardise(x[i:i + 512])), 3) for i in range(0, len(x), 512)])
+def learned(body: nn.Module, x: torch.Tensor, pool: int = 3) -> torch.Tensor:
+    maps = torch.cat([F.adaptive_avg_pool2d(body(standardise(x[i:i + 512])), pool) for i in range(0, len(x), 512)])
     return F.group_norm(maps, GROUPS).flatten(1)
 
 
@@ -70,8 +70,8 @@ def private(args: argparse.Namespace) -> None:
     data = real_images()
     body = load_encoder(str(args.ckpt))
     (tx_img, ty), (vx_img, vy) = data["train"], data["val"]
-    tx, vx = learned(body, tx_img), learned(body, vx_img)
-    views = [learned(body, dihedral(vx_img, k)) for k in range(1, 8)]
+    tx, vx = learned(body, tx_img, args.pool), learned(body, vx_img, args.pool)
+    views = [learned(body, dihedral(vx_img, k), args.pool) for k in range(1, 8)]
     if args.concat:
         tx = torch.cat([tx, features("j2", "train", args.cache, args.cache)[0]], 1)
         vx = torch.cat([vx, features("j2", "val", args.cache, args.cache)[0]], 1)
@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=500)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pool", type=int, default=3, help="dp: pool the learned maps to pool×pool")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     {"probe": probe, "dp": private}[args.what](args)
