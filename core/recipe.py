@@ -48,16 +48,16 @@ def recommended_plan(epsilon: float, images: int, sites: int, dp_mode: str = "di
             raise PlanError(f"{name} is derived from the budget here; leave it out (or give the whole plan "
                             "without epsilon)")
     values = {**RECIPE, **{k: v for k, v in fields.items() if v is not None}}
-    threshold = values.get("threshold") or sites // 2 + 1
+    threshold = values.get("threshold", sites // 2 + 1)
     values.setdefault("min_sites", threshold)
     values.setdefault("max_sites", max(sites, 2))
     values["threshold"] = threshold
     plan = FederationPlan.from_dict(values)
     plan = replace(plan, batch_size=max(1, round(plan.sample_rate * images)))
-    dim = sum(p.numel() for p in build_model(plan.model, len(plan.classes)).parameters())
     try:
+        dim = sum(p.numel() for p in build_model(plan.model, len(plan.classes)).parameters())
         sigma = plan_noise_multiplier(float(epsilon), plan.delta, plan.sample_rate, plan.rounds, dp_mode,
                                       secagg_config(plan, dim), plan.dp_colluders, plan.clip_norm)
-    except BudgetTooSmall as exc:
-        raise PlanError(str(exc)) from exc
+    except (BudgetTooSmall, KeyError) as exc:  # KeyError: a model name the registry does not know
+        raise PlanError(str(exc).strip("'\"")) from exc
     return replace(plan, dp_mode=dp_mode, noise_multiplier=sigma)

@@ -69,6 +69,8 @@ def test_a_budget_in_the_plan_gives_the_recommended_recipe_that_spends_it(tmp_pa
     ({"federation_id": "x", "epsilon": 8, "expected_images": 1000, "noise_multiplier": 1.0}, "noise_multiplier"),
     ({"federation_id": "x", "epsilon": -1, "expected_images": 1000}, "epsilon"),
     ({"federation_id": "x", "epsilon": 8, "expected_images": 1000, "rounds": "many"}, "rounds"),
+    ({"federation_id": "x", "epsilon": 8, "expected_images": 1000, "model": "resnet152"}, "unknown model"),
+    ({"federation_id": "x", "epsilon": 8, "expected_images": 1000, "threshold": 0}, "threshold"),
 ])
 def test_a_budget_plan_that_cannot_be_built_is_refused_with_the_reason(tmp_path: Path, plan: dict,
                                                                        match: str) -> None:
