@@ -143,16 +143,10 @@ def bench_federation(root: Path, fedsgd: bool, rounds: int, images_per_site: int
                           max_weight=4096, update_clip=1.0, train_timeout_s=600.0, stage_timeout_s=60.0,
                           join_timeout_s=60.0)
     if fedsgd:
-        from hemafed.core.agg_round import secagg_config
-        from hemafed.core.fedsgd import plan_noise_multiplier
-        from hemafed.core.models import build_model
+        from hemafed.core.recipe import with_budget
 
-        plan = replace(plan, algorithm="fedsgd", sample_rate=q, server_lr=0.5,
-                       batch_size=round(q * 3 * 0.9 * images_per_site))
-        dim = sum(p.numel() for p in build_model(plan.model).parameters())
-        sigma = plan_noise_multiplier(6.0, 1e-5, q, rounds, "distributed", secagg_config(plan, dim),
-                                      plan.dp_colluders)
-        plan = replace(plan, dp_mode="distributed", noise_multiplier=sigma)
+        plan = with_budget(replace(plan, algorithm="fedsgd", sample_rate=q, server_lr=0.5,
+                                   batch_size=round(q * 3 * 0.9 * images_per_site)), 6.0)
     with np.load(data_dir / "bloodmnist" / "bloodmnist_28.npz") as data:
         images, labels = data["train_images"], data["train_labels"].reshape(-1)
     keys, configs, identities = {}, {}, {}

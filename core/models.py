@@ -172,8 +172,7 @@ class ScatterSynthNet(ScatterNet):
     def features(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         from .procedural_features import procedural_features
 
-        mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(STD).view(1, 3, 1, 1)
+        mean, std = _normalisation()
         learned = procedural_features(x * std + mean, batch_size, self.pool)  # it was trained on [0, 1] images
         return torch.cat([super().features(x, batch_size), learned], 1)
 
@@ -264,9 +263,13 @@ def images_to_tensor(images: np.ndarray, spec_or_size: ModelSpec | int | str) ->
     if len(images) and (images.shape[1] != size or images.shape[2] != size):
         images = resize_array_batch(images, size)
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    mean, std = _normalisation()
     return ((x - mean) / std).contiguous()
+
+
+def _normalisation() -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD as (1, 3, 1, 1) tensors: `images_to_tensor` applies them, ScatterSynthNet undoes them."""
+    return torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
 
 
 def num_parameters(model: nn.Module) -> int:

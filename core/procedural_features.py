@@ -150,10 +150,11 @@ def load_encoder(path: str | None = None) -> nn.Sequential:
 
 
 @torch.no_grad()
-def procedural_features(x: torch.Tensor, batch_size: int = 256, pool: int = 3) -> torch.Tensor:
+def procedural_features(x: torch.Tensor, batch_size: int = 256, pool: int = 3,
+                        body: nn.Module | None = None) -> torch.Tensor:
     """(N, 3, 28, 28) images in [0, 1] → (N, 128, pool, pool): the encoder's maps, average-pooled,
-    GroupNorm per image."""
-    body = load_encoder()
+    GroupNorm per image. `body`: another encoder than the shipped one (research screens)."""
+    body = body if body is not None else load_encoder()
     parts = [F.adaptive_avg_pool2d(body(standardise(x[i:i + batch_size])), pool) for i in range(0, len(x), batch_size)]
     feats = torch.cat(parts) if parts else x.new_zeros((0, CHANNELS, pool, pool))
     return F.group_norm(feats, GROUPS)

@@ -26,16 +26,29 @@ RECIPE: dict[str, Any] = {
 }
 
 
+def with_budget(plan: FederationPlan, epsilon: float, dp_mode: str = "distributed",
+                dim: int | None = None) -> FederationPlan:
+    """`plan` (algorithm "fedsgd") with the σ shared by all sites that makes its rounds spend exactly
+    `epsilon` per site under `dp_mode`'s mechanism. `dim`: the model's trainable parameters (built from the
+    registry when not given). Raises `BudgetTooSmall`, or `KeyError` for a model the registry lacks."""
+    from .agg_round import secagg_config
+    from .fedsgd import plan_noise_multiplier
+    from .models import build_model
+
+    if dim is None:
+        dim = sum(p.numel() for p in build_model(plan.model, len(plan.classes)).parameters())
+    sigma = plan_noise_multiplier(float(epsilon), plan.delta, plan.sample_rate, plan.rounds, dp_mode,
+                                  secagg_config(plan, dim), plan.dp_colluders, plan.clip_norm)
+    return replace(plan, dp_mode=dp_mode, noise_multiplier=sigma)
+
+
 def recommended_plan(epsilon: float, images: int, sites: int, dp_mode: str = "distributed",
                      **fields: Any) -> FederationPlan:
     """The recipe for `sites` allowed sites holding about `images` training images together, spending
     `epsilon` per site over its rounds. `fields` override the recipe or set any other plan field
     (`federation_id`, `rounds`, `threshold`, `delta`, ...), type-checked as in federation.toml.
     The expected batch the server divides by is q·images; `threshold` defaults to a strict majority."""
-    from .agg_round import secagg_config
     from .calibration import BudgetTooSmall
-    from .fedsgd import plan_noise_multiplier
-    from .models import build_model
 
     if not (isinstance(epsilon, int | float) and not isinstance(epsilon, bool) and 0 < epsilon < 1000):
         raise PlanError(f"epsilon must be a number in (0, 1000), got {epsilon!r}")
@@ -55,9 +68,6 @@ def recommended_plan(epsilon: float, images: int, sites: int, dp_mode: str = "di
     plan = FederationPlan.from_dict(values)
     plan = replace(plan, batch_size=max(1, round(plan.sample_rate * images)))
     try:
-        dim = sum(p.numel() for p in build_model(plan.model, len(plan.classes)).parameters())
-        sigma = plan_noise_multiplier(float(epsilon), plan.delta, plan.sample_rate, plan.rounds, dp_mode,
-                                      secagg_config(plan, dim), plan.dp_colluders, plan.clip_norm)
+        return with_budget(plan, epsilon, dp_mode)
     except (BudgetTooSmall, KeyError) as exc:  # KeyError: a model name the registry does not know
         raise PlanError(str(exc).strip("'\"")) from exc
-    return replace(plan, dp_mode=dp_mode, noise_multiplier=sigma)

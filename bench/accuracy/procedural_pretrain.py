@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from hemafed.core.procedural_features import GROUPS, encoder_body, load_encoder, standardise
+from hemafed.core.procedural_features import encoder_body, load_encoder, procedural_features
 
 
 def real_images() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -31,10 +30,8 @@ def real_images() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             for name, s in splits.items() if name in ("train", "val")}
 
 
-@torch.no_grad()
 def learned(body: nn.Module, x: torch.Tensor, pool: int = 3) -> torch.Tensor:
-    maps = torch.cat([F.adaptive_avg_pool2d(body(standardise(x[i:i + 512])), pool) for i in range(0, len(x), 512)])
-    return F.group_norm(maps, GROUPS).flatten(1)
+    return procedural_features(x, 512, pool, body).flatten(1)
 
 
 def probe(args: argparse.Namespace) -> None:

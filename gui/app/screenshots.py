@@ -88,21 +88,14 @@ def train_demo_model(source: Path, state_dir: Path, out: Path, rounds: int = 3):
 def fedsgd_plan():
     """A DP-FedSGD plan with distributed DP as a federation's admin sets it up for 9 hospitals
     (`hemafed privacy fedsgd-plan`): σ shared by every site, q per image, one step per round."""
-    from dataclasses import replace
-
-    from hemafed.core.agg_round import secagg_config
-    from hemafed.core.fedsgd import plan_noise_multiplier
-    from hemafed.core.models import build_model
     from hemafed.core.plan import FederationPlan
+    from hemafed.core.recipe import RECIPE, with_budget
 
     q, rounds = 0.02, 200
-    plan = FederationPlan(federation_id="blood-cells-2026", model="scatter_synth_28", rounds=rounds,
+    plan = FederationPlan(federation_id="blood-cells-2026", model=RECIPE["model"], rounds=rounds,
                           algorithm="fedsgd", sample_rate=q, batch_size=round(q * 9 * 1800), threshold=5,
                           min_sites=5, max_sites=9, server_lr=0.5)
-    dim = sum(p.numel() for p in build_model(plan.model).parameters())
-    sigma = plan_noise_multiplier(6.0, plan.delta, q, rounds, "distributed", secagg_config(plan, dim),
-                                  plan.dp_colluders)
-    return replace(plan, dp_mode="distributed", noise_multiplier=sigma)
+    return with_budget(plan, 6.0)
 
 
 def site_npz(source: Path, out: Path, n: int = SITE_IMAGES) -> Path:

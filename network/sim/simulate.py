@@ -91,7 +91,7 @@ class SimulationOptions:
     def plan(self, train_sizes: list[int] | None = None, dim: int | None = None) -> FederationPlan:
         """The federation's plan. For a private fedsgd plan the harness plays the admin: from the sites'
         training-set sizes it sets the expected batch q·ΣN and the plan-wide σ that makes `rounds` steps
-        spend the ε budget (`core.fedsgd.plan_noise_multiplier`)."""
+        spend the ε budget (`core.recipe.with_budget`)."""
         t = max(self.threshold or self.sites // 2 + 1, 2)
         plan = FederationPlan(
             federation_id=f"sim-{self.seed}", model=self.model, rounds=self.rounds,
@@ -105,16 +105,11 @@ class SimulationOptions:
             return plan
         from dataclasses import replace
 
-        from hemafed.core.agg_round import secagg_config
-        from hemafed.core.fedsgd import plan_noise_multiplier
+        from hemafed.core.recipe import with_budget
 
         plan = replace(plan, algorithm="fedsgd", sample_rate=self.sample_rate,
                        batch_size=max(1, round(self.sample_rate * sum(train_sizes))))
-        if not self.dp:
-            return plan
-        sigma = plan_noise_multiplier(self.epsilon, self.delta, self.sample_rate, self.rounds, self.dp_mode,
-                                      secagg_config(plan, dim), plan.dp_colluders, self.clip_norm)
-        return replace(plan, dp_mode=self.dp_mode, noise_multiplier=sigma)
+        return with_budget(plan, self.epsilon, self.dp_mode, dim) if self.dp else plan
 
 
 def site_name(i: int) -> str:

@@ -89,18 +89,12 @@ def federation(tmp_path: Path, *, rounds: int = 2, images: int = 64, fedsgd: boo
     if not fedsgd:
         return make_federation(tmp_path, n_sites=3, threshold=2, rounds=rounds, images_per_site=images,
                                **plan)
-    from hemafed.core.agg_round import secagg_config
-    from hemafed.core.fedsgd import plan_noise_multiplier
-    from hemafed.core.models import build_model
-    from hemafed.core.recipe import RECIPE
+    from hemafed.core.recipe import RECIPE, with_budget
 
     q, epsilon = 0.3, plan.pop("plan_epsilon", 6.0)
     fed = make_federation(tmp_path, n_sites=3, threshold=2, rounds=rounds, images_per_site=images,
                           model=RECIPE["model"], algorithm="fedsgd", sample_rate=q, server_lr=0.5, **plan)
-    dim = sum(p.numel() for p in build_model(RECIPE["model"]).parameters())
-    sigma = plan_noise_multiplier(epsilon, 1e-5, q, rounds, "distributed", secagg_config(fed.plan, dim),
-                                  fed.plan.dp_colluders)
-    fed.plan = replace(fed.plan, dp_mode="distributed", noise_multiplier=sigma, batch_size=round(q * 3 * 0.9 * images))
+    fed.plan = replace(with_budget(fed.plan, epsilon), batch_size=round(q * 3 * 0.9 * images))
     fed.agg_config = replace(fed.agg_config, plan=fed.plan)
     return fed
 
