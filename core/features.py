@@ -83,11 +83,19 @@ def filter_bank(m: int, n: int, j_max: int, angles: int) -> tuple[dict, dict]:
 
 
 def _subsample(x_hat: torch.Tensor, k: int) -> torch.Tensor:
-    """Spatial subsampling by k, done in Fourier as periodisation (mean over the k×k folds)."""
+    """Spatial subsampling by k, done in Fourier as periodisation (mean over the k×k folds).
+    Summed slice by slice: torch's complex reduction over the strided fold dimensions took
+    over half of the whole transform's time on CPU."""
     if k == 1:
         return x_hat
-    *batch, m, n = x_hat.shape
-    return x_hat.reshape(*batch, k, m // k, k, n // k).mean(dim=(-4, -2))
+    m, n = x_hat.shape[-2] // k, x_hat.shape[-1] // k
+    rows = x_hat[..., :m, :]
+    for i in range(1, k):
+        rows = rows + x_hat[..., i * m:(i + 1) * m, :]
+    out = rows[..., :n]
+    for i in range(1, k):
+        out = out + rows[..., i * n:(i + 1) * n]
+    return out / (k * k)
 
 
 class Scattering2D(nn.Module):
@@ -96,6 +104,8 @@ class Scattering2D(nn.Module):
     Input (B, C, S, S) float; output (B, C·K, S/2^J, S/2^J) with
     K = 1 + J·L + L²·J(J−1)/2 (81 for J = 2, L = 8).
     """
+
+    chunk = 16  # images per pass (bench: 2.7 ms per image at 16, 4.5 at 64 on one core)
 
     def __init__(self, size: int = 28, j_max: int = 2, angles: int = 8) -> None:
         super().__init__()
@@ -136,6 +146,12 @@ class Scattering2D(nn.Module):
         b, c, h, w = x.shape
         if (h, w) != (self.size, self.size):
             raise ValueError(f"expected {self.size}×{self.size} input, got {h}×{w}")
+        if b > self.chunk:  # the second order's (B·C, L, L, m, n) products stay in cache: 2-3× faster
+            return torch.cat([self._transform(x[i:i + self.chunk]) for i in range(0, b, self.chunk)])
+        return self._transform(x)
+
+    def _transform(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
         x = F.pad(x.reshape(b * c, 1, h, w).float(), (self.pad,) * 4, mode="reflect")[:, 0]
         x_hat = torch.fft.fft2(x.to(torch.complex64))
         out = [self._low_pass(x_hat, 0)[:, None]]
