@@ -143,7 +143,7 @@ class Scattering2D(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        b, _, h, w = x.shape
         if (h, w) != (self.size, self.size):
             raise ValueError(f"expected {self.size}×{self.size} input, got {h}×{w}")
         if b > self.chunk:  # the second order's (B·C, L, L, m, n) products stay in cache: 2-3× faster

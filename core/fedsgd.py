@@ -18,6 +18,12 @@ Noise (`core.distributed_noise` and the plan's `dp_mode`):
 
 Per-record ε is the same (σ, q, steps) in both modes; see docs/privacy.md for what
 each mode protects against.
+
+Feature centring (a `CenteredLinear` head, `core.models`): while the head's center is
+all zeros, a round's per-record vector is the record's feature vector clipped to the
+head's radius R and scaled by C/R (so its norm is ≤ C, as a clipped gradient's), and
+the server sets the center to R/C · noisy sum / expected batch instead of stepping.
+Same q, σ, C and mechanism as any round: the ledger and accountant count it as one.
 """
 
 from __future__ import annotations
@@ -90,6 +96,17 @@ def clipped_gradient_sum(trainable: nn.Module, inputs: torch.Tensor, labels: tor
         if generator is None:
             generator = torch.Generator().manual_seed(secrets.randbits(63))
         indices = poisson_batch(n, sample_rate, generator)
+    from .models import CenteredLinear
+
+    if isinstance(trainable, CenteredLinear):  # W and b train on centred inputs; the center gets no gradient
+        gs = clipped_gradient_sum(trainable.linear, inputs - trainable.center.detach(), labels, sample_rate,
+                                  clip_norm, indices=indices)
+        full = np.zeros(gs.vector.size + trainable.center.numel(), np.float32)
+        rest = np.ones(full.size, bool)
+        rest[trainable.center_slice()] = False
+        full[rest] = gs.vector  # W then b, in parameters() order
+        gs.vector = full
+        return gs
     params = [p for p in trainable.parameters()]
     if len(indices) == 0:
         vec = np.zeros(sum(p.numel() for p in params), np.float32)
@@ -105,6 +122,36 @@ def clipped_gradient_sum(trainable: nn.Module, inputs: torch.Tensor, labels: tor
         trainable.train(was_training)
     vec = torch.cat([g.reshape(-1) for g in grads]).numpy().astype(np.float32)
     return GradientSum(vec, len(indices), float(loss_sum), n, sample_rate, clip_norm)
+
+
+def clipped_round_sum(trainable: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, sample_rate: float,
+                      clip_norm: float, generator: torch.Generator | None = None) -> GradientSum:
+    """This round's per-record sum: the clipped gradient sum, or, for a `CenteredLinear` head whose center
+    is not set yet, Σ_i clip_R(x_i)·C/R over the Poisson batch in the center's coordinates (zeros for W, b).
+    Either way each record moves the vector by at most C: the same sensitivity, the same accounting."""
+    from .models import CenteredLinear
+
+    if not isinstance(trainable, CenteredLinear) or trainable.centered:
+        return clipped_gradient_sum(trainable, inputs, labels, sample_rate, clip_norm, generator)
+    if not 0 < sample_rate <= 1 or not clip_norm > 0:
+        raise ValueError("need 0 < sample_rate ≤ 1 and clip_norm > 0")
+    if generator is None:
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+    x = inputs[poisson_batch(len(labels), sample_rate, generator)].double()
+    norms = x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    scale = (trainable.radius / norms).clamp(max=1.0) * (clip_norm / trainable.radius)
+    vec = np.zeros(sum(p.numel() for p in trainable.parameters()), np.float32)
+    vec[trainable.center_slice()] = (x * scale).sum(0).numpy()
+    return GradientSum(vec, len(x), 0.0, len(labels), sample_rate, clip_norm)
+
+
+def center_layout(trainable: nn.Module) -> tuple[slice, float] | None:
+    """(the center's coordinates in the flat weight vector, the radius) for a `CenteredLinear` head."""
+    from .models import CenteredLinear
+
+    if not isinstance(trainable, CenteredLinear):
+        return None
+    return trainable.center_slice(), trainable.radius
 
 
 def gaussian_noise(dim: int, std: float, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -127,9 +174,20 @@ class FedSGDServer:
         self.velocity: np.ndarray | None = None
         self.ema: np.ndarray | None = None
 
-    def apply(self, weights: np.ndarray, noisy_sum: np.ndarray, expected_batch: float) -> np.ndarray:
+    def apply(self, weights: np.ndarray, noisy_sum: np.ndarray, expected_batch: float,
+              center: tuple[slice, float] | None = None, clip_norm: float = 1.0) -> np.ndarray:
+        """One step. With `center` (`center_layout`): while those weights are all zero this round's sum
+        estimates them (set to radius/C · sum / expected batch, nothing else moves); afterwards they stay."""
         if not expected_batch > 0 or not math.isfinite(expected_batch):
             raise ValueError("expected batch must be positive")
+        if center is not None:
+            where, radius = center
+            if not np.any(weights[where]):
+                new = np.array(weights, np.float32)
+                new[where] = noisy_sum[where].astype(np.float64) * (radius / clip_norm) / expected_batch
+                return new
+            noisy_sum = np.array(noisy_sum, np.float64)
+            noisy_sum[where] = 0.0
         g = noisy_sum.astype(np.float64) / expected_batch
         self.velocity = g if self.velocity is None else self.momentum * self.velocity + g
         new = (weights - self.lr * self.velocity).astype(np.float32)
@@ -176,6 +234,7 @@ class SitePrivacy:
     # sizes the hospitals declared), never by a count computed from the data: an exact record count in the
     # clear would not be covered by the DP guarantee.
     expected_batch: float = 1.0
+    center: tuple[slice, float] | None = None  # the model head's feature center (`center_layout`)
 
     @property
     def skellam(self) -> tuple[float, float] | None:
@@ -216,10 +275,13 @@ def site_privacy(plan, secagg_cfg, bounds=None) -> SitePrivacy:
             raise PlanError("; ".join(problems))
     if plan.noise_multiplier <= 0:
         raise PlanError("a fedsgd plan needs a plan-wide noise_multiplier")
+    from .models import build_model, split_features
+
     codec = DistributedNoise.for_secagg(secagg_cfg, plan.noise_multiplier, plan.clip_norm,
                                         plan.dp_colluders if plan.dp_mode == "distributed" else 0)
+    center = center_layout(split_features(build_model(plan.model, len(plan.classes)))[1])
     return SitePrivacy(plan.dp_mode, plan.noise_multiplier, plan.sample_rate, plan.clip_norm, codec,
-                       float(plan.batch_size))
+                       float(plan.batch_size), center)
 
 
 def prepare_site(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
@@ -257,7 +319,7 @@ def site_round(ledger, round_number: int, privacy: SitePrivacy, trainable: nn.Mo
     q, sigma, codec = privacy.sample_rate, privacy.sigma, privacy.codec
     ledger.check_round(sigma, q, 1, skellam=privacy.skellam)
     set_flat_params(trainable, global_weights)
-    gs = clipped_gradient_sum(trainable, inputs, labels, q, privacy.clip_norm, generator)
+    gs = clipped_round_sum(trainable, inputs, labels, q, privacy.clip_norm, generator)
     entry = ledger.record_round(round_number, sigma, q, 1, model_hash(np.asarray(global_weights, np.float32)),
                                 protection=privacy.protection())
     vec = gs.vector.astype(np.float64)
@@ -276,7 +338,8 @@ def server_round(server: FedSGDServer, privacy: SitePrivacy, weights: np.ndarray
     """(new weights, summed extras) from the unmasked ring sum of one round."""
     codec = privacy.codec
     grad_sum = codec.decode(ring_sum[:codec.dim])
-    return server.apply(weights, grad_sum, privacy.expected_batch), ring_sum[codec.dim + 1:].astype(np.int64)
+    return (server.apply(weights, grad_sum, privacy.expected_batch, privacy.center, privacy.clip_norm),
+            ring_sum[codec.dim + 1:].astype(np.int64))
 
 
 def plan_noise_multiplier(epsilon: float, delta: float, sample_rate: float, rounds: int, mode: str,

@@ -1,7 +1,7 @@
 """The recommended federation plan: the recipe measured in docs/RESULTS.md and chosen on validation
 data (docs/accuracy-levers.md), for a given privacy budget.
 
-DP-FedSGD (one Poisson-sampled DP-SGD step per round over all sites) on `scatter_synth_28`'s fixed
+DP-FedSGD (one Poisson-sampled DP-SGD step per round over all sites) on `scatter_synth_inv_28`'s fixed
 features, with distributed DP: each site adds a noise share inside secure aggregation. The noise
 multiplier is the one that makes the plan's rounds spend exactly `epsilon` at every site, so
 whoever writes the plan (the admin, or `hemafed aggregator` from `epsilon` in federation.toml)
@@ -16,7 +16,7 @@ from typing import Any
 from .plan import FederationPlan, PlanError
 
 RECIPE: dict[str, Any] = {
-    "model": "scatter_synth_28",
+    "model": "scatter_synth_inv_28",
     "algorithm": "fedsgd",
     "rounds": 500,
     "sample_rate": 0.1713,  # q: ≈ 2,048 of BloodMNIST's 11,959 training images per round

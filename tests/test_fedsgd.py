@@ -118,3 +118,55 @@ def test_distributed_plan_needs_secagg_and_a_common_sigma() -> None:
         FederationPlan(algorithm="fedsgd", sample_rate=0.1, dp_mode="distributed")
     with pytest.raises(PlanError, match="dp_mode"):
         FederationPlan(dp_mode="central")
+
+
+def test_centering_round_sums_clipped_features_and_sets_only_the_center() -> None:
+    """A CenteredLinear head's first round: each record adds its feature vector clipped to the radius and
+    scaled by C/R (so at most C, as a clipped gradient), and the server sets the center to the mean."""
+    from hemafed.core.fedsgd import center_layout, clipped_round_sum
+    from hemafed.core.models import CenteredLinear
+
+    torch.manual_seed(0)
+    head = CenteredLinear(6, 3, radius=2.0)
+    x = torch.randn(20, 6) * 0.5 + 1.0
+    x[0] *= 1000  # one record far outside the radius
+    y = torch.randint(0, 3, (20,))
+    clip = 0.5
+    gs = clipped_round_sum(head, x, y, 1.0, clip)  # q = 1: every record
+    where, radius = center_layout(head)
+    assert radius == 2.0 and where == slice(0, 6)  # parameters() order: the center, then W and b
+    assert not gs.vector[6:].any()
+    clipped = x * torch.clamp(2.0 / x.norm(dim=1, keepdim=True), max=1.0)
+    np.testing.assert_allclose(gs.vector[where], (clipped.sum(0) * clip / 2.0).numpy(), rtol=1e-5)
+    # one record changes the sum by at most C, however large it is
+    without = clipped_round_sum(head, x[1:], y[1:], 1.0, clip).vector
+    assert np.linalg.norm(gs.vector - without) <= clip + 1e-6
+
+    weights = get_flat_params(head)
+    new = FedSGDServer(lr=0.1, momentum=0.9).apply(weights, gs.vector, 20.0, center_layout(head), clip)
+    np.testing.assert_array_equal(new[6:], weights[6:])  # W and b do not move in this round
+    np.testing.assert_allclose(new[where], clipped.mean(0).numpy(), rtol=1e-5)
+
+
+def test_after_centering_rounds_train_w_and_b_on_centred_inputs_and_keep_the_center() -> None:
+    from hemafed.core.fedsgd import center_layout, clipped_round_sum
+    from hemafed.core.models import CenteredLinear, set_flat_params
+
+    torch.manual_seed(1)
+    head = CenteredLinear(6, 3, radius=2.0)
+    weights = get_flat_params(head)
+    weights[:6] = np.linspace(0.5, 1.0, 6)
+    set_flat_params(head, weights)
+    assert head.centered
+    x, y = torch.randn(10, 6) + 1.0, torch.randint(0, 3, (10,))
+    gs = clipped_round_sum(head, x, y, 1.0, 1e6)  # a clip no gradient reaches: the plain gradient sum
+    plain = nn.Linear(6, 3)
+    plain.load_state_dict(head.linear.state_dict())
+    torch.nn.functional.cross_entropy(plain(x - torch.as_tensor(weights[:6])), y, reduction="sum").backward()
+    np.testing.assert_allclose(gs.vector[6:24], plain.weight.grad.reshape(-1).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gs.vector[24:], plain.bias.grad.numpy(), rtol=1e-4, atol=1e-5)
+    assert not gs.vector[:6].any()
+    noisy = gs.vector + 1.0  # noise lands on the center's coordinates too: the server ignores it there
+    new = FedSGDServer(lr=0.1, momentum=0.9).apply(weights, noisy, 10.0, center_layout(head))
+    np.testing.assert_array_equal(new[:6], weights[:6])
+    assert not np.allclose(new[6:], weights[6:])

@@ -104,3 +104,26 @@ def test_scatter_test_time_augmentation_averages_the_eight_views(name: str) -> N
         assert (views[0] - views[1]).abs().max() > 1e-3
         model.train()
         assert torch.allclose(model(x), views[0], atol=1e-5)
+
+
+def test_invariant_model_trains_on_what_it_is_evaluated_on() -> None:
+    """scatter_synth_inv_28: a site's training input for an image is the 8-view average that
+    evaluation uses — a fixed function of that image alone, identical for all its rotations and flips."""
+    from hemafed.core.features import dihedral
+    from hemafed.core.models import evaluation_features, split_features
+
+    model = build_model("scatter_synth_inv_28", 8, seed=0)
+    features, _ = split_features(model)
+    x = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    f = features(x)
+    # the feature center, then W and b (core.models.CenteredLinear)
+    assert f.shape == (3, 243 * 9 + 128 * 4) and len(get_flat_params(model)) == f.shape[1] * 9 + 8
+    assert torch.allclose(f, evaluation_features(model)(x), atol=1e-6)
+    for k in (1, 5):
+        assert torch.allclose(features(dihedral(x, k)), f, atol=1e-4)
+    assert torch.allclose(features(x[:1]), f[:1], atol=1e-5)  # per image, whatever else is in the batch
+    with torch.no_grad():
+        model.eval()
+        evaluated = model(x)
+        model.train()
+        assert torch.allclose(model(x), evaluated, atol=1e-5)

@@ -233,6 +233,12 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, feats: Fe
     base = replace(opts.base, sites=opts.sites)
     plan = base.plan()
     seeds = ", ".join(str(s) for s in opts.seeds)
+    from hemafed.core.fedsgd import center_layout
+    from hemafed.core.models import build_model, split_features
+
+    centring = ", on features centred by their average, which each run's first round estimates as a clipped, " \
+        "noised sum under the same protection as a training round" \
+        if center_layout(split_features(build_model(base.model, 8))[1]) else ""
     lines = ["# Results: private federated learning on BloodMNIST", ""]
     if partial:
         lines += ["**Incomplete: the experiment is still running or was interrupted.**", ""]
@@ -244,7 +250,8 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, feats: Fe
         f"test split ({len(feats.test_y):,} images), which no hospital holds, touched once per reported number. "
         "Hyperparameters were chosen on the validation split (docs/accuracy-levers.md).", "",
         f"Recipe (`hemafed simulate`'s defaults): model `{base.model}` (fixed features that no real data went "
-        f"into; a linear head of {feats.train_x[0].numel() * 8 + 8:,} parameters is trained), DP-FedSGD: one "
+        f"into; a linear head of {feats.train_x[0].numel() * 8 + 8:,} parameters is trained"
+        f"{centring}), DP-FedSGD: one "
         f"Poisson-sampled step per round, rate q = {base.sample_rate} per record at every hospital, "
         f"{base.rounds} rounds, "
         f"clip C = {base.clip_norm}, server SGD lr {base.server_lr} with momentum {base.momentum}; "

@@ -73,7 +73,7 @@ class SimulationOptions:
     data: Path | None = None
     seed: int = 0
     subset: int | None = None  # use only this many training images (quick demos and tests)
-    model: str = "scatter_synth_28"
+    model: str = "scatter_synth_inv_28"
     algorithm: str = "fedsgd"  # "fedsgd": one DP-SGD step per round | "fedavg": local epochs per round
     dp_mode: str = "distributed"  # fedsgd: "distributed" (noise shares inside secure aggregation) | "local"
     sample_rate: float = 0.1713  # fedsgd: Poisson rate per record (≈ 2,048 of BloodMNIST's 11,959 per round)

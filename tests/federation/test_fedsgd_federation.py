@@ -27,10 +27,10 @@ pytestmark = pytest.mark.slow
 ROUNDS, Q, EPSILON = 3, 0.3, 30.0
 
 
-def fedsgd_federation(tmp_path: Path):
+def fedsgd_federation(tmp_path: Path, model: str = "scatter_linear_28"):
     fed = make_federation(tmp_path, n_sites=3, threshold=2, rounds=ROUNDS, images_per_site=48,
-                          model="scatter_linear_28", algorithm="fedsgd", sample_rate=Q, server_lr=0.5)
-    dim = sum(p.numel() for p in build_model("scatter_linear_28").parameters())
+                          model=model, algorithm="fedsgd", sample_rate=Q, server_lr=0.5)
+    dim = sum(p.numel() for p in build_model(model).parameters())
     sigma = plan_noise_multiplier(EPSILON, 1e-5, Q, ROUNDS, "distributed", secagg_config(fed.plan, dim),
                                   fed.plan.dp_colluders)
     plan = replace(fed.plan, dp_mode="distributed", noise_multiplier=sigma, batch_size=round(Q * 3 * 43))
@@ -88,3 +88,34 @@ def test_a_site_requiring_local_dp_refuses_a_distributed_plan(tmp_path: Path) ->
     assert any("requires local DP" in r for r in answered[0].reasons), answered
     assert isinstance(events[-1], Finished) and events[-1].model_path is None
     assert not ledger_path(fed.plan.federation_id, fed.site_configs[name].state_dir).exists()  # nothing spent
+
+
+def test_centred_head_first_round_sets_only_the_center_then_training_keeps_it(tmp_path: Path) -> None:
+    """scatter_synth_inv_28 over real TLS: round 1's masked, noised sum sets the feature center (W and b
+    unchanged); later rounds move W and b and leave the center; every round is in the ledger alike."""
+    from hemafed.core.fedsgd import center_layout
+    from hemafed.core.models import split_features
+
+    fed, dim = fedsgd_federation(tmp_path, "scatter_synth_inv_28")
+
+    async def main() -> None:
+        agg = await fed.start_aggregator()
+        sites = [fed.start_site(n) for n in fed.site_configs]
+        await agg
+        await asyncio.wait_for(asyncio.gather(*sites), 120)
+
+    run(main(), timeout=300)
+    where, _ = center_layout(split_features(build_model("scatter_synth_inv_28"))[1])
+    store = CheckpointStore(fed.agg_config.state_dir / "checkpoints")
+    assert [e["status"] for e in store.read_log()] == ["completed"] * ROUNDS
+    w0, w1, w_end = (store.load(r).weights for r in (0, 1, ROUNDS))
+    rest = np.ones(dim, bool)
+    rest[where] = False
+    assert not w0[where].any() and np.all(np.isfinite(w1[where])) and np.abs(w1[where]).sum() > 0
+    np.testing.assert_array_equal(w1[rest], w0[rest])
+    np.testing.assert_array_equal(w_end[where], w1[where])
+    assert not np.array_equal(w_end[rest], w1[rest])
+    for name, cfg in fed.site_configs.items():
+        ledger = PrivacyLedger(fed.plan.federation_id, state=cfg.state_dir)
+        assert [e.round for e in ledger.entries] == list(range(1, ROUNDS + 1)), name
+        assert len({(e.sigma, e.sample_rate, e.steps) for e in ledger.entries}) == 1
