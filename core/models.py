@@ -257,6 +257,7 @@ class ModelSpec:
     input_size: int  # square side in pixels
     description: str
     factory: Callable[[int], nn.Module]  # num_classes -> model
+    centred: bool = False  # its head is a CenteredLinear: DP-FedSGD's first round estimates the feature center
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -278,7 +279,7 @@ MODELS: dict[str, ModelSpec] = {
                   "rotations and flips (a blood cell has no orientation) for training as for use; only the "
                   "final layer (21.6 k numbers) is trained, on features centred by the average that the first round "
                   "estimates under the same protection as a training round; 28×28 input; built for DP",
-                  scatter_synth_invariant),
+                  scatter_synth_invariant, centred=True),
         ModelSpec("cnn4_28", 28, "plain 4-conv GroupNorm CNN (32/64 channels), 28×28 input; fast reference",
                   lambda n: SmallCNN(n)),
     )

@@ -20,17 +20,26 @@ RECIPE: dict[str, Any] = {
     "algorithm": "fedsgd",
     "rounds": 500,
     "sample_rate": 0.1713,  # q: ≈ 2,048 of BloodMNIST's 11,959 training images per round
-    "server_lr": 0.5,
     "momentum": 0.9,
     "clip_norm": 1.0,
 }
+# The server's learning rate falls as the noise grows: lr·σ = 2.6, at most 1 (validation, 3 seeds, the
+# centred scatter_synth_inv_28: best lr 1.0 at ε = 8 (σ 2.6), 0.7 at ε = 5 (σ 3.8), 0.5 at ε = 3 (σ 5.8);
+# docs/accuracy-levers.md). So each step moves the head by about the same amount of noise whatever ε is.
+LR_TIMES_SIGMA = 2.6
+
+
+def server_lr_for(sigma: float) -> float:
+    """The recipe's server learning rate for a plan-wide noise multiplier σ (`LR_TIMES_SIGMA`)."""
+    return round(min(1.0, LR_TIMES_SIGMA / sigma), 3) if sigma > 0 else 1.0
 
 
 def with_budget(plan: FederationPlan, epsilon: float, dp_mode: str = "distributed",
-                dim: int | None = None) -> FederationPlan:
+                dim: int | None = None, recipe_lr: bool = False) -> FederationPlan:
     """`plan` (algorithm "fedsgd") with the σ shared by all sites that makes its rounds spend exactly
-    `epsilon` per site under `dp_mode`'s mechanism. `dim`: the model's trainable parameters (built from the
-    registry when not given). Raises `BudgetTooSmall`, or `KeyError` for a model the registry lacks."""
+    `epsilon` per site under `dp_mode`'s mechanism, and with `recipe_lr` the server lr for that σ
+    (`server_lr_for`). `dim`: the model's parameters, centre included (built from the registry when not
+    given). Raises `BudgetTooSmall`, or `KeyError` for a model the registry lacks."""
     from .agg_round import secagg_config
     from .fedsgd import plan_noise_multiplier
     from .models import build_model
@@ -39,7 +48,8 @@ def with_budget(plan: FederationPlan, epsilon: float, dp_mode: str = "distribute
         dim = sum(p.numel() for p in build_model(plan.model, len(plan.classes)).parameters())
     sigma = plan_noise_multiplier(float(epsilon), plan.delta, plan.sample_rate, plan.rounds, dp_mode,
                                   secagg_config(plan, dim), plan.dp_colluders, plan.clip_norm)
-    return replace(plan, dp_mode=dp_mode, noise_multiplier=sigma)
+    plan = replace(plan, dp_mode=dp_mode, noise_multiplier=sigma)
+    return replace(plan, server_lr=server_lr_for(sigma)) if recipe_lr else plan
 
 
 def recommended_plan(epsilon: float, images: int, sites: int, dp_mode: str = "distributed",
@@ -68,6 +78,6 @@ def recommended_plan(epsilon: float, images: int, sites: int, dp_mode: str = "di
     plan = FederationPlan.from_dict(values)
     plan = replace(plan, batch_size=max(1, round(plan.sample_rate * images)))
     try:
-        return with_budget(plan, epsilon, dp_mode)
+        return with_budget(plan, epsilon, dp_mode, recipe_lr="server_lr" not in values)
     except (BudgetTooSmall, KeyError) as exc:  # KeyError: a model name the registry does not know
         raise PlanError(str(exc).strip("'\"")) from exc

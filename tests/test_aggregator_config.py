@@ -61,6 +61,16 @@ def test_a_budget_in_the_plan_gives_the_recommended_recipe_that_spends_it(tmp_pa
     eps = Accountant("rdp").projected_epsilon(privacy.sigma, plan.sample_rate, plan.rounds, plan.delta,
                                               skellam=privacy.skellam)
     assert 2.95 < eps <= 3.0
+    assert plan.server_lr == pytest.approx(min(1.0, 2.6 / privacy.sigma), abs=1e-3)  # the recipe's lr for σ
+
+
+def test_the_recipe_lr_falls_with_the_noise_unless_the_plan_sets_it() -> None:
+    from hemafed.core.recipe import recommended_plan, server_lr_for
+
+    assert server_lr_for(2.6) == 1.0 and server_lr_for(1.0) == 1.0 and server_lr_for(5.2) == 0.5
+    e8, e3 = (recommended_plan(e, 10761, 10) for e in (8, 3))
+    assert e8.server_lr == 1.0 and e3.server_lr == pytest.approx(2.6 / e3.noise_multiplier, abs=1e-3)
+    assert recommended_plan(3, 10761, 10, server_lr=0.25).server_lr == 0.25
 
 
 @pytest.mark.parametrize("plan,match", [

@@ -127,3 +127,11 @@ def test_invariant_model_trains_on_what_it_is_evaluated_on() -> None:
         evaluated = model(x)
         model.train()
         assert torch.allclose(model(x), evaluated, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_registry_says_which_models_have_a_feature_center(name: str) -> None:
+    from hemafed.core.models import CenteredLinear, split_features
+
+    head = split_features(build_model(name, 8))[1]
+    assert MODELS[name].centred == isinstance(head, CenteredLinear)

@@ -31,7 +31,11 @@ def plan_rows(plan, privacy, epsilon_budget: float, epsilon_per_round: tuple[flo
         rows.append(("training per round",
                      f"<b>one DP-SGD step</b> (DP-FedSGD): each round this site picks a random sample of its "
                      f"images (each image with probability q = {plan.sample_rate:g}) and sends one clipped, "
-                     "noised sum of their gradients; no local epochs"))
+                     "noised sum of their gradients; no local epochs"
+                     + (". <b>Round 1</b> instead sends one clipped, noised sum of the sampled images' "
+                        "<b>features</b>, from which the federation learns their average (the model subtracts "
+                        "it); it is protected and counted exactly like a training round"
+                        if model and model.centred else "")))
     else:
         rows.append(("training per round", f"<b>{plan.local_epochs} local epoch(s)</b> (FedAvg), batch size "
                                            f"{plan.batch_size}, learning rate {plan.lr:g}"))
@@ -77,8 +81,12 @@ def plan_rows(plan, privacy, epsilon_budget: float, epsilon_per_round: tuple[flo
 
 def sees_text(plan) -> str:
     if plan.secagg and plan.algorithm == "fedsgd":
+        from hemafed.core.models import MODELS
+
+        model = MODELS.get(plan.model)
         sees = ("each round only the <b>sum</b> over at least t hospitals of their clipped, noised gradient sums "
-                "and validation counts, and which sites are connected")
+                + ("(in round 1, feature sums) " if model and model.centred else "")
+                + "and validation counts, and which sites are connected")
     elif plan.secagg:
         sees = ("only the <b>sum</b> of the sites' masked, noised updates and validation counts of each round, "
                 "and which sites are connected")

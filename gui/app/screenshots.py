@@ -94,8 +94,8 @@ def fedsgd_plan():
     q, rounds = 0.02, 200
     plan = FederationPlan(federation_id="blood-cells-2026", model=RECIPE["model"], rounds=rounds,
                           algorithm="fedsgd", sample_rate=q, batch_size=round(q * 9 * 1800), threshold=5,
-                          min_sites=5, max_sites=9, server_lr=0.5)
-    return with_budget(plan, 6.0)
+                          min_sites=5, max_sites=9)
+    return with_budget(plan, 6.0, recipe_lr=True)
 
 
 def site_npz(source: Path, out: Path, n: int = SITE_IMAGES) -> Path:

@@ -99,7 +99,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip-norm", type=float, default=d.clip_norm)
     p.add_argument("--server-optimizer", choices=("fedavg", "fedadam"), default=d.server_optimizer,
                    help="fedavg only")
-    p.add_argument("--server-lr", type=float, default=d.server_lr, help=f"server step size (default {d.server_lr})")
+    p.add_argument("--server-lr", type=float, default=d.server_lr,
+                   help="server step size (default: for private fedsgd the recipe's 2.6/σ, at most 1; else 0.5)")
     p.add_argument("--eval-every", type=int, help="test-evaluate every k-th round (default: about 50 points)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_simulate)

@@ -99,10 +99,16 @@ def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str,
     feats = features if features is not None else load_features(opts.data, opts.base.model, out / "features")
     labels = feats.train_y.numpy()
     base = replace(opts.base, sites=opts.sites, delta=DELTA)
-    dim = int(np.prod(feats.train_x.shape[1:])) * 8 + 8
+    from hemafed.core.models import build_model, split_features
+    from hemafed.core.recipe import server_lr_for
+
+    dim = sum(p.numel() for p in split_features(build_model(base.model, 8))[1].parameters())  # center included
     first = hospitals(labels, opts.sites, opts.partitions[0], opts.seeds[0])
     sigma = _Sigmas(base, [len(p) for p in first], dim)
-    q, T, lr = base.sample_rate, base.rounds, base.server_lr
+    q, T = base.sample_rate, base.rounds
+
+    def lr(s: float) -> float:  # the main job's rule for every private row (core.recipe)
+        return server_lr_for(s) if base.server_lr is None else base.server_lr
     rows: list[Row] = []
 
     def record(row: Row) -> None:
@@ -139,13 +145,13 @@ def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str,
     for eps in opts.epsilons:
         sg = sigma(eps, "local")
         seeds_run("central", "centralised, DP-SGD", "–", eps, sg,
-                  lambda s, sg=sg: (everyone(s), Recipe(T, q, lr, privacy="central", sigma=sg)))
+                  lambda s, sg=sg: (everyone(s), Recipe(T, q, lr(sg), privacy="central", sigma=sg)))
     seeds_run("alone", "one hospital alone (median size), non-private", main, None, None,
               lambda s: (median_hospital(s), replace(np_recipe, sample_rate=opts.alone_np_sample_rate)))
     for eps in opts.epsilons:
         sg = sigma(eps, "local")
         seeds_run("alone", "one hospital alone (median size), DP-SGD", main, eps, sg,
-                  lambda s, sg=sg: (median_hospital(s), Recipe(T, q, lr, privacy="central", sigma=sg)))
+                  lambda s, sg=sg: (median_hospital(s), Recipe(T, q, lr(sg), privacy="central", sigma=sg)))
     shares = base.plan()
     t, c = shares.threshold, shares.dp_colluders
     for partition in opts.partitions:
@@ -154,7 +160,7 @@ def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str,
         for eps in opts.epsilons:
             for mode in ("local", "distributed"):
                 sg = sigma(eps, mode)
-                recipe = Recipe(T, q, lr, privacy=mode, sigma=sg, threshold=t, colluders=c)
+                recipe = Recipe(T, q, lr(sg), privacy=mode, sigma=sg, threshold=t, colluders=c)
                 seeds_run("federated", _federated_setting(mode), partition, eps, sg,
                           lambda s, f=split, r=recipe: (f(s), r))
     for eps in opts.sweep:
@@ -162,7 +168,7 @@ def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str,
             continue
         for mode in ("local", "distributed"):
             sg = sigma(eps, mode)
-            recipe = Recipe(T, q, lr, privacy=mode, sigma=sg, threshold=t, colluders=c)
+            recipe = Recipe(T, q, lr(sg), privacy=mode, sigma=sg, threshold=t, colluders=c)
             seeds_run("sweep", _federated_setting(mode), main, eps, sg, lambda s, r=recipe: (parts(main)(s), r))
     if opts.main_job:
         run_opts = replace(base, data=opts.data, out=out / "main-job", quiet=True, partition=main,
@@ -254,7 +260,9 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, feats: Fe
         f"{centring}), DP-FedSGD: one "
         f"Poisson-sampled step per round, rate q = {base.sample_rate} per record at every hospital, "
         f"{base.rounds} rounds, "
-        f"clip C = {base.clip_norm}, server SGD lr {base.server_lr} with momentum {base.momentum}; "
+        f"clip C = {base.clip_norm}, server SGD with momentum {base.momentum} at "
+        + (f"lr {base.server_lr}" if base.server_lr is not None else "lr = min(1, 2.6/σ) for each row's σ")
+        + "; "
         f"{opts.sites} hospitals; secure aggregation threshold t = {plan.threshold}, "
         f"c = {plan.dp_colluders}. Test-time augmentation (logits averaged over the 8 symmetries of the "
         "square) in every evaluation. ε is per hospital, per training record, at δ = 1e-5, RDP accounting; σ is "

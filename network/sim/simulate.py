@@ -83,7 +83,7 @@ class SimulationOptions:
     momentum: float = 0.9
     clip_norm: float = 1.0
     server_optimizer: str = "fedavg"
-    server_lr: float = 0.5
+    server_lr: float | None = None  # None: private fedsgd takes the recipe's lr for its σ (core.recipe), else 0.5
     stage_timeout_s: float = 120.0
     eval_every: int | None = None  # test-evaluate every k-th checkpoint (default: about 50 points per run)
     quiet: bool = False
@@ -99,8 +99,8 @@ class SimulationOptions:
             clip_norm=self.clip_norm,
             delta=self.delta, dp=self.dp, secagg=self.secagg, threshold=t, min_sites=t if self.secagg else 1,
             max_sites=max(self.sites, 2), server_optimizer=self.server_optimizer,
-            server_lr=self.server_lr, stage_timeout_s=self.stage_timeout_s, seed=self.seed,
-            join_timeout_s=300.0)
+            server_lr=0.5 if self.server_lr is None else self.server_lr, stage_timeout_s=self.stage_timeout_s,
+            seed=self.seed, join_timeout_s=300.0)
         if self.algorithm != "fedsgd" or train_sizes is None or dim is None:
             return plan
         from dataclasses import replace
@@ -109,7 +109,7 @@ class SimulationOptions:
 
         plan = replace(plan, algorithm="fedsgd", sample_rate=self.sample_rate,
                        batch_size=max(1, round(self.sample_rate * sum(train_sizes))))
-        return with_budget(plan, self.epsilon, self.dp_mode, dim) if self.dp else plan
+        return with_budget(plan, self.epsilon, self.dp_mode, dim, recipe_lr=self.server_lr is None) if self.dp else plan
 
 
 def site_name(i: int) -> str:
