@@ -99,8 +99,13 @@ def clipped_gradient_sum(trainable: nn.Module, inputs: torch.Tensor, labels: tor
     from .models import CenteredLinear
 
     if isinstance(trainable, CenteredLinear):  # W and b train on centred inputs; the center gets no gradient
-        gs = clipped_gradient_sum(trainable.linear, inputs - trainable.center.detach(), labels, sample_rate,
-                                  clip_norm, indices=indices)
+        if len(indices) == 0:
+            gs = clipped_gradient_sum(trainable.linear, inputs, labels, sample_rate, clip_norm, indices=indices)
+        else:  # centre only the sampled records: the whole input tensor each round would dominate the step
+            gs = clipped_gradient_sum(trainable.linear, inputs[indices] - trainable.center.detach(),
+                                      labels[indices], sample_rate, clip_norm,
+                                      indices=torch.arange(len(indices)))
+            gs.n_samples = n
         full = np.zeros(gs.vector.size + trainable.center.numel(), np.float32)
         rest = np.ones(full.size, bool)
         rest[trainable.center_slice()] = False
