@@ -275,10 +275,11 @@ MODELS: dict[str, ModelSpec] = {
                   "scattering, and a small network trained only on computer-generated shapes (shipped with the app); "
                   "only the final layer (26.7 k numbers) is trained, 28×28 input; built for DP",
                   scatter_synth_linear),
-        ModelSpec("scatter_synth_inv_28", 28, "the same fixed features, each image's averaged over its 8 "
-                  "rotations and flips (a blood cell has no orientation) for training as for use; only the "
-                  "final layer (21.6 k numbers) is trained, on features centred by the average that the first round "
-                  "estimates under the same protection as a training round; 28×28 input; built for DP",
+        ModelSpec("scatter_synth_inv_28", 28, "fixed image features that no patient data went into (wavelet "
+                  "scattering, and a small network trained only on computer-generated shapes, shipped with the "
+                  "app), each image's averaged over its 8 rotations and flips (a blood cell has no orientation); "
+                  "only the final layer (21.6 k numbers) is trained, on features centred by the average that the "
+                  "first round estimates under the same protection as a training round; 28×28 input; built for DP",
                   scatter_synth_invariant, centred=True),
         ModelSpec("cnn4_28", 28, "plain 4-conv GroupNorm CNN (32/64 channels), 28×28 input; fast reference",
                   lambda n: SmallCNN(n)),
