@@ -7,6 +7,8 @@ non-private linear-probe ceiling, alone and beside the scattering features, and 
     python -m hemafed.core.procedural_features --minutes 35 --steps 100000 --out /tmp/randp/enc.npz
     python -m bench.accuracy.procedural_pretrain probe --out /tmp/randp --cache /tmp/acc --concat
     python -m bench.accuracy.procedural_pretrain dp --ckpt /tmp/randp/enc.npz --concat --eps 8 3 --lrs 0.5 0.25
+    python -m bench.accuracy.procedural_pretrain dp --ckpt assets/procedural_encoder_28.npz --concat --orbit \
+        --pool 2 --center private --eps 8 5 3 --lrs 0.5 1.0       # the fifth pass (scatter_synth_inv_28)
 """
 
 from __future__ import annotations
@@ -98,10 +100,51 @@ def orbit_mean(body: nn.Module, images: torch.Tensor, split: str, args: argparse
     return total / 8
 
 
+def synthetic_mean(body: nn.Module, args: argparse.Namespace, n: int = 4096) -> torch.Tensor:
+    """The orbit-mean features' average over `n` generated dead-leaves images (data-independent)."""
+    import torch.nn.functional as F
+
+    from bench.accuracy.cache_features import dihedral
+    from hemafed.core.features import Scattering2D, scatter_features
+    from hemafed.core.models import _normalisation
+    from hemafed.core.procedural_features import dead_leaves
+
+    syn = dead_leaves(n, torch.Generator().manual_seed(0))
+    mean, std = _normalisation()
+    scat = Scattering2D(28, 2, 8)
+    total = None
+    for k in range(8):
+        view = dihedral(syn, k)
+        f = learned(body, view, args.pool)
+        if args.concat:
+            s = scatter_features((view - mean) / std, scat, 256)
+            f = torch.cat([f, F.adaptive_avg_pool2d(F.group_norm(s, 27), 3).flatten(1)], 1)
+        total = f if total is None else total + f
+    return (total / 8).mean(0, keepdim=True)
+
+
+def private_center(tx: torch.Tensor, eps: float, seed: int, radius: float) -> torch.Tensor:
+    """What the product's first round releases (core.fedsgd.clipped_round_sum): the Poisson sample's
+    features clipped to `radius`, scaled to norm ≤ C = 1, plus the round's noise as released (2× the
+    accounted variance), rescaled by radius / expected batch."""
+    from hemafed.core.calibration import calibrate_sigma
+
+    q = 0.1713
+    sigma = calibrate_sigma(eps, 1e-5, q, 500)
+    gen = torch.Generator().manual_seed(100 + seed)
+    x = tx[torch.nonzero(torch.rand(len(tx), generator=gen) < q).view(-1)]
+    v = x * torch.clamp(radius / x.norm(dim=1, keepdim=True), max=1.0) / radius
+    noisy = v.sum(0) + torch.randn(tx.shape[1], generator=gen) * sigma * np.sqrt(2)
+    return noisy * radius / (q * len(tx))
+
+
 def private_orbit(args: argparse.Namespace, body: nn.Module, tx_img: torch.Tensor, ty: torch.Tensor,
                   vx_img: torch.Tensor, vy: torch.Tensor) -> None:
     """Train the private head on the orbit-mean features too, so training sees what evaluation sees.
-    A record's input is a fixed function of that record alone: same sensitivity, no privacy cost."""
+    A record's input is a fixed function of that record alone: same sensitivity, no privacy cost.
+    `--center`: subtract the train split's mean (oracle, optionally with a random error of
+    `--center-error` times its norm), the generated images' mean, or the product's private estimate
+    (one round of the plan: T − 1 training rounds follow)."""
     from bench.accuracy.head_ceiling import fit, private_fit
 
     cache = Path(f"/tmp/acc2/orbit_pool{args.pool}_{'concat' if args.concat else 'learned'}.pt")
@@ -110,17 +153,33 @@ def private_orbit(args: argparse.Namespace, body: nn.Module, tx_img: torch.Tenso
     else:
         tx, vx = orbit_mean(body, tx_img, "train", args), orbit_mean(body, vx_img, "val", args)
         torch.save((tx, vx), cache)
-    if args.center == "oracle":  # upper bound: the train split's own mean (would cost privacy)
-        mu = tx.mean(0, keepdim=True)
-        tx, vx = tx - mu, vx - mu
-    torch.manual_seed(0)
-    last, best = fit(nn.Linear(tx.shape[1], 8), tx, ty, vx, vy, args.epochs)
-    print(f"orbit-mean dim {tx.shape[1]} non-private: last {last:.4f} best {best:.4f}", flush=True)
+    mu = tx.mean(0, keepdim=True)
+    print(f"|mean| {mu.norm():.2f}, mean |x| {tx.norm(dim=1).mean():.2f}, "
+          f"mean |x - mean| {(tx - mu).norm(dim=1).mean():.2f}", flush=True)
+    if args.center == "oracle":  # would cost privacy: an upper bound
+        noise = torch.randn(mu.shape, generator=torch.Generator().manual_seed(5))
+        center = mu + noise / noise.norm() * args.center_error * mu.norm()
+    elif args.center == "synthetic":
+        center = synthetic_mean(body, args)
+        print(f"|synthetic mean - mean| {(center - mu).norm():.2f}", flush=True)
+    else:
+        center = torch.zeros_like(mu)
+    if args.center != "private":
+        tx, vx = tx - center, vx - center
+        torch.manual_seed(0)
+        last, best = fit(nn.Linear(tx.shape[1], 8), tx, ty, vx, vy, args.epochs)
+        print(f"orbit-mean dim {tx.shape[1]} non-private: last {last:.4f} best {best:.4f}", flush=True)
     for eps in args.eps:
         for lr in args.lrs:
-            accs, _ = private_fit(tx, ty, vx, vy, [], eps, lr, args.rounds, args.seeds)
-            print(f"orbit-mean dim {tx.shape[1]} eps {eps} lr {lr} T {args.rounds} seeds {args.seeds}: "
-                  f"{np.mean(accs):.4f} ± {np.std(accs):.4f}", flush=True)
+            if args.center == "private":
+                accs = []
+                for seed in args.seeds:
+                    c = private_center(tx, eps, seed, args.radius)
+                    accs += private_fit(tx - c, ty, vx - c, vy, [], eps, lr, args.rounds - 1, [seed])[0]
+            else:
+                accs, _ = private_fit(tx, ty, vx, vy, [], eps, lr, args.rounds, args.seeds)
+            print(f"orbit-mean dim {tx.shape[1]} center {args.center} eps {eps} lr {lr} T {args.rounds} "
+                  f"seeds {args.seeds}: {np.mean(accs):.4f} ± {np.std(accs):.4f}", flush=True)
 
 
 def main() -> None:
@@ -138,7 +197,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pool", type=int, default=3, help="dp: pool the learned maps to pool×pool")
     ap.add_argument("--orbit", action="store_true", help="dp: train and evaluate on the 8-view mean features")
-    ap.add_argument("--center", choices=["none", "oracle"], default="none", help="dp --orbit: subtract a mean")
+    ap.add_argument("--center", choices=["none", "oracle", "synthetic", "private"], default="none",
+                    help="dp --orbit: subtract a mean (see private_orbit)")
+    ap.add_argument("--center-error", type=float, default=0.0, help="--center oracle: random error, × |mean|")
+    ap.add_argument("--radius", type=float, default=40.0, help="--center private: the clipping radius R")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     {"probe": probe, "dp": private}[args.what](args)

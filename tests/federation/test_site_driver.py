@@ -159,7 +159,9 @@ def test_an_unknown_key_stops_after_one_refusal(tmp_path: Path, monkeypatch: pyt
 
 
 def test_sites_survive_the_aggregator_dying_mid_round(tmp_path: Path) -> None:
-    fed = make_federation(tmp_path, n_sites=3, threshold=2, rounds=1)
+    # a long join time-out: the restarted aggregator's first round waits for all three reconnecting sites
+    # (it starts as soon as they are in); with 5 s, a loaded CI machine once began it with two
+    fed = make_federation(tmp_path, n_sites=3, threshold=2, rounds=1, join_timeout_s=60.0)
     recs = {name: Recorder() for name in fed.site_configs}
 
     async def main() -> None:
