@@ -197,7 +197,7 @@ class CenteredLinear(nn.Module):
 
     Fixed features are far from centred (on BloodMNIST the mean is 90 % of a typical feature vector's
     norm), so under DP-SGD the isotropic noise on W acts mostly through W·m: a random, shared shift of
-    every class score. Centring removes it (validation, 3 seeds: +1.7 points at ε = 8, +2.2 at ε = 3;
+    every class score. Centring removes it (validation, 3 seeds: +1.8 points at ε = 8, +1.9 at ε = 3;
     docs/accuracy-levers.md). m is not trained by gradients: DP-FedSGD's first round estimates it as a
     noisy sum of each record's features clipped to L2 norm `radius`, under exactly the protection of a
     training round (`core.fedsgd.clipped_round_sum`). It travels in the flat weight vector with W and b
