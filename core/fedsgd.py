@@ -81,6 +81,15 @@ def poisson_batch(n: int, sample_rate: float, generator: torch.Generator) -> tor
     return torch.nonzero(torch.rand(n, generator=generator) < sample_rate).view(-1)
 
 
+def _round_sample(n: int, sample_rate: float, clip_norm: float, generator: torch.Generator | None) -> torch.Tensor:
+    """A round's Poisson batch of n records (from OS randomness unless `generator`), after checking q and C."""
+    if not 0 < sample_rate <= 1 or not clip_norm > 0:
+        raise ValueError("need 0 < sample_rate ≤ 1 and clip_norm > 0")
+    if generator is None:
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+    return poisson_batch(n, sample_rate, generator)
+
+
 def clipped_gradient_sum(trainable: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, sample_rate: float,
                          clip_norm: float, generator: torch.Generator | None = None,
                          indices: torch.Tensor | None = None) -> GradientSum:
@@ -90,12 +99,10 @@ def clipped_gradient_sum(trainable: nn.Module, inputs: torch.Tensor, labels: tor
     and `inputs` what `prepare_inputs` produced. No noise is added here.
     """
     n = len(labels)
-    if not 0 < sample_rate <= 1 or not clip_norm > 0:
-        raise ValueError("need 0 < sample_rate ≤ 1 and clip_norm > 0")
     if indices is None:
-        if generator is None:
-            generator = torch.Generator().manual_seed(secrets.randbits(63))
-        indices = poisson_batch(n, sample_rate, generator)
+        indices = _round_sample(n, sample_rate, clip_norm, generator)
+    elif not 0 < sample_rate <= 1 or not clip_norm > 0:
+        raise ValueError("need 0 < sample_rate ≤ 1 and clip_norm > 0")
     from .models import CenteredLinear
 
     if isinstance(trainable, CenteredLinear):  # W and b train on centred inputs; the center gets no gradient
@@ -138,11 +145,7 @@ def clipped_round_sum(trainable: nn.Module, inputs: torch.Tensor, labels: torch.
 
     if not isinstance(trainable, CenteredLinear) or trainable.centered:
         return clipped_gradient_sum(trainable, inputs, labels, sample_rate, clip_norm, generator)
-    if not 0 < sample_rate <= 1 or not clip_norm > 0:
-        raise ValueError("need 0 < sample_rate ≤ 1 and clip_norm > 0")
-    if generator is None:
-        generator = torch.Generator().manual_seed(secrets.randbits(63))
-    x = inputs[poisson_batch(len(labels), sample_rate, generator)].double()
+    x = inputs[_round_sample(len(labels), sample_rate, clip_norm, generator)].double()
     norms = x.norm(dim=1, keepdim=True).clamp_min(1e-12)
     scale = (trainable.radius / norms).clamp(max=1.0) * (clip_norm / trainable.radius)
     vec = np.zeros(sum(p.numel() for p in trainable.parameters()), np.float32)
@@ -280,11 +283,13 @@ def site_privacy(plan, secagg_cfg, bounds=None) -> SitePrivacy:
             raise PlanError("; ".join(problems))
     if plan.noise_multiplier <= 0:
         raise PlanError("a fedsgd plan needs a plan-wide noise_multiplier")
-    from .models import build_model, split_features
+    from .models import MODELS, build_model, split_features
 
     codec = DistributedNoise.for_secagg(secagg_cfg, plan.noise_multiplier, plan.clip_norm,
                                         plan.dp_colluders if plan.dp_mode == "distributed" else 0)
-    center = center_layout(split_features(build_model(plan.model, len(plan.classes)))[1])
+    spec = MODELS.get(plan.model)  # only a centred model is built here, for where its centre sits
+    center = center_layout(split_features(build_model(plan.model, len(plan.classes)))[1]) \
+        if spec is not None and spec.centred else None
     return SitePrivacy(plan.dp_mode, plan.noise_multiplier, plan.sample_rate, plan.clip_norm, codec,
                        float(plan.batch_size), center)
 

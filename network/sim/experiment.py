@@ -239,12 +239,10 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, feats: Fe
     base = replace(opts.base, sites=opts.sites)
     plan = base.plan()
     seeds = ", ".join(str(s) for s in opts.seeds)
-    from hemafed.core.fedsgd import center_layout
-    from hemafed.core.models import build_model, split_features
+    from hemafed.core.models import get_spec
 
     centring = ", on features centred by their average, which each run's first round estimates as a clipped, " \
-        "noised sum under the same protection as a training round" \
-        if center_layout(split_features(build_model(base.model, 8))[1]) else ""
+        "noised sum under the same protection as a training round" if get_spec(base.model).centred else ""
     lines = ["# Results: private federated learning on BloodMNIST", ""]
     if partial:
         lines += ["**Incomplete: the experiment is still running or was interrupted.**", ""]
