@@ -50,7 +50,7 @@ def write_png_folder(root: Path) -> int:
     import numpy as np
     from PIL import Image
 
-    from hemafed.core.classes import BLOODMNIST_CLASSES
+    from hemafed.core.data.classes import BLOODMNIST_CLASSES
     from hemafed.core.paths import dev_data_dir
 
     data_dir = dev_data_dir()
@@ -126,24 +126,24 @@ def bench_federation(root: Path, fedsgd: bool, rounds: int, images_per_site: int
 
     import numpy as np
 
-    from hemafed.core.certs import create_federation_certs
-    from hemafed.core.identity import init_identity
     from hemafed.core.paths import dev_data_dir
-    from hemafed.core.plan import FederationPlan
+    from hemafed.core.rounds.plan import FederationPlan
+    from hemafed.core.trust.certs import create_federation_certs
+    from hemafed.core.trust.identity import init_identity
     from hemafed.network.config import AggregatorConfig, SiteConfig
 
     data_dir = dev_data_dir()
     assert data_dir is not None, "set HEMAFED_DATA_DIR"
     certs = create_federation_certs(root / "tls", ["127.0.0.1"])
     q = 0.05
-    from hemafed.core.recipe import RECIPE
+    from hemafed.core.learning.recipe import RECIPE
 
     plan = FederationPlan(federation_id="bench-app", model=RECIPE["model"] if fedsgd else "cnn4_28",
                           rounds=rounds, batch_size=32, lr=0.1, threshold=2, min_sites=2, max_sites=3,
                           max_weight=4096, update_clip=1.0, train_timeout_s=600.0, stage_timeout_s=60.0,
                           join_timeout_s=60.0)
     if fedsgd:
-        from hemafed.core.recipe import with_budget
+        from hemafed.core.learning.recipe import with_budget
 
         plan = with_budget(replace(plan, algorithm="fedsgd", sample_rate=q, server_lr=0.5,
                                    batch_size=round(q * 3 * 0.9 * images_per_site)), 6.0)
@@ -199,7 +199,7 @@ def stall_during_training(fedsgd: bool, rounds: int, images_per_site: int, trace
     from PySide6.QtCore import QElapsedTimer, QTimer
     from PySide6.QtWidgets import QApplication
 
-    from hemafed.core.plan import FederationPlan
+    from hemafed.core.rounds.plan import FederationPlan
     from hemafed.gui.app.main import create_window
     from hemafed.gui.app.workers import wait_for_jobs
     from hemafed.network import site_events as ev
@@ -392,7 +392,7 @@ SymPy and triton, and at the first training step, where torch imports torch._dyn
 while ~450,000 objects were alive; (2) the dynamic loader mapping Triton's 480 MB library (CUDA torch) inside
 that import, 135 ms; (3) Join itself waited for the driver thread to import its modules (up to 0.5 s). Now the
 driver's modules are imported once with the collector paused and the heap then frozen (`gc.freeze`), Triton's
-library is mapped first through a ctypes call that releases the lock, `core/models.py` no longer imports
+library is mapped first through a ctypes call that releases the lock, `core/learning/models.py` no longer imports
 torchvision, and Join returns at once (2-36 ms). What remains are single beats delayed by the training thread's
 Python work and the machine's other jobs. Tried and not kept: `sys.setswitchinterval(0.001)` (1 ms instead of
 5 ms) lowered p99 (8 vs 13-16 ms) but not the maximum (71 and 54 vs 38 and 37 ms, fedavg, load average

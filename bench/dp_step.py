@@ -38,7 +38,7 @@ What the DP engines do and what was measured while building them (same machine, 
 - *Opacus hooks* (`GradSampleModule`): autograd computes the batch weight gradient *and* Opacus' hooks
   compute per-sample gradients (Conv2d through im2col + einsum). A profile of an im2col + bmm per-sample
   path on `resnet_gn_28` put 26 % of the step in `aten::im2col` alone.
-- *hemafed book-keeping* (`core/per_sample.py`, default): parameters do not require grad, so autograd
+- *hemafed book-keeping* (`core/learning/per_sample.py`, default): parameters do not require grad, so autograd
   computes only the activation gradients; per-sample conv weight gradients come from one grouped
   convolution backward (batch folded into channels), 3-15× faster than im2col + bmm on the 28×28 and
   14×14 layers; the 7×7 layers (T(d+p) < d·p) use ghost norms and one ordinary weight-gradient
@@ -51,8 +51,8 @@ What the DP engines do and what was measured while building them (same machine, 
 
 
 def make_step(mode: str, model_name: str, batch: int):
-    from hemafed.core.models import build_model, get_spec
-    from hemafed.core.per_sample import make_clipper
+    from hemafed.core.learning.models import build_model, get_spec
+    from hemafed.core.learning.per_sample import make_clipper
 
     torch.manual_seed(0)
     model = build_model(model_name, seed=0)
@@ -140,7 +140,7 @@ def main() -> None:
 
     from _report import machine_line, write_section
 
-    from hemafed.core.models import build_model, num_parameters
+    from hemafed.core.learning.models import build_model, num_parameters
 
     load_before = os.getloadavg()[0]
     rows = []

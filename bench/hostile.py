@@ -40,7 +40,7 @@ def _rss_kib() -> int:
 
 
 async def serve(workdir: Path) -> None:
-    from hemafed.core.plan import FederationPlan
+    from hemafed.core.rounds.plan import FederationPlan
     from hemafed.network import protocol as P
     from hemafed.network.envelope import Envelope, Limits
     from hemafed.network.server import AggregatorServer, Message
@@ -180,7 +180,7 @@ def bad_inputs() -> dict[str, bytes]:
 
 def decoder_times() -> dict[str, float]:
     """Microseconds for the edge (envelope decode + validator) to refuse each input, in-process."""
-    from hemafed.core.plan import FederationPlan
+    from hemafed.core.rounds.plan import FederationPlan
     from hemafed.network import protocol as P
     from hemafed.network.envelope import Envelope, Limits
     from hemafed.network.errors import ProtocolError
@@ -208,7 +208,7 @@ async def tls_refusal_times(url: str, port: int, identity, ca: Path, repeats: in
     """Milliseconds from sending the bad input on an authenticated connection to the close (median)."""
     from websockets.exceptions import ConnectionClosed
 
-    from hemafed.core.identity import IdentityKey
+    from hemafed.core.trust.identity import IdentityKey
 
     out: dict[str, float] = {}
     for name, data in bad_inputs().items():
@@ -291,8 +291,8 @@ async def round_under_flood(agg: Aggregator, url: str, ca: Path, identities: lis
 
 
 async def bench(args: argparse.Namespace) -> str:
-    from hemafed.core.certs import create_federation_certs
-    from hemafed.core.identity import IdentityKey
+    from hemafed.core.trust.certs import create_federation_certs
+    from hemafed.core.trust.identity import IdentityKey
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

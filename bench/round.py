@@ -29,7 +29,7 @@ BENCH_MODEL = "bench_mlp_1m"
 def register_bench_model() -> None:
     from torch import nn
 
-    from hemafed.core import models
+    from hemafed.core.learning import models
 
     # HEMAFED_BENCH_HIDDEN (inherited by the site processes) shrinks the model, e.g. 7 → 16.6 k parameters,
     # the size of the scatter_linear_28 head, to measure the fixed per-round cost DP-FedSGD pays per step
@@ -40,7 +40,7 @@ def register_bench_model() -> None:
 
 
 def run_site(config: str) -> None:
-    from hemafed.core.dp_train import LocalResult
+    from hemafed.core.learning.dp_train import LocalResult
     from hemafed.network.config import SiteConfig
     from hemafed.network.site import SiteRunner
 
@@ -63,9 +63,9 @@ def run_aggregator(config: str) -> None:
 
 
 def federation(root: Path, sites: int, rounds: int, secure: bool) -> dict:
-    from hemafed.core.certs import create_federation_certs
-    from hemafed.core.identity import init_identity
-    from hemafed.core.plan import FederationPlan
+    from hemafed.core.rounds.plan import FederationPlan
+    from hemafed.core.trust.certs import create_federation_certs
+    from hemafed.core.trust.identity import init_identity
     from hemafed.network.config import render_toml
 
     create_federation_certs(root / "tls", ["127.0.0.1"])
@@ -127,7 +127,7 @@ def main() -> None:
 
     from _report import machine_line, write_section
 
-    from hemafed.core.models import build_model, num_parameters
+    from hemafed.core.learning.models import build_model, num_parameters
 
     dim = num_parameters(build_model(BENCH_MODEL))
     results = {}

@@ -1,16 +1,23 @@
 """The one exception root of hemafed, split by what the operator (or the driver) should do.
 
-    HemafedError
-    ├── FatalError       stop and tell the operator what to do (key not on the federation's
-    │                    list, certificate mismatch, plan refused, budget exhausted, ledger
-    │                    damaged); retrying cannot help
-    └── TransientError   the situation may clear by itself (connection lost, aggregator
-                         restarting): reconnect with back-off
+    HemafedError                         every error hemafed raises on purpose (tests/test_structure.py checks it)
+    ├── FatalError                       stop and tell the operator what to do; retrying cannot help
+    │   ├── LedgerCorrupt, BudgetExhausted       (core.privacy.ledger)
+    │   ├── PlanRefused                          (core.rounds.site_round)
+    │   ├── RosterError                          (core.trust.roster)
+    │   ├── DatasetUnavailable                   (core.data.bloodmnist)
+    │   └── AuthenticationRefused, CertificateRejected   (network.errors)
+    ├── TransientError                   may clear by itself (connection lost, aggregator restarting):
+    │   └── ConnectionLost, ConnectFailed, NotConnected  reconnect with back-off (network.errors)
+    ├── SecAggError                      secure aggregation's own tree (core.secagg.errors)
+    ├── NetworkError                     the transport's tree (network.errors; its fatal and transient
+    │                                    members are listed above)
+    ├── PlanError, LedgerError, BudgetTooSmall, IdentityError, StrictJSONError, ImageRejected,
+    │   ModelFileError, TrainingCancelled, MessageRefused   (the rooms of core/ that raise them)
+    └── UserFacingError, Cancelled       the command line and the app
 
-Subsystems keep their own trees (`hemafed.network.errors`, `hemafed.core.secagg.errors`,
-…) and hang them under these two where the distinction applies. Every error carries a
-one-line `message` for people and, for fatal ones, `what_to_do`: the next step, in words
-an operator understands.
+Every error carries a one-line `message` for people and, for fatal ones, `what_to_do`: the
+next step, in words an operator understands.
 """
 
 from __future__ import annotations

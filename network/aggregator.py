@@ -1,6 +1,6 @@
 """The aggregator's driver: sockets, files and clocks around the sans-I/O federation machine.
 
-All plan, join, round, decline and round-end logic lives in `hemafed.core.agg_round`
+All plan, join, round, decline and round-end logic lives in `hemafed.core.rounds.agg_round`
 (and the secure-aggregation protocol in `hemafed.core.secagg`); this module feeds
 that machine the transport's events and carries out its actions: sends and
 broadcasts, closing a peer, status.json, and the checkpoint and round log of each
@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from hemafed.core import agg_round as R
-from hemafed.core.agg_round import RoundOutcome
 from hemafed.core.atomic import atomic_write_bytes
-from hemafed.core.checkpoints import Checkpoint, CheckpointStore
-from hemafed.core.identity import parse_public_line
-from hemafed.core.plan import FederationPlan, PlanError
-from hemafed.core.server_opt import make_plan_optimizer
+from hemafed.core.learning.checkpoints import Checkpoint, CheckpointStore
+from hemafed.core.learning.server_opt import make_plan_optimizer
+from hemafed.core.rounds import agg_round as R
+from hemafed.core.rounds.agg_round import RoundOutcome
+from hemafed.core.rounds.plan import FederationPlan, PlanError
+from hemafed.core.trust.identity import parse_public_line
 from hemafed.network import protocol as P
 from hemafed.network.config import AggregatorConfig
 from hemafed.network.envelope import Envelope, Limits
@@ -44,7 +44,7 @@ __all__ = ["Aggregator", "RoundOutcome", "initial_weights"]
 
 
 def initial_weights(plan: FederationPlan) -> np.ndarray:
-    from hemafed.core.models import build_model, get_flat_params
+    from hemafed.core.learning.models import build_model, get_flat_params
 
     return get_flat_params(build_model(plan.model, len(plan.classes), seed=plan.seed))
 
@@ -210,7 +210,7 @@ class Aggregator:
     async def _finish_round(self, outcome: RoundOutcome) -> None:
         """Record the round (retried until on disk), log it, then let the machine go on (round_end)."""
         assert self.machine is not None and self._finished is not None
-        from hemafed.core.models import model_hash
+        from hemafed.core.learning.models import model_hash
 
         weights, state = self._finished.weights, self._finished.optimizer_state
         ckpt = Checkpoint(outcome.round, weights, state, {

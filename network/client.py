@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from hemafed.core.identity import IdentityKey
-from hemafed.core.text import safe_text
+from hemafed.core.trust.identity import IdentityKey
+from hemafed.core.trust.text import safe_text
 from hemafed.network import handshake
 from hemafed.network.envelope import ERROR, WELCOME, Envelope, Limits, error_envelope
 from hemafed.network.errors import (
@@ -36,7 +36,7 @@ from hemafed.network.errors import (
     CertificateRejected,
     ConnectFailed,
     ConnectionLost,
-    MalformedMessage,
+    MalformedEnvelope,
     NotConnected,
     PeerError,
     ProtocolError,
@@ -244,7 +244,7 @@ class SiteClient:
                 raise handshake.refusal(reply)
             site = reply.body.get("site")
             if reply.type != WELCOME or not isinstance(site, str):
-                raise MalformedMessage(f"expected {WELCOME!r} from the aggregator, got {reply.type!r}")
+                raise MalformedEnvelope(f"expected {WELCOME!r} from the aggregator, got {reply.type!r}")
         except BaseException:
             with contextlib.suppress(Exception):
                 await ws.close()

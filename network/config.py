@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hemafed.core.plan import FederationPlan, PlanError, SiteBounds, load_toml
+from hemafed.core.rounds.plan import FederationPlan, PlanError, SiteBounds, load_toml
 
 
 def _plan(section: dict[str, Any], n_sites: int, path: Path) -> FederationPlan:
@@ -19,7 +19,7 @@ def _plan(section: dict[str, Any], n_sites: int, path: Path) -> FederationPlan:
     σ computed here (`core.recipe`) and any other fields in the section overriding the recipe."""
     if "epsilon" not in section and "expected_images" not in section:
         return FederationPlan.from_dict(section)
-    from hemafed.core.recipe import recommended_plan
+    from hemafed.core.learning.recipe import recommended_plan
 
     fields = dict(section)
     epsilon, images = fields.pop("epsilon", None), fields.pop("expected_images", None)
@@ -91,13 +91,13 @@ class SiteConfig:
     accountant: str = "rdp"
     bounds: SiteBounds = field(default_factory=SiteBounds)
     torch_threads: int | None = None
-    roster: Path | None = None  # roster.json signed by the federation key (see hemafed.core.roster)
+    roster: Path | None = None  # roster.json signed by the federation key (see hemafed.core.trust.roster)
     roster_key: str | None = None  # the federation key's public line, confirmed by phone
     peers: tuple[str, ...] = ()  # or: the peers' fingerprints / key lines, listed by this site itself
 
     def pinned_roster(self):
-        """The roster this site pins (a `hemafed.core.roster.Roster`), or None when it pins none."""
-        from hemafed.core.roster import RosterError, load_signed_roster, roster_from_fingerprints
+        """The roster this site pins (a `hemafed.core.trust.roster.Roster`), or None when it pins none."""
+        from hemafed.core.trust.roster import RosterError, load_signed_roster, roster_from_fingerprints
 
         if self.roster is not None:
             if not self.roster_key:

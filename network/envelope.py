@@ -9,7 +9,7 @@ Layout (all integers big-endian):
 The JSON header carries control data; blobs carry opaque bytes (encoded
 secure-aggregation messages, float32 weights) so vectors never go through JSON
 and nothing is ever unpickled. Decoding is strict: every field, type and size is
-checked, and anything else raises `MalformedMessage` / `MessageTooLarge` before
+checked, and anything else raises `MalformedEnvelope` / `MessageTooLarge` before
 the caller sees a byte of it.
 """
 
@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from hemafed.core import strict_json
-from hemafed.network.errors import MalformedMessage, MessageTooLarge
+from hemafed.core.trust import strict_json
+from hemafed.network.errors import MalformedEnvelope, MessageTooLarge
 
 VERSION = 1
 _PREFIX = struct.Struct(">I")
@@ -117,28 +117,28 @@ class Envelope:
 
     @classmethod
     def decode(cls, data: bytes | bytearray | memoryview, limits: Limits) -> Envelope:
-        """Parse and validate one message; raises `MalformedMessage` or `MessageTooLarge`."""
+        """Parse and validate one message; raises `MalformedEnvelope` or `MessageTooLarge`."""
         if isinstance(data, str):
-            raise MalformedMessage("text frame where a binary envelope was expected")
+            raise MalformedEnvelope("text frame where a binary envelope was expected")
         view = memoryview(data)
         total = view.nbytes
         if total > limits.max_message:
             raise MessageTooLarge(f"message of {total} bytes over the limit of {limits.max_message}")
         if total < _PREFIX.size:
-            raise MalformedMessage(f"message of {total} bytes is shorter than the length prefix")
+            raise MalformedEnvelope(f"message of {total} bytes is shorter than the length prefix")
         (hlen,) = _PREFIX.unpack_from(view, 0)
         if hlen > limits.max_header:
             raise MessageTooLarge(f"header of {hlen} bytes over the limit of {limits.max_header}")
         end = _PREFIX.size + hlen
         if end > total:
-            raise MalformedMessage(f"header length {hlen} runs past the end of a {total}-byte message")
+            raise MalformedEnvelope(f"header length {hlen} runs past the end of a {total}-byte message")
         header = _parse_header(bytes(view[_PREFIX.size : end]))
 
         lengths = header["blobs"]
         if len(lengths) > limits.max_blobs:
             raise MessageTooLarge(f"{len(lengths)} blobs over the limit of {limits.max_blobs}")
         if sum(lengths) != total - end:
-            raise MalformedMessage(f"blob lengths sum to {sum(lengths)} but {total - end} bytes follow the header")
+            raise MalformedEnvelope(f"blob lengths sum to {sum(lengths)} but {total - end} bytes follow the header")
         blobs = []
         pos = end
         for n in lengths:
@@ -155,23 +155,23 @@ def _parse_header(raw: bytes) -> dict[str, Any]:
     try:
         header = strict_json.loads(raw)
     except strict_json.StrictJSONError as exc:
-        raise MalformedMessage(f"header is not valid JSON: {exc}") from None
+        raise MalformedEnvelope(f"header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
-        raise MalformedMessage("header is not a JSON object")
+        raise MalformedEnvelope("header is not a JSON object")
     if set(header) != _HEADER_KEYS:
-        raise MalformedMessage(f"header keys {sorted(header)} != {sorted(_HEADER_KEYS)}")
+        raise MalformedEnvelope(f"header keys {sorted(header)} != {sorted(_HEADER_KEYS)}")
     if header["v"] != VERSION or isinstance(header["v"], bool):
-        raise MalformedMessage(f"unsupported envelope version {header['v']!r}")
+        raise MalformedEnvelope(f"unsupported envelope version {header['v']!r}")
     try:
         _check_type(header["type"])
         _check_round(header["round"])
     except (TypeError, ValueError) as exc:
-        raise MalformedMessage(str(exc)) from None
+        raise MalformedEnvelope(str(exc)) from None
     if not isinstance(header["body"], dict):
-        raise MalformedMessage("body is not a JSON object")
+        raise MalformedEnvelope("body is not a JSON object")
     lengths = header["blobs"]
     if not isinstance(lengths, list) or not all(_is_int(n) and n >= 0 for n in lengths):
-        raise MalformedMessage("blobs must be a list of non-negative integers")
+        raise MalformedEnvelope("blobs must be a list of non-negative integers")
     return header
 
 

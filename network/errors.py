@@ -2,10 +2,10 @@
 
     NetworkError (a hemafed.core.errors.HemafedError)
     ├── ProtocolError            a message broke the protocol; the peer gets `code` + `public`, never `detail`
-    │   ├── MalformedMessage     the envelope could not be decoded (bad framing, JSON, types, sizes)
+    │   ├── MalformedEnvelope    the envelope could not be decoded (bad framing, JSON, types, sizes)
     │   ├── MessageTooLarge      over a configured size cap
     │   ├── UnexpectedMessage    well-formed but wrong type / round / stage (raised by the driver's validator)
-    │   └── AuthenticationError  handshake refused (unknown key, bad signature, wrong challenge)
+    │   └── HandshakeFailed      handshake refused (unknown key, bad signature, wrong challenge)
     ├── ConnectionLost           transient: the connection dropped (peer gone, keepalive, server restart)
     │   └── PeerError            ...because the peer said we broke the protocol (`error` envelope / close code)
     ├── AuthenticationRefused    FATAL: the aggregator refused our identity; reconnecting will not help
@@ -80,7 +80,7 @@ class ProtocolError(NetworkError):
         return CLOSE_CODES.get(self.code, 4000)
 
 
-class MalformedMessage(ProtocolError):
+class MalformedEnvelope(ProtocolError):
     code = "malformed"
 
 
@@ -94,7 +94,7 @@ class UnexpectedMessage(ProtocolError):
     code = "unexpected"
 
 
-class AuthenticationError(ProtocolError):
+class HandshakeFailed(ProtocolError):
     code = "handshake"
 
 

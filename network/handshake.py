@@ -19,7 +19,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from hemafed.core.identity import (
+from hemafed.core.trust.identity import (
     IdentityError,
     IdentityKey,
     fingerprint,
@@ -29,7 +29,7 @@ from hemafed.core.identity import (
     verify,
 )
 from hemafed.network.envelope import AUTH, ERROR, HELLO, WELCOME, Envelope
-from hemafed.network.errors import AuthenticationError, AuthenticationRefused, MalformedMessage
+from hemafed.network.errors import AuthenticationRefused, HandshakeFailed, MalformedEnvelope
 
 PROTO = 1
 NONCE_BYTES = 32
@@ -61,48 +61,48 @@ def answer(hello: Envelope, identity: IdentityKey, binding: bytes, expect_federa
     if hello.type == ERROR:
         raise refusal(hello)
     if hello.type != HELLO:
-        raise MalformedMessage(f"expected {HELLO!r} from the aggregator, got {hello.type!r}")
+        raise MalformedEnvelope(f"expected {HELLO!r} from the aggregator, got {hello.type!r}")
     proto = hello.body.get("proto")
     if proto != PROTO:
-        raise MalformedMessage(f"aggregator speaks protocol {proto!r}, this site speaks {PROTO}")
+        raise MalformedEnvelope(f"aggregator speaks protocol {proto!r}, this site speaks {PROTO}")
     federation = hello.body.get("federation")
     if not isinstance(federation, str):
-        raise MalformedMessage("hello without a federation name")
+        raise MalformedEnvelope("hello without a federation name")
     if expect_federation is not None and federation != expect_federation:
-        raise AuthenticationError(f"aggregator serves federation {federation!r}, expected {expect_federation!r}")
+        raise HandshakeFailed(f"aggregator serves federation {federation!r}, expected {expect_federation!r}")
     nonce = _unb64(hello.body.get("nonce"), "nonce")
     if len(nonce) != NONCE_BYTES:
-        raise MalformedMessage("challenge nonce has the wrong length")
+        raise MalformedEnvelope("challenge nonce has the wrong length")
     sig = identity.sign(transcript(federation, nonce, identity.public_bytes, binding))
     return Envelope(AUTH, 0, {"key": public_line(identity.public_key), "sig": _b64(sig)})
 
 
 def check(challenge: Challenge, auth: Envelope, allowed: Mapping[bytes, str]) -> tuple[str, bytes]:
-    """Verify a site's answer; returns (site name, raw public key) or raises `AuthenticationError`.
+    """Verify a site's answer; returns (site name, raw public key) or raises `HandshakeFailed`.
 
     The signature is checked before the allow-list, so an outsider learns nothing
     about who is a member: a forged signature is refused the same way whatever key
     it names, and "unknown key" is only ever said to the holder of that key.
     """
     if auth.type != AUTH or set(auth.body) != {"key", "sig"}:
-        raise AuthenticationError(f"expected {AUTH!r} with key and sig, got {auth.type!r} {sorted(auth.body)}")
+        raise HandshakeFailed(f"expected {AUTH!r} with key and sig, got {auth.type!r} {sorted(auth.body)}")
     key_line = auth.body["key"]
     if not isinstance(key_line, str):
-        raise AuthenticationError("auth key is not a string")
+        raise HandshakeFailed("auth key is not a string")
     try:
         public_key = parse_public_line(key_line)
     except IdentityError as exc:
-        raise AuthenticationError(f"auth key unreadable: {exc}") from None
+        raise HandshakeFailed(f"auth key unreadable: {exc}") from None
     try:
         sig = _unb64(auth.body["sig"], "sig")
-    except MalformedMessage as exc:
-        raise AuthenticationError(str(exc)) from None
+    except MalformedEnvelope as exc:
+        raise HandshakeFailed(str(exc)) from None
     raw = public_raw(public_key)
     if not verify(public_key, sig, transcript(challenge.federation, challenge.nonce, raw, challenge.binding)):
-        raise AuthenticationError(f"bad signature for key {fingerprint(raw)}", code="bad_signature")
+        raise HandshakeFailed(f"bad signature for key {fingerprint(raw)}", code="bad_signature")
     site = allowed.get(raw)
     if site is None:
-        raise AuthenticationError(
+        raise HandshakeFailed(
             f"unknown key {fingerprint(raw)}",
             code="unknown_key",
             public=f"this site's key {fingerprint(raw)} is not in the federation's allowed list",
@@ -129,8 +129,8 @@ def _b64(data: bytes) -> str:
 
 def _unb64(value: object, what: str) -> bytes:
     if not isinstance(value, str) or len(value) > 1024:
-        raise MalformedMessage(f"{what} is not a base64 string")
+        raise MalformedEnvelope(f"{what} is not a base64 string")
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise MalformedMessage(f"{what} is not valid base64") from None
+        raise MalformedEnvelope(f"{what} is not valid base64") from None

@@ -22,7 +22,7 @@ EXIT_CODES = {"done": 0, "failed": 1, "stopped": 130}
 
 def confirm_insecure(cfg, flag: bool):
     """Plain ws:// needs both the config's `insecure = true` and --insecure on the command line."""
-    from hemafed.core.plan import PlanError
+    from hemafed.core.rounds.plan import PlanError
 
     if cfg.insecure and not flag:
         raise PlanError("the configuration asks for plain ws:// (insecure = true); pass --insecure to confirm "

@@ -1,5 +1,5 @@
 """The round vocabulary carried in envelopes between the aggregator and the sites (the message
-types and who sends which: `hemafed.core.round_messages`), and the aggregator's edge validator.
+types and who sends which: `hemafed.core.rounds.round_messages`), and the aggregator's edge validator.
 
 Secure-aggregation messages ride as one opaque blob each, encoded and decoded by
 `hemafed.core.secagg.messages`; weights as raw little-endian float32.
@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from hemafed.core import agg_round
-from hemafed.core.agg_round import DECLINE, PLAIN_UPDATE, PLAN_ACCEPT, PLAN_REJECT, SECAGG
-from hemafed.core.plan import FederationPlan
+from hemafed.core.rounds import agg_round
+from hemafed.core.rounds.agg_round import DECLINE, PLAIN_UPDATE, PLAN_ACCEPT, PLAN_REJECT, SECAGG
+from hemafed.core.rounds.plan import FederationPlan
 from hemafed.network import schema
 from hemafed.network.envelope import Envelope
-from hemafed.network.errors import MalformedMessage, UnexpectedMessage
+from hemafed.network.errors import MalformedEnvelope, UnexpectedMessage
 
-# The names and helpers live with the machine that speaks them (core/agg_round.py); drivers use them from here.
+# The names and helpers live with the machine that speaks them (core/rounds/agg_round.py); drivers use them from here.
 PLAN = agg_round.PLAN
 ROUND_START = agg_round.ROUND_START
 ROUND_END = agg_round.ROUND_END
 DONE = agg_round.DONE
-secagg_config = agg_round.secagg_config
 weights_blob = agg_round.weights_blob
 
 SITE_TYPES = frozenset({PLAN_ACCEPT, PLAN_REJECT, DECLINE, SECAGG, PLAIN_UPDATE})
@@ -33,7 +32,7 @@ def blob_to_vector(blob: bytes, length: int, dtype: str = "<f4") -> np.ndarray:
     try:
         return agg_round.blob_to_vector(blob, length, dtype)
     except ValueError as exc:
-        raise MalformedMessage(str(exc)) from None
+        raise MalformedEnvelope(str(exc)) from None
 
 
 class SiteMessageValidator:

@@ -7,7 +7,7 @@ blobs. Numbers that drive arithmetic come with bounds from the plan (`Bounds`): 
 site's weight is at most `plan.max_weight`, a vector has exactly the model's
 length, a secure-aggregation blob at most what the plan's site count can need.
 
-A message that does not fit raises `MalformedMessage` (code ``malformed``), which
+A message that does not fit raises `MalformedEnvelope` (code ``malformed``), which
 the transport turns into an `error` envelope and a close of *that* peer's
 connection; no driver code sees it. Wrong type / round / stage for the moment is
 the driver's `UnexpectedMessage` (see `protocol.SiteMessageValidator`).
@@ -26,8 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from hemafed.core.text import safe_text
-from hemafed.network.errors import MalformedMessage
+from hemafed.core.trust.text import safe_text
+from hemafed.network.errors import MalformedEnvelope
 
 __all__ = ["SafeLogFilter", "safe_text"]  # safe_text lives in core.text; re-exported for the transport
 
@@ -61,7 +61,7 @@ class SafeLogFilter(logging.Filter):
 
 
 class Spec:
-    """One field's rule; `check` returns the value (normalised) or raises `MalformedMessage`."""
+    """One field's rule; `check` returns the value (normalised) or raises `MalformedEnvelope`."""
 
     def check(self, value: Any, where: str) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -74,9 +74,9 @@ class Int(Spec):
 
     def check(self, value: Any, where: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise MalformedMessage(f"{where} must be an integer")
+            raise MalformedEnvelope(f"{where} must be an integer")
         if not self.lo <= value <= self.hi:
-            raise MalformedMessage(f"{where} must be in [{self.lo}, {self.hi}]")
+            raise MalformedEnvelope(f"{where} must be in [{self.lo}, {self.hi}]")
         return value
 
 
@@ -87,12 +87,12 @@ class Float(Spec):
 
     def check(self, value: Any, where: str) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise MalformedMessage(f"{where} must be a number")
+            raise MalformedEnvelope(f"{where} must be a number")
         if isinstance(value, int) and abs(value) > 2**53:
-            raise MalformedMessage(f"{where} is out of range")
+            raise MalformedEnvelope(f"{where} is out of range")
         value = float(value)
         if not math.isfinite(value) or not self.lo <= value <= self.hi:
-            raise MalformedMessage(f"{where} must be a finite number in [{self.lo:g}, {self.hi:g}]")
+            raise MalformedEnvelope(f"{where} must be a finite number in [{self.lo:g}, {self.hi:g}]")
         return value
 
 
@@ -100,7 +100,7 @@ class Float(Spec):
 class Bool(Spec):
     def check(self, value: Any, where: str) -> bool:
         if not isinstance(value, bool):
-            raise MalformedMessage(f"{where} must be true or false")
+            raise MalformedEnvelope(f"{where} must be true or false")
         return value
 
 
@@ -112,13 +112,13 @@ class Str(Spec):
 
     def check(self, value: Any, where: str) -> str:
         if not isinstance(value, str):
-            raise MalformedMessage(f"{where} must be text")
+            raise MalformedEnvelope(f"{where} must be text")
         if len(value) > self.max_len:
-            raise MalformedMessage(f"{where} is longer than {self.max_len} characters")
+            raise MalformedEnvelope(f"{where} is longer than {self.max_len} characters")
         if self.choices is not None and value not in self.choices:
-            raise MalformedMessage(f"{where} is not one of the allowed values")
+            raise MalformedEnvelope(f"{where} is not one of the allowed values")
         if self.pattern is not None and not re.fullmatch(self.pattern, value):
-            raise MalformedMessage(f"{where} has the wrong form")
+            raise MalformedEnvelope(f"{where} has the wrong form")
         return value
 
 
@@ -138,9 +138,9 @@ class List(Spec):
 
     def check(self, value: Any, where: str) -> list[Any]:
         if not isinstance(value, list):
-            raise MalformedMessage(f"{where} must be a list")
+            raise MalformedEnvelope(f"{where} must be a list")
         if not self.min_len <= len(value) <= self.max_len:
-            raise MalformedMessage(f"{where} must hold {self.min_len}..{self.max_len} items")
+            raise MalformedEnvelope(f"{where} must hold {self.min_len}..{self.max_len} items")
         return [self.item.check(v, f"{where}[{i}]") for i, v in enumerate(value)]
 
 
@@ -154,9 +154,9 @@ class Map(Spec):
 
     def check(self, value: Any, where: str) -> dict[str, Any]:
         if not isinstance(value, dict):
-            raise MalformedMessage(f"{where} must be an object")
+            raise MalformedEnvelope(f"{where} must be an object")
         if len(value) > self.max_len:
-            raise MalformedMessage(f"{where} holds more than {self.max_len} entries")
+            raise MalformedEnvelope(f"{where} holds more than {self.max_len} entries")
         return {self.key.check(k, f"{where} key"): self.value.check(v, f"{where}.{safe_text(k, 40)}")
                 for k, v in value.items()}
 
@@ -170,12 +170,12 @@ class Obj(Spec):
 
     def check(self, value: Any, where: str) -> dict[str, Any]:
         if not isinstance(value, dict):
-            raise MalformedMessage(f"{where} must be an object")
+            raise MalformedEnvelope(f"{where} must be an object")
         keys = set(value)
         missing = set(self.required) - keys
         unknown = keys - set(self.required) - set(self.optional)
         if missing or unknown:
-            raise MalformedMessage(f"{where}: missing {sorted(missing)}, unknown "
+            raise MalformedEnvelope(f"{where}: missing {sorted(missing)}, unknown "
                                    f"{[safe_text(k, 40) for k in sorted(unknown)][:5]}")
         specs = {**self.optional, **self.required}
         return {k: specs[k].check(v, f"{where}.{k}") for k, v in value.items()}
@@ -195,11 +195,11 @@ class MessageSchema:
     def check(self, kind: str, body: Any, blobs: tuple[bytes, ...]) -> dict[str, Any]:
         checked = self.body.check(body, kind)
         if len(blobs) != len(self.blobs):
-            raise MalformedMessage(f"{kind} carries {len(blobs)} blobs, expected {len(self.blobs)}")
+            raise MalformedEnvelope(f"{kind} carries {len(blobs)} blobs, expected {len(self.blobs)}")
         for i, (blob, size) in enumerate(zip(blobs, self.blobs, strict=True)):
             n = len(blob)
             if (size is not None and n != size) or (size is None and not 0 < n <= self.max_blob):
-                raise MalformedMessage(f"{kind} blob {i} of {n} bytes, expected "
+                raise MalformedEnvelope(f"{kind} blob {i} of {n} bytes, expected "
                                        f"{size if size is not None else f'1..{self.max_blob}'}")
         return checked
 
@@ -275,5 +275,5 @@ def check_body(schemas: Mapping[str, MessageSchema], kind: str, body: Any, blobs
     """Check one message against its schema; an unknown type is malformed too."""
     schema = schemas.get(kind)
     if schema is None:
-        raise MalformedMessage(f"unknown message type {safe_text(kind, 40)}")
+        raise MalformedEnvelope(f"unknown message type {safe_text(kind, 40)}")
     return schema.check(kind, body, blobs)

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from hemafed.core.identity import allowed_sites, fingerprint
+from hemafed.core.trust.identity import allowed_sites, fingerprint
 from hemafed.network import handshake
 from hemafed.network.envelope import (
     AUTH,

@@ -1,9 +1,9 @@
 """A hospital site's driver: I/O, threads and time around the round state machine
-(`hemafed.core.site_round.SiteRound`), which makes every decision.
+(`hemafed.core.rounds.site_round.SiteRound`), which makes every decision.
 
 The driver connects (reconnecting with back-off after a transient failure), feeds each
 message to the machine and carries out the actions it returns: sends, typed events
-(`hemafed.core.site_events`, all delivered on the event-loop thread), preparing a plan
+(`hemafed.core.rounds.site_events`, all delivered on the event-loop thread), preparing a plan
 and training a round off the event loop. With DP, the durable ledger entry is written
 inside training (`train_private_round`), so the spend is on disk before any send.
 The headless `hemafed site` and the desktop app drive the same object:
@@ -31,11 +31,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from hemafed.core import site_round as sr
 from hemafed.core.atomic import append_line_durable, atomic_write_bytes
-from hemafed.core.identity import IdentityKey, load_identity
-from hemafed.core.plan import FederationPlan
-from hemafed.core.site_events import (
+from hemafed.core.errors import HemafedError
+from hemafed.core.learning.models import model_problems
+from hemafed.core.rounds import site_round as sr
+from hemafed.core.rounds.plan import FederationPlan
+from hemafed.core.rounds.site_events import (
     ConnectionChanged,
     Finished,
     RoundFinished,
@@ -44,9 +45,9 @@ from hemafed.core.site_events import (
     StageChanged,
     TrainProgress,
 )
-from hemafed.core.site_round import PlanRefused, PrivacySettings
-from hemafed.core.text import safe_text
-from hemafed.network import protocol as P
+from hemafed.core.rounds.site_round import PlanRefused, PrivacySettings
+from hemafed.core.trust.identity import IdentityKey, load_identity
+from hemafed.core.trust.text import safe_text
 from hemafed.network.client import Backoff, SiteClient
 from hemafed.network.config import SiteConfig
 from hemafed.network.envelope import Envelope, Limits
@@ -86,7 +87,7 @@ class _Prepared:
     epsilon_per_round: tuple[float, ...]
 
 
-class _Stopped(Exception):
+class _Stopped(HemafedError):
     """stop() was called: unwind to run()."""
 
 
@@ -110,9 +111,8 @@ class SiteRunner:
         self.die_at = die_at
         self.on_die = on_die or _hard_exit
         self.backoff = Backoff()  # reconnect policy: a site gives up after backoff.retry_for seconds unreachable
-        self.machine = sr.SiteRound(cfg.bounds, identity=self.identity.private_key, secagg_config=P.secagg_config,
-                                    federation=cfg.federation, auto_accept=auto_accept,
-                                    roster=cfg.pinned_roster())
+        self.machine = sr.SiteRound(cfg.bounds, identity=self.identity.private_key, federation=cfg.federation,
+                                    auto_accept=auto_accept, roster=cfg.pinned_roster(), plan_problems=model_problems)
         self.plan: FederationPlan | None = None
         self.data: LocalData | None = None
         self.privacy: PrivacySettings | None = None
@@ -403,8 +403,8 @@ class SiteRunner:
     def prepare(self, plan: FederationPlan) -> _Prepared:
         """Load the data, open the ledger, calibrate σ for the whole plan (off the event loop).
         Raises `PlanRefused` with every reason the plan cannot run here."""
-        from hemafed.core.calibration import BudgetTooSmall, calibrate_sigma, sample_rate, steps_per_round
-        from hemafed.core.models import build_model
+        from hemafed.core.learning.models import build_model
+        from hemafed.core.privacy.calibration import BudgetTooSmall, calibrate_sigma, sample_rate, steps_per_round
 
         n_params = sum(p.numel() for p in build_model(plan.model, len(plan.classes)).parameters())
         if self.plan is None or self.plan.digest() != plan.digest() or self.data is None:
@@ -443,8 +443,8 @@ class SiteRunner:
     def _prepare_fedsgd(self, plan: FederationPlan, n_params: int) -> _Prepared:
         """DP-FedSGD: the plan fixes σ and q for every site; this site checks its bounds and that the plan's
         rounds fit its budget, and computes its images' fixed features once."""
-        from hemafed.core.fedsgd_site import FedSGDSite
-        from hemafed.core.plan import PlanError
+        from hemafed.core.learning.fedsgd_site import FedSGDSite
+        from hemafed.core.rounds.plan import PlanError
 
         assert self.data is not None
         if not plan.dp or not plan.secagg:
@@ -454,7 +454,7 @@ class SiteRunner:
         self.ledger = self._open_ledger(plan, default_delta=min(plan.delta, 1.0 / n))
         if self.fedsgd is None or self.fedsgd.plan.digest() != plan.digest():
             try:
-                self.fedsgd = FedSGDSite(plan, P.secagg_config(plan, n_params), self.ledger, self.cfg.bounds,
+                self.fedsgd = FedSGDSite(plan, plan.secagg_config(n_params), self.ledger, self.cfg.bounds,
                                          self.data.train_images, self.data.train_labels, self.data.val_images,
                                          self.data.val_labels)
             except PlanError as exc:
@@ -467,7 +467,7 @@ class SiteRunner:
     def _open_ledger(self, plan: FederationPlan, default_delta: float):
         """This federation's ledger: δ and accountant stay what they were when it was
         created; a different budget is refused rather than silently applied."""
-        from hemafed.core.ledger import LedgerCorrupt, PrivacyLedger
+        from hemafed.core.privacy.ledger import LedgerCorrupt, PrivacyLedger
 
         try:
             ledger = PrivacyLedger(plan.federation_id, state=self.cfg.state_dir)
@@ -485,8 +485,8 @@ class SiteRunner:
         return ledger
 
     def _load_data(self, plan: FederationPlan) -> LocalData:
-        from hemafed.core.partition import stratified_split
-        from hemafed.core.scan import scan_source
+        from hemafed.core.data.partition import stratified_split
+        from hemafed.core.data.scan import scan_source
 
         try:
             site = scan_source(self.cfg.data, plan.classes, size=plan.input_size)
@@ -506,9 +506,9 @@ class SiteRunner:
     # -- a round -------------------------------------------------------------------------------
 
     async def _train_action(self, action: sr.Train) -> list[sr.Action]:
-        from hemafed.core.dp_train import TrainingCancelled
-        from hemafed.core.fedsgd_site import RoundCancelled
-        from hemafed.core.ledger import BudgetExhausted
+        from hemafed.core.learning.dp_train import TrainingCancelled
+        from hemafed.core.learning.fedsgd_site import RoundCancelled
+        from hemafed.core.privacy.ledger import BudgetExhausted
 
         rnd = action.round
         recorded_before = self.ledger.rounds if self.ledger is not None and self.privacy is not None else 0
@@ -539,7 +539,7 @@ class SiteRunner:
 
     async def _fedavg_work(self, action: sr.Train) -> tuple[sr.TrainOutcome, float, int]:
         """Local epochs of (DP-)SGD from the global model; the evaluation comes first."""
-        from hemafed.core.dp_train import TrainingCancelled
+        from hemafed.core.learning.dp_train import TrainingCancelled
 
         model = await asyncio.to_thread(self._model, action)
         confusion = await asyncio.to_thread(self._evaluate, model)
@@ -570,7 +570,7 @@ class SiteRunner:
         return self.ledger.spent_epsilon() if self.ledger is not None and self.privacy is not None else None
 
     def _model(self, action: sr.Train):
-        from hemafed.core.models import build_model, set_flat_params
+        from hemafed.core.learning.models import build_model, set_flat_params
 
         assert self.plan is not None
         model = build_model(self.plan.model, len(self.plan.classes))
@@ -579,7 +579,7 @@ class SiteRunner:
         return model
 
     def _evaluate(self, model) -> np.ndarray:
-        from hemafed.core.dp_train import evaluate
+        from hemafed.core.learning.dp_train import evaluate
 
         assert self.data is not None and self.plan is not None
         return evaluate(model, self.data.val_images, self.data.val_labels, len(self.plan.classes))
@@ -590,8 +590,8 @@ class SiteRunner:
         disk before any send. Stops between steps once `stop()` is called."""
         import torch
 
-        from hemafed.core.dp_train import LocalTrainConfig, train_local
-        from hemafed.core.private_round import train_private_round
+        from hemafed.core.learning.dp_train import LocalTrainConfig, train_local
+        from hemafed.core.learning.private_round import train_private_round
 
         assert self.plan is not None and self.data is not None
         if self.cfg.torch_threads:

@@ -1,10 +1,10 @@
-"""The site driver's typed events (defined in `hemafed.core.site_events`, where the
+"""The site driver's typed events (defined in `hemafed.core.rounds.site_events`, where the
 round state machine makes them); see that module for their order and meaning.
 `log_event` is the headless site's log line for each."""
 
 import logging
 
-from hemafed.core.site_events import (
+from hemafed.core.rounds.site_events import (
     OUTCOMES,
     STAGES,
     ConnectionChanged,

@@ -8,7 +8,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from hemafed.core.certs import leaf_certificate_der
+from hemafed.core.trust.certs import leaf_certificate_der
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from hemafed.core.identity import IdentityKey
+from hemafed.core.trust.identity import IdentityKey
 
 
 @dataclass(frozen=True)

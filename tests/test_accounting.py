@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hemafed.core.accounting import PRV_EPS_ERROR, Accountant, default_delta
+from hemafed.core.privacy.accounting import PRV_EPS_ERROR, Accountant, default_delta
 
 # Pinned in Opacus' own tests (opacus/tests/accountants_test.py): σ=1.5, q=0.04, 90 epochs.
 SIGMA, Q, STEPS = 1.5, 0.04, int(90 / 0.04)

@@ -1,4 +1,4 @@
-"""The aggregator's federation machine (core/agg_round.py) without sockets, clocks or files:
+"""The aggregator's federation machine (core/rounds/agg_round.py) without sockets, clocks or files:
 joins and plan answers, plain and secure rounds driven by real site-side secure-aggregation
 machines, declines, time-outs, and a round that waits until it is recorded."""
 
@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hemafed.core import agg_round as R
 from hemafed.core import secagg
-from hemafed.core.identity import IdentityKey, parse_public_line
-from hemafed.core.plan import FederationPlan
-from hemafed.core.server_opt import make_server_optimizer
+from hemafed.core.learning.server_opt import make_server_optimizer
+from hemafed.core.rounds import agg_round as R
+from hemafed.core.rounds.plan import FederationPlan
+from hemafed.core.trust.identity import IdentityKey, parse_public_line
 
 DIM = 6
 K = 2  # classes: extras are K*K confusion counts
@@ -118,7 +118,7 @@ def _secure_round(m: R.FederationMachine, keys: dict[str, IdentityKey], updates:
                   sink: list | None = None) -> R.RoundOutcome:
     """Drive a secure round through the machine with real site-side secure-aggregation machines."""
     rnd = m.round
-    cfg = R.secagg_config(m.plan, DIM)
+    cfg = m.plan.secagg_config(DIM)
     joined = m.tick(0.0)
     for s in keys:
         joined += _join(m, s)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from hemafed.core.identity import IdentityKey
-from hemafed.core.plan import FederationPlan, PlanError
+from hemafed.core.rounds.plan import FederationPlan, PlanError
+from hemafed.core.trust.identity import IdentityKey
 from hemafed.network.config import AggregatorConfig, render_toml
 
 
@@ -46,18 +46,17 @@ def _write_plan(tmp_path: Path, plan: dict, n_sites: int = 10) -> Path:
 def test_a_budget_in_the_plan_gives_the_recommended_recipe_that_spends_it(tmp_path: Path) -> None:
     """`epsilon` + `expected_images` instead of a full [plan]: the aggregator computes σ, and the plan a
     site receives spends exactly that budget at the site's own accountant."""
-    from hemafed.core.accounting import Accountant
-    from hemafed.core.agg_round import secagg_config
-    from hemafed.core.fedsgd import site_privacy
-    from hemafed.core.models import build_model
-    from hemafed.core.recipe import RECIPE
+    from hemafed.core.learning.fedsgd import site_privacy
+    from hemafed.core.learning.models import build_model
+    from hemafed.core.learning.recipe import RECIPE
+    from hemafed.core.privacy.accounting import Accountant
 
     plan = AggregatorConfig.load(_write_plan(tmp_path, {"federation_id": "blood-2026", "epsilon": 3,
                                                         "expected_images": 10761, "rounds": 60})).plan
     assert (plan.algorithm, plan.dp_mode, plan.model, plan.rounds) == ("fedsgd", "distributed", RECIPE["model"], 60)
     assert (plan.threshold, plan.min_sites, plan.max_sites, plan.batch_size) == (6, 6, 10, round(0.1713 * 10761))
     dim = sum(p.numel() for p in build_model(plan.model).parameters())
-    privacy = site_privacy(plan, secagg_config(plan, dim))
+    privacy = site_privacy(plan, plan.secagg_config(dim))
     eps = Accountant("rdp").projected_epsilon(privacy.sigma, plan.sample_rate, plan.rounds, plan.delta,
                                               skellam=privacy.skellam)
     assert 2.95 < eps <= 3.0
@@ -65,7 +64,7 @@ def test_a_budget_in_the_plan_gives_the_recommended_recipe_that_spends_it(tmp_pa
 
 
 def test_the_recipe_lr_falls_with_the_noise_unless_the_plan_sets_it() -> None:
-    from hemafed.core.recipe import recommended_plan, server_lr_for
+    from hemafed.core.learning.recipe import recommended_plan, server_lr_for
 
     assert server_lr_for(2.6) == 1.0 and server_lr_for(1.0) == 1.0 and server_lr_for(5.2) == 0.5
     e8, e3 = (recommended_plan(e, 10761, 10) for e in (8, 3))

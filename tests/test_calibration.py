@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from hemafed.core.accounting import Accountant
-from hemafed.core.calibration import (
+from hemafed.core.privacy.accounting import Accountant
+from hemafed.core.privacy.calibration import (
     SIGMA_RTOL,
     BudgetTooSmall,
     calibrate_sigma,

@@ -8,7 +8,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from hemafed.core.certs import create_federation_certs
+from hemafed.core.trust.certs import create_federation_certs
 from hemafed.gui.cli import main
 
 

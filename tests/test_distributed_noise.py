@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from opacus.accountants.analysis.rdp import compute_rdp
 
-from hemafed.core.accounting import Accountant
-from hemafed.core.calibration import calibrate_sigma
-from hemafed.core.distributed_noise import ORDERS, DistributedNoise, skellam_noise, skellam_rdp
+from hemafed.core.privacy.accounting import Accountant
+from hemafed.core.privacy.calibration import calibrate_sigma
+from hemafed.core.privacy.distributed_noise import ORDERS, DistributedNoise, skellam_noise, skellam_rdp
 from hemafed.core.secagg.config import SecAggConfig
 from hemafed.core.secagg.prg import RING_DTYPE
 from hemafed.core.secagg.quantize import quantize
@@ -77,7 +77,7 @@ def test_rounding_inflation_is_small_and_counted() -> None:
 def test_amplification_bound_matches_exact_gaussian() -> None:
     """Fed the Gaussian RDP curve, the subsampling bound used for Skellam equals Opacus' exact subsampled
     Gaussian at integer orders; the Skellam correction terms are tiny at our sensitivities."""
-    from hemafed.core.distributed_noise import subsampled_rdp
+    from hemafed.core.privacy.distributed_noise import subsampled_rdp
 
     q, sigma = 0.085, 1.5
     exact = compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(ORDERS))

@@ -31,11 +31,10 @@ def test_train_central_reports_missing_data(tmp_path, capsys: pytest.CaptureFixt
 def test_fedsgd_plan_prints_a_plan_that_loads_and_spends_the_budget(capsys) -> None:
     import tomllib
 
-    from hemafed.core.accounting import Accountant
-    from hemafed.core.agg_round import secagg_config
-    from hemafed.core.fedsgd import site_privacy
-    from hemafed.core.models import build_model
-    from hemafed.core.plan import FederationPlan
+    from hemafed.core.learning.fedsgd import site_privacy
+    from hemafed.core.learning.models import build_model
+    from hemafed.core.privacy.accounting import Accountant
+    from hemafed.core.rounds.plan import FederationPlan
 
     assert cli_main(["privacy", "fedsgd-plan", "--epsilon", "3", "--rounds", "50", "--images", "5000",
                      "--sites", "5"]) == 0
@@ -43,7 +42,7 @@ def test_fedsgd_plan_prints_a_plan_that_loads_and_spends_the_budget(capsys) -> N
     plan = FederationPlan.from_dict(tomllib.loads(out)["plan"])
     assert (plan.algorithm, plan.dp_mode, plan.threshold, plan.batch_size) == ("fedsgd", "distributed", 3, 856)
     dim = sum(p.numel() for p in build_model(plan.model).parameters())
-    privacy = site_privacy(plan, secagg_config(plan, dim))
+    privacy = site_privacy(plan, plan.secagg_config(dim))
     eps = Accountant("rdp").projected_epsilon(privacy.sigma, plan.sample_rate, plan.rounds, plan.delta,
                                               skellam=privacy.skellam)
     assert 2.9 < eps <= 3.0

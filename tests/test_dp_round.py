@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from hemafed.core.dp_train import LocalTrainConfig, TrainingCancelled
-from hemafed.core.ledger import BudgetExhausted, PrivacyLedger
-from hemafed.core.models import build_model, model_hash
-from hemafed.core.private_round import train_private_round
+from hemafed.core.learning.dp_train import LocalTrainConfig, TrainingCancelled
+from hemafed.core.learning.models import build_model, model_hash
+from hemafed.core.learning.private_round import train_private_round
+from hemafed.core.privacy.ledger import BudgetExhausted, PrivacyLedger
 
 
 def _data(n: int = 32) -> tuple[torch.Tensor, np.ndarray]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hemafed.core.dp_train import (
+from hemafed.core.learning.dp_train import (
     LocalTrainConfig,
     LocalTrainingJob,
     TrainingCancelled,
@@ -19,8 +19,8 @@ from hemafed.core.dp_train import (
     evaluate,
     train_local,
 )
-from hemafed.core.models import build_model, get_flat_params, num_parameters
-from hemafed.core.per_sample import make_clipper
+from hemafed.core.learning.models import build_model, get_flat_params, num_parameters
+from hemafed.core.learning.per_sample import make_clipper
 
 
 def _data(n: int = 24, size: int = 28, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
@@ -195,9 +195,9 @@ def test_evaluate_confusion_matrix() -> None:
 
 @pytest.mark.slow
 def test_short_dp_run_on_real_data_beats_the_untrained_model(shared_data) -> None:
-    from hemafed.core.bloodmnist import load_splits, locate
-    from hemafed.core.calibration import plan_privacy
-    from hemafed.core.models import images_to_tensor
+    from hemafed.core.data.bloodmnist import load_splits, locate
+    from hemafed.core.learning.models import images_to_tensor
+    from hemafed.core.privacy.calibration import plan_privacy
 
     splits = load_splits(locate(shared_data))
     rng = np.random.default_rng(0)

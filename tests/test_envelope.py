@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hemafed.network.envelope import Envelope, Limits
-from hemafed.network.errors import MalformedMessage, MessageTooLarge, ProtocolError
+from hemafed.network.errors import MalformedEnvelope, MessageTooLarge, ProtocolError
 
 LIMITS = Limits(max_message=1 << 16, max_header=1 << 12, max_blobs=8)
 
@@ -89,14 +89,14 @@ def test_arbitrary_bytes_never_escape_as_other_errors(data):
     ],
 )
 def test_malformed(data, match):
-    with pytest.raises(MalformedMessage, match=match) as info:
+    with pytest.raises(MalformedEnvelope, match=match) as info:
         Envelope.decode(data, LIMITS)
     assert info.value.code == "malformed"
     assert info.value.public == "malformed message"  # what the peer sees: no parser details
 
 
 def test_text_frame_is_malformed():
-    with pytest.raises(MalformedMessage, match="text frame"):
+    with pytest.raises(MalformedEnvelope, match="text frame"):
         Envelope.decode("hello", LIMITS)  # type: ignore[arg-type]
 
 

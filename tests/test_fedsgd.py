@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hemafed.core.fedsgd import (
+from hemafed.core.learning.fedsgd import (
     FedSGDServer,
     check_plan_budget,
     clipped_gradient_sum,
@@ -16,9 +16,9 @@ from hemafed.core.fedsgd import (
     site_privacy,
     site_round,
 )
-from hemafed.core.ledger import PrivacyLedger
-from hemafed.core.models import get_flat_params
-from hemafed.core.plan import FederationPlan, PlanError, SiteBounds
+from hemafed.core.learning.models import get_flat_params
+from hemafed.core.privacy.ledger import PrivacyLedger
+from hemafed.core.rounds.plan import FederationPlan, PlanError, SiteBounds
 from hemafed.core.secagg.config import SecAggConfig
 from hemafed.core.secagg.prg import RING_DTYPE
 from hemafed.core.secagg.quantize import quantize
@@ -123,8 +123,8 @@ def test_distributed_plan_needs_secagg_and_a_common_sigma() -> None:
 def test_centering_round_sums_clipped_features_and_sets_only_the_center() -> None:
     """A CenteredLinear head's first round: each record adds its feature vector clipped to the radius and
     scaled by C/R (so at most C, as a clipped gradient), and the server sets the center to the mean."""
-    from hemafed.core.fedsgd import center_layout, clipped_round_sum
-    from hemafed.core.models import CenteredLinear
+    from hemafed.core.learning.fedsgd import center_layout, clipped_round_sum
+    from hemafed.core.learning.models import CenteredLinear
 
     torch.manual_seed(0)
     head = CenteredLinear(6, 3, radius=2.0)
@@ -149,8 +149,8 @@ def test_centering_round_sums_clipped_features_and_sets_only_the_center() -> Non
 
 
 def test_after_centering_rounds_train_w_and_b_on_centred_inputs_and_keep_the_center() -> None:
-    from hemafed.core.fedsgd import center_layout, clipped_round_sum
-    from hemafed.core.models import CenteredLinear, set_flat_params
+    from hemafed.core.learning.fedsgd import center_layout, clipped_round_sum
+    from hemafed.core.learning.models import CenteredLinear, set_flat_params
 
     torch.manual_seed(1)
     head = CenteredLinear(6, 3, radius=2.0)

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from hemafed.core.identity import (
+from hemafed.core.trust.identity import (
     IdentityError,
     IdentityKey,
     allowed_sites,

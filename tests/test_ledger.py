@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from hemafed.core.accounting import Accountant
-from hemafed.core.ledger import (
+from hemafed.core.privacy.accounting import Accountant
+from hemafed.core.privacy.ledger import (
     BudgetExhausted,
     LedgerCorrupt,
     LedgerMismatch,
@@ -92,7 +92,7 @@ def test_damaged_ledger_refuses_to_load(tmp_path, damage: str) -> None:
     else:
         doc = json.loads(raw)
         doc["body"]["rounds"][0]["sigma"] = "x"
-        from hemafed.core.ledger import _checksum
+        from hemafed.core.privacy.ledger import _checksum
 
         doc["sha256"] = _checksum(doc["body"])
         led.path.write_text(json.dumps(doc))

@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from hemafed.core.ledger import PrivacyLedger
+from hemafed.core.privacy.ledger import PrivacyLedger
 
 CHILD = textwrap.dedent("""
     import sys
-    from hemafed.core.ledger import PrivacyLedger
+    from hemafed.core.privacy.ledger import PrivacyLedger
     led = PrivacyLedger("crash-fed", 1e6, 1e-5, state=sys.argv[1])
     r = led.rounds
     while True:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from opacus.validators import ModuleValidator
 
-from hemafed.core.models import (
+from hemafed.core.learning.models import (
     DEFAULT_MODEL,
     MODELS,
     build_model,
@@ -85,8 +85,8 @@ def test_scatter_test_time_augmentation_averages_the_eight_views(name: str) -> N
     """In eval mode a scatter_* model averages its logits over the 8 symmetries of the square
     (its head is linear, so averaging the features is the same thing); the result is therefore
     exactly invariant to rotating or flipping the image, and training mode sees one view."""
-    from hemafed.core.features import dihedral
-    from hemafed.core.models import evaluation_features, split_features
+    from hemafed.core.learning.features import dihedral
+    from hemafed.core.learning.models import evaluation_features, split_features
 
     torch.manual_seed(0)
     model = build_model(name, 8)
@@ -109,8 +109,8 @@ def test_scatter_test_time_augmentation_averages_the_eight_views(name: str) -> N
 def test_invariant_model_trains_on_what_it_is_evaluated_on() -> None:
     """scatter_synth_inv_28: a site's training input for an image is the 8-view average that
     evaluation uses — a fixed function of that image alone, identical for all its rotations and flips."""
-    from hemafed.core.features import dihedral
-    from hemafed.core.models import evaluation_features, split_features
+    from hemafed.core.learning.features import dihedral
+    from hemafed.core.learning.models import evaluation_features, split_features
 
     model = build_model("scatter_synth_inv_28", 8, seed=0)
     features, _ = split_features(model)
@@ -131,7 +131,7 @@ def test_invariant_model_trains_on_what_it_is_evaluated_on() -> None:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_registry_says_which_models_have_a_feature_center(name: str) -> None:
-    from hemafed.core.models import CenteredLinear, split_features
+    from hemafed.core.learning.models import CenteredLinear, split_features
 
     head = split_features(build_model(name, 8))[1]
     assert MODELS[name].centred == isinstance(head, CenteredLinear)

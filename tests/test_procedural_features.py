@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hemafed.core.models import build_model, get_flat_params, split_features
-from hemafed.core.procedural_features import (
+from hemafed.core.learning.models import build_model, get_flat_params, split_features
+from hemafed.core.learning.procedural_features import (
     CHANNELS,
     augment,
     dead_leaves,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from hemafed.core.identity import IdentityKey
-from hemafed.core.roster import RosterError, load_signed_roster, roster_from_fingerprints, write_roster
 from hemafed.core.secagg import ConsistencyError, SecAggConfig, SiteSecAgg
+from hemafed.core.trust.identity import IdentityKey
+from hemafed.core.trust.roster import RosterError, load_signed_roster, roster_from_fingerprints, write_roster
 from hemafed.gui.cli import main as cli_main
 
 

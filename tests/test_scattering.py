@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hemafed.core.features import Scattering2D, _subsample
+from hemafed.core.learning.features import Scattering2D, _subsample
 
 
 def test_subsample_is_the_mean_over_the_fourier_folds() -> None:

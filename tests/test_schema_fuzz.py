@@ -25,10 +25,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hemafed.core import agg_round, secagg, strict_json
-from hemafed.core.agg_round import Inbound
-from hemafed.core.plan import FederationPlan
+from hemafed.core import secagg
+from hemafed.core.rounds import agg_round
+from hemafed.core.rounds.agg_round import Inbound
+from hemafed.core.rounds.plan import FederationPlan
 from hemafed.core.secagg import messages as M
+from hemafed.core.trust import strict_json
 from hemafed.network import protocol as P
 from hemafed.network.aggregator import Aggregator
 from hemafed.network.config import AggregatorConfig
@@ -172,7 +174,7 @@ def state_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _key_line() -> str:
-    from hemafed.core.identity import public_line
+    from hemafed.core.trust.identity import public_line
 
     return public_line(Ed25519PrivateKey.generate().public_key())
 
@@ -213,7 +215,7 @@ def _machine_view(agg: Aggregator) -> tuple:
 @given(st.lists(events, min_size=PER_EXAMPLE, max_size=PER_EXAMPLE))
 def test_aggregator_edge_and_federation_machine(state_root: Path, batch: list) -> None:
     """Joins, leaves, clock ticks and generated messages, in any order, through the aggregator's edge
-    (validator) into its federation machine (core/agg_round.py), without sockets: a message the edge
+    (validator) into its federation machine (core/rounds/agg_round.py), without sockets: a message the edge
     refuses changes nothing; whatever passes is handled without any exception and without any
     `internal` refusal (which would mean a bug on the aggregator's side)."""
     import tempfile

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from hemafed.core import secagg
-from hemafed.core import site_round as sr
-from hemafed.core.identity import IdentityKey
-from hemafed.core.plan import FederationPlan, SiteBounds
-from hemafed.core.site_events import (
+from hemafed.core.learning.models import model_problems
+from hemafed.core.rounds import site_round as sr
+from hemafed.core.rounds.plan import FederationPlan, SiteBounds
+from hemafed.core.rounds.site_events import (
     PlanAnswered,
     PlanReceived,
     RoundFinished,
@@ -22,7 +22,8 @@ from hemafed.core.site_events import (
     SiteFailed,
     StageChanged,
 )
-from hemafed.core.text import safe_list, safe_text
+from hemafed.core.trust.identity import IdentityKey
+from hemafed.core.trust.text import safe_list, safe_text
 from hemafed.network import protocol as P
 
 N_PARAMS = 12
@@ -60,7 +61,7 @@ def round_start(rnd: int, participants: dict[str, str] | None = None, blob: byte
 
 
 def machine(auto_accept: bool = True, bounds: SiteBounds | None = None, federation: str | None = "fed") -> sr.SiteRound:
-    return sr.SiteRound(bounds or SiteBounds(), identity=ME.private_key, secagg_config=P.secagg_config,
+    return sr.SiteRound(bounds or SiteBounds(), identity=ME.private_key, plan_problems=model_problems,
                         federation=federation, auto_accept=auto_accept)
 
 
@@ -89,7 +90,7 @@ def outcome(eps: float = 1.0, weight: int = 40) -> sr.TrainOutcome:
 
 
 def snapshot(m: sr.SiteRound) -> dict[str, Any]:
-    state = {k: v for k, v in vars(m).items() if k not in ("secagg", "_identity", "_secagg_config")}
+    state = {k: v for k, v in vars(m).items() if k not in ("secagg", "_identity", "_plan_problems")}
     state["secagg_stage"] = m.secagg.stage if m.secagg is not None else None
     return copy.deepcopy(state)
 
@@ -221,7 +222,7 @@ def test_a_secure_round_advertises_keys_and_refuses_bad_participants() -> None:
 
 
 def test_a_pinned_roster_refuses_a_round_naming_a_key_off_it() -> None:
-    from hemafed.core.roster import roster_from_fingerprints
+    from hemafed.core.trust.roster import roster_from_fingerprints
 
     m = joined()
     m.roster = roster_from_fingerprints([ME.fingerprint, PEER.fingerprint])

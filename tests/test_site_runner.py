@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 from test_site_round import N_PARAMS, make_plan, outcome, plan_msg, round_start
 
-from hemafed.core import site_round as sr
-from hemafed.core.identity import IdentityKey
+from hemafed.core.rounds import site_round as sr
+from hemafed.core.trust.identity import IdentityKey
 from hemafed.network.client import SiteClient
 from hemafed.network.config import SiteConfig
 from hemafed.network.site import SiteRunner

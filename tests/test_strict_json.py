@@ -6,9 +6,10 @@ import struct
 
 import pytest
 
-from hemafed.core import secagg, strict_json
+from hemafed.core import secagg
+from hemafed.core.trust import strict_json
 from hemafed.network.envelope import Envelope, Limits
-from hemafed.network.errors import MalformedMessage
+from hemafed.network.errors import MalformedEnvelope
 from hemafed.network.schema import safe_text
 
 HUGE = "1" + "0" * 5000
@@ -37,7 +38,7 @@ def test_secagg_decoder_refuses_a_huge_integer_in_any_message(kind: str) -> None
 
 def test_envelope_decoder_refuses_a_huge_integer_anywhere() -> None:
     header = f'{{"v":1,"type":"plan","round":0,"body":{{"site_id":{HUGE}}},"blobs":[]}}'.encode()
-    with pytest.raises(MalformedMessage):
+    with pytest.raises(MalformedEnvelope):
         Envelope.decode(struct.pack(">I", len(header)) + header, Limits())
 
 

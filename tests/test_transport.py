@@ -22,8 +22,8 @@ from forger import Forger
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from hemafed.core.certs import create_federation_certs
-from hemafed.core.identity import IdentityKey
+from hemafed.core.trust.certs import create_federation_certs
+from hemafed.core.trust.identity import IdentityKey
 from hemafed.network import handshake
 from hemafed.network.client import Backoff, SiteClient
 from hemafed.network.envelope import Envelope, Limits
@@ -473,7 +473,7 @@ def test_layering() -> None:
 
     code = (
         "import sys\n"
-        "import hemafed.core.identity, hemafed.core.certs\n"
+        "import hemafed.core.trust.identity, hemafed.core.trust.certs\n"
         "assert 'asyncio' not in sys.modules and 'websockets' not in sys.modules, 'core pulled in I/O'\n"
         "import hemafed.network.server, hemafed.network.client\n"
         "assert not any(m.startswith('PySide6') for m in sys.modules), 'network pulled in Qt'\n"

@@ -18,8 +18,8 @@ from typing import TypeVar
 import pytest
 from websockets.asyncio.client import connect
 
-from hemafed.core.certs import create_federation_certs
-from hemafed.core.identity import IdentityKey
+from hemafed.core.trust.certs import create_federation_certs
+from hemafed.core.trust.identity import IdentityKey
 from hemafed.network import handshake
 from hemafed.network.client import Backoff, SiteClient
 from hemafed.network.envelope import Envelope, Limits

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from core.bloodmnist import load_splits, locate
 from core.features import Scattering2D, scatter_features
 from core.models import images_to_tensor

@@ -47,9 +47,9 @@ def private_fit(tx: torch.Tensor, ty: torch.Tensor, vx: torch.Tensor, vy: torch.
     0.9. Returns per seed the validation accuracy single view and with logits summed over `views` too."""
     import numpy as np
 
-    from hemafed.core.calibration import calibrate_sigma
-    from hemafed.core.fedsgd import FedSGDServer, clipped_gradient_sum
-    from hemafed.core.models import get_flat_params, set_flat_params
+    from hemafed.core.learning.fedsgd import FedSGDServer, clipped_gradient_sum
+    from hemafed.core.learning.models import get_flat_params, set_flat_params
+    from hemafed.core.privacy.calibration import calibrate_sigma
 
     q = 0.1713
     sigma = calibrate_sigma(eps, 1e-5, q, rounds)

@@ -23,14 +23,14 @@ from bench.accuracy.head_ceiling import fit, private_fit
 
 
 def cache(out: Path, views: bool = False) -> None:
-    from hemafed.core.bloodmnist import load_splits, locate
-    from hemafed.core.features import Scattering2D, scatter_features
-    from hemafed.core.models import images_to_tensor
+    from hemafed.core.data.bloodmnist import load_splits, locate
+    from hemafed.core.learning.features import Scattering2D, scatter_features
+    from hemafed.core.learning.models import images_to_tensor
 
     splits = load_splits(locate(None))
     scat = Scattering2D(32, 3, 8)
     out.mkdir(parents=True, exist_ok=True)
-    from hemafed.core.features import dihedral
+    from hemafed.core.learning.features import dihedral
 
     jobs = [(name, 0) for name in ("val", "train")] + [("val", k) for k in range(1, 8) if views]
     for name, k in jobs:

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hemafed.core.calibration import calibrate_sigma
-from hemafed.core.fedsgd import FedSGDServer, clipped_gradient_sum
-from hemafed.core.models import get_flat_params, set_flat_params
+from hemafed.core.learning.fedsgd import FedSGDServer, clipped_gradient_sum
+from hemafed.core.learning.models import get_flat_params, set_flat_params
+from hemafed.core.privacy.calibration import calibrate_sigma
 
 
 def load(path: Path) -> tuple[torch.Tensor, torch.Tensor]:

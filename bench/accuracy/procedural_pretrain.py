@@ -1,10 +1,10 @@
 """Lever 6 of issue 9: features learned from procedurally generated images only (research script).
 
-The encoder and its pre-training live in `core/procedural_features.py` (the model `scatter_synth_28`
+The encoder and its pre-training live in `core/learning/procedural_features.py` (the model `scatter_synth_28`
 uses the weights it made). This script screens encoders on BloodMNIST's validation split: the
 non-private linear-probe ceiling, alone and beside the scattering features, and private heads:
 
-    python -m hemafed.core.procedural_features --minutes 35 --steps 100000 --out /tmp/randp/enc.npz
+    python -m hemafed.core.learning.procedural_features --minutes 35 --steps 100000 --out /tmp/randp/enc.npz
     python -m bench.accuracy.procedural_pretrain probe --out /tmp/randp --cache /tmp/acc --concat
     python -m bench.accuracy.procedural_pretrain dp --ckpt /tmp/randp/enc.npz --concat --eps 8 3 --lrs 0.5 0.25
     python -m bench.accuracy.procedural_pretrain dp --ckpt assets/procedural_encoder_28.npz --concat --orbit \
@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from hemafed.core.procedural_features import encoder_body, load_encoder, procedural_features
+from hemafed.core.learning.procedural_features import encoder_body, load_encoder, procedural_features
 
 
 def real_images() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """BloodMNIST's train and val splits as [0, 1] tensors (what the encoder was trained on)."""
-    from hemafed.core.bloodmnist import load_splits, locate
+    from hemafed.core.data.bloodmnist import load_splits, locate
 
     splits = load_splits(locate(None))
     return {name: (torch.from_numpy(s.images).permute(0, 3, 1, 2).float() / 255, torch.as_tensor(s.labels))
@@ -105,9 +105,9 @@ def synthetic_mean(body: nn.Module, args: argparse.Namespace, n: int = 4096) -> 
     import torch.nn.functional as F
 
     from bench.accuracy.cache_features import dihedral
-    from hemafed.core.features import Scattering2D, scatter_features
-    from hemafed.core.models import _normalisation
-    from hemafed.core.procedural_features import dead_leaves
+    from hemafed.core.learning.features import Scattering2D, scatter_features
+    from hemafed.core.learning.models import _normalisation
+    from hemafed.core.learning.procedural_features import dead_leaves
 
     syn = dead_leaves(n, torch.Generator().manual_seed(0))
     mean, std = _normalisation()
@@ -127,7 +127,7 @@ def private_center(tx: torch.Tensor, eps: float, seed: int, radius: float) -> to
     """What the product's first round releases (core.fedsgd.clipped_round_sum): the Poisson sample's
     features clipped to `radius`, scaled to norm ≤ C = 1, plus the round's noise as released (2× the
     accounted variance), rescaled by radius / expected batch."""
-    from hemafed.core.calibration import calibrate_sigma
+    from hemafed.core.privacy.calibration import calibrate_sigma
 
     q = 0.1713
     sigma = calibrate_sigma(eps, 1e-5, q, 500)

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from core.calibration import calibrate_sigma
 from core.fedsgd import FedSGDServer, clipped_gradient_sum
 from core.models import get_flat_params, set_flat_params

@@ -12,11 +12,11 @@ import time
 
 import numpy as np
 import torch
-
 from core.fedsgd import plan_noise_multiplier, prepare_site, site_privacy, site_round
 from core.ledger import PrivacyLedger
 from core.models import build_model, get_flat_params
 from core.plan import FederationPlan
+
 from core.secagg.config import SecAggConfig
 from core.secagg.quantize import quantize
 

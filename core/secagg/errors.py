@@ -1,6 +1,7 @@
 """The one exception tree of secure aggregation.
 
-Every error raised by ``hemafed.core.secagg`` derives from :class:`SecAggError`::
+Every error raised by ``hemafed.core.secagg`` derives from :class:`SecAggError` (a
+:class:`hemafed.core.errors.HemafedError`)::
 
     SecAggError                      base; fields: round, site_id, detail
     ├── ConfigError                  parameters that could overflow or make no sense (also a ValueError)
@@ -23,8 +24,10 @@ error (the network layer's job) so a peer learns nothing about our internal stat
 
 from __future__ import annotations
 
+from ..errors import HemafedError
 
-class SecAggError(Exception):
+
+class SecAggError(HemafedError):
     """Base of all secure-aggregation errors.
 
     ``round`` and ``site_id`` say which round and which peer the error concerns, where known.

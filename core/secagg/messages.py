@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .. import strict_json
+from ..trust import strict_json
 from . import aead, shamir
 from .errors import MalformedMessage, SecAggError, VectorLengthError
 from .prg import RING_DTYPE

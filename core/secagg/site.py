@@ -59,7 +59,7 @@ class SiteSecAgg:
     """One site, one round. ``peers`` maps every site id of the round (this one included) to its identity key.
 
     ``roster``, when given, holds the identity public keys (raw 32 bytes) this site accepts as peers — e.g. a
-    :class:`hemafed.core.roster.Roster` from a roster signed by the federation's admin, or from fingerprints in
+    :class:`hemafed.core.trust.roster.Roster` from a roster signed by the federation's admin, or from fingerprints in
     the site's own configuration. A round whose
     participant list (which the aggregator supplies) holds any other key is refused before anything is sent,
     so a compromised aggregator cannot slip in keys of its own.

@@ -40,7 +40,7 @@ PREVIEW = 240
 
 def run_scan(source: str, job: Job) -> ScanResult:
     """The scan as the worker runs it: validate every file, note each usable one."""
-    from hemafed.core.scan import scan_source
+    from hemafed.core.data.scan import scan_source
 
     files: list[Path] = []
     labels: list[int] = []

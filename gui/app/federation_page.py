@@ -164,7 +164,7 @@ class FederationPage(QWidget):
     # -- identity -------------------------------------------------------------------------------
 
     def identity(self):
-        from hemafed.core.identity import IdentityError, load_identity
+        from hemafed.core.trust.identity import IdentityError, load_identity
 
         try:
             return load_identity(self.state.state_dir), None
@@ -172,7 +172,7 @@ class FederationPage(QWidget):
             return None, str(exc)
 
     def refresh_identity(self) -> None:
-        from hemafed.core.identity import short_fingerprint
+        from hemafed.core.trust.identity import short_fingerprint
 
         identity, error = self.identity()
         if identity is None:
@@ -187,7 +187,7 @@ class FederationPage(QWidget):
         self.create_key_btn.setEnabled(False)
 
     def create_key(self) -> None:
-        from hemafed.core.identity import IdentityError, init_identity
+        from hemafed.core.trust.identity import IdentityError, init_identity
 
         try:
             init_identity(self.state.state_dir)
@@ -205,7 +205,7 @@ class FederationPage(QWidget):
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
         from hemafed.core.atomic import atomic_write_bytes
-        from hemafed.core.identity import KEY_DIR, PUB_FILE, IdentityKey, key_path
+        from hemafed.core.trust.identity import KEY_DIR, PUB_FILE, IdentityKey, key_path
 
         try:
             pem = path.read_bytes()

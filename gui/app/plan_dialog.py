@@ -16,7 +16,7 @@ from PySide6.QtWidgets import (
 
 
 def plan_rows(plan, privacy, epsilon_budget: float, epsilon_per_round: tuple[float, ...]) -> list[tuple[str, str]]:
-    from hemafed.core.models import MODELS  # torch: only once a plan arrives, never at start-up
+    from hemafed.core.learning.models import MODELS  # torch: only once a plan arrives, never at start-up
 
     model = MODELS.get(plan.model)
     fedsgd = plan.algorithm == "fedsgd"
@@ -81,7 +81,7 @@ def plan_rows(plan, privacy, epsilon_budget: float, epsilon_per_round: tuple[flo
 
 def sees_text(plan) -> str:
     if plan.secagg and plan.algorithm == "fedsgd":
-        from hemafed.core.models import MODELS
+        from hemafed.core.learning.models import MODELS
 
         model = MODELS.get(plan.model)
         sees = ("each round only the <b>sum</b> over at least t hospitals of their clipped, noised gradient sums "

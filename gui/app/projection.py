@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hemafed.core.accounting import Accountant
-from hemafed.core.calibration import (
+from hemafed.core.privacy.accounting import Accountant
+from hemafed.core.privacy.calibration import (
     MAX_SIGMA,
     BudgetTooSmall,
     calibrate_sigma,
@@ -15,7 +15,7 @@ from hemafed.core.calibration import (
     sample_rate,
     steps_per_round,
 )
-from hemafed.core.plan import FederationPlan, SiteBounds
+from hemafed.core.rounds.plan import FederationPlan, SiteBounds
 
 # σ above this keeps a small CNN from learning much (measured on the DP proxy, issue 9);
 # the page warns rather than refuses.
@@ -106,12 +106,11 @@ def _project_fedsgd(proj: Projection, plan: FederationPlan, entries: list, accou
     if driver_epsilon:
         proj.epsilon_per_round, proj.from_driver = list(driver_epsilon), True
     elif plan.noise_multiplier > 0:
-        from hemafed.core.agg_round import secagg_config
-        from hemafed.core.fedsgd import site_privacy
-        from hemafed.core.models import build_model
+        from hemafed.core.learning.fedsgd import site_privacy
+        from hemafed.core.learning.models import build_model
 
         dim = sum(p.numel() for p in build_model(plan.model, len(plan.classes)).parameters())
-        privacy = site_privacy(plan, secagg_config(plan, dim))
+        privacy = site_privacy(plan, plan.secagg_config(dim))
         acc = Accountant(accountant, [e.accountant_entry() for e in entries])  # type: ignore[arg-type]
         proj.epsilon_per_round = [acc.projected_epsilon(privacy.sigma, privacy.sample_rate, r, proj.delta,
                                                         skellam=privacy.skellam) for r in range(1, remaining + 1)]

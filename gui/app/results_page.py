@@ -35,10 +35,10 @@ NOT_DIAGNOSTIC = ("⚠ Research model, not a diagnostic device. Its predictions 
 
 def site_validation_confusion(model_path: Path, source: str, val_fraction: float, seed: int):
     """(model file, confusion matrix on this site's validation split): the split the driver uses."""
-    from hemafed.core.classify import load_model_file
-    from hemafed.core.dp_train import evaluate
-    from hemafed.core.partition import stratified_split
-    from hemafed.core.scan import scan_source
+    from hemafed.core.data.partition import stratified_split
+    from hemafed.core.data.scan import scan_source
+    from hemafed.core.learning.classify import load_model_file
+    from hemafed.core.learning.dp_train import evaluate
 
     model = load_model_file(model_path)
     if not source or not Path(source).exists():
@@ -130,7 +130,7 @@ class ClassifyPanel(QWidget):
         self.folder_btn.setEnabled(False)
 
         def work(job: Job):
-            from hemafed.core.classify import classify_paths
+            from hemafed.core.learning.classify import classify_paths
 
             model = self.results.loaded_model(model_path)
             return classify_paths(model, paths, progress=job.progress, cancelled=job.cancelled)
@@ -252,7 +252,7 @@ class ResultsPage(QWidget):
 
     def loaded_model(self, path: Path):
         """The model file, loaded once per file version (called from workers)."""
-        from hemafed.core.classify import load_model_file
+        from hemafed.core.learning.classify import load_model_file
 
         mtime = path.stat().st_mtime
         cached = self._model_cache

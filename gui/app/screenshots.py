@@ -53,13 +53,13 @@ def train_demo_model(source: Path, state_dir: Path, out: Path, rounds: int = 3):
     recorded in this site's ledger before its model is kept. Returns (plan, accuracies, model path)."""
     import numpy as np
 
-    from hemafed.core.calibration import calibrate_sigma, sample_rate, steps_per_round
-    from hemafed.core.dp_train import LocalTrainConfig, accuracy, evaluate, train_local
-    from hemafed.core.ledger import PrivacyLedger
-    from hemafed.core.models import build_model, get_flat_params, model_hash
-    from hemafed.core.partition import stratified_split
-    from hemafed.core.plan import FederationPlan
-    from hemafed.core.scan import scan_source
+    from hemafed.core.data.partition import stratified_split
+    from hemafed.core.data.scan import scan_source
+    from hemafed.core.learning.dp_train import LocalTrainConfig, accuracy, evaluate, train_local
+    from hemafed.core.learning.models import build_model, get_flat_params, model_hash
+    from hemafed.core.privacy.calibration import calibrate_sigma, sample_rate, steps_per_round
+    from hemafed.core.privacy.ledger import PrivacyLedger
+    from hemafed.core.rounds.plan import FederationPlan
     from hemafed.network.site import save_model_file
 
     plan = FederationPlan(federation_id=FEDERATION, model="cnn4_28", rounds=10, local_epochs=2, batch_size=128,
@@ -88,8 +88,8 @@ def train_demo_model(source: Path, state_dir: Path, out: Path, rounds: int = 3):
 def fedsgd_plan():
     """A DP-FedSGD plan with distributed DP as a federation's admin sets it up for 9 hospitals
     (`hemafed privacy fedsgd-plan`): σ shared by every site, q per image, one step per round."""
-    from hemafed.core.plan import FederationPlan
-    from hemafed.core.recipe import RECIPE, with_budget
+    from hemafed.core.learning.recipe import RECIPE, with_budget
+    from hemafed.core.rounds.plan import FederationPlan
 
     q, rounds = 0.02, 200
     plan = FederationPlan(federation_id="blood-cells-2026", model=RECIPE["model"], rounds=rounds,
@@ -148,7 +148,7 @@ def main() -> int:
 
 def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_path: Path, out: Path,
           width: int, height: int, classify_model: Path | None = None) -> None:
-    from hemafed.core.identity import init_identity
+    from hemafed.core.trust.identity import init_identity
     from hemafed.gui.app.main import create_window
     from hemafed.gui.app.state import RoundRecord
     from hemafed.network import site_events as ev
@@ -257,7 +257,7 @@ def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_p
 
     # One failure state: this site's key is not on the federation's list
     window.show_page("federation")
-    from hemafed.core.identity import load_identity, short_fingerprint
+    from hemafed.core.trust.identity import load_identity, short_fingerprint
 
     fp = short_fingerprint(load_identity(state.state_dir).public_key)
     # a fresh Join from a PC whose key the federation does not list (yet)

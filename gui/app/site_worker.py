@@ -36,11 +36,12 @@ log = logging.getLogger(__name__)
 # Everything the driver imports lazily on its way through a round (fedavg and fedsgd plans).
 # torch._dynamo (with triton and SymPy, ~150,000 objects) is imported by torch itself when the
 # first optimizer is created, i.e. at the first training step of the first round.
-DRIVER_MODULES = ("hemafed.network.site", "hemafed.core.models", "hemafed.core.dp_train",
-                  "hemafed.core.private_round", "hemafed.core.fedsgd_site", "hemafed.core.ledger",
-                  "hemafed.core.calibration", "hemafed.core.scan", "hemafed.core.partition",
+DRIVER_MODULES = ("hemafed.network.site", "hemafed.core.learning.models", "hemafed.core.learning.dp_train",
+                  "hemafed.core.learning.private_round", "hemafed.core.learning.fedsgd_site",
+                  "hemafed.core.privacy.ledger",
+                  "hemafed.core.privacy.calibration", "hemafed.core.data.scan", "hemafed.core.data.partition",
                   # the fixed feature maps of the scatter_* models, imported on first use otherwise
-                  "hemafed.core.features", "hemafed.core.procedural_features", "torch._dynamo")
+                  "hemafed.core.learning.features", "hemafed.core.learning.procedural_features", "torch._dynamo")
 _import_lock = threading.Lock()
 _imported = False
 

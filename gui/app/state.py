@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PySide6.QtCore import QObject, QTimer, Signal
 
-from hemafed.core.plan import FederationPlan, SiteBounds
-from hemafed.core.scan import ScanReport
+from hemafed.core.data.scan import ScanReport
+from hemafed.core.rounds.plan import FederationPlan, SiteBounds
 
 from .projection import Projection, project
 from .settings import Settings
@@ -99,7 +99,7 @@ class AppState(QObject):
 
     def split(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(train, val) indices the site will use for the current plan (the driver's split)."""
-        from hemafed.core.partition import stratified_split
+        from hemafed.core.data.partition import stratified_split
 
         if self.scan is None or len(self.scan.labels) == 0:
             return None
@@ -139,7 +139,7 @@ class AppState(QObject):
         return next((e for e in self.ledgers if e.get("federation_id") == federation_id), None)
 
     def ledger_entries(self, federation_id: str) -> list:
-        from hemafed.core.ledger import LedgerError, PrivacyLedger
+        from hemafed.core.privacy.ledger import LedgerError, PrivacyLedger
 
         try:
             return list(PrivacyLedger(federation_id, state=self.state_dir).entries)
@@ -147,7 +147,7 @@ class AppState(QObject):
             return []
 
     def refresh_ledgers(self) -> None:
-        from hemafed.core.ledger import list_ledgers
+        from hemafed.core.privacy.ledger import list_ledgers
 
         self.ledgers = list_ledgers(self.state_dir)
         self.ledgersChanged.emit()
@@ -155,7 +155,7 @@ class AppState(QObject):
     def refresh_ledgers_soon(self) -> None:
         """`refresh_ledgers` read in a worker, for use while training: each summary replays the
         accountant over every round (50 ms and more), which would stall the window."""
-        from hemafed.core.ledger import list_ledgers
+        from hemafed.core.privacy.ledger import list_ledgers
 
         state_dir = self.state_dir
         job = Job(lambda job: list_ledgers(state_dir))
@@ -185,7 +185,7 @@ class AppState(QObject):
         state_dir = self.state_dir
 
         def compute(job: Job) -> Projection:
-            from hemafed.core.ledger import LedgerError, PrivacyLedger
+            from hemafed.core.privacy.ledger import LedgerError, PrivacyLedger
 
             if ledger is not None and "error" in ledger:
                 proj = project(epsilon, plan, n_train, bounds=bounds)

@@ -16,6 +16,8 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
 
+from hemafed.core.errors import HemafedError
+
 # Jobs the pool is running: kept referenced so their signal objects outlive the page that
 # started them (a page closed mid-job must not delete a signal source a worker still emits on).
 _RUNNING: set[Job] = set()
@@ -23,7 +25,7 @@ _RUNNING_LOCK = threading.Lock()
 PROGRESS_INTERVAL_S = 0.05  # at most 20 progress signals a second: the GUI repaints, never floods
 
 
-class Cancelled(Exception):
+class Cancelled(HemafedError):
     """Raised inside a job's function when the operator pressed Cancel."""
 
 

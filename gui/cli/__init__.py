@@ -14,6 +14,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from hemafed.core.errors import HemafedError
+
 # One module per audience: the hospital operator, the federation's admin, researchers.
 COMMAND_MODULES = (
     "hemafed.gui.cli.operator",
@@ -71,5 +73,5 @@ def _on_a_desktop() -> bool:
     return importlib.util.find_spec("PySide6") is not None
 
 
-class UserFacingError(Exception):
+class UserFacingError(HemafedError):
     """An error whose message is meant for the operator, printed without a traceback."""

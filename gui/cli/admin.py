@@ -29,7 +29,7 @@ def _register_certs(sub: argparse._SubParsersAction) -> None:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from hemafed.core.certs import create_federation_certs
+    from hemafed.core.trust.certs import create_federation_certs
     from hemafed.gui.cli import UserFacingError
 
     if args.days <= 0:
@@ -52,7 +52,7 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _aggregator(args: argparse.Namespace) -> int:
-    from hemafed.core.plan import PlanError
+    from hemafed.core.rounds.plan import PlanError
     from hemafed.gui.cli import UserFacingError
     from hemafed.network.node import run_aggregator
 
@@ -75,9 +75,9 @@ def _register_roster(sub: argparse._SubParsersAction) -> None:
 
 
 def _roster_sign(args: argparse.Namespace) -> int:
-    from hemafed.core.identity import IdentityError, load_identity, short_fingerprint
-    from hemafed.core.plan import PlanError, load_toml
-    from hemafed.core.roster import write_roster
+    from hemafed.core.rounds.plan import PlanError, load_toml
+    from hemafed.core.trust.identity import IdentityError, load_identity, short_fingerprint
+    from hemafed.core.trust.roster import write_roster
     from hemafed.gui.cli import UserFacingError
 
     try:

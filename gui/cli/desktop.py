@@ -32,7 +32,7 @@ def _gui(args: argparse.Namespace) -> int:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from hemafed.core.classify import ModelFileError, classify_paths, load_model_file
+    from hemafed.core.learning.classify import ModelFileError, classify_paths, load_model_file
     from hemafed.gui.cli import UserFacingError
 
     try:

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _scan(args: argparse.Namespace) -> int:
-    from hemafed.core.scan import scan_source
+    from hemafed.core.data.scan import scan_source
     from hemafed.gui.cli import UserFacingError
 
     def progress(i: int, n: int) -> None:
@@ -66,7 +66,7 @@ def _register_keys(sub: argparse._SubParsersAction) -> None:
 
 
 def _keys_init(args: argparse.Namespace) -> int:
-    from hemafed.core.identity import IdentityError, init_identity
+    from hemafed.core.trust.identity import IdentityError, init_identity
     from hemafed.gui.cli import UserFacingError
 
     try:
@@ -79,7 +79,7 @@ def _keys_init(args: argparse.Namespace) -> int:
 
 
 def _keys_show(args: argparse.Namespace) -> int:
-    from hemafed.core.identity import IdentityError, load_identity
+    from hemafed.core.trust.identity import IdentityError, load_identity
     from hemafed.gui.cli import UserFacingError
 
     try:
@@ -91,7 +91,7 @@ def _keys_show(args: argparse.Namespace) -> int:
 
 
 def _print_identity(identity: object, comment: str) -> None:
-    from hemafed.core.identity import IdentityKey, short_fingerprint
+    from hemafed.core.trust.identity import IdentityKey, short_fingerprint
 
     assert isinstance(identity, IdentityKey)
     print(f"fingerprint: {identity.fingerprint}")
@@ -101,7 +101,7 @@ def _print_identity(identity: object, comment: str) -> None:
 
 
 def _ledger(args: argparse.Namespace) -> int:
-    from hemafed.core.ledger import list_ledgers
+    from hemafed.core.privacy.ledger import list_ledgers
 
     ledgers = list_ledgers(args.state)
     if args.json:
@@ -125,8 +125,8 @@ def _site(args: argparse.Namespace) -> int:
     do (from the driver's events) and a non-zero exit; errors before it (the config, the
     identity key) are printed the same way, never as a traceback."""
     from hemafed.core.errors import HemafedError
-    from hemafed.core.identity import IdentityError
-    from hemafed.core.plan import PlanError
+    from hemafed.core.rounds.plan import PlanError
+    from hemafed.core.trust.identity import IdentityError
     from hemafed.gui.cli import UserFacingError
     from hemafed.network.node import run_site
 

@@ -122,7 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from hemafed.core.demo_data import write_demo_sites
+    from hemafed.core.data.demo_data import write_demo_sites
     from hemafed.gui.cli import UserFacingError
 
     try:
@@ -137,7 +137,7 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from hemafed.core.calibration import BudgetTooSmall, plan_privacy
+    from hemafed.core.privacy.calibration import BudgetTooSmall, plan_privacy
     from hemafed.gui.cli import UserFacingError
 
     try:
@@ -159,8 +159,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _fedsgd_plan(args: argparse.Namespace) -> int:
-    from hemafed.core.plan import FederationPlan, PlanError
-    from hemafed.core.recipe import recommended_plan
+    from hemafed.core.learning.recipe import recommended_plan
+    from hemafed.core.rounds.plan import FederationPlan, PlanError
     from hemafed.gui.cli import UserFacingError
     from hemafed.network.config import render_toml
 
@@ -180,9 +180,9 @@ def _fedsgd_plan(args: argparse.Namespace) -> int:
 
 
 def _train_central(args: argparse.Namespace) -> int:
-    from hemafed.core.bloodmnist import DatasetUnavailable
-    from hemafed.core.calibration import BudgetTooSmall
-    from hemafed.core.central import train_central
+    from hemafed.core.data.bloodmnist import DatasetUnavailable
+    from hemafed.core.learning.central import train_central
+    from hemafed.core.privacy.calibration import BudgetTooSmall
     from hemafed.gui.cli import UserFacingError
 
     def epoch_done(epoch: int, total: int, loss: float) -> None:

@@ -99,8 +99,8 @@ def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str,
     feats = features if features is not None else load_features(opts.data, opts.base.model, out / "features")
     labels = feats.train_y.numpy()
     base = replace(opts.base, sites=opts.sites, delta=DELTA)
-    from hemafed.core.models import build_model, split_features
-    from hemafed.core.recipe import server_lr_for
+    from hemafed.core.learning.models import build_model, split_features
+    from hemafed.core.learning.recipe import server_lr_for
 
     dim = sum(p.numel() for p in split_features(build_model(base.model, 8))[1].parameters())  # center included
     first = hospitals(labels, opts.sites, opts.partitions[0], opts.seeds[0])
@@ -239,7 +239,7 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, feats: Fe
     base = replace(opts.base, sites=opts.sites)
     plan = base.plan()
     seeds = ", ".join(str(s) for s in opts.seeds)
-    from hemafed.core.models import get_spec
+    from hemafed.core.learning.models import get_spec
 
     centring = ", on features centred by their average, which each run's first round estimates as a clipped, " \
         "noised sum under the same protection as a training round" if get_spec(base.model).centred else ""

@@ -53,8 +53,8 @@ def _cache_key(data: Path, model: str) -> str:
 
 def load_features(data: Path | None, model: str, cache_dir: Path) -> FeatureSet:
     """Features of the train and test splits, computed once and cached under `cache_dir`."""
-    from hemafed.core.bloodmnist import load_splits, locate
-    from hemafed.core.models import build_model, evaluation_features, images_to_tensor, split_features
+    from hemafed.core.data.bloodmnist import load_splits, locate
+    from hemafed.core.learning.models import build_model, evaluation_features, images_to_tensor, split_features
 
     path = locate(data)
     cache = cache_dir / f"features-{model}-{_cache_key(path, model)}.pt"
@@ -82,7 +82,7 @@ def load_features(data: Path | None, model: str, cache_dir: Path) -> FeatureSet:
 def hospitals(labels: np.ndarray, sites: int, scheme: str, seed: int, val_fraction: float = 0.1) -> list[np.ndarray]:
     """Each hospital's *training* record indices, split as `hemafed simulate --seed SEED` splits them (the
     same partition, then each site's stratified validation hold-out, seeded by the plan's seed)."""
-    from hemafed.core.partition import partition, stratified_split
+    from hemafed.core.data.partition import partition, stratified_split
 
     parts = partition(labels, sites, scheme, seed=seed, min_per_site=min(64, len(labels) // (2 * sites)))
     return [idx[stratified_split(labels[idx], val_fraction, seed=seed)[0]] for idx in parts]
@@ -111,7 +111,7 @@ class RunResult:
 
 
 def _head(model: str, dim: int) -> torch.nn.Module:
-    from hemafed.core.models import build_model, split_features
+    from hemafed.core.learning.models import build_model, split_features
 
     _, head = split_features(build_model(model, 8))
     got = sum(p.numel() for p in head.parameters())
@@ -131,11 +131,16 @@ def _accuracy(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def run_fedsgd(feats: FeatureSet, parties: list[np.ndarray], recipe: Recipe, seed: int) -> RunResult:
     """Train the model's head by (DP-)FedSGD over `parties` (index arrays into the training features) and
     return its test accuracy (evaluation view, as `hemafed classify` and the simulator measure it)."""
-    from hemafed.core.agg_round import secagg_config
-    from hemafed.core.distributed_noise import DistributedNoise
-    from hemafed.core.fedsgd import FedSGDServer, center_layout, clipped_round_sum, gaussian_noise, poisson_batch
-    from hemafed.core.models import get_flat_params, set_flat_params
-    from hemafed.core.plan import FederationPlan
+    from hemafed.core.learning.fedsgd import (
+        FedSGDServer,
+        center_layout,
+        clipped_round_sum,
+        gaussian_noise,
+        poisson_batch,
+    )
+    from hemafed.core.learning.models import get_flat_params, set_flat_params
+    from hemafed.core.privacy.distributed_noise import DistributedNoise
+    from hemafed.core.rounds.plan import FederationPlan
     from hemafed.core.secagg.quantize import quantize
 
     torch.manual_seed(seed)
@@ -155,7 +160,7 @@ def run_fedsgd(feats: FeatureSet, parties: list[np.ndarray], recipe: Recipe, see
         plan = FederationPlan(federation_id="inprocess", model=feats.model, rounds=recipe.rounds,
                               threshold=recipe.threshold, min_sites=recipe.threshold,
                               max_sites=max(len(parties), recipe.threshold, 2), dp_colluders=recipe.colluders)
-        cfg = secagg_config(plan, dim)
+        cfg = plan.secagg_config(dim)
         codec = DistributedNoise.for_secagg(cfg, recipe.sigma, recipe.clip_norm,
                                             recipe.colluders if recipe.privacy == "distributed" else 0)
         extras = np.zeros(cfg.n_extras, np.int64)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from hemafed.core.plan import FederationPlan, SiteBounds
+from hemafed.core.rounds.plan import FederationPlan, SiteBounds
 from hemafed.network.config import render_toml
 from hemafed.network.progress import progress_bar
 
@@ -105,7 +105,7 @@ class SimulationOptions:
             return plan
         from dataclasses import replace
 
-        from hemafed.core.recipe import with_budget
+        from hemafed.core.learning.recipe import with_budget
 
         plan = replace(plan, algorithm="fedsgd", sample_rate=self.sample_rate,
                        batch_size=max(1, round(self.sample_rate * sum(train_sizes))))
@@ -144,10 +144,10 @@ class Simulation:
     # -- setting up ----------------------------------------------------------------------------
 
     def setup(self) -> None:
-        from hemafed.core.bloodmnist import load_splits, locate
-        from hemafed.core.certs import create_federation_certs
-        from hemafed.core.identity import init_identity
-        from hemafed.core.partition import class_counts, partition
+        from hemafed.core.data.bloodmnist import load_splits, locate
+        from hemafed.core.data.partition import class_counts, partition
+        from hemafed.core.trust.certs import create_federation_certs
+        from hemafed.core.trust.identity import init_identity
 
         opts = self.opts
         prepare_out(self.out)
@@ -163,8 +163,8 @@ class Simulation:
                           min_per_site=min(per_site, len(train.labels) // (2 * opts.sites)))
         self.counts = class_counts(train.labels, parts, len(self.plan.classes))
         if opts.algorithm == "fedsgd":
-            from hemafed.core.models import build_model
-            from hemafed.core.partition import stratified_split
+            from hemafed.core.data.partition import stratified_split
+            from hemafed.core.learning.models import build_model
 
             # each site holds out its validation split the same way (core.partition.stratified_split)
             sizes = [len(stratified_split(train.labels[idx], self.plan.val_fraction, seed=self.plan.seed)[0])
@@ -235,7 +235,7 @@ class Simulation:
         return self._collect(evaluated, time.time() - started)
 
     def _monitor(self) -> dict[int, float]:
-        from hemafed.core.checkpoints import CheckpointStore
+        from hemafed.core.learning.checkpoints import CheckpointStore
 
         store = CheckpointStore(self.out / "federation" / "state" / "checkpoints")
         evaluated: dict[int, float] = {}
@@ -301,8 +301,8 @@ class Simulation:
 
     def test_accuracy(self, weights: np.ndarray) -> float:
         """Accuracy on the held-out test split; a model's fixed features are computed once."""
-        from hemafed.core.dp_train import accuracy, evaluate
-        from hemafed.core.models import (
+        from hemafed.core.learning.dp_train import accuracy, evaluate
+        from hemafed.core.learning.models import (
             build_model,
             evaluation_features,
             images_to_tensor,
@@ -319,7 +319,7 @@ class Simulation:
         return accuracy(evaluate(self._trainable, self._test_inputs, self.test_y, len(self.plan.classes)))
 
     def _collect(self, evaluated: dict[int, float], wall_s: float) -> dict[str, Any]:
-        from hemafed.core.checkpoints import CheckpointStore
+        from hemafed.core.learning.checkpoints import CheckpointStore
         from hemafed.network.sim.report import write_metrics, write_plots, write_report
 
         store = CheckpointStore(self.out / "federation" / "state" / "checkpoints")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hemafed.core import bloodmnist
+from hemafed.core.data import bloodmnist
 from hemafed.gui.cli import main
 
 
@@ -76,7 +76,7 @@ def test_demo_data_cli_writes_site_folders(tmp_path: Path, capsys: pytest.Captur
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_demo_data_on_real_bloodmnist(shared_data: Path, tmp_path: Path) -> None:
-    from hemafed.core.demo_data import write_demo_sites
+    from hemafed.core.data.demo_data import write_demo_sites
 
     summary = write_demo_sites(tmp_path / "x", n_sites=10, scheme="dirichlet:0.5", seed=0,
                                data=shared_data / "bloodmnist" / "bloodmnist_28.npz")

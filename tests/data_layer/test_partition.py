@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hemafed.core.partition import PartitionScheme, class_counts, partition, stratified_split
+from hemafed.core.data.partition import PartitionScheme, class_counts, partition, stratified_split
 
 
 def _labels(n: int = 2000, classes: int = 8, seed: int = 0) -> np.ndarray:

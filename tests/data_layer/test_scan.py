@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hemafed.core.imaging import MAX_PIXELS, Reason
-from hemafed.core.scan import scan_source
+from hemafed.core.data.imaging import MAX_PIXELS, Reason
+from hemafed.core.data.scan import scan_source
 
 
 def _rgb(size: tuple[int, int] = (40, 36), value: int = 120) -> Image.Image:
@@ -190,7 +190,7 @@ def test_full_field_image_gets_bloodmnist_crop() -> None:
     """A 360×363 analyser image keeps rows 81..280, columns 80..279 (BloodMNIST's 200×200
     crop); a 64×64 or 224×224 image (already cropped, like every MedMNIST release) keeps
     its whole square."""
-    from hemafed.core.imaging import centre_crop_resize, crop_side
+    from hemafed.core.data.imaging import centre_crop_resize, crop_side
 
     assert crop_side(360, 363) == 200
     assert crop_side(224, 224) == 224
@@ -215,7 +215,7 @@ def test_pbc_jpegs_preprocess_like_bloodmnist(shared_data: Path) -> None:
     without the 200/360 crop they differ by tens of grey levels."""
     import csv
 
-    from hemafed.core.bloodmnist import load_splits, locate
+    from hemafed.core.data.bloodmnist import load_splits, locate
 
     with open(shared_data / "bloodmnist" / "bloodmnist_index.csv", newline="") as fh:
         index = {Path(r["pbc_source_path"]).name: int(r["index"])

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from hemafed.core.certs import create_federation_certs
-from hemafed.core.identity import IdentityKey, init_identity
-from hemafed.core.plan import FederationPlan
+from hemafed.core.rounds.plan import FederationPlan
+from hemafed.core.trust.certs import create_federation_certs
+from hemafed.core.trust.identity import IdentityKey, init_identity
 from hemafed.network.aggregator import Aggregator
 from hemafed.network.config import AggregatorConfig, SiteConfig
 from hemafed.network.site import SiteRunner

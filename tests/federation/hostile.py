@@ -10,7 +10,7 @@ from pathlib import Path
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from hemafed.core.identity import IdentityKey
+from hemafed.core.trust.identity import IdentityKey
 from hemafed.network import handshake
 from hemafed.network import protocol as P
 from hemafed.network.envelope import Envelope, Limits

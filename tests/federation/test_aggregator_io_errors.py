@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from fedharness import make_federation, run
 
-from hemafed.core.checkpoints import CheckpointStore
-from hemafed.core.models import model_hash
+from hemafed.core.learning.checkpoints import CheckpointStore
+from hemafed.core.learning.models import model_hash
 
 pytestmark = pytest.mark.slow
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from fedharness import make_federation, run
 
-from hemafed.core.agg_round import Stage
-from hemafed.core.checkpoints import CheckpointStore
-from hemafed.core.ledger import PrivacyLedger
-from hemafed.core.models import model_hash
+from hemafed.core.learning.checkpoints import CheckpointStore
+from hemafed.core.learning.models import model_hash
+from hemafed.core.privacy.ledger import PrivacyLedger
+from hemafed.core.rounds.agg_round import Stage
 
 pytestmark = pytest.mark.slow
 

@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 from fedharness import make_federation, run
 
-from hemafed.core.accounting import Accountant
-from hemafed.core.agg_round import secagg_config
-from hemafed.core.checkpoints import CheckpointStore
-from hemafed.core.fedsgd import plan_noise_multiplier, site_privacy
-from hemafed.core.ledger import PrivacyLedger, ledger_path
-from hemafed.core.models import build_model
-from hemafed.core.plan import SiteBounds
+from hemafed.core.learning.checkpoints import CheckpointStore
+from hemafed.core.learning.fedsgd import plan_noise_multiplier, site_privacy
+from hemafed.core.learning.models import build_model
+from hemafed.core.privacy.accounting import Accountant
+from hemafed.core.privacy.ledger import PrivacyLedger, ledger_path
+from hemafed.core.rounds.plan import SiteBounds
 from hemafed.network.site_events import Finished, PlanAnswered
 
 pytestmark = pytest.mark.slow
@@ -31,7 +30,7 @@ def fedsgd_federation(tmp_path: Path, model: str = "scatter_linear_28"):
     fed = make_federation(tmp_path, n_sites=3, threshold=2, rounds=ROUNDS, images_per_site=48,
                           model=model, algorithm="fedsgd", sample_rate=Q, server_lr=0.5)
     dim = sum(p.numel() for p in build_model(model).parameters())
-    sigma = plan_noise_multiplier(EPSILON, 1e-5, Q, ROUNDS, "distributed", secagg_config(fed.plan, dim),
+    sigma = plan_noise_multiplier(EPSILON, 1e-5, Q, ROUNDS, "distributed", fed.plan.secagg_config(dim),
                                   fed.plan.dp_colluders)
     plan = replace(fed.plan, dp_mode="distributed", noise_multiplier=sigma, batch_size=round(Q * 3 * 43))
     fed.plan = plan
@@ -53,7 +52,7 @@ def test_distributed_dp_fedsgd_rounds_complete_and_ledgers_agree_with_the_plan(t
     assert [e["status"] for e in store.read_log()] == ["completed"] * ROUNDS
     assert not np.array_equal(store.load(0).weights, store.load(ROUNDS).weights)
     assert set(store.load(ROUNDS).optimizer_state) == {"velocity"}  # the server's momentum is checkpointed
-    privacy = site_privacy(fed.plan, secagg_config(fed.plan, dim))
+    privacy = site_privacy(fed.plan, fed.plan.secagg_config(dim))
     for name, cfg in fed.site_configs.items():
         ledger = PrivacyLedger(fed.plan.federation_id, state=cfg.state_dir)
         assert [e.round for e in ledger.entries] == list(range(1, ROUNDS + 1)), name
@@ -93,8 +92,8 @@ def test_a_site_requiring_local_dp_refuses_a_distributed_plan(tmp_path: Path) ->
 def test_centred_head_first_round_sets_only_the_center_then_training_keeps_it(tmp_path: Path) -> None:
     """scatter_synth_inv_28 over real TLS: round 1's masked, noised sum sets the feature center (W and b
     unchanged); later rounds move W and b and leave the center; every round is in the ledger alike."""
-    from hemafed.core.fedsgd import center_layout
-    from hemafed.core.models import split_features
+    from hemafed.core.learning.fedsgd import center_layout
+    from hemafed.core.learning.models import split_features
 
     fed, dim = fedsgd_federation(tmp_path, "scatter_synth_inv_28")
 

@@ -25,7 +25,7 @@ import pytest
 from fedharness import make_federation, run
 from hostile import error_code, join_and_attack, raw_session
 
-from hemafed.core.plan import SiteBounds
+from hemafed.core.rounds.plan import SiteBounds
 from hemafed.core.secagg.messages import MAGIC, SCHEMA_VERSION
 from hemafed.network import protocol as P
 from hemafed.network.config import render_toml

@@ -13,8 +13,8 @@ from fedharness import make_federation, run
 from forger import Forger
 from hostile import LIMITS, error_code, raw_session
 
-from hemafed.core.identity import IdentityKey
-from hemafed.core.plan import SiteBounds
+from hemafed.core.rounds.plan import SiteBounds
+from hemafed.core.trust.identity import IdentityKey
 from hemafed.network import protocol as P
 from hemafed.network.client import Backoff, SiteClient
 from hemafed.network.envelope import Envelope

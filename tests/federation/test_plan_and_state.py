@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hemafed.core.checkpoints import Checkpoint, CheckpointStore
-from hemafed.core.plan import FederationPlan, PlanError, SiteBounds
-from hemafed.core.server_opt import FedAdam, FedAvg, make_server_optimizer
+from hemafed.core.learning.checkpoints import Checkpoint, CheckpointStore
+from hemafed.core.learning.server_opt import FedAdam, FedAvg, make_server_optimizer
+from hemafed.core.rounds.plan import FederationPlan, PlanError, SiteBounds
 
 
 def test_plan_round_trips_and_refuses_unknown_or_mistyped_fields() -> None:

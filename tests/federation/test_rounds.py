@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from fedharness import SimulatedCrash, make_federation, run, weighted_mean
 
-from hemafed.core.checkpoints import CheckpointStore
-from hemafed.core.ledger import PrivacyLedger
+from hemafed.core.learning.checkpoints import CheckpointStore
+from hemafed.core.privacy.ledger import PrivacyLedger
 from hemafed.core.secagg.quantize import error_bound
-from hemafed.network import protocol as P
 from hemafed.network.aggregator import Aggregator
 
 pytestmark = pytest.mark.slow
@@ -40,7 +39,7 @@ def test_three_sites_two_rounds_aggregate_matches_plain_average(tmp_path: Path) 
     names = list(fed.site_configs)
     updates = {s: fed.runners[s].last_result.update for s in names}
     expected = weighted_mean(updates, _site_weights(fed, names), fed.plan.update_clip)
-    cfg = P.secagg_config(fed.plan, len(expected))
+    cfg = fed.plan.secagg_config(len(expected))
     bound = error_bound(cfg, 3) / sum(_site_weights(fed, names).values())
     assert np.abs(last.mean_update - expected).max() <= bound + 1e-6
     assert np.abs(expected).max() > 100 * bound  # the comparison is not trivially satisfied

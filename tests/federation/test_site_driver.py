@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from fedharness import make_federation, run
 
-from hemafed.core.certs import create_federation_certs
-from hemafed.core.identity import IdentityKey, init_identity
-from hemafed.core.ledger import PrivacyLedger
+from hemafed.core.privacy.ledger import PrivacyLedger
+from hemafed.core.trust.certs import create_federation_certs
+from hemafed.core.trust.identity import IdentityKey, init_identity
 from hemafed.network import site as site_module
 from hemafed.network.client import Backoff, SiteClient
 from hemafed.network.config import render_toml

@@ -77,8 +77,8 @@ def scan(qtbot, win, source: Path) -> None:
 @pytest.fixture(scope="session")
 def model_file(tmp_path_factory) -> Path:
     """A real model file as a site saves it: cnn4_28, seeded initial weights."""
-    from hemafed.core.models import build_model, get_flat_params
-    from hemafed.core.plan import FederationPlan
+    from hemafed.core.learning.models import build_model, get_flat_params
+    from hemafed.core.rounds.plan import FederationPlan
     from hemafed.network.site import save_model_file
 
     plan = FederationPlan(federation_id="gui-test", model="cnn4_28", threshold=2, min_sites=2)

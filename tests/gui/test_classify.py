@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from hemafed.core.classify import ModelFileError, load_model_file, prepare_image
-from hemafed.core.models import images_to_tensor
+from hemafed.core.learning.classify import ModelFileError, load_model_file, prepare_image
+from hemafed.core.learning.models import images_to_tensor
 
 
 def expected_prediction(model_file: Path, image: Path) -> np.ndarray:

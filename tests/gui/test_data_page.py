@@ -6,7 +6,7 @@ from pathlib import Path
 from PIL import Image
 from PySide6.QtCore import Qt
 
-from hemafed.core.classes import BLOODMNIST_CLASSES
+from hemafed.core.data.classes import BLOODMNIST_CLASSES
 
 from .conftest import scan
 
@@ -34,7 +34,7 @@ def test_pbc_sample_shows_8_classes_of_25_and_no_problems(qtbot, window, pbc: Pa
     with Image.open(next(pbc.glob(f"platelet/{name}"))) as img:
         assert f"{img.size[0]} × {img.size[1]} pixels" in page.preview_info.text()
     # the split the site will use (the driver's own function and the plan's fraction and seed)
-    from hemafed.core.partition import stratified_split
+    from hemafed.core.data.partition import stratified_split
 
     train, val = stratified_split(state.scan.labels, state.plan.val_fraction, seed=state.plan.seed)
     total_row = page.split_table.rowCount() - 1

@@ -3,7 +3,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from hemafed.core.plan import FederationPlan
+from hemafed.core.rounds.plan import FederationPlan
 from hemafed.network import site_events as ev
 from hemafed.network.site import PrivacySettings
 
@@ -167,7 +167,7 @@ def test_events_from_the_driver_thread_reach_the_page_on_the_gui_thread(qtbot, w
 def test_leave_before_the_driver_has_started_stops_it_without_connecting(qtbot, tmp_path: Path) -> None:
     """Join returns at once (the driver's imports happen on its thread); a Leave that comes
     before the driver exists is kept and the driver finishes as stopped without connecting."""
-    from hemafed.core.identity import init_identity
+    from hemafed.core.trust.identity import init_identity
     from hemafed.gui.app.site_worker import SiteWorker
     from hemafed.network.config import SiteConfig
 

@@ -19,7 +19,7 @@ from PySide6.QtCore import Qt
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "federation"))
 from fedharness import Federation, make_federation
 
-from hemafed.core.ledger import PrivacyLedger, ledger_path
+from hemafed.core.privacy.ledger import PrivacyLedger, ledger_path
 from hemafed.network import site_events as ev
 
 pytestmark = pytest.mark.slow
@@ -89,7 +89,7 @@ def federation(tmp_path: Path, *, rounds: int = 2, images: int = 64, fedsgd: boo
     if not fedsgd:
         return make_federation(tmp_path, n_sites=3, threshold=2, rounds=rounds, images_per_site=images,
                                **plan)
-    from hemafed.core.recipe import RECIPE, with_budget
+    from hemafed.core.learning.recipe import RECIPE, with_budget
 
     q, epsilon = 0.3, plan.pop("plan_epsilon", 6.0)
     fed = make_federation(tmp_path, n_sites=3, threshold=2, rounds=rounds, images_per_site=images,
@@ -208,8 +208,8 @@ def test_the_app_runs_a_real_federation_to_the_end(qtbot, window, tmp_path: Path
 def test_failures_through_the_real_driver_say_what_to_do(qtbot, window, tmp_path: Path) -> None:
     """One aggregator, whose plan asks for a δ this site does not accept; the site tries it
     with an unknown key, another federation's CA, then its own key."""
-    from hemafed.core.certs import create_federation_certs
-    from hemafed.core.identity import init_identity
+    from hemafed.core.trust.certs import create_federation_certs
+    from hemafed.core.trust.identity import init_identity
 
     fed = federation(tmp_path, delta=1e-3)
     page = window.federation_page

@@ -27,20 +27,21 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..atomic import atomic_write_bytes
+from ..errors import FatalError, HemafedError
+from ..paths import state_dir
 from .accounting import Accountant, AccountantKind, check_kind
-from .atomic import atomic_write_bytes
-from .paths import state_dir
 
 FORMAT = "hemafed-privacy-ledger"
 VERSION = 1
 LEDGER_DIR = "ledgers"
 
 
-class LedgerError(Exception):
+class LedgerError(HemafedError):
     """Base of the ledger's errors."""
 
 
-class LedgerCorrupt(LedgerError):
+class LedgerCorrupt(LedgerError, FatalError):
     """The ledger file is damaged or truncated; training must not continue."""
 
 
@@ -48,7 +49,7 @@ class LedgerMismatch(LedgerError, ValueError):
     """The ledger exists with a different budget, δ or accountant than asked for."""
 
 
-class BudgetExhausted(LedgerError):
+class BudgetExhausted(LedgerError, FatalError):
     """The next round would take ε past the budget; nothing was recorded."""
 
     def __init__(self, federation_id: str, spent: float, projected: float, budget: float, delta: float) -> None:

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .accounting import Accountant, default_delta
-from .calibration import plan_privacy, steps_per_epoch
+from ..privacy.accounting import Accountant, default_delta
+from ..privacy.calibration import plan_privacy, steps_per_epoch
 
 
 @dataclass
@@ -65,7 +65,7 @@ def train_central(
     (default min(1e-5, 1/N)). Subsets (stratification not needed for a baseline)
     keep tests short.
     """
-    from .bloodmnist import load_splits, locate
+    from ..data.bloodmnist import load_splits, locate
     from .dp_train import LocalTrainConfig, accuracy, evaluate, train_local
     from .models import build_model, get_spec, images_to_tensor
 

@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .classes import BLOODMNIST_CLASSES
+from .. import secagg
+from ..data.classes import BLOODMNIST_CLASSES
+from ..errors import HemafedError
 
 
-class PlanError(ValueError):
+class PlanError(HemafedError, ValueError):
     """A plan that is malformed, inconsistent, or outside what a site accepts."""
 
 
@@ -146,6 +148,14 @@ class FederationPlan:
                 raise PlanError(f"plan field {key} must be {expected.__name__}, got {type(value).__name__}")
             kwargs[key] = value
         return cls(**kwargs)
+
+    def secagg_config(self, dim: int) -> secagg.SecAggConfig:
+        """The secure-aggregation parameters every site and the aggregator derive from this plan for a model of
+        `dim` parameters (they must agree exactly)."""
+        k = len(self.classes)
+        return secagg.SecAggConfig(federation_id=self.federation_id, threshold=self.threshold, dim=dim,
+                                   n_extras=k * k, clip=self.update_clip, max_sites=self.max_sites,
+                                   max_weight=self.max_weight)
 
     def digest(self) -> str:
         """A short hash sites and the aggregator compare to be sure they run the same plan."""

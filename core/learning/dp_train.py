@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibration import sample_rate as poisson_rate
-from .calibration import steps_per_round
+from ..errors import HemafedError
+from ..privacy.calibration import sample_rate as poisson_rate
+from ..privacy.calibration import steps_per_round
 from .models import get_flat_params
 from .per_sample import EngineName, make_clipper
 
@@ -43,7 +44,7 @@ class CancelFlag(Protocol):
     def is_set(self) -> bool: ...
 
 
-class TrainingCancelled(Exception):
+class TrainingCancelled(HemafedError):
     """Training stopped between steps because `cancel` was set; no update exists, nothing to record."""
 
 

@@ -9,7 +9,7 @@ They live in core because the site's round state machine (`core.site_round`) pro
 most of them; `hemafed.network.site_events` re-exports the same classes.
 
 Every string field that can hold text from the aggregator (`detail`, `message`,
-`reasons`) is escaped with `hemafed.core.text.safe_text` before the event is made.
+`reasons`) is escaped with `hemafed.core.trust.text.safe_text` before the event is made.
 
 A run's events, in order: ConnectionChanged(connecting) → ConnectionChanged(connected)
 → PlanReceived → PlanAnswered → per round: RoundStarted → StageChanged(training) →
@@ -49,8 +49,8 @@ class PlanReceived:
     decided already (headless auto-accept, a plan the operator accepted earlier in this
     run and re-sent after a reconnect, or a refusal because of `problems`)."""
 
-    plan: Any  # hemafed.core.plan.FederationPlan
-    privacy: Any | None  # hemafed.core.site_round.PrivacySettings
+    plan: Any  # hemafed.core.rounds.plan.FederationPlan
+    privacy: Any | None  # hemafed.core.rounds.site_round.PrivacySettings
     problems: tuple[str, ...] = ()
     epsilon_per_round: tuple[float, ...] = ()
     awaiting_answer: bool = False

@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from hemafed.core import paths
 
-from .atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes
+from ..errors import HemafedError
 
 KEY_TYPE = "hemafed-ed25519"
 KEY_DIR = "identity"
@@ -36,7 +37,7 @@ PUB_FILE = "ed25519.pub"
 _SITE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
-class IdentityError(Exception):
+class IdentityError(HemafedError):
     """The identity key is missing, unreadable, unsafe or malformed; the message says what to do."""
 
 

@@ -13,7 +13,7 @@ send after training, when a round is over, when the federation is done. It is fe
     connection_lost(why) / stop()
 
 and every call returns the actions to carry out, in order: `Send` a message, `Emit` an
-event (`hemafed.core.site_events`), `Prepare` a plan (load data, open the ledger,
+event (`hemafed.core.rounds.site_events`), `Prepare` a plan (load data, open the ledger,
 calibrate σ: slow, off the event loop), `AskOperator`, `Train` a round (off the event
 loop; the ledger entry is written inside, before the result comes back), `Finish`
 (save the final model), `Stop` (a fatal error: close and end the run).
@@ -35,9 +35,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from . import secagg
-from .errors import FatalError, HemafedError
-from .identity import IdentityError, parse_public_line
+from .. import secagg
+from ..errors import FatalError, HemafedError
+from ..trust.identity import IdentityError, parse_public_line
+from ..trust.text import safe_text
 from .plan import FederationPlan, PlanError, SiteBounds
 from .round_messages import (  # the round vocabulary, shared with the other end
     DECLINE,
@@ -59,7 +60,6 @@ from .site_events import (
     SiteFailed,
     StageChanged,
 )
-from .text import safe_text
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,6 @@ class Phase(enum.Enum):
 
 
 IN_ROUND = (Phase.TRAINING, Phase.SECAGG, Phase.SUBMITTED)
-SecAggConfigFn = Callable[[FederationPlan, int], secagg.SecAggConfig]
 
 PLAN_WHAT_TO_DO = ("the plan is outside what this site accepts: check the reasons with the federation's admin; "
                    "if the plan is right, widen [bounds] (or the ε budget) in site.toml, then start the site again")
@@ -192,15 +191,15 @@ BUDGET_WHAT_TO_DO = ("this site cannot train more rounds in this federation with
 class SiteRound:
     """One site's view of one federation, across reconnects (see the module docstring)."""
 
-    def __init__(self, bounds: SiteBounds, *, identity: Any, secagg_config: SecAggConfigFn,
-                 federation: str | None = None, auto_accept: bool = True,
-                 roster: Container[bytes] | None = None) -> None:
+    def __init__(self, bounds: SiteBounds, *, identity: Any, federation: str | None = None,
+                 auto_accept: bool = True, roster: Container[bytes] | None = None,
+                 plan_problems: Callable[[FederationPlan], list[str]] = lambda plan: []) -> None:
         self.bounds = bounds
-        self.roster = roster  # pinned peer keys: a round naming any other key is refused (core/roster.py)
+        self.roster = roster  # pinned peer keys: a round naming any other key is refused (core/trust/roster.py)
         self.federation = federation
         self.auto_accept = auto_accept
         self._identity = identity  # Ed25519 private key: signs this site's secure-aggregation keys
-        self._secagg_config = secagg_config
+        self._plan_problems = plan_problems  # what this site cannot run (e.g. a model it does not know)
         self.phase = Phase.WAIT_PLAN
         self.plan: FederationPlan | None = None
         self.site_id = 0
@@ -280,7 +279,7 @@ class SiteRound:
         if not _small_int(site_id) or not 1 <= site_id <= plan.max_sites:
             reasons.append("the aggregator gave this site no valid site id")
         if not reasons:
-            reasons = self.bounds.violations(plan) + _model_problems(plan)
+            reasons = self.bounds.violations(plan) + self._plan_problems(plan)
         if reasons:
             return self._refuse_plan(plan, reasons)
         self._offered = (plan, int(site_id))
@@ -357,7 +356,7 @@ class SiteRound:
                 except (IdentityError, ValueError) as exc:
                     raise MessageRefused(f"round_start participant {key}: {safe_text(str(exc))}") from None
             try:
-                machine = secagg.SiteSecAgg(self._secagg_config(plan, self.n_params), rnd, self.site_id,
+                machine = secagg.SiteSecAgg(plan.secagg_config(self.n_params), rnd, self.site_id,
                                             self._identity, peers, roster=self.roster)
             except secagg.SecAggError as exc:
                 raise MessageRefused(f"round {rnd} cannot be aggregated securely here: {exc}") from None
@@ -521,17 +520,6 @@ def plan_sanity(plan: FederationPlan) -> list[str]:
     if len(plan.model) > 64:
         out.append("the plan's model name is too long")
     return out
-
-
-def _model_problems(plan: FederationPlan) -> list[str]:
-    from .models import get_spec
-
-    try:
-        if get_spec(plan.model).input_size != plan.input_size:
-            return [f"model {plan.model} does not take {plan.input_size}-pixel input"]
-    except KeyError:
-        return [f"model {safe_text(plan.model, 64)} is not one this site knows"]
-    return []
 
 
 def _small_int(value: object) -> bool:

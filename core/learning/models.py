@@ -296,6 +296,18 @@ def get_spec(name: str) -> ModelSpec:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
 
 
+def model_problems(plan) -> list[str]:
+    """Why a site cannot build the model `plan` names (an unknown name, another input size); [] when it can."""
+    from ..trust.text import safe_text
+
+    try:
+        if get_spec(plan.model).input_size != plan.input_size:
+            return [f"model {plan.model} does not take {plan.input_size}-pixel input"]
+    except KeyError:
+        return [f"model {safe_text(plan.model, 64)} is not one this site knows"]
+    return []
+
+
 def build_model(name: str = DEFAULT_MODEL, num_classes: int = 8, seed: int | None = None) -> nn.Module:
     """A freshly initialised model from the registry (deterministic when `seed` is given)."""
     spec = get_spec(name)
@@ -308,7 +320,7 @@ def build_model(name: str = DEFAULT_MODEL, num_classes: int = 8, seed: int | Non
 
 def images_to_tensor(images: np.ndarray, spec_or_size: ModelSpec | int | str) -> torch.Tensor:
     """(N,H,W,3) uint8 images → normalised float32 (N,3,S,S), resized when needed."""
-    from .imaging import resize_array_batch
+    from ..data.imaging import resize_array_batch
 
     if isinstance(spec_or_size, ModelSpec):
         size = spec_or_size.input_size

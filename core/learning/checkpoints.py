@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import append_line_durable, atomic_write_bytes
+from ..atomic import append_line_durable, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ random colour, size and texture painted over each other), then frozen. No real i
 so using these features costs no privacy; every site computes the same features from the weights
 shipped in `hemafed.assets` (`ENCODER_ASSET`), which this module's `pretrain` made:
 
-    python -m hemafed.core.procedural_features --steps 3777 --out assets/procedural_encoder_28.npz
+    python -m hemafed.core.learning.procedural_features --steps 3777 --out assets/procedural_encoder_28.npz
 
 (3,777 steps of 256 images, 35 min on 2 CPU cores; docs/accuracy-levers.md has the screen.)
 """

@@ -252,7 +252,7 @@ class SitePrivacy:
 
     def protection(self):
         """The ledger's `Protection` for one round of this plan."""
-        from .ledger import Protection
+        from ..privacy.ledger import Protection
 
         if self.mode == "local":
             return Protection()
@@ -272,8 +272,8 @@ class SitePrivacy:
 
 def site_privacy(plan, secagg_cfg, bounds=None) -> SitePrivacy:
     """Check a DP-FedSGD plan (and the site's bounds) and derive the round's privacy parameters."""
-    from .distributed_noise import DistributedNoise
-    from .plan import PlanError
+    from ..privacy.distributed_noise import DistributedNoise
+    from ..rounds.plan import PlanError
 
     if plan.algorithm != "fedsgd" or not plan.dp:
         raise PlanError("site_privacy is for private fedsgd plans")
@@ -356,8 +356,8 @@ def plan_noise_multiplier(epsilon: float, delta: float, sample_rate: float, roun
                           secagg_cfg=None, colluders: int = 1, clip_norm: float = 1.0) -> float:
     """σ for a fedsgd plan: `rounds` steps at rate q spend ≤ ε at δ per record, under the plan's mechanism
     (Gaussian for local DP, Skellam in the ring of `secagg_cfg` for distributed DP)."""
-    from .calibration import calibrate_sigma
-    from .distributed_noise import DistributedNoise
+    from ..privacy.calibration import calibrate_sigma
+    from ..privacy.distributed_noise import DistributedNoise
 
     if mode == "local":
         return calibrate_sigma(epsilon, delta, sample_rate, rounds)
@@ -370,7 +370,7 @@ def plan_noise_multiplier(epsilon: float, delta: float, sample_rate: float, roun
 def check_plan_budget(privacy: SitePrivacy, ledger, rounds: int) -> float:
     """ε this site will have spent after `rounds` more rounds of the plan; `PlanError` when that passes its
     budget (call at join time, so a site refuses a plan it cannot finish rather than dropping out midway)."""
-    from .plan import PlanError
+    from ..rounds.plan import PlanError
 
     projected = ledger.accountant().projected_epsilon(privacy.sigma, privacy.sample_rate, rounds, ledger.delta,
                                                       skellam=privacy.skellam)

@@ -31,12 +31,12 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from . import secagg
-from .identity import parse_public_line
+from .. import secagg
+from ..trust.identity import parse_public_line
 from .plan import FederationPlan
 from .round_messages import (  # the round vocabulary, shared with the other end
     DECLINE,
@@ -49,18 +49,9 @@ from .round_messages import (  # the round vocabulary, shared with the other end
     ROUND_START,
     SECAGG,
 )
-from .server_opt import ServerOptimizer
 
 log = logging.getLogger(__name__)
 
-
-
-def secagg_config(plan: FederationPlan, dim: int) -> secagg.SecAggConfig:
-    """The secure-aggregation parameters both sides derive from the plan (they must agree exactly)."""
-    k = len(plan.classes)
-    return secagg.SecAggConfig(federation_id=plan.federation_id, threshold=plan.threshold, dim=dim,
-                               n_extras=k * k, clip=plan.update_clip, max_sites=plan.max_sites,
-                               max_weight=plan.max_weight)
 
 
 def weights_blob(weights: np.ndarray) -> bytes:
@@ -76,6 +67,15 @@ def blob_to_vector(blob: bytes, length: int, dtype: str = "<f4") -> np.ndarray:
     if vec.dtype.kind == "f" and not np.isfinite(vec).all():
         raise ValueError("vector holds NaN or infinite values")
     return vec
+
+
+class ServerStep(Protocol):
+    """How the aggregator turns a completed round into the next weights (`core.learning.server_opt`): from the
+    mean update (FedAvg, FedAdam) or from the unmasked ring sum (DP-FedSGD, `step_ring`)."""
+
+    def step(self, weights: np.ndarray, mean_update: np.ndarray) -> np.ndarray: ...
+
+    def state(self) -> dict[str, np.ndarray]: ...
 
 
 # ---------------------------------------------------------------- inputs and actions
@@ -184,7 +184,7 @@ class FederationMachine:
     """One aggregator run of `plan` from round `first_round`, over the allowed `sites` (name -> key line)."""
 
     def __init__(self, plan: FederationPlan, sites: Mapping[str, str], weights: np.ndarray,
-                 optimizer: ServerOptimizer, first_round: int = 1, *,
+                 optimizer: ServerStep, first_round: int = 1, *,
                  escape: Callable[[str], str] = ascii) -> None:
         self.plan = plan
         self.site_lines = dict(sites)
@@ -509,7 +509,7 @@ class _SecureRound(_Round):
     def __init__(self, fed: FederationMachine, outcome: RoundOutcome, now: float) -> None:
         super().__init__(fed, outcome, now)
         self.ids = {fed.site_ids[s]: s for s in outcome.participants}
-        self.cfg = secagg_config(fed.plan, fed.dim)
+        self.cfg = fed.plan.secagg_config(fed.dim)
         self.machine: secagg.AggregatorSecAgg | None = None
         self.dropouts: set[str] = set()
         self.stage: secagg.AggStage | None = None

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import FatalError
+from ..paths import cache_dir, dev_data_dir
 from .imaging import array_to_rgb_uint8
-from .paths import cache_dir, dev_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ LOCAL_NAMES = ("bloodmnist/bloodmnist_28.npz", "bloodmnist_28.npz", "bloodmnist/
 SPLITS = ("train", "val", "test")
 
 
-class DatasetUnavailable(RuntimeError):
+class DatasetUnavailable(FatalError, RuntimeError):
     """BloodMNIST could not be found locally nor downloaded."""
 
 

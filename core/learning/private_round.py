@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calibration import sample_rate, steps_per_round
+from ..privacy.calibration import sample_rate, steps_per_round
+from ..privacy.ledger import LedgerEntry, PrivacyLedger
 from .dp_train import CancelFlag, LocalResult, LocalTrainConfig, ProgressFn, train_local
-from .ledger import LedgerEntry, PrivacyLedger
 from .models import model_hash
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import HemafedError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
 JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini", ".directory"})
 TEXT_EXTENSIONS = frozenset({".txt", ".md", ".csv", ".json", ".log", ".xml", ".ini", ".yaml"})
@@ -38,7 +40,7 @@ class Reason:
     MISSING = "file not found"
 
 
-class ImageRejected(Exception):
+class ImageRejected(HemafedError):
     """A file that cannot be used as an image; `reason` is one of `Reason`."""
 
     def __init__(self, reason: str, detail: str = "") -> None:

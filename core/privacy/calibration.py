@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
+from ..errors import HemafedError
 from .accounting import Accountant, AccountantKind, Entry, check_kind, default_delta
 
 # Above this σ the mechanism is so noisy that no model would learn; a budget that
@@ -21,7 +22,7 @@ MAX_SIGMA = 1000.0
 SIGMA_RTOL = 1e-3
 
 
-class BudgetTooSmall(ValueError):
+class BudgetTooSmall(HemafedError, ValueError):
     """No noise multiplier up to `MAX_SIGMA` makes the plan fit the budget."""
 
 

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import HemafedError
 from .fedsgd import SiteContribution, SitePrivacy, check_plan_budget, prepare_site, site_privacy, site_round
 
 
-class RoundCancelled(Exception):
+class RoundCancelled(HemafedError):
     """`stop()` came before the round's gradient was computed: nothing was recorded or sent."""
 
 

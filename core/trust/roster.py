@@ -27,8 +27,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .atomic import atomic_write_bytes
-from .errors import FatalError
+from ..atomic import atomic_write_bytes
+from ..errors import FatalError
 from .identity import IdentityError, IdentityKey, allowed_sites, fingerprint, parse_public_line, verify
 
 ROSTER_FORMAT = "hemafed-roster/1"

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .classes import normalise_class_name
-from .imaging import ImageRejected, centre_crop_resize, is_image_name, is_junk, open_rgb
+from ..data.classes import normalise_class_name
+from ..data.imaging import ImageRejected, centre_crop_resize, is_image_name, is_junk, open_rgb
+from ..errors import HemafedError
 
 ProgressFn = Callable[[int, int], None]
 
@@ -29,7 +30,7 @@ ProgressFn = Callable[[int, int], None]
 MAX_MODEL_FILE_BYTES = 512 * 1024 * 1024
 
 
-class ModelFileError(ValueError):
+class ModelFileError(HemafedError, ValueError):
     """A model file that cannot be used, with the reason in words."""
 
 

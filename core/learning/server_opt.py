@@ -73,10 +73,9 @@ class FedSGDStep(ServerOptimizer):
     ring sum, not a mean update: use `step_ring`."""
 
     def __init__(self, plan, dim: int) -> None:
-        from .agg_round import secagg_config
         from .fedsgd import FedSGDServer, site_privacy
 
-        self.privacy = site_privacy(plan, secagg_config(plan, dim))
+        self.privacy = site_privacy(plan, plan.secagg_config(dim))
         self.server = FedSGDServer(plan.server_lr, plan.momentum, plan.ema)
 
     def step(self, weights: np.ndarray, mean_update: np.ndarray) -> np.ndarray:

@@ -17,13 +17,15 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from ..errors import HemafedError
+
 # The largest integer any message holds is a 63-bit round number (19 digits).
 MAX_INT_DIGITS = 20
 MAX_FLOAT_CHARS = 40
 MAX_DEPTH = 32
 
 
-class StrictJSONError(ValueError):
+class StrictJSONError(HemafedError, ValueError):
     """The bytes are not JSON, or hold a value outside what strict parsing allows."""
 
 

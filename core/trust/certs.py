@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 
 CA_FILE = "ca.pem"
 CERT_FILE = "server.pem"

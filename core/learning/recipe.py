@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from .plan import FederationPlan, PlanError
+from ..rounds.plan import FederationPlan, PlanError
 
 RECIPE: dict[str, Any] = {
     "model": "scatter_synth_inv_28",
@@ -40,14 +40,13 @@ def with_budget(plan: FederationPlan, epsilon: float, dp_mode: str = "distribute
     `epsilon` per site under `dp_mode`'s mechanism, and with `recipe_lr` the server lr for that σ
     (`server_lr_for`). `dim`: the model's parameters, centre included (built from the registry when not
     given). Raises `BudgetTooSmall`, or `KeyError` for a model the registry lacks."""
-    from .agg_round import secagg_config
     from .fedsgd import plan_noise_multiplier
     from .models import build_model
 
     if dim is None:
         dim = sum(p.numel() for p in build_model(plan.model, len(plan.classes)).parameters())
     sigma = plan_noise_multiplier(float(epsilon), plan.delta, plan.sample_rate, plan.rounds, dp_mode,
-                                  secagg_config(plan, dim), plan.dp_colluders, plan.clip_norm)
+                                  plan.secagg_config(dim), plan.dp_colluders, plan.clip_norm)
     plan = replace(plan, dp_mode=dp_mode, noise_multiplier=sigma)
     return replace(plan, server_lr=server_lr_for(sigma)) if recipe_lr else plan
 
@@ -58,7 +57,7 @@ def recommended_plan(epsilon: float, images: int, sites: int, dp_mode: str = "di
     `epsilon` per site over its rounds. `fields` override the recipe or set any other plan field
     (`federation_id`, `rounds`, `threshold`, `delta`, ...), type-checked as in federation.toml.
     The expected batch the server divides by is q·images; `threshold` defaults to a strict majority."""
-    from .calibration import BudgetTooSmall
+    from ..privacy.calibration import BudgetTooSmall
 
     if not (isinstance(epsilon, int | float) and not isinstance(epsilon, bool) and 0 < epsilon < 1000):
         raise PlanError(f"epsilon must be a number in (0, 1000), got {epsilon!r}")

@@ -1,0 +1,1 @@
+"""A site's images: scanning sources, full-size image preprocessing, BloodMNIST, partitions, classes."""
