@@ -110,3 +110,31 @@ def test_epsilon_grows_with_steps_and_falls_with_noise(sigma: float, q: float, s
     louder = Accountant()
     louder.step(sigma * 1.5, q, steps)
     assert louder.epsilon(1e-5) <= a.epsilon(1e-5)
+
+
+@pytest.mark.parametrize(("prior", "skellam"), [
+    ([], None),
+    ([(1.1, 0.05, 40)], None),  # the same mechanism as the rounds to come: merged into one entry
+    ([(2.0, 0.01, 25)], None),
+    ([(2.6, 0.1713, 7, 4.0e5, 9.0e6)], (4.0e5, 9.0e6)),
+    ([(1.1, 0.05, 40)], (4.0e5, 9.0e6)),  # a Gaussian past, Skellam rounds to come
+])
+def test_epsilon_curve_is_exactly_the_projection_after_each_round(prior: list, skellam) -> None:
+    acc = Accountant("rdp", prior)
+    sigma, q, steps = (2.6, 0.1713, 1) if skellam else (1.1, 0.05, 40)
+    curve = acc.epsilon_curve(sigma, q, steps, 30, 1e-5, skellam=skellam)
+    assert curve == [acc.projected_epsilon(sigma, q, r * steps, 1e-5, skellam=skellam) for r in range(1, 31)]
+    assert acc.history == Accountant("rdp", prior).history  # unchanged
+    # and what an accountant that really took those rounds one by one reports
+    for _ in range(30):
+        acc.step(sigma, q, steps, skellam=skellam)
+    assert acc.epsilon(1e-5) == curve[-1]
+
+
+def test_rdp_matches_opacus_exactly() -> None:
+    from opacus.accountants import RDPAccountant
+
+    history = [(1.1, 0.05, 40), (2.0, 0.01, 25), (1.1, 0.05, 7)]
+    opacus = RDPAccountant()
+    opacus.history = list(history)
+    assert Accountant("rdp", history).epsilon(1e-5) == opacus.get_epsilon(1e-5)
