@@ -105,7 +105,9 @@ def federation(root: Path, sites: int, rounds: int, secure: bool) -> dict:
     log = [json.loads(line) for line in (root / "agg" / "checkpoints" / "rounds.jsonl").read_text().splitlines()]
     sent = []
     for i in range(1, sites + 1):
-        ends = [json.loads(line) for line in (root / f"site{i}" / "site_rounds.jsonl").read_text().splitlines()]
+        from hemafed.core.privacy.store import SiteStore
+
+        ends = SiteStore(root / f"site{i}").round_log()
         totals = [e["bytes_sent"] for e in ends if e["status"] == "round_end"]
         sent.append(np.diff([0, *totals]))
     return {"wall": [e["wall_s"] for e in log], "status": [e["status"] for e in log],

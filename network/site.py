@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from hemafed.core.atomic import append_line_durable, atomic_write_bytes
+from hemafed.core.atomic import atomic_write_bytes
 from hemafed.core.errors import HemafedError
 from hemafed.core.learning.models import model_problems
 from hemafed.core.rounds import site_round as sr
@@ -633,8 +633,12 @@ class SiteRunner:
         return save_model_file(path, weights, self.plan, rnd)
 
     def _log_round(self, rnd: int, status: str, **fields: Any) -> None:
-        entry = {"round": rnd, "status": status, "time": time.time(), **fields}
-        append_line_durable(self.cfg.state_dir / "site_rounds.jsonl", json.dumps(entry))
+        """The site's own round log, beside its ledger (`SiteStore.round_log`)."""
+        from hemafed.core.privacy.store import SiteStore
+
+        plan = self.plan or self.machine.plan
+        federation = plan.federation_id if plan is not None else (self.cfg.federation or "")
+        SiteStore(self.cfg.state_dir).log_round(federation, rnd, status, time.time(), **fields)
 
     def _maybe_die(self, rnd: int, stage: str) -> None:
         stage = "train" if stage == "training" else stage

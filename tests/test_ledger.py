@@ -12,9 +12,10 @@ from hemafed.core.privacy.ledger import (
     LedgerCorrupt,
     LedgerMismatch,
     PrivacyLedger,
-    ledger_path,
+    ledger_exists,
     list_ledgers,
 )
+from hemafed.core.privacy.store import SiteStore
 from hemafed.gui.cli import main as cli_main
 
 SIGMA, Q, STEPS = 1.1, 0.05, 40
@@ -55,10 +56,9 @@ def test_round_past_budget_raises_and_records_nothing(tmp_path) -> None:
             led.check_round(SIGMA, Q, STEPS)
             n += 1
             led.record_round(n, SIGMA, Q, STEPS, f"h{n}")
-    before = led.path.read_bytes()
     with pytest.raises(BudgetExhausted):
         led.record_round(n + 1, SIGMA, Q, STEPS, "never")
-    assert led.path.read_bytes() == before
+    assert _rows(tmp_path) == n
     assert info.value.projected > info.value.budget == 4.0
     reloaded = PrivacyLedger("fed-A", state=tmp_path)
     assert reloaded.rounds == led.rounds == n
@@ -74,32 +74,102 @@ def test_non_private_round_can_never_be_recorded(tmp_path) -> None:
     assert led.rounds == 0
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "edit", "empty", "schema"])
+def _rows(state) -> int:
+    with SiteStore(state).connect() as con:
+        return con.execute("SELECT count(*) FROM rounds").fetchone()[0]
+
+
+def _sql(state, *statements: str) -> None:
+    """Change the store behind the ledger's back (as a disk fault or a hand edit would)."""
+    import sqlite3
+
+    con = sqlite3.connect(SiteStore(state).path, isolation_level=None)
+    try:
+        for statement in statements:
+            con.execute(statement)
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "edit", "empty", "schema", "delete", "terms"])
 def test_damaged_ledger_refuses_to_load(tmp_path, damage: str) -> None:
     led = _ledger(tmp_path)
-    led.record_round(1, SIGMA, Q, STEPS, "h")
-    raw = led.path.read_bytes()
+    for r in (1, 2, 3):
+        led.record_round(r, SIGMA, Q, STEPS, "h")
+    path = led.path
+    _sql(tmp_path, "PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file, as after a clean close
+    raw = path.read_bytes()
     if damage == "truncate":
-        led.path.write_bytes(raw[: len(raw) // 2])
+        path.write_bytes(raw[: len(raw) // 2])
     elif damage == "garbage":
-        led.path.write_bytes(b"\x00\xff" * 50)
+        path.write_bytes(b"\x00\xff" * 50)
     elif damage == "empty":
-        led.path.write_bytes(b"")
-    elif damage == "edit":  # someone lowers the spend by hand; the checksum catches it
-        doc = json.loads(raw)
-        doc["body"]["rounds"] = []
-        led.path.write_text(json.dumps(doc))
+        path.write_bytes(b"")
+    elif damage == "edit":  # someone lowers the spend by hand; the hash chain catches it
+        _sql(tmp_path, "DROP TRIGGER rounds_no_update", "UPDATE rounds SET sigma = 50.0 WHERE round = 2")
+    elif damage == "delete":  # a round taken out of the middle
+        _sql(tmp_path, "DROP TRIGGER rounds_no_delete", "DELETE FROM rounds WHERE round = 2")
+    elif damage == "terms":
+        _sql(tmp_path, "DROP TRIGGER ledgers_no_update", "UPDATE ledgers SET budget_epsilon = 50.0")
     else:
-        doc = json.loads(raw)
-        doc["body"]["rounds"][0]["sigma"] = "x"
-        from hemafed.core.privacy.ledger import _checksum
-
-        doc["sha256"] = _checksum(doc["body"])
-        led.path.write_text(json.dumps(doc))
+        _sql(tmp_path, "DROP TRIGGER rounds_no_update", "UPDATE rounds SET mechanism = 'x' WHERE round = 1")
     with pytest.raises(LedgerCorrupt):
         PrivacyLedger("fed-A", 5.0, 1e-5, state=tmp_path)
     with pytest.raises(LedgerCorrupt):
-        led.record_round(2, SIGMA, Q, STEPS, "h2")  # never resets to zero and carries on
+        led.record_round(4, SIGMA, Q, STEPS, "h2")  # never resets to zero and carries on
+    assert "error" in list_ledgers(tmp_path)[0]
+
+
+def test_the_store_is_append_only(tmp_path) -> None:
+    import sqlite3
+
+    _ledger(tmp_path).record_round(1, SIGMA, Q, STEPS, "h")
+    for statement in ("DELETE FROM rounds", "UPDATE rounds SET sigma = 9", "DELETE FROM ledgers",
+                      "UPDATE ledgers SET budget_epsilon = 9"):
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            _sql(tmp_path, statement)
+    assert PrivacyLedger("fed-A", state=tmp_path).rounds == 1
+
+
+def test_a_rerun_round_is_a_second_attempt(tmp_path) -> None:
+    led = _ledger(tmp_path, budget=50.0)
+    first = led.record_round(1, SIGMA, Q, STEPS, "h")
+    again = led.record_round(1, SIGMA, Q, STEPS, "h")
+    assert (first.round, first.attempt) == (1, 1) and (again.round, again.attempt) == (1, 2)
+    assert again.epsilon > first.epsilon  # both runs are counted
+
+
+def test_json_ledgers_of_earlier_versions_are_migrated_and_kept(tmp_path) -> None:
+    from hemafed.core.privacy.ledger import legacy_path
+
+    path = legacy_path("old-fed", tmp_path)
+    path.parent.mkdir(parents=True)
+    rounds = [{"round": r, "sigma": SIGMA, "sample_rate": Q, "steps": STEPS, "delta": 1e-5,
+               "epsilon": Accountant("rdp", [(SIGMA, Q, STEPS * r)]).epsilon(1e-5), "model_hash": "h",
+               "time": 1.0 + r} for r in (1, 2, 2)]  # round 2 ran twice
+    body = {"federation_id": "old-fed", "budget_epsilon": 6.0, "delta": 1e-5, "accountant": "rdp", "created": 1.0,
+            "rounds": rounds}
+    from hemafed.core.privacy.ledger import _legacy_checksum
+
+    raw = json.dumps({"format": "hemafed-privacy-ledger", "version": 1, "sha256": _legacy_checksum(body),
+                      "body": body}).encode()
+    path.write_bytes(raw)
+    led = PrivacyLedger("old-fed", state=tmp_path)
+    assert led.budget_epsilon == 6.0 and [(e.round, e.attempt) for e in led.entries] == [(1, 1), (2, 1), (2, 2)]
+    assert led.spent_epsilon() == pytest.approx(Accountant("rdp", [(SIGMA, Q, 3 * STEPS)]).epsilon(1e-5))
+    led.record_round(3, SIGMA, Q, STEPS, "h")  # it goes on in the store
+    assert path.read_bytes() == raw  # the old file is kept, unchanged
+    assert [s["rounds"] for s in list_ledgers(tmp_path)] == [4]  # listed once
+
+
+def test_a_damaged_json_ledger_of_an_earlier_version_is_never_replaced_by_an_empty_one(tmp_path) -> None:
+    from hemafed.core.privacy.ledger import legacy_path
+
+    path = legacy_path("old-fed", tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b'{"format": "hemafed-privacy-ledger", "ver')
+    with pytest.raises(LedgerCorrupt):
+        PrivacyLedger("old-fed", 6.0, 1e-5, state=tmp_path)
     assert "error" in list_ledgers(tmp_path)[0]
 
 
@@ -118,10 +188,9 @@ def test_reopening_with_other_terms_is_refused(tmp_path) -> None:
 def test_federations_are_kept_apart(tmp_path) -> None:
     a = _ledger(tmp_path, fed="hospital/fed 1")
     b = _ledger(tmp_path, fed="hospital_fed_1")
-    assert a.path != b.path
     a.record_round(1, SIGMA, Q, STEPS, "h")
-    assert b.spent_epsilon() == 0.0
-    assert ledger_path("hospital/fed 1", tmp_path).parent == tmp_path / "ledgers"
+    assert b.spent_epsilon() == 0.0 and PrivacyLedger("hospital_fed_1", state=tmp_path).rounds == 0
+    assert ledger_exists("hospital/fed 1", tmp_path) and not ledger_exists("hospital/fed 2", tmp_path)
     summaries = {s["federation_id"]: s for s in list_ledgers(tmp_path)}
     assert summaries["hospital/fed 1"]["rounds"] == 1 and summaries["hospital_fed_1"]["rounds"] == 0
 
@@ -141,5 +210,6 @@ def test_ledger_cli(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     assert data[0]["spent_epsilon"] == pytest.approx(led.spent_epsilon())
     assert cli_main(["ledger", "--state", str(tmp_path)]) == 0
     assert "fed-A" in capsys.readouterr().out
+    _sql(tmp_path, "PRAGMA wal_checkpoint(TRUNCATE)")
     led.path.write_bytes(b"{")
     assert cli_main(["ledger", "--state", str(tmp_path)]) == 1

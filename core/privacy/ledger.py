@@ -1,40 +1,39 @@
-"""The site's privacy ledger: what this site has spent, per federation, on disk.
+"""The site's privacy ledger: what this site has spent, per federation, in the site's store.
 
-One JSON file per (state directory, federation) under `<state>/ledgers/`. It is
-append-only: each `record_round` rewrites the file with the previous rounds plus
-one, through a temporary file that is fsynced and renamed over the old one (then
-the directory is fsynced), so after a crash the file holds either the old or the
-new list, never a torn one. The entry is durable *before* `record_round` returns,
-and the caller sends the update only after that: a crash can lose an update that
-was never sent, never a spend that was.
+Rows live in `<state>/site.sqlite` (`core.privacy.store`): one row per federation with its budget, δ
+and accountant, and one append-only row per round. `record_round` checks the budget and appends the
+round in one transaction that is durable when it returns; the caller sends the update only after
+that, so a crash can lose an update that was never sent, never a spend that was.
 
-A file that does not parse, fails its checksum or breaks the schema raises
-`LedgerCorrupt`; training must stop there (a reset would silently return spent
-budget). Before each round `check_round` projects ε after the round and raises
-`BudgetExhausted` when it would pass the budget.
+Every row carries a hash chained over the rows before it (and the ledger's terms), checked on every
+load: a changed, removed or reordered row — by a disk fault or a casual hand edit — raises
+`LedgerCorrupt`, and training must stop there (a reset would silently return spent budget). This
+guards against accidents, not against the machine's owner, who could rewrite the whole chain (and
+would only deceive themselves about their own patients' privacy).
+
+A round that runs twice (the aggregator restarted and re-ran it) is a second spend: it is recorded
+as attempt 2 of that round, never overwritten and never merged.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..atomic import atomic_write_bytes
 from ..errors import FatalError, HemafedError
 from ..paths import state_dir
 from .accounting import Accountant, AccountantKind, check_kind
+from .store import SiteStore, StoreCorrupt, StoreError
 
-FORMAT = "hemafed-privacy-ledger"
+FORMAT = "hemafed-privacy-ledger"  # the JSON ledgers of earlier versions, migrated on first open
 VERSION = 1
-LEDGER_DIR = "ledgers"
+LEGACY_DIR = "ledgers"
 
 
 class LedgerError(HemafedError):
@@ -42,7 +41,10 @@ class LedgerError(HemafedError):
 
 
 class LedgerCorrupt(LedgerError, FatalError):
-    """The ledger file is damaged or truncated; training must not continue."""
+    """The ledger is damaged or truncated; training must not continue."""
+
+    what_to_do = ("stop this site and restore the site's state folder from a backup; never delete the ledger "
+                  "(the privacy spend it records would be lost)")
 
 
 class LedgerMismatch(LedgerError, ValueError):
@@ -72,8 +74,8 @@ class LedgerEntry:
     epsilon: float  # cumulative ε after this round, at `delta`
     model_hash: str  # sha256 of the global model the round started from
     time: float  # Unix time the entry was written
-    # What protects this site's records in this round (additive; ledgers written before these fields read
-    # back as local Gaussian DP, which is what they recorded).
+    # What protects this site's records in this round (ledgers written before these fields read back as local
+    # Gaussian DP, which is what they recorded).
     dp_mode: str = "local"  # "local": this site added the full noise | "distributed": a share, see below
     mechanism: str = "gaussian"  # "gaussian" (σ w.r.t. C) | "skellam" (σ w.r.t. the integer Δ₂ below)
     l2_sensitivity: float = 0.0  # skellam: Δ₂ in ring units
@@ -82,11 +84,17 @@ class LedgerEntry:
     colluders: int = 0  # distributed: c, shares discounted (each site knows its own)
     share_variance: float = 0.0  # distributed: Skellam variance this site added per coordinate (ring units)
     protection: str = ""  # one sentence for the operator: who the guarantee holds against, assuming what
+    attempt: int = 1  # 2, 3, … when the same round ran again (each run is a spend of its own)
 
     def accountant_entry(self) -> tuple:
         if self.mechanism == "skellam":
             return (self.sigma, self.sample_rate, self.steps, self.l2_sensitivity, self.l1_sensitivity)
         return (self.sigma, self.sample_rate, self.steps)
+
+
+_ENTRY_FIELDS = tuple(f.name for f in fields(LedgerEntry))
+_INSERT_ROUND = (f"INSERT INTO rounds (federation_id, chain, {', '.join(_ENTRY_FIELDS)}) "
+                 f"VALUES (?, ?, {', '.join('?' * len(_ENTRY_FIELDS))})")
 
 
 @dataclass(frozen=True)
@@ -111,117 +119,131 @@ class Protection:
         return asdict(self)
 
 
-def ledger_path(federation_id: str, state: str | os.PathLike[str] | None = None) -> Path:
-    """Where the ledger of `federation_id` lives (a readable slug plus a hash, so distinct ids never collide)."""
-    if not federation_id:
-        raise ValueError("federation id must not be empty")
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", federation_id)[:48].strip("._") or "federation"
-    digest = hashlib.sha256(federation_id.encode()).hexdigest()[:12]
-    return state_dir(state) / LEDGER_DIR / f"{slug}-{digest}.json"
+def _check_entry(e: LedgerEntry) -> None:
+    if not (e.sigma > 0 and 0 < e.sample_rate <= 1 and e.steps >= 0 and math.isfinite(e.epsilon)
+            and e.attempt >= 1):
+        raise ValueError(f"bad entry {e}")
+    if e.mechanism not in ("gaussian", "skellam") or e.dp_mode not in ("local", "distributed"):
+        raise ValueError(f"unknown mechanism or DP mode in {e}")
+    if e.mechanism == "skellam" and not (e.l2_sensitivity > 0 and e.l1_sensitivity > 0):
+        raise ValueError(f"Skellam entry without sensitivities: {e}")
 
 
-def _checksum(body: dict) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def _chain(previous: str, record: dict) -> str:
+    blob = json.dumps(record, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256((previous + blob).encode()).hexdigest()
 
 
-def _parse(path: Path, raw: bytes) -> dict:
-    """The validated body of a ledger file, or `LedgerCorrupt`."""
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LedgerCorrupt(f"{path}: not a readable ledger ({exc}); refusing to continue") from exc
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise LedgerCorrupt(f"{path}: not a hemafed privacy ledger")
-    if doc.get("version") != VERSION:
-        raise LedgerCorrupt(f"{path}: unsupported ledger version {doc.get('version')!r}")
-    body = doc.get("body")
-    if not isinstance(body, dict) or doc.get("sha256") != _checksum(body):
-        raise LedgerCorrupt(f"{path}: checksum mismatch (file damaged or edited)")
-    try:
-        check_kind(body["accountant"])
-        budget, delta = float(body["budget_epsilon"]), float(body["delta"])
-        if not (budget > 0 and 0 < delta < 1) or not isinstance(body["federation_id"], str):
-            raise ValueError("bad budget, δ or federation id")
-        entries = [LedgerEntry(**e) for e in body["rounds"]]
-        for e in entries:
-            if not (e.sigma > 0 and 0 < e.sample_rate <= 1 and e.steps >= 0 and math.isfinite(e.epsilon)):
-                raise ValueError(f"bad entry {e}")
-            if e.mechanism not in ("gaussian", "skellam") or e.dp_mode not in ("local", "distributed"):
-                raise ValueError(f"unknown mechanism or DP mode in {e}")
-            if e.mechanism == "skellam" and not (e.l2_sensitivity > 0 and e.l1_sensitivity > 0):
-                raise ValueError(f"Skellam entry without sensitivities: {e}")
-    except (KeyError, TypeError, ValueError) as exc:
-        raise LedgerCorrupt(f"{path}: malformed ledger ({exc})") from exc
-    body["rounds"] = entries
-    return body
+def _terms(federation_id: str, budget: float, delta: float, kind: str, created: float) -> dict:
+    return {"federation_id": federation_id, "budget_epsilon": budget, "delta": delta, "accountant": kind,
+            "created": created}
+
+
+def ledger_exists(federation_id: str, state: str | os.PathLike[str] | None = None) -> bool:
+    """Whether this site has a ledger (any spend or a fixed budget) for `federation_id`."""
+    store = SiteStore(state)
+    with store.connect() as con:
+        return con.execute("SELECT 1 FROM ledgers WHERE federation_id = ?", (federation_id,)).fetchone() is not None
 
 
 class PrivacyLedger:
-    """The spend of one site in one federation, persisted in the site's state directory.
+    """The spend of one site in one federation, in the site's store.
 
-    Open with the budget the operator set; a new ledger is written at once so the
-    budget is fixed from the first round. Reopening an existing ledger with a
-    different budget, δ or accountant raises `LedgerMismatch` (pass None to take
-    what is stored).
+    Open with the budget the operator set; a new ledger's terms are written at once so the budget is fixed
+    from the first round. Reopening an existing ledger with a different budget, δ or accountant raises
+    `LedgerMismatch` (pass None to take what is stored); no ledger and no terms: `FileNotFoundError`.
     """
 
     def __init__(self, federation_id: str, budget_epsilon: float | None = None, delta: float | None = None, *,
                  kind: AccountantKind | None = None, state: str | os.PathLike[str] | None = None) -> None:
+        if not federation_id:
+            raise ValueError("federation id must not be empty")
         self.federation_id = federation_id
-        self.path = ledger_path(federation_id, state)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with self._locked():
-            if self.path.exists():
-                self._load()
-                for name, asked, stored in (("budget ε", budget_epsilon, self.budget_epsilon),
-                                            ("δ", delta, self.delta), ("accountant", kind, self.kind)):
-                    if asked is not None and asked != stored:
-                        raise LedgerMismatch(f"ledger for {federation_id!r} has {name} {stored}, not {asked}")
-                return
-            if budget_epsilon is None or delta is None:
-                raise FileNotFoundError(f"no ledger for federation {federation_id!r} in {self.path.parent}")
-            if not (budget_epsilon > 0 and math.isfinite(budget_epsilon)) or not 0 < delta < 1:
-                raise ValueError("budget ε must be positive and finite, δ in (0, 1)")
-            self.budget_epsilon = float(budget_epsilon)
-            self.delta = float(delta)
-            self.kind: AccountantKind = kind or "rdp"
-            check_kind(self.kind)
-            self.created = time.time()
-            self.entries: list[LedgerEntry] = []
-            self._write()
+        try:
+            self.store = SiteStore(state)
+        except StoreCorrupt as exc:
+            raise LedgerCorrupt(str(exc)) from exc
+        self.path = self.store.path
+        self.entries: list[LedgerEntry] = []
+        self._chain = ""
+        self._seq = 0
+        if self._load_terms():
+            for name, asked, stored in (("budget ε", budget_epsilon, self.budget_epsilon),
+                                        ("δ", delta, self.delta), ("accountant", kind, self.kind)):
+                if asked is not None and asked != stored:
+                    raise LedgerMismatch(f"ledger for {federation_id!r} has {name} {stored}, not {asked}")
+            self._load_rounds()
+            return
+        damage = legacy_damage(federation_id, self.store.state)
+        if damage:  # an earlier version's ledger that could not be copied in: never start again from zero
+            raise LedgerCorrupt(damage)
+        if budget_epsilon is None or delta is None:
+            raise FileNotFoundError(f"no ledger for federation {federation_id!r} in {self.store.state}")
+        if not (budget_epsilon > 0 and math.isfinite(budget_epsilon)) or not 0 < delta < 1:
+            raise ValueError("budget ε must be positive and finite, δ in (0, 1)")
+        kind = kind or "rdp"
+        check_kind(kind)
+        self._create(float(budget_epsilon), float(delta), kind, time.time())
 
     # -- reading -----------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self):
-        """Serialise writers of this ledger (two site processes must not both append)."""
-        with open(self.path.with_suffix(".lock"), "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
-    def _load(self) -> None:
+    def _db_call(self, fn):
         try:
-            raw = self.path.read_bytes()
-        except OSError as exc:
-            raise LedgerCorrupt(f"{self.path}: cannot read ledger ({exc})") from exc
-        body = _parse(self.path, raw)
-        if body["federation_id"] != self.federation_id:
-            raise LedgerCorrupt(f"{self.path}: belongs to federation {body['federation_id']!r}")
-        self.budget_epsilon = float(body["budget_epsilon"])
-        self.delta = float(body["delta"])
-        self.kind = body["accountant"]
-        self.created = float(body.get("created", 0.0))
-        self.entries = body["rounds"]
+            return fn()
+        except StoreCorrupt as exc:
+            raise LedgerCorrupt(str(exc)) from exc
+
+    def _load_terms(self) -> bool:
+        def read():
+            with self.store.connect() as con:
+                return con.execute("SELECT budget_epsilon, delta, accountant, created, chain FROM ledgers "
+                                   "WHERE federation_id = ?", (self.federation_id,)).fetchone()
+
+        row = self._db_call(read)
+        if row is None:
+            return False
+        budget, delta, kind, created, chain = row
+        try:
+            check_kind(kind)
+            if not (budget > 0 and 0 < delta < 1):
+                raise ValueError("bad budget or δ")
+        except (TypeError, ValueError) as exc:
+            raise LedgerCorrupt(f"{self.path}: malformed terms for {self.federation_id!r} ({exc})") from exc
+        if chain != _chain("", _terms(self.federation_id, budget, delta, kind, created)):
+            raise LedgerCorrupt(f"{self.path}: the terms of {self.federation_id!r} were changed (hash mismatch)")
+        self.budget_epsilon, self.delta, self.kind, self.created = float(budget), float(delta), kind, created
+        self._chain, self._seq, self.entries = chain, 0, []
+        return True
+
+    def _load_rounds(self) -> None:
+        """Read the rows appended since the last read (another process may have added some) and check them."""
+        def read():
+            with self.store.connect() as con:
+                return con.execute(f"SELECT seq, chain, {', '.join(_ENTRY_FIELDS)} FROM rounds "
+                                   "WHERE federation_id = ? AND seq > ? ORDER BY seq",
+                                   (self.federation_id, self._seq)).fetchall()
+
+        entries, chain, seq = list(self.entries), self._chain, self._seq
+        for row in self._db_call(read):
+            seq, stored_chain, values = row[0], row[1], row[2:]
+            try:
+                entry = LedgerEntry(**dict(zip(_ENTRY_FIELDS, values, strict=True)))
+                _check_entry(entry)
+            except (TypeError, ValueError) as exc:
+                raise LedgerCorrupt(f"{self.path}: malformed round in {self.federation_id!r} ({exc})") from exc
+            chain = _chain(chain, asdict(entry))
+            if chain != stored_chain:
+                raise LedgerCorrupt(f"{self.path}: round {entry.round} of {self.federation_id!r} was changed, or a "
+                                    "round before it removed (hash mismatch); refusing to continue")
+            entries.append(entry)
+        self.entries, self._chain, self._seq = entries, chain, seq
 
     def accountant(self) -> Accountant:
         """A fresh accountant rebuilt from every recorded round."""
         return Accountant(self.kind, [e.accountant_entry() for e in self.entries])
 
     def spent_epsilon(self) -> float:
-        """ε spent so far at the ledger's δ (recomputed from the history, not trusted from the file)."""
+        """ε spent so far at the ledger's δ (recomputed from the history, not trusted from a stored figure)."""
         return self.accountant().epsilon(self.delta)
 
     def remaining_epsilon(self) -> float:
@@ -247,66 +269,194 @@ class PrivacyLedger:
                      protection: Protection | None = None) -> LedgerEntry:
         """Append a round and make it durable before returning; nothing is written if it would pass the budget.
 
-        Call this after training and *before* the update leaves the site. Each call is
-        a spend: a round number seen before (a retried round) is recorded again.
+        Call this after training and *before* the update leaves the site. Each call is a spend: a round
+        number seen before (a re-run round) is recorded again, as its next attempt.
         `protection` (default: local Gaussian DP) says which mechanism and trust assumption apply.
         """
         protection = protection or Protection()
-        with self._locked():
-            # Another process may have appended since we loaded: the file is the truth.
-            self._load()
-            epsilon = self.check_round(sigma, sample_rate, steps, skellam=protection.skellam)
-            entry = LedgerEntry(round=int(round), sigma=float(sigma), sample_rate=float(sample_rate),
-                                steps=int(steps), delta=self.delta, epsilon=float(epsilon),
-                                model_hash=str(model_hash), time=time.time(), **protection.fields())
-            self.entries = [*self.entries, entry]
-            try:
-                self._write()
-            except BaseException:
-                self.entries = self.entries[:-1]
-                raise
-            return entry
+        try:
+            with self.store.transaction() as con:
+                # what is on disk is the truth: another process may have appended since we read, and every row
+                # is checked again (a damaged ledger must stop the site before it spends more)
+                if not self._load_terms():
+                    raise LedgerCorrupt(f"{self.path}: the ledger of {self.federation_id!r} disappeared")
+                self._load_rounds()
+                epsilon = self.check_round(sigma, sample_rate, steps, skellam=protection.skellam)
+                attempt = 1 + sum(1 for e in self.entries if e.round == int(round))
+                entry = LedgerEntry(round=int(round), sigma=float(sigma), sample_rate=float(sample_rate),
+                                    steps=int(steps), delta=self.delta, epsilon=float(epsilon),
+                                    model_hash=str(model_hash), time=time.time(), attempt=attempt,
+                                    **protection.fields())
+                _check_entry(entry)
+                chain = _chain(self._chain, asdict(entry))
+                cur = con.execute(_INSERT_ROUND, (self.federation_id, chain, *astuple_entry(entry)))
+                seq = cur.lastrowid
+        except StoreCorrupt as exc:
+            raise LedgerCorrupt(str(exc)) from exc
+        self.entries, self._chain, self._seq = [*self.entries, entry], chain, seq
+        return entry
 
-    def _write(self) -> None:
-        body = {
-            "federation_id": self.federation_id,
-            "budget_epsilon": self.budget_epsilon,
-            "delta": self.delta,
-            "accountant": self.kind,
-            "created": self.created,
-            "rounds": [asdict(e) for e in self.entries],
-        }
-        doc = {"format": FORMAT, "version": VERSION, "sha256": _checksum(body), "body": body}
-        atomic_write_bytes(self.path, json.dumps(doc, indent=1).encode())
-        # Temp files of writers killed mid-write are never read; we hold the lock, so
-        # none of them belongs to a live writer.
-        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-            with contextlib.suppress(OSError):
-                stale.unlink()
+    def _create(self, budget: float, delta: float, kind: str, created: float, migrated_from: str = "") -> None:
+        chain = _chain("", _terms(self.federation_id, budget, delta, kind, created))
+        try:
+            with self.store.transaction() as con:
+                if con.execute("SELECT 1 FROM ledgers WHERE federation_id = ?", (self.federation_id,)).fetchone():
+                    existing = True  # another process created it first: take theirs (checked below)
+                else:
+                    existing = False
+                    con.execute("INSERT INTO ledgers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                (self.federation_id, budget, delta, kind, created, migrated_from, chain))
+        except StoreCorrupt as exc:
+            raise LedgerCorrupt(str(exc)) from exc
+        self._load_terms()
+        if existing and (self.budget_epsilon, self.delta, self.kind) != (budget, delta, kind):
+            raise LedgerMismatch(f"ledger for {self.federation_id!r} was just created with other terms")
+        self._load_rounds()
+
+    def view(self) -> LedgerView:
+        """A read-only snapshot (what a projection needs), safe to hand to another thread."""
+        return LedgerView(self.federation_id, self.budget_epsilon, self.delta, self.kind, tuple(self.entries))
 
     def summary(self) -> dict:
+        return self.view().summary(str(self.path))
+
+
+@dataclass(frozen=True)
+class LedgerView:
+    """A ledger as it stood when read: its terms and rounds (no writing)."""
+
+    federation_id: str
+    budget_epsilon: float
+    delta: float
+    kind: str
+    entries: tuple[LedgerEntry, ...]
+
+    @property
+    def rounds(self) -> int:
+        return len(self.entries)
+
+    def accountant(self) -> Accountant:
+        return Accountant(self.kind, [e.accountant_entry() for e in self.entries])  # type: ignore[arg-type]
+
+    def spent_epsilon(self) -> float:
+        return self.accountant().epsilon(self.delta)
+
+    def summary(self, path: str = "") -> dict:
+        spent = self.spent_epsilon()
         return {
             "federation_id": self.federation_id,
-            "path": str(self.path),
+            "path": path,
             "accountant": self.kind,
             "budget_epsilon": self.budget_epsilon,
             "delta": self.delta,
             "rounds": self.rounds,
             "steps": sum(e.steps for e in self.entries),
-            "spent_epsilon": self.spent_epsilon(),
-            "remaining_epsilon": self.remaining_epsilon(),
+            "spent_epsilon": spent,
+            "remaining_epsilon": max(0.0, self.budget_epsilon - spent),
             "last_round": asdict(self.entries[-1]) if self.entries else None,
         }
 
 
+def astuple_entry(entry: LedgerEntry) -> tuple:
+    return tuple(getattr(entry, name) for name in _ENTRY_FIELDS)
+
+
 def list_ledgers(state: str | os.PathLike[str] | None = None) -> list[dict]:
     """A summary per ledger in the state directory; a damaged one is listed with its `error`."""
-    folder = state_dir(state) / LEDGER_DIR
+    try:
+        store = SiteStore(state)
+        with store.connect() as con:
+            ids = [row[0] for row in con.execute("SELECT federation_id FROM ledgers ORDER BY federation_id")]
+    except (StoreCorrupt, StoreError, LedgerError) as exc:
+        return [{"path": str(state_dir(state)), "error": str(exc)}]
     out: list[dict] = []
+    folder = store.state / LEGACY_DIR
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
-            body = _parse(path, path.read_bytes())
-            out.append(PrivacyLedger(body["federation_id"], state=state).summary())
-        except (LedgerError, OSError) as exc:
+            read_legacy(path)
+        except LedgerCorrupt as exc:
             out.append({"path": str(path), "error": str(exc)})
+    for federation_id in ids:
+        try:
+            out.append(PrivacyLedger(federation_id, state=state).summary())
+        except (LedgerError, StoreError, OSError) as exc:
+            out.append({"federation_id": federation_id, "path": str(store.path), "error": str(exc)})
     return out
+
+
+# -- the JSON ledgers of earlier versions ------------------------------------------------------------
+
+
+def legacy_path(federation_id: str, state: str | os.PathLike[str] | None = None) -> Path:
+    """Where an earlier version kept the JSON ledger of `federation_id`."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", federation_id)[:48].strip("._") or "federation"
+    digest = hashlib.sha256(federation_id.encode()).hexdigest()[:12]
+    return state_dir(state) / LEGACY_DIR / f"{slug}-{digest}.json"
+
+
+def _legacy_checksum(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_legacy(path: Path) -> dict:
+    """The validated body of an earlier version's JSON ledger (`LedgerCorrupt` when damaged)."""
+    try:
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LedgerCorrupt(f"{path}: not a readable ledger ({exc}); refusing to continue") from exc
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        raise LedgerCorrupt(f"{path}: not a hemafed privacy ledger of a known version")
+    body = doc.get("body")
+    if not isinstance(body, dict) or doc.get("sha256") != _legacy_checksum(body):
+        raise LedgerCorrupt(f"{path}: checksum mismatch (file damaged or edited)")
+    try:
+        check_kind(body["accountant"])
+        if not (float(body["budget_epsilon"]) > 0 and 0 < float(body["delta"]) < 1):
+            raise ValueError("bad budget or δ")
+        entries = [LedgerEntry(**e) for e in body["rounds"]]
+        for e in entries:
+            _check_entry(e)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LedgerCorrupt(f"{path}: malformed ledger ({exc})") from exc
+    body["rounds"] = entries
+    return body
+
+
+def migrate_json_ledgers(store: SiteStore) -> None:
+    """Copy every JSON ledger of an earlier version into the store, once, each in one transaction (its terms
+    and rounds as they were). The file stays where it was, no longer written. A damaged one is left for
+    `PrivacyLedger` to refuse by name when that federation is opened."""
+    folder = store.state / LEGACY_DIR
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            body = read_legacy(path)
+        except LedgerCorrupt:
+            continue
+        fid = body["federation_id"]
+        with store.transaction() as con:
+            if con.execute("SELECT 1 FROM ledgers WHERE federation_id = ?", (fid,)).fetchone():
+                continue
+            terms = _terms(fid, float(body["budget_epsilon"]), float(body["delta"]), body["accountant"],
+                           float(body.get("created", 0.0)))
+            chain = _chain("", terms)
+            con.execute("INSERT INTO ledgers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (fid, terms["budget_epsilon"], terms["delta"], terms["accountant"], terms["created"],
+                         str(path), chain))
+            seen: dict[int, int] = {}
+            for e in body["rounds"]:
+                seen[e.round] = seen.get(e.round, 0) + 1
+                entry = LedgerEntry(**{**asdict(e), "attempt": seen[e.round]})
+                chain = _chain(chain, asdict(entry))
+                con.execute(_INSERT_ROUND, (fid, chain, *astuple_entry(entry)))
+
+
+def legacy_damage(federation_id: str, state: str | os.PathLike[str] | None = None) -> str | None:
+    """Why an earlier version's JSON ledger of `federation_id` could not be migrated (None: none, or fine)."""
+    path = legacy_path(federation_id, state)
+    if not path.exists():
+        return None
+    try:
+        read_legacy(path)
+    except LedgerCorrupt as exc:
+        return str(exc)
+    return None

@@ -323,7 +323,7 @@ class Simulation:
         from hemafed.network.sim.report import write_metrics, write_plots, write_report
 
         store = CheckpointStore(self.out / "federation" / "state" / "checkpoints")
-        site_logs = {site_name(i): _read_jsonl(self.out / "sites" / site_name(i) / "state" / "site_rounds.jsonl")
+        site_logs = {site_name(i): _round_log(self.out / "sites" / site_name(i) / "state")
                      for i in range(1, self.opts.sites + 1)}
         rounds = []
         last_eps: dict[str, float] = {}
@@ -377,16 +377,13 @@ class Simulation:
         return metrics
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
+def _round_log(state: Path) -> list[dict[str, Any]]:
+    """A site's round log (its store), or [] when the site never got that far."""
+    from hemafed.core.privacy.store import FILE_NAME, SiteStore
+
+    if not (state / FILE_NAME).exists():
         return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
+    return SiteStore(state).round_log()
 
 
 def _jsonable(value: Any) -> Any:

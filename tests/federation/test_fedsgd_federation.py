@@ -17,7 +17,7 @@ from hemafed.core.learning.checkpoints import CheckpointStore
 from hemafed.core.learning.fedsgd import plan_noise_multiplier, site_privacy
 from hemafed.core.learning.models import build_model
 from hemafed.core.privacy.accounting import Accountant
-from hemafed.core.privacy.ledger import PrivacyLedger, ledger_path
+from hemafed.core.privacy.ledger import PrivacyLedger, ledger_exists
 from hemafed.core.rounds.plan import SiteBounds
 from hemafed.network.site_events import Finished, PlanAnswered
 
@@ -86,7 +86,7 @@ def test_a_site_requiring_local_dp_refuses_a_distributed_plan(tmp_path: Path) ->
     assert answered and not answered[0].accepted
     assert any("requires local DP" in r for r in answered[0].reasons), answered
     assert isinstance(events[-1], Finished) and events[-1].model_path is None
-    assert not ledger_path(fed.plan.federation_id, fed.site_configs[name].state_dir).exists()  # nothing spent
+    assert not ledger_exists(fed.plan.federation_id, fed.site_configs[name].state_dir)  # nothing spent
 
 
 def test_centred_head_first_round_sets_only_the_center_then_training_keeps_it(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from PySide6.QtCore import Qt
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "federation"))
 from fedharness import Federation, make_federation
 
-from hemafed.core.privacy.ledger import PrivacyLedger, ledger_path
+from hemafed.core.privacy.ledger import PrivacyLedger, ledger_exists
 from hemafed.network import site_events as ev
 
 pytestmark = pytest.mark.slow
@@ -243,7 +243,7 @@ def test_failures_through_the_real_driver_say_what_to_do(qtbot, window, tmp_path
         text = page.banner.text()
         assert "outside what this site accepts" in text and "delta=0.001 exceeds the accepted 0.0001" in text
         assert not events(seen, ev.PlanAnswered)[0].accepted
-        assert not ledger_path(fed.plan.federation_id, fed.root / GUI_SITE).exists()  # nothing spent
+        assert not ledger_exists(fed.plan.federation_id, fed.root / GUI_SITE)  # nothing spent
     # 4. the aggregator is gone: the site says so and keeps trying until Leave
     seen = join(qtbot, window)
     qtbot.waitUntil(lambda: bool(events(seen, ev.SiteFailed)), timeout=30_000)
@@ -327,8 +327,8 @@ def test_leave_during_training_stops_within_seconds_and_is_a_dropout(qtbot, wind
     first = fed.aggregator.outcomes[0]
     assert first.status == "completed" and GUI_SITE in first.dropouts
     # nothing recorded for a round whose update never left
-    path = ledger_path(fed.plan.federation_id, fed.root / GUI_SITE)
-    assert not path.exists() or PrivacyLedger(fed.plan.federation_id, state=fed.root / GUI_SITE).rounds <= 1
+    fid, state = fed.plan.federation_id, fed.root / GUI_SITE
+    assert not ledger_exists(fid, state) or PrivacyLedger(fid, state=state).rounds <= 1
 
 
 def test_closing_the_window_during_a_round_leaves_cleanly(qtbot, window, tmp_path: Path) -> None:
@@ -336,7 +336,7 @@ def test_closing_the_window_during_a_round_leaves_cleanly(qtbot, window, tmp_pat
     qtbot.waitUntil(lambda: not window.isVisible(), timeout=10_000)
     assert events(seen, ev.Finished)[-1].outcome == "stopped"
     assert GUI_SITE in fed.aggregator.outcomes[0].dropouts
-    path = ledger_path(fed.plan.federation_id, fed.root / GUI_SITE)
-    if path.exists():  # intact: it loads, and holds at most the round that was training
+    # intact: it loads, and holds at most the round that was training
+    if ledger_exists(fed.plan.federation_id, fed.root / GUI_SITE):
         ledger = PrivacyLedger(fed.plan.federation_id, state=fed.root / GUI_SITE)
         assert ledger.rounds <= 1 and ledger.spent_epsilon() <= window.state.epsilon

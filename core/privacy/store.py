@@ -1,0 +1,199 @@
+"""The site's own records in one SQLite file per state directory: `<state>/site.sqlite`.
+
+It holds, per federation, the privacy ledger (`core.privacy.ledger`) and the site's round log, as
+append-only tables (triggers refuse UPDATE and DELETE). Each write is one transaction, committed
+with WAL and `synchronous=FULL`, so a row is on disk when the call returns: a crash (even `kill -9`
+or a power cut) keeps every committed row and never leaves a torn one. Several processes may share
+the file (SQLite's locks serialise writers).
+
+The file is created complete or not at all (built under a temporary name, then renamed), so an empty
+or schema-less `site.sqlite` can only be damage, and is refused as such rather than taken for a new,
+empty ledger. Ledgers of earlier versions (`<state>/ledgers/*.json`, rewritten whole every round)
+are copied in once, on first open, in one transaction; the JSON files are kept as they were and are
+no longer written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..atomic import fsync_dir
+from ..errors import FatalError, HemafedError
+from ..paths import state_dir
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = "site.sqlite"
+FORMAT = "hemafed-site-store"
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE ledgers (
+    federation_id TEXT PRIMARY KEY, budget_epsilon REAL NOT NULL, delta REAL NOT NULL, accountant TEXT NOT NULL,
+    created REAL NOT NULL, migrated_from TEXT NOT NULL DEFAULT '', chain TEXT NOT NULL);
+CREATE TABLE rounds (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, federation_id TEXT NOT NULL REFERENCES ledgers(federation_id),
+    round INTEGER NOT NULL, attempt INTEGER NOT NULL, sigma REAL NOT NULL, sample_rate REAL NOT NULL,
+    steps INTEGER NOT NULL, delta REAL NOT NULL, epsilon REAL NOT NULL, model_hash TEXT NOT NULL,
+    time REAL NOT NULL, dp_mode TEXT NOT NULL, mechanism TEXT NOT NULL, l2_sensitivity REAL NOT NULL,
+    l1_sensitivity REAL NOT NULL, threshold INTEGER NOT NULL, colluders INTEGER NOT NULL,
+    share_variance REAL NOT NULL, protection TEXT NOT NULL, chain TEXT NOT NULL,
+    UNIQUE (federation_id, round, attempt));
+CREATE INDEX rounds_by_federation ON rounds (federation_id, seq);
+CREATE TABLE round_log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, federation_id TEXT NOT NULL, round INTEGER NOT NULL,
+    status TEXT NOT NULL, time REAL NOT NULL, fields TEXT NOT NULL);
+CREATE INDEX round_log_by_federation ON round_log (federation_id, seq);
+"""
+APPEND_ONLY = ("ledgers", "rounds", "round_log")
+
+
+class StoreCorrupt(FatalError):
+    """`site.sqlite` is damaged (not a database, schema missing, rows that break the rules)."""
+
+    what_to_do = ("stop this site and restore the file from a backup; never delete it (the privacy spend it "
+                  "records would be lost)")
+
+
+class StoreError(HemafedError):
+    """The store could not be read or written (disk full, permissions); nothing was changed."""
+
+
+_migrated: set[Path] = set()
+_migrate_lock = threading.Lock()
+
+
+def store_path(state: str | os.PathLike[str] | None = None) -> Path:
+    return state_dir(state) / FILE_NAME
+
+
+class SiteStore:
+    """The site's SQLite file (created on first use). Each call opens its own short connection, so an object
+    may be used from any thread, and several processes may use the same file."""
+
+    def __init__(self, state: str | os.PathLike[str] | None = None) -> None:
+        self.path = store_path(state)
+        self.state = self.path.parent
+        if not self.path.exists():
+            self._create()
+        self._check()
+        with _migrate_lock:
+            if self.path not in _migrated:
+                from .ledger import migrate_json_ledgers
+
+                migrate_json_ledgers(self)
+                _migrated.add(self.path)
+
+    # -- creation and checks ---------------------------------------------------------------------
+
+    def _create(self) -> None:
+        """Build the schema in a temporary file, then rename it into place (never an empty store)."""
+        fd, tmp = tempfile.mkstemp(dir=self.state, prefix=f".{FILE_NAME}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            os.chmod(tmp, 0o600)
+            con = sqlite3.connect(tmp)
+            try:
+                with con:
+                    con.executescript(SCHEMA + _triggers())
+                    con.executemany("INSERT INTO meta VALUES (?, ?)",
+                                    [("format", FORMAT), ("schema_version", str(SCHEMA_VERSION))])
+            finally:
+                con.close()
+            with contextlib.suppress(FileExistsError):  # another process created it first: theirs wins
+                os.link(tmp, self.path)
+            fsync_dir(self.state)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    def _check(self) -> None:
+        try:
+            with self.connect() as con:
+                meta = dict(con.execute("SELECT key, value FROM meta"))
+        except StoreError:
+            raise
+        except (StoreCorrupt, sqlite3.DatabaseError) as exc:
+            raise StoreCorrupt(f"{self.path}: not a readable hemafed store ({exc})") from exc
+        if meta.get("format") != FORMAT:
+            raise StoreCorrupt(f"{self.path}: not a hemafed store")
+        if meta.get("schema_version") != str(SCHEMA_VERSION):
+            raise StoreCorrupt(f"{self.path}: written by another version of hemafed "
+                               f"(schema {meta.get('schema_version')!r}, this one reads {SCHEMA_VERSION})")
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        """A connection in autocommit mode; use `transaction()` for writes."""
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            raise StoreCorrupt(f"{self.path}: the store is missing or empty (it is never left empty)")
+        con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")  # a commit is durable when it returns, also in WAL mode
+            con.execute("PRAGMA foreign_keys=ON")
+            yield con
+        except sqlite3.DatabaseError as exc:
+            raise _translate(self.path, exc) from exc
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE: writers queue here), committed durably on exit."""
+        with self.connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    # -- the round log ------------------------------------------------------------------------------
+
+    def log_round(self, federation_id: str, round: int, status: str, time: float, **fields: object) -> None:
+        """Append one line of the site's round log (what happened to a round at this site, and when)."""
+        with self.transaction() as con:
+            con.execute("INSERT INTO round_log (federation_id, round, status, time, fields) VALUES (?, ?, ?, ?, ?)",
+                        (federation_id, int(round), str(status), float(time), json.dumps(fields, default=str)))
+
+    def round_log(self, federation_id: str | None = None) -> list[dict]:
+        """The round log, oldest first (every federation unless one is named)."""
+        query = "SELECT federation_id, round, status, time, fields FROM round_log"
+        args: tuple = ()
+        if federation_id is not None:
+            query, args = query + " WHERE federation_id = ?", (federation_id,)
+        with self.connect() as con:
+            rows = con.execute(query + " ORDER BY seq", args).fetchall()
+        return [{"federation_id": f, "round": r, "status": s, "time": t, **json.loads(extra)}
+                for f, r, s, t, extra in rows]
+
+
+_RESOURCE = ("locked", "busy", "disk", "full", "readonly", "read-only", "unable to open", "out of memory")
+
+
+def _translate(path: Path, exc: sqlite3.DatabaseError) -> HemafedError:
+    """SQLite's error as ours: a resource problem (nothing changed, may clear) or damage (stop)."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.IntegrityError) or (isinstance(exc, sqlite3.OperationalError)
+                                                   and any(word in text.lower() for word in _RESOURCE)):
+        return StoreError(f"{path}: {text}")
+    return StoreCorrupt(f"{path}: {text}")
+
+
+def _triggers() -> str:
+    out = []
+    for table in APPEND_ONLY:
+        for op in ("UPDATE", "DELETE"):
+            out.append(f"CREATE TRIGGER {table}_no_{op.lower()} BEFORE {op} ON {table} BEGIN "
+                       f"SELECT RAISE(ABORT, '{table} is append-only'); END;")
+    return "\n".join(out)
