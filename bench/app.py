@@ -139,7 +139,8 @@ def bench_federation(root: Path, fedsgd: bool, rounds: int, images_per_site: int
     from hemafed.core.learning.recipe import RECIPE
 
     plan = FederationPlan(federation_id="bench-app", model=RECIPE["model"] if fedsgd else "cnn4_28",
-                          rounds=rounds, batch_size=32, lr=0.1, threshold=2, min_sites=2, max_sites=3,
+                          algorithm="fedavg", dp_mode="local", noise_multiplier=0.0, rounds=rounds, batch_size=32,
+                          lr=0.1, threshold=2, min_sites=2, max_sites=3,
                           max_weight=4096, update_clip=1.0, train_timeout_s=600.0, stage_timeout_s=60.0,
                           join_timeout_s=60.0)
     if fedsgd:

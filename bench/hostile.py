@@ -47,8 +47,8 @@ async def serve(workdir: Path) -> None:
     from hemafed.network.tls import ServerTLS
 
     keys = json.loads((workdir / "keys.json").read_text())
-    plan = FederationPlan(federation_id="bench", secagg=False, dp=False, threshold=2, min_sites=1,
-                          max_sites=len(keys), max_weight=4096)
+    plan = FederationPlan(federation_id="bench", algorithm="fedavg", dp_mode="local", noise_multiplier=0.0,
+                          secagg=False, dp=False, threshold=2, min_sites=1, max_sites=len(keys), max_weight=4096)
     server = AggregatorServer(keys, tls=ServerTLS(workdir / "tls" / "server.pem", workdir / "tls" / "server.key"),
                               federation="bench", limits=Limits.for_model(DIM, max_sites=len(keys)),
                               handshake_timeout=30.0, max_unauthenticated=256, max_unauthenticated_per_address=32)
@@ -185,7 +185,8 @@ def decoder_times() -> dict[str, float]:
     from hemafed.network.envelope import Envelope, Limits
     from hemafed.network.errors import ProtocolError
 
-    plan = FederationPlan(federation_id="bench", secagg=False, dp=False, threshold=2, min_sites=1, max_weight=4096)
+    plan = FederationPlan(federation_id="bench", algorithm="fedavg", dp_mode="local", noise_multiplier=0.0,
+                          secagg=False, dp=False, threshold=2, min_sites=1, max_weight=4096)
     validator = P.plan_validator(plan, DIM, 8)
     validator.round = 1
     limits = Limits.for_model(DIM, max_sites=8)

@@ -40,17 +40,23 @@ def register_bench_model() -> None:
 
 
 def run_site(config: str) -> None:
-    from hemafed.core.learning.dp_train import LocalResult
+    from hemafed.core.rounds.site_round import TrainOutcome
+    from hemafed.core.secagg.quantize import quantize
     from hemafed.network.config import SiteConfig
     from hemafed.network.site import SiteRunner
 
     class SyntheticSite(SiteRunner):
-        def _train(self, model, rnd: int) -> LocalResult:
-            dim = sum(p.numel() for p in model.parameters())
+        """A site whose 'training' is a random update of the model's size (no images are trained on)."""
+
+        def _contribution(self, rnd, weights, progress) -> TrainOutcome:
+            plan, n = self.plan, len(self.data.train_labels)
             rng = np.random.default_rng(rnd * 1000 + self.site_id)
-            update = (rng.standard_normal(dim) * 0.01).astype(np.float32)
-            return LocalResult(update=update, steps=1, sample_rate=0.0, noise_multiplier=0.0, clip_norm=0.0,
-                               mean_loss=0.0, n_samples=len(self.data.train_labels), dp=False, mean_batch_size=0.0)
+            update = (rng.standard_normal(len(weights)) * 0.01).astype(np.float32)
+            confusion = np.zeros((len(plan.classes),) * 2, np.int64)
+            if not plan.secagg:
+                return TrainOutcome(rnd, confusion, n, update=update)
+            ring = quantize(plan.secagg_config(len(weights)), update, n, confusion.reshape(-1), rng)
+            return TrainOutcome(rnd, confusion, n, ring=ring)
 
     asyncio.run(SyntheticSite(SiteConfig.load(config)).run())
 
@@ -70,7 +76,8 @@ def federation(root: Path, sites: int, rounds: int, secure: bool) -> dict:
 
     create_federation_certs(root / "tls", ["127.0.0.1"])
     t = sites // 2 + 1
-    plan = FederationPlan(federation_id="bench", model=BENCH_MODEL, rounds=rounds, dp=False, secagg=secure,
+    plan = FederationPlan(federation_id="bench", model=BENCH_MODEL, algorithm="fedavg", dp_mode="local",
+                          noise_multiplier=0.0, rounds=rounds, dp=False, secagg=secure,
                           threshold=t, min_sites=sites, max_sites=sites, batch_size=8, max_weight=1024,
                           update_clip=0.1, join_timeout_s=120.0)
     keys = {}

@@ -269,8 +269,11 @@ class Aggregator:
         """Best effort: status.json is for people; failing to write it never stops a round."""
         import json
 
+        machine = self.machine
         data = {"round": rnd, "rounds": self.plan.rounds, "stage": stage, "time": time.time(),
-                "ready": sorted(self.machine.ready) if self.machine else []}
+                "ready": sorted(machine.ready) if machine else [],
+                "preparing": {site: {"done": d, "total": t, "eta_s": eta}
+                              for site, (d, t, eta) in sorted(machine.preparing.items())} if machine else {}}
         try:
             atomic_write_bytes(self.cfg.state_dir / "status.json", json.dumps(data).encode(), mode=0o644)
         except OSError as exc:

@@ -94,6 +94,10 @@ class SiteConfig:
     roster: Path | None = None  # roster.json signed by the federation key (see hemafed.core.trust.roster)
     roster_key: str | None = None  # the federation key's public line, confirmed by phone
     peers: tuple[str, ...] = ()  # or: the peers' fingerprints / key lines, listed by this site itself
+    # Seeds this site's randomness (samples, noise, rounding) so a simulation replays exactly. Anyone who knows
+    # the seed can then remove the noise: `hemafed simulate` sets it for its simulated hospitals; a hospital
+    # never should (the site logs a warning when it is set).
+    simulation_seed: int | None = None
 
     def pinned_roster(self):
         """The roster this site pins (a `hemafed.core.trust.roster.Roster`), or None when it pins none."""
@@ -123,6 +127,7 @@ class SiteConfig:
             torch_threads=section.get("torch_threads"),
             roster=_opt_path(base, section.get("roster")), roster_key=section.get("roster_key"),
             peers=tuple(section.get("peers", ())),
+            simulation_seed=_opt_int(section, "simulation_seed", path),
         )
 
 
@@ -137,6 +142,13 @@ def _positive(section: dict[str, Any], name: str, default: float, path: Path) ->
     value = section.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise PlanError(f"{path}: [federation] {name} must be a positive number")
+    return value
+
+
+def _opt_int(section: dict[str, Any], name: str, path: Path) -> int | None:
+    value = section.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise PlanError(f"{path}: [site] {name} must be an integer")
     return value
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from hemafed.core.rounds import agg_round
-from hemafed.core.rounds.agg_round import DECLINE, PLAIN_UPDATE, PLAN_ACCEPT, PLAN_REJECT, SECAGG
+from hemafed.core.rounds.agg_round import DECLINE, PLAIN_UPDATE, PLAN_ACCEPT, PLAN_REJECT, PREPARING, SECAGG
 from hemafed.core.rounds.plan import FederationPlan
 from hemafed.network import schema
 from hemafed.network.envelope import Envelope
@@ -23,7 +23,7 @@ ROUND_END = agg_round.ROUND_END
 DONE = agg_round.DONE
 weights_blob = agg_round.weights_blob
 
-SITE_TYPES = frozenset({PLAN_ACCEPT, PLAN_REJECT, DECLINE, SECAGG, PLAIN_UPDATE})
+SITE_TYPES = frozenset({PREPARING, PLAN_ACCEPT, PLAN_REJECT, DECLINE, SECAGG, PLAIN_UPDATE})
 ROUND_BOUND = frozenset({DECLINE, SECAGG, PLAIN_UPDATE})
 
 

@@ -229,6 +229,9 @@ def site_schemas(b: Bounds) -> dict[str, MessageSchema]:
     """Site → aggregator."""
     return {
         "plan_accept": MessageSchema(Obj({"digest": DIGEST})),
+        # progress while a site computes its images' features: images done of images in all, seconds left
+        "preparing": MessageSchema(Obj({"done": Int(0, 2**31 - 1), "total": Int(0, 2**31 - 1)},
+                                       {"eta_s": Float(0.0, 1e7)})),
         "plan_reject": MessageSchema(Obj({"reasons": List(REASON, 50)}, {"digest": DIGEST})),
         "decline": MessageSchema(Obj({"reason": REASON})),
         "secagg": MessageSchema(Obj(), (None,), max_blob=b.max_secagg_bytes),
@@ -247,7 +250,7 @@ PLAN = Obj(optional={
     "secagg": Bool(), "threshold": Int(0, MAX_SITE_ID), "min_sites": Int(1, MAX_SITE_ID),
     "max_sites": Int(1, MAX_SITE_ID), "server_optimizer": Str(32), "server_lr": _PLAN_POS,
     "val_fraction": Float(0.0, 1.0), "train_timeout_s": _PLAN_POS, "stage_timeout_s": _PLAN_POS,
-    "join_timeout_s": _PLAN_POS, "seed": _PLAN_INT,
+    "join_timeout_s": _PLAN_POS, "prepare_timeout_s": _PLAN_POS, "seed": _PLAN_INT,
     "algorithm": Str(16, choices=frozenset({"fedavg", "fedsgd"})), "sample_rate": Float(0.0, 1.0),
     "dp_mode": Str(16, choices=frozenset({"local", "distributed"})), "dp_colluders": Int(0, MAX_SITE_ID),
     "noise_multiplier": Float(0.0, 1e9), "ema": Float(0.0, 1.0),

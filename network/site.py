@@ -5,7 +5,7 @@ The driver connects (reconnecting with back-off after a transient failure), feed
 message to the machine and carries out the actions it returns: sends, typed events
 (`hemafed.core.rounds.site_events`, all delivered on the event-loop thread), preparing a plan
 and training a round off the event loop. With DP, the durable ledger entry is written
-inside training (`train_private_round`), so the spend is on disk before any send.
+inside the site trainer's round (`core.learning.site_trainer`), so the spend is on disk before any send.
 The headless `hemafed site` and the desktop app drive the same object:
 
     runner = SiteRunner(cfg, on_event=show, auto_accept=False)
@@ -25,7 +25,6 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +33,8 @@ import numpy as np
 from hemafed.core.atomic import atomic_write_bytes
 from hemafed.core.errors import HemafedError
 from hemafed.core.learning.models import model_problems
+from hemafed.core.learning.site_trainer import Projection, SiteData, SiteTrainer, site_trainer
+from hemafed.core.privacy.ledger import LedgerCorrupt, PrivacyLedger
 from hemafed.core.rounds import site_round as sr
 from hemafed.core.rounds.plan import FederationPlan
 from hemafed.core.rounds.site_events import (
@@ -66,25 +67,10 @@ DIE_STAGES = ("train", "keys", "shares", "masked", "unmask")
 EventFn = Callable[[SiteEvent], None]
 T = TypeVar("T")
 PROGRESS_EVERY_S = 0.1  # at most ~10 TrainProgress events a second (and always the last step)
+PREPARE_REPORT_S = 1.0  # preparation progress: to the operator and the aggregator at most once a second
 SHORT_SESSION_S = 5.0  # a session shorter than this counts towards the reconnect back-off
 
-__all__ = ["DIE_STAGES", "LocalData", "PlanRefused", "PrivacySettings", "SiteRunner", "save_model_file"]
-
-
-@dataclass
-class LocalData:
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    val_images: np.ndarray
-    val_labels: np.ndarray
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    privacy: PrivacySettings | None
-    n_params: int
-    epsilon_spent: float | None
-    epsilon_per_round: tuple[float, ...]
+__all__ = ["DIE_STAGES", "PlanRefused", "PrivacySettings", "SiteRunner", "save_model_file"]
 
 
 class _Stopped(HemafedError):
@@ -114,11 +100,12 @@ class SiteRunner:
         self.machine = sr.SiteRound(cfg.bounds, identity=self.identity.private_key, federation=cfg.federation,
                                     auto_accept=auto_accept, roster=cfg.pinned_roster(), plan_problems=model_problems)
         self.plan: FederationPlan | None = None
-        self.data: LocalData | None = None
-        self.privacy: PrivacySettings | None = None
-        self.ledger = None
-        self.fedsgd = None  # core.fedsgd_site.FedSGDSite for a DP-FedSGD plan
-        self.last_result = None  # the latest LocalResult: loss and steps for the operator; never sent
+        self.trainer: SiteTrainer | None = None  # everything this site does with its images for `plan`
+        self.data: SiteData | None = None
+        self.ledger: PrivacyLedger | None = None
+        self._featurizing: asyncio.Future | None = None  # the trainer's preparation, across reconnects
+        self._prepare_seen: tuple[int, int, float | None] | None = None
+        self.last_outcome: sr.TrainOutcome | None = None  # this site's latest round (kept here, never resent)
         self.bytes_sent = self.bytes_received = 0
         self.client: SiteClient | None = None
         self.final_path: Path | None = None
@@ -336,6 +323,8 @@ class SiteRunner:
                 more = await self._prepare_action(action.plan)
             elif isinstance(action, sr.AskOperator):
                 more = await self._ask_operator()
+            elif isinstance(action, sr.Featurize):
+                more = await self._featurize_action()
             elif isinstance(action, sr.Train):
                 more = await self._train_action(action)
             elif isinstance(action, sr.Finish):
@@ -390,101 +379,89 @@ class SiteRunner:
 
     async def _prepare_action(self, plan: FederationPlan) -> list[sr.Action]:
         try:
-            ready = await asyncio.to_thread(self.prepare, plan)
+            proj = await asyncio.to_thread(self.prepare, plan)
         except PlanRefused as exc:
             return self.machine.prepared(None, n_params=0, problems=exc.reasons, what_to_do=exc.what_to_do or None)
         except Exception as exc:  # e.g. an unreadable file: refuse the plan with the reason
             log.exception("preparing the plan failed")
             return self.machine.prepared(None, n_params=0,
                                          problems=[safe_text(f"cannot prepare the plan here: {exc}")])
-        return self.machine.prepared(ready.privacy, n_params=ready.n_params, epsilon_spent=ready.epsilon_spent,
-                                     epsilon_per_round=ready.epsilon_per_round)
+        assert self.trainer is not None
+        return self.machine.prepared(proj.settings, n_params=self.trainer.n_params,
+                                     epsilon_spent=proj.spent if plan.dp else None,
+                                     epsilon_per_round=proj.epsilon_per_round)
 
-    def prepare(self, plan: FederationPlan) -> _Prepared:
-        """Load the data, open the ledger, calibrate σ for the whole plan (off the event loop).
-        Raises `PlanRefused` with every reason the plan cannot run here."""
-        from hemafed.core.learning.models import build_model
-        from hemafed.core.privacy.calibration import BudgetTooSmall, calibrate_sigma, sample_rate, steps_per_round
-
-        n_params = sum(p.numel() for p in build_model(plan.model, len(plan.classes)).parameters())
-        if self.plan is None or self.plan.digest() != plan.digest() or self.data is None:
-            self.data = self._load_data(plan)
-            self.fedsgd = None
+    def prepare(self, plan: FederationPlan) -> Projection:
+        """Load the data, open the ledger and project this site's ε for the plan (off the event loop; fast: the
+        images' features come after the operator accepted, `_featurize_action`). Raises `PlanRefused` with every
+        reason the plan cannot run here."""
+        if self.trainer is None or self.plan is None or self.plan.digest() != plan.digest():
+            if self.data is None or self.plan is None or (self.plan.classes, self.plan.input_size,
+                                                          self.plan.val_fraction, self.plan.seed) != \
+                    (plan.classes, plan.input_size, plan.val_fraction, plan.seed):
+                self.data = self._load_data(plan)
+            self.trainer = site_trainer(plan, bounds=self.cfg.bounds, seed=self.cfg.simulation_seed,
+                                        threads=self.cfg.torch_threads)
+            self._featurizing = None
         self.plan = plan
-        n = len(self.data.train_labels)
-        if plan.algorithm == "fedsgd":
-            return self._prepare_fedsgd(plan, n_params)
-        if n < plan.batch_size:
-            raise PlanRefused([f"only {n} training images, fewer than the batch size {plan.batch_size}"],
-                              "add training images, or ask the admin for a smaller batch size")
-        if plan.secagg and n > plan.max_weight:
-            raise PlanRefused([f"{n} training images, more than the plan's max_weight {plan.max_weight}"],
-                              "ask the federation's admin to raise max_weight")
-        if not plan.dp:
-            self.privacy = None
-            log.warning("this plan is NON-PRIVATE: updates carry no differential-privacy guarantee")
-            return _Prepared(None, n_params, None, ())
-        q, steps = sample_rate(n, plan.batch_size), steps_per_round(n, plan.batch_size, plan.local_epochs)
-        self.ledger = self._open_ledger(plan, default_delta=min(plan.delta, 1.0 / n))
-        # σ is fitted so the rounds still to come, on top of what the ledger already
-        # holds (a restarted site), stay within the budget.
-        remaining = max(plan.rounds - self.ledger.rounds, 1)
-        prior = [(e.sigma, e.sample_rate, e.steps) for e in self.ledger.entries]
-        try:
-            sigma = calibrate_sigma(self.cfg.epsilon, self.ledger.delta, q, steps * remaining,
-                                    kind=self.ledger.kind, prior=prior)
-        except BudgetTooSmall as exc:
-            raise PlanRefused([str(exc)], "raise the ε budget in site.toml (a new federation id starts a new "
-                                          "ledger), or ask the admin for fewer rounds or local epochs") from exc
-        self.privacy = PrivacySettings(sigma, q, steps, self.ledger.delta)
-        return _Prepared(self.privacy, n_params, self.ledger.spent_epsilon(),
-                         _projection(self.ledger, sigma, q, steps, remaining))
-
-    def _prepare_fedsgd(self, plan: FederationPlan, n_params: int) -> _Prepared:
-        """DP-FedSGD: the plan fixes σ and q for every site; this site checks its bounds and that the plan's
-        rounds fit its budget, and computes its images' fixed features once."""
-        from hemafed.core.learning.fedsgd_site import FedSGDSite
-        from hemafed.core.rounds.plan import PlanError
-
         assert self.data is not None
-        if not plan.dp or not plan.secagg:
-            raise PlanRefused(["a fedsgd plan must use differential privacy and secure aggregation"],
-                              "ask the federation's admin for a private plan")
-        n = len(self.data.train_labels)
-        self.ledger = self._open_ledger(plan, default_delta=min(plan.delta, 1.0 / n))
-        if self.fedsgd is None or self.fedsgd.plan.digest() != plan.digest():
-            try:
-                self.fedsgd = FedSGDSite(plan, plan.secagg_config(n_params), self.ledger, self.cfg.bounds,
-                                         self.data.train_images, self.data.train_labels, self.data.val_images,
-                                         self.data.val_labels)
-            except PlanError as exc:
-                raise PlanRefused([str(exc)], "raise the ε budget in site.toml (a new federation id starts a new "
-                                              "ledger), or ask the admin for fewer rounds") from exc
-        fs = self.fedsgd.privacy
-        self.privacy = PrivacySettings(fs.sigma, fs.sample_rate, 1, self.ledger.delta)
-        return _Prepared(self.privacy, n_params, self.ledger.spent_epsilon(), self.fedsgd.epsilon_per_round())
+        self.ledger = self._open_ledger(plan, len(self.data.train_labels)) if plan.dp else None
+        if not plan.dp:
+            log.warning("this plan is NON-PRIVATE: updates carry no differential-privacy guarantee")
+        return self.trainer.prepare(self.ledger, self.data, self.cfg.epsilon)
 
-    def _open_ledger(self, plan: FederationPlan, default_delta: float):
-        """This federation's ledger: δ and accountant stay what they were when it was
-        created; a different budget is refused rather than silently applied."""
-        from hemafed.core.privacy.ledger import LedgerCorrupt, PrivacyLedger
+    async def _featurize_action(self) -> list[sr.Action]:
+        """Compute the images' features (minutes the first time; the cache makes later federations instant),
+        telling the operator and the aggregator how far it got; then tell the aggregator this site is ready."""
+        from hemafed.core.learning.site_trainer import TrainingCancelled
 
+        trainer = self.trainer
+        assert trainer is not None
+        if self._featurizing is None:  # once per trainer: a reconnect in between waits for the same work
+            self._prepare_seen = None
+
+            def progress(done: int, total: int, left: float | None) -> None:
+                self._prepare_seen = (done, total, left)  # read by the loop below
+
+            self._featurizing = asyncio.ensure_future(asyncio.to_thread(
+                trainer.featurize, progress, self._stop_flag.is_set))
+        job, reported = self._featurizing, None
         try:
-            ledger = PrivacyLedger(plan.federation_id, state=self.cfg.state_dir)
+            while True:
+                await self._interruptible(asyncio.wait({job}, timeout=PREPARE_REPORT_S))
+                seen = self._prepare_seen
+                if seen is not None and seen != reported and (not job.done() or reported is not None):
+                    reported = seen
+                    outcome = await self._perform(self.machine.preparing(*seen))
+                    if outcome is not None:
+                        raise RuntimeError(f"preparing ended the run: {outcome}")
+                if job.done():
+                    break
+            job.result()
+        except TrainingCancelled:
+            raise _Stopped from None
+        except _Stopped:
+            raise
+        except Exception as exc:
+            self._featurizing = None
+            log.exception("preparing this site's images failed")
+            return self.machine.featurize_failed(f"{type(exc).__name__}: {exc}")
+        return self.machine.featurized()
+
+    def _open_ledger(self, plan: FederationPlan, n_train: int) -> PrivacyLedger:
+        """This federation's ledger: δ and accountant stay what they were when it was created; a different
+        budget is refused (by the trainer's projection) rather than silently applied."""
+        try:
+            return PrivacyLedger(plan.federation_id, state=self.cfg.state_dir)
         except FileNotFoundError:
-            return PrivacyLedger(plan.federation_id, self.cfg.epsilon, default_delta, kind=self.cfg.accountant,
-                                 state=self.cfg.state_dir)
+            return PrivacyLedger(plan.federation_id, self.cfg.epsilon, min(plan.delta, 1.0 / n_train),
+                                 kind=self.cfg.accountant, state=self.cfg.state_dir)
         except LedgerCorrupt as exc:
             raise PlanRefused([f"the privacy ledger is damaged ({exc})"],
-                              "training is stopped until the ledger file is restored from a backup; never "
-                              "delete it (the spend it records would be lost)") from exc
-        if ledger.budget_epsilon != self.cfg.epsilon:
-            raise PlanRefused([f"this federation's ledger was opened with budget ε = {ledger.budget_epsilon:g}; "
-                               f"the configured {self.cfg.epsilon:g} cannot replace it"],
-                              f"set epsilon = {ledger.budget_epsilon:g} in site.toml again")
-        return ledger
+                              "training is stopped until the ledger is restored from a backup; never delete it (the "
+                              "spend it records would be lost)") from exc
 
-    def _load_data(self, plan: FederationPlan) -> LocalData:
+    def _load_data(self, plan: FederationPlan) -> SiteData:
         from hemafed.core.data.partition import stratified_split
         from hemafed.core.data.scan import scan_source
 
@@ -501,24 +478,26 @@ class SiteRunner:
                               "check the data folder in site.toml (`hemafed scan` shows what it holds)")
         train, val = stratified_split(site.labels, plan.val_fraction, seed=plan.seed)
         log.info("local data: %d training and %d validation images", len(train), len(val))
-        return LocalData(site.images[train], site.labels[train], site.images[val], site.labels[val])
+        return SiteData(site.images[train], site.labels[train], site.images[val], site.labels[val])
 
     # -- a round -------------------------------------------------------------------------------
 
     async def _train_action(self, action: sr.Train) -> list[sr.Action]:
-        from hemafed.core.learning.dp_train import TrainingCancelled
-        from hemafed.core.learning.fedsgd_site import RoundCancelled
+        from hemafed.core.learning.site_trainer import TrainingCancelled
         from hemafed.core.privacy.ledger import BudgetExhausted
 
-        rnd = action.round
-        recorded_before = self.ledger.rounds if self.ledger is not None and self.privacy is not None else 0
+        rnd, trainer = action.round, self.trainer
+        assert trainer is not None
+        recorded_before = self.ledger.rounds if self.ledger is not None else 0
         started = time.monotonic()
+
+        def progress(step: int, total: int, left: float | None) -> None:
+            self._progress(TrainProgress(rnd, step, total, float("nan")))
+
         try:
-            if self.fedsgd is not None and self.plan is not None and self.plan.algorithm == "fedsgd":
-                outcome, loss, steps = await asyncio.to_thread(self._fedsgd_work, action)
-            else:
-                outcome, loss, steps = await self._fedavg_work(action)
-        except (TrainingCancelled, RoundCancelled):
+            await asyncio.to_thread(self._save_model, "latest", action.weights, rnd)
+            outcome = await asyncio.to_thread(self._contribution, rnd, action.weights, progress)
+        except TrainingCancelled:
             return self.machine.train_cancelled(rnd, recorded=self._recorded_since(recorded_before),
                                                 epsilon_spent=self._spent())
         except BudgetExhausted as exc:
@@ -527,87 +506,31 @@ class SiteRunner:
         except Exception as exc:  # a bug or a resource failure: never a traceback for the operator
             log.exception("round %d: training failed", rnd)
             return self.machine.train_failed(rnd, safe_text(f"{type(exc).__name__}: {exc}"))
+        self.last_outcome = outcome
+        # on the loop's thread, so before the machine's next stage (the training thread's were queued earlier)
+        self._emit(TrainProgress(rnd, max(outcome.steps, 1), max(outcome.steps, 1), float(outcome.loss)))
         eps = outcome.epsilon_spent
-        log.info("round %d: trained %d steps in %.1f s, %s", rnd, steps, time.monotonic() - started,
-                 f"ε spent {eps:.3f} of {self.cfg.epsilon:g} at δ={self.privacy.delta:g}" if self.privacy
+        proj = trainer.projection
+        log.info("round %d: trained %d steps in %.1f s, %s", rnd, outcome.steps, time.monotonic() - started,
+                 f"ε spent {eps:.3f} of {self.cfg.epsilon:g} at δ={proj.delta:g}" if eps is not None
                  else "NON-PRIVATE")
-        self._log_round(rnd, "trained", epsilon=eps, loss=loss, train_s=time.monotonic() - started)
+        self._log_round(rnd, "trained", epsilon=eps, loss=outcome.loss, train_s=time.monotonic() - started)
         if self.stopping:  # stop() came after the last step: the spend is recorded, nothing is sent
             return self.machine.train_cancelled(rnd, recorded=self._recorded_since(recorded_before),
                                                 epsilon_spent=eps)
         return self.machine.trained(rnd, outcome)
 
-    async def _fedavg_work(self, action: sr.Train) -> tuple[sr.TrainOutcome, float, int]:
-        """Local epochs of (DP-)SGD from the global model; the evaluation comes first."""
-        from hemafed.core.learning.dp_train import TrainingCancelled
-
-        model = await asyncio.to_thread(self._model, action)
-        confusion = await asyncio.to_thread(self._evaluate, model)
-        if self.stopping:
-            raise TrainingCancelled("stopped before training")
-        result = await asyncio.to_thread(self._train, model, action.round)
-        self.last_result = result
-        assert self.data is not None
-        return (sr.TrainOutcome(result.update, len(self.data.train_labels), confusion, self._spent()),
-                result.mean_loss, result.steps)
-
-    def _fedsgd_work(self, action: sr.Train) -> tuple[sr.TrainOutcome, float, int]:
-        """DP-FedSGD (on a worker thread): evaluate, then one clipped gradient sum with this site's noise share;
-        the ledger entry is durable before this returns."""
-        assert self.fedsgd is not None
-        self._save_model("latest", action.weights, action.round)
-        done = self.fedsgd.round(action.round, action.weights, self._stop_flag)
-        c = done.contribution
-        self._progress(TrainProgress(action.round, 1, 1, float(c.loss)))
-        return (sr.TrainOutcome(c.update, c.weight, done.confusion, done.epsilon_spent, noise_hook=c.noise_hook),
-                c.loss, 1)
+    def _contribution(self, rnd: int, weights: np.ndarray, progress) -> sr.TrainOutcome:
+        """This site's part of round `rnd` (on a worker thread): the trainer's, spend recorded first."""
+        assert self.trainer is not None
+        return self.trainer.contribution(rnd, weights, self._stop_flag.is_set, progress)
 
     def _recorded_since(self, before: int) -> bool:
         """Did this round reach the ledger? (`record_round` updates the open ledger object.)"""
-        return self.ledger is not None and self.privacy is not None and self.ledger.rounds > before
+        return self.ledger is not None and self.ledger.rounds > before
 
     def _spent(self) -> float | None:
-        return self.ledger.spent_epsilon() if self.ledger is not None and self.privacy is not None else None
-
-    def _model(self, action: sr.Train):
-        from hemafed.core.learning.models import build_model, set_flat_params
-
-        assert self.plan is not None
-        model = build_model(self.plan.model, len(self.plan.classes))
-        set_flat_params(model, action.weights)
-        self._save_model("latest", action.weights, action.round)
-        return model
-
-    def _evaluate(self, model) -> np.ndarray:
-        from hemafed.core.learning.dp_train import evaluate
-
-        assert self.data is not None and self.plan is not None
-        return evaluate(model, self.data.val_images, self.data.val_labels, len(self.plan.classes))
-
-    def _train(self, model, rnd: int):
-        """Train one round on this thread (not the loop's); with DP, the budget check and the
-        durable ledger entry come first and last (`train_private_round`), so the spend is on
-        disk before any send. Stops between steps once `stop()` is called."""
-        import torch
-
-        from hemafed.core.learning.dp_train import LocalTrainConfig, train_local
-        from hemafed.core.learning.private_round import train_private_round
-
-        assert self.plan is not None and self.data is not None
-        if self.cfg.torch_threads:
-            torch.set_num_threads(self.cfg.torch_threads)
-        plan, data = self.plan, self.data
-        config = LocalTrainConfig(local_epochs=plan.local_epochs, batch_size=plan.batch_size, lr=plan.lr,
-                                  momentum=plan.momentum, clip_norm=plan.clip_norm, dp=plan.dp)
-
-        def progress(step: int, total: int, loss: float) -> None:
-            self._progress(TrainProgress(rnd, step, total, float(loss)))
-
-        if self.privacy is None:
-            return train_local(model, data.train_images, data.train_labels, config, noise_multiplier=0.0,
-                               progress=progress, cancel=self._stop_flag)
-        return train_private_round(self.ledger, rnd, model, data.train_images, data.train_labels, config,
-                                   self.privacy.sigma, progress=progress, cancel=self._stop_flag).result
+        return self.ledger.spent_epsilon() if self.ledger is not None else None
 
     def _progress(self, event: TrainProgress) -> None:
         """Called on the training thread: hand the event to the loop's thread (throttled)."""
@@ -645,16 +568,6 @@ class SiteRunner:
         if self.die_at == (rnd, stage):
             log.warning("simulated crash at round %d, stage %s", rnd, stage)
             self.on_die()
-
-
-def _projection(ledger, sigma: float, q: float, steps: int, rounds: int) -> tuple[float, ...]:
-    """This site's ε after each of the next `rounds` rounds at (σ, q, steps), on top of its ledger."""
-    acc = ledger.accountant()
-    out = []
-    for _ in range(rounds):
-        acc.step(sigma, q, steps)
-        out.append(acc.epsilon(ledger.delta))
-    return tuple(out)
 
 
 def _hard_exit() -> None:

@@ -11,6 +11,7 @@ from hemafed.core.rounds.site_events import (
     Finished,
     PlanAnswered,
     PlanReceived,
+    PrepareProgress,
     RoundFinished,
     RoundStarted,
     SiteEvent,
@@ -19,8 +20,9 @@ from hemafed.core.rounds.site_events import (
     TrainProgress,
 )
 
-__all__ = ["OUTCOMES", "STAGES", "ConnectionChanged", "Finished", "PlanAnswered", "PlanReceived", "RoundFinished",
-           "RoundStarted", "SiteEvent", "SiteFailed", "StageChanged", "TrainProgress", "describe", "log_event"]
+__all__ = ["OUTCOMES", "STAGES", "ConnectionChanged", "Finished", "PlanAnswered", "PlanReceived", "PrepareProgress",
+           "RoundFinished", "RoundStarted", "SiteEvent", "SiteFailed", "StageChanged", "TrainProgress", "describe",
+           "log_event"]
 
 
 def log_event(event: SiteEvent, logger: logging.Logger | None = None) -> None:
@@ -53,6 +55,11 @@ def describe(event: SiteEvent) -> tuple[int, str]:
         if event.accepted:
             return logging.INFO, "accepted the plan"
         return logging.ERROR, "refused the plan: " + "; ".join(event.reasons)
+    if isinstance(event, PrepareProgress):
+        left = "" if event.seconds_left is None else f", about {event.seconds_left / 60:.0f} min left"
+        first_or_last = event.done == 0 or event.done >= event.total
+        return (logging.INFO if first_or_last else logging.DEBUG), \
+            f"preparing this site's images: {event.done} of {event.total}{left}"
     if isinstance(event, RoundStarted):
         return logging.INFO, f"round {event.round}/{event.rounds} started with {event.participants} sites"
     if isinstance(event, StageChanged):

@@ -18,7 +18,9 @@ K = 2  # classes: extras are K*K confusion counts
 
 
 def _plan(**kw) -> FederationPlan:
-    base = dict(federation_id="t", model="cnn4_28", classes=("a", "b"), rounds=2, threshold=2, min_sites=2,
+    base = dict(federation_id="t", model="cnn4_28",
+                algorithm="fedavg", dp_mode="local", noise_multiplier=0.0, classes=("a", "b"), rounds=2, threshold=2,
+                min_sites=2,
                 max_sites=3, max_weight=1000, update_clip=1.0, join_timeout_s=10.0, train_timeout_s=100.0,
                 stage_timeout_s=10.0)
     return FederationPlan(**(base | kw))
@@ -85,6 +87,52 @@ def test_a_refused_plan_and_the_join_timeout() -> None:
     (finished,) = _of(out, R.RoundFinished)
     assert finished.outcome.status == "abandoned" and finished.outcome.dropouts == ["s1", "s2"]
     np.testing.assert_array_equal(m.weights, np.zeros(DIM))
+
+
+def _preparing(site: str, done: int, total: int, eta: float | None = None) -> R.Inbound:
+    body: dict = {"done": done, "total": total} | ({"eta_s": eta} if eta is not None else {})
+    return R.Inbound(site, R.PREPARING, 0, body)
+
+
+def test_the_first_round_waits_for_a_site_still_preparing_up_to_the_plans_deadline() -> None:
+    m, _ = _machine(_plan(secagg=False, min_sites=2, join_timeout_s=10.0, prepare_timeout_s=100.0))
+    m.start(0.0)
+    _join(m, "s1")
+    _join(m, "s2")
+    m.connected("s3", 0.0)
+    out = m.receive(_preparing("s3", 100, 1000, 90.0), 1.0)
+    assert [a.stage for a in _of(out, R.Status)] == ["waiting for sites (1 preparing)"]
+    assert m.preparing == {"s3": (100, 1000, 90.0)}
+    # the join time-out passes: two sites would be enough, but s3 is connected and preparing, so round 1 waits
+    assert _of(m.tick(11.0), R.Broadcast) == [] and m.stage is R.Stage.WAITING and m.next_deadline == 100.0
+    m.receive(_preparing("s3", 900, 1000, 9.0), 50.0)
+    out = m.receive(R.Inbound("s3", R.PLAN_ACCEPT, 0, {"digest": m.plan.digest()}), 60.0)
+    (start,) = [a for a in _of(out, R.Broadcast) if a.type == R.ROUND_START]
+    assert start.sites == ("s1", "s2", "s3") and m.preparing == {}
+
+
+def test_a_site_preparing_past_the_deadline_or_gone_no_longer_holds_the_first_round() -> None:
+    for lost in (False, True):
+        m, _ = _machine(_plan(secagg=False, min_sites=2, join_timeout_s=10.0, prepare_timeout_s=100.0))
+        m.start(0.0)
+        _join(m, "s1")
+        _join(m, "s2")
+        m.connected("s3", 0.0)
+        m.receive(_preparing("s3", 1, 1000), 1.0)
+        if lost:
+            out = m.disconnected("s3", 20.0) + m.tick(20.0)
+        else:
+            assert _of(m.tick(99.0), R.Broadcast) == []
+            out = m.tick(100.0)
+        (start,) = [a for a in _of(out, R.Broadcast) if a.type == R.ROUND_START]
+        assert start.sites == ("s1", "s2")
+
+
+def test_progress_after_a_site_said_it_was_ready_is_ignored() -> None:
+    m, _ = _machine(_plan(secagg=False))
+    m.start(0.0)
+    _join(m, "s1")
+    assert m.receive(_preparing("s1", 5, 10), 1.0) == [] and m.preparing == {}
 
 
 def test_round_two_goes_on_with_min_sites_after_the_join_timeout() -> None:

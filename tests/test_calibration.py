@@ -13,7 +13,6 @@ from hemafed.core.privacy.calibration import (
     BudgetTooSmall,
     calibrate_sigma,
     max_rounds,
-    plan_privacy,
     sample_rate,
     steps_per_round,
 )
@@ -53,22 +52,11 @@ def test_impossible_budget() -> None:
 
 
 def test_max_rounds_is_the_reverse() -> None:
-    plan = plan_privacy(6.0, 2000, 64, rounds=10, local_epochs=1)
-    assert max_rounds(plan.sigma, 6.0, plan.delta, plan.sample_rate, plan.steps_per_round) == 10
-    assert max_rounds(plan.sigma * 2, 6.0, plan.delta, plan.sample_rate, plan.steps_per_round) > 10
-    assert max_rounds(0.0, 6.0, plan.delta, plan.sample_rate, plan.steps_per_round) == 0
-
-
-def test_plan_shape() -> None:
-    plan = plan_privacy(8.0, 1000, 64, rounds=5, local_epochs=2)
-    assert plan.sample_rate == pytest.approx(0.064)
-    assert plan.steps_per_round == 2 * 16
-    assert len(plan.epsilon_per_round) == 5
-    assert plan.epsilon_per_round == sorted(plan.epsilon_per_round)
-    assert plan.epsilon_per_round[-1] <= 8.0
-    assert plan.delta == 1e-5
-    d = plan.to_dict()
-    assert {"sigma", "sample_rate", "steps_per_round", "epsilon_per_round", "delta", "total_steps"} <= set(d)
+    q, steps = sample_rate(2000, 64), steps_per_round(2000, 64)
+    sigma = calibrate_sigma(6.0, 1e-5, q, 10 * steps)
+    assert max_rounds(sigma, 6.0, 1e-5, q, steps) == 10
+    assert max_rounds(sigma * 2, 6.0, 1e-5, q, steps) > 10
+    assert max_rounds(0.0, 6.0, 1e-5, q, steps) == 0
 
 
 def test_step_counting() -> None:

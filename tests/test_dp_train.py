@@ -197,7 +197,7 @@ def test_evaluate_confusion_matrix() -> None:
 def test_short_dp_run_on_real_data_beats_the_untrained_model(shared_data) -> None:
     from hemafed.core.data.bloodmnist import load_splits, locate
     from hemafed.core.learning.models import images_to_tensor
-    from hemafed.core.privacy.calibration import plan_privacy
+    from hemafed.core.privacy.calibration import calibrate_sigma, sample_rate, steps_per_round
 
     splits = load_splits(locate(shared_data))
     rng = np.random.default_rng(0)
@@ -205,13 +205,13 @@ def test_short_dp_run_on_real_data_beats_the_untrained_model(shared_data) -> Non
     te = rng.permutation(len(splits["test"].labels))[:500]
     x_tr, y_tr = images_to_tensor(splits["train"].images[tr], 28), splits["train"].labels[tr]
     x_te, y_te = images_to_tensor(splits["test"].images[te], 28), splits["test"].labels[te]
-    plan = plan_privacy(8.0, len(y_tr), 100, rounds=1, local_epochs=2)
+    sigma = calibrate_sigma(8.0, 1e-5, sample_rate(len(y_tr), 100), steps_per_round(len(y_tr), 100, 2))
     model = build_model("cnn4_28", seed=0)
     before = accuracy(evaluate(model, x_te, y_te))
     cfg = LocalTrainConfig(local_epochs=2, batch_size=100, lr=1.0, momentum=0.5, clip_norm=1.0)
-    result = train_local(model, x_tr, y_tr, cfg, noise_multiplier=plan.sigma, seed=0)
+    result = train_local(model, x_tr, y_tr, cfg, noise_multiplier=sigma, seed=0)
     after = accuracy(evaluate(model, x_te, y_te))
-    assert result.dp and result.noise_multiplier == plan.sigma > 0
+    assert result.dp and result.noise_multiplier == sigma > 0
     assert after > before + 0.1, (before, after)
 
 

@@ -153,7 +153,9 @@ def test_strict_json_raises_only_its_error(batch: list[str | bytes]) -> None:
 
 # ---------------------------------------------------------------- the aggregator's handling, end to end minus sockets
 
-PLAN = FederationPlan(federation_id="fuzz", model="cnn4_28", rounds=2, threshold=3, min_sites=3, max_sites=5,
+PLAN = FederationPlan(federation_id="fuzz", model="cnn4_28",
+                algorithm="fedavg", dp_mode="local", noise_multiplier=0.0, rounds=2, threshold=3, min_sites=3,
+                max_sites=5,
                       max_weight=4096, dp=False, join_timeout_s=10.0, stage_timeout_s=10.0, train_timeout_s=100.0)
 DIM = 66_472  # cnn4_28's parameters with 8 classes (checked below)
 SITES = [f"site{i}" for i in range(1, 6)]

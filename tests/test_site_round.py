@@ -17,6 +17,7 @@ from hemafed.core.rounds.plan import FederationPlan, SiteBounds
 from hemafed.core.rounds.site_events import (
     PlanAnswered,
     PlanReceived,
+    PrepareProgress,
     RoundFinished,
     RoundStarted,
     SiteFailed,
@@ -42,7 +43,9 @@ PEER = IdentityKey.generate()
 
 
 def make_plan(**change: Any) -> FederationPlan:
-    settings = {"federation_id": "fed", "model": "cnn4_28", "rounds": 2, "threshold": 2, "min_sites": 2,
+    settings = {"federation_id": "fed", "model": "cnn4_28",
+                "algorithm": "fedavg", "dp_mode": "local", "noise_multiplier": 0.0, "rounds": 2, "threshold": 2,
+                "min_sites": 2,
                 "max_sites": 4, "batch_size": 8, "max_weight": 1000}
     return FederationPlan(**(settings | change))
 
@@ -78,15 +81,30 @@ def joined(plan: FederationPlan | None = None, **kw: Any) -> sr.SiteRound:
     m = machine(**kw)
     plan = plan or make_plan()
     assert isinstance(m.receive(plan_msg(plan))[0], sr.Prepare)
-    m.prepared(sr.PrivacySettings(1.2, 0.1, 5, 1e-5), n_params=N_PARAMS, epsilon_spent=0.5,
-               epsilon_per_round=(1.0, 2.0))
+    actions = m.prepared(sr.PrivacySettings(1.2, 0.1, 5, 1e-5), n_params=N_PARAMS, epsilon_spent=0.5,
+                         epsilon_per_round=(1.0, 2.0))
+    assert isinstance(actions[-1], sr.Featurize) and m.phase is sr.Phase.FEATURIZING
+    m.featurized()
     assert m.phase is sr.Phase.READY
     return m
 
 
-def outcome(eps: float = 1.0, weight: int = 40) -> sr.TrainOutcome:
-    return sr.TrainOutcome(np.linspace(-0.1, 0.1, N_PARAMS, dtype=np.float32), weight,
-                           np.eye(8, dtype=np.int64), eps)
+def prepared_and_featurized(m: sr.SiteRound, **kw: Any) -> list[sr.Action]:
+    """`prepared()` then, when the machine asks for it, `featurized()`: the actions of both."""
+    actions = m.prepared(None, n_params=N_PARAMS, **kw)
+    return actions + (m.featurized() if isinstance(actions[-1], sr.Featurize) else [])
+
+
+def outcome(eps: float | None = 1.0, weight: int = 40, secure: bool = True) -> sr.TrainOutcome:
+    """What a site trainer hands back: the ring input for a secure plan (quantized as the trainer does), the
+    update for a plain one."""
+    update = np.linspace(-0.1, 0.1, N_PARAMS, dtype=np.float32)
+    confusion = np.eye(8, dtype=np.int64)
+    if not secure:
+        return sr.TrainOutcome(1, confusion, weight, update=update, epsilon_spent=eps)
+    cfg = make_plan().secagg_config(N_PARAMS)
+    ring = secagg.quantize.quantize(cfg, update, weight, confusion.reshape(-1))
+    return sr.TrainOutcome(1, confusion, weight, ring=ring, epsilon_spent=eps)
 
 
 def snapshot(m: sr.SiteRound) -> dict[str, Any]:
@@ -110,9 +128,36 @@ def test_an_acceptable_plan_is_prepared_then_accepted_headless() -> None:
     actions = m.prepared(privacy, n_params=N_PARAMS, epsilon_spent=0.0, epsilon_per_round=(1.0, 2.0))
     received, answered, stage = events(actions)
     assert received == PlanReceived(plan, privacy, (), (1.0, 2.0), awaiting_answer=False)
-    assert answered == PlanAnswered(True) and stage == StageChanged(0, "waiting")
+    assert answered == PlanAnswered(True) and stage == StageChanged(0, "preparing")
+    assert sends(actions) == [] and actions[-1] == sr.Featurize(plan) and m.phase is sr.Phase.FEATURIZING
+    # while it prepares, the aggregator hears how far it got; when it is done, that it is ready
+    progress = m.preparing(120, 1200, 33.33)
+    assert sends(progress) == [sr.Send(sr.PREPARING, 0, {"done": 120, "total": 1200, "eta_s": 33.3})]
+    assert events(progress) == [PrepareProgress(120, 1200, 33.3)]
+    with pytest.raises(sr.MessageRefused):
+        m.receive(round_start(1))  # not ready yet
+    actions = m.featurized()
     assert sends(actions) == [sr.Send(sr.PLAN_ACCEPT, 0, {"digest": plan.digest()})]
+    assert events(actions) == [StageChanged(0, "waiting")]
     assert m.phase is sr.Phase.READY and m.site_id == 3
+
+
+def test_a_preparation_that_fails_refuses_the_plan_with_the_reason() -> None:
+    m = machine()
+    m.receive(plan_msg(make_plan()))
+    m.prepared(None, n_params=N_PARAMS)
+    actions = m.featurize_failed("OSError: disk\nfull")
+    (reject,) = sends(actions)
+    assert reject.type == sr.PLAN_REJECT and "disk\\x0afull" in reject.body["reasons"][0]
+    assert isinstance(events(actions)[-1], SiteFailed) and actions[-1] == sr.Stop()
+
+
+def test_progress_after_a_lost_connection_goes_nowhere() -> None:
+    m = machine()
+    m.receive(plan_msg(make_plan()))
+    m.prepared(None, n_params=N_PARAMS)
+    m.connection_lost("gone")
+    assert m.preparing(5, 10, None) == [] and m.featurized() == []  # the plan comes again after the reconnect
 
 
 def test_the_operator_decides_once_per_plan() -> None:
@@ -124,11 +169,12 @@ def test_the_operator_decides_once_per_plan() -> None:
     assert sends(actions) == [] and m.phase is sr.Phase.DECIDING
     with pytest.raises(sr.MessageRefused):
         m.receive(round_start(1))  # nothing happens while the operator thinks
-    assert sends(m.answer(True)) == [sr.Send(sr.PLAN_ACCEPT, 0, {"digest": plan.digest()})]
+    assert m.answer(True)[-1] == sr.Featurize(plan)
+    assert sends(m.featurized()) == [sr.Send(sr.PLAN_ACCEPT, 0, {"digest": plan.digest()})]
     # after a reconnect the same plan comes again: accepted without asking twice
     m.connected()
     m.receive(plan_msg(plan))
-    actions = m.prepared(None, n_params=N_PARAMS)
+    actions = prepared_and_featurized(m)
     assert not events(actions)[0].awaiting_answer and sends(actions)[0].type == sr.PLAN_ACCEPT
 
 
@@ -194,10 +240,10 @@ def test_a_plain_round_trains_sends_and_finishes() -> None:
     assert events(actions) == [RoundStarted(1, 2, 2), StageChanged(1, "training")]
     (train,) = [a for a in actions if isinstance(a, sr.Train)]
     assert train.round == 1 and np.array_equal(train.weights, np.full(N_PARAMS, 0.5, np.float32))
-    actions = m.trained(1, outcome(eps=None, weight=40))
+    actions = m.trained(1, outcome(eps=None, weight=40, secure=False))
     (update,) = sends(actions)
     assert update.type == sr.PLAIN_UPDATE and update.body == {"weight": 40}
-    assert np.allclose(np.frombuffer(update.blobs[0], "<f4"), outcome().update * 40)
+    assert np.allclose(np.frombuffer(update.blobs[0], "<f4"), outcome(secure=False).update * 40)
     assert np.frombuffer(update.blobs[1], "<i8").sum() == 8
     actions = m.receive(Msg(sr.ROUND_END, 1, {"status": "completed", "fed_val_accuracy": 0.75}))
     assert events(actions) == [RoundFinished(1, "completed", 0.75, None)]
@@ -265,7 +311,7 @@ def test_stop_and_connection_loss_end_the_round_for_this_site() -> None:
     with pytest.raises(sr.MessageRefused):
         m.receive(round_start(2))  # a new session starts with the plan again
     m.receive(plan_msg(make_plan()))
-    m.prepared(None, n_params=N_PARAMS)
+    prepared_and_featurized(m)
     # the restarted aggregator re-runs round 1: this site takes part again
     assert any(isinstance(a, sr.Train) for a in m.receive(round_start(1)))
     m.trained(1, outcome())

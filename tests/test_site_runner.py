@@ -38,6 +38,7 @@ def test_a_send_that_fails_mid_round_means_reconnect_not_crash(tmp_path: Path) -
     m = site.machine
     m.receive(plan_msg(make_plan()))
     m.prepared(None, n_params=N_PARAMS)
+    m.featurized()
     m.receive(round_start(1, {"1": ME.public_line(), "2": IdentityKey.generate().public_line()}))
     actions = m.trained(1, outcome(eps=2.0))
     assert any(isinstance(a, sr.Send) for a in actions)

@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import torch
-from core.bloodmnist import load_splits, locate
-from core.features import Scattering2D, scatter_features
-from core.models import images_to_tensor
+
+from hemafed.core.data.bloodmnist import load_splits, locate
+from hemafed.core.learning.features import Scattering2D, scatter_features
+from hemafed.core.learning.models import images_to_tensor
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:

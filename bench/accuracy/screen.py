@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from core.calibration import calibrate_sigma
-from core.fedsgd import FedSGDServer, clipped_gradient_sum
-from core.models import get_flat_params, set_flat_params
-from core.partition import partition
+
+from hemafed.core.data.partition import partition
+from hemafed.core.learning.fedsgd import FedSGDServer, clipped_gradient_sum
+from hemafed.core.learning.models import get_flat_params, set_flat_params
+from hemafed.core.privacy.calibration import calibrate_sigma
 
 AUG_PERMS: dict[int, torch.Tensor] = {}
 

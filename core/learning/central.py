@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..privacy.accounting import Accountant, default_delta
-from ..privacy.calibration import plan_privacy, steps_per_epoch
+from ..privacy.accounting import default_delta
+from ..privacy.calibration import steps_per_epoch
 
 
 @dataclass
@@ -30,7 +30,7 @@ class CentralResult:
     batch_size: int
     lr: float
     seconds: float
-    epoch_losses: list[float] = field(default_factory=list)
+    mean_loss: float = float("nan")  # over every training step
 
     @property
     def privacy_label(self) -> str:
@@ -56,63 +56,64 @@ def train_central(
     train_subset: int | None = None,
     test_subset: int | None = None,
     seed: int = 0,
-    epoch_done: Callable[[int, int, float], None] | None = None,
+    epoch_done: Callable[[int, int], None] | None = None,
 ) -> CentralResult:
     """Train on BloodMNIST's train split, report accuracy on its test split.
 
-    `epsilon` None trains non-private; otherwise σ is calibrated so that `epochs`
-    epochs of Poisson-sampled DP-SGD spend at most `epsilon` at `delta`
-    (default min(1e-5, 1/N)). Subsets (stratification not needed for a baseline)
-    keep tests short.
+    One party holding every training image, trained by the site trainer as a one-round FedAvg plan of
+    `epochs` local epochs (`core.learning.site_trainer.FedAvgTrainer`): `epsilon` None trains non-private;
+    otherwise σ is fitted so the epochs of Poisson-sampled DP-SGD spend at most `epsilon` at `delta` (default
+    min(1e-5, 1/N)), and the spend is recorded in a ledger like any site's. Subsets (stratification not needed
+    for a baseline) keep tests short.
     """
-    from ..data.bloodmnist import load_splits, locate
-    from .dp_train import LocalTrainConfig, accuracy, evaluate, train_local
-    from .models import build_model, get_spec, images_to_tensor
+    import tempfile
 
-    spec = get_spec(model_name)
+    from ..data.bloodmnist import load_splits, locate
+    from ..privacy.ledger import PrivacyLedger
+    from ..rounds.plan import FederationPlan, SiteBounds
+    from .dp_train import accuracy, evaluate
+    from .models import build_model, get_flat_params, images_to_tensor, set_flat_params
+    from .site_trainer import FedAvgTrainer, SiteData
+
     splits = load_splits(locate(data))
     rng = np.random.default_rng(seed)
     train, test = splits["train"], splits["test"]
     tr_idx = np.arange(len(train.labels)) if train_subset is None else rng.permutation(len(train.labels))[:train_subset]
     te_idx = np.arange(len(test.labels)) if test_subset is None else rng.permutation(len(test.labels))[:test_subset]
-    x_train, y_train = images_to_tensor(train.images[tr_idx], spec), train.labels[tr_idx]
-    x_test, y_test = images_to_tensor(test.images[te_idx], spec), test.labels[te_idx]
-    n = len(y_train)
+    n = len(tr_idx)
     dp = epsilon is not None
     # DP-SGD wants larger batches than plain SGD (the noise averages out over B); momentum
     # helps both (measured on a 4000-image subset, 3 epochs, σ=0.6: lr 0.5 + momentum 0.9
     # reached 48 % where lr 1.0 without momentum reached 30 %).
     batch_size = batch_size or (256 if dp else 128)
     lr = lr if lr is not None else (0.5 if dp else 0.05)
-    sigma = None
-    if dp:
-        delta = default_delta(n) if delta is None else delta
-        plan = plan_privacy(epsilon, n, batch_size, rounds=1, local_epochs=epochs, delta=delta)
-        sigma = plan.sigma
-    config = LocalTrainConfig(local_epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                              clip_norm=clip_norm, dp=dp)
-    per_epoch = steps_per_epoch(n, batch_size)
-    losses: list[float] = []
-    running: list[float] = []
-
-    def progress(step: int, total: int, loss: float) -> None:
-        running.append(loss)
-        if step % per_epoch == 0:
-            losses.append(float(np.mean(running)))
-            running.clear()
-            if epoch_done is not None:
-                epoch_done(step // per_epoch, epochs, losses[-1])
-
+    delta = (default_delta(n) if delta is None else delta) if dp else None
+    plan = FederationPlan(federation_id="central", model=model_name, algorithm="fedavg", dp_mode="local",
+                          noise_multiplier=0.0, rounds=1, local_epochs=epochs, batch_size=batch_size, lr=lr,
+                          momentum=momentum, clip_norm=clip_norm, dp=dp, secagg=False, min_sites=1,
+                          delta=delta or 1e-5, seed=seed, max_weight=max(n, 1))
+    bounds = SiteBounds(require_dp=False, require_secagg=False, max_local_epochs=max(epochs, 1), max_delta=1.0,
+                        max_clip_norm=max(clip_norm, 1.0))
+    trainer = FedAvgTrainer(plan, bounds=bounds, seed=seed)
+    empty = np.zeros((0, *train.images.shape[1:]), np.uint8)
+    site = SiteData(train.images[tr_idx], train.labels[tr_idx].reshape(-1), empty, np.zeros(0, np.int64))
     model = build_model(model_name, seed=seed)
-    accountant = Accountant("rdp")
     start = time.perf_counter()
-    result = train_local(model, x_train, y_train, config, noise_multiplier=sigma or 0.0, seed=seed,
-                         progress=progress)
-    if dp:
-        accountant.step(result.noise_multiplier, result.sample_rate, result.steps)
-    cm = evaluate(model, x_test, y_test, num_classes=8)
+    per_epoch = steps_per_epoch(n, batch_size)
+
+    def progress(step: int, total: int, left: float | None) -> None:
+        if epoch_done is not None and step % per_epoch == 0:
+            epoch_done(step // per_epoch, epochs)
+
+    with tempfile.TemporaryDirectory() as state:
+        ledger = PrivacyLedger("central", float(epsilon), delta, state=state) if dp else None
+        proj = trainer.prepare(ledger, site, float(epsilon) if dp else 1.0)
+        outcome = trainer.contribution(1, get_flat_params(model), progress=progress)
+        set_flat_params(model, get_flat_params(model) + outcome.update)
+        spent = ledger.spent_epsilon() if ledger is not None else None
+    cm = evaluate(model, images_to_tensor(test.images[te_idx], plan.input_size), test.labels[te_idx], num_classes=8)
     return CentralResult(
-        model=model_name, dp=dp, epochs=epochs, n_train=n, n_test=len(y_test), test_accuracy=accuracy(cm),
-        confusion=cm.tolist(), epsilon=accountant.epsilon(delta) if dp else None, delta=delta if dp else None,
-        sigma=sigma, clip_norm=clip_norm if dp else None, batch_size=batch_size, lr=lr,
-        seconds=time.perf_counter() - start, epoch_losses=losses)
+        model=model_name, dp=dp, epochs=epochs, n_train=n, n_test=len(te_idx), test_accuracy=accuracy(cm),
+        confusion=cm.tolist(), epsilon=spent, delta=delta, sigma=proj.sigma if dp else None,
+        clip_norm=clip_norm if dp else None, batch_size=batch_size, lr=lr, seconds=time.perf_counter() - start,
+        mean_loss=outcome.loss)

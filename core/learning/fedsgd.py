@@ -220,13 +220,10 @@ class FedSGDServer:
 Evaluate = Callable[[np.ndarray], float]
 
 
-# --------------------------------------------------------------------------- the drivers' API
+# --------------------------------------------------------------------------- the plan's privacy parameters
 #
-# Site, once per federation:   privacy = site_privacy(plan, secagg_cfg)           (PlanError if refused)
-#                              trainable, inputs = prepare_site(model, images)    (features computed once)
-# Site, every round:           c = site_round(ledger, rnd, privacy, trainable, inputs, labels, weights)
-#                              SiteSecAgg.start(c.update, c.weight, c.extras, noise=c.noise_hook)
-# Aggregator, every round:     weights = server_round(server, privacy, weights, ring_sum)
+# Every site and the aggregator derive the same `SitePrivacy` from the plan (`site_privacy`). A site's round
+# goes through `core.learning.site_trainer.FedSGDTrainer`; the aggregator's step is `server_round`.
 
 
 @dataclass(frozen=True)
@@ -294,55 +291,6 @@ def site_privacy(plan, secagg_cfg, bounds=None) -> SitePrivacy:
                        float(plan.batch_size), center)
 
 
-def prepare_site(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
-    """(trainable part, its inputs): the fixed features of every local image, computed once per federation."""
-    from .models import split_features
-
-    features, trainable = split_features(model)
-    return trainable, features(images)
-
-
-@dataclass
-class SiteContribution:
-    """What the site hands to secure aggregation for one round (the ledger entry is already durable)."""
-
-    update: np.ndarray  # float64 vector for `quantize` (weight = max_weight: factor L/clip)
-    weight: int
-    extras: np.ndarray  # what the caller passed (e.g. evaluation counts), summed under the masks
-    noise_hook: Callable[[np.ndarray], None] | None  # distributed: adds the Skellam share to the integers
-    entry: object  # the LedgerEntry just written
-    loss: float
-
-
-def site_round(ledger, round_number: int, privacy: SitePrivacy, trainable: nn.Module, inputs: torch.Tensor,
-               labels: torch.Tensor, global_weights: np.ndarray, secagg_cfg, *,
-               generator: torch.Generator | None = None, rng: np.random.Generator | None = None,
-               extras: np.ndarray | None = None) -> SiteContribution:
-    """Check the budget, compute the clipped gradient sum, record the spend durably, then encode.
-
-    Raises `BudgetExhausted` before any computation when the round would pass the budget.
-    `extras` (e.g. evaluation counts) ride in the masked vector unchanged; the site's record count is not
-    sent (the server normalises by the plan's constant `expected_batch`).
-    """
-    from .models import model_hash, set_flat_params
-
-    q, sigma, codec = privacy.sample_rate, privacy.sigma, privacy.codec
-    ledger.check_round(sigma, q, 1, skellam=privacy.skellam)
-    set_flat_params(trainable, global_weights)
-    gs = clipped_round_sum(trainable, inputs, labels, q, privacy.clip_norm, generator)
-    entry = ledger.record_round(round_number, sigma, q, 1, model_hash(np.asarray(global_weights, np.float32)),
-                                protection=privacy.protection())
-    vec = gs.vector.astype(np.float64)
-    hook = None
-    if privacy.mode == "local":
-        vec += gaussian_noise(len(vec), sigma * privacy.clip_norm, rng)
-    else:
-        hook = codec.noise_hook(rng)
-    more = np.zeros(secagg_cfg.n_extras, np.int64) if extras is None else np.asarray(extras, np.int64)
-    return SiteContribution(update=codec.encode(vec, secagg_cfg.clip), weight=secagg_cfg.max_weight,
-                            extras=more, noise_hook=hook, entry=entry, loss=gs.loss_sum / max(1, gs.batch_size))
-
-
 def server_round(server: FedSGDServer, privacy: SitePrivacy, weights: np.ndarray, ring_sum: np.ndarray,
                  ) -> tuple[np.ndarray, np.ndarray]:
     """(new weights, summed extras) from the unmasked ring sum of one round."""
@@ -350,31 +298,3 @@ def server_round(server: FedSGDServer, privacy: SitePrivacy, weights: np.ndarray
     grad_sum = codec.decode(ring_sum[:codec.dim])
     return (server.apply(weights, grad_sum, privacy.expected_batch, privacy.center, privacy.clip_norm),
             ring_sum[codec.dim + 1:].astype(np.int64))
-
-
-def plan_noise_multiplier(epsilon: float, delta: float, sample_rate: float, rounds: int, mode: str,
-                          secagg_cfg=None, colluders: int = 1, clip_norm: float = 1.0) -> float:
-    """σ for a fedsgd plan: `rounds` steps at rate q spend ≤ ε at δ per record, under the plan's mechanism
-    (Gaussian for local DP, Skellam in the ring of `secagg_cfg` for distributed DP)."""
-    from ..privacy.calibration import calibrate_sigma
-    from ..privacy.distributed_noise import DistributedNoise
-
-    if mode == "local":
-        return calibrate_sigma(epsilon, delta, sample_rate, rounds)
-    # Δ₂, Δ₁ do not depend on σ: derive them with a placeholder σ, then calibrate
-    codec = DistributedNoise.for_secagg(secagg_cfg, 1.0, clip_norm, colluders)
-    return calibrate_sigma(epsilon, delta, sample_rate, rounds,
-                           skellam=(codec.l2_sensitivity, codec.l1_sensitivity))
-
-
-def check_plan_budget(privacy: SitePrivacy, ledger, rounds: int) -> float:
-    """ε this site will have spent after `rounds` more rounds of the plan; `PlanError` when that passes its
-    budget (call at join time, so a site refuses a plan it cannot finish rather than dropping out midway)."""
-    from ..rounds.plan import PlanError
-
-    projected = ledger.accountant().projected_epsilon(privacy.sigma, privacy.sample_rate, rounds, ledger.delta,
-                                                      skellam=privacy.skellam)
-    if not projected <= ledger.budget_epsilon:
-        raise PlanError(f"the plan's {rounds} rounds at σ={privacy.sigma:.4g}, q={privacy.sample_rate:.4g} would "
-                        f"spend ε={projected:.4g} > this site's budget {ledger.budget_epsilon:g} (δ={ledger.delta:g})")
-    return projected

@@ -9,6 +9,7 @@ outputs after the forward pass). `tests/test_models.py` runs Opacus'
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -294,6 +295,33 @@ def get_spec(name: str) -> ModelSpec:
         return MODELS[name]
     except KeyError:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
+
+
+# Bump when the fixed feature code changes what it computes: the feature cache keys on it (with the shipped
+# encoder's digest), so features computed by other code are never mixed with new ones.
+FEATURE_CODE_VERSION = "1"
+
+
+@functools.cache
+def _encoder_digest() -> str:
+    from importlib.resources import files
+
+    from .procedural_features import ENCODER_ASSET
+
+    return hashlib.sha256((files("hemafed.assets") / ENCODER_ASSET).read_bytes()).hexdigest()[:16]
+
+
+def feature_kinds(name: str, model: nn.Module):
+    """The feature cache's keys (`core.learning.feature_cache.FeatureKind`) of a model's fixed map for training
+    and for evaluation; None for a model without fixed features (it trains on the images)."""
+    from .feature_cache import FeatureKind
+
+    if not isinstance(model, ScatterNet):
+        return None
+    version = FEATURE_CODE_VERSION + (f"+{_encoder_digest()}" if isinstance(model, ScatterSynthNet) else "")
+    eval_view = "eval" if model.tta else "train"
+    train_view = eval_view if model.orbit else "train"
+    return FeatureKind(name, train_view, version), FeatureKind(name, eval_view, version)
 
 
 def model_problems(plan) -> list[str]:

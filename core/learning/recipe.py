@@ -40,13 +40,9 @@ def with_budget(plan: FederationPlan, epsilon: float, dp_mode: str = "distribute
     `epsilon` per site under `dp_mode`'s mechanism, and with `recipe_lr` the server lr for that σ
     (`server_lr_for`). `dim`: the model's parameters, centre included (built from the registry when not
     given). Raises `BudgetTooSmall`, or `KeyError` for a model the registry lacks."""
-    from .fedsgd import plan_noise_multiplier
-    from .models import build_model
+    from .site_trainer import fedsgd_plan_sigma
 
-    if dim is None:
-        dim = sum(p.numel() for p in build_model(plan.model, len(plan.classes)).parameters())
-    sigma = plan_noise_multiplier(float(epsilon), plan.delta, plan.sample_rate, plan.rounds, dp_mode,
-                                  plan.secagg_config(dim), plan.dp_colluders, plan.clip_norm)
+    sigma = fedsgd_plan_sigma(plan, float(epsilon), dim, dp_mode)
     plan = replace(plan, dp_mode=dp_mode, noise_multiplier=sigma)
     return replace(plan, server_lr=server_lr_for(sigma)) if recipe_lr else plan
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
 
 from ..errors import HemafedError
-from .accounting import Accountant, AccountantKind, Entry, check_kind, default_delta
+from .accounting import Accountant, AccountantKind, Entry, check_kind
 
 # Above this σ the mechanism is so noisy that no model would learn; a budget that
 # needs more is refused rather than silently met with a useless plan.
@@ -108,49 +107,3 @@ def max_rounds(sigma: float, epsilon: float, delta: float, sample_rate: float, s
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
-
-
-@dataclass
-class PrivacyPlan:
-    """σ for a federation plan, and the ε the site will have spent after each round."""
-
-    epsilon: float  # the budget
-    delta: float
-    n_samples: int
-    batch_size: int
-    rounds: int
-    local_epochs: int
-    sigma: float
-    sample_rate: float
-    steps_per_round: int
-    accountant: str
-    epsilon_per_round: list[float] = field(default_factory=list)
-
-    @property
-    def total_steps(self) -> int:
-        return self.rounds * self.steps_per_round
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["total_steps"] = self.total_steps
-        return data
-
-
-def plan_privacy(epsilon: float, n_samples: int, batch_size: int, rounds: int, local_epochs: int = 1, *,
-                 delta: float | None = None, local_steps: int | None = None,
-                 kind: AccountantKind = "rdp") -> PrivacyPlan:
-    """Calibrate σ so that the whole plan spends at most `epsilon` (δ defaults to min(1e-5, 1/N))."""
-    if rounds <= 0:
-        raise ValueError("rounds must be positive")
-    delta = default_delta(n_samples) if delta is None else float(delta)
-    q = sample_rate(n_samples, batch_size)
-    steps = steps_per_round(n_samples, batch_size, local_epochs, local_steps)
-    sigma = calibrate_sigma(epsilon, delta, q, rounds * steps, kind=kind)
-    acc = Accountant(kind)
-    per_round = []
-    for _ in range(rounds):
-        acc.step(sigma, q, steps)
-        per_round.append(acc.epsilon(delta))
-    return PrivacyPlan(epsilon=float(epsilon), delta=delta, n_samples=n_samples, batch_size=batch_size,
-                       rounds=rounds, local_epochs=local_epochs, sigma=sigma, sample_rate=q,
-                       steps_per_round=steps, accountant=kind, epsilon_per_round=per_round)

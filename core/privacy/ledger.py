@@ -5,9 +5,11 @@ and accountant, and one append-only row per round. `record_round` checks the bud
 round in one transaction that is durable when it returns; the caller sends the update only after
 that, so a crash can lose an update that was never sent, never a spend that was.
 
-Every row carries a hash chained over the rows before it (and the ledger's terms), checked on every
-load: a changed, removed or reordered row — by a disk fault or a casual hand edit — raises
-`LedgerCorrupt`, and training must stop there (a reset would silently return spent budget). This
+Every row carries a hash chained over the rows before it (and the ledger's terms), all checked whenever a
+ledger is opened (every site start, `hemafed ledger`, the app); before each write the ledger checks that the
+terms, the number of rows and the last row are still what it read. A changed, removed or reordered row — by
+a disk fault or a casual hand edit — raises `LedgerCorrupt`, and training must stop there (a reset would
+silently return spent budget). This
 guards against accidents, not against the machine's owner, who could rewrite the whole chain (and
 would only deceive themselves about their own patients' privacy).
 
@@ -187,22 +189,22 @@ class PrivacyLedger:
 
     # -- reading -----------------------------------------------------------------
 
-    def _db_call(self, fn):
+    def _read(self, query: str, args: tuple, con=None) -> list:
+        """Rows of `query`, through `con` (a transaction's) or a connection of its own."""
         try:
-            return fn()
+            if con is not None:
+                return con.execute(query, args).fetchall()
+            with self.store.connect() as own:
+                return own.execute(query, args).fetchall()
         except StoreCorrupt as exc:
             raise LedgerCorrupt(str(exc)) from exc
 
     def _load_terms(self) -> bool:
-        def read():
-            with self.store.connect() as con:
-                return con.execute("SELECT budget_epsilon, delta, accountant, created, chain FROM ledgers "
-                                   "WHERE federation_id = ?", (self.federation_id,)).fetchone()
-
-        row = self._db_call(read)
-        if row is None:
+        rows = self._read("SELECT budget_epsilon, delta, accountant, created, chain FROM ledgers "
+                          "WHERE federation_id = ?", (self.federation_id,))
+        if not rows:
             return False
-        budget, delta, kind, created, chain = row
+        budget, delta, kind, created, chain = rows[0]
         try:
             check_kind(kind)
             if not (budget > 0 and 0 < delta < 1):
@@ -212,19 +214,16 @@ class PrivacyLedger:
         if chain != _chain("", _terms(self.federation_id, budget, delta, kind, created)):
             raise LedgerCorrupt(f"{self.path}: the terms of {self.federation_id!r} were changed (hash mismatch)")
         self.budget_epsilon, self.delta, self.kind, self.created = float(budget), float(delta), kind, created
-        self._chain, self._seq, self.entries = chain, 0, []
+        self._terms_chain = self._chain = chain
+        self._seq, self.entries = 0, []
         return True
 
-    def _load_rounds(self) -> None:
+    def _load_rounds(self, con=None) -> None:
         """Read the rows appended since the last read (another process may have added some) and check them."""
-        def read():
-            with self.store.connect() as con:
-                return con.execute(f"SELECT seq, chain, {', '.join(_ENTRY_FIELDS)} FROM rounds "
-                                   "WHERE federation_id = ? AND seq > ? ORDER BY seq",
-                                   (self.federation_id, self._seq)).fetchall()
-
+        rows = self._read(f"SELECT seq, chain, {', '.join(_ENTRY_FIELDS)} FROM rounds WHERE federation_id = ? "
+                          "AND seq > ? ORDER BY seq", (self.federation_id, self._seq), con)
         entries, chain, seq = list(self.entries), self._chain, self._seq
-        for row in self._db_call(read):
+        for row in rows:
             seq, stored_chain, values = row[0], row[1], row[2:]
             try:
                 entry = LedgerEntry(**dict(zip(_ENTRY_FIELDS, values, strict=True)))
@@ -237,6 +236,22 @@ class PrivacyLedger:
                                     "round before it removed (hash mismatch); refusing to continue")
             entries.append(entry)
         self.entries, self._chain, self._seq = entries, chain, seq
+
+    def _check_unchanged(self, con) -> None:
+        """Before a write: the terms, the number of rows read and the last of them are as this object read them
+        (every row was checked when the ledger was opened; a change since then shows here as a count, a last
+        row or a terms hash that differ, and every row is checked again at the next open)."""
+        terms = self._read("SELECT budget_epsilon, delta, accountant, created, chain FROM ledgers "
+                           "WHERE federation_id = ?", (self.federation_id,), con)
+        if not terms or terms[0][4] != self._terms_chain or \
+                _chain("", _terms(self.federation_id, *terms[0][:4])) != self._terms_chain:
+            raise LedgerCorrupt(f"{self.path}: the terms of {self.federation_id!r} were changed or removed")
+        (count, last), = self._read("SELECT count(*), max(seq) FROM rounds WHERE federation_id = ? AND seq <= ?",
+                                    (self.federation_id, self._seq), con)
+        tail = self._read("SELECT chain FROM rounds WHERE seq = ?", (self._seq,), con) if self._seq else []
+        if count != len(self.entries) or (last or 0) != self._seq or (self._seq and tail[0][0] != self._chain):
+            raise LedgerCorrupt(f"{self.path}: rounds of {self.federation_id!r} were changed or removed; refusing "
+                                "to continue")
 
     def accountant(self) -> Accountant:
         """A fresh accountant rebuilt from every recorded round."""
@@ -276,11 +291,10 @@ class PrivacyLedger:
         protection = protection or Protection()
         try:
             with self.store.transaction() as con:
-                # what is on disk is the truth: another process may have appended since we read, and every row
-                # is checked again (a damaged ledger must stop the site before it spends more)
-                if not self._load_terms():
-                    raise LedgerCorrupt(f"{self.path}: the ledger of {self.federation_id!r} disappeared")
-                self._load_rounds()
+                # what is on disk is the truth: another process may have appended since we read (a damaged
+                # ledger must stop the site before it spends more)
+                self._check_unchanged(con)
+                self._load_rounds(con)
                 epsilon = self.check_round(sigma, sample_rate, steps, skellam=protection.skellam)
                 attempt = 1 + sum(1 for e in self.entries if e.round == int(round))
                 entry = LedgerEntry(round=int(round), sigma=float(sigma), sample_rate=float(sample_rate),

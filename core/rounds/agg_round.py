@@ -45,6 +45,7 @@ from .round_messages import (  # the round vocabulary, shared with the other end
     PLAN,
     PLAN_ACCEPT,
     PLAN_REJECT,
+    PREPARING,
     ROUND_END,
     ROUND_START,
     SECAGG,
@@ -201,6 +202,11 @@ class FederationMachine:
         self.connected_sites: set[str] = set()
         self.accepted: set[str] = set()
         self.rejected: dict[str, list[str]] = {}
+        # connected sites that accepted the plan and are computing their images' features: (done, total, eta_s)
+        self.preparing: dict[str, tuple[int, int, float | None]] = {}
+        self.wait_started = self.join_deadline = self.hold_until = 0.0
+        self._status_sent = 0.0
+        self._missing_logged: tuple[str, ...] = ()
         self.outcomes: list[RoundOutcome] = []
         self.deadline = 0.0
         self._round: _Round | None = None
@@ -237,6 +243,7 @@ class FederationMachine:
         self._known(site)
         self.connected_sites.add(site)
         self.accepted.discard(site)
+        self.preparing.pop(site, None)
         out: list[Action] = [Send(site, PLAN, 0, {"plan": self.plan.to_dict(), "digest": self.plan.digest(),
                                                   "site_id": self.site_ids[site]})]
         return out + self._progress(now)
@@ -245,6 +252,7 @@ class FederationMachine:
         self._known(site)
         self.connected_sites.discard(site)
         self.accepted.discard(site)
+        self.preparing.pop(site, None)
         out: list[Action] = []
         if self._round is not None:
             out += self._round.dropped(site)
@@ -264,7 +272,7 @@ class FederationMachine:
                 out.append(Reject(msg.site, "internal", f"handler failed: {exc!r}", msg.round))
                 out += self._round.dropped(msg.site)
         else:
-            out += self._idle(msg)
+            out += self._idle(msg, now)
         return out + self._progress(now)
 
     def tick(self, now: float) -> list[Action]:
@@ -286,14 +294,28 @@ class FederationMachine:
 
     # -- plan answers, joins, late messages --------------------------------------------
 
-    def _idle(self, msg: Inbound) -> list[Action]:
+    def _idle(self, msg: Inbound, now: float) -> list[Action]:
+        if msg.type == PREPARING:
+            if msg.site in self.accepted:
+                return []  # a late progress report after it said it was ready
+            first = msg.site not in self.preparing
+            done, total = int(msg.body["done"]), int(msg.body["total"])
+            self.preparing[msg.site] = (min(done, total), total, msg.body.get("eta_s"))
+            if first:
+                log.info("%s accepted the plan and is preparing its images (%d)", msg.site, total)
+            if self.stage is Stage.WAITING and (first or done >= total or now - self._status_sent >= 1.0):
+                return [self._waiting_status(now)]
+            return []
         if msg.type == PLAN_ACCEPT and msg.body.get("digest") == self.plan.digest():
             self.accepted.add(msg.site)
             self.rejected.pop(msg.site, None)
-            log.info("%s accepted the plan (%d ready)", msg.site, len(self.ready))
+            was_preparing = self.preparing.pop(msg.site, None) is not None
+            log.info("%s %s (%d ready)", msg.site, "is ready after preparing" if was_preparing else "accepted the plan",
+                     len(self.ready))
         elif msg.type in (PLAN_ACCEPT, PLAN_REJECT):
             reasons = [self.escape(str(r)) for r in msg.body.get("reasons", [])][:20]
             self.accepted.discard(msg.site)
+            self.preparing.pop(msg.site, None)
             self.rejected[msg.site] = reasons
             log.warning("%s refused the plan: %s", msg.site, "; ".join(reasons) or "digest mismatch")
         else:
@@ -308,8 +330,23 @@ class FederationMachine:
 
     def _wait(self, now: float) -> list[Action]:
         self.stage = Stage.WAITING
-        self.deadline = now + self.plan.join_timeout_s
-        return [Status(self.round, "waiting for sites"), *self._progress(now)]
+        self.wait_started = now
+        self.deadline = self.join_deadline = now + self.plan.join_timeout_s
+        self.hold_until = now + max(self.plan.join_timeout_s, self.plan.prepare_timeout_s)
+        return [self._waiting_status(now), *self._progress(now)]
+
+    def _waiting_status(self, now: float) -> Status:
+        self._status_sent = now
+        coming = self._holding_for(now, ignore_deadline=True)
+        return Status(self.round, f"waiting for sites ({len(coming)} preparing)" if coming else "waiting for sites")
+
+    def _holding_for(self, now: float, ignore_deadline: bool = False) -> list[str]:
+        """Connected sites that accepted the plan and are still preparing. The first round of a run waits for
+        them (up to the plan's `prepare_timeout_s` from when it began waiting), so no hospital misses rounds
+        only because its images take long to prepare; later rounds go on without them."""
+        if self.round != self.first_round or (now >= self.hold_until and not ignore_deadline):
+            return []
+        return sorted(s for s in self.preparing if s in self.connected_sites and s not in self.accepted)
 
     def _want(self) -> int:
         """The first round of a run waits (up to the join time-out) for every allowed site that has not
@@ -324,13 +361,19 @@ class FederationMachine:
             ready = len(self.ready)
             if ready >= self._want():
                 out += self._start_round(now)
-            elif now >= self.deadline:
-                if ready >= self.plan.min_sites:
+            elif now >= self.join_deadline:
+                holding = self._holding_for(now)
+                if holding:
+                    if self.deadline != self.hold_until:
+                        log.info("round %d: %d sites ready; waiting up to %.0f s more for %s, still preparing",
+                                 self.round, ready, self.hold_until - now, ", ".join(holding))
+                    self.deadline = self.hold_until
+                elif ready >= self.plan.min_sites:
                     out += self._start_round(now)
                 else:
                     log.warning("round %d: %d of the %d sites needed are ready; still waiting", self.round, ready,
                                 self.plan.min_sites)
-                    self.deadline = now + self.plan.join_timeout_s
+                    self.deadline = self.join_deadline = now + self.plan.join_timeout_s
         elif self.stage is Stage.ROUND and self._round is not None:
             out += self._round.stage_status(now)
             if self._round.finished:
@@ -349,10 +392,23 @@ class FederationMachine:
             self._round.abandon()
             return self._end_round(now)
         body = {"participants": {str(self.site_ids[s]): self.site_lines[s] for s in participants}}
-        log.info("round %d: %d sites training", self.round, len(participants))
+        self._log_missing(len(participants))
         out: list[Action] = [Broadcast(tuple(participants), ROUND_START, self.round, body,
                                        (weights_blob(self.weights),))]
         return out + self._round.begin() + self._progress(now)
+
+    def _log_missing(self, n: int) -> None:
+        """Name the allowed sites a round starts without (their images are missing from its update), each time
+        that set changes."""
+        missing = tuple(s for s in self.site_ids if s not in self.ready)
+        if missing == self._missing_logged:
+            log.info("round %d: %d sites training", self.round, n)
+            return
+        self._missing_logged = missing
+        why = {s: "preparing" if s in self.preparing else "declined the plan" if s in self.rejected else
+               "not connected" for s in missing}
+        log.log(logging.WARNING if missing else logging.INFO, "round %d: %d sites training%s", self.round, n,
+                "; without " + ", ".join(f"{s} ({w})" for s, w in why.items()) if missing else ", every site in")
 
     def _end_round(self, now: float) -> list[Action]:
         assert self._round is not None

@@ -1,7 +1,8 @@
 """The round vocabulary both ends speak (message types in the envelope's `type`).
 
 aggregator → site                       site → aggregator
-  plan        (after connecting)          plan_accept / plan_reject
+  plan        (after connecting)          preparing (progress while it computes what the rounds need)
+                                          plan_accept / plan_reject (accept: prepared and ready)
   round_start (round r, global weights)   decline (budget exhausted, …)
   secagg      (one encoded core message)  secagg  (one encoded core message)
                                           plain_update (only when secure aggregation is off)
@@ -13,6 +14,7 @@ aggregator → site                       site → aggregator
 
 PLAN = "plan"
 PLAN_ACCEPT = "plan_accept"
+PREPARING = "preparing"
 PLAN_REJECT = "plan_reject"
 ROUND_START = "round_start"
 DECLINE = "decline"

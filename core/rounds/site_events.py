@@ -12,7 +12,8 @@ Every string field that can hold text from the aggregator (`detail`, `message`,
 `reasons`) is escaped with `hemafed.core.trust.text.safe_text` before the event is made.
 
 A run's events, in order: ConnectionChanged(connecting) → ConnectionChanged(connected)
-→ PlanReceived → PlanAnswered → per round: RoundStarted → StageChanged(training) →
+→ PlanReceived → PlanAnswered → StageChanged(preparing) → PrepareProgress… →
+StageChanged(waiting) → per round: RoundStarted → StageChanged(training) →
 TrainProgress… → StageChanged(keys/shares/masked/unmask or waiting) → RoundFinished;
 then Finished, always last (its `outcome` says whether the federation finished, the
 operator stopped, or a fatal error ended the run; a SiteFailed(fatal=True) precedes
@@ -26,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Stages of one round as the operator sees them (`StageChanged.stage`).
-STAGES = ("waiting", "training", "keys", "shares", "masked", "unmask")
+# Stages as the operator sees them (`StageChanged.stage`): "preparing" before the first round this site joins.
+STAGES = ("preparing", "waiting", "training", "keys", "shares", "masked", "unmask")
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,21 @@ class PlanReceived:
 
 @dataclass(frozen=True)
 class PlanAnswered:
-    """The site's answer went to the aggregator (`reasons`: why it was refused)."""
+    """The site's answer to the plan: refused (`reasons`: why; the refusal went to the aggregator), or
+    accepted — the site then prepares (`PrepareProgress`) and tells the aggregator it is ready."""
 
     accepted: bool
     reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PrepareProgress:
+    """Preparing for the plan: `done` of `total` images have their fixed features (read from the cache or
+    computed); `seconds_left` is an estimate (None until one can be made). The aggregator hears it too."""
+
+    done: int
+    total: int
+    seconds_left: float | None = None
 
 
 @dataclass(frozen=True)
@@ -125,5 +137,5 @@ class Finished:
     outcome: str = "done"  # one of OUTCOMES
 
 
-SiteEvent = (ConnectionChanged | PlanReceived | PlanAnswered | RoundStarted | StageChanged | TrainProgress
-             | RoundFinished | SiteFailed | Finished)
+SiteEvent = (ConnectionChanged | PlanReceived | PlanAnswered | PrepareProgress | RoundStarted | StageChanged
+             | TrainProgress | RoundFinished | SiteFailed | Finished)

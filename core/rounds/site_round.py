@@ -8,13 +8,17 @@ send after training, when a round is over, when the federation is done. It is fe
     receive(message)                  one message from the aggregator (type, round, body, blobs)
     prepared(...)                     the result of a `Prepare` action (data, ledger, σ)
     answer(accept, reason)            the operator's decision after an `AskOperator` action
+    preparing(done, total, left) / featurized() / featurize_failed(why)
+                                      progress and result of a `Featurize` action
     trained(...) / budget_exhausted(...) / train_cancelled(...) / train_failed(...)
                                       the result of a `Train` action
     connection_lost(why) / stop()
 
 and every call returns the actions to carry out, in order: `Send` a message, `Emit` an
 event (`hemafed.core.rounds.site_events`), `Prepare` a plan (load data, open the ledger,
-calibrate σ: slow, off the event loop), `AskOperator`, `Train` a round (off the event
+project ε: off the event loop), `AskOperator`, `Featurize` (compute what every round needs from
+the images — the slow part, minutes the first time — reporting progress to the aggregator,
+which holds the first round for a site still preparing), `Train` a round (off the event
 loop; the ledger entry is written inside, before the result comes back), `Finish`
 (save the final model), `Stop` (a fatal error: close and end the run).
 
@@ -47,6 +51,7 @@ from .round_messages import (  # the round vocabulary, shared with the other end
     PLAN,
     PLAN_ACCEPT,
     PLAN_REJECT,
+    PREPARING,
     ROUND_END,
     ROUND_START,
     SECAGG,
@@ -54,6 +59,7 @@ from .round_messages import (  # the round vocabulary, shared with the other end
 from .site_events import (
     PlanAnswered,
     PlanReceived,
+    PrepareProgress,
     RoundFinished,
     RoundStarted,
     SiteEvent,
@@ -131,6 +137,14 @@ class AskOperator:
 
 
 @dataclass(frozen=True)
+class Featurize:
+    """Compute what the rounds of `plan` need from this site's images (progress through `preparing()`);
+    answer with `featurized()` or `featurize_failed()`."""
+
+    plan: FederationPlan
+
+
+@dataclass(frozen=True)
 class Train:
     """Evaluate `weights` on the local validation split, then train one round from them."""
 
@@ -153,25 +167,32 @@ class Stop:
     outcome: str = "failed"
 
 
-Action = Send | Emit | Prepare | AskOperator | Train | Finish | Stop
+Action = Send | Emit | Prepare | AskOperator | Featurize | Train | Finish | Stop
 
 
-@dataclass(frozen=True)
+@dataclass
 class TrainOutcome:
-    """What a finished round hands back: the update, its weight (local training images),
-    the local validation confusion matrix, and ε spent now (None without DP)."""
+    """This site's part of a round, ready to leave (with DP its spend is already in the ledger): for a secure
+    plan `ring`, the input to secure aggregation (quantized, noise share included), the only thing sent; for a
+    plain plan `update` (Δ) and `weight` (its sample count); with the local validation confusion matrix of the
+    model the round started from, and ε spent now (None without DP). `core.learning.site_trainer` makes it."""
 
-    update: np.ndarray
-    weight: int
+    round: int
     confusion: np.ndarray
-    epsilon_spent: float | None
-    noise_hook: Callable[[np.ndarray], None] | None = None  # distributed DP: adds this site's integer noise share
+    weight: int
+    ring: np.ndarray | None = None
+    update: np.ndarray | None = None
+    epsilon_spent: float | None = None
+    loss: float = float("nan")
+    steps: int = 0
+    entry: Any = None  # the ledger entry written for this round
 
 
 class Phase(enum.Enum):
     WAIT_PLAN = "wait_plan"  # connected; this session has no plan yet
     PREPARING = "preparing"  # `Prepare` is out
     DECIDING = "deciding"  # `AskOperator` is out
+    FEATURIZING = "featurizing"  # accepted; `Featurize` is out (the aggregator hears `preparing`)
     READY = "ready"  # plan accepted; between rounds
     TRAINING = "training"  # `Train` is out
     SECAGG = "secagg"  # secure aggregation of the active round is running
@@ -317,9 +338,35 @@ class SiteRound:
 
     def _accept(self, plan: FederationPlan) -> list[Action]:
         self.accepted_digest = plan.digest()
+        self.phase = Phase.FEATURIZING
+        return [Emit(PlanAnswered(True)), Emit(StageChanged(self.round, "preparing")), Featurize(plan)]
+
+    def preparing(self, done: int, total: int, seconds_left: float | None) -> list[Action]:
+        """Progress of the `Featurize` action: for the operator, and for the aggregator (which holds the first
+        round for a site that is still preparing). Nothing while not featurizing (e.g. disconnected)."""
+        if self.phase is not Phase.FEATURIZING:
+            return []
+        body: dict[str, Any] = {"done": int(done), "total": int(total)}
+        if seconds_left is not None and math.isfinite(seconds_left):
+            body["eta_s"] = round(max(0.0, float(seconds_left)), 1)
+        return [Send(PREPARING, 0, body), Emit(PrepareProgress(int(done), int(total), body.get("eta_s")))]
+
+    def featurized(self) -> list[Action]:
+        """The `Featurize` action finished: tell the aggregator this site is ready for rounds."""
+        if self.phase is not Phase.FEATURIZING or self.plan is None:
+            return []  # the connection was lost meanwhile: the plan comes again, and this answer with it
         self.phase = Phase.READY
-        return [Send(PLAN_ACCEPT, 0, {"digest": plan.digest()}), Emit(PlanAnswered(True)),
-                Emit(StageChanged(self.round, "waiting"))]
+        return [Send(PLAN_ACCEPT, 0, {"digest": self.plan.digest()}), Emit(StageChanged(self.round, "waiting"))]
+
+    def featurize_failed(self, message: str) -> list[Action]:
+        """Preparing the images failed (unreadable data, a resource failure): refuse the plan with the reason."""
+        if self.phase is not Phase.FEATURIZING or self.plan is None:
+            return []
+        reasons = [f"cannot prepare this site's images: {safe_text(message)}"]
+        self.phase = Phase.STOPPED
+        return [Send(PLAN_REJECT, 0, {"reasons": reasons}), Emit(PlanAnswered(False, tuple(reasons))),
+                Emit(SiteFailed(reasons[0], True, "check the data folder and the site's log, then join again")),
+                Stop()]
 
     def _refuse_plan(self, plan: FederationPlan | None, reasons: list[str], privacy: PrivacySettings | None = None,
                      epsilon_per_round: tuple[float, ...] = (), what_to_do: str | None = None) -> list[Action]:
@@ -379,15 +426,15 @@ class SiteRound:
         self.epsilon_spent = result.epsilon_spent
         plan = self.plan
         assert plan is not None
-        extras = np.ascontiguousarray(result.confusion.reshape(-1), dtype=np.int64)
         if not plan.secagg:
             self.phase = Phase.SUBMITTED
-            weighted = (result.update.astype(np.float64) * result.weight).astype("<f4")
+            extras = np.ascontiguousarray(result.confusion.reshape(-1), dtype=np.int64)
+            weighted = (np.asarray(result.update, np.float64) * result.weight).astype("<f4")
             return [Send(PLAIN_UPDATE, rnd, {"weight": int(result.weight)},
                          (weighted.tobytes(), extras.astype("<i8").tobytes())), Emit(StageChanged(rnd, "waiting"))]
         assert self.secagg is not None
         try:
-            msgs = self.secagg.start(result.update, int(result.weight), extras, noise=result.noise_hook)
+            msgs = self.secagg.start_ring(result.ring)
         except secagg.SecAggError as exc:
             return self._leave_round(f"this site's update cannot enter secure aggregation ({exc}); "
                                      "the round's spend stays recorded", failed=True)
@@ -534,6 +581,7 @@ def _number(value: object) -> bool:
     return math.isfinite(value)
 
 
-__all__ = ["DECLINE", "DONE", "PLAIN_UPDATE", "PLAN", "PLAN_ACCEPT", "PLAN_REJECT", "ROUND_END", "ROUND_START",
-           "SECAGG", "Action", "AskOperator", "Emit", "Finish", "MessageRefused", "Phase", "PlanRefused",
+__all__ = ["DECLINE", "DONE", "PLAIN_UPDATE", "PLAN", "PLAN_ACCEPT", "PLAN_REJECT", "PREPARING", "ROUND_END",
+           "ROUND_START", "SECAGG", "Action", "AskOperator", "Emit", "Featurize", "Finish", "MessageRefused", "Phase",
+           "PlanRefused",
            "Prepare", "PrivacySettings", "Send", "SiteRound", "Stop", "Train", "TrainOutcome", "plan_sanity"]

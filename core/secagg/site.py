@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from . import aead, kdf, prg, shamir
 from .config import SecAggConfig
-from .errors import ConfigError, ConsistencyError, ProtocolStateError, RoundMismatch
+from .errors import ConfigError, ConsistencyError, InputError, ProtocolStateError, RoundMismatch
 from .messages import (
     AdvertiseKeys,
     EncryptedShares,
@@ -33,6 +33,7 @@ from .messages import (
     UnmaskShares,
     validate,
 )
+from .prg import RING_DTYPE
 from .quantize import quantize
 from .signing import sign_advert, sign_survivors, verify_advert, verify_survivors
 
@@ -99,8 +100,17 @@ class SiteSecAgg:
               noise: Callable[[np.ndarray], None] | None = None) -> list[Message]:
         """Quantize the input (the float update is not kept) and advertise fresh round keys. ``noise`` adds this
         site's share of distributed-DP noise to the quantized integers (see `quantize`)."""
+        return self.start_ring(quantize(self.cfg, update, weight, extras, self._rng, noise=noise))
+
+    def start_ring(self, ring_input: np.ndarray) -> list[Message]:
+        """Take this site's input already in the ring (what `quantize` returns: the site trainer quantizes, noise
+        share included) and advertise fresh round keys."""
         self._expect(SiteStage.NEW)
-        self._input = quantize(self.cfg, update, weight, extras, self._rng, noise=noise)
+        ring_input = np.asarray(ring_input)
+        if ring_input.dtype != RING_DTYPE or ring_input.shape != (self.cfg.vector_len,):
+            raise InputError(f"the ring input must be a uint32 vector of length {self.cfg.vector_len}",
+                             round=self.round, site_id=self.site_id)
+        self._input = ring_input.copy()
         self._c_sk, c_pk = kdf.new_keypair()
         self._s_sk, s_pk = kdf.new_keypair()
         sig = sign_advert(self._identity, self.cfg.federation_id, self.round, self.site_id, c_pk, s_pk)

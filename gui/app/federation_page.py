@@ -4,6 +4,7 @@ failures in words with the next step, and a log."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from .site_worker import SiteWorker
 from .state import DEFAULT_URL, AppState, RoundRecord
 
 STAGE_WORDS = {
+    "preparing": "preparing this hospital's images (once per set of images)",
     "waiting": "waiting for the next round",
     "training": "training on this hospital's images",
     "keys": "secure aggregation: exchanging keys",
@@ -38,6 +40,12 @@ STAGE_WORDS = {
     "masked": "secure aggregation: sending the masked update",
     "unmask": "secure aggregation: helping to unmask the sum",
 }
+def _time_left(seconds: float) -> str:
+    """'about 3 min left' / 'less than a minute left', for a progress bar."""
+    minutes = round(seconds / 60)
+    return "less than a minute left" if minutes < 1 else f"about {minutes} min left"
+
+
 CONNECTION_WORDS = {
     "connecting": "connecting…",
     "connected": "connected",
@@ -322,7 +330,7 @@ class FederationPage(QWidget):
             self.connection.setText(CONNECTION_WORDS.get(e.state, e.state) + (f" ({e.url})" if e.url else ""))
             self.append_log(f"connection: {e.state}" + (f" — {e.detail}" if e.detail else ""))
         elif isinstance(e, ev.PlanReceived):
-            self.state.set_plan(e.plan, received=True, epsilon_per_round=tuple(e.epsilon_per_round))
+            self.state.set_plan(e.plan, received=True)
             self.rounds_total = e.plan.rounds
             self.append_log(f"plan received: {e.plan.model}, {e.plan.rounds} rounds, federation {e.plan.federation_id}")
             if e.problems:
@@ -341,13 +349,24 @@ class FederationPage(QWidget):
             self.append_log(f"round {e.round} of {e.rounds} started with {e.participants} sites")
         elif isinstance(e, ev.StageChanged):
             self.stage.setText(STAGE_WORDS.get(e.stage, e.stage))
-            if e.stage != "training":
+            if e.stage not in ("training", "preparing"):
                 self.train_bar.setFormat("done" if self.train_bar.value() else "step %v of %m")
-            self.append_log(f"round {e.round}: {STAGE_WORDS.get(e.stage, e.stage)}")
+            if e.stage == "preparing":
+                self.append_log("preparing this hospital's images for the federation's model")
+            else:
+                self.append_log(f"round {e.round}: {STAGE_WORDS.get(e.stage, e.stage)}")
+        elif isinstance(e, ev.PrepareProgress):
+            self.train_bar.setRange(0, max(e.total, 1))
+            self.train_bar.setValue(e.done)
+            left = "" if e.seconds_left is None or e.done >= e.total else f" · {_time_left(e.seconds_left)}"
+            self.train_bar.setFormat(f"images prepared: %v of %m{left}")
+            if e.done >= e.total:
+                self.append_log(f"images prepared ({e.total}); waiting for the first round")
         elif isinstance(e, ev.TrainProgress):
             self.train_bar.setRange(0, max(e.total, 1))
             self.train_bar.setValue(e.step)
-            self.train_bar.setFormat(f"step %v of %m · loss {e.loss:.3f}")
+            loss = f" · loss {e.loss:.3f}" if math.isfinite(e.loss) else ""
+            self.train_bar.setFormat(f"step %v of %m{loss}")
         elif isinstance(e, ev.RoundFinished):
             if e.epsilon_spent is not None:
                 self.epsilon.setText(f"{e.epsilon_spent:.4g} of {self.state.epsilon:g}")

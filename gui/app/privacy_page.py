@@ -222,7 +222,14 @@ class PrivacyPage(QWidget):
                                 if proj.n_estimated else f"{proj.n_train} (after keeping the validation split)")
         already = (f" ({proj.rounds_done} already done in this federation, ε {proj.spent:.3g} spent)"
                    if proj.rounds_done else "")
-        if proj.refusal:
+        if not proj.refusal and not proj.epsilon_per_round:  # every round of this plan is in the ledger
+            self.sigma_label.setText(f"{proj.sigma:.3f}" if proj.sigma is not None else "—")
+            self.allowed_label.setText(f"none: all {plan.rounds} are done")
+            self.verdict.setProperty("ok", True)
+            self.verdict.setText(f"This plan is finished at this site: it spent ε = {proj.spent:.3g} of its budget "
+                                 f"{proj.budget:g} at δ = {proj.delta:.2g}. Nothing more will be spent for it.")
+            self.chart.empty("no rounds left in this plan")
+        elif proj.refusal:
             self.sigma_label.setText("—")
             self.allowed_label.setText(f"<b>{proj.rounds_allowed}</b>{already}")
             self.verdict.setProperty("ok", False)
@@ -237,14 +244,14 @@ class PrivacyPage(QWidget):
             self.allowed_label.setText(f"all {proj.rounds_allowed} still to come{already}")
             self.verdict.setProperty("ok", True)
             self.verdict.setText(f"The plan fits: after its last round this site will have spent "
-                                 f"ε = {proj.epsilon_per_round[-1]:.3g} of {proj.epsilon:g} at "
+                                 f"ε = {proj.epsilon_per_round[-1]:.3g} of {proj.budget:g} at "
                                  f"δ = {proj.delta:.2g}.{noisy}")
             first = proj.rounds_done + 1
             self.chart.line(list(range(first, first + len(proj.epsilon_per_round))), proj.epsilon_per_round,
                             title="ε this site will have spent after each round to come", xlabel="round",
                             ylabel="ε",
-                            hline=proj.epsilon, hline_label=f"budget ε = {proj.epsilon:g}",
-                            ylim=(0, proj.epsilon * 1.15))
+                            hline=proj.budget, hline_label=f"budget ε = {proj.budget:g}",
+                            ylim=(0, proj.budget * 1.15))
         self.verdict.style().unpolish(self.verdict)
         self.verdict.style().polish(self.verdict)
 

@@ -49,38 +49,39 @@ def _settle(app, window, seconds: float = 0.4) -> None:
 
 
 def train_demo_model(source: Path, state_dir: Path, out: Path, rounds: int = 3):
-    """A real (small) result: cnn4_28 trained with DP-SGD on this site's split, each round
-    recorded in this site's ledger before its model is kept. Returns (plan, accuracies, model path)."""
+    """A real (small) result: cnn4_28 trained by this site's own trainer (`core.learning.site_trainer`: DP-SGD with
+    σ fitted to ε = 8, each round recorded in this site's ledger before its update exists outside it), the rounds
+    applied as the aggregator would with this site alone. Returns (plan, accuracies, model path)."""
     import numpy as np
 
     from hemafed.core.data.partition import stratified_split
     from hemafed.core.data.scan import scan_source
-    from hemafed.core.learning.dp_train import LocalTrainConfig, accuracy, evaluate, train_local
-    from hemafed.core.learning.models import build_model, get_flat_params, model_hash
-    from hemafed.core.privacy.calibration import calibrate_sigma, sample_rate, steps_per_round
+    from hemafed.core.learning.dp_train import accuracy, evaluate
+    from hemafed.core.learning.models import build_model, get_flat_params, set_flat_params
+    from hemafed.core.learning.site_trainer import SiteData, site_trainer
     from hemafed.core.privacy.ledger import PrivacyLedger
     from hemafed.core.rounds.plan import FederationPlan
+    from hemafed.core.secagg.quantize import dequantize
     from hemafed.network.site import save_model_file
 
-    plan = FederationPlan(federation_id=FEDERATION, model="cnn4_28", rounds=10, local_epochs=2, batch_size=128,
-                          threshold=3, min_sites=3, lr=0.1, momentum=0.9)
+    plan = FederationPlan(federation_id=FEDERATION, model="cnn4_28", algorithm="fedavg", dp_mode="local",
+                          noise_multiplier=0.0, rounds=10, local_epochs=2, batch_size=128, threshold=3, min_sites=3,
+                          lr=0.1, momentum=0.9)
     site = scan_source(source, plan.classes, size=plan.input_size)
     train, val = stratified_split(site.labels, plan.val_fraction, seed=plan.seed)
-    n = len(train)
-    q, steps = sample_rate(n, plan.batch_size), steps_per_round(n, plan.batch_size, plan.local_epochs)
-    ledger = PrivacyLedger(plan.federation_id, 8.0, min(plan.delta, 1.0 / n), state=state_dir)
-    sigma = calibrate_sigma(8.0, ledger.delta, q, steps * plan.rounds)
+    data = SiteData(site.images[train], site.labels[train], site.images[val], site.labels[val])
+    ledger = PrivacyLedger(plan.federation_id, 8.0, min(plan.delta, 1.0 / len(train)), state=state_dir)
+    trainer = site_trainer(plan)
+    trainer.prepare(ledger, data, 8.0)
     model = build_model(plan.model, len(plan.classes), seed=0)
-    config = LocalTrainConfig(local_epochs=plan.local_epochs, batch_size=plan.batch_size, lr=plan.lr,
-                              momentum=plan.momentum, clip_norm=plan.clip_norm, dp=True)
+    weights = get_flat_params(model)
+    cfg = plan.secagg_config(len(weights))
     accuracies = []
     for rnd in range(1, rounds + 1):
-        start = get_flat_params(model)
-        ledger.check_round(sigma, q, steps)
-        train_local(model, site.images[train], site.labels[train], config, noise_multiplier=sigma)
-        ledger.record_round(rnd, sigma, q, steps, model_hash(start))
+        weighted, weight, _ = dequantize(cfg, trainer.contribution(rnd, weights).ring)
+        weights = (weights + weighted / weight).astype(np.float32)
+        set_flat_params(model, weights)
         accuracies.append(accuracy(evaluate(model, site.images[val], site.labels[val], len(plan.classes))))
-    weights = get_flat_params(model)
     assert np.isfinite(weights).all()
     return plan, accuracies, save_model_file(out, weights, plan, rounds)
 
@@ -196,15 +197,24 @@ def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_p
     fed.federation.setText(sgd.federation_id)
     window.show_page("federation")
     from hemafed.gui.app.projection import project
-    from hemafed.network.site import PrivacySettings
 
     proj = project(state.epsilon, sgd, state.n_train(), bounds=state.bounds)
     assert proj.fits and proj.epsilon_per_round, proj.refusal
-    received = ev.PlanReceived(sgd, PrivacySettings(sgd.noise_multiplier, sgd.sample_rate, 1, proj.delta), (),
-                               tuple(proj.epsilon_per_round), awaiting_answer=True)
+    received = ev.PlanReceived(sgd, proj.settings, (), tuple(proj.epsilon_per_round), awaiting_answer=True)
     fed.on_event(ev.ConnectionChanged("connecting", fed.url.text()))
     fed.on_event(ev.ConnectionChanged("connected", fed.url.text()))
     fed.on_event(ev.PlanAnswered(True))
+    # preparing: the first join with these images computes their fixed features (the aggregator waits)
+    fed.on_event(ev.StageChanged(0, "preparing"))
+    n_images = state.n_train() or SITE_IMAGES
+    fed.on_event(ev.PrepareProgress(0, n_images, None))
+    fed.on_event(ev.PrepareProgress(n_images * 2 // 5, n_images, 95.0))
+    fed.join_btn.setEnabled(False)
+    fed.leave_btn.setEnabled(True)
+    fed.joinedChanged.emit(True)
+    grab("federation-preparing")
+    fed.on_event(ev.PrepareProgress(n_images, n_images, 0.0))
+    fed.on_event(ev.StageChanged(0, "waiting"))
     done = 57
     for rnd in range(done - 3, done + 1):
         fed.on_event(ev.RoundStarted(rnd, sgd.rounds, 9))
@@ -232,7 +242,9 @@ def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_p
     dialog.finished.disconnect()  # only a picture: no answer is logged
     dialog.close()
     fed.dialog = None
-    entries = state.ledger_entries(plan.federation_id)
+    from hemafed.core.privacy.ledger import PrivacyLedger
+
+    entries = PrivacyLedger(plan.federation_id, state=state.state_dir).entries
 
     # Results: accuracy per round, confusion on this site's validation split, statement
     # (the demo federation this site trained in, not the DP-FedSGD one replayed above)

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # torch._dynamo (with triton and SymPy, ~150,000 objects) is imported by torch itself when the
 # first optimizer is created, i.e. at the first training step of the first round.
 DRIVER_MODULES = ("hemafed.network.site", "hemafed.core.learning.models", "hemafed.core.learning.dp_train",
-                  "hemafed.core.learning.private_round", "hemafed.core.learning.fedsgd_site",
+                  "hemafed.core.learning.site_trainer", "hemafed.core.learning.feature_cache",
                   "hemafed.core.privacy.ledger",
                   "hemafed.core.privacy.calibration", "hemafed.core.data.scan", "hemafed.core.data.partition",
                   # the fixed feature maps of the scatter_* models, imported on first use otherwise

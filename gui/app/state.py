@@ -74,10 +74,10 @@ class AppState(QObject):
         self.rounds: list[RoundRecord] = []
         self.model_path: Path | None = None
         self.privacy_used: dict | None = None  # σ, q, steps, δ of the plan this site joined
-        self.driver_epsilon: tuple[float, ...] = ()  # the driver's ε per round for the plan received
         self._projection_job: Job | None = None
         self._ledger_jobs: list[Job] = []
         self._projection_dirty = False
+        self._closed = False
         # Calibration takes 0.3-3 s (the first call imports the accountant's maths), so it runs
         # in a worker; a burst of slider moves is coalesced into one computation.
         self._debounce = QTimer(self)
@@ -126,12 +126,8 @@ class AppState(QObject):
             self.budgetChanged.emit()
             self.update_projection()
 
-    def set_plan(self, plan: FederationPlan, received: bool = True,
-                 epsilon_per_round: tuple[float, ...] = ()) -> None:
-        """`epsilon_per_round`: the driver's projection for this plan (`PlanReceived`); the
-        Privacy page shows it for a DP-FedSGD plan rather than recomputing it."""
+    def set_plan(self, plan: FederationPlan, received: bool = True) -> None:
         self.plan, self.plan_received = plan, received
-        self.driver_epsilon = tuple(epsilon_per_round) if received else ()
         self.planChanged.emit()
         self.update_projection()
 
@@ -167,9 +163,12 @@ class AppState(QObject):
     def _ledgers_read(self, ledgers: list) -> None:
         self.ledgers = ledgers
         self.ledgersChanged.emit()
+        self.update_projection()  # what is spent changed: so did what the rest of the plan would spend
 
     def update_projection(self) -> None:
         """Recompute σ and the ε projection soon (in a worker); `projectionChanged` follows."""
+        if self._closed:  # a worker's answer after the window closed: nothing to show it in
+            return
         self.projection_pending = True
         self._debounce.start()
 
@@ -180,26 +179,25 @@ class AppState(QObject):
             self._projection_dirty = True
             return
         epsilon, plan, n_train, bounds = self.epsilon, self.plan, self.n_train(), self.bounds
-        driver_epsilon = self.driver_epsilon
         ledger = self.ledger_for(plan.federation_id)
         state_dir = self.state_dir
 
         def compute(job: Job) -> Projection:
+            from dataclasses import replace
+
             from hemafed.core.privacy.ledger import LedgerError, PrivacyLedger
 
             if ledger is not None and "error" in ledger:
-                proj = project(epsilon, plan, n_train, bounds=bounds)
-                proj.refusal = (f"this federation's privacy ledger is damaged ({ledger['error']}); "
-                                "restore it from a backup before joining")
-                return proj
-            entries: list = []
+                return replace(project(epsilon, plan, n_train, bounds=bounds), refusal=(
+                    f"this federation's privacy ledger is damaged ({ledger['error']}); restore it from a backup "
+                    "before joining"))
+            view = None
             if ledger is not None:
                 try:
-                    entries = list(PrivacyLedger(plan.federation_id, state=state_dir).entries)
+                    view = PrivacyLedger(plan.federation_id, state=state_dir).view()
                 except (FileNotFoundError, LedgerError, OSError):
-                    entries = []
-            return project(epsilon, plan, n_train, bounds=bounds, ledger=ledger, ledger_entries=entries,
-                           driver_epsilon=driver_epsilon)
+                    view = None
+            return project(epsilon, plan, n_train, bounds=bounds, ledger=view)
 
         self._projection_job = Job(compute)
         self._projection_job.signals.result.connect(self._projection_ready)
@@ -225,6 +223,7 @@ class AppState(QObject):
             self._start_projection()
 
     def shutdown(self) -> None:
+        self._closed = True
         self._debounce.stop()
         if self._projection_job is not None:
             self._projection_job.cancel()
@@ -239,6 +238,8 @@ class AppState(QObject):
             return f"the data folder {self.source} is missing: reconnect the drive or choose it again on the Data page"
         if self.scan is not None and self.scan.report.total_valid == 0:
             return f"no usable images in {self.source}: see the problems list on the Data page"
+        if not self.plan_received:  # the federation's own plan comes after connecting: the site checks that one
+            return None
         if self.projection_pending or self.projection is None:
             return "the privacy projection is still being computed; try again in a moment"
         if self.projection.refusal:

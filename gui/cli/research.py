@@ -31,7 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--batch", type=int, required=True, help="expected batch size B (q = B/N)")
     plan.add_argument("--rounds", type=int, required=True)
     plan.add_argument("--local-epochs", type=int, default=1)
-    plan.add_argument("--local-steps", type=int, default=None, help="fixed local steps per round (overrides epochs)")
     plan.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=_plan)
@@ -85,6 +84,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, help="BloodMNIST .npz or folder holding it")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--subset", type=int, help="use only this many training images (quick runs)")
+    p.add_argument("--test-subset", type=int, help="evaluate on only this many test images (quick runs)")
+    p.add_argument("--unseeded", dest="seeded", action="store_false",
+                   help="hospitals draw fresh OS randomness, as real sites do (default: from --seed, so a run "
+                        "replays exactly)")
     p.add_argument("--model", default=d.model, help=f"model from the registry (default {d.model})")
     p.add_argument("--algorithm", choices=("fedsgd", "fedavg"), default=d.algorithm,
                    help="fedsgd: one DP-SGD step per round (default); fedavg: local epochs per round")
@@ -114,7 +117,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sites", type=int, default=10)
     p.add_argument("--rounds", type=int, default=None, help="rounds of the private recipe (default: simulate's)")
     p.add_argument("--no-main-job", action="store_true", help="skip the one real run of the main job")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--workers", type=int, default=2, help="runs at a time, one process each (default 2)")
     p.add_argument("--out", type=Path, default=Path("results/experiment"))
     p.add_argument("--doc", type=Path, default=Path("docs/RESULTS.md"))
     p.add_argument("--data", type=Path)
@@ -137,30 +140,45 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from hemafed.core.privacy.calibration import BudgetTooSmall, plan_privacy
+    """σ and ε per round of a FedAvg plan at one site, as that site's trainer will compute them when it joins."""
+    from hemafed.core.learning.site_trainer import FedAvgTrainer
+    from hemafed.core.rounds.plan import FederationPlan, PlanError, SiteBounds
     from hemafed.gui.cli import UserFacingError
 
     try:
-        plan = plan_privacy(args.epsilon, args.samples, args.batch, args.rounds, args.local_epochs,
-                            delta=args.delta, local_steps=args.local_steps, kind=args.accountant)
-    except (BudgetTooSmall, ValueError) as exc:
+        plan = FederationPlan(federation_id="plan", algorithm="fedavg", dp_mode="local", noise_multiplier=0.0,
+                              rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch,
+                              delta=args.delta if args.delta is not None else 1e-5)
+        if args.epsilon <= 0 or args.samples <= 0:
+            raise ValueError("ε and the number of samples must be positive")
+        bounds = SiteBounds(max_rounds=max(args.rounds, 1), max_local_epochs=max(args.local_epochs, 1), max_delta=1.0)
+        proj = FedAvgTrainer(plan, bounds=bounds).project(args.epsilon, args.samples, accountant=args.accountant)
+    except (PlanError, ValueError) as exc:
         raise UserFacingError(str(exc)) from exc
+    if proj.refusal:
+        raise UserFacingError(proj.refusal)
+    total_steps = proj.steps_per_round * plan.rounds
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        print(json.dumps({"epsilon": args.epsilon, "delta": proj.delta, "n_samples": args.samples,
+                          "batch_size": args.batch, "rounds": plan.rounds, "local_epochs": plan.local_epochs,
+                          "sigma": proj.sigma, "sample_rate": proj.sample_rate,
+                          "steps_per_round": proj.steps_per_round, "total_steps": total_steps,
+                          "accountant": args.accountant, "epsilon_per_round": list(proj.epsilon_per_round)},
+                         indent=2))
         return 0
-    print(f"budget ε = {plan.epsilon:g} at δ = {plan.delta:.2e} ({plan.accountant.upper()} accounting)")
-    print(f"N = {plan.n_samples}, B = {plan.batch_size}: sample rate q = {plan.sample_rate:.5g}, "
-          f"{plan.steps_per_round} steps per round, {plan.total_steps} steps in {plan.rounds} rounds")
-    print(f"noise multiplier σ = {plan.sigma:.4f} (noise std σ·C per step)")
+    print(f"budget ε = {args.epsilon:g} at δ = {proj.delta:.2e} ({args.accountant.upper()} accounting)")
+    print(f"N = {args.samples}, B = {args.batch}: sample rate q = {proj.sample_rate:.5g}, "
+          f"{proj.steps_per_round} steps per round, {total_steps} steps in {plan.rounds} rounds")
+    print(f"noise multiplier σ = {proj.sigma:.4f} (noise std σ·C per step)")
     print("\nround  ε after round")
-    for i, eps in enumerate(plan.epsilon_per_round, 1):
+    for i, eps in enumerate(proj.epsilon_per_round, 1):
         print(f"{i:5d}  {eps:.4f}")
     return 0
 
 
 def _fedsgd_plan(args: argparse.Namespace) -> int:
     from hemafed.core.learning.recipe import recommended_plan
-    from hemafed.core.rounds.plan import FederationPlan, PlanError
+    from hemafed.core.rounds.plan import PlanError
     from hemafed.gui.cli import UserFacingError
     from hemafed.network.config import render_toml
 
@@ -173,9 +191,9 @@ def _fedsgd_plan(args: argparse.Namespace) -> int:
     sigma = plan.noise_multiplier
     print(f"# DP-FedSGD: ε = {args.epsilon:g} per site at δ = {args.delta:g} after {args.rounds} rounds; "
           f"σ = {sigma:.4f} ({args.dp_mode} DP), q = {args.sample_rate}, expected batch {plan.batch_size}")
-    defaults = FederationPlan().to_dict()
-    print(render_toml({"plan": {k: v for k, v in plan.to_dict().items()
-                                if v != defaults[k] or k in ("federation_id", "threshold", "min_sites")}}))
+    # every field, not only those that differ from today's defaults: a plan must not change its meaning when a
+    # later version's defaults do
+    print(render_toml({"plan": plan.to_dict()}))
     return 0
 
 
@@ -185,9 +203,9 @@ def _train_central(args: argparse.Namespace) -> int:
     from hemafed.core.privacy.calibration import BudgetTooSmall
     from hemafed.gui.cli import UserFacingError
 
-    def epoch_done(epoch: int, total: int, loss: float) -> None:
+    def epoch_done(epoch: int, total: int) -> None:
         if not args.json:
-            print(f"epoch {epoch}/{total}: mean loss {loss:.4f}", file=sys.stderr, flush=True)
+            print(f"epoch {epoch}/{total}", file=sys.stderr, flush=True)
 
     try:
         result = train_central(args.data, model_name=args.model, epochs=args.epochs, epsilon=args.epsilon,
@@ -215,7 +233,8 @@ def _simulate(args: argparse.Namespace) -> int:
         opts = SimulationOptions(
             sites=args.sites, rounds=args.rounds, epsilon=args.epsilon, delta=args.delta, partition=args.partition,
             dp=args.dp, secagg=args.secagg, tls=args.tls, threshold=args.threshold, drops=drops, out=args.out,
-            data=args.data, seed=args.seed, subset=args.subset, model=args.model, local_epochs=args.local_epochs,
+            data=args.data, seed=args.seed, subset=args.subset, test_subset=args.test_subset, seeded=args.seeded,
+            model=args.model, local_epochs=args.local_epochs,
             batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, clip_norm=args.clip_norm,
             server_optimizer=args.server_optimizer, server_lr=args.server_lr, quiet=args.quiet,
             algorithm=args.algorithm, dp_mode=args.dp_mode, sample_rate=args.sample_rate,
@@ -240,7 +259,7 @@ def _experiment(args: argparse.Namespace) -> int:
     opts = ExperimentOptions(data=args.data, seeds=tuple(int(s) for s in args.seeds.split(",")),
                              epsilons=floats(args.epsilons), sweep=floats(args.sweep),
                              partitions=tuple(args.partitions.split(",")), sites=args.sites,
-                             main_job=not args.no_main_job, threads=args.threads)
+                             main_job=not args.no_main_job, workers=args.workers)
     if args.rounds is not None:
         opts = replace(opts, base=replace(opts.base, rounds=args.rounds))
     rows = run_experiment(opts, out=args.out, doc=args.doc, command="hemafed " + shlex.join(sys.argv[1:]))

@@ -66,6 +66,34 @@ def write_plots(out: Path, metrics: dict[str, Any]) -> list[Path]:
     return [acc_path, eps_path]
 
 
+def _spans(rounds: list[int]) -> str:
+    """1, 2, 3, 7, 9, 10 → "1–3, 7, 9–10"."""
+    out, start = [], None
+    for i, r in enumerate(rounds):
+        if start is None:
+            start = r
+        if i + 1 == len(rounds) or rounds[i + 1] != r + 1:
+            out.append(f"{start}" if start == r else f"{start}–{r}")
+            start = None
+    return ", ".join(out)
+
+
+def _participation(metrics: dict[str, Any]) -> list[str]:
+    """Which hospitals missed which rounds (a late join, a dropout, a decline), in words."""
+    total = len(metrics["rounds"])
+    everyone = metrics["final"].get("rounds_with_every_site", total)
+    missed = metrics.get("missed_rounds", {})
+    if not missed:
+        return [f"**Every hospital took part in every round** ({total} of {total})."]
+    lines = [f"**Rounds with every hospital: {everyone} of {total}.** Hospitals missing from rounds (their images "
+             "were not in those rounds' updates):", ""]
+    for site, rounds in sorted(missed.items()):
+        late = rounds[0] == 1 and rounds == list(range(1, len(rounds) + 1))
+        what = f"joined late, at round {len(rounds) + 1}" if late else "missed rounds"
+        lines.append(f"- {site}: {what} ({len(rounds)} rounds: {_spans(rounds)})")
+    return lines
+
+
 def write_report(out: Path, metrics: dict[str, Any]) -> Path:
     plan = metrics["plan"]
     rounds = metrics["rounds"]
@@ -81,7 +109,7 @@ def write_report(out: Path, metrics: dict[str, Any]) -> Path:
               f"Final test accuracy: **{metrics['final']['test_accuracy']:.3f}** "
               f"(held-out BloodMNIST test split, {metrics['final']['test_images']} images). "
               f"Largest ε spent by a hospital: {metrics['final']['max_epsilon']}. "
-              f"Wall time: {metrics['final']['wall_s']:.0f} s.", "",
+              f"Wall time: {metrics['final']['wall_s']:.0f} s.", "", *_participation(metrics), "",
               "| round | status | test acc. | fed. val. acc. | sites | dropped / declined | max ε | wall s |",
               "|---|---|---|---|---|---|---|---|"]
     if len(rounds) > 60:

@@ -73,6 +73,10 @@ class SimulationOptions:
     data: Path | None = None
     seed: int = 0
     subset: int | None = None  # use only this many training images (quick demos and tests)
+    test_subset: int | None = None  # evaluate on only this many test images (quick checks; figures use all)
+    # Each simulated hospital draws its randomness (samples, noise, rounding) from the run's seed, so a run replays
+    # exactly, as processes or in process (`network.sim.inprocess`); False: fresh OS randomness, as at a hospital.
+    seeded: bool = True
     model: str = "scatter_synth_inv_28"
     algorithm: str = "fedsgd"  # "fedsgd": one DP-SGD step per round | "fedavg": local epochs per round
     dp_mode: str = "distributed"  # fedsgd: "distributed" (noise shares inside secure aggregation) | "local"
@@ -93,6 +97,10 @@ class SimulationOptions:
         training-set sizes it sets the expected batch q·ΣN and the plan-wide σ that makes `rounds` steps
         spend the ε budget (`core.recipe.with_budget`)."""
         t = max(self.threshold or self.sites // 2 + 1, 2)
+        if self.algorithm == "fedsgd":  # σ and the expected batch follow from the sites' sizes, below
+            kind = {"algorithm": "fedsgd", "sample_rate": self.sample_rate, "dp_mode": self.dp_mode}
+        else:
+            kind = {"algorithm": "fedavg", "dp_mode": "local", "noise_multiplier": 0.0}
         plan = FederationPlan(
             federation_id=f"sim-{self.seed}", model=self.model, rounds=self.rounds,
             local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
@@ -100,20 +108,37 @@ class SimulationOptions:
             delta=self.delta, dp=self.dp, secagg=self.secagg, threshold=t, min_sites=t if self.secagg else 1,
             max_sites=max(self.sites, 2), server_optimizer=self.server_optimizer,
             server_lr=0.5 if self.server_lr is None else self.server_lr, stage_timeout_s=self.stage_timeout_s,
-            seed=self.seed, join_timeout_s=300.0)
+            seed=self.seed, join_timeout_s=300.0, **kind)
         if self.algorithm != "fedsgd" or train_sizes is None or dim is None:
             return plan
         from dataclasses import replace
 
         from hemafed.core.learning.recipe import with_budget
 
-        plan = replace(plan, algorithm="fedsgd", sample_rate=self.sample_rate,
-                       batch_size=max(1, round(self.sample_rate * sum(train_sizes))))
+        plan = replace(plan, batch_size=max(1, round(self.sample_rate * sum(train_sizes))))
         return with_budget(plan, self.epsilon, self.dp_mode, dim, recipe_lr=self.server_lr is None) if self.dp else plan
 
 
 def site_name(i: int) -> str:
     return f"hospital_{i:02d}"
+
+
+def site_seed(seed: int, i: int) -> int:
+    """The simulation seed of hospital `i` (1-based) in a run seeded `seed`: every site's own."""
+    return seed * 1000 + i
+
+
+def site_splits(images: np.ndarray, labels: np.ndarray, parts: list[np.ndarray], plan: FederationPlan):
+    """Each hospital's (training, validation) data as its site splits what it holds (`core.data.partition`)."""
+    from hemafed.core.data.partition import stratified_split
+    from hemafed.core.learning.site_trainer import SiteData
+
+    out = {}
+    for i, idx in enumerate(parts, start=1):
+        labels_i = labels[idx].reshape(-1)
+        train, val = stratified_split(labels_i, plan.val_fraction, seed=plan.seed)
+        out[site_name(i)] = SiteData(images[idx][train], labels_i[train], images[idx][val], labels_i[val])
+    return out
 
 
 def prepare_out(out: Path) -> None:
@@ -131,6 +156,49 @@ def prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+@dataclass
+class Hospitals:
+    """A simulation's hospitals: the plan, the training images each one holds (`parts` index `train`), the test
+    split no hospital holds."""
+
+    plan: FederationPlan
+    train: Any  # core.data.bloodmnist.Split
+    parts: list[np.ndarray]
+    test: Any
+
+    def site_data(self) -> dict:
+        """Each hospital's training and validation data, as its site splits what it holds."""
+        return site_splits(self.train.images, self.train.labels, self.parts, self.plan)
+
+
+def hospitals(opts: SimulationOptions) -> Hospitals:
+    """BloodMNIST divided among `opts.sites` hospitals (`opts.partition`, `opts.seed`), and the plan an admin
+    would write for them (for private DP-FedSGD: the expected batch and σ from the sites' sizes)."""
+    from hemafed.core.data.bloodmnist import load_splits, locate
+    from hemafed.core.data.partition import partition, stratified_split
+    from hemafed.core.learning.models import build_model
+
+    plan = opts.plan()
+    splits = load_splits(locate(opts.data))
+    train, test = splits["train"], splits["test"]
+    if opts.subset is not None:
+        keep = np.sort(np.random.default_rng(opts.seed).permutation(len(train.labels))[:opts.subset])
+        train = type(train)(train.images[keep], train.labels[keep])
+    if opts.test_subset is not None:
+        keep = np.sort(np.random.default_rng(opts.seed).permutation(len(test.labels))[:opts.test_subset])
+        test = type(test)(test.images[keep], test.labels[keep])
+    # Every hospital needs a few batches of its own (Dirichlet draws are redrawn until it has them).
+    per_site = 2 * opts.batch_size if opts.algorithm == "fedavg" else 64
+    parts = partition(train.labels, opts.sites, opts.partition, seed=opts.seed,
+                      min_per_site=min(per_site, len(train.labels) // (2 * opts.sites)))
+    if opts.algorithm == "fedsgd":
+        # each site holds out its validation split the same way (core.data.partition.stratified_split)
+        sizes = [len(stratified_split(train.labels[idx], plan.val_fraction, seed=plan.seed)[0]) for idx in parts]
+        dim = sum(p.numel() for p in build_model(plan.model, len(plan.classes)).parameters())
+        plan = opts.plan(sizes, dim)
+    return Hospitals(plan, train, parts, test)
+
+
 class Simulation:
     def __init__(self, opts: SimulationOptions, command: str = "hemafed simulate") -> None:
         self.opts = opts
@@ -144,33 +212,16 @@ class Simulation:
     # -- setting up ----------------------------------------------------------------------------
 
     def setup(self) -> None:
-        from hemafed.core.data.bloodmnist import load_splits, locate
-        from hemafed.core.data.partition import class_counts, partition
+        from hemafed.core.data.partition import class_counts
         from hemafed.core.trust.certs import create_federation_certs
         from hemafed.core.trust.identity import init_identity
 
         opts = self.opts
         prepare_out(self.out)
-        splits = load_splits(locate(opts.data))
-        train, test = splits["train"], splits["test"]
-        if opts.subset is not None:
-            keep = np.sort(np.random.default_rng(opts.seed).permutation(len(train.labels))[:opts.subset])
-            train = type(train)(train.images[keep], train.labels[keep])
-        self.test_x, self.test_y = test.images, test.labels
-        # Every hospital needs a few batches of its own (Dirichlet draws are redrawn until it has them).
-        per_site = 2 * opts.batch_size if opts.algorithm == "fedavg" else 64
-        parts = partition(train.labels, opts.sites, opts.partition, seed=opts.seed,
-                          min_per_site=min(per_site, len(train.labels) // (2 * opts.sites)))
+        h = hospitals(opts)
+        train, parts, self.plan = h.train, h.parts, h.plan
+        self.test_x, self.test_y = h.test.images, h.test.labels
         self.counts = class_counts(train.labels, parts, len(self.plan.classes))
-        if opts.algorithm == "fedsgd":
-            from hemafed.core.data.partition import stratified_split
-            from hemafed.core.learning.models import build_model
-
-            # each site holds out its validation split the same way (core.partition.stratified_split)
-            sizes = [len(stratified_split(train.labels[idx], self.plan.val_fraction, seed=self.plan.seed)[0])
-                     for idx in parts]
-            dim = sum(p.numel() for p in build_model(self.plan.model, len(self.plan.classes)).parameters())
-            self.plan = opts.plan(sizes, dim)
         fed = self.out / "federation"
         fed.mkdir(parents=True)
         if opts.tls:
@@ -185,7 +236,8 @@ class Simulation:
             site_section = {"data": "data.npz", "state_dir": "state", "aggregator": "AGGREGATOR_URL",
                             "epsilon": opts.epsilon, "federation": self.plan.federation_id,
                             "ca_file": "../../federation/tls/ca.pem" if opts.tls else None,
-                            "insecure": not opts.tls, "torch_threads": 1}
+                            "insecure": not opts.tls, "torch_threads": 1,
+                            "simulation_seed": site_seed(opts.seed, i) if opts.seeded else None}
             bounds = {"require_dp": opts.dp, "require_secagg": opts.secagg,
                       "max_rounds": max(self.plan.rounds, SiteBounds().max_rounds)}
             (sdir / "site.toml").write_text(render_toml({"site": site_section, "bounds": bounds}))
@@ -281,8 +333,17 @@ class Simulation:
         rounds = self.plan.rounds
         done = max((r for r in evaluated if r > 0), default=0)
         acc = f"  test acc {evaluated[done]:.3f}" if evaluated else ""
+        preparing = status.get("preparing") or {}
+        if preparing and done == 0:
+            total = sum(p["total"] for p in preparing.values()) or 1
+            share = sum(p["done"] for p in preparing.values()) / total
+            left = max((p.get("eta_s") or 0 for p in preparing.values()), default=0)
+            prep = f", {len(preparing)} preparing their images ({share:.0%}, about {left / 60:.0f} min left)"
+        else:
+            prep = ""
         return progress_bar(done, rounds, f"round {min(status.get('round', 1), rounds)}/{rounds} "
-                            f"{status.get('stage', 'starting')}, {len(status.get('ready', []))} sites ready{acc}")
+                            f"{status.get('stage', 'starting')}, {len(status.get('ready', []))} sites ready{prep}"
+                            f"{acc}")
 
     def _stop_all(self) -> None:
         deadline = time.monotonic() + 30
@@ -300,21 +361,13 @@ class Simulation:
     # -- results -------------------------------------------------------------------------------
 
     def test_accuracy(self, weights: np.ndarray) -> float:
-        """Accuracy on the held-out test split; a model's fixed features are computed once."""
+        """Accuracy on the held-out test split, as `hemafed classify` sees the model (with its test-time
+        augmentation); a model's fixed features of the test images come from the feature cache."""
         from hemafed.core.learning.dp_train import accuracy, evaluate
-        from hemafed.core.learning.models import (
-            build_model,
-            evaluation_features,
-            images_to_tensor,
-            set_flat_params,
-            split_features,
-        )
+        from hemafed.core.learning.models import set_flat_params
 
         if self._test_inputs is None:
-            model = build_model(self.plan.model, len(self.plan.classes))
-            _, self._trainable = split_features(model)
-            # as classify sees the model: with its test-time augmentation (8 views for scatter_*)
-            self._test_inputs = evaluation_features(model)(images_to_tensor(self.test_x, self.plan.input_size))
+            self._trainable, self._test_inputs = evaluation_inputs(self.plan, self.test_x)
         set_flat_params(self._trainable, weights)
         return accuracy(evaluate(self._trainable, self._test_inputs, self.test_y, len(self.plan.classes)))
 
@@ -361,6 +414,8 @@ class Simulation:
         plan["partition"] = self.opts.partition
         plan["sites"] = self.opts.sites
         max_eps = max((e for r in rounds for e in r["epsilon"].values()), default=None)
+        names = [site_name(i) for i in range(1, self.opts.sites + 1)]
+        missed = {name: [r["round"] for r in rounds if name not in r["participants"]] for name in names}
         title = (f"{self.opts.sites} hospitals, {self.opts.partition}, "
                  f"{'DP ε=' + format(self.opts.epsilon, 'g') if self.opts.dp else 'non-private'}, "
                  f"{'secure aggregation' if self.opts.secagg else 'plain aggregation'}")
@@ -369,12 +424,24 @@ class Simulation:
             "site_class_counts": {site_name(i + 1): row.tolist() for i, row in enumerate(self.counts)},
             "initial_test_accuracy": evaluated.get(0), "rounds": rounds,
             "final": {"test_accuracy": evaluated[final_round], "test_images": len(self.test_y),
-                      "max_epsilon": None if max_eps is None else round(max_eps, 3), "wall_s": round(wall_s, 1)},
+                      "max_epsilon": None if max_eps is None else round(max_eps, 3), "wall_s": round(wall_s, 1),
+                      "rounds_with_every_site": sum(1 for r in rounds if set(names) <= set(r["participants"]))},
+            "missed_rounds": {name: rnds for name, rnds in missed.items() if rnds},
         }
         write_metrics(self.out, metrics)
         write_plots(self.out, metrics)
         write_report(self.out, metrics)
         return metrics
+
+
+def evaluation_inputs(plan: FederationPlan, images: np.ndarray):
+    """(the model's trainable part, the evaluation inputs of `images`): the fixed features of its evaluation
+    view, read from (or added to) the feature cache, as a site's trainer prepares its validation images."""
+    from hemafed.core.learning.models import build_model, split_features
+    from hemafed.core.learning.site_trainer import model_inputs
+
+    model = build_model(plan.model, len(plan.classes))
+    return split_features(model)[1], model_inputs(plan, model, images, "eval")
 
 
 def _round_log(state: Path) -> list[dict[str, Any]]:

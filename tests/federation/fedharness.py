@@ -59,7 +59,9 @@ def make_federation(root: Path, n_sites: int, threshold: int, rounds: int, *, im
                     extra_sites: int = 0, **plan_overrides: Any) -> Federation:
     certs = create_federation_certs(root / "tls", ["127.0.0.1"])
     settings: dict[str, Any] = {
-        "federation_id": "test-fed", "model": "cnn4_28", "rounds": rounds, "batch_size": 16, "lr": 0.1,
+        "federation_id": "test-fed", "model": "cnn4_28",
+                "algorithm": "fedavg", "dp_mode": "local", "noise_multiplier": 0.0, "rounds": rounds,
+                "batch_size": 16, "lr": 0.1,
         "threshold": threshold, "min_sites": threshold, "max_sites": max(n_sites + extra_sites, 2),
         "max_weight": 4096, "update_clip": 1.0, "train_timeout_s": 120.0, "stage_timeout_s": 30.0,
         "join_timeout_s": 5.0}

@@ -14,7 +14,7 @@ import pytest
 from fedharness import make_federation, run
 
 from hemafed.core.learning.checkpoints import CheckpointStore
-from hemafed.core.learning.fedsgd import plan_noise_multiplier, site_privacy
+from hemafed.core.learning.fedsgd import site_privacy
 from hemafed.core.learning.models import build_model
 from hemafed.core.privacy.accounting import Accountant
 from hemafed.core.privacy.ledger import PrivacyLedger, ledger_exists
@@ -27,12 +27,12 @@ ROUNDS, Q, EPSILON = 3, 0.3, 30.0
 
 
 def fedsgd_federation(tmp_path: Path, model: str = "scatter_linear_28"):
+    from hemafed.core.learning.recipe import with_budget
+
     fed = make_federation(tmp_path, n_sites=3, threshold=2, rounds=ROUNDS, images_per_site=48,
-                          model=model, algorithm="fedsgd", sample_rate=Q, server_lr=0.5)
+                          model=model, algorithm="fedsgd", sample_rate=Q, server_lr=0.5, noise_multiplier=1.0)
     dim = sum(p.numel() for p in build_model(model).parameters())
-    sigma = plan_noise_multiplier(EPSILON, 1e-5, Q, ROUNDS, "distributed", fed.plan.secagg_config(dim),
-                                  fed.plan.dp_colluders)
-    plan = replace(fed.plan, dp_mode="distributed", noise_multiplier=sigma, batch_size=round(Q * 3 * 43))
+    plan = with_budget(replace(fed.plan, batch_size=round(Q * 3 * 43)), EPSILON, "distributed", dim)
     fed.plan = plan
     fed.agg_config = replace(fed.agg_config, plan=plan)
     return fed, dim

@@ -67,8 +67,8 @@ def test_federation_carries_on_through_bad_peers(tmp_path: Path) -> None:
 class PoisonedSite(SiteRunner):
     """A participant whose update is NaN (a bug or an attack)."""
 
-    def _train(self, model, rnd: int):
-        result = super()._train(model, rnd)
+    def _contribution(self, rnd, weights, progress):
+        result = super()._contribution(rnd, weights, progress)
         result.update[:] = np.nan
         return result
 

@@ -40,13 +40,20 @@ def test_inconsistent_plans_are_refused(change: dict, message: str) -> None:
 
 
 def test_site_bounds_list_every_violation() -> None:
-    plan = FederationPlan(dp=False, secagg=False, rounds=1500, delta=1e-3, model="big")
+    plan = FederationPlan(dp=False, secagg=False, rounds=1500, delta=1e-3, model="big", algorithm="fedavg",
+                          dp_mode="local")
     bounds = SiteBounds(models=("resnet_gn_28",))
     found = bounds.violations(plan)
     assert len(found) == 5
     assert SiteBounds(require_dp=False, require_secagg=False, max_rounds=2000, max_delta=1e-2).violations(
         plan) == []
     assert SiteBounds().violations(FederationPlan()) == []
+
+
+def test_the_default_plan_is_the_recommended_recipe() -> None:
+    from hemafed.core.learning.recipe import recommended_plan
+
+    assert FederationPlan() == recommended_plan(8.0, 11_959, 10, federation_id="bloodmnist-demo")
 
 
 def test_fedavg_and_fedadam_steps() -> None:

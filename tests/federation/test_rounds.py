@@ -37,7 +37,7 @@ def test_three_sites_two_rounds_aggregate_matches_plain_average(tmp_path: Path) 
     # round 2's updates are still in the runners: check the secure sum against the plain average
     last = agg.outcomes[-1]
     names = list(fed.site_configs)
-    updates = {s: fed.runners[s].last_result.update for s in names}
+    updates = {s: fed.runners[s].last_outcome.update for s in names}
     expected = weighted_mean(updates, _site_weights(fed, names), fed.plan.update_clip)
     cfg = fed.plan.secagg_config(len(expected))
     bound = error_bound(cfg, 3) / sum(_site_weights(fed, names).values())

@@ -81,7 +81,8 @@ def model_file(tmp_path_factory) -> Path:
     from hemafed.core.rounds.plan import FederationPlan
     from hemafed.network.site import save_model_file
 
-    plan = FederationPlan(federation_id="gui-test", model="cnn4_28", threshold=2, min_sites=2)
+    plan = FederationPlan(federation_id="gui-test", model="cnn4_28", threshold=2, min_sites=2,
+                          algorithm="fedavg", dp_mode="local", noise_multiplier=0.0)
     weights = get_flat_params(build_model("cnn4_28", 8, seed=3))
     assert np.isfinite(weights).all()
     return save_model_file(tmp_path_factory.mktemp("model") / "final.npz", weights, plan, 2)

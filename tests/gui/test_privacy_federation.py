@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from hemafed.core.rounds.plan import FederationPlan
@@ -11,22 +12,39 @@ from .conftest import scan
 
 
 def set_budget(qtbot, window, epsilon: float) -> None:
-    with qtbot.waitSignal(window.state.projectionChanged, timeout=30_000):
-        window.privacy_page.set_budget(epsilon)
-    qtbot.waitUntil(lambda: not window.state.projection_pending, timeout=30_000)
+    window.privacy_page.set_budget(epsilon)
+    state = window.state  # a projection for an earlier budget may still arrive first: wait for this one's
+    qtbot.waitUntil(lambda: not state.projection_pending and state.projection is not None
+                    and state.projection.budget == epsilon, timeout=30_000)
+
+
+def test_the_default_plan_is_the_recipe_and_its_noise_is_the_federations(qtbot, window, pbc: Path) -> None:
+    scan(qtbot, window, pbc)
+    page, state = window.privacy_page, window.state
+    set_budget(qtbot, window, 8.0)
+    proj = state.projection
+    assert state.plan.algorithm == "fedsgd" and proj.fits and proj.sigma == state.plan.noise_multiplier
+    assert "the same for every hospital" in page.sigma_label.text()
+    assert len(proj.epsilon_per_round) == state.plan.rounds and proj.epsilon_per_round[-1] <= 8.0
+    set_budget(qtbot, window, 6.0)  # the federation's σ does not change with this site's budget: it refuses
+    strict = state.projection
+    assert not strict.fits and 0 < strict.rounds_allowed < state.plan.rounds and "will not join" in page.verdict.text()
 
 
 def test_budget_change_updates_projection_and_rounds_allowed(qtbot, window, pbc: Path) -> None:
     scan(qtbot, window, pbc)
-    qtbot.waitUntil(lambda: not window.state.projection_pending, timeout=30_000)
     page, state = window.privacy_page, window.state
+    # a plan that trains locally (FedAvg): each site fits its own σ to its budget
+    state.set_plan(FederationPlan(federation_id="local-epochs", model="cnn4_28", algorithm="fedavg", dp_mode="local",
+                                  noise_multiplier=0.0, rounds=10, batch_size=64, max_sites=64), received=False)
+    qtbot.waitUntil(lambda: not window.state.projection_pending, timeout=30_000)
     set_budget(qtbot, window, 6.0)
     loose = state.projection
     assert loose.fits and not loose.n_estimated and loose.n_train == state.n_train()
     assert page.sigma_label.text() == f"{loose.sigma:.3f}"
     assert page.allowed_label.text().startswith(f"all {state.plan.rounds}")
     assert len(loose.epsilon_per_round) == state.plan.rounds
-    assert loose.epsilon_per_round[-1] <= 6.0 and loose.epsilon_per_round == sorted(loose.epsilon_per_round)
+    assert loose.epsilon_per_round[-1] <= 6.0 and list(loose.epsilon_per_round) == sorted(loose.epsilon_per_round)
     set_budget(qtbot, window, 2.0)
     strict = state.projection
     assert strict.fits and strict.sigma > loose.sigma  # less budget, more noise
@@ -39,6 +57,9 @@ def test_budget_change_updates_projection_and_rounds_allowed(qtbot, window, pbc:
 
 def test_budget_too_small_refuses_join_with_the_reason(qtbot, window, pbc: Path) -> None:
     scan(qtbot, window, pbc)
+    # the federation's plan, as the aggregator sent it on an earlier try (before any, Join is never refused
+    # for the default plan: the site checks the plan it receives)
+    window.state.set_plan(replace(window.state.plan, federation_id="ward-7"), received=True)
     set_budget(qtbot, window, 0.1)
     proj = window.state.projection
     assert not proj.fits and "budget is too small" in proj.refusal
@@ -66,7 +87,8 @@ def test_join_refused_without_data_or_key(qtbot, window, tmp_path: Path) -> None
 
 
 def _plan() -> FederationPlan:
-    return FederationPlan(federation_id="ward-7", model="cnn4_28", rounds=3, threshold=2, min_sites=2)
+    return FederationPlan(federation_id="ward-7", model="cnn4_28", rounds=3, threshold=2, min_sites=2, batch_size=64,
+                          algorithm="fedavg", dp_mode="local", noise_multiplier=0.0)
 
 
 def test_plan_review_and_live_status_from_site_events(qtbot, window) -> None:

@@ -186,14 +186,18 @@ def test_the_app_runs_a_real_federation_to_the_end(qtbot, window, tmp_path: Path
                        "t = 2", "c = 1", f"σ = {fed.plan.noise_multiplier:.3g}",
                        f"<b>{received.epsilon_per_round[-1]:.3g}</b> of this site's budget", "never see"):
             assert needle in review, needle
-        # the Privacy page shows the driver's projection for this plan, and the app's own
-        # computation from the plan (before joining) agrees with it
-        proj = state.projection
-        assert proj.from_driver and proj.mechanism == "skellam" and proj.sigma == fed.plan.noise_multiplier
+        # the Privacy page's projection is the site trainer's: before joining it showed exactly what the
+        # driver then checked, and after the rounds it shows what the ledger holds
         from hemafed.gui.app.projection import project
 
         own = project(state.epsilon, fed.plan, 57, bounds=state.bounds)
-        assert own.epsilon_per_round == pytest.approx(list(received.epsilon_per_round), rel=1e-9)
+        assert own.epsilon_per_round == received.epsilon_per_round
+        assert [e.epsilon for e in ledger.entries] == list(received.epsilon_per_round)
+        qtbot.waitUntil(lambda: state.projection is not None and state.projection.rounds_done == fed.plan.rounds,
+                        timeout=10_000)
+        proj = state.projection
+        assert proj.mechanism == "skellam" and proj.sigma == fed.plan.noise_multiplier
+        assert proj.spent == ledger.spent_epsilon()
         assert "distributed through secure aggregation" in statement
         history = window.privacy_page.history
         qtbot.waitUntil(lambda: history.rowCount() == fed.plan.rounds, timeout=10_000)
