@@ -22,6 +22,7 @@ import numpy as np
 
 from hemafed.core.atomic import atomic_write_bytes
 from hemafed.core.learning.checkpoints import Checkpoint, CheckpointStore
+from hemafed.core.learning.models import build_model, get_flat_params, model_hash
 from hemafed.core.learning.server_opt import make_plan_optimizer
 from hemafed.core.rounds import agg_round as R
 from hemafed.core.rounds.agg_round import RoundOutcome
@@ -44,8 +45,6 @@ __all__ = ["Aggregator", "RoundOutcome", "initial_weights"]
 
 
 def initial_weights(plan: FederationPlan) -> np.ndarray:
-    from hemafed.core.learning.models import build_model, get_flat_params
-
     return get_flat_params(build_model(plan.model, len(plan.classes), seed=plan.seed))
 
 
@@ -210,7 +209,6 @@ class Aggregator:
     async def _finish_round(self, outcome: RoundOutcome) -> None:
         """Record the round (retried until on disk), log it, then let the machine go on (round_end)."""
         assert self.machine is not None and self._finished is not None
-        from hemafed.core.learning.models import model_hash
 
         weights, state = self._finished.weights, self._finished.optimizer_state
         ckpt = Checkpoint(outcome.round, weights, state, {

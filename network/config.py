@@ -19,7 +19,7 @@ def _plan(section: dict[str, Any], n_sites: int, path: Path) -> FederationPlan:
     σ computed here (`core.recipe`) and any other fields in the section overriding the recipe."""
     if "epsilon" not in section and "expected_images" not in section:
         return FederationPlan.from_dict(section)
-    from hemafed.core.learning.recipe import recommended_plan
+    from hemafed.core.learning.recipe import recommended_plan  # only when asked: it loads torch (start-up time)
 
     fields = dict(section)
     epsilon, images = fields.pop("epsilon", None), fields.pop("expected_images", None)
@@ -101,7 +101,7 @@ class SiteConfig:
 
     def pinned_roster(self):
         """The roster this site pins (a `hemafed.core.trust.roster.Roster`), or None when it pins none."""
-        from hemafed.core.trust.roster import RosterError, load_signed_roster, roster_from_fingerprints
+        from hemafed.core.trust.roster import RosterError, load_signed_roster, roster_from_fingerprints  # rarely used
 
         if self.roster is not None:
             if not self.roster_key:

@@ -3,7 +3,9 @@
 `python -m hemafed.network.node aggregator|site --config FILE` is how the simulation
 starts its processes (so nothing in `network/` goes through the user-facing CLI);
 `hemafed aggregator` and `hemafed site` call the same functions.
-"""
+
+Each role imports its driver inside its function (start-up time: a site never loads the aggregator's code
+and the reverse, and `--help` loads neither)."""
 
 from __future__ import annotations
 

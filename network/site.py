@@ -31,10 +31,13 @@ from typing import Any, TypeVar
 import numpy as np
 
 from hemafed.core.atomic import atomic_write_bytes
+from hemafed.core.data.partition import stratified_split
+from hemafed.core.data.scan import scan_source
 from hemafed.core.errors import HemafedError
 from hemafed.core.learning.models import model_problems
-from hemafed.core.learning.site_trainer import Projection, SiteData, SiteTrainer, site_trainer
-from hemafed.core.privacy.ledger import LedgerCorrupt, PrivacyLedger
+from hemafed.core.learning.site_trainer import Projection, SiteData, SiteTrainer, TrainingCancelled, site_trainer
+from hemafed.core.privacy.ledger import BudgetExhausted, LedgerCorrupt, PrivacyLedger
+from hemafed.core.privacy.store import SiteStore
 from hemafed.core.rounds import site_round as sr
 from hemafed.core.rounds.plan import FederationPlan
 from hemafed.core.rounds.site_events import (
@@ -413,7 +416,6 @@ class SiteRunner:
     async def _featurize_action(self) -> list[sr.Action]:
         """Compute the images' features (minutes the first time; the cache makes later federations instant),
         telling the operator and the aggregator how far it got; then tell the aggregator this site is ready."""
-        from hemafed.core.learning.site_trainer import TrainingCancelled
 
         trainer = self.trainer
         assert trainer is not None
@@ -462,9 +464,6 @@ class SiteRunner:
                               "spend it records would be lost)") from exc
 
     def _load_data(self, plan: FederationPlan) -> SiteData:
-        from hemafed.core.data.partition import stratified_split
-        from hemafed.core.data.scan import scan_source
-
         try:
             site = scan_source(self.cfg.data, plan.classes, size=plan.input_size)
         except (FileNotFoundError, ValueError, OSError) as exc:
@@ -483,9 +482,6 @@ class SiteRunner:
     # -- a round -------------------------------------------------------------------------------
 
     async def _train_action(self, action: sr.Train) -> list[sr.Action]:
-        from hemafed.core.learning.site_trainer import TrainingCancelled
-        from hemafed.core.privacy.ledger import BudgetExhausted
-
         rnd, trainer = action.round, self.trainer
         assert trainer is not None
         recorded_before = self.ledger.rounds if self.ledger is not None else 0
@@ -557,7 +553,6 @@ class SiteRunner:
 
     def _log_round(self, rnd: int, status: str, **fields: Any) -> None:
         """The site's own round log, beside its ledger (`SiteStore.round_log`)."""
-        from hemafed.core.privacy.store import SiteStore
 
         plan = self.plan or self.machine.plan
         federation = plan.federation_id if plan is not None else (self.cfg.federation or "")

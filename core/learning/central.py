@@ -10,8 +10,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..data.bloodmnist import load_splits, locate
 from ..privacy.accounting import default_delta
 from ..privacy.calibration import steps_per_epoch
+from ..privacy.ledger import PrivacyLedger
+from ..rounds.plan import FederationPlan, SiteBounds
+from .dp_train import accuracy, evaluate
+from .models import build_model, get_flat_params, images_to_tensor, set_flat_params
+from .site_trainer import FedAvgTrainer, SiteData
 
 
 @dataclass
@@ -67,13 +73,6 @@ def train_central(
     for a baseline) keep tests short.
     """
     import tempfile
-
-    from ..data.bloodmnist import load_splits, locate
-    from ..privacy.ledger import PrivacyLedger
-    from ..rounds.plan import FederationPlan, SiteBounds
-    from .dp_train import accuracy, evaluate
-    from .models import build_model, get_flat_params, images_to_tensor, set_flat_params
-    from .site_trainer import FedAvgTrainer, SiteData
 
     splits = load_splits(locate(data))
     rng = np.random.default_rng(seed)

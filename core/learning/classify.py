@@ -22,6 +22,7 @@ import numpy as np
 from ..data.classes import normalise_class_name
 from ..data.imaging import ImageRejected, centre_crop_resize, is_image_name, is_junk, open_rgb
 from ..errors import HemafedError
+from .models import build_model, get_spec, images_to_tensor, num_parameters, set_flat_params
 
 ProgressFn = Callable[[int, int], None]
 
@@ -50,8 +51,6 @@ class ModelFile:
         """Class probabilities (N, C) for (N, H, W, 3) uint8 images already at any size."""
         import torch
 
-        from .models import images_to_tensor
-
         if len(images) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
         with torch.no_grad():
@@ -62,7 +61,6 @@ class ModelFile:
 def load_model_file(path: str | Path) -> ModelFile:
     """Load a model file written by the site (`network.site.save_model_file`): flat
     float32 `weights` plus a JSON `meta` (model, classes, input_size, round, federation_id)."""
-    from .models import build_model, get_spec, num_parameters, set_flat_params
 
     path = Path(path)
     try:

@@ -34,7 +34,7 @@ from torch import nn
 from ..errors import HemafedError
 from ..privacy.calibration import sample_rate as poisson_rate
 from ..privacy.calibration import steps_per_round
-from .models import get_flat_params
+from .models import get_flat_params, images_to_tensor
 from .per_sample import EngineName, make_clipper
 
 ProgressFn = Callable[[int, int, float], None]  # (step done, total steps, loss of that step)
@@ -95,7 +95,6 @@ def as_input_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Float NCHW tensors pass through; uint8 NHWC arrays are normalised at their own size."""
     if isinstance(images, torch.Tensor):
         return images.float()
-    from .models import images_to_tensor
 
     return images_to_tensor(images, images.shape[1])
 

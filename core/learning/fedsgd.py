@@ -38,6 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..privacy.distributed_noise import DistributedNoise
+from ..privacy.ledger import Protection
+from ..rounds.plan import PlanError
+from .models import MODELS, CenteredLinear, build_model, split_features
 from .per_sample import make_clipper
 
 
@@ -59,7 +63,6 @@ class GradientSum:
 
 def prepare_inputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The fixed (data-independent) part of the model applied once to all of a site's images."""
-    from .models import split_features
 
     features, _ = split_features(model)
     return features(images)
@@ -103,7 +106,6 @@ def clipped_gradient_sum(trainable: nn.Module, inputs: torch.Tensor, labels: tor
         indices = _round_sample(n, sample_rate, clip_norm, generator)
     elif not 0 < sample_rate <= 1 or not clip_norm > 0:
         raise ValueError("need 0 < sample_rate ≤ 1 and clip_norm > 0")
-    from .models import CenteredLinear
 
     if isinstance(trainable, CenteredLinear):  # W and b train on centred inputs; the center gets no gradient
         if len(indices) == 0:
@@ -141,7 +143,6 @@ def clipped_round_sum(trainable: nn.Module, inputs: torch.Tensor, labels: torch.
     """This round's per-record sum: the clipped gradient sum, or, for a `CenteredLinear` head whose center
     is not set yet, Σ_i clip_R(x_i)·C/R over the Poisson batch in the center's coordinates (zeros for W, b).
     Either way each record moves the vector by at most C: the same sensitivity, the same accounting."""
-    from .models import CenteredLinear
 
     if not isinstance(trainable, CenteredLinear) or trainable.centered:
         return clipped_gradient_sum(trainable, inputs, labels, sample_rate, clip_norm, generator)
@@ -155,7 +156,6 @@ def clipped_round_sum(trainable: nn.Module, inputs: torch.Tensor, labels: torch.
 
 def center_layout(trainable: nn.Module) -> tuple[slice, float] | None:
     """(the center's coordinates in the flat weight vector, the radius) for a `CenteredLinear` head."""
-    from .models import CenteredLinear
 
     if not isinstance(trainable, CenteredLinear):
         return None
@@ -249,7 +249,6 @@ class SitePrivacy:
 
     def protection(self):
         """The ledger's `Protection` for one round of this plan."""
-        from ..privacy.ledger import Protection
 
         if self.mode == "local":
             return Protection()
@@ -269,8 +268,6 @@ class SitePrivacy:
 
 def site_privacy(plan, secagg_cfg, bounds=None) -> SitePrivacy:
     """Check a DP-FedSGD plan (and the site's bounds) and derive the round's privacy parameters."""
-    from ..privacy.distributed_noise import DistributedNoise
-    from ..rounds.plan import PlanError
 
     if plan.algorithm != "fedsgd" or not plan.dp:
         raise PlanError("site_privacy is for private fedsgd plans")
@@ -280,7 +277,6 @@ def site_privacy(plan, secagg_cfg, bounds=None) -> SitePrivacy:
             raise PlanError("; ".join(problems))
     if plan.noise_multiplier <= 0:
         raise PlanError("a fedsgd plan needs a plan-wide noise_multiplier")
-    from .models import MODELS, build_model, split_features
 
     codec = DistributedNoise.for_secagg(secagg_cfg, plan.noise_multiplier, plan.clip_norm,
                                         plan.dp_colluders if plan.dp_mode == "distributed" else 0)

@@ -19,6 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.imaging import resize_array_batch
+from ..trust.text import safe_text
+from .feature_cache import FeatureKind
+from .features import Scattering2D, dihedral, scatter_features
+from .procedural_features import ENCODER_ASSET, procedural_features
+
 # Per-channel mean/std of the BloodMNIST training split (RGB, 0..1 scale); images
 # from other sources go through the same transform so all sites agree on it.
 MEAN = (0.7965, 0.6600, 0.6966)
@@ -122,7 +128,6 @@ class ScatterNet(nn.Module):
     def __init__(self, head: nn.Module, size: int = 28, j_max: int = 2, angles: int = 8, groups: int = 27,
                  pool: int = 3, tta: bool = True, orbit: bool = False) -> None:
         super().__init__()
-        from .features import Scattering2D
 
         self.scattering = Scattering2D(size, j_max, angles)
         self.groups, self.pool = groups, pool
@@ -132,8 +137,6 @@ class ScatterNet(nn.Module):
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        from .features import scatter_features
-
         f = F.group_norm(scatter_features(x, self.scattering, batch_size), self.groups)
         return F.adaptive_avg_pool2d(f, self.pool)
 
@@ -144,7 +147,6 @@ class ScatterNet(nn.Module):
         so the 8 views differ). The head is linear, so the head of this average is exactly the
         average of the head's logits over the 8 views. Pure post-processing of the released
         model: no privacy cost. 8 feature passes per image."""
-        from .features import dihedral
 
         total = self.features(x, batch_size)
         for k in range(1, 8):
@@ -182,8 +184,6 @@ class ScatterSynthNet(ScatterNet):
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        from .procedural_features import procedural_features
-
         mean, std = _normalisation()
         learned = procedural_features(x * std + mean, batch_size, self.learned_pool)  # trained on [0, 1] images
         return torch.cat([super().features(x, batch_size).flatten(1), learned.flatten(1)], 1)
@@ -306,15 +306,12 @@ FEATURE_CODE_VERSION = "1"
 def _encoder_digest() -> str:
     from importlib.resources import files
 
-    from .procedural_features import ENCODER_ASSET
-
     return hashlib.sha256((files("hemafed.assets") / ENCODER_ASSET).read_bytes()).hexdigest()[:16]
 
 
 def feature_kinds(name: str, model: nn.Module):
     """The feature cache's keys (`core.learning.feature_cache.FeatureKind`) of a model's fixed map for training
     and for evaluation; None for a model without fixed features (it trains on the images)."""
-    from .feature_cache import FeatureKind
 
     if not isinstance(model, ScatterNet):
         return None
@@ -326,7 +323,6 @@ def feature_kinds(name: str, model: nn.Module):
 
 def model_problems(plan) -> list[str]:
     """Why a site cannot build the model `plan` names (an unknown name, another input size); [] when it can."""
-    from ..trust.text import safe_text
 
     try:
         if get_spec(plan.model).input_size != plan.input_size:
@@ -348,7 +344,6 @@ def build_model(name: str = DEFAULT_MODEL, num_classes: int = 8, seed: int | Non
 
 def images_to_tensor(images: np.ndarray, spec_or_size: ModelSpec | int | str) -> torch.Tensor:
     """(N,H,W,3) uint8 images → normalised float32 (N,3,S,S), resized when needed."""
-    from ..data.imaging import resize_array_batch
 
     if isinstance(spec_or_size, ModelSpec):
         size = spec_or_size.input_size

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .features import dihedral
+
 SIZE = 28
 ENCODER_ASSET = "procedural_encoder_28.npz"
 CHANNELS = 128  # of the encoder's last maps (7×7 at 28 px)
@@ -59,7 +61,6 @@ def dead_leaves(n: int, gen: torch.Generator, shapes: int = 48) -> torch.Tensor:
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A SimCLR view: random resized crop, a symmetry of the square, colour jitter, blur, pixel noise."""
-    from .features import dihedral
 
     n = len(x)
     scale = (0.35 + 0.65 * torch.rand(n, generator=gen)).sqrt()

@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from ..privacy.calibration import BudgetTooSmall
 from ..rounds.plan import FederationPlan, PlanError
+from .site_trainer import fedsgd_plan_sigma
 
 RECIPE: dict[str, Any] = {
     "model": "scatter_synth_inv_28",
@@ -40,7 +42,6 @@ def with_budget(plan: FederationPlan, epsilon: float, dp_mode: str = "distribute
     `epsilon` per site under `dp_mode`'s mechanism, and with `recipe_lr` the server lr for that σ
     (`server_lr_for`). `dim`: the model's parameters, centre included (built from the registry when not
     given). Raises `BudgetTooSmall`, or `KeyError` for a model the registry lacks."""
-    from .site_trainer import fedsgd_plan_sigma
 
     sigma = fedsgd_plan_sigma(plan, float(epsilon), dim, dp_mode)
     plan = replace(plan, dp_mode=dp_mode, noise_multiplier=sigma)
@@ -53,7 +54,6 @@ def recommended_plan(epsilon: float, images: int, sites: int, dp_mode: str = "di
     `epsilon` per site over its rounds. `fields` override the recipe or set any other plan field
     (`federation_id`, `rounds`, `threshold`, `delta`, ...), type-checked as in federation.toml.
     The expected batch the server divides by is q·images; `threshold` defaults to a strict majority."""
-    from ..privacy.calibration import BudgetTooSmall
 
     if not (isinstance(epsilon, int | float) and not isinstance(epsilon, bool) and 0 < epsilon < 1000):
         raise PlanError(f"epsilon must be a number in (0, 1000), got {epsilon!r}")

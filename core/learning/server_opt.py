@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .fedsgd import FedSGDServer, server_round, site_privacy
+
 
 class ServerOptimizer:
     name = "base"
@@ -73,8 +75,6 @@ class FedSGDStep(ServerOptimizer):
     ring sum, not a mean update: use `step_ring`."""
 
     def __init__(self, plan, dim: int) -> None:
-        from .fedsgd import FedSGDServer, site_privacy
-
         self.privacy = site_privacy(plan, plan.secagg_config(dim))
         self.server = FedSGDServer(plan.server_lr, plan.momentum, plan.ema)
 
@@ -82,8 +82,6 @@ class FedSGDStep(ServerOptimizer):
         raise TypeError("DP-FedSGD steps on the ring sum: call step_ring")
 
     def step_ring(self, weights: np.ndarray, ring_sum: np.ndarray) -> np.ndarray:
-        from .fedsgd import server_round
-
         new, _extras = server_round(self.server, self.privacy, weights, ring_sum)
         return new
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -39,9 +40,23 @@ import torch
 from ..errors import HemafedError
 from ..privacy.accounting import Accountant, default_delta
 from ..privacy.calibration import MAX_SIGMA, BudgetTooSmall, calibrate_sigma, max_rounds, sample_rate, steps_per_round
+from ..privacy.distributed_noise import DistributedNoise
 from ..rounds.plan import FederationPlan, SiteBounds
 from ..rounds.site_round import PlanRefused, PrivacySettings, TrainOutcome
 from ..secagg.quantize import quantize
+from .dp_train import LocalTrainConfig, evaluate, train_local
+from .dp_train import TrainingCancelled as StepsCancelled
+from .feature_cache import FeatureCache, FeaturesCancelled
+from .fedsgd import clipped_round_sum, gaussian_noise, site_privacy
+from .models import (
+    build_model,
+    evaluation_features,
+    feature_kinds,
+    images_to_tensor,
+    model_hash,
+    set_flat_params,
+    split_features,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +148,6 @@ class SiteTrainer(ABC):
     @property
     def model(self):
         if self._model is None:
-            from .models import build_model
-
             self._model = build_model(self.plan.model, len(self.plan.classes))
         return self._model
 
@@ -244,8 +257,6 @@ class FedSGDTrainer(SiteTrainer):
     def privacy(self):
         """The plan's `SitePrivacy` (σ, q, C, the ring encoding): identical at every site and the aggregator."""
         if self._privacy is None:
-            from .fedsgd import site_privacy
-
             self._privacy = site_privacy(self.plan, self.plan.secagg_config(self.n_params))
         return self._privacy
 
@@ -275,7 +286,6 @@ class FedSGDTrainer(SiteTrainer):
     def featurize(self, progress: Progress | None = None, cancel: Cancel | None = None) -> None:
         """The fixed features of every local training and validation image (`FeatureCache`: a second federation
         on the same images reads them back at once); for a model without fixed features, the image tensors."""
-        from .models import split_features
 
         data = self.data
         if data is None:
@@ -285,10 +295,25 @@ class FedSGDTrainer(SiteTrainer):
             _, self.trainable = split_features(self.model)
             n_train, n_val = len(data.train_labels), len(data.val_labels)
 
+            started, first_done = time.monotonic(), None
+
             def part(offset: int) -> Progress | None:
+                """Progress over both sets, with the time left estimated from the rate so far (images read
+                back from the cache count as done at once, not in the rate)."""
                 if progress is None:
                     return None
-                return lambda done, total, left: progress(offset + done, n_train + n_val, left)
+
+                def report(done: int, total: int, left: float | None) -> None:
+                    nonlocal first_done
+                    done += offset
+                    if first_done is None:
+                        first_done = done
+                    rate = (time.monotonic() - started) / (done - first_done) if done > first_done else None
+                    remaining = n_train + n_val - done
+                    progress(done, n_train + n_val, 0.0 if remaining == 0 else None if rate is None else
+                             remaining * rate)
+
+                return report
 
             inputs = model_inputs(self.plan, self.model, data.train_images, "train", self._cache, part(0), cancel)
             self.val_inputs = model_inputs(self.plan, self.model, data.val_images, "eval", self._cache,
@@ -301,10 +326,6 @@ class FedSGDTrainer(SiteTrainer):
 
     def contribution(self, rnd: int, weights: np.ndarray, cancel: Cancel | None = None,
                      progress: Progress | None = None) -> Contribution:
-        from .dp_train import evaluate
-        from .fedsgd import clipped_round_sum, gaussian_noise
-        from .models import model_hash, set_flat_params
-
         if self.inputs is None:
             self.featurize(cancel=cancel)
         self._set_threads()
@@ -340,8 +361,6 @@ def model_inputs(plan: FederationPlan, model, images: np.ndarray, view: str, cac
     (`view` "train") or evaluation ("eval", with its test-time augmentation), read from or added to the feature
     cache; for a model without fixed features, the normalised image tensors. `cancel()` true between chunks
     raises `TrainingCancelled` (what was computed stays cached)."""
-    from .feature_cache import FeatureCache, FeaturesCancelled
-    from .models import evaluation_features, feature_kinds, images_to_tensor, split_features
 
     fmap = split_features(model)[0] if view == "train" else evaluation_features(model)
     kinds = feature_kinds(plan.model, model)
@@ -361,11 +380,8 @@ def fedsgd_plan_sigma(plan: FederationPlan, epsilon: float, dim: int | None = No
     `mode` (default: the plan's `dp_mode`): Gaussian for local DP, Skellam in the plan's ring for distributed
     DP. The admin's side of the calibration (`core.learning.recipe`); each site then checks it with
     `FedSGDTrainer.project`."""
-    from ..privacy.distributed_noise import DistributedNoise
 
     if dim is None:
-        from .models import build_model
-
         dim = sum(p.numel() for p in build_model(plan.model, len(plan.classes)).parameters())
     if (mode or plan.dp_mode) == "local":
         return calibrate_sigma(epsilon, plan.delta, plan.sample_rate, plan.rounds)
@@ -419,8 +435,6 @@ class FedAvgTrainer(SiteTrainer):
         return []
 
     def featurize(self, progress: Progress | None = None, cancel: Cancel | None = None) -> None:
-        from .models import images_to_tensor
-
         data = self.data
         if data is None:
             raise RuntimeError("prepare() first")
@@ -432,10 +446,6 @@ class FedAvgTrainer(SiteTrainer):
 
     def contribution(self, rnd: int, weights: np.ndarray, cancel: Cancel | None = None,
                      progress: Progress | None = None) -> Contribution:
-        from .dp_train import LocalTrainConfig, evaluate, train_local
-        from .dp_train import TrainingCancelled as StepsCancelled
-        from .models import build_model, model_hash, set_flat_params
-
         if getattr(self, "inputs", None) is None:
             self.featurize()
         self._set_threads()

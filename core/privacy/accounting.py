@@ -19,6 +19,8 @@ import warnings
 from collections.abc import Iterable
 from typing import Literal
 
+from .distributed_noise import ORDERS, skellam_rdp
+
 AccountantKind = Literal["rdp", "prv"]
 KINDS: tuple[str, ...] = ("rdp", "prv")
 DEFAULT_DELTA = 1e-5
@@ -185,8 +187,6 @@ def epsilon_of(kind: AccountantKind, history: list[Entry], delta: float) -> floa
 def _orders(history: Iterable[Entry]) -> tuple[float, ...]:
     from opacus.accountants import RDPAccountant
 
-    from .distributed_noise import ORDERS
-
     return tuple(ORDERS) if any(len(entry) == 5 for entry in history) else tuple(RDPAccountant.DEFAULT_ALPHAS)
 
 
@@ -196,8 +196,6 @@ def _unit_rdp(mechanism: tuple[float, ...], orders: tuple[float, ...]):
     import numpy as np
 
     if len(mechanism) == 4:
-        from .distributed_noise import skellam_rdp
-
         sigma, q, l2, l1 = mechanism
         out = np.asarray(skellam_rdp(q, sigma, 1, l2, l1, list(orders)), dtype=np.float64)
     else:

@@ -88,7 +88,7 @@ class SiteStore:
         self._check()
         with _migrate_lock:
             if self.path not in _migrated:
-                from .ledger import migrate_json_ledgers
+                from .ledger import migrate_json_ledgers  # here: the ledger module builds on this one
 
                 migrate_json_ledgers(self)
                 _migrated.add(self.path)

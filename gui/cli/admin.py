@@ -1,4 +1,7 @@
-"""Commands for a federation's admin: certificates and the headless aggregator."""
+"""Commands for a federation's admin: certificates and the headless aggregator.
+
+Each command imports what it needs inside its own function, so that `hemafed --help` and the light commands
+start without loading torch, Opacus or Qt (start-up time); the whole CLI is one process per command."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Commands around the desktop app: open it, and use a federation's model on images
-(`classify` runs headless too; it shares every line of its preprocessing with the app)."""
+(`classify` runs headless too; it shares every line of its preprocessing with the app).
+
+Each command imports what it needs inside its own function, so that `hemafed --help` and the light commands
+start without loading torch, Opacus or Qt (start-up time); the whole CLI is one process per command."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """Commands for a hospital site's operator: check images, the identity key, the
-privacy ledger, and the headless site."""
+privacy ledger, and the headless site.
+Each command imports what it needs inside its own function, so that `hemafed --help` and the light commands
+start without loading torch, Opacus or Qt (start-up time); the whole CLI is one process per command."""
 
 from __future__ import annotations
 

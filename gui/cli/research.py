@@ -1,5 +1,7 @@
 """Commands for researchers: demo data, privacy planning, the centralised baseline,
-the simulation and the comparison experiment."""
+the simulation and the comparison experiment.
+Each command imports what it needs inside its own function, so that `hemafed --help` and the light commands
+start without loading torch, Opacus or Qt (start-up time); the whole CLI is one process per command."""
 
 from __future__ import annotations
 

@@ -32,7 +32,16 @@ from pathlib import Path
 
 import numpy as np
 
-from hemafed.network.sim.simulate import Simulation, SimulationOptions
+from hemafed.core.learning.dp_train import accuracy, evaluate
+from hemafed.core.learning.fedsgd import FedSGDServer, center_layout, poisson_batch, server_round
+from hemafed.core.learning.models import build_model, get_flat_params, get_spec, set_flat_params, split_features
+from hemafed.core.learning.recipe import server_lr_for, with_budget
+from hemafed.core.learning.site_trainer import FedSGDTrainer, SiteData, model_inputs
+from hemafed.core.privacy.ledger import PrivacyLedger
+from hemafed.core.rounds.plan import SiteBounds
+from hemafed.network.aggregator import initial_weights
+from hemafed.network.sim.inprocess import simulate_in_process
+from hemafed.network.sim.simulate import Simulation, SimulationOptions, evaluation_inputs, hospitals
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +122,10 @@ def _run(job: Job) -> JobResult:
     import torch
 
     torch.set_num_threads(1)
-    from hemafed.network.sim.simulate import evaluation_inputs, hospitals
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hemafed-exp-") as state:
         if job.kind == "federation":
-            from hemafed.network.sim.inprocess import simulate_in_process
-
             result, h = simulate_in_process(job.sim, Path(state), threads=1)
             weights, plan, sigma = result.weights, h.plan, h.plan.noise_multiplier
         else:
@@ -132,8 +138,6 @@ def _run(job: Job) -> JobResult:
                 weights, plan = _reference(h.plan, data, job)
                 sigma = None
     seconds = time.perf_counter() - started
-    from hemafed.core.learning.dp_train import accuracy, evaluate
-    from hemafed.core.learning.models import set_flat_params
 
     trainable, inputs = evaluation_inputs(plan, h.test.images)
     set_flat_params(trainable, weights)
@@ -143,7 +147,6 @@ def _run(job: Job) -> JobResult:
 
 def _pooled(h, parties: str):
     """The training images of the hospitals a baseline uses, pooled (validation images are left out)."""
-    from hemafed.core.learning.site_trainer import SiteData
 
     sites = list(h.site_data().values())
     if parties == "median":
@@ -156,12 +159,6 @@ def _pooled(h, parties: str):
 def _one_party(fed_plan, data, job: Job, state: Path):
     """DP-SGD by one party holding `data`: the site trainer (local DP, the full noise σC added once) and the
     server's step, `job.rounds` steps at rate `job.sample_rate`, σ spending the job's ε."""
-    from hemafed.core.learning.fedsgd import FedSGDServer, server_round
-    from hemafed.core.learning.recipe import server_lr_for, with_budget
-    from hemafed.core.learning.site_trainer import FedSGDTrainer
-    from hemafed.core.privacy.ledger import PrivacyLedger
-    from hemafed.core.rounds.plan import SiteBounds
-    from hemafed.network.aggregator import initial_weights
 
     n = len(data.train_labels)
     plan = replace(fed_plan, federation_id="one-party", rounds=job.rounds, sample_rate=job.sample_rate,
@@ -186,11 +183,6 @@ def _reference(fed_plan, data, job: Job):
     exact feature mean. A reference, not something a site runs (every plan a site accepts is private)."""
     import torch
     import torch.nn.functional as F
-
-    from hemafed.core.learning.fedsgd import FedSGDServer, center_layout, poisson_batch
-    from hemafed.core.learning.models import build_model, get_flat_params, set_flat_params, split_features
-    from hemafed.core.learning.site_trainer import model_inputs
-    from hemafed.network.aggregator import initial_weights
 
     plan = replace(fed_plan, rounds=job.rounds, sample_rate=job.sample_rate)
     model = build_model(plan.model, len(plan.classes))
@@ -225,13 +217,10 @@ def _reference(fed_plan, data, job: Job):
 
 def precompute_features(opts: ExperimentOptions) -> float:
     """Every training and test image's fixed features into the feature cache (seconds taken; ~0 when warm)."""
-    from hemafed.network.sim.simulate import hospitals
 
     started = time.perf_counter()
     h = hospitals(replace(opts.base, data=opts.data, sites=opts.sites, subset=opts.subset,
                           test_subset=opts.test_subset))
-    from hemafed.core.learning.models import build_model
-    from hemafed.core.learning.site_trainer import model_inputs
 
     model = build_model(h.plan.model, len(h.plan.classes))
     for view, images in (("train", h.train.images), ("eval", h.train.images), ("eval", h.test.images)):
@@ -313,8 +302,6 @@ def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str) 
 
 
 def _training_images(base: SimulationOptions) -> int:
-    from hemafed.network.sim.simulate import hospitals
-
     return sum(len(d.train_labels) for d in hospitals(base).site_data().values())
 
 
@@ -374,7 +361,6 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
 
     plan = base.plan()
     seeds = ", ".join(str(s) for s in opts.seeds)
-    from hemafed.core.learning.models import build_model, get_spec
 
     head = sum(p.numel() for p in build_model(base.model, 8).parameters())
     try:

@@ -33,7 +33,9 @@ from hemafed.core.rounds import site_round as sr
 from hemafed.core.rounds.plan import FederationPlan, SiteBounds
 from hemafed.core.trust.identity import IdentityKey
 from hemafed.network import protocol as P
+from hemafed.network.aggregator import initial_weights
 from hemafed.network.envelope import Envelope, Limits
+from hemafed.network.sim.simulate import hospitals, site_seed
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,6 @@ class InProcessFederation:
     def __init__(self, plan: FederationPlan, sites: dict[str, SiteData], state: Path, *, budget: float,
                  seeds: dict[str, int] | None = None, bounds: SiteBounds | None = None, feature_cache=None,
                  initial: np.ndarray | None = None, threads: int | None = None) -> None:
-        from hemafed.network.aggregator import initial_weights
-
         self.plan = plan
         self.budget = budget
         bounds = bounds or SiteBounds(max_rounds=max(plan.rounds, SiteBounds().max_rounds))
@@ -200,7 +200,6 @@ def simulate_in_process(opts, state: Path, *, feature_cache=None, on_round: Roun
                         threads: int | None = None) -> tuple[InProcessResult, object]:
     """`hemafed simulate`'s federation (`opts`: its `SimulationOptions`) in this process: the same hospitals, the
     same plan, the same simulation seeds; (the result, the `Hospitals` it ran on)."""
-    from hemafed.network.sim.simulate import hospitals, site_seed
 
     h = hospitals(opts)
     sites = h.site_data()

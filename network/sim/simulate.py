@@ -4,7 +4,9 @@ loopback (real websockets, real TLS), on BloodMNIST split across the hospitals.
 The harness plays the role of an outside observer: it partitions the data, starts
 the processes, evaluates each checkpoint on the held-out test split (which no
 site holds), and writes the results folder.
-"""
+
+This module is imported when the command line is built (for its options' defaults), so it imports the
+engine inside the functions that use it (start-up time: `hemafed --help` does not load torch)."""
 
 from __future__ import annotations
 
