@@ -159,7 +159,7 @@ def bench_federation(root: Path, fedsgd: bool, rounds: int, images_per_site: int
         np.savez(state / "data.npz", train_images=images[part], train_labels=labels[part].reshape(-1, 1))
         configs[name] = SiteConfig(data=state / "data.npz", state_dir=state, aggregator="", epsilon=30.0,
                                    federation=plan.federation_id, ca_file=certs.ca_file)
-    agg = AggregatorConfig(plan=plan, sites=keys, state_dir=root / "aggregator", host="127.0.0.1", port=0,
+    agg = AggregatorConfig(plan=plan, sites=keys, state_dir=root / "aggregator", host="127.0.0.1", port=0, linger_s=0,
                            cert=certs.cert_file, key=certs.key_file)
     return plan, agg, configs, identities, certs.ca_file
 

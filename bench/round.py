@@ -89,7 +89,7 @@ def federation(root: Path, sites: int, rounds: int, secure: bool) -> dict:
         np.savez(sdir / "data.npz", train_images=rng.integers(0, 255, (40, 28, 28, 3), dtype=np.uint8),
                  train_labels=labels)
     (root / "federation.toml").write_text(render_toml({
-        "federation": {"state_dir": "agg", "port": 0, "port_file": "port", "cert": "tls/server.pem",
+        "federation": {"state_dir": "agg", "port": 0, "port_file": "port", "linger_s": 0, "cert": "tls/server.pem",
                        "key": "tls/server.key"}, "plan": plan.to_dict(), "sites": keys}))
     me = [sys.executable, __file__]
     agg = subprocess.Popen([*me, "--role", "aggregator", "--config", str(root / "federation.toml")],

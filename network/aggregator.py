@@ -150,8 +150,24 @@ class Aggregator:
                 except TimeoutError:
                     event = None
                 await self._perform(self._feed(event))
+            await self._linger()
         finally:
             await self.server.close()
+
+    async def _linger(self) -> None:
+        """After the last round, keep answering for `linger_s`: a site that connects now hears that the federation
+        has finished (and stops trying) instead of finding nobody at the address."""
+        assert self.server is not None
+        if self.cfg.linger_s > 0:
+            log.info("the federation has finished; telling sites that connect in the next %.0f s", self.cfg.linger_s)
+        until = time.monotonic() + self.cfg.linger_s
+        while (left := until - time.monotonic()) > 0:
+            try:
+                event = await self.server.recv(timeout=min(left, 1.0))
+            except TimeoutError:
+                continue
+            if isinstance(event, Connected):
+                await self._perform(self._feed(event))
 
     # -- events in, actions out --------------------------------------------------------------
 

@@ -49,6 +49,8 @@ class AggregatorConfig:
     max_unauthenticated: int = 256
     max_unauthenticated_per_address: int = 32
     send_timeout_s: float = 60.0
+    # after the last round, how long the aggregator keeps telling sites that connect that it has finished
+    linger_s: float = 600.0
 
     def server_options(self) -> dict[str, Any]:
         return {"max_unauthenticated": self.max_unauthenticated,
@@ -76,6 +78,7 @@ class AggregatorConfig:
             max_unauthenticated=_positive(section, "max_unauthenticated", 256, path),
             max_unauthenticated_per_address=_positive(section, "max_unauthenticated_per_address", 32, path),
             send_timeout_s=float(_positive(section, "send_timeout_s", 60.0, path)),
+            linger_s=float(_non_negative(section, "linger_s", 600.0, path)),
         )
 
 
@@ -98,6 +101,7 @@ class SiteConfig:
     # the seed can then remove the noise: `hemafed simulate` sets it for its simulated hospitals; a hospital
     # never should (the site logs a warning when it is set).
     simulation_seed: int | None = None
+    operator: str = ""  # who runs this site, named in the record of each accepted plan (and the site's report)
 
     def pinned_roster(self):
         """The roster this site pins (a `hemafed.core.trust.roster.Roster`), or None when it pins none."""
@@ -128,6 +132,7 @@ class SiteConfig:
             roster=_opt_path(base, section.get("roster")), roster_key=section.get("roster_key"),
             peers=tuple(section.get("peers", ())),
             simulation_seed=_opt_int(section, "simulation_seed", path),
+            operator=str(section.get("operator", "")),
         )
 
 
@@ -143,6 +148,13 @@ def _positive(section: dict[str, Any], name: str, default: float, path: Path) ->
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise PlanError(f"{path}: [federation] {name} must be a positive number")
     return value
+
+
+def _non_negative(section: dict[str, Any], name: str, default: float, path: Path) -> float:
+    value = section.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise PlanError(f"{path}: [federation] {name} must be a number ≥ 0")
+    return float(value)
 
 
 def _opt_int(section: dict[str, Any], name: str, path: Path) -> int | None:

@@ -38,6 +38,7 @@ PUBLIC_TEXT: dict[str, str] = {
     "timeout": "timed out",
     "replaced": "replaced by a newer connection from the same site",
     "shutdown": "aggregator shutting down",
+    "finished": "the federation has finished",
     "internal": "internal error",
 }
 
@@ -52,6 +53,7 @@ CLOSE_CODES: dict[str, int] = {
     "timeout": 4008,
     "replaced": 4004,
     "shutdown": 1001,
+    "finished": 4009,
     "internal": 1011,
 }
 

@@ -270,6 +270,9 @@ def aggregator_schemas(dim: int | None = None, n_extras: int | None = None,
         "round_end": MessageSchema(Obj({"status": Str(16, choices=frozenset({"completed", "abandoned"}))},
                                        {"fed_val_accuracy": Nullable(Float(0.0, 1.0))})),
         "done": MessageSchema(Obj(), (weights,), max_blob=max_secagg_bytes),
+        "status": MessageSchema(Obj({"rounds": Int(1, 1_000_000), "participants": Int(0, MAX_SITE_ID),
+                                     "reason": Str(16, choices=frozenset({"preparing", "not_ready"}))})),
+        "finished": MessageSchema(Obj({"rounds": Int(1, 1_000_000), "completed": Int(0, 1_000_000)})),
         "error": MessageSchema(Obj({"code": Str(32, pattern=r"[a-z_]{1,32}"), "message": REASON})),
     }
 

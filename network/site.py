@@ -36,13 +36,14 @@ from hemafed.core.data.scan import scan_source
 from hemafed.core.errors import HemafedError
 from hemafed.core.learning.models import model_problems
 from hemafed.core.learning.site_trainer import Projection, SiteData, SiteTrainer, TrainingCancelled, site_trainer
-from hemafed.core.privacy.ledger import BudgetExhausted, LedgerCorrupt, PrivacyLedger
+from hemafed.core.privacy.ledger import BudgetExhausted, PrivacyLedger
 from hemafed.core.privacy.store import SiteStore
 from hemafed.core.rounds import site_round as sr
-from hemafed.core.rounds.plan import FederationPlan
+from hemafed.core.rounds.plan import FederationPlan, PlanError
 from hemafed.core.rounds.site_events import (
     ConnectionChanged,
     Finished,
+    PlanAnswered,
     RoundFinished,
     SiteEvent,
     SiteFailed,
@@ -100,8 +101,10 @@ class SiteRunner:
         self.die_at = die_at
         self.on_die = on_die or _hard_exit
         self.backoff = Backoff()  # reconnect policy: a site gives up after backoff.retry_for seconds unreachable
+        self.store = SiteStore(cfg.state_dir)
         self.machine = sr.SiteRound(cfg.bounds, identity=self.identity.private_key, federation=cfg.federation,
-                                    auto_accept=auto_accept, roster=cfg.pinned_roster(), plan_problems=model_problems)
+                                    auto_accept=auto_accept, roster=cfg.pinned_roster(), plan_problems=model_problems,
+                                    accepted=_accepted_plans(self.store))
         self.plan: FederationPlan | None = None
         self.trainer: SiteTrainer | None = None  # everything this site does with its images for `plan`
         self.data: SiteData | None = None
@@ -347,6 +350,10 @@ class SiteRunner:
                 self._event_action(action.event)
 
     def _event_action(self, event: SiteEvent) -> None:
+        if isinstance(event, PlanAnswered) and event.accepted and self.machine.plan is not None:
+            plan = self.machine.plan  # on record before anything else happens: a rejoin needs no second review
+            self.store.record_acceptance(plan.federation_id, plan.digest(), plan.to_dict(),
+                                         self.cfg.operator or ("this site (headless)" if self.auto_accept else ""))
         self._emit(event)
         if isinstance(event, StageChanged):
             self._maybe_die(event.round, event.stage)
@@ -408,7 +415,9 @@ class SiteRunner:
             self._featurizing = None
         self.plan = plan
         assert self.data is not None
-        self.ledger = self._open_ledger(plan, len(self.data.train_labels)) if plan.dp else None
+        # an existing ledger only: a plan under review (or refused) leaves nothing behind
+        self.ledger = self.trainer.open_ledger(self.cfg.state_dir, self.cfg.epsilon, len(self.data.train_labels),
+                                               create=False, kind=self.cfg.accountant) if plan.dp else None
         if not plan.dp:
             log.warning("this plan is NON-PRIVATE: updates carry no differential-privacy guarantee")
         return self.trainer.prepare(self.ledger, self.data, self.cfg.epsilon)
@@ -418,7 +427,11 @@ class SiteRunner:
         telling the operator and the aggregator how far it got; then tell the aggregator this site is ready."""
 
         trainer = self.trainer
-        assert trainer is not None
+        assert trainer is not None and self.plan is not None and self.data is not None
+        if self.plan.dp and self.ledger is None:  # accepted: from now on this federation has a ledger
+            self.ledger = await asyncio.to_thread(trainer.open_ledger, self.cfg.state_dir, self.cfg.epsilon,
+                                                  len(self.data.train_labels), create=True, kind=self.cfg.accountant)
+            trainer.bind_ledger(self.ledger)
         if self._featurizing is None:  # once per trainer: a reconnect in between waits for the same work
             self._prepare_seen = None
 
@@ -449,19 +462,6 @@ class SiteRunner:
             log.exception("preparing this site's images failed")
             return self.machine.featurize_failed(f"{type(exc).__name__}: {exc}")
         return self.machine.featurized()
-
-    def _open_ledger(self, plan: FederationPlan, n_train: int) -> PrivacyLedger:
-        """This federation's ledger: δ and accountant stay what they were when it was created; a different
-        budget is refused (by the trainer's projection) rather than silently applied."""
-        try:
-            return PrivacyLedger(plan.federation_id, state=self.cfg.state_dir)
-        except FileNotFoundError:
-            return PrivacyLedger(plan.federation_id, self.cfg.epsilon, min(plan.delta, 1.0 / n_train),
-                                 kind=self.cfg.accountant, state=self.cfg.state_dir)
-        except LedgerCorrupt as exc:
-            raise PlanRefused([f"the privacy ledger is damaged ({exc})"],
-                              "training is stopped until the ledger is restored from a backup; never delete it (the "
-                              "spend it records would be lost)") from exc
 
     def _load_data(self, plan: FederationPlan) -> SiteData:
         try:
@@ -556,13 +556,24 @@ class SiteRunner:
 
         plan = self.plan or self.machine.plan
         federation = plan.federation_id if plan is not None else (self.cfg.federation or "")
-        SiteStore(self.cfg.state_dir).log_round(federation, rnd, status, time.time(), **fields)
+        self.store.log_round(federation, rnd, status, time.time(), **fields)
 
     def _maybe_die(self, rnd: int, stage: str) -> None:
         stage = "train" if stage == "training" else stage
         if self.die_at == (rnd, stage):
             log.warning("simulated crash at round %d, stage %s", rnd, stage)
             self.on_die()
+
+
+def _accepted_plans(store: SiteStore) -> dict[str, FederationPlan]:
+    """The last plan this site accepted in each federation (one that no longer parses is simply asked again)."""
+    out = {}
+    for federation_id, fields in store.accepted_plans().items():
+        try:
+            out[federation_id] = FederationPlan.from_dict(fields)
+        except (PlanError, TypeError, ValueError):
+            log.info("the plan accepted earlier in %s no longer reads; it will be reviewed again", federation_id)
+    return out
 
 
 def _hard_exit() -> None:

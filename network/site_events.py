@@ -14,6 +14,7 @@ from hemafed.core.rounds.site_events import (
     PrepareProgress,
     RoundFinished,
     RoundStarted,
+    RoundWithoutThisSite,
     SiteEvent,
     SiteFailed,
     StageChanged,
@@ -21,8 +22,8 @@ from hemafed.core.rounds.site_events import (
 )
 
 __all__ = ["OUTCOMES", "STAGES", "ConnectionChanged", "Finished", "PlanAnswered", "PlanReceived", "PrepareProgress",
-           "RoundFinished", "RoundStarted", "SiteEvent", "SiteFailed", "StageChanged", "TrainProgress", "describe",
-           "log_event"]
+           "RoundFinished", "RoundStarted", "RoundWithoutThisSite", "SiteEvent", "SiteFailed", "StageChanged",
+           "TrainProgress", "describe", "log_event"]
 
 
 def log_event(event: SiteEvent, logger: logging.Logger | None = None) -> None:
@@ -60,6 +61,10 @@ def describe(event: SiteEvent) -> tuple[int, str]:
         first_or_last = event.done == 0 or event.done >= event.total
         return (logging.INFO if first_or_last else logging.DEBUG), \
             f"preparing this site's images: {event.done} of {event.total}{left}"
+    if isinstance(event, RoundWithoutThisSite):
+        why = "still preparing its images" if event.reason == "preparing" else "not ready yet"
+        return logging.WARNING, (f"round {event.round}/{event.rounds} started with {event.participants} sites, without "
+                                 f"this one ({why}); it takes part once ready")
     if isinstance(event, RoundStarted):
         return logging.INFO, f"round {event.round}/{event.rounds} started with {event.participants} sites"
     if isinstance(event, StageChanged):

@@ -126,6 +126,9 @@ def test_a_site_preparing_past_the_deadline_or_gone_no_longer_holds_the_first_ro
             out = m.tick(100.0)
         (start,) = [a for a in _of(out, R.Broadcast) if a.type == R.ROUND_START]
         assert start.sites == ("s1", "s2")
+        if not lost:  # s3 is connected but still preparing: it hears that round 1 goes on without it
+            (status,) = [a for a in _of(out, R.Send) if a.type == R.STATUS]
+            assert status.site == "s3" and status.body == {"rounds": 2, "participants": 2, "reason": "preparing"}
 
 
 def test_progress_after_a_site_said_it_was_ready_is_ignored() -> None:

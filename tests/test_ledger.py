@@ -10,6 +10,7 @@ from hemafed.core.privacy.accounting import Accountant
 from hemafed.core.privacy.ledger import (
     BudgetExhausted,
     LedgerCorrupt,
+    LedgerError,
     LedgerMismatch,
     PrivacyLedger,
     ledger_exists,
@@ -214,3 +215,36 @@ def test_ledger_cli(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     _sql(tmp_path, "PRAGMA wal_checkpoint(TRUNCATE)")
     led.path.write_bytes(b"{")
     assert cli_main(["ledger", "--state", str(tmp_path)]) == 1
+
+
+def test_the_budget_can_be_raised_or_lowered_to_what_is_spent_never_below(tmp_path) -> None:
+    led = _ledger(tmp_path, budget=4.0)
+    for r in (1, 2):
+        led.record_round(r, SIGMA, Q, STEPS, "h")
+    spent = led.spent_epsilon()
+    with pytest.raises(LedgerError, match="never comes back"):
+        led.change_budget(spent / 2)
+    change = led.change_budget(10.0, "the ethics board approved ε = 10")
+    assert change.spent_epsilon == pytest.approx(spent) and led.budget_epsilon == 10.0
+    again = PrivacyLedger("fed-A", state=tmp_path)
+    assert again.budget_epsilon == 10.0 and [c.reason for c in again.budget_changes] == [change.reason]
+    assert 4.0 < again.check_round(SIGMA, Q, 3 * STEPS) <= 10.0  # rounds past the old budget fit the new one
+    led.change_budget(spent)  # lowered to exactly what is spent: nothing more can be recorded
+    with pytest.raises(BudgetExhausted):
+        PrivacyLedger("fed-A", state=tmp_path).record_round(3, SIGMA, Q, STEPS, "h")
+    summary = list_ledgers(tmp_path)[0]
+    assert summary["budget_epsilon"] == pytest.approx(spent) and len(summary["budget_changes"]) == 2
+    _sql(tmp_path, "DROP TRIGGER budget_changes_no_update", "UPDATE budget_changes SET budget_epsilon = 99")
+    with pytest.raises(LedgerCorrupt):
+        PrivacyLedger("fed-A", state=tmp_path)
+
+
+def test_ledger_budget_cli(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    led = _ledger(tmp_path)
+    led.record_round(1, SIGMA, Q, STEPS, "h")
+    assert cli_main(["ledger", "budget", "fed-A", "9", "--reason", "board approval 17", "--yes",
+                     "--state", str(tmp_path)]) == 0
+    assert PrivacyLedger("fed-A", state=tmp_path).budget_epsilon == 9.0
+    assert cli_main(["ledger", "budget", "fed-A", "0.01", "--yes", "--state", str(tmp_path)]) == 1
+    assert "never comes back" in capsys.readouterr().err
+    assert cli_main(["ledger", "budget", "nope", "9", "--yes", "--state", str(tmp_path)]) == 1

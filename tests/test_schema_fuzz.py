@@ -164,7 +164,8 @@ SITES = [f"site{i}" for i in range(1, 6)]
 def _aggregator(root: Path) -> Aggregator:
     """A real aggregator, resumed from its (empty) state directory, with no socket: the driver's
     `prepare` builds the federation machine and the edge's validator exactly as `run` does."""
-    cfg = AggregatorConfig(plan=PLAN, sites={name: _key_line() for name in SITES}, state_dir=root, insecure=True)
+    cfg = AggregatorConfig(plan=PLAN, sites={name: _key_line() for name in SITES}, state_dir=root, insecure=True,
+                           linger_s=0)
     agg = Aggregator(cfg)
     agg.prepare()
     return agg

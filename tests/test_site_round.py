@@ -20,6 +20,7 @@ from hemafed.core.rounds.site_events import (
     PrepareProgress,
     RoundFinished,
     RoundStarted,
+    RoundWithoutThisSite,
     SiteFailed,
     StageChanged,
 )
@@ -411,3 +412,31 @@ def test_safe_text_escapes_and_caps_peer_text() -> None:
     assert len(safe_text("\n" * 10_000, 50)) <= 50
     assert safe_text(10**5000) == "<int>" and safe_text(12) == "12"
     assert safe_list(["a\n", 3] * 30) == ["a\\x0a", "3"] * 10 and safe_list(5) == ["5"]
+
+
+def test_a_plan_accepted_before_is_not_reviewed_again_and_a_changed_one_says_what_changed() -> None:
+    plan = make_plan()
+    m = sr.SiteRound(SiteBounds(), identity=ME.private_key, federation="fed", auto_accept=False,
+                     plan_problems=model_problems, accepted={"fed": plan})
+    m.receive(plan_msg(plan))
+    actions = m.prepared(None, n_params=N_PARAMS)
+    assert not events(actions)[0].awaiting_answer and isinstance(actions[-1], sr.Featurize)  # no click
+    changed = make_plan(rounds=3, lr=0.2)
+    m2 = sr.SiteRound(SiteBounds(), identity=ME.private_key, federation="fed", auto_accept=False,
+                      plan_problems=model_problems, accepted={"fed": plan})
+    m2.receive(plan_msg(changed))
+    received = events(m2.prepared(None, n_params=N_PARAMS))[0]
+    assert received.awaiting_answer and set(received.changes) == {("rounds", "2", "3"), ("lr", "0.1", "0.2")}
+
+
+def test_a_round_without_this_site_is_said_and_a_finished_federation_stops_the_site() -> None:
+    m = machine()
+    m.receive(plan_msg(make_plan()))
+    m.prepared(None, n_params=N_PARAMS)  # accepted; now preparing
+    (without,) = events(m.receive(Msg(sr.STATUS, 1, {"rounds": 2, "participants": 3, "reason": "preparing"})))
+    assert without == RoundWithoutThisSite(1, 2, 3, "preparing") and m.phase is sr.Phase.FEATURIZING
+    with pytest.raises(sr.MessageRefused):
+        m.receive(Msg(sr.STATUS, 9, {"rounds": 2, "participants": 3, "reason": "preparing"}))
+    actions = m.receive(Msg(sr.FINISHED, 2, {"rounds": 2, "completed": 2}))
+    (failed,) = events(actions)
+    assert failed.fatal and "has finished" in failed.message and actions[-1] == sr.Stop()

@@ -131,7 +131,7 @@ def test_a_budget_other_than_the_ledgers_is_refused(tmp_path: Path) -> None:
     plan = _fedavg_plan(True)
     ledger = PrivacyLedger(plan.federation_id, 5.0, 1e-5, state=tmp_path)
     proj = site_trainer(plan).project(8.0, 32, ledger)
-    assert not proj.fits and "budget ε = 5" in proj.refusal
+    assert not proj.fits and "holds ε = 5" in proj.refusal and "hemafed ledger budget" in proj.what_to_do
 
 
 def test_the_sites_bounds_are_checked_in_the_projection() -> None:

@@ -11,9 +11,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..data.bloodmnist import load_splits, locate
-from ..privacy.accounting import default_delta
 from ..privacy.calibration import steps_per_epoch
-from ..privacy.ledger import PrivacyLedger
 from ..rounds.plan import FederationPlan, SiteBounds
 from .dp_train import accuracy, evaluate
 from .models import build_model, get_flat_params, images_to_tensor, set_flat_params
@@ -86,11 +84,10 @@ def train_central(
     # reached 48 % where lr 1.0 without momentum reached 30 %).
     batch_size = batch_size or (256 if dp else 128)
     lr = lr if lr is not None else (0.5 if dp else 0.05)
-    delta = (default_delta(n) if delta is None else delta) if dp else None
     plan = FederationPlan(federation_id="central", model=model_name, algorithm="fedavg", dp_mode="local",
                           noise_multiplier=0.0, rounds=1, local_epochs=epochs, batch_size=batch_size, lr=lr,
                           momentum=momentum, clip_norm=clip_norm, dp=dp, secagg=False, min_sites=1,
-                          delta=delta or 1e-5, seed=seed, max_weight=max(n, 1))
+                          delta=delta or 1e-5, seed=seed, max_weight=max(n, 1))  # ledger δ: ≤ 1/N too
     bounds = SiteBounds(require_dp=False, require_secagg=False, max_local_epochs=max(epochs, 1), max_delta=1.0,
                         max_clip_norm=max(clip_norm, 1.0))
     trainer = FedAvgTrainer(plan, bounds=bounds, seed=seed)
@@ -105,11 +102,12 @@ def train_central(
             epoch_done(step // per_epoch, epochs)
 
     with tempfile.TemporaryDirectory() as state:
-        ledger = PrivacyLedger("central", float(epsilon), delta, state=state) if dp else None
+        ledger = trainer.open_ledger(state, float(epsilon), n, create=True) if dp else None
         proj = trainer.prepare(ledger, site, float(epsilon) if dp else 1.0)
         outcome = trainer.contribution(1, get_flat_params(model), progress=progress)
         set_flat_params(model, get_flat_params(model) + outcome.update)
         spent = ledger.spent_epsilon() if ledger is not None else None
+        delta = ledger.delta if ledger is not None else None
     cm = evaluate(model, images_to_tensor(test.images[te_idx], plan.input_size), test.labels[te_idx], num_classes=8)
     return CentralResult(
         model=model_name, dp=dp, epochs=epochs, n_train=n, n_test=len(te_idx), test_accuracy=accuracy(cm),

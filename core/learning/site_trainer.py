@@ -97,6 +97,7 @@ class Projection:
     epsilon_per_round: tuple[float, ...] = ()  # cumulative ε after each round still to come
     rounds_allowed: int = 0
     refusal: str | None = None  # why this site cannot run the plan; None when it can
+    what_to_do: str = ""  # the next step when it cannot
     n_train: int = 0
     n_estimated: bool = False  # no data yet: the training-set size is a placeholder
 
@@ -171,7 +172,7 @@ class SiteTrainer(ABC):
 
     def _base(self, budget: float, n_train: int | None, ledger) -> Projection:
         n = n_train or 2000
-        delta = float(ledger.delta) if ledger is not None else min(self.plan.delta, default_delta(n))
+        delta = float(ledger.delta) if ledger is not None else self.ledger_delta(n)
         done = ledger.rounds if ledger is not None else 0
         spent = ledger.spent_epsilon() if ledger is not None and done else 0.0
         mode = self.plan.dp_mode if self.plan.dp else "none"
@@ -179,12 +180,44 @@ class SiteTrainer(ABC):
                           mode=mode, n_train=n, n_estimated=not n_train)
         problems = self.bounds.violations(self.plan)
         if problems:
-            return replace(proj, refusal="the plan is outside what this site accepts: " + "; ".join(problems))
+            return replace(proj, refusal="the plan is outside what this site accepts: " + "; ".join(problems),
+                           what_to_do="check the reasons with the federation's admin, or widen what this site "
+                                      "accepts if your policy allows")
         if ledger is not None and float(ledger.budget_epsilon) != float(budget):
             stored = float(ledger.budget_epsilon)
-            return replace(proj, refusal=f"this federation's ledger was opened with budget ε = {stored:g}; a budget "
-                                         f"of {budget:g} cannot replace it (set ε back to {stored:g})")
+            return replace(proj, refusal=f"this site's budget is ε = {budget:g}, but its privacy ledger for "
+                                         f"federation {self.plan.federation_id!r} holds ε = {stored:g}",
+                           what_to_do=f"change this federation's budget to {budget:g} (the app's Privacy page, or "
+                                      f"`hemafed ledger budget {self.plan.federation_id} {budget:g}`), or set the "
+                                      f"budget back to {stored:g}")
         return proj
+
+    def ledger_delta(self, n_train: int) -> float:
+        """The δ of this site's ledger for the plan: the plan's, and never above 1/N (nor 1e-5)."""
+        return min(self.plan.delta, default_delta(n_train))
+
+    def open_ledger(self, state, budget: float, n_train: int, *, create: bool, kind: str = "rdp"):
+        """This federation's ledger in `state`: the one that exists, else (with `create`) a new one with `budget`
+        and the δ the projection used; None when there is none and `create` is false (a plan being reviewed
+        leaves nothing behind). Raises `PlanRefused` for a damaged ledger."""
+        from ..privacy.ledger import LedgerCorrupt, PrivacyLedger
+
+        try:
+            return PrivacyLedger(self.plan.federation_id, state=state)
+        except FileNotFoundError:
+            if not create:
+                return None
+            return PrivacyLedger(self.plan.federation_id, budget, self.ledger_delta(n_train), kind=kind, state=state)
+        except LedgerCorrupt as exc:
+            raise PlanRefused([f"the privacy ledger is damaged ({exc})"],
+                              "training is stopped until the ledger is restored from a backup; never delete it (the "
+                              "spend it records would be lost)") from exc
+
+    def bind_ledger(self, ledger) -> None:
+        """The ledger created once the plan was accepted (`open_ledger(create=True)`) for the prepared data."""
+        if self._bound is None:
+            raise RuntimeError("prepare() first")
+        self._bound.ledger = ledger
 
     def prepare(self, ledger, data: SiteData, budget: float) -> Projection:
         """Check the plan against this site's data, bounds and budget (fast: no features yet) and bind them.
@@ -195,8 +228,7 @@ class SiteTrainer(ABC):
                                         "admin for a plan that fits a site of this size")
         proj = self.project(budget, len(data.train_labels), ledger)
         if proj.refusal:
-            raise PlanRefused([proj.refusal], BUDGET_WHAT_TO_DO if "budget" in proj.refusal else
-                              "check the reason with the federation's admin")
+            raise PlanRefused([proj.refusal], proj.what_to_do or "check the reason with the federation's admin")
         self._bound = _Bound(ledger, data, proj)
         return proj
 
@@ -277,7 +309,7 @@ class FedSGDTrainer(SiteTrainer):
         allowed = sum(1 for e in curve if e <= budget)
         proj = replace(proj, epsilon_per_round=curve, rounds_allowed=allowed)
         if curve and curve[-1] > budget:
-            return replace(proj, refusal=(
+            return replace(proj, what_to_do=BUDGET_WHAT_TO_DO, refusal=(
                 f"the budget is too small for this plan: its {len(curve)} rounds at the federation's noise "
                 f"σ = {p.sigma:.3g} would spend ε = {curve[-1]:.3g}, more than this site's budget {budget:g}; the "
                 f"budget covers {allowed} of them"))
@@ -419,7 +451,7 @@ class FedAvgTrainer(SiteTrainer):
             sigma = calibrate_sigma(budget, proj.delta, q, steps * remaining, kind=kind, prior=prior)
         except BudgetTooSmall as exc:
             allowed = max_rounds(MAX_SIGMA, budget, proj.delta, q, steps, kind=kind, prior=prior)
-            return replace(proj, rounds_allowed=allowed, refusal=(
+            return replace(proj, rounds_allowed=allowed, what_to_do=BUDGET_WHAT_TO_DO, refusal=(
                 f"the budget is too small for this plan: {exc}. Even at the most noise allowed (σ = {MAX_SIGMA:g}) "
                 f"it covers {allowed} of {remaining} rounds"))
         curve = tuple(acc.epsilon_curve(sigma, q, steps, remaining, proj.delta))

@@ -100,6 +100,16 @@ _INSERT_ROUND = (f"INSERT INTO rounds (federation_id, chain, {', '.join(_ENTRY_F
 
 
 @dataclass(frozen=True)
+class BudgetChange:
+    """The operator changed this federation's budget (never below what was already spent)."""
+
+    budget_epsilon: float  # the budget from now on
+    spent_epsilon: float  # ε spent when it changed
+    time: float
+    reason: str
+
+
+@dataclass(frozen=True)
 class Protection:
     """What protects a round's release, as the ledger records it (default: local Gaussian DP)."""
 
@@ -216,7 +226,26 @@ class PrivacyLedger:
         self.budget_epsilon, self.delta, self.kind, self.created = float(budget), float(delta), kind, created
         self._terms_chain = self._chain = chain
         self._seq, self.entries = 0, []
+        self.budget_changes: list[BudgetChange] = []
+        self._budget_chain, self._budget_seq = chain, 0
+        self._load_budgets()
         return True
+
+    def _load_budgets(self, con=None) -> None:
+        """Budget changes since the last read, each checked against the chain that starts at the terms."""
+        rows = self._read("SELECT seq, chain, budget_epsilon, spent_epsilon, time, reason FROM budget_changes "
+                          "WHERE federation_id = ? AND seq > ? ORDER BY seq", (self.federation_id, self._budget_seq),
+                          con)
+        chain = self._budget_chain
+        for seq, stored, budget, spent, when, reason in rows:
+            change = BudgetChange(float(budget), float(spent), float(when), str(reason))
+            chain = _chain(chain, asdict(change))
+            if chain != stored or not (change.budget_epsilon > 0 and math.isfinite(change.budget_epsilon)):
+                raise LedgerCorrupt(f"{self.path}: a budget change of {self.federation_id!r} was altered (hash "
+                                    "mismatch); refusing to continue")
+            self.budget_changes.append(change)
+            self.budget_epsilon, self._budget_seq = change.budget_epsilon, seq
+        self._budget_chain = chain
 
     def _load_rounds(self, con=None) -> None:
         """Read the rows appended since the last read (another process may have added some) and check them."""
@@ -236,6 +265,32 @@ class PrivacyLedger:
                                     "round before it removed (hash mismatch); refusing to continue")
             entries.append(entry)
         self.entries, self._chain, self._seq = entries, chain, seq
+
+    def change_budget(self, budget_epsilon: float, reason: str = "") -> BudgetChange:
+        """Set this federation's budget from now on (durably): raise it, or lower it to no less than what was
+        already spent. The ledger keeps every change, and ε spent never goes back."""
+        if not (budget_epsilon > 0 and math.isfinite(budget_epsilon)):
+            raise LedgerError("a budget must be a positive number")
+        try:
+            with self.store.transaction() as con:
+                self._check_unchanged(con)
+                self._load_rounds(con)
+                self._load_budgets(con)
+                spent = self.spent_epsilon()
+                if budget_epsilon < spent:
+                    raise LedgerError(f"a budget of ε = {budget_epsilon:g} is below what this site already spent in "
+                                      f"{self.federation_id!r} (ε = {spent:.4g}); spent privacy never comes back")
+                change = BudgetChange(float(budget_epsilon), float(spent), time.time(), str(reason))
+                chain = _chain(self._budget_chain, asdict(change))
+                cur = con.execute("INSERT INTO budget_changes (federation_id, budget_epsilon, spent_epsilon, time, "
+                                  "reason, chain) VALUES (?, ?, ?, ?, ?, ?)",
+                                  (self.federation_id, change.budget_epsilon, change.spent_epsilon, change.time,
+                                   change.reason, chain))
+        except StoreCorrupt as exc:
+            raise LedgerCorrupt(str(exc)) from exc
+        self.budget_changes.append(change)
+        self.budget_epsilon, self._budget_chain, self._budget_seq = change.budget_epsilon, chain, cur.lastrowid
+        return change
 
     def _check_unchanged(self, con) -> None:
         """Before a write: the terms, the number of rows read and the last of them are as this object read them
@@ -295,6 +350,7 @@ class PrivacyLedger:
                 # ledger must stop the site before it spends more)
                 self._check_unchanged(con)
                 self._load_rounds(con)
+                self._load_budgets(con)
                 epsilon = self.check_round(sigma, sample_rate, steps, skellam=protection.skellam)
                 attempt = 1 + sum(1 for e in self.entries if e.round == int(round))
                 entry = LedgerEntry(round=int(round), sigma=float(sigma), sample_rate=float(sample_rate),
@@ -329,7 +385,8 @@ class PrivacyLedger:
 
     def view(self) -> LedgerView:
         """A read-only snapshot (what a projection needs), safe to hand to another thread."""
-        return LedgerView(self.federation_id, self.budget_epsilon, self.delta, self.kind, tuple(self.entries))
+        return LedgerView(self.federation_id, self.budget_epsilon, self.delta, self.kind, tuple(self.entries),
+                          tuple(self.budget_changes))
 
     def summary(self) -> dict:
         return self.view().summary(str(self.path))
@@ -344,6 +401,7 @@ class LedgerView:
     delta: float
     kind: str
     entries: tuple[LedgerEntry, ...]
+    budget_changes: tuple[BudgetChange, ...] = ()
 
     @property
     def rounds(self) -> int:
@@ -368,6 +426,7 @@ class LedgerView:
             "spent_epsilon": spent,
             "remaining_epsilon": max(0.0, self.budget_epsilon - spent),
             "last_round": asdict(self.entries[-1]) if self.entries else None,
+            "budget_changes": [asdict(c) for c in self.budget_changes],
         }
 
 

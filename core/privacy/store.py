@@ -22,6 +22,7 @@ import os
 import sqlite3
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,12 +50,19 @@ CREATE TABLE rounds (
     share_variance REAL NOT NULL, protection TEXT NOT NULL, chain TEXT NOT NULL,
     UNIQUE (federation_id, round, attempt));
 CREATE INDEX rounds_by_federation ON rounds (federation_id, seq);
+CREATE TABLE budget_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, federation_id TEXT NOT NULL REFERENCES ledgers(federation_id),
+    budget_epsilon REAL NOT NULL, spent_epsilon REAL NOT NULL, time REAL NOT NULL, reason TEXT NOT NULL,
+    chain TEXT NOT NULL);
+CREATE TABLE acceptances (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, federation_id TEXT NOT NULL, digest TEXT NOT NULL, plan TEXT NOT NULL,
+    time REAL NOT NULL, operator TEXT NOT NULL);
 CREATE TABLE round_log (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, federation_id TEXT NOT NULL, round INTEGER NOT NULL,
     status TEXT NOT NULL, time REAL NOT NULL, fields TEXT NOT NULL);
 CREATE INDEX round_log_by_federation ON round_log (federation_id, seq);
 """
-APPEND_ONLY = ("ledgers", "rounds", "round_log")
+APPEND_ONLY = ("ledgers", "rounds", "budget_changes", "acceptances", "round_log")
 
 
 class StoreCorrupt(FatalError):
@@ -158,13 +166,35 @@ class SiteStore:
                 raise
             con.execute("COMMIT")
 
+    # -- plans the operator accepted --------------------------------------------------------------------
+
+    def record_acceptance(self, federation_id: str, digest: str, plan: dict, operator: str = "") -> None:
+        """The operator accepted this plan (or a site that accepts on its own did): a rejoin with the same plan
+        needs no second review, a changed plan is shown with what changed."""
+        with self.transaction() as con:
+            con.execute("INSERT INTO acceptances (federation_id, digest, plan, time, operator) VALUES (?, ?, ?, ?, ?)",
+                        (federation_id, digest, json.dumps(plan, sort_keys=True), time.time(), operator))
+
+    def accepted_plans(self) -> dict[str, dict]:
+        """The last plan accepted in each federation (its fields, as the aggregator sent them)."""
+        with self.connect() as con:
+            rows = con.execute("SELECT federation_id, plan FROM acceptances ORDER BY seq").fetchall()
+        return {fid: json.loads(plan) for fid, plan in rows}
+
+    def acceptances(self, federation_id: str) -> list[dict]:
+        """Every acceptance in `federation_id`, oldest first: digest, time and who accepted."""
+        with self.connect() as con:
+            rows = con.execute("SELECT digest, time, operator FROM acceptances WHERE federation_id = ? ORDER BY seq",
+                               (federation_id,)).fetchall()
+        return [{"digest": d, "time": t, "operator": o} for d, t, o in rows]
+
     # -- the round log ------------------------------------------------------------------------------
 
-    def log_round(self, federation_id: str, round: int, status: str, time: float, **fields: object) -> None:
+    def log_round(self, federation_id: str, round: int, status: str, when: float, **fields: object) -> None:
         """Append one line of the site's round log (what happened to a round at this site, and when)."""
         with self.transaction() as con:
             con.execute("INSERT INTO round_log (federation_id, round, status, time, fields) VALUES (?, ?, ?, ?, ?)",
-                        (federation_id, int(round), str(status), float(time), json.dumps(fields, default=str)))
+                        (federation_id, int(round), str(status), float(when), json.dumps(fields, default=str)))
 
     def round_log(self, federation_id: str | None = None) -> list[dict]:
         """The round log, oldest first (every federation unless one is named)."""

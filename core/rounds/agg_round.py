@@ -41,6 +41,7 @@ from .plan import FederationPlan
 from .round_messages import (  # the round vocabulary, shared with the other end
     DECLINE,
     DONE,
+    FINISHED,
     PLAIN_UPDATE,
     PLAN,
     PLAN_ACCEPT,
@@ -49,6 +50,7 @@ from .round_messages import (  # the round vocabulary, shared with the other end
     ROUND_END,
     ROUND_START,
     SECAGG,
+    STATUS,
 )
 
 log = logging.getLogger(__name__)
@@ -241,6 +243,10 @@ class FederationMachine:
 
     def connected(self, site: str, now: float) -> list[Action]:
         self._known(site)
+        if self.stage is Stage.DONE:  # too late: say so, so the site stops trying
+            completed = sum(1 for o in self.outcomes if o.status == "completed")
+            return [Send(site, FINISHED, self.plan.rounds, {"rounds": self.plan.rounds, "completed": completed}),
+                    Reject(site, "finished", "connected after the federation finished")]
         self.connected_sites.add(site)
         self.accepted.discard(site)
         self.preparing.pop(site, None)
@@ -395,6 +401,11 @@ class FederationMachine:
         self._log_missing(len(participants))
         out: list[Action] = [Broadcast(tuple(participants), ROUND_START, self.round, body,
                                        (weights_blob(self.weights),))]
+        left_out = sorted(self.connected_sites - set(participants), key=self.site_ids.__getitem__)
+        for site in left_out:  # connected, but not in this round: tell them the federation goes on without them
+            why = "preparing" if site in self.preparing else "not_ready"
+            out.append(Send(site, STATUS, self.round, {"rounds": self.plan.rounds, "participants": len(participants),
+                                                       "reason": why}))
         return out + self._round.begin() + self._progress(now)
 
     def _log_missing(self, n: int) -> None:

@@ -7,7 +7,9 @@ aggregator → site                       site → aggregator
   secagg      (one encoded core message)  secagg  (one encoded core message)
                                           plain_update (only when secure aggregation is off)
   round_end   (status, federated metrics)
+  status      (to a connected site left out of a round: the round, how many take part, why not this site)
   done        (final weights)
+  finished    (to a site that connects after the last round: the federation is over)
 
 `core.agg_round` and `core.site_round` use these; `hemafed.network.protocol` re-exports them.
 """
@@ -22,3 +24,5 @@ SECAGG = "secagg"
 PLAIN_UPDATE = "plain_update"
 ROUND_END = "round_end"
 DONE = "done"
+STATUS = "status"
+FINISHED = "finished"

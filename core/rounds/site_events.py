@@ -48,13 +48,16 @@ class PlanReceived:
     still to come, at that σ (the ledger's past rounds included). When `awaiting_answer`
     is true the driver waits for `SiteRunner.answer_plan(accept)`; otherwise it has
     decided already (headless auto-accept, a plan the operator accepted earlier in this
-    run and re-sent after a reconnect, or a refusal because of `problems`)."""
+    run or an earlier one, or a refusal because of `problems`); `changes` says what differs from
+    the plan this site accepted in this federation before, if any."""
 
     plan: Any  # hemafed.core.rounds.plan.FederationPlan
     privacy: Any | None  # hemafed.core.rounds.site_round.PrivacySettings
     problems: tuple[str, ...] = ()
     epsilon_per_round: tuple[float, ...] = ()
     awaiting_answer: bool = False
+    # (field, before, after) when this site accepted another plan in this federation before
+    changes: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,18 @@ class RoundStarted:
     round: int
     rounds: int
     participants: int
+
+
+@dataclass(frozen=True)
+class RoundWithoutThisSite:
+    """The federation started round `round` of `rounds` with `participants` sites, without this one: it was
+    still `reason` ("preparing": computing its images' features; "not_ready": not yet ready). It takes part
+    from the next round it is ready for."""
+
+    round: int
+    rounds: int
+    participants: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -137,5 +152,5 @@ class Finished:
     outcome: str = "done"  # one of OUTCOMES
 
 
-SiteEvent = (ConnectionChanged | PlanReceived | PlanAnswered | PrepareProgress | RoundStarted | StageChanged
-             | TrainProgress | RoundFinished | SiteFailed | Finished)
+SiteEvent = (ConnectionChanged | PlanReceived | PlanAnswered | PrepareProgress | RoundStarted
+             | RoundWithoutThisSite | StageChanged | TrainProgress | RoundFinished | SiteFailed | Finished)

@@ -47,6 +47,7 @@ from .plan import FederationPlan, PlanError, SiteBounds
 from .round_messages import (  # the round vocabulary, shared with the other end
     DECLINE,
     DONE,
+    FINISHED,
     PLAIN_UPDATE,
     PLAN,
     PLAN_ACCEPT,
@@ -55,6 +56,7 @@ from .round_messages import (  # the round vocabulary, shared with the other end
     ROUND_END,
     ROUND_START,
     SECAGG,
+    STATUS,
 )
 from .site_events import (
     PlanAnswered,
@@ -62,6 +64,7 @@ from .site_events import (
     PrepareProgress,
     RoundFinished,
     RoundStarted,
+    RoundWithoutThisSite,
     SiteEvent,
     SiteFailed,
     StageChanged,
@@ -214,7 +217,8 @@ class SiteRound:
 
     def __init__(self, bounds: SiteBounds, *, identity: Any, federation: str | None = None,
                  auto_accept: bool = True, roster: Container[bytes] | None = None,
-                 plan_problems: Callable[[FederationPlan], list[str]] = lambda plan: []) -> None:
+                 plan_problems: Callable[[FederationPlan], list[str]] = lambda plan: [],
+                 accepted: Mapping[str, FederationPlan] | None = None) -> None:
         self.bounds = bounds
         self.roster = roster  # pinned peer keys: a round naming any other key is refused (core/trust/roster.py)
         self.federation = federation
@@ -225,7 +229,9 @@ class SiteRound:
         self.plan: FederationPlan | None = None
         self.site_id = 0
         self.n_params = 0
-        self.accepted_digest: str | None = None  # the plan the operator accepted in this run
+        # the last plan accepted in each federation, this run or an earlier one (the site's store keeps them): the
+        # same plan again is not reviewed twice; a changed one is shown with what changed
+        self.accepted: dict[str, FederationPlan] = dict(accepted or {})
         self.round = 0  # the active (or last) round of this session
         self.last_started = 0  # rounds only move forward within a session
         self.finished_rounds: set[int] = set()
@@ -269,7 +275,8 @@ class SiteRound:
     def receive(self, msg: Message) -> list[Action]:
         """Handle one message; raises `MessageRefused` (state unchanged) for a bad one."""
         handler = {PLAN: self._on_plan, ROUND_START: self._on_round_start, SECAGG: self._on_secagg,
-                   ROUND_END: self._on_round_end, DONE: self._on_done}.get(msg.type)
+                   ROUND_END: self._on_round_end, DONE: self._on_done, STATUS: self._on_status,
+                   FINISHED: self._on_finished}.get(msg.type)
         if handler is None:
             raise MessageRefused(f"unexpected message type {safe_text(msg.type, 40)}")
         if not self.running:
@@ -318,8 +325,11 @@ class SiteRound:
             return self._refuse_plan(plan, list(problems), privacy, epsilon_per_round, what_to_do)
         self.plan, self.site_id, self.n_params = plan, site_id, int(n_params)
         self.epsilon_spent = epsilon_spent
-        ask = not self.auto_accept and self.accepted_digest != plan.digest()
-        out: list[Action] = [Emit(PlanReceived(plan, privacy, (), tuple(epsilon_per_round), awaiting_answer=ask))]
+        before = self.accepted.get(plan.federation_id)
+        ask = not self.auto_accept and (before is None or before.digest() != plan.digest())
+        changes = plan_changes(before, plan) if before is not None else ()
+        out: list[Action] = [Emit(PlanReceived(plan, privacy, (), tuple(epsilon_per_round), awaiting_answer=ask,
+                                               changes=changes))]
         if ask:
             self.phase = Phase.DECIDING
             return [*out, AskOperator(plan)]
@@ -337,7 +347,7 @@ class SiteRound:
                 Stop("stopped")]
 
     def _accept(self, plan: FederationPlan) -> list[Action]:
-        self.accepted_digest = plan.digest()
+        self.accepted[plan.federation_id] = plan
         self.phase = Phase.FEATURIZING
         return [Emit(PlanAnswered(True)), Emit(StageChanged(self.round, "preparing")), Featurize(plan)]
 
@@ -529,6 +539,30 @@ class SiteRound:
         self.phase = Phase.DONE
         return [*out, Finish(msg.round, weights)]
 
+    def _on_status(self, msg: Message) -> list[Action]:
+        """A round started without this site (it is still preparing, or not ready): say so."""
+        if self.phase not in (Phase.WAIT_PLAN, Phase.PREPARING, Phase.DECIDING, Phase.FEATURIZING, Phase.READY):
+            raise MessageRefused(f"status while {self.phase.value}")
+        rounds, participants, reason = (msg.body.get(k) for k in ("rounds", "participants", "reason"))
+        if not (_small_int(rounds) and rounds >= 1 and _small_int(participants) and participants >= 0
+                and reason in ("preparing", "not_ready") and 1 <= msg.round <= rounds):
+            raise MessageRefused("a malformed status message")
+        return [Emit(RoundWithoutThisSite(msg.round, rounds, participants, reason))]
+
+    def _on_finished(self, msg: Message) -> list[Action]:
+        """The federation was over when this site connected: stop trying (nothing more can happen in it)."""
+        rounds, completed = msg.body.get("rounds"), msg.body.get("completed")
+        if not (_small_int(rounds) and rounds >= 1 and _small_int(completed) and 0 <= completed <= rounds):
+            raise MessageRefused("a malformed finished message")
+        out = self._leave_round("the federation finished before this round ended here")
+        took_part = f"this site took part in {self.rounds_trained} of them in this session" if self.rounds_trained \
+            else "without this site"
+        self.phase = Phase.STOPPED
+        return [*out, Emit(SiteFailed(
+            f"The federation has finished: {completed} of its {rounds} rounds completed, {took_part}.", True,
+            "nothing more can happen in this federation; ask its admin for the final model, or for the address of a "
+            "new federation")), Stop()]
+
     # -- helpers ----------------------------------------------------------------------------
 
     def _leave_round(self, detail: str, failed: bool = False) -> list[Action]:
@@ -550,6 +584,13 @@ class SiteRound:
         if not np.isfinite(vec).all():
             raise MessageRefused(f"{what} weights hold NaN or infinite values")
         return vec
+
+
+def plan_changes(before: FederationPlan, after: FederationPlan) -> tuple[tuple[str, str, str], ...]:
+    """(field, before, after) for every field in which a plan differs from the one accepted before."""
+    old, new = before.to_dict(), after.to_dict()
+    return tuple((name, safe_text(str(old.get(name)), 80), safe_text(str(value), 80))
+                 for name, value in new.items() if old.get(name) != value)
 
 
 def plan_sanity(plan: FederationPlan) -> list[str]:
@@ -581,7 +622,33 @@ def _number(value: object) -> bool:
     return math.isfinite(value)
 
 
-__all__ = ["DECLINE", "DONE", "PLAIN_UPDATE", "PLAN", "PLAN_ACCEPT", "PLAN_REJECT", "PREPARING", "ROUND_END",
-           "ROUND_START", "SECAGG", "Action", "AskOperator", "Emit", "Featurize", "Finish", "MessageRefused", "Phase",
-           "PlanRefused",
-           "Prepare", "PrivacySettings", "Send", "SiteRound", "Stop", "Train", "TrainOutcome", "plan_sanity"]
+__all__ = [
+    "DECLINE",
+    "DONE",
+    "FINISHED",
+    "PLAIN_UPDATE",
+    "PLAN",
+    "PLAN_ACCEPT",
+    "PLAN_REJECT",
+    "PREPARING",
+    "ROUND_END",
+    "ROUND_START",
+    "SECAGG",
+    "STATUS",
+    "Action",
+    "AskOperator",
+    "Emit",
+    "Featurize",
+    "Finish",
+    "MessageRefused",
+    "Phase",
+    "PlanRefused",
+    "Prepare",
+    "PrivacySettings",
+    "Send",
+    "SiteRound",
+    "Stop",
+    "Train",
+    "TrainOutcome",
+    "plan_sanity",
+]

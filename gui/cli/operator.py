@@ -18,10 +18,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     _register_keys(sub)
 
-    p = sub.add_parser("ledger", help="privacy spent per federation at this site")
+    p = sub.add_parser("ledger", help="privacy spent per federation at this site; `ledger budget` changes one's budget")
     p.add_argument("--state", help="site state directory (default: the user's)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_ledger)
+    lsub = p.add_subparsers(dest="ledger_command", metavar="SUBCOMMAND")
+    b = lsub.add_parser("budget", help="change a federation's ε budget (never below what is spent)")
+    b.add_argument("federation", help="the federation's id, as `hemafed ledger` lists it")
+    b.add_argument("epsilon", type=float, help="the new ε budget for that federation")
+    b.add_argument("--reason", default="", help="why (kept in the ledger, e.g. the approval's reference)")
+    b.add_argument("--state", help="site state directory (default: the user's)")
+    b.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    b.set_defaults(func=_ledger_budget)
 
     p = sub.add_parser("site", help="run a hospital site headless (the desktop app drives the same code)")
     p.add_argument("--config", required=True, help="site.toml (data, state, aggregator URL, CA, ε budget)")
@@ -120,6 +128,33 @@ def _ledger(args: argparse.Namespace) -> int:
         print(f"{entry['federation_id']:<28}{entry['rounds']:>7}{entry['spent_epsilon']:>10.4f}"
               f"{entry['budget_epsilon']:>10.4g}{entry['delta']:>10.1e}  {entry['accountant']}")
     return 1 if any("error" in entry for entry in ledgers) else 0
+
+
+def _ledger_budget(args: argparse.Namespace) -> int:
+    from hemafed.core.privacy.ledger import LedgerError, PrivacyLedger
+    from hemafed.gui.cli import UserFacingError
+
+    try:
+        ledger = PrivacyLedger(args.federation, state=args.state)
+    except FileNotFoundError:
+        raise UserFacingError(f"this site has no ledger for federation {args.federation!r} (`hemafed ledger` "
+                              "lists them); a new federation takes the budget from site.toml") from None
+    except LedgerError as exc:
+        raise UserFacingError(str(exc)) from exc
+    spent = ledger.spent_epsilon()
+    print(f"federation {args.federation}: budget ε = {ledger.budget_epsilon:g}, spent ε = {spent:.4g} "
+          f"(δ = {ledger.delta:.1e}); new budget ε = {args.epsilon:g}")
+    print("The budget is how much privacy this site may spend in this federation in all. Spent privacy never comes "
+          "back: a higher budget lets more rounds run; it can be lowered only down to what is spent.")
+    if not args.yes and input("change it? [y/N] ").strip().lower() not in ("y", "yes"):
+        print("unchanged")
+        return 1
+    try:
+        ledger.change_budget(args.epsilon, args.reason)
+    except LedgerError as exc:
+        raise UserFacingError(str(exc)) from exc
+    print(f"budget of {args.federation} is now ε = {args.epsilon:g} (recorded in the ledger)")
+    return 0
 
 
 def _site(args: argparse.Namespace) -> int:

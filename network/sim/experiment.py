@@ -37,7 +37,6 @@ from hemafed.core.learning.fedsgd import FedSGDServer, center_layout, poisson_ba
 from hemafed.core.learning.models import build_model, get_flat_params, get_spec, set_flat_params, split_features
 from hemafed.core.learning.recipe import server_lr_for, with_budget
 from hemafed.core.learning.site_trainer import FedSGDTrainer, SiteData, model_inputs
-from hemafed.core.privacy.ledger import PrivacyLedger
 from hemafed.core.rounds.plan import SiteBounds
 from hemafed.network.aggregator import initial_weights
 from hemafed.network.sim.inprocess import simulate_in_process
@@ -167,8 +166,7 @@ def _one_party(fed_plan, data, job: Job, state: Path):
     plan = replace(plan, server_lr=job.lr or server_lr_for(plan.noise_multiplier))
     trainer = FedSGDTrainer(plan, bounds=SiteBounds(max_rounds=max(plan.rounds, 1000)), seed=job.sim.seed,
                             threads=1)
-    trainer.prepare(PrivacyLedger(plan.federation_id, job.sim.epsilon, min(DELTA, 1 / n), state=state), data,
-                    job.sim.epsilon)
+    trainer.prepare(trainer.open_ledger(state, job.sim.epsilon, n, create=True), data, job.sim.epsilon)
     trainer.featurize()
     weights = initial_weights(plan)
     server = FedSGDServer(plan.server_lr, plan.momentum, plan.ema)

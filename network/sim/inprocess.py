@@ -90,8 +90,8 @@ class InProcessFederation:
                                    plan_problems=model_problems)
             trainer = site_trainer(plan, bounds=bounds, seed=(seeds or {}).get(name), feature_cache=feature_cache,
                                    threads=threads)
-            ledger = PrivacyLedger(plan.federation_id, budget, min(plan.delta, 1.0 / len(data.train_labels)),
-                                   state=state / name) if plan.dp else None
+            ledger = trainer.open_ledger(state / name, budget, len(data.train_labels), create=True) \
+                if plan.dp else None
             self.sites[name] = _Site(name, machine, trainer, ledger, data)
         self._queue: deque[tuple[str, str, Envelope]] = deque()  # (from, to, message); "" is the aggregator
         self._outcomes: list[R.RoundOutcome] = []

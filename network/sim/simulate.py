@@ -244,7 +244,7 @@ class Simulation:
                       "max_rounds": max(self.plan.rounds, SiteBounds().max_rounds)}
             (sdir / "site.toml").write_text(render_toml({"site": site_section, "bounds": bounds}))
         federation = {"state_dir": "state", "host": "127.0.0.1", "port": 0, "port_file": "port",
-                      "insecure": not opts.tls}
+                      "insecure": not opts.tls, "linger_s": 0}
         if opts.tls:
             federation |= {"cert": "tls/server.pem", "key": "tls/server.key"}
         (fed / "federation.toml").write_text(render_toml({

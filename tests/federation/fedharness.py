@@ -82,7 +82,7 @@ def make_federation(root: Path, n_sites: int, threshold: int, rounds: int, *, im
         np.savez(data, train_images=images, train_labels=labels.reshape(-1, 1))
         configs[name] = SiteConfig(data=data, state_dir=state, aggregator="", epsilon=30.0,
                                    federation=plan.federation_id, ca_file=certs.ca_file)
-    agg = AggregatorConfig(plan=plan, sites=keys, state_dir=root / "aggregator", host="127.0.0.1", port=0,
+    agg = AggregatorConfig(plan=plan, sites=keys, state_dir=root / "aggregator", host="127.0.0.1", port=0, linger_s=0,
                            cert=certs.cert_file, key=certs.key_file)
     return Federation(root, plan, agg, configs, identities, certs.ca_file)
 

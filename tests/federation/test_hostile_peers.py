@@ -162,7 +162,7 @@ def test_idle_connection_flood_under_a_low_open_file_limit(tmp_path: Path) -> No
     agg = fed.agg_config
     toml = tmp_path / "federation.toml"
     toml.write_text(render_toml({
-        "federation": {"cert": str(agg.cert), "key": str(agg.key), "state_dir": str(agg.state_dir),
+        "federation": {"cert": str(agg.cert), "key": str(agg.key), "state_dir": str(agg.state_dir), "linger_s": 0,
                        "host": "127.0.0.1", "port": 0, "port_file": str(tmp_path / "port")},
         "plan": fed.plan.to_dict(), "sites": agg.sites}))
     code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit})); "

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from fedharness import make_federation, run
 
-from hemafed.core.privacy.ledger import PrivacyLedger
+from hemafed.core.privacy.ledger import PrivacyLedger, ledger_exists
 from hemafed.core.trust.certs import create_federation_certs
 from hemafed.core.trust.identity import IdentityKey, init_identity
 from hemafed.network import site as site_module
@@ -286,3 +286,30 @@ def test_hemafed_site_explains_fatal_errors_without_a_traceback(tmp_path: Path) 
     assert f"confirm its fingerprint {stranger.fingerprint} by phone" in unknown.stderr
     assert unknown.stderr.count("connecting wss://") == 1  # no retry loop
     assert "certificate not trusted" in wrong_ca.stderr and "ca.pem" in wrong_ca.stderr
+
+
+def test_a_site_that_connects_after_the_end_hears_so_and_stops_trying(tmp_path: Path) -> None:
+    """The aggregator lingers after its last round: a latecomer is told the federation finished (without it)
+    and its run ends, instead of retrying an address where nobody answers."""
+    fed = make_federation(tmp_path, n_sites=3, threshold=2, rounds=1)  # site3 stays away until the end
+    fed.agg_config = replace(fed.agg_config, linger_s=30.0)
+    rec = Recorder()
+
+    async def main() -> None:
+        agg_task = await fed.start_aggregator()
+        sites = [fed.start_site(n) for n in ("site1", "site2")]
+        assert all(p is not None for p in await asyncio.wait_for(asyncio.gather(*sites), 120))
+        cfg = replace(fed.site_configs["site3"], aggregator=fed.url)
+        late = SiteRunner(cfg, identity=fed.identities["site3"], on_event=rec)
+        started = time.monotonic()
+        assert await asyncio.wait_for(late.run(), 30) is None
+        assert time.monotonic() - started < 10
+        agg_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await agg_task
+
+    run(main())
+    (failed,) = rec.of(SiteFailed)
+    assert failed.fatal and "has finished" in failed.message and "without this site" in failed.message
+    assert rec.events[-1].outcome == "failed"
+    assert not ledger_exists("test-fed", fed.site_configs["site3"].state_dir)
