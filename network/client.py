@@ -156,12 +156,12 @@ class SiteClient:
             delay = self.backoff.delay(attempt)
             attempt += 1
             budget = self.backoff.retry_for
+            words = connect_problem(why, self.url)
             if budget is not None and time.monotonic() + delay - start > budget:
-                raise ConnectFailed(f"could not connect to {self.url} within {budget:g} s: "
-                                    f"{safe_text(str(why))}") from None
+                raise ConnectFailed(f"could not connect to {self.url} within {budget:g} s: {words}") from None
             log.info("connecting to %s failed (%s); retrying in %.1f s", self.url, safe_text(str(why)), delay)
             if on_retry is not None:
-                on_retry(safe_text(str(why)), delay)
+                on_retry(words, delay)
             await asyncio.sleep(delay)
 
     async def send(self, env: Envelope, *, reconnect: bool = True) -> None:
@@ -268,3 +268,27 @@ class SiteClient:
             return ConnectionLost(f"connection to the aggregator closed (code {rcvd.code} {reason})".strip(),
                                   rcvd.code, reason)
         return ConnectionLost("connection to the aggregator lost")
+
+
+def connect_problem(exc: BaseException, url: str) -> str:
+    """Why a connection attempt failed, in words an operator can act on (not an errno)."""
+    import errno
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url).netloc or url
+    host = urlsplit(url).hostname or where
+    if isinstance(exc, socket.gaierror):
+        return f"the host name {host} is not known here (check the address for a typo, or this network's DNS)"
+    if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
+        return (f"nothing answers at {where} (connection refused): the aggregator is not running there, or its "
+                "federation has finished")
+    if isinstance(exc, TimeoutError) or getattr(exc, "errno", None) == errno.ETIMEDOUT:
+        return f"no answer from {where} (a firewall may block the port, or the address is wrong)"
+    if getattr(exc, "errno", None) in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return f"this computer has no route to {host} (is it on the hospital network, or the VPN?)"
+    if isinstance(exc, AuthenticationRefused):
+        return "the aggregator is restarting or shutting down"
+    if isinstance(exc, InvalidHandshake | ConnectionClosed):
+        return f"{where} answered, but not as a hemafed aggregator (check the port)"
+    return safe_text(str(exc))

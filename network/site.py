@@ -182,7 +182,7 @@ class SiteRunner:
                                          limits=Limits.for_model(4_000_000), backoff=self.backoff,
                                          ping_interval=30.0, ping_timeout=120.0)
             except ValueError as exc:  # a bad URL in site.toml, caught before any connection
-                self._emit(SiteFailed(str(exc), True, "fix the aggregator URL in site.toml"))
+                self._emit(SiteFailed(str(exc), True, "fix the aggregator URL in site.toml", code="bad_address"))
                 return None
             outcome = await self._main()
         except _Stopped:
@@ -193,7 +193,7 @@ class SiteRunner:
             raise
         except Exception as exc:  # a bug: say so on the event channel too, then let it surface
             self._emit(SiteFailed(f"internal error: {safe_text(f'{type(exc).__name__}: {exc}')}", True,
-                                  "see the site's log; please report this to the hemafed maintainers"))
+                                  "see the site's log; please report this to the hemafed maintainers", code="internal"))
             raise
         finally:
             if outcome == "stopped":
@@ -251,8 +251,9 @@ class SiteRunner:
             if not warned:
                 warned = True
                 self._emit(SiteFailed(f"cannot reach the aggregator at {url}: {why}", False,
-                                      "nothing to do yet: the site keeps trying; if this lasts, check that the "
-                                      "aggregator is running and reachable from this network"))
+                                      "the site keeps trying on its own; if this lasts, check the address with the "
+                                      "federation's admin (is the aggregator running? has the federation "
+                                      "finished?)", code="unreachable"))
 
         try:
             await self._interruptible(self.client.connect(on_retry))
@@ -260,22 +261,23 @@ class SiteRunner:
             return self._fail(f"the aggregator refused this site's key: {exc.message}",
                               f"send this site's public key to the federation's admin and confirm its "
                               f"fingerprint {self.identity.fingerprint} by phone (`hemafed keys show` prints the "
-                              f"line to send); start the site again once the admin has added it")
+                              f"line to send); start the site again once the admin has added it", "unknown_key")
         except CertificateRejected as exc:
-            return self._fail(str(exc), exc.what_to_do)
+            return self._fail(str(exc), exc.what_to_do, "certificate")
         except ProtocolError as exc:
             return self._fail(f"{url} is not this federation's aggregator: {safe_text(exc.detail)}",
-                              "check the aggregator URL and the federation name in site.toml with the admin")
+                              "check the aggregator URL and the federation name in site.toml with the admin",
+                              "wrong_aggregator")
         except ConnectFailed as exc:
             return self._fail(str(exc), "check that the aggregator is running and reachable from here, "
-                                        "then start the site again")
+                                        "then start the site again", "unreachable")
         self._emit(ConnectionChanged("connected", url))
         self._perform_now(self.machine.connected())
         return None
 
-    def _fail(self, message: str, what_to_do: str) -> str:
+    def _fail(self, message: str, what_to_do: str, code: str) -> str:
         log.debug("fatal: %s", message)
-        self._emit(SiteFailed(message, True, what_to_do))
+        self._emit(SiteFailed(message, True, what_to_do, code))
         return "failed"
 
     def _connection_lost(self, exc: BaseException) -> None:

@@ -167,7 +167,8 @@ def test_the_operator_decides_once_per_plan() -> None:
     m.receive(plan_msg(plan))
     actions = m.prepared(None, n_params=N_PARAMS)
     assert events(actions)[0].awaiting_answer and isinstance(actions[-1], sr.AskOperator)
-    assert sends(actions) == [] and m.phase is sr.Phase.DECIDING
+    # the aggregator hears that this site is coming (a person reads the plan): it holds the first round
+    assert sends(actions) == [sr.Send(sr.PREPARING, 0, {"done": 0, "total": 0})] and m.phase is sr.Phase.DECIDING
     with pytest.raises(sr.MessageRefused):
         m.receive(round_start(1))  # nothing happens while the operator thinks
     assert m.answer(True)[-1] == sr.Featurize(plan)
@@ -232,7 +233,7 @@ def test_a_problem_found_while_preparing_refuses_the_plan() -> None:
     actions = m.prepared(None, n_params=0, problems=["only 3 training images"], what_to_do="add images")
     assert sends(actions)[0].body == {"reasons": ["only 3 training images"]}
     assert [e for e in events(actions) if isinstance(e, SiteFailed)] == [
-        SiteFailed("refused the federation's plan: only 3 training images", True, "add images")]
+        SiteFailed("refused the federation's plan: only 3 training images", True, "add images", code="data")]
 
 
 def test_a_plain_round_trains_sends_and_finishes() -> None:

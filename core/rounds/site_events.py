@@ -128,13 +128,20 @@ class RoundFinished:
     detail: str = ""
 
 
+# What went wrong (`SiteFailed.code`), so that a user interface can name its own next step.
+FAILURE_CODES = ("unreachable", "bad_address", "unknown_key", "certificate", "wrong_aggregator", "plan_refused",
+                 "budget", "data", "training", "finished", "internal")
+
+
 @dataclass(frozen=True)
 class SiteFailed:
-    """Something went wrong. `fatal`: the driver has stopped (or will not retry this)."""
+    """Something went wrong. `fatal`: the driver has stopped (or will not retry this). `what_to_do` is the next
+    step in words for the headless site; `code` (one of FAILURE_CODES, or "") says which problem it is."""
 
     message: str
     fatal: bool
     what_to_do: str = ""
+    code: str = ""
 
 
 # Why a run ended (`Finished.outcome`).

@@ -309,7 +309,7 @@ class SiteRound:
         if not reasons:
             reasons = self.bounds.violations(plan) + self._plan_problems(plan)
         if reasons:
-            return self._refuse_plan(plan, reasons)
+            return self._refuse_plan(plan, reasons, outside=True)
         self._offered = (plan, int(site_id))
         self.phase = Phase.PREPARING
         return [Prepare(plan)]
@@ -332,7 +332,9 @@ class SiteRound:
                                                changes=changes))]
         if ask:
             self.phase = Phase.DECIDING
-            return [*out, AskOperator(plan)]
+            # the aggregator holds the first round for a site whose operator is reading the plan, as for one
+            # that is preparing (0 of 0 images: not started yet)
+            return [*out, Send(PREPARING, 0, {"done": 0, "total": 0}), AskOperator(plan)]
         return out + self._accept(plan)
 
     def answer(self, accept: bool, reason: str = "") -> list[Action]:
@@ -375,18 +377,21 @@ class SiteRound:
         reasons = [f"cannot prepare this site's images: {safe_text(message)}"]
         self.phase = Phase.STOPPED
         return [Send(PLAN_REJECT, 0, {"reasons": reasons}), Emit(PlanAnswered(False, tuple(reasons))),
-                Emit(SiteFailed(reasons[0], True, "check the data folder and the site's log, then join again")),
+                Emit(SiteFailed(reasons[0], True, "check the data folder and the site's log, then join again",
+                                code="data")),
                 Stop()]
 
     def _refuse_plan(self, plan: FederationPlan | None, reasons: list[str], privacy: PrivacySettings | None = None,
-                     epsilon_per_round: tuple[float, ...] = (), what_to_do: str | None = None) -> list[Action]:
+                     epsilon_per_round: tuple[float, ...] = (), what_to_do: str | None = None,
+                     outside: bool = False) -> list[Action]:
         self.phase = Phase.STOPPED
         out: list[Action] = []
         if plan is not None:
             out.append(Emit(PlanReceived(plan, privacy, tuple(reasons), tuple(epsilon_per_round))))
         return [*out, Send(PLAN_REJECT, 0, {"reasons": reasons}), Emit(PlanAnswered(False, tuple(reasons))),
-                Emit(SiteFailed(f"refused the federation's plan: {'; '.join(reasons)}", True,
-                                what_to_do or PLAN_WHAT_TO_DO)), Stop()]
+                Emit(SiteFailed(("refused the federation's plan, which is outside what this site accepts: " if outside
+                                 else "refused the federation's plan: ") + "; ".join(reasons), True,
+                                what_to_do or PLAN_WHAT_TO_DO, code=_refusal_code(reasons))), Stop()]
 
     # -- a round --------------------------------------------------------------------------
 
@@ -459,7 +464,7 @@ class SiteRound:
         self.phase = Phase.STOPPED
         return [Send(DECLINE, rnd, {"reason": "budget_exhausted"}),
                 Emit(RoundFinished(rnd, "declined", None, self.epsilon_spent, message)),
-                Emit(SiteFailed(message, True, BUDGET_WHAT_TO_DO)), Stop()]
+                Emit(SiteFailed(message, True, BUDGET_WHAT_TO_DO, code="budget")), Stop()]
 
     def train_cancelled(self, rnd: int, *, recorded: bool, epsilon_spent: float | None) -> list[Action]:
         """Training stopped (the operator left). `recorded`: the spend reached the ledger first."""
@@ -476,8 +481,9 @@ class SiteRound:
         self._expect_training(rnd)
         out = self._leave_round(f"training failed: {message}")
         self.phase = Phase.STOPPED
-        return [*out, Emit(SiteFailed(f"training failed in round {rnd}: {message}", True,
-                                      "check the data folder and the site's log, then start the site again")),
+        return [*out, Emit(SiteFailed(f"training failed in round {rnd}: {message}", True, code="training",
+                                      what_to_do="check the data folder and the site's log, then start the site "
+                                                 "again")),
                 Stop()]
 
     def _expect_training(self, rnd: int) -> None:
@@ -561,7 +567,7 @@ class SiteRound:
         return [*out, Emit(SiteFailed(
             f"The federation has finished: {completed} of its {rounds} rounds completed, {took_part}.", True,
             "nothing more can happen in this federation; ask its admin for the final model, or for the address of a "
-            "new federation")), Stop()]
+            "new federation", code="finished")), Stop()]
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -584,6 +590,15 @@ class SiteRound:
         if not np.isfinite(vec).all():
             raise MessageRefused(f"{what} weights hold NaN or infinite values")
         return vec
+
+
+def _refusal_code(reasons: list[str]) -> str:
+    text = " ".join(reasons)
+    if "budget" in text or "ledger" in text:
+        return "budget"
+    if "training images" in text or "no usable" in text or "cannot load" in text:
+        return "data"
+    return "plan_refused"
 
 
 def plan_changes(before: FederationPlan, after: FederationPlan) -> tuple[tuple[str, str, str], ...]:

@@ -130,14 +130,27 @@ def create_federation_certs(
     if keep_ca_key:
         ca_key_file = out / CA_KEY_FILE
         atomic_write_bytes(ca_key_file, _private_pem(ca_key), 0o600)
-    digest = ca_cert.fingerprint(hashes.SHA256()).hex().upper()
     return FederationCerts(
         ca_file=out / CA_FILE,
         cert_file=out / CERT_FILE,
         key_file=out / KEY_FILE,
         ca_key_file=ca_key_file,
-        ca_fingerprint=":".join(digest[i : i + 2] for i in range(0, len(digest), 2)),
+        ca_fingerprint=_colon_hex(ca_cert.fingerprint(hashes.SHA256())),
     )
+
+
+def certificate_fingerprint(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of the (first) certificate in a PEM file, hex with colons: what `hemafed certs` printed and
+    `openssl x509 -noout -fingerprint -sha256` prints, to confirm over the phone. ValueError: not a certificate."""
+    certs = x509.load_pem_x509_certificates(Path(path).read_bytes())
+    if not certs:
+        raise ValueError("no certificate in the file")
+    return _colon_hex(certs[0].fingerprint(hashes.SHA256()))
+
+
+def _colon_hex(digest: bytes) -> str:
+    text = digest.hex().upper()
+    return ":".join(text[i:i + 2] for i in range(0, len(text), 2))
 
 
 def leaf_certificate_der(cert_file: str | os.PathLike[str]) -> bytes:

@@ -32,7 +32,7 @@ from PySide6.QtWidgets import (
 
 from .charts import Chart
 from .state import AppState, ScanResult
-from .thumbnails import ItemRole, ThumbnailModel, array_to_qimage
+from .thumbnails import ItemRole, ThumbnailModel, array_to_qimage, open_for_display
 from .workers import Job
 
 PREVIEW = 240
@@ -357,8 +357,7 @@ class DataPage(QWidget):
             size = source.stat().st_size
             with Image.open(source) as img:
                 w, h = img.size
-                img.draft("RGB", (PREVIEW * 2, PREVIEW * 2))
-                rgb = img.convert("RGB")
+            rgb = open_for_display(source, PREVIEW * 2)
             rgb.thumbnail((PREVIEW * 2, PREVIEW * 2))
             info = (f"<b>{source.name}</b><br>class: {label}<br>{w} × {h} pixels<br>"
                     f"{size / 1024:.1f} KB<br><small>{source.parent}</small>")

@@ -1,11 +1,15 @@
 """Federation page: where the aggregator is, who this site is (the identity key and the
 fingerprint to read out by phone), Join / Leave, the plan review, live round status,
-failures in words with the next step, and a log."""
+failures in words with the next step in this app, and a log.
+
+Everything it says about the running site comes from one value (`site_status.SiteStatus`), folded
+from the site driver's events; the window's status bar shows the same value."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
@@ -28,49 +32,67 @@ from PySide6.QtWidgets import (
 from hemafed.network import site_events as ev
 
 from .plan_dialog import PlanDialog
+from .site_status import CONNECTION_WORDS, SiteStatus, fold, joining
 from .site_worker import SiteWorker
 from .state import DEFAULT_URL, AppState, RoundRecord
 
-STAGE_WORDS = {
-    "preparing": "preparing this hospital's images (once per set of images)",
-    "waiting": "waiting for the next round",
-    "training": "training on this hospital's images",
-    "keys": "secure aggregation: exchanging keys",
-    "shares": "secure aggregation: sharing key pieces",
-    "masked": "secure aggregation: sending the masked update",
-    "unmask": "secure aggregation: helping to unmask the sum",
-}
+
 def _time_left(seconds: float) -> str:
     """'about 3 min left' / 'less than a minute left', for a progress bar."""
     minutes = round(seconds / 60)
     return "less than a minute left" if minutes < 1 else f"about {minutes} min left"
 
 
-CONNECTION_WORDS = {
-    "connecting": "connecting…",
-    "connected": "connected",
-    "reconnecting": "connection lost, reconnecting…",
-    "disconnected": "not connected",
-}
+def app_next_step(failure: ev.SiteFailed, fingerprint: str = "") -> str:
+    """The next step for a failure, in terms of this app's pages and buttons (the driver's own `what_to_do` is
+    written for the headless site and its site.toml)."""
+    fatal = failure.fatal
+    steps = {
+        "unreachable": ("check the address with the federation's admin (is its aggregator running? has the "
+                        "federation finished?), then press Join again" if fatal else
+                        "nothing to change here: the site keeps trying until you press Leave; if it lasts, check "
+                        "the address with the federation's admin"),
+        "bad_address": "correct the aggregator address above (it starts with wss://), then press Join",
+        "unknown_key": (f"press Copy public key, send it to the federation's admin and read them the fingerprint "
+                        f"{fingerprint} by phone; press Join again once they have added it"),
+        "certificate": ("choose the federation's CA certificate (from its admin) under CA certificate, check its "
+                        "fingerprint with them by phone, then press Join"),
+        "wrong_aggregator": "check the address and the federation name above with the federation's admin",
+        "plan_refused": ("check the reasons with the federation's admin, or widen what this site accepts on the "
+                         "Privacy page if your policy allows, then press Join"),
+        "budget": ("on the Privacy page, raise this site's budget (or this federation's budget) if your policy "
+                   "allows, then press Join; or ask the admin for a plan with fewer rounds"),
+        "data": "check the images on the Data page, then press Join again",
+        "training": "check the images on the Data page and the log below, then press Join again",
+        "finished": ("nothing more can happen in this federation: ask its admin for the final model, or for the "
+                     "address of a new federation"),
+        "internal": "see the log below and report it to hemafed's maintainers; press Join to try again",
+    }
+    return steps.get(failure.code, failure.what_to_do)
 
 
 class FederationPage(QWidget):
     title = "Federation"
     joinedChanged = Signal(bool)
+    statusChanged = Signal(object)  # the SiteStatus after each change
 
     def __init__(self, state: AppState) -> None:
         super().__init__()
         self.state = state
         self.worker: SiteWorker | None = None
         self.dialog: PlanDialog | None = None
-        self.rounds_total = 0
-        self.last_failure: ev.SiteFailed | None = None
+        self.status = SiteStatus()
+        self._log_lines: deque[tuple[str, bool]] = deque(maxlen=10_000)  # (line, shown only with "every stage")
         s = state.settings
 
         self.url = QLineEdit(s.get_str("federation/url", ""))
         self.url.setPlaceholderText(DEFAULT_URL)
         self.ca = QLineEdit(s.get_str("federation/ca_file", ""))
         self.ca.setPlaceholderText("the federation's CA certificate (.pem), from its admin")
+        self.ca.textChanged.connect(self._show_ca_fingerprint)
+        self.ca_fingerprint = QLabel()
+        self.ca_fingerprint.setWordWrap(True)
+        self.ca_fingerprint.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         ca_btn = QPushButton("Browse…")
         ca_btn.clicked.connect(self._choose_ca)
         ca_row = QHBoxLayout()
@@ -83,6 +105,7 @@ class FederationPage(QWidget):
         cf = QFormLayout(conn_box)
         cf.addRow("address", self.url)
         cf.addRow("CA certificate", ca_row)
+        cf.addRow("", self.ca_fingerprint)
         cf.addRow("federation", self.federation)
         cf.addRow("", self.insecure)
 
@@ -152,8 +175,14 @@ class FederationPage(QWidget):
         self.log = QPlainTextEdit()
         self.log.setReadOnly(True)
         self.log.setMaximumBlockCount(5000)
+        self.every_stage = QCheckBox("show every stage of every round")
+        self.every_stage.setToolTip("By default the log has one line per round; this adds a line for each step of a "
+                                    "round (training, the secure-aggregation stages)")
+        self.every_stage.toggled.connect(self._rebuild_log)
         log_box = QGroupBox("Log")
-        QVBoxLayout(log_box).addWidget(self.log)
+        lv = QVBoxLayout(log_box)
+        lv.addWidget(self.log)
+        lv.addWidget(self.every_stage)
 
         left = QVBoxLayout()
         left.addWidget(conn_box)
@@ -168,6 +197,8 @@ class FederationPage(QWidget):
         layout.addLayout(left, 1)
         layout.addLayout(right, 1)
         self.refresh_identity()
+        self._show_ca_fingerprint()
+        self.render()
 
     # -- identity -------------------------------------------------------------------------------
 
@@ -276,7 +307,9 @@ class FederationPage(QWidget):
             return False
         refusal = self.join_refusal()
         if refusal:
-            self.show_failure(ev.SiteFailed(f"Cannot join: {refusal[0]}.", fatal=True, what_to_do=refusal[1]))
+            self._set_status(SiteStatus(phase="failed", problem=ev.SiteFailed(
+                f"Cannot join: {refusal[0]}.", fatal=True, what_to_do=refusal[1])))
+            self.append_log(f"PROBLEM: cannot join: {refusal[0]} — {refusal[1]}")
             return False
         from hemafed.network.config import SiteConfig
 
@@ -288,19 +321,18 @@ class FederationPage(QWidget):
                          aggregator=self.url.text().strip(), epsilon=self.state.epsilon,
                          federation=self.federation.text().strip() or None,
                          ca_file=Path(self.ca.text().strip()) if self.ca.text().strip() else None,
-                         insecure=self.insecure.isChecked(), bounds=self.state.bounds)
+                         insecure=self.insecure.isChecked(), bounds=self.state.bounds,
+                         operator=self.state.operator)
         identity, _ = self.identity()
-        self.banner.setVisible(False)
-        self.last_failure = None
         self.worker = SiteWorker(cfg, identity)
         self.worker.bridge.event.connect(self.on_event)
-        self.worker.bridge.crashed.connect(
-            lambda msg: self.show_failure(ev.SiteFailed(msg, fatal=True, what_to_do="see the log; try Join again")))
+        self.worker.bridge.crashed.connect(lambda msg: self.on_event(ev.SiteFailed(
+            msg, fatal=True, what_to_do="see the log; try Join again", code="internal")))
         self.worker.bridge.finished.connect(self._worker_finished)
+        self.state.rounds = []  # a new federation: nothing of an earlier one is shown
+        self.state.roundsChanged.emit()
+        self._set_status(joining())
         self.append_log(f"joining {cfg.aggregator} with budget ε = {cfg.epsilon:g}")
-        self.connection.setText(CONNECTION_WORDS["connecting"])
-        self.join_btn.setEnabled(False)
-        self.leave_btn.setEnabled(True)
         self.joinedChanged.emit(True)
         self.worker.start()
         return True
@@ -316,72 +348,119 @@ class FederationPage(QWidget):
         if self.worker is not None:
             self.worker.join(5)
         self.worker = None
-        self.join_btn.setEnabled(True)
-        self.leave_btn.setEnabled(False)
-        self.connection.setText(CONNECTION_WORDS["disconnected"])
+        if self.status.joined:  # the driver ended without its Finished event (it crashed)
+            self._set_status(fold(self.status, ev.Finished(None, outcome="failed")))
+        self.render()
         self.state.refresh_ledgers_soon()
         self.joinedChanged.emit(False)
+
+    @property
+    def last_failure(self) -> ev.SiteFailed | None:
+        return self.status.problem
 
     # -- events ---------------------------------------------------------------------------------
 
     def on_event(self, e: object) -> None:
-        """React to one site event (queued from the driver's thread, or emitted by a test)."""
+        """React to one site event (queued from the driver's thread, or emitted by a test): fold it into the
+        status everything shown is drawn from, then log it and act on it."""
+        self._set_status(fold(self.status, e))
         if isinstance(e, ev.ConnectionChanged):
-            self.connection.setText(CONNECTION_WORDS.get(e.state, e.state) + (f" ({e.url})" if e.url else ""))
-            self.append_log(f"connection: {e.state}" + (f" — {e.detail}" if e.detail else ""))
+            self.append_log(f"connection: {CONNECTION_WORDS.get(e.state, e.state)}"
+                            + (f" — {e.detail}" if e.detail else ""), detail=e.state == "connecting")
         elif isinstance(e, ev.PlanReceived):
             self.state.set_plan(e.plan, received=True)
-            self.rounds_total = e.plan.rounds
-            self.append_log(f"plan received: {e.plan.model}, {e.plan.rounds} rounds, federation {e.plan.federation_id}")
+            self.append_log(f"plan received: {e.plan.rounds} rounds of {e.plan.model}, federation "
+                            f"{e.plan.federation_id}" + (" (the plan you accepted before)" if not e.awaiting_answer
+                                                          and not e.problems else ""))
             if e.problems:
-                self.show_failure(ev.SiteFailed(
+                self._set_status(fold(self.status, ev.SiteFailed(
                     "The federation's plan is outside what this site accepts: " + "; ".join(e.problems) + ".",
-                    fatal=True, what_to_do="the site declined it; ask the federation's admin to change the plan, "
-                    "or change what this site accepts on the Privacy page"))
-            else:
+                    fatal=True, what_to_do="", code="plan_refused")))
+            elif e.awaiting_answer:
                 self.review_plan(e)
         elif isinstance(e, ev.PlanAnswered):
             self.append_log("plan accepted" if e.accepted else "plan declined: " + "; ".join(e.reasons))
+        elif isinstance(e, ev.PrepareProgress):
+            if e.done >= e.total:
+                self.append_log(f"images prepared ({e.total}); waiting for the first round")
+        elif isinstance(e, ev.RoundWithoutThisSite):
+            self.append_log(f"round {e.round} of {e.rounds} started with {e.participants} hospitals, without this "
+                            "one (it takes part once it is ready)")
         elif isinstance(e, ev.RoundStarted):
-            self.rounds_total = e.rounds
-            self.round_label.setText(f"round {e.round} of {e.rounds}")
-            self.participants.setText(str(e.participants))
-            self.append_log(f"round {e.round} of {e.rounds} started with {e.participants} sites")
+            self.append_log(f"round {e.round} of {e.rounds} started with {e.participants} sites", detail=True)
         elif isinstance(e, ev.StageChanged):
-            self.stage.setText(STAGE_WORDS.get(e.stage, e.stage))
-            if e.stage not in ("training", "preparing"):
-                self.train_bar.setFormat("done" if self.train_bar.value() else "step %v of %m")
             if e.stage == "preparing":
                 self.append_log("preparing this hospital's images for the federation's model")
             else:
-                self.append_log(f"round {e.round}: {STAGE_WORDS.get(e.stage, e.stage)}")
-        elif isinstance(e, ev.PrepareProgress):
-            self.train_bar.setRange(0, max(e.total, 1))
-            self.train_bar.setValue(e.done)
-            left = "" if e.seconds_left is None or e.done >= e.total else f" · {_time_left(e.seconds_left)}"
-            self.train_bar.setFormat(f"images prepared: %v of %m{left}")
-            if e.done >= e.total:
-                self.append_log(f"images prepared ({e.total}); waiting for the first round")
-        elif isinstance(e, ev.TrainProgress):
-            self.train_bar.setRange(0, max(e.total, 1))
-            self.train_bar.setValue(e.step)
-            loss = f" · loss {e.loss:.3f}" if math.isfinite(e.loss) else ""
-            self.train_bar.setFormat(f"step %v of %m{loss}")
+                self.append_log(f"round {e.round}: {self.status.words}", detail=True)
         elif isinstance(e, ev.RoundFinished):
-            if e.epsilon_spent is not None:
-                self.epsilon.setText(f"{e.epsilon_spent:.4g} of {self.state.epsilon:g}")
             acc = f", accuracy {e.accuracy:.1%}" if e.accuracy is not None else ""
-            self.append_log(f"round {e.round} {e.status}{acc}" + (f" — {e.detail}" if e.detail else ""))
+            eps = f", ε spent {e.epsilon_spent:.3g}" if e.epsilon_spent is not None else ""
+            self.append_log(f"round {e.round} of {self.status.rounds} {e.status}{acc}{eps}"
+                            + (f" — {e.detail}" if e.detail else ""))
             self.state.add_round(RoundRecord(e.round, e.status, e.accuracy, e.epsilon_spent))
             self.state.refresh_ledgers_soon()  # off the GUI thread: the next round is training
         elif isinstance(e, ev.SiteFailed):
-            self.show_failure(e)
+            self.append_log(f"PROBLEM: {e.message} — {app_next_step(e, self._fingerprint())}")
         elif isinstance(e, ev.Finished):
-            self.stage.setText("finished" + (f": {e.rounds_trained} round(s) trained" if e.rounds_trained else ""))
             self.append_log(f"federation finished; model saved to {e.model_path}" if e.model_path
-                            else "left the federation")
+                            else "left the federation" if e.outcome == "stopped" else "the site stopped")
             if e.model_path:
                 self.state.set_model(Path(e.model_path))
+
+    def _set_status(self, status: SiteStatus) -> None:
+        self.status = status
+        self.render()
+        self.statusChanged.emit(status)
+
+    def render(self) -> None:
+        """Draw the panel, the progress bar, the banner and the buttons from `self.status`."""
+        st = self.status
+        self.connection.setText(CONNECTION_WORDS.get(st.connection, st.connection)
+                                + (f" ({self.url.text().strip()})" if st.connection != "disconnected" else ""))
+        self.round_label.setText(f"round {st.round} of {st.rounds}" if st.round else
+                                 f"{st.rounds} rounds planned" if st.rounds else "—")
+        self.stage.setText(st.words)
+        self.epsilon.setText(f"{st.epsilon_spent:.4g} of {self.state.epsilon:g}" if st.epsilon_spent is not None
+                             else "—")
+        self.participants.setText(str(st.participants) if st.participants else "—")
+        if st.phase == "preparing" and st.prepared is not None:
+            done, total, left = st.prepared
+            self.train_bar.setRange(0, max(total, 1))
+            self.train_bar.setValue(min(done, total))
+            tail = "" if left is None or done >= total else f" · {_time_left(left)}"
+            self.train_bar.setFormat(f"images prepared: %v of %m{tail}")
+        elif st.step is not None and st.phase in ("training", "keys", "shares", "masked", "unmask", "waiting"):
+            step, total = st.step
+            self.train_bar.setRange(0, max(total, 1))
+            self.train_bar.setValue(step)
+            loss = f" · loss {st.loss:.3f}" if st.loss is not None and math.isfinite(st.loss) else ""
+            self.train_bar.setFormat(("trained" if step >= total else "step %v of %m") + loss)
+        else:
+            self.train_bar.setRange(0, 1)
+            self.train_bar.setValue(0)
+            self.train_bar.setFormat("—")
+        if st.problem is not None:
+            step = app_next_step(st.problem, self._fingerprint())
+            todo = f"<br><b>What to do:</b> {step}" if step else ""
+            retry = "" if st.problem.fatal else "<br><i>The site keeps trying.</i>"
+            self.banner.setObjectName("error")
+            self.banner.setText(f"<b>{st.problem.message}</b>{todo}{retry}")
+            self.banner.setVisible(True)
+        elif st.note:
+            self.banner.setObjectName("note")
+            self.banner.setText(st.note)
+            self.banner.setVisible(True)
+        else:
+            self.banner.setVisible(False)
+        self.banner.style().unpolish(self.banner)
+        self.banner.style().polish(self.banner)
+        self.join_btn.setEnabled(self.worker is None)
+        self.leave_btn.setEnabled(self.worker is not None and not self.worker.stop_requested)
+
+    def _fingerprint(self) -> str:
+        identity, _ = self.identity()
+        return identity.fingerprint if identity is not None else ""
 
     def review_plan(self, e: ev.PlanReceived) -> None:
         self.dialog = PlanDialog(e, self.state.epsilon, self)
@@ -396,20 +475,43 @@ class FederationPage(QWidget):
         self.dialog = None
 
     def show_failure(self, failure: ev.SiteFailed) -> None:
-        self.last_failure = failure
-        if failure.fatal:
-            self.stage.setText("stopped: see the message above")
-            self.train_bar.setRange(0, 1)
-            self.train_bar.setValue(0)
-            self.train_bar.setFormat("—")
-        todo = f"<br><b>What to do:</b> {failure.what_to_do}" if failure.what_to_do else ""
-        retry = "" if failure.fatal else "<br><i>The site keeps trying.</i>"
-        self.banner.setText(f"<b>{failure.message}</b>{todo}{retry}")
-        self.banner.setVisible(True)
+        """Show a problem found outside the driver (an identity key that cannot be made, a file that cannot be
+        imported) the way the driver's are shown."""
+        self._set_status(fold(self.status, failure))
         self.append_log(f"PROBLEM: {failure.message}" + (f" — {failure.what_to_do}" if failure.what_to_do else ""))
 
-    def append_log(self, line: str) -> None:
-        self.log.appendPlainText(f"{time.strftime('%H:%M:%S')}  {line}")
+    def append_log(self, line: str, detail: bool = False) -> None:
+        """One log line; a `detail` line (a stage of a round) shows only with "show every stage". The log follows
+        new lines unless the operator scrolled up to read."""
+        self._log_lines.append((f"{time.strftime('%H:%M:%S')}  {line}", detail))
+        if detail and not self.every_stage.isChecked():
+            return
+        bar = self.log.verticalScrollBar()
+        following = bar.value() >= bar.maximum() - 2
+        position = bar.value()
+        self.log.appendPlainText(self._log_lines[-1][0])
+        bar.setValue(bar.maximum() if following else position)
+
+    def _rebuild_log(self) -> None:
+        show_all = self.every_stage.isChecked()
+        self.log.setPlainText("\n".join(text for text, detail in self._log_lines if show_all or not detail))
+        self.log.verticalScrollBar().setValue(self.log.verticalScrollBar().maximum())
+
+    def _show_ca_fingerprint(self) -> None:
+        """The CA certificate's SHA-256 fingerprint, to confirm with the federation's admin by phone."""
+        from hemafed.core.trust.certs import certificate_fingerprint
+
+        path = self.ca.text().strip()
+        if not path:
+            self.ca_fingerprint.setText("")
+            return
+        try:
+            fp = certificate_fingerprint(Path(path))
+        except (OSError, ValueError) as exc:
+            self.ca_fingerprint.setText(f"<i>cannot read this certificate: {exc}</i>")
+            return
+        self.ca_fingerprint.setText(f"Fingerprint (confirm it with the federation's admin by phone):<br>"
+                                    f"<code>{fp}</code>")
 
     def shutdown(self, timeout: float = 15.0) -> None:
         """Leave (if joined) and wait for the driver's thread (window closing)."""

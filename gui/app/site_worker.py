@@ -142,6 +142,10 @@ class SiteWorker:
         if self.runner is not None:
             self.runner.answer_plan_threadsafe(accept, reason)
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
     def stop(self) -> None:
         with self._lock:
             self._stop_requested = True

@@ -67,6 +67,7 @@ class AppState(QObject):
         self.source = settings.get_str("data/source")
         self.epsilon = settings.get_float("privacy/epsilon", DEFAULT_EPSILON)
         self.max_delta = settings.get_float("privacy/max_delta", DEFAULT_MAX_DELTA)
+        self.operator = settings.get_str("site/operator", "")  # named in the record of each plan accepted here
         self.plan = default_plan()
         self.plan_received = False
         self.projection: Projection | None = None

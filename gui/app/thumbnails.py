@@ -36,11 +36,21 @@ def thumbnail_image(source: Path | np.ndarray, size: int = THUMB) -> QImage:
         resample = Image.Resampling.NEAREST if max(img.size) < size else Image.Resampling.BILINEAR
         img = img.resize((size, size), resample)
     else:
-        with Image.open(source) as opened:
-            opened.draft("RGB", (size * 2, size * 2))
-            img = opened.convert("RGB")
+        img = open_for_display(source, size * 2)
         img.thumbnail((size, size), Image.Resampling.BILINEAR)
     return array_to_qimage(np.asarray(img.convert("RGB")))
+
+
+def open_for_display(path: Path, at_least: int) -> Image.Image:
+    """An image file as 8-bit RGB, converted exactly as the scan and training convert it (16-bit, CMYK, alpha,
+    grayscale: `core.data.imaging.to_rgb`; PIL's own convert("RGB") clips 16-bit values to white). JPEGs are
+    drafted down to about `at_least` pixels first."""
+    from hemafed.core.data.imaging import to_rgb
+
+    with Image.open(path) as opened:
+        opened.draft("RGB", (at_least, at_least))
+        opened.load()
+        return to_rgb(opened).image
 
 
 class ThumbnailModel(QAbstractListModel):

@@ -62,8 +62,8 @@ class MainWindow(QMainWindow):
             self.statusBar().addPermanentWidget(w)
         state.scanChanged.connect(self._status)
         state.budgetChanged.connect(self._status)
-        self.federation_page.joinedChanged.connect(
-            lambda joined: self.status_fed.setText("joined" if joined else "not joined"))
+        # the same value the Federation page draws its panel and banner from
+        self.federation_page.statusChanged.connect(lambda status: self.status_fed.setText(status.headline()))
         self._status()
 
         geometry = state.settings.get_bytes("window/geometry")

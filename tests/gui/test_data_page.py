@@ -89,3 +89,18 @@ def test_cancel_stops_a_scan(qtbot, window, pbc: Path) -> None:
     assert job.cancelled()
     assert window.state.scan is None
     assert "cancelled" in page.summary.text()
+
+
+def test_a_16_bit_png_is_previewed_with_its_contrast_not_blank_white(qtbot, tmp_path) -> None:
+    """Qt and PIL's plain convert("RGB") clip 16-bit samples to white; the app shows what training sees."""
+    import numpy as np
+    from PIL import Image
+
+    from hemafed.gui.app.thumbnails import thumbnail_image
+
+    ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    path = tmp_path / "cell16.png"
+    Image.fromarray(ramp).save(path)  # mode I;16
+    image = thumbnail_image(path)
+    pixels = [image.pixelColor(x, y).red() for x in (2, 40, 80) for y in (2, 40, 80)]
+    assert max(pixels) - min(pixels) > 100 and min(pixels) < 60  # a dark-to-light ramp, not a white square

@@ -97,7 +97,7 @@ def test_plan_review_and_live_status_from_site_events(qtbot, window) -> None:
     privacy = PrivacySettings(sigma=1.234, sample_rate=0.1, steps=10, delta=1e-5)
     fed.on_event(ev.ConnectionChanged("connected", "wss://agg:8765"))
     assert fed.connection.text().startswith("connected")
-    fed.on_event(ev.PlanReceived(plan, privacy, (), (1.0, 2.0, 3.0)))
+    fed.on_event(ev.PlanReceived(plan, privacy, (), (1.0, 2.0, 3.0), awaiting_answer=True))
     assert state.plan == plan and state.plan_received
     dialog = fed.dialog
     assert dialog is not None and dialog.isVisible()
