@@ -127,13 +127,40 @@ class SiteConfig:
             aggregator=str(section["aggregator"]), epsilon=float(section["epsilon"]),
             federation=section.get("federation"), ca_file=_opt_path(base, section.get("ca_file")),
             insecure=bool(section.get("insecure", False)), accountant=str(section.get("accountant", "rdp")),
-            bounds=SiteBounds.from_dict(dict(data.get("bounds", {}))),
+            bounds=SiteBounds.from_dict(dict(data["bounds"])) if "bounds" in data else
+            read_bounds_file(base / section.get("state_dir", "site-state")) or SiteBounds(),
             torch_threads=section.get("torch_threads"),
             roster=_opt_path(base, section.get("roster")), roster_key=section.get("roster_key"),
             peers=tuple(section.get("peers", ())),
             simulation_seed=_opt_int(section, "simulation_seed", path),
             operator=str(section.get("operator", "")),
         )
+
+
+BOUNDS_FILE = "bounds.toml"
+
+
+def read_bounds_file(state_dir: Path) -> SiteBounds | None:
+    """The bounds the app saved in a site's state folder (`<state>/bounds.toml`), if any. site.toml's own
+    [bounds] section, when it has one, takes precedence."""
+    path = Path(state_dir) / BOUNDS_FILE
+    if not path.is_file():
+        return None
+    return SiteBounds.from_dict(dict(load_toml(path).get("bounds", {})))
+
+
+def write_bounds_file(state_dir: Path, bounds: SiteBounds) -> Path:
+    """Save what this site accepts where both the app and `hemafed site` read it."""
+    from dataclasses import asdict
+
+    from hemafed.core.atomic import atomic_write_bytes
+
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(bounds).items()}
+    path = Path(state_dir) / BOUNDS_FILE
+    header = "# What this site accepts of a federation's plan (written by the hemafed app; `hemafed site` reads it\n" \
+             "# when site.toml has no [bounds] section).\n"
+    atomic_write_bytes(path, (header + render_toml({"bounds": values})).encode(), mode=0o644)
+    return path
 
 
 def _section(data: dict[str, Any], name: str, path: Path) -> dict[str, Any]:

@@ -357,8 +357,8 @@ class FederationMachine:
     def _want(self) -> int:
         """The first round of a run waits (up to the join time-out) for every allowed site that has not
         refused the plan; later rounds go on once min_sites are ready, so a dead site cannot stall them."""
-        if self.round == self.first_round:
-            return max(len(self.site_ids) - len(self.rejected), 1)
+        if self.round == self.first_round:  # (never fewer than the plan's min_sites, whoever refused)
+            return max(len(self.site_ids) - len(self.rejected), self.plan.min_sites, 1)
         return self.plan.min_sites
 
     def _progress(self, now: float) -> list[Action]:

@@ -10,6 +10,7 @@ import time
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QAbstractItemView,
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
@@ -18,7 +19,10 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
+    QMessageBox,
+    QPushButton,
     QSlider,
+    QSpinBox,
     QSplitter,
     QTableWidget,
     QTableWidgetItem,
@@ -40,6 +44,13 @@ HELP = ("<b>ε (epsilon) limits how much the shared model can reveal about any o
         "the budget, this site stops taking part. Typical budgets are 1 (strong) to 10 (moderate). "
         "<br><b>δ</b> is the small chance the ε guarantee does not hold; it must stay far below 1 divided by "
         "the number of images. The federation's plan sets it; this site refuses plans above the value chosen here.")
+
+
+CHARGED_ANYWAY = ("This round did not complete ({why}), but its ε is counted: this site computed its update "
+                  "with fresh noise and recorded it before it could leave. Whether or not it reached the model, "
+                  "counting it is the safe choice: the spend is never under-reported.")
+RAN_AGAIN = ("The aggregator ran this round again (after a restart): each run drew fresh noise over this site's "
+             "images, so each is a spend of its own.")
 
 
 def protection_words(entry) -> str:
@@ -100,6 +111,29 @@ class PrivacyPage(QWidget):
         grid.addWidget(help_label, 3, 0, 1, 3)
         grid.setColumnStretch(1, 1)
 
+        # what this site accepts of a federation's plan (saved where `hemafed site` reads them too)
+        bounds = state.bounds
+        self.require_local = QCheckBox("add all the noise here (local DP): refuse plans that share the noise "
+                                       "with other hospitals")
+        self.require_local.setToolTip("Distributed DP (the default recipe) relies on the aggregator following the "
+                                      "protocol and on the other hospitals' noise shares; local DP trusts no one "
+                                      "but needs much more noise.")
+        self.require_local.setChecked(bounds.require_local_dp)
+        self.max_rounds = QSpinBox()
+        self.max_rounds.setRange(1, 100_000)
+        self.max_rounds.setValue(bounds.max_rounds)
+        self.require_local.toggled.connect(lambda _on: self._apply_bounds())
+        self.max_rounds.editingFinished.connect(self._apply_bounds)
+        bounds_box = QGroupBox("What this site accepts of a plan")
+        bf = QFormLayout(bounds_box)
+        bf.addRow(self.require_local)
+        bf.addRow("most rounds", self.max_rounds)
+        self.bounds_note = QLabel(f"Saved in {state.bounds_path()} (the headless site reads the same file). "
+                                  "Differential privacy and secure aggregation are always required.")
+        self.bounds_note.setWordWrap(True)
+        self.bounds_note.setObjectName("hint")
+        bf.addRow(self.bounds_note)
+
         self.plan_title = QLabel()
         self.plan_title.setWordWrap(True)
         self.sigma_label = QLabel("—")
@@ -110,6 +144,9 @@ class PrivacyPage(QWidget):
         self.verdict = QLabel()
         self.verdict.setWordWrap(True)
         self.verdict.setObjectName("verdict")
+        self.change_budget_btn = QPushButton()
+        self.change_budget_btn.setVisible(False)
+        self.change_budget_btn.clicked.connect(self._change_federation_budget)
         form = QFormLayout()
         form.addRow("noise σ (per step)", self.sigma_label)
         form.addRow("rounds in the plan", self.rounds_label)
@@ -120,6 +157,7 @@ class PrivacyPage(QWidget):
         pv.addWidget(self.plan_title)
         pv.addLayout(form)
         pv.addWidget(self.verdict)
+        pv.addWidget(self.change_budget_btn, 0, Qt.AlignmentFlag.AlignLeft)
         self.chart = Chart(height=2.3)
         pv.addWidget(self.chart, 1)
 
@@ -153,6 +191,7 @@ class PrivacyPage(QWidget):
         left_l = QVBoxLayout(left)
         left_l.setContentsMargins(0, 0, 0, 0)
         left_l.addWidget(budget_box)
+        left_l.addWidget(bounds_box)
         left_l.addWidget(ledger_box, 1)
         splitter = QSplitter()
         splitter.addWidget(left)
@@ -195,6 +234,30 @@ class PrivacyPage(QWidget):
     def set_budget(self, epsilon: float) -> None:
         """Programmatic budget change (as if typed into the box)."""
         self.spin.setValue(epsilon)
+
+    def _apply_bounds(self) -> None:
+        self.state.set_bounds(require_local_dp=self.require_local.isChecked(), max_rounds=self.max_rounds.value())
+
+    def _change_federation_budget(self, _checked: bool = False, *, confirm: bool = True) -> bool:
+        """Set the budget in this federation's ledger to the page's budget, after saying what it means."""
+        ledger = self.state.ledger_for(self.state.plan.federation_id)
+        if ledger is None or "error" in ledger:
+            return False
+        new, old, spent = self.state.epsilon, ledger["budget_epsilon"], ledger["spent_epsilon"]
+        if confirm:
+            answer = QMessageBox.question(
+                self, "Change this federation's budget",
+                f"Federation {ledger['federation_id']}: its privacy budget is ε = {old:g}, of which this site has "
+                f"spent ε = {spent:.3g}.\n\nSet it to ε = {new:g}? "
+                + ("A larger budget lets this site take part in more rounds: more about its patients' images may "
+                   "show in the shared model (ε is the limit). " if new > old else
+                   "A smaller budget ends this site's part sooner. ")
+                + "Spent privacy never comes back, and the ledger keeps a record of this change.",
+                QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
+            if answer != QMessageBox.StandardButton.Yes:
+                return False
+        return self.state.change_federation_budget(ledger["federation_id"], new,
+                                                   reason=f"changed in the app from ε = {old:g}")
 
     # -- projection ---------------------------------------------------------------------------
 
@@ -252,6 +315,12 @@ class PrivacyPage(QWidget):
                             ylabel="ε",
                             hline=proj.budget, hline_label=f"budget ε = {proj.budget:g}",
                             ylim=(0, proj.budget * 1.15))
+        ledger = state.ledger_for(plan.federation_id)
+        differs = ledger is not None and "error" not in ledger and ledger["budget_epsilon"] != state.epsilon
+        self.change_budget_btn.setVisible(differs)
+        if differs:
+            self.change_budget_btn.setText(f"Change this federation's budget from ε = {ledger['budget_epsilon']:g} "
+                                           f"to {state.epsilon:g}…")
         self.verdict.style().unpolish(self.verdict)
         self.verdict.style().polish(self.verdict)
 
@@ -259,7 +328,7 @@ class PrivacyPage(QWidget):
 
     def refresh_ledgers(self) -> None:
         ledgers = self.state.ledgers
-        self.ledger_note.setText(f"Stored in {self.state.state_dir / 'ledgers'}. Each round is written here "
+        self.ledger_note.setText(f"Stored in {self.state.state_dir / 'site.sqlite'}. Each round is written here "
                                  "before this site's update leaves the computer." if ledgers else
                                  "No rounds trained yet: nothing spent.")
         self.ledger_table.setRowCount(len(ledgers))
@@ -284,12 +353,19 @@ class PrivacyPage(QWidget):
             return
         entry = self.state.ledgers[rows[0].row()]
         entries = self.state.ledger_entries(entry["federation_id"]) if "error" not in entry else []
+        incomplete = self.state.rounds_not_completed(entry.get("federation_id", ""))
         self.history.setRowCount(len(entries))
         for r, e in enumerate(entries):
-            values = (str(e.round), f"{e.epsilon:.4g}", f"{e.sigma:.3f}", str(e.steps), protection_words(e),
+            round_text = str(e.round) if e.attempt == 1 else f"{e.round} (run {e.attempt})"
+            why = incomplete.get((e.round, e.attempt))
+            if why:
+                round_text += " — not completed"
+            values = (round_text, f"{e.epsilon:.4g}", f"{e.sigma:.3f}", str(e.steps), protection_words(e),
                       time.strftime("%d %b %H:%M", time.localtime(e.time)))
             for c, value in enumerate(values):
                 item = QTableWidgetItem(value)
                 if c == 4 and e.protection:
                     item.setToolTip(e.protection)  # the ledger's own sentence: against whom, assuming what
+                if c == 0 and (why or e.attempt > 1):
+                    item.setToolTip(CHARGED_ANYWAY.format(why=why) if why else RAN_AGAIN)
                 self.history.setItem(r, c, item)

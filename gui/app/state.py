@@ -114,7 +114,63 @@ class AppState(QObject):
 
     @property
     def bounds(self) -> SiteBounds:
-        return SiteBounds(max_delta=self.max_delta)
+        """What this site accepts of a plan (the Privacy page sets it; `<state>/bounds.toml` keeps it)."""
+        from dataclasses import replace
+
+        from hemafed.network.config import read_bounds_file
+
+        return replace(read_bounds_file(self.state_dir) or SiteBounds(), max_delta=self.max_delta)
+
+    def bounds_path(self) -> Path:
+        from hemafed.network.config import BOUNDS_FILE
+
+        return self.state_dir / BOUNDS_FILE
+
+    def set_bounds(self, **changes) -> None:
+        """Change what this site accepts (and write it where the headless site reads it too)."""
+        from dataclasses import replace
+
+        from hemafed.network.config import write_bounds_file
+
+        bounds = replace(self.bounds, **changes)
+        write_bounds_file(self.state_dir, bounds)
+        self.update_projection()
+
+    def change_federation_budget(self, federation_id: str, epsilon: float, reason: str = "") -> bool:
+        """Set a federation's budget in its ledger (never below what is spent); False with the reason logged
+        when the ledger refuses."""
+        from hemafed.core.privacy.ledger import LedgerError, PrivacyLedger
+
+        try:
+            PrivacyLedger(federation_id, state=self.state_dir).change_budget(epsilon, reason)
+        except (LedgerError, FileNotFoundError) as exc:
+            self.last_error = str(exc)
+            return False
+        self.refresh_ledgers()
+        self.update_projection()
+        return True
+
+    last_error = ""
+
+    def rounds_not_completed(self, federation_id: str) -> dict[tuple[int, int], str]:
+        """(round, run) → why, for ledger rounds whose update did not make it into a completed round (this site
+        left, or the round was abandoned), from the site's round log."""
+        from hemafed.core.privacy.store import SiteStore
+
+        try:
+            log = SiteStore(self.state_dir).round_log(federation_id)
+        except Exception:  # a damaged store is reported by the ledger view itself
+            return {}
+        runs: dict[int, int] = {}
+        out: dict[tuple[int, int], str] = {}
+        for line in log:
+            rnd, status = line["round"], line["status"]
+            if status == "trained":
+                runs[rnd] = runs.get(rnd, 0) + 1
+            elif status in ("left", "round_end") and line.get("outcome") in ("left", "abandoned") and rnd in runs:
+                out[(rnd, runs[rnd])] = "this site left the round" if line.get("outcome") == "left" else \
+                    "the round was abandoned: too few sites remained"
+        return out
 
     def set_budget(self, epsilon: float, max_delta: float | None = None) -> None:
         changed = epsilon != self.epsilon or (max_delta is not None and max_delta != self.max_delta)

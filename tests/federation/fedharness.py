@@ -36,8 +36,9 @@ class Federation:
     aggregator: Aggregator | None = None
     runners: dict[str, SiteRunner] = field(default_factory=dict)
 
-    async def start_aggregator(self, cls: type[Aggregator] = Aggregator, port: int = 0) -> asyncio.Task:
-        self.aggregator = cls(replace(self.agg_config, port=port))
+    async def start_aggregator(self, cls: type[Aggregator] = Aggregator, port: int | None = None) -> asyncio.Task:
+        """The aggregator on `port` (default: the config's, 0 unless a test fixed one)."""
+        self.aggregator = cls(replace(self.agg_config, port=self.agg_config.port if port is None else port))
         task = asyncio.create_task(self.aggregator.run())
         await asyncio.wait_for(self.aggregator.listening.wait(), 120)
         return task

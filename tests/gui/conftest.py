@@ -24,6 +24,7 @@ def no_threads_or_timers_left(qapp):
     assert wait_for_jobs(20_000), "a worker job was still running 20 s after the test"
     qapp.processEvents()
     pool = QThreadPool.globalInstance()
+    pool.waitForDone(5_000)  # a job that has just returned may still be leaving its pool thread
     assert pool.activeThreadCount() == 0, "the thread pool still runs a job"
     deadline = 50
     while deadline and [t for t in set(threading.enumerate()) - before if t.is_alive()
