@@ -49,6 +49,11 @@ def run_app(config_dir: str | os.PathLike[str] | None = None, argv: list[str] | 
         since_launch = now - float(probe) if probe.replace(".", "", 1).isdigit() else float("nan")
         print(f"main window shown: {since_launch:.3f} s after launch, "
               f"{time.perf_counter() - started:.3f} s in-process", flush=True)
+        state = window.state
+        while state.ledgers_loading or state.projection_pending:  # the ledgers read, the projection shown
+            app.processEvents()
+            time.sleep(0.005)
+        print(f"ledgers and projection shown: {time.time() - float(probe):.3f} s after launch", flush=True)
         window.close()
         wait_for_jobs()
         return 0

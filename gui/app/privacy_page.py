@@ -328,6 +328,9 @@ class PrivacyPage(QWidget):
 
     def refresh_ledgers(self) -> None:
         ledgers = self.state.ledgers
+        if self.state.ledgers_loading:
+            self.ledger_note.setText("Reading this site's privacy ledgers…")
+            return
         self.ledger_note.setText(f"Stored in {self.state.state_dir / 'site.sqlite'}. Each round is written here "
                                  "before this site's update leaves the computer." if ledgers else
                                  "No rounds trained yet: nothing spent.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PySide6.QtCore import QObject, QTimer, Signal
@@ -12,9 +13,12 @@ from PySide6.QtCore import QObject, QTimer, Signal
 from hemafed.core.data.scan import ScanReport
 from hemafed.core.rounds.plan import FederationPlan, SiteBounds
 
-from .projection import Projection, project
+from .projection import project
 from .settings import Settings
 from .workers import Job
+
+if TYPE_CHECKING:
+    from hemafed.core.learning.site_trainer import Projection
 
 DEFAULT_EPSILON = 8.0
 DEFAULT_MAX_DELTA = 1e-4
@@ -85,7 +89,9 @@ class AppState(QObject):
         self._debounce.setSingleShot(True)
         self._debounce.setInterval(120)
         self._debounce.timeout.connect(self._start_projection)
-        self.refresh_ledgers()
+        # the ledgers are read in a worker: a long ledger never holds the window back at start
+        self.ledgers_loading = True
+        self.refresh_ledgers_soon()
         self.update_projection()
 
     # -- data ---------------------------------------------------------------------------------
@@ -202,7 +208,7 @@ class AppState(QObject):
     def refresh_ledgers(self) -> None:
         from hemafed.core.privacy.ledger import list_ledgers
 
-        self.ledgers = list_ledgers(self.state_dir)
+        self.ledgers, self.ledgers_loading = list_ledgers(self.state_dir), False
         self.ledgersChanged.emit()
 
     def refresh_ledgers_soon(self) -> None:
@@ -218,7 +224,7 @@ class AppState(QObject):
         job.start()
 
     def _ledgers_read(self, ledgers: list) -> None:
-        self.ledgers = ledgers
+        self.ledgers, self.ledgers_loading = ledgers, False
         self.ledgersChanged.emit()
         self.update_projection()  # what is spent changed: so did what the rest of the plan would spend
 

@@ -31,6 +31,11 @@ def _gui(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UserFacingError(f"the desktop app needs PySide6 ({exc}); install with: pip install 'hemafed[gui]'") \
             from exc
+    from hemafed.gui.app.system_check import missing_qt_libraries, qt_libraries_message
+
+    missing = missing_qt_libraries()
+    if missing:  # Qt would abort with a message that names one of them at best
+        raise UserFacingError(qt_libraries_message(missing))
     return run_app(config_dir=args.config_dir)
 
 

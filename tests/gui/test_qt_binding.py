@@ -29,3 +29,18 @@ def test_void_calls_and_emits_keep_none_and_true_alive(qapp) -> None:
         emitter.fired.emit(i)
     assert len(seen) == 1000
     assert sys.getrefcount(True) - before > -100, "the Qt binding releases True on Signal.emit()"
+
+
+def test_missing_qt_system_libraries_are_named_with_the_install_command() -> None:
+    from hemafed.gui.app.system_check import missing_qt_libraries, qt_libraries_message
+
+    def lacking(name: str) -> str | None:
+        return None if name in ("xcb-cursor", "xcb-icccm", "xcb-keysyms") else f"lib{name}.so"
+
+    env = {"DISPLAY": ":0"}
+    missing = missing_qt_libraries(env, find=lacking)
+    assert missing == ["libxcb-cursor0", "libxcb-icccm4", "libxcb-keysyms1"]
+    text = qt_libraries_message(missing)
+    assert "sudo apt install libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1" in text
+    assert missing_qt_libraries({"DISPLAY": ":0", "QT_QPA_PLATFORM": "offscreen"}, find=lacking) == []
+    assert missing_qt_libraries({}, find=lacking) == []  # no desktop session: nothing to check
