@@ -115,6 +115,23 @@ def test_fedavg_rounds_record_exactly_the_projection_the_app_shows(tmp_path: Pat
     assert [(e.sigma, e.sample_rate, e.steps) for e in ledger.entries] == [(proj.sigma, 0.25, 4)] * 3
 
 
+def test_a_round_re_run_after_an_aggregator_restart_is_charged_and_the_last_round_still_fits(tmp_path: Path) -> None:
+    """Local DP: the re-run is a second release, so it is charged; σ is fitted again for the rounds left (from
+    the count alone), so the plan still ends inside the budget instead of the site declining its last round."""
+    plan = _fedavg_plan(True)
+    ledger = PrivacyLedger(plan.federation_id, 5.0, 1e-5, state=tmp_path)
+    trainer = site_trainer(plan, seed=7)
+    proj = trainer.prepare(ledger, _data(32, 0, n_val=8), 5.0)
+    w = get_flat_params(build_model(plan.model, 8, seed=0))
+    for rnd in (1, 2, 2, 3):  # the aggregator restarted after this site had sent round 2
+        trainer.contribution(rnd, w)
+    assert [e.round for e in ledger.entries] == [1, 2, 2, 3]
+    sigmas = [e.sigma for e in ledger.entries]
+    assert sigmas[:2] == [proj.sigma] * 2 and sigmas[2] == sigmas[3] > proj.sigma
+    assert proj.epsilon_per_round[-1] - 0.01 < ledger.spent_epsilon() <= 5.0
+    assert trainer.projection.sigma == sigmas[2]  # what the app shows from now on
+
+
 def test_a_budget_too_small_is_refused_before_anything_is_recorded(tmp_path: Path, cache: FeatureCache) -> None:
     plan = _fedsgd_plan("distributed", epsilon=8.0)
     ledger = PrivacyLedger(plan.federation_id, 5.0, 1e-5, state=tmp_path)

@@ -457,6 +457,30 @@ class FedAvgTrainer(SiteTrainer):
         curve = tuple(acc.epsilon_curve(sigma, q, steps, remaining, proj.delta))
         return replace(proj, sigma=sigma, epsilon_per_round=curve, rounds_allowed=remaining)
 
+    def _sigma_for(self, rnd: int, q: float, steps: int) -> float:
+        """The projection's σ, unless this site was charged for more rounds than came before `rnd`: a round the
+        aggregator re-ran after a restart is a second release and is charged again, so σ is fitted anew for the
+        plan's rounds from `rnd` on in the budget that is left. The σ depends only on that count, never on the
+        images. Without it the re-run would use the last round's share and the site would have to decline it."""
+        proj, ledger = self.projection, self.ledger
+        if ledger.rounds <= rnd - 1:
+            return proj.sigma
+        remaining = max(self.plan.rounds - rnd + 1, 1)
+        acc = ledger.accountant()
+        try:
+            sigma = calibrate_sigma(proj.budget, proj.delta, q, steps * remaining, kind=acc.kind,
+                                    prior=list(acc.history))
+        except BudgetTooSmall:
+            return proj.sigma  # check_round refuses it with the numbers
+        if sigma > proj.sigma:
+            log.info("round %d: %d rounds charged so far (a re-run round counts twice): σ %.4g → %.4g so that "
+                     "the %d rounds left fit the budget", rnd, ledger.rounds, proj.sigma, sigma, remaining)
+            curve = tuple(acc.epsilon_curve(sigma, q, steps, remaining, proj.delta))
+            self._bound.projection = replace(proj, sigma=sigma, epsilon_per_round=curve, rounds_done=ledger.rounds,
+                                             rounds_allowed=remaining)
+            return sigma
+        return proj.sigma
+
     def _data_problems(self, data: SiteData) -> list[str]:
         n = len(data.train_labels)
         plan = self.plan
@@ -495,6 +519,7 @@ class FedAvgTrainer(SiteTrainer):
         n = len(labels)
         if plan.dp:
             q, steps = sample_rate(n, plan.batch_size), steps_per_round(n, plan.batch_size, plan.local_epochs)
+            sigma = self._sigma_for(rnd, q, steps)
             ledger.check_round(sigma, q, steps)
         start_hash = model_hash(model)
         seed = None if self.seed is None else int(np.random.SeedSequence([self.seed, rnd]).generate_state(1)[0])

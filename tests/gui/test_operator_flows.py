@@ -53,6 +53,13 @@ def test_a_refused_join_then_a_raised_budget_joins_without_touching_files(qtbot,
         wait_left(qtbot, window, timeout=180_000)
     assert events(seen, ev.Finished)[-1].outcome == "done"
     assert all(GUI_SITE in o.survivors for o in agg.fed.aggregator.outcomes)
+    # the accuracy history the Results page showed live is what the site's store gives back after a restart
+    from hemafed.gui.app.state import round_history
+
+    federation_id, history = round_history(fed.root / GUI_SITE)
+    assert federation_id == fed.plan.federation_id
+    assert [(r.round, r.accuracy) for r in history] == [(r.round, r.accuracy) for r in window.state.rounds]
+    assert any(r.accuracy is not None for r in history)
     ledger = PrivacyLedger(fed.plan.federation_id, state=fed.root / GUI_SITE)
     assert ledger.budget_epsilon == 8.0 and ledger.rounds == fed.plan.rounds
     assert not page.banner.isVisible()
@@ -109,6 +116,10 @@ def test_an_aggregator_restart_needs_no_click_and_a_changed_plan_is_reviewed_aga
     received = events(seen, ev.PlanReceived)
     assert len(received) >= 2 and not received[-1].awaiting_answer  # no second review
     assert events(seen, ev.Finished)[-1].outcome == "done" and page.dialog is None
+    ledger = PrivacyLedger(fed.plan.federation_id, state=fed.root / GUI_SITE)
+    # every round once and a round re-run after the restart twice (a second release), all inside the budget
+    assert {e.round for e in ledger.entries} == set(range(1, fed.plan.rounds + 1))
+    assert ledger.spent_epsilon() <= ledger.budget_epsilon
     # a new federation run with a changed plan (another state folder): reviewed again, with what changed
     fed.plan = replace(fed.plan, rounds=5)
     fed.agg_config = replace(fed.agg_config, plan=fed.plan, state_dir=tmp_path / "aggregator-2")
