@@ -63,6 +63,7 @@ class ExperimentOptions:
     alone_np_sample_rate: float = 0.2
     main_job: bool = True
     workers: int = 2  # processes running rows at once (one torch thread each)
+    resume: bool = False  # keep the rows of `out/results.json` measured with the same seeds; run only the others
     subset: int | None = None  # training images (tests: a small experiment)
     test_subset: int | None = None
 
@@ -226,6 +227,15 @@ def precompute_features(opts: ExperimentOptions) -> float:
     return time.perf_counter() - started
 
 
+def _measured_rows(path: Path, n_seeds: int) -> dict[tuple, Row]:
+    """The in-process rows of an interrupted run (`--resume`), keyed like the plan; the main job always reruns."""
+    if not path.exists():
+        return {}
+    rows = [Row(**r) for r in json.loads(path.read_text())]
+    return {(r.section, r.setting, r.partition, r.epsilon): r for r in rows
+            if r.section != "main job" and len(r.accuracies) == n_seeds}
+
+
 def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str) -> list[Row]:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -276,10 +286,15 @@ def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str) 
         (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
         write_results(doc, rows, opts, base, command, time.time() - started, features_s, partial=True)
 
-    jobs = [job for *_, row_jobs in plans for job in row_jobs]
+    kept = _measured_rows(out / "results.json", len(opts.seeds)) if opts.resume else {}
+    jobs = [job for section, setting, partition, eps, _, row_jobs in plans
+            if (section, setting, partition, eps) not in kept for job in row_jobs]
     with ProcessPoolExecutor(max_workers=max(1, opts.workers), mp_context=get_context("spawn")) as pool:
         results = pool.map(_run, jobs)  # in order, as they finish: each row is written as soon as it is complete
         for section, setting, partition, eps, note, row_jobs in plans:
+            if (section, setting, partition, eps) in kept:
+                record(kept[section, setting, partition, eps])
+                continue
             done = [next(results) for _ in row_jobs]
             record(Row(section, setting, partition, eps, done[0].sigma, [r.accuracy for r in done],
                        [r.seconds for r in done], note))
