@@ -362,7 +362,9 @@ class SiteRunner:
         elif isinstance(event, RoundFinished):
             # the site's own round log (the simulation's traffic figures come from it)
             status = "round_end" if event.status in ("completed", "abandoned") else event.status
+            # accuracy and ε too: the app's accuracy history is read back from this log after a restart
             self._log_round(event.round, status, outcome=event.status, detail=event.detail,
+                            accuracy=event.accuracy, epsilon_spent=event.epsilon_spent,
                             bytes_sent=self.bytes_sent, bytes_received=self.bytes_received)
 
     def _emit(self, event: SiteEvent) -> None:

@@ -11,6 +11,7 @@ keeps: a full-field microscope image gets BloodMNIST's 200/360 centre crop first
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 from collections.abc import Callable, Iterable, Sequence
@@ -176,6 +177,17 @@ class Prediction:
         return out
 
 
+def percent(p: float) -> str:
+    """A model's probability as a percentage with one decimal that never reads 100 % or 0 %: a softmax is never
+    certain, and "100 %" tells an operator it is."""
+    value = round(100.0 * float(p), 1)
+    if value >= 100.0:
+        return ">99.9%"
+    if value <= 0.0:
+        return "<0.1%"
+    return f"{value:.1f}%"
+
+
 @dataclass
 class ClassifyReport:
     model: str
@@ -194,6 +206,20 @@ class ClassifyReport:
         for row in out.values():
             row["accuracy"] = row["correct"] / row["images"]
         return dict(sorted(out.items()))
+
+    def write_csv(self, path: str | Path, classes: Sequence[str]) -> None:
+        """One row per file: its class folder (if any), the prediction, the probability of each class (fractions,
+        full precision, for a spreadsheet) and why a file could not be read."""
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file", "class folder", "predicted", "probability of predicted", "matches folder",
+                             *(f"p({c})" for c in classes), "problem"])
+            for p in self.predictions:
+                probs = [p.probabilities.get(c, "") for c in classes] if not p.error else [""] * len(classes)
+                match = "" if p.error or p.true_class is None else ("yes" if p.predicted == p.true_class else "no")
+                top = p.probabilities.get(p.predicted, "") if p.predicted and not p.error else ""
+                writer.writerow([p.path, p.true_class or "", "" if p.error else p.predicted, top, match, *probs,
+                                 p.error or ""])
 
     def to_dict(self) -> dict:
         out: dict = {"model": self.model, "files": [p.to_dict() for p in self.predictions]}

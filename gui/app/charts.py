@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QImage, QPixmap, QResizeEvent
 from PySide6.QtWidgets import QLabel, QSizePolicy
@@ -128,7 +129,12 @@ class Chart(QLabel):
 
         def draw(fig: Figure) -> None:
             ax = self._axes(fig)
-            ax.plot(x, y, marker="o", color="#3b6ea8")
+            # markers only while they stay apart: 1,000 rounds of markers merge into a blob
+            ax.plot(x, y, marker="o" if len(x) <= 40 else None, markersize=4, linewidth=1.4 if len(x) <= 200 else 1.0,
+                    color="#3b6ea8")
+            if len(x) > 12:  # too many points to label each: label the latest
+                ax.annotate(fmt.format(y[-1]), (x[-1], y[-1]), textcoords="offset points", xytext=(0, 6),
+                            ha="right", fontsize=FONT_SIZE - 1)
             if len(x) <= 12:
                 for xi, yi in zip(x, y, strict=True):
                     ax.annotate(fmt.format(yi), (xi, yi), textcoords="offset points", xytext=(0, 6),
@@ -140,8 +146,10 @@ class Chart(QLabel):
             ax.set_xlabel(xlabel, fontsize=FONT_SIZE)
             ax.set_ylabel(ylabel, fontsize=FONT_SIZE)
             ax.set_title(title, fontsize=FONT_SIZE + 1)
-            if len(x):
-                ax.set_xticks(list(x) if len(x) <= 20 else np.linspace(min(x), max(x), 10).round())
+            if len(x) <= 20:
+                ax.set_xticks(list(x))
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
             if ylim:
                 ax.set_ylim(*ylim)
             else:

@@ -329,8 +329,7 @@ class FederationPage(QWidget):
         self.worker.bridge.crashed.connect(lambda msg: self.on_event(ev.SiteFailed(
             msg, fatal=True, what_to_do="see the log; try Join again", code="internal")))
         self.worker.bridge.finished.connect(self._worker_finished)
-        self.state.rounds = []  # a new federation: nothing of an earlier one is shown
-        self.state.roundsChanged.emit()
+        self.state.clear_rounds(None)  # a new federation: nothing of an earlier one is shown
         self._set_status(joining())
         self.append_log(f"joining {cfg.aggregator} with budget ε = {cfg.epsilon:g}")
         self.joinedChanged.emit(True)
@@ -369,6 +368,7 @@ class FederationPage(QWidget):
                             + (f" — {e.detail}" if e.detail else ""), detail=e.state == "connecting")
         elif isinstance(e, ev.PlanReceived):
             self.state.set_plan(e.plan, received=True)
+            self.state.load_rounds(e.plan.federation_id)  # a rejoin continues the history this site has
             self.append_log(f"plan received: {e.plan.rounds} rounds of {e.plan.model}, federation "
                             f"{e.plan.federation_id}" + (" (the plan you accepted before)" if not e.awaiting_answer
                                                           and not e.problems else ""))
@@ -507,8 +507,17 @@ class FederationPage(QWidget):
             return
         try:
             fp = certificate_fingerprint(Path(path))
-        except (OSError, ValueError) as exc:
-            self.ca_fingerprint.setText(f"<i>cannot read this certificate: {exc}</i>")
+        except FileNotFoundError:
+            self.ca_fingerprint.setText("<i>No file at this path: choose the CA certificate (.pem) that the "
+                                        "federation's admin sent you.</i>")
+            return
+        except OSError as exc:
+            self.ca_fingerprint.setText(f"<i>This file cannot be opened ({exc.strerror or 'no permission'}): "
+                                        "copy the CA certificate somewhere this account can read.</i>")
+            return
+        except ValueError:
+            self.ca_fingerprint.setText("<i>This file is not a certificate (a .pem file that starts with "
+                                        "BEGIN CERTIFICATE): choose the one the federation's admin sent you.</i>")
             return
         self.ca_fingerprint.setText(f"Fingerprint (confirm it with the federation's admin by phone):<br>"
                                     f"<code>{fp}</code>")

@@ -4,10 +4,11 @@ the same code as `hemafed classify`)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
-from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QDragEnterEvent, QDropEvent
+from PySide6.QtCore import QSize, Qt, Signal
+from PySide6.QtGui import QColor, QDragEnterEvent, QDropEvent, QIcon, QPixmap
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QFileDialog,
@@ -15,6 +16,7 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
+    QProgressBar,
     QPushButton,
     QSplitter,
     QTableWidget,
@@ -50,8 +52,33 @@ def site_validation_confusion(model_path: Path, source: str, val_fraction: float
     return model, evaluate(model.model, site.images[val], site.labels[val], len(model.classes))
 
 
+COLUMNS = ["", "image", "class folder", "predicted class", "probability", "next most likely"]
+THUMB_COL, NAME_COL, FOLDER_COL, PRED_COL, PROB_COL, NEXT_COL = range(len(COLUMNS))
+CLASSIFY_THUMB = 40
+PredictionRole = Qt.ItemDataRole.UserRole + 1
+SortRole = Qt.ItemDataRole.UserRole + 2
+
+
+class SortItem(QTableWidgetItem):
+    """A cell that sorts by the value it was given (a probability sorts as a number, not as text)."""
+
+    def __lt__(self, other: QTableWidgetItem) -> bool:
+        mine, theirs = self.data(SortRole), other.data(SortRole)
+        if mine is None or theirs is None:
+            return super().__lt__(other)
+        return mine < theirs
+
+
+def _item(text: str, sort: object | None = None, tooltip: str = "") -> SortItem:
+    item = SortItem(text)
+    item.setData(SortRole, text.lower() if sort is None else sort)
+    if tooltip:
+        item.setToolTip(tooltip)
+    return item
+
+
 class ClassifyPanel(QWidget):
-    """Open or drop images; see the predicted class and the probabilities."""
+    """Open or drop images; see the predicted class and the probabilities, sort, export."""
 
     classified = Signal(object)  # ClassifyReport
 
@@ -60,6 +87,7 @@ class ClassifyPanel(QWidget):
         self.results = results
         self.job: Job | None = None
         self.report = None
+        self.classes: list[str] = []
         self.setAcceptDrops(True)
         note = QLabel(NOT_DIAGNOSTIC)
         note.setObjectName("warning")
@@ -68,28 +96,55 @@ class ClassifyPanel(QWidget):
         self.open_btn.clicked.connect(self._open_dialog)
         self.folder_btn = QPushButton("Open folder…")
         self.folder_btn.clicked.connect(self._open_folder)
+        self.export_btn = QPushButton("Export CSV…")
+        self.export_btn.setToolTip("One row per image: the prediction and the probability of every class")
+        self.export_btn.setEnabled(False)
+        self.export_btn.clicked.connect(self._export_dialog)
         self.status = QLabel("Open or drop image files (JPEG, PNG, TIFF, BMP; full-size microscope images are "
-                             "fine) or a folder.")
+                             "fine) or a folder. Images in a folder named after a class are checked against it.")
         self.status.setWordWrap(True)
         row = QHBoxLayout()
         row.addWidget(self.open_btn)
         row.addWidget(self.folder_btn)
         row.addWidget(self.status, 1)
-        self.table = QTableWidget(0, 4)
-        self.table.setHorizontalHeaderLabels(["image", "predicted class", "confidence", "next most likely"])
+        row.addWidget(self.export_btn)
+        self.progress = QProgressBar()
+        self.progress.setFormat("classifying %v of %m images")
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.clicked.connect(self.cancel)
+        prow = QHBoxLayout()
+        prow.setContentsMargins(0, 0, 0, 0)
+        prow.addWidget(self.progress, 1)
+        prow.addWidget(self.cancel_btn)
+        self.progress_row = QWidget()
+        self.progress_row.setLayout(prow)
+        self.progress_row.setVisible(False)
+
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.horizontalHeaderItem(PROB_COL).setToolTip(
+            "How sure the model is of its prediction. A model is never certain: it never shows 100 %.")
+        self.table.horizontalHeaderItem(FOLDER_COL).setToolTip(
+            "The class named by the folder the image is in, when the folder is named after a class")
         header = self.table.horizontalHeader()
-        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        for c in (1, 2):
+        header.setSectionResizeMode(THUMB_COL, QHeaderView.ResizeMode.Fixed)
+        header.resizeSection(THUMB_COL, CLASSIFY_THUMB + 8)
+        header.setSectionResizeMode(NAME_COL, QHeaderView.ResizeMode.Stretch)
+        for c in (FOLDER_COL, PRED_COL, PROB_COL):
             header.setSectionResizeMode(c, QHeaderView.ResizeMode.ResizeToContents)
-        header.setSectionResizeMode(3, QHeaderView.ResizeMode.Stretch)
+        header.setSectionResizeMode(NEXT_COL, QHeaderView.ResizeMode.Stretch)
         self.table.verticalHeader().setVisible(False)
+        self.table.verticalHeader().setDefaultSectionSize(CLASSIFY_THUMB + 4)
+        self.table.setIconSize(QSize(CLASSIFY_THUMB, CLASSIFY_THUMB))
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.table.itemSelectionChanged.connect(self._show_probabilities)
         self.probs = Chart(height=2.0, min_height=150)
         layout = QVBoxLayout(self)
         layout.addWidget(note)
         layout.addLayout(row)
+        layout.addWidget(self.progress_row)
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(self.table)
         split.addWidget(self.probs)
@@ -121,66 +176,137 @@ class ClassifyPanel(QWidget):
         model_path = self.results.state.model_path
         if model_path is None:
             self.status.setText("<b>No model yet.</b> Join a federation until it finishes, or open a model file "
-                                "above.")
+                                "on the “Model and accuracy” tab.")
             return False
         if self.job is not None:
             return False
-        self.status.setText(f"Classifying {len(paths)} item(s)…")
+        self.status.setText("Finding the images…")
         self.open_btn.setEnabled(False)
         self.folder_btn.setEnabled(False)
+        self.progress.setRange(0, 0)
+        self.progress_row.setVisible(True)
+        self.cancel_btn.setEnabled(True)
 
         def work(job: Job):
             from hemafed.core.learning.classify import classify_paths
 
+            from .thumbnails import thumbnail_image
+
             model = self.results.loaded_model(model_path)
-            return classify_paths(model, paths, progress=job.progress, cancelled=job.cancelled)
+            report = classify_paths(model, paths, progress=job.progress, cancelled=job.cancelled)
+            thumbs = {}
+            for p in report.predictions:  # the table's small pictures, decoded here, not on the GUI thread
+                if job.cancelled():
+                    break
+                # an image that classified but cannot be drawn gets a row without a picture
+                with contextlib.suppress(Exception):
+                    if not p.error:
+                        thumbs[p.path] = thumbnail_image(Path(p.path), CLASSIFY_THUMB)
+            return model.classes, report, thumbs
 
         self.job = Job(work)
-        self.job.signals.result.connect(self.show_report)
-        self.job.signals.errored.connect(lambda m: self.status.setText(f"<b>Cannot classify:</b> {m}"))
+        self.job.signals.progress.connect(self._progress)
+        self.job.signals.result.connect(lambda result: self.show_report(result[1], result[0], result[2]))
+        self.job.signals.errored.connect(lambda m: self.status.setText(
+            f"<b>Cannot classify:</b> {m}. Check that the model file is a hemafed model (open it again on the "
+            "“Model and accuracy” tab)."))
+        self.job.signals.cancelled.connect(lambda: self.status.setText("Cancelled; the table shows the previous "
+                                                                       "results, if any."))
         self.job.signals.finished.connect(self._done)
         self.job.start()
         return True
 
+    def _progress(self, done: int, total: int) -> None:
+        self.progress.setRange(0, max(total, 1))
+        self.progress.setValue(done)
+        self.status.setText(f"Classifying {total} images…")
+
+    def cancel(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+            self.cancel_btn.setEnabled(False)
+
     def _done(self) -> None:
         self.job = None
+        self.progress_row.setVisible(False)
         self.open_btn.setEnabled(True)
         self.folder_btn.setEnabled(True)
 
-    def show_report(self, report) -> None:
-        self.report = report
+    def show_report(self, report, classes: list[str] | None = None, thumbs: dict | None = None) -> None:
+        from hemafed.core.learning.classify import percent
+
+        self.report, thumbs = report, thumbs or {}
+        self.classes = list(classes) if classes else sorted({c for p in report.predictions for c in p.probabilities})
         preds = report.predictions
+        self.table.setSortingEnabled(False)  # rows are filled in order, then sorted as the operator chose
         self.table.setRowCount(len(preds))
         for r, p in enumerate(preds):
-            name = QTableWidgetItem(Path(p.path).name)
-            name.setToolTip(p.path)
+            thumb = _item("", sort=r)
+            if p.path in thumbs:
+                thumb.setIcon(QIcon(QPixmap.fromImage(thumbs[p.path])))
+            name = _item(Path(p.path).name, tooltip=p.path)
+            name.setData(PredictionRole, r)
+            folder = _item(p.true_class or "—", sort=p.true_class or "~")
             if p.error:
-                values = [name, QTableWidgetItem("cannot be read"), QTableWidgetItem(""), QTableWidgetItem(p.error)]
+                values = [thumb, name, folder, _item("cannot be read", sort="~"), _item("", sort=-1.0),
+                          _item(p.error)]
             else:
                 ranked = sorted(p.probabilities.items(), key=lambda kv: -kv[1])
-                values = [name, QTableWidgetItem(p.predicted or ""), QTableWidgetItem(f"{ranked[0][1]:.0%}"),
-                          QTableWidgetItem(", ".join(f"{c} {v:.0%}" for c, v in ranked[1:3]))]
+                predicted = _item(p.predicted or "")
+                if p.true_class is not None and p.predicted != p.true_class:
+                    predicted.setText(f"{p.predicted}  ≠ folder")
+                    predicted.setForeground(QColor("#b03a2e"))
+                    predicted.setToolTip(f"The model says {p.predicted}; the folder says {p.true_class}.")
+                values = [thumb, name, folder, predicted, _item(percent(ranked[0][1]), sort=ranked[0][1]),
+                          _item(", ".join(f"{c} {percent(v)}" for c, v in ranked[1:3]))]
             for c, item in enumerate(values):
                 self.table.setItem(r, c, item)
+        self.table.setSortingEnabled(True)
         ok = [p for p in preds if not p.error]
         parts = [f"{len(ok)} image(s) classified"]
         if len(ok) < len(preds):
-            parts.append(f"{len(preds) - len(ok)} could not be read")
+            parts.append(f"{len(preds) - len(ok)} could not be read (see the last column)")
         per_class = report.accuracy_per_class()
         if per_class:
             total = sum(int(v["images"]) for v in per_class.values())
             correct = sum(int(v["correct"]) for v in per_class.values())
             parts.append(f"{correct} of {total} match the class folder they are in ({correct / total:.0%})")
-        self.status.setText(" · ".join(parts) + ".")
+        self.status.setText(" · ".join(parts) + ". Click a column title to sort.")
+        self.export_btn.setEnabled(bool(preds))
         if ok:
-            self.table.selectRow(preds.index(ok[0]))
+            self.table.selectRow(self._row_of(preds.index(ok[0])))
         self.classified.emit(report)
+
+    def _row_of(self, index: int) -> int:
+        """The table row showing `report.predictions[index]` (rows move when sorted)."""
+        for row in range(self.table.rowCount()):
+            if self.table.item(row, NAME_COL).data(PredictionRole) == index:
+                return row
+        return -1
+
+    def prediction_at(self, row: int):
+        return self.report.predictions[self.table.item(row, NAME_COL).data(PredictionRole)]
+
+    def export_csv(self, path: str | Path) -> None:
+        self.report.write_csv(path, self.classes)
+        self.status.setText(f"Saved {len(self.report.predictions)} rows to {path}.")
+
+    def _export_dialog(self) -> None:
+        if self.report is None:
+            return
+        path, _ = QFileDialog.getSaveFileName(self, "Export the predictions", "predictions.csv", "CSV (*.csv)")
+        if not path:
+            return
+        try:
+            self.export_csv(path)
+        except OSError as exc:
+            self.status.setText(f"<b>Cannot save {path}:</b> {exc.strerror or exc}. Choose another folder.")
 
     def _show_probabilities(self) -> None:
         rows = self.table.selectionModel().selectedRows()
         if not rows or self.report is None:
             return
-        p = self.report.predictions[rows[0].row()]
+        p = self.prediction_at(rows[0].row())
         if p.error:
             self.probs.empty(f"{Path(p.path).name}: {p.error}")
             return
@@ -271,9 +397,14 @@ class ResultsPage(QWidget):
     def refresh_rounds(self) -> None:
         rows = [r for r in self.state.rounds if r.accuracy is not None]
         if not rows:
+            self.accuracy_chart.empty("No rounds yet: accuracy per round appears here during a federation.")
             return
+        last = rows[-1]
         self.accuracy_chart.line([r.round for r in rows], [r.accuracy * 100 for r in rows], xlabel="round",
-                                 ylabel="accuracy (%)", ylim=(0, 105), fmt="{:.0f}")
+                                 ylabel="accuracy (%)", ylim=(0, 105), fmt="{:.0f}",
+                                 title=(f"federation {self.state.rounds_federation}: "
+                                        if self.state.rounds_federation else "")
+                                       + f"{last.accuracy:.1%} at round {last.round}")
 
     def refresh_model(self) -> None:
         path = self.state.model_path

@@ -52,6 +52,24 @@ class RoundRecord:
     epsilon_spent: float | None
 
 
+def round_history(state_dir: Path, federation_id: str | None = None) -> tuple[str | None, list[RoundRecord]]:
+    """(federation, its rounds as this site saw them) from the site's round log: the named federation, or the
+    one this site took part in last. A round seen twice (a rejoin) keeps its last outcome."""
+    from hemafed.core.privacy.store import SiteStore
+
+    log = SiteStore(state_dir).round_log(federation_id)
+    if federation_id is None and log:
+        federation_id = log[-1]["federation_id"]
+        log = [line for line in log if line["federation_id"] == federation_id]
+    rounds: dict[int, RoundRecord] = {}
+    for line in log:
+        if line["status"] in ("trained", "preparing"):
+            continue
+        rounds[line["round"]] = RoundRecord(line["round"], line.get("outcome") or line["status"],
+                                            line.get("accuracy"), line.get("epsilon_spent"))
+    return federation_id, [rounds[r] for r in sorted(rounds)]
+
+
 class AppState(QObject):
     scanChanged = Signal()
     budgetChanged = Signal()
@@ -77,6 +95,7 @@ class AppState(QObject):
         self.projection: Projection | None = None
         self.ledgers: list[dict] = []
         self.rounds: list[RoundRecord] = []
+        self.rounds_federation: str | None = None  # the federation `rounds` belong to
         self.model_path: Path | None = None
         self.privacy_used: dict | None = None  # σ, q, steps, δ of the plan this site joined
         self._projection_job: Job | None = None
@@ -92,6 +111,7 @@ class AppState(QObject):
         # the ledgers are read in a worker: a long ledger never holds the window back at start
         self.ledgers_loading = True
         self.refresh_ledgers_soon()
+        self.load_rounds()  # the accuracy history of the last federation survives a restart
         self.update_projection()
 
     # -- data ---------------------------------------------------------------------------------
@@ -315,6 +335,42 @@ class AppState(QObject):
         self.rounds = [r for r in self.rounds if r.round != record.round] + [record]
         self.rounds.sort(key=lambda r: r.round)
         self.roundsChanged.emit()
+
+    _rounds_generation = 0  # a read of the round log answers only if nothing was cleared or asked since
+
+    def clear_rounds(self, federation_id: str | None) -> None:
+        """A new federation: nothing of an earlier one is shown."""
+        self._rounds_generation += 1
+        self.rounds, self.rounds_federation = [], federation_id
+        self.roundsChanged.emit()
+
+    def load_rounds(self, federation_id: str | None = None) -> None:
+        """Show the rounds this site's log holds for `federation_id` (None: the last federation it took part in),
+        read in a worker; rounds reported live meanwhile are kept."""
+        state_dir = self.state_dir
+        self._rounds_generation += 1
+        generation = self._rounds_generation
+
+        def read(job: Job) -> tuple[str | None, list[RoundRecord]]:
+            try:
+                return round_history(state_dir, federation_id)
+            except Exception:  # a damaged store is reported by the ledger view; the chart just stays empty
+                return federation_id, []
+
+        def loaded(result: tuple[str | None, list[RoundRecord]]) -> None:
+            federation, history = result
+            if self._closed or generation != self._rounds_generation:
+                return  # another federation was joined meanwhile
+            live = {r.round: r for r in self.rounds} if self.rounds_federation in (None, federation) else {}
+            self.rounds = sorted({**{r.round: r for r in history}, **live}.values(), key=lambda r: r.round)
+            self.rounds_federation = federation
+            self.roundsChanged.emit()
+
+        job = Job(read)
+        job.signals.result.connect(loaded)
+        job.signals.finished.connect(lambda: self._ledger_jobs.remove(job) if job in self._ledger_jobs else None)
+        self._ledger_jobs.append(job)
+        job.start()
 
     def set_model(self, path: Path | None) -> None:
         self.model_path = path

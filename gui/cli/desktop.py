@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="image files or folders (a file in a class-named folder is scored against that class)")
     p.add_argument("--json", action="store_true", help="print per-file results (and accuracy per class) as JSON")
+    p.add_argument("--csv", metavar="FILE.csv", help="also write one row per file (probability of every class)")
     p.set_defaults(func=_classify)
 
 
@@ -40,7 +41,7 @@ def _gui(args: argparse.Namespace) -> int:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from hemafed.core.learning.classify import ModelFileError, classify_paths, load_model_file
+    from hemafed.core.learning.classify import ModelFileError, classify_paths, load_model_file, percent
     from hemafed.gui.cli import UserFacingError
 
     try:
@@ -48,6 +49,8 @@ def _classify(args: argparse.Namespace) -> int:
     except ModelFileError as exc:
         raise UserFacingError(str(exc)) from exc
     report = classify_paths(model, args.paths)
+    if args.csv:
+        report.write_csv(args.csv, model.classes)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -58,7 +61,7 @@ def _classify(args: argparse.Namespace) -> int:
                 print(f"{pred.path}: SKIPPED, {pred.error}")
                 continue
             top = sorted(pred.probabilities.items(), key=lambda kv: -kv[1])[:3]
-            print(f"{pred.path}: {pred.predicted} ({', '.join(f'{c} {p:.0%}' for c, p in top)})")
+            print(f"{pred.path}: {pred.predicted} ({', '.join(f'{c} {percent(p)}' for c, p in top)})")
         for problem in report.problems:
             print(f"skipped: {problem}")
         per_class = report.accuracy_per_class()

@@ -1,13 +1,15 @@
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PySide6.QtCore import Qt
 
-from hemafed.core.learning.classify import ModelFileError, load_model_file, prepare_image
+from hemafed.core.learning.classify import ModelFileError, load_model_file, percent, prepare_image
 from hemafed.core.learning.models import images_to_tensor
 
 
@@ -19,7 +21,8 @@ def expected_prediction(model_file: Path, image: Path) -> np.ndarray:
         return torch.softmax(model.model(images_to_tensor(pixels[None], model.input_size)), 1)[0].numpy()
 
 
-def test_classify_panel_gives_the_models_prediction_on_pbc_jpegs(qtbot, window, pbc: Path, model_file: Path):
+def test_classify_panel_gives_the_models_prediction_on_pbc_jpegs(qtbot, window, pbc: Path, model_file: Path,
+                                                                 tmp_path: Path):
     panel = window.results_page.classify_panel
     files = [sorted((pbc / c).glob("*.jpg"))[0] for c in ("neutrophil", "platelet", "lymphocyte")]
     assert not panel.classify([str(f) for f in files])  # no model yet: said, not crashed
@@ -35,8 +38,26 @@ def test_classify_panel_gives_the_models_prediction_on_pbc_jpegs(qtbot, window, 
         got = np.array([pred.probabilities[c] for c in load_model_file(model_file).classes])
         np.testing.assert_allclose(got, probs, rtol=1e-5, atol=1e-6)
         assert pred.predicted == load_model_file(model_file).classes[int(np.argmax(probs))]
-        assert panel.table.item(row, 1).text() == pred.predicted
+        table_row = panel._row_of(row)
+        assert panel.table.item(table_row, 3).text().split()[0] == pred.predicted
         assert pred.original_size == (360, 363) or min(pred.original_size) > 100  # full-size microscope JPEG
+        assert not panel.table.item(table_row, 0).icon().isNull()  # a thumbnail of the image
+        assert panel.table.item(table_row, 2).text() == file.parent.name  # the class its folder names
+        assert "100" not in panel.table.item(table_row, 4).text()
+    # sorting by probability orders the rows by the number, and the selection still finds its image
+    panel.table.sortItems(4, Qt.SortOrder.DescendingOrder)
+    shown = [panel.prediction_at(r) for r in range(3)]
+    assert [max(p.probabilities.values()) for p in shown] == sorted(
+        (max(p.probabilities.values()) for p in report.predictions), reverse=True)
+    panel.table.selectRow(2)
+    assert panel.prediction_at(2) is shown[2]
+    out = tmp_path / "predictions.csv"
+    panel.export_csv(out)
+    rows = list(csv.DictReader(out.open()))
+    assert [r["file"] for r in rows] == [str(f) for f in files]
+    for r, pred in zip(rows, report.predictions, strict=True):
+        assert r["predicted"] == pred.predicted and r["class folder"] == Path(r["file"]).parent.name
+        assert abs(float(r["p(" + pred.predicted + ")"]) - pred.probabilities[pred.predicted]) < 1e-9
     assert "not a diagnostic device" in " ".join(
         w.text() for w in panel.findChildren(type(panel.status)))
     # the model's confusion matrix on this site's validation split is shown once data is known
@@ -53,8 +74,12 @@ def test_classify_command_json_and_accuracy_per_class(pbc: Path, model_file: Pat
             (folder / cls / src.name).write_bytes(src.read_bytes())
     (folder / "monocyte" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
     loose = sorted((pbc / "basophil").glob("*.jpg"))[0]
-    assert main(["classify", "--model", str(model_file), str(folder), str(loose), "--json"]) == 0
+    table = tmp_path / "out.csv"
+    assert main(["classify", "--model", str(model_file), str(folder), str(loose), "--json", "--csv", str(table)]) == 0
     out = json.loads(capsys.readouterr().out)
+    written = {Path(r["file"]).name: r for r in csv.DictReader(table.open())}
+    assert set(written) == {Path(f["path"]).name for f in out["files"]}
+    assert written["broken.jpg"]["problem"] and not written["broken.jpg"]["predicted"]
     files = {Path(f["path"]).name: f for f in out["files"]}
     assert files["broken.jpg"]["error"].startswith(("not an image", "truncated", "unreadable"))
     one = files[loose.name]
@@ -90,3 +115,23 @@ def test_hemafed_alone_without_a_display_prints_usage(monkeypatch, capsys) -> No
     assert "gui" in capsys.readouterr().out
     monkeypatch.setenv("DISPLAY", ":0")
     assert cli._on_a_desktop()  # PySide6 is installed here: a desktop opens the app
+
+
+def test_a_probability_is_never_shown_as_certain() -> None:
+    assert percent(0.998) == "99.8%"
+    assert percent(0.99996) == ">99.9%" and percent(1.0) == ">99.9%"
+    assert percent(0.00004) == "<0.1%" and percent(0.0) == "<0.1%"
+    assert percent(0.5) == "50.0%"
+
+
+def test_classify_can_be_cancelled_and_keeps_what_was_shown(qtbot, window, pbc: Path, model_file: Path) -> None:
+    panel = window.results_page.classify_panel
+    window.state.set_model(model_file)
+    qtbot.waitUntil(lambda: window.results_page.job is None, timeout=60_000)
+    assert panel.classify([str(pbc)])
+    assert panel.progress_row.isVisibleTo(panel) and panel.cancel_btn.isEnabled()
+    panel.cancel()
+    qtbot.waitUntil(lambda: panel.job is None, timeout=60_000)
+    assert not panel.progress_row.isVisibleTo(panel)
+    assert "Cancelled" in panel.status.text() and panel.table.rowCount() == 0
+    assert panel.open_btn.isEnabled()
