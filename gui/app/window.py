@@ -5,19 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import QByteArray, QSize
-from PySide6.QtGui import QCloseEvent, QIcon
+from PySide6.QtGui import QAction, QCloseEvent, QGuiApplication, QIcon, QKeySequence
 from PySide6.QtWidgets import (
+    QFrame,
     QHBoxLayout,
     QLabel,
     QListWidget,
     QListWidgetItem,
     QMainWindow,
+    QScrollArea,
     QStackedWidget,
     QWidget,
 )
 
 from .data_page import DataPage
 from .federation_page import FederationPage
+from .help import GETTING_STARTED, SHORTCUTS, HelpDialog, about_html, shortcuts_html
 from .privacy_page import PrivacyPage
 from .results_page import ResultsPage
 from .state import AppState
@@ -44,7 +47,13 @@ class MainWindow(QMainWindow):
             item = QListWidgetItem(page.title)
             item.setToolTip(hint)
             self.nav.addItem(item)
-            self.stack.addWidget(page)
+            # a page scrolls rather than forcing its width on the window: at 150 % scaling or on a small
+            # laptop screen the whole window must still fit
+            area = QScrollArea()
+            area.setWidgetResizable(True)
+            area.setFrameShape(QFrame.Shape.NoFrame)
+            area.setWidget(page)
+            self.stack.addWidget(area)
         self.nav.currentRowChanged.connect(self.stack.setCurrentIndex)
         self.nav.setFixedWidth(150)
         central = QWidget()
@@ -66,9 +75,11 @@ class MainWindow(QMainWindow):
         self.federation_page.statusChanged.connect(lambda status: self.status_fed.setText(status.headline()))
         self._status()
 
+        self._menus()
         geometry = state.settings.get_bytes("window/geometry")
         if geometry is None or not self.restoreGeometry(QByteArray(geometry)):
             self.resize(1280, 800)
+        self.fit_to_screen()
         self.nav.setCurrentRow(int(state.settings.get_float("window/page", 0)))
         self._leaving = False
 
@@ -81,6 +92,79 @@ class MainWindow(QMainWindow):
             self.data_page.start_scan(self.state.source)
 
     _rechecked = False
+
+    def fit_to_screen(self) -> None:
+        """Keep the window inside the screen it opens on: a geometry saved at another scaling or on a larger
+        monitor would otherwise open partly off screen."""
+        screen = self.screen() or QGuiApplication.primaryScreen()
+        if screen is None:
+            return
+        room = screen.availableGeometry()
+        if self.isMaximized() or room.isEmpty():
+            return
+        frame = self.frameGeometry()
+        extra_w, extra_h = frame.width() - self.width(), frame.height() - self.height()
+        w = min(self.width(), room.width() - extra_w)
+        h = min(self.height(), room.height() - extra_h)
+        if (w, h) != (self.width(), self.height()):
+            self.resize(max(w, self.minimumWidth()), max(h, self.minimumHeight()))
+        frame = self.frameGeometry()
+        if not room.contains(frame):
+            x = min(max(frame.x(), room.x()), room.right() - frame.width() + 1)
+            y = min(max(frame.y(), room.y()), room.bottom() - frame.height() + 1)
+            self.move(max(x, room.x()), max(y, room.y()))
+
+    def _menus(self) -> None:
+        """The Help menu and the keyboard shortcuts (help.SHORTCUTS lists exactly these)."""
+        actions = {
+            "Ctrl+1": lambda: self.nav.setCurrentRow(0),
+            "Ctrl+2": lambda: self.nav.setCurrentRow(1),
+            "Ctrl+3": lambda: self.nav.setCurrentRow(2),
+            "Ctrl+4": lambda: self.nav.setCurrentRow(3),
+            "Ctrl+O": self._choose_images,
+            "Ctrl+J": self._join,
+            "Ctrl+Shift+O": self._classify,
+            "F1": self.show_help,
+            "Ctrl+Q": self.close,
+        }
+        words = dict(SHORTCUTS)
+        self.shortcut_actions: dict[str, QAction] = {}
+        for keys, slot in actions.items():
+            action = QAction(words[keys], self)
+            action.setShortcut(QKeySequence(keys))
+            action.triggered.connect(slot)
+            self.addAction(action)  # active anywhere in the window, menu or not
+            self.shortcut_actions[keys] = action
+        menu = self.menuBar().addMenu("&Help")
+        menu.addAction(self.shortcut_actions["F1"])
+        menu.addAction("Keyboard shortcuts", lambda: self._dialog(shortcuts_html(), "Keyboard shortcuts"))
+        menu.addSeparator()
+        menu.addAction("About hemafed", lambda: self._dialog(about_html(self.state.state_dir), "About hemafed"))
+        self.shortcut_actions["F1"].setText("Getting started")
+
+    def _dialog(self, html: str, title: str) -> HelpDialog:
+        dialog = HelpDialog(html, title, self)
+        dialog.setModal(False)
+        dialog.show()
+        self.help_dialog = dialog
+        return dialog
+
+    def show_help(self) -> HelpDialog:
+        return self._dialog(GETTING_STARTED + shortcuts_html(), "hemafed — getting started")
+
+    def _choose_images(self) -> None:
+        self.nav.setCurrentRow(0)
+        self.data_page._choose_folder()
+
+    def _join(self) -> None:
+        self.nav.setCurrentRow(2)
+        if self.federation_page.join_btn.isEnabled():
+            self.federation_page.join_btn.click()
+
+    def _classify(self) -> None:
+        self.nav.setCurrentRow(3)
+        self.results_page.tabs.setCurrentWidget(self.results_page.classify_panel)
+        self.results_page.classify_panel._open_dialog()
 
     def _status(self) -> None:
         scan = self.state.scan

@@ -220,3 +220,67 @@ def test_driver_modules_are_imported_with_the_collector_paused_and_frozen() -> N
     assert gc.isenabled()
     assert all(name in sys.modules for name in DRIVER_MODULES)
     assert gc.get_freeze_count() > 100_000  # torch, Opacus and Qt's wrappers at least
+
+
+def test_the_accuracy_history_survives_a_restart_and_a_new_federation_starts_empty(qtbot, tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """The Results page draws the last federation's rounds from the site's round log at start; 1,000 rounds
+    draw as a line, not a blob of markers; joining another federation shows nothing of the earlier one."""
+    from hemafed.core.privacy.store import SiteStore
+    from hemafed.gui.app.main import create_window
+
+    state_dir = tmp_path / "state"
+    monkeypatch.setenv("HEMAFED_STATE_DIR", str(state_dir))
+    store = SiteStore(state_dir)
+    for rnd in range(1, 1001):
+        store.log_round("ward-7", rnd, "trained", float(rnd), epsilon=0.01 * rnd)
+        store.log_round("ward-7", rnd, "round_end", float(rnd), outcome="completed", accuracy=0.5 + rnd / 4000,
+                        epsilon_spent=0.01 * rnd)
+    store.log_round("ward-7", 1000, "round_end", 1001.0, outcome="completed", accuracy=0.77, epsilon_spent=10.0)
+    win = create_window(tmp_path / "config")
+    qtbot.addWidget(win)
+    win.show()
+    try:
+        state = win.state
+        qtbot.waitUntil(lambda: len(state.rounds) == 1000, timeout=30_000)
+        assert state.rounds_federation == "ward-7" and state.rounds[-1].accuracy == 0.77  # the last word wins
+        chart = win.results_page.accuracy_chart
+        win.show_page("Results")
+        qtbot.waitUntil(lambda: chart.renders > 0 and not chart.busy(), timeout=30_000)
+        assert not chart.pixmap().isNull()
+        state.clear_rounds(None)
+        assert state.rounds == [] and state.rounds_federation is None
+        state.load_rounds("another-federation")
+        qtbot.waitUntil(lambda: state.rounds_federation == "another-federation", timeout=10_000)
+        assert state.rounds == []
+    finally:
+        win.close()
+
+
+def test_help_about_and_shortcuts(qtbot, window) -> None:
+    from hemafed.gui.app.help import SHORTCUTS
+
+    assert set(window.shortcut_actions) == {keys for keys, _ in SHORTCUTS}  # the help lists what works
+    window.shortcut_actions["Ctrl+2"].trigger()
+    assert window.stack.currentWidget().widget() is window.privacy_page
+    window.shortcut_actions["Ctrl+4"].trigger()
+    assert window.stack.currentWidget().widget() is window.results_page
+    window.shortcut_actions["F1"].trigger()
+    text = window.help_dialog.findChild(__import__("PySide6.QtWidgets", fromlist=["QTextBrowser"]).QTextBrowser)
+    assert "Four steps" in text.toPlainText() and "Ctrl+J" in text.toPlainText()
+    window.help_dialog.close()
+    menu = window.menuBar().actions()[0].menu()
+    about = next(a for a in menu.actions() if a.text() == "About hemafed")
+    about.trigger()
+    assert str(window.state.state_dir) in window.help_dialog.findChild(type(text)).toPlainText()
+    window.help_dialog.close()
+
+
+def test_a_window_saved_larger_than_the_screen_opens_inside_it(qtbot, window) -> None:
+    """A geometry saved at 100 % scaling, restored at 150 % (or on a smaller monitor), must not open off screen."""
+    room = window.screen().availableGeometry()
+    window.resize(room.width() * 2, room.height() * 2)
+    window.move(room.x() + 300, room.y() + 200)
+    window.fit_to_screen()
+    assert room.contains(window.frameGeometry())
+    assert window.minimumSizeHint().width() < 800  # pages scroll: the window fits an 800-pixel-wide screen
