@@ -14,7 +14,7 @@ def privacy_statement(*, dp: bool, secagg: bool, epsilon: float | None, delta: f
             f"takes one DP-SGD step's clipped gradient sum over a Poisson sample of its images and adds a "
             f"*share* of Skellam noise to it inside secure aggregation; the sum the aggregator unmasks (at "
             f"least t = {threshold} hospitals) carries the full noise. What the aggregator unmasks and every "
-            f"model it releases are (ε = {epsilon:g}, δ = {delta:g})-differentially private with respect to "
+            f"model it releases are (ε = {epsilon:.4g}, δ = {delta:g})-differentially private with respect to "
             f"adding or removing any single training image at any hospital, accounted ({accountant}, Skellam "
             f"mechanism, Poisson subsampling) over every round. This holds against the aggregator, the other "
             f"hospitals and users of the model, **assuming** the aggregator follows the secure-aggregation "
@@ -27,7 +27,7 @@ def privacy_statement(*, dp: bool, secagg: bool, epsilon: float | None, delta: f
     elif dp and epsilon is not None:
         parts.append(
             f"**Differential privacy.** Every model update a hospital sends is "
-            f"(ε = {epsilon:g}, δ = {delta:g})-differentially private with respect to adding or removing "
+            f"(ε = {epsilon:.4g}, δ = {delta:g})-differentially private with respect to adding or removing "
             f"any single training image at that hospital, accounted ({accountant}) over every local "
             f"DP-SGD step of every round. This bounds what anyone who sees the updates or the final "
             f"model (the aggregator, other hospitals, users of the model) can learn about one image. "
@@ -42,8 +42,8 @@ def privacy_statement(*, dp: bool, secagg: bool, epsilon: float | None, delta: f
         )
     if secagg and threshold is not None:
         parts.append(
-            f"**Secure aggregation** (Bonawitz et al. 2017, with dropouts and the signed consistency "
-            f"check). The aggregator sees only masked updates and learns the sum over the surviving "
+            f"**Secure aggregation** (with dropouts and a signed consistency check). The aggregator sees only "
+            f"masked updates and learns the sum over the surviving "
             f"hospitals of each round, never one hospital's update, sample count or validation counts, "
             f"as long as it does not collude with {threshold - 1} or more hospitals (threshold "
             f"t = {threshold}); a round with fewer than t surviving hospitals is abandoned without "

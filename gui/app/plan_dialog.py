@@ -79,7 +79,8 @@ def plan_rows(plan, privacy, epsilon_budget: float, epsilon_per_round: tuple[flo
         c = plan.dp_colluders
         rows += [
             ("differential privacy", "<b>distributed</b>: each hospital adds only a share of the noise, inside "
-             "secure aggregation; the sum the aggregator can open (of at least t hospitals) carries the full "
+             f"secure aggregation; the sum the aggregator can open (of at least {plan.threshold} hospitals) carries "
+             "the full "
              f"noise σ = {plan.noise_multiplier:.3g}, the same for every hospital{after}."),
             ("protected against", "the aggregator, the other hospitals and anyone using the model, "
              "<b>assuming</b> the aggregator follows the protocol (it never opens one hospital's contribution) "
@@ -113,7 +114,8 @@ def sees_text(plan) -> str:
         from hemafed.core.learning.models import MODELS
 
         model = MODELS.get(plan.model)
-        sees = ("each round only the <b>sum</b> over at least t hospitals of their clipped, noised gradient sums "
+        sees = (f"each round only the <b>sum</b> over at least {plan.threshold} hospitals of their clipped, noised "
+                "gradient sums "
                 + ("(in round 1, feature sums) " if model and model.centred else "")
                 + "and validation counts, and which sites are connected")
     elif plan.secagg:
@@ -172,11 +174,13 @@ class PlanDialog(QDialog):
         def toggle(on: bool) -> None:
             scroll.setVisible(on)
             self.details_btn.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow)
-            self.adjustSize()
+            # the open details get the room their rows need (up to most of the screen); closed, the dialog is as
+            # tall as its text, so no empty band sits between the summary and the buttons
+            screen = self.screen().availableGeometry().height() if self.screen() is not None else 800
+            self.resize(self.width(), min(int(screen * 0.85), 720) if on else self._text_height(self.width()))
 
         self.details_btn.toggled.connect(toggle)
         self.details = scroll
-        self.resize(820, 420)
         sees = QLabel(sees_text(plan))
         sees.setWordWrap(True)
         sees.setObjectName("help")
@@ -194,3 +198,9 @@ class PlanDialog(QDialog):
         self.buttons.accepted.connect(self.accept)
         self.buttons.rejected.connect(self.reject)
         layout.addWidget(self.buttons)
+        self.resize(820, self._text_height(820))
+
+    def _text_height(self, width: int) -> int:
+        """The height the wrapped text needs at `width` (a word-wrapped label's size hint assumes another width)."""
+        layout = self.layout()
+        return layout.totalHeightForWidth(width) if layout.hasHeightForWidth() else self.sizeHint().height()

@@ -113,11 +113,11 @@ class PrivacyPage(QWidget):
 
         # what this site accepts of a federation's plan (saved where `hemafed site` reads them too)
         bounds = state.bounds
-        self.require_local = QCheckBox("add all the noise here (local DP): refuse plans that share the noise "
-                                       "with other hospitals")
-        self.require_local.setToolTip("Distributed DP (the default recipe) relies on the aggregator following the "
-                                      "protocol and on the other hospitals' noise shares; local DP trusts no one "
-                                      "but needs much more noise.")
+        self.require_local = QCheckBox("add all the noise here (local DP)")
+        self.require_local.setToolTip("Refuse plans that share the noise with the other hospitals. Distributed DP "
+                                      "(the default recipe) relies on the aggregator following the protocol and "
+                                      "on the other hospitals' noise shares; local DP trusts no one but needs "
+                                      "much more noise, so the model is less accurate.")
         self.require_local.setChecked(bounds.require_local_dp)
         self.max_rounds = QSpinBox()
         self.max_rounds.setRange(1, 100_000)
@@ -128,8 +128,9 @@ class PrivacyPage(QWidget):
         bf = QFormLayout(bounds_box)
         bf.addRow(self.require_local)
         bf.addRow("most rounds", self.max_rounds)
-        self.bounds_note = QLabel(f"Saved in {state.bounds_path()} (the headless site reads the same file). "
-                                  "Differential privacy and secure aggregation are always required.")
+        self.bounds_note = QLabel("Ticked: plans that share the noise with other hospitals are refused. "
+                                  "Differential privacy and secure aggregation are always required. Saved in "
+                                  f"{state.bounds_path()} (the headless site reads the same file).")
         self.bounds_note.setWordWrap(True)
         self.bounds_note.setObjectName("hint")
         bf.addRow(self.bounds_note)
@@ -139,6 +140,7 @@ class PrivacyPage(QWidget):
         self.sigma_label = QLabel("—")
         self.rounds_label = QLabel("—")
         self.allowed_label = QLabel("—")
+        self.allowed_label.setWordWrap(True)
         self.data_label = QLabel("—")
         self.data_label.setWordWrap(True)
         self.verdict = QLabel()
@@ -148,7 +150,9 @@ class PrivacyPage(QWidget):
         self.change_budget_btn.setVisible(False)
         self.change_budget_btn.clicked.connect(self._change_federation_budget)
         form = QFormLayout()
-        form.addRow("noise σ (per step)", self.sigma_label)
+        form.addRow("noise added (σ)", self.sigma_label)
+        self.sigma_label.setToolTip("The noise each training step adds, as a multiple of the most one image can "
+                                    "change it (the clip). More noise: stronger protection, slower learning.")
         form.addRow("rounds in the plan", self.rounds_label)
         form.addRow("rounds the budget allows", self.allowed_label)
         form.addRow("training images", self.data_label)
