@@ -286,7 +286,59 @@ def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_p
     fed.leave_btn.setEnabled(False)
     fed.joinedChanged.emit(False)
     grab("error-unknown-key")
+    if (width, height) == SIZES[0]:  # every other failure the driver reports, with the app's next step
+        for code, failure in failure_states(fed.url.text(), sgd, state.bounds).items():
+            show_failure(fed, failure)
+            grab(f"error-{code}", fed)
     window.close()
+
+
+def failure_states(url: str, plan, bounds) -> dict:
+    """One SiteFailed per failure code, worded as the driver words it (the real functions make the text where
+    they are cheap to call: the connection problem, the plan bounds check, the finished message)."""
+    from dataclasses import replace
+
+    from hemafed.core.privacy.ledger import BudgetExhausted
+    from hemafed.network import site_events as ev
+    from hemafed.network.client import connect_problem
+
+    refused = connect_problem(ConnectionRefusedError(111, "Connect call failed"), url)
+    strict = replace(bounds, require_local_dp=True, max_rounds=300)
+    return {
+        "unreachable": ev.SiteFailed(f"cannot reach the aggregator at {url}: {refused}", False, code="unreachable"),
+        "bad-address": ev.SiteFailed("aggregator.hospital-network.example:8765: the aggregator URL must start with "
+                                     "wss://", True, code="bad_address"),
+        "certificate": ev.SiteFailed(f"{url}: server certificate not trusted: self-signed certificate in "
+                                     "certificate chain", True, code="certificate"),
+        "wrong-aggregator": ev.SiteFailed(f"{url} is not this federation's aggregator: it runs federation "
+                                          "'ward-7-pilot'", True, code="wrong_aggregator"),
+        "plan-refused": ev.SiteFailed("The federation's plan is outside what this site accepts: "
+                                      + "; ".join(strict.violations(plan)) + ".", True, code="plan_refused"),
+        "budget": ev.SiteFailed(str(BudgetExhausted(plan.federation_id, 2.996, 3.052, 3.0, plan.delta)), True,
+                                code="budget"),
+        "data": ev.SiteFailed("cannot prepare this site's images: /data/blood-cells is missing (is the drive "
+                              "connected?)", True, code="data"),
+        "finished": ev.SiteFailed(f"The federation has finished: {plan.rounds} of its {plan.rounds} rounds "
+                                  "completed, without this site.", True, code="finished"),
+    }
+
+
+def show_failure(fed, failure) -> None:
+    """The Federation page after a fresh Join that met `failure` (a retried problem keeps the site joined)."""
+    from hemafed.gui.app.site_status import joining
+    from hemafed.network import site_events as ev
+
+    fed._log_lines.clear()
+    fed.log.clear()
+    fed._set_status(joining())
+    fed.append_log(f"joining {fed.url.text()} with budget ε = {fed.state.epsilon:g}")
+    fed.on_event(ev.ConnectionChanged("connecting", fed.url.text()))
+    fed.on_event(failure)
+    if failure.fatal:
+        fed.on_event(ev.Finished(None, outcome="failed"))
+    fed.join_btn.setEnabled(failure.fatal)
+    fed.leave_btn.setEnabled(not failure.fatal)
+    fed.joinedChanged.emit(not failure.fatal)
 
 
 if __name__ == "__main__":
