@@ -1,6 +1,7 @@
 """The site's own records in one SQLite file per state directory: `<state>/site.sqlite`.
 
-It holds, per federation, the privacy ledger (`core.privacy.ledger`) and the site's round log, as
+It holds, per federation, the privacy ledger (`core.privacy.ledger`), the site's round log, the outbound log
+(every message the site sent, `network.outbound`), the plans its operator accepted and audits of them, as
 append-only tables (triggers refuse UPDATE and DELETE). Each write is one transaction, committed
 with WAL and `synchronous=FULL`, so a row is on disk when the call returns: a crash (even `kill -9`
 or a power cut) keeps every committed row and never leaves a torn one. Several processes may share
@@ -23,6 +24,7 @@ import sqlite3
 import tempfile
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import fsync_dir
@@ -53,8 +55,20 @@ CREATE TABLE round_log (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, federation_id TEXT NOT NULL, round INTEGER NOT NULL,
     status TEXT NOT NULL, time REAL NOT NULL, fields TEXT NOT NULL);
 CREATE INDEX round_log_by_federation ON round_log (federation_id, seq);
+CREATE TABLE outbound (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, federation_id TEXT NOT NULL, round INTEGER NOT NULL,
+    stage TEXT NOT NULL, kind TEXT NOT NULL, bytes INTEGER NOT NULL CHECK (bytes >= 0),
+    sha256 TEXT NOT NULL CHECK (length(sha256) = 64), protection TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE INDEX outbound_by_federation ON outbound (federation_id, seq);
+CREATE TABLE accepted_plans (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, federation_id TEXT NOT NULL, digest TEXT NOT NULL, time REAL NOT NULL,
+    operator TEXT NOT NULL, decided TEXT NOT NULL, aggregator TEXT NOT NULL, plan TEXT NOT NULL, review TEXT NOT NULL);
+CREATE TABLE audits (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, plan_digest TEXT NOT NULL, time REAL NOT NULL, result TEXT NOT NULL);
 """
-APPEND_ONLY = ("ledgers", "rounds", "round_log")
+# outbound: every message this site sent (`log_outbound`); accepted_plans: each plan the operator accepted, as
+# reviewed; audits: `hemafed audit --site` results for the plans this site accepted
+APPEND_ONLY = ("ledgers", "rounds", "round_log", "outbound", "accepted_plans", "audits")
 
 
 class StoreCorrupt(FatalError):
@@ -176,6 +190,87 @@ class SiteStore:
             rows = con.execute(query + " ORDER BY seq", args).fetchall()
         return [{"federation_id": f, "round": r, "status": s, "time": t, **json.loads(extra)}
                 for f, r, s, t, extra in rows]
+
+
+    # -- what left this site ---------------------------------------------------------------------
+
+    def log_outbound(self, record: OutboundRecord) -> None:
+        """Append one message this site sends, durably, before it is sent (`network.outbound`)."""
+        with self.transaction() as con:
+            con.execute("INSERT INTO outbound (time, federation_id, round, stage, kind, bytes, sha256, protection, "
+                        "detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (float(record.time), record.federation_id, int(record.round), record.stage, record.kind,
+                         int(record.bytes), record.sha256, record.protection, record.detail))
+
+    def outbound(self, federation_id: str | None = None) -> list[OutboundRecord]:
+        """Every message this site sent, oldest first (every federation unless one is named)."""
+        query = "SELECT time, federation_id, round, stage, kind, bytes, sha256, protection, detail FROM outbound"
+        args: tuple = ()
+        if federation_id is not None:
+            query, args = query + " WHERE federation_id = ?", (federation_id,)
+        with self.connect() as con:
+            return [OutboundRecord(*row) for row in con.execute(query + " ORDER BY seq", args)]
+
+    # -- the plans the operator accepted, and audits of them ----------------------------------------
+
+    def record_plan_acceptance(self, federation_id: str, digest: str, plan: dict, *, operator: str, decided: str,
+                               aggregator: str, review: list[tuple[str, str]], time: float) -> None:
+        """The plan as it was accepted: its fields, digest, the review's words, who (`operator`), how (`decided`:
+        "operator" when a person accepted it after the review, "automatic" when a headless site did because it
+        was within its bounds), when, and which aggregator (JSON: url, certificate_sha256)."""
+        if decided not in ("operator", "automatic"):
+            raise ValueError("decided must be 'operator' or 'automatic'")
+        with self.transaction() as con:
+            con.execute("INSERT INTO accepted_plans (federation_id, digest, time, operator, decided, aggregator, plan, "
+                        "review) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (federation_id, digest, float(time), operator, decided, aggregator,
+                         json.dumps(plan, sort_keys=True), json.dumps([list(row) for row in review])))
+
+    def accepted_plans(self, federation_id: str | None = None) -> list[dict]:
+        """Each acceptance, oldest first: federation_id, digest, time, operator, decided, aggregator (JSON),
+        plan (dict), review ((label, text) rows)."""
+        query = "SELECT federation_id, digest, time, operator, decided, aggregator, plan, review FROM accepted_plans"
+        args: tuple = ()
+        if federation_id is not None:
+            query, args = query + " WHERE federation_id = ?", (federation_id,)
+        with self.connect() as con:
+            rows = con.execute(query + " ORDER BY seq", args).fetchall()
+        return [{"federation_id": f, "digest": d, "time": t, "operator": o, "decided": h, "aggregator": a,
+                 "plan": json.loads(p), "review": [tuple(row) for row in json.loads(r)]}
+                for f, d, t, o, h, a, p, r in rows]
+
+    def record_audit(self, plan_digest: str, result: dict, time: float | None = None) -> None:
+        """An audit result (`hemafed audit --site`) for the plan with `plan_digest`."""
+        import time as _time
+
+        with self.transaction() as con:
+            con.execute("INSERT INTO audits (plan_digest, time, result) VALUES (?, ?, ?)",
+                        (plan_digest, float(_time.time() if time is None else time), json.dumps(result)))
+
+    def audits(self, plan_digest: str | None = None) -> list[dict]:
+        """Audit results, oldest first (of one plan when its digest is given)."""
+        query, args = "SELECT plan_digest, time, result FROM audits", ()
+        if plan_digest is not None:
+            query, args = query + " WHERE plan_digest = ?", (plan_digest,)
+        with self.connect() as con:
+            rows = con.execute(query + " ORDER BY seq", args).fetchall()
+        return [{"plan_digest": d, "time": t, "result": json.loads(r)} for d, t, r in rows]
+
+
+@dataclass(frozen=True)
+class OutboundRecord:
+    """One message a site sent: when, in which federation, round and stage, what kind, its exact size, the SHA-256
+    of its exact bytes, what protected it, and a few details (JSON) — see `network.outbound`."""
+
+    time: float
+    federation_id: str
+    round: int
+    stage: str
+    kind: str
+    bytes: int
+    sha256: str
+    protection: str
+    detail: str = "{}"
 
 
 _RESOURCE = ("locked", "busy", "disk", "full", "readonly", "read-only", "unable to open", "out of memory")
