@@ -98,6 +98,8 @@ class SiteConfig:
     # the seed can then remove the noise: `hemafed simulate` sets it for its simulated hospitals; a hospital
     # never should (the site logs a warning when it is set).
     simulation_seed: int | None = None
+    # Who operates this site: recorded with each plan they accept and printed in the site's privacy report.
+    operator: str = ""
 
     def pinned_roster(self):
         """The roster this site pins (a `hemafed.core.trust.roster.Roster`), or None when it pins none."""
@@ -128,6 +130,7 @@ class SiteConfig:
             roster=_opt_path(base, section.get("roster")), roster_key=section.get("roster_key"),
             peers=tuple(section.get("peers", ())),
             simulation_seed=_opt_int(section, "simulation_seed", path),
+            operator=str(section.get("operator", "")),
         )
 
 
