@@ -2,10 +2,10 @@
 shares, secure aggregation and ledgers): with the test-only fault that draws every noise share for σ/4 the audit
 catches the plan's claim (ε̂ > ε); without it, it finds nothing (ε̂ ≤ ε) and measures the noise the plan promises.
 
-The plan claims ε = 2 over 8 full-batch rounds (q = 1) with as many sites as the threshold and no colluder
-discount, so the sum the aggregator opens carries exactly the accounted noise: a one-run audit with m canaries
-can only certify an ε̂ of a few units (every guess right among r gives at most logit(0.05^(1/r))), so the claim
-must be small for a fault to show, and the canaries many (8,000 gradient canaries, half the model's coordinates).
+The plan claims ε = 2 over 8 full-batch rounds (q = 1) with 3 sites, t = 3 and c = 1: the attacker colludes with
+one site (which tells it its noise share and holds no canary), so what protects the other sites' canaries is
+exactly the accounted noise. A one-run audit with m canaries can only certify an ε̂ of a few units (every guess
+right among r gives at most logit(0.05^(1/r))), so the claim must be small for a fault to show.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from hemafed.network.sim.audit import AuditOptions, AuditResult, audit_federatio
 from hemafed.network.sim.audit_doc import audit_table, write_audit_doc
 from hemafed.network.sim.audit_trainer import FAULTS, AuditTrainer
 
-MODEL, SITES, ROUNDS, CLAIM = "scatter_linear_28", 2, 8, 2.0
+MODEL, SITES, ROUNDS, CLAIM = "scatter_linear_28", 3, 8, 2.0
 
 
 def images(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,8 +44,8 @@ def small_federation() -> tuple[FederationPlan, dict[str, SiteData], np.ndarray,
         sites[f"site{i + 1}"] = SiteData(xt, yt, xv, yv)
     pool_x, pool_y = images(rng, 200)
     plan = FederationPlan(federation_id="audit-test", model=MODEL, algorithm="fedsgd", dp_mode="distributed",
-                          rounds=ROUNDS, sample_rate=1.0, batch_size=96, clip_norm=1.0, server_lr=0.5,
-                          threshold=SITES, min_sites=SITES, max_sites=SITES, dp_colluders=0, noise_multiplier=1.0,
+                          rounds=ROUNDS, sample_rate=1.0, batch_size=144, clip_norm=1.0, server_lr=0.5,
+                          threshold=SITES, min_sites=SITES, max_sites=SITES, dp_colluders=1, noise_multiplier=1.0,
                           delta=1e-5, join_timeout_s=5.0)
     dim = sum(p.numel() for p in build_model(MODEL).parameters())
     return with_budget(plan, CLAIM, "distributed", dim), sites, pool_x, pool_y
@@ -54,8 +54,8 @@ def small_federation() -> tuple[FederationPlan, dict[str, SiteData], np.ndarray,
 def audit(small_federation, tmp_path: Path, fault: str | None) -> AuditResult:
     plan, sites, pool_x, pool_y = small_federation
     opts = AuditOptions(canaries=8000, input_canaries=100, fault=fault, seed=1)
-    return audit_federation(plan, sites, pool_x, pool_y, opts, budget=CLAIM, seeds={"site1": 1, "site2": 2},
-                            state=tmp_path)
+    return audit_federation(plan, sites, pool_x, pool_y, opts, budget=CLAIM,
+                            seeds={name: i for i, name in enumerate(sites, start=1)}, state=tmp_path)
 
 
 @pytest.mark.timeout(120)
@@ -74,6 +74,7 @@ def test_the_audit_finds_nothing_wrong_with_the_real_plan(small_federation, tmp_
     assert result.epsilon_lower_bound <= result.claimed_epsilon and not result.caught
     assert 0 < result.gradient["epsilon_lower_bound"] < 1.5  # some signal, as much as a tight ε = 2 allows
     assert result.gradient["canaries"] == 8000 and result.input["canaries"] == 100
+    assert result.plan["colluding_sites"] == ["site3"]
     # the table the docs are generated from
     result.save(tmp_path / "results" / "real.json")
     assert AuditResult.load(tmp_path / "results" / "real.json").to_dict() == result.to_dict()
@@ -85,12 +86,12 @@ def test_the_audit_finds_nothing_wrong_with_the_real_plan(small_federation, tmp_
 def test_canaries_and_faults_are_what_they_claim() -> None:
     rng = np.random.default_rng(3)
     x, y = images(rng, 50)
-    c = draw_canaries(rng, 1000, 400, x, y, 30, 3, 8)
+    c = draw_canaries(rng, 1000, 400, x, y, 30, [0, 2], 8)
     assert len(set(c.coordinates)) == 400 and c.coordinates.max() < 1000
-    assert 150 < c.included.sum() < 250 and set(c.site) <= {0, 1, 2}
+    assert 150 < c.included.sum() < 250 and set(c.site) == {0, 2} and set(c.images_site) == {0, 2}
     assert (c.labels != y[[list(map(bytes, x)).index(bytes(im)) for im in c.images]]).all()  # mislabelled
     with pytest.raises(ValueError):
-        draw_canaries(rng, 1000, 501, x, y, 0, 3, 8)  # the attacker needs half the coordinates for the noise
+        draw_canaries(rng, 1000, 501, x, y, 0, [0, 1, 2], 8)  # the attacker needs half the coordinates for the noise
     with pytest.raises(ValueError):
         AuditTrainer(replace(FederationPlan(federation_id="f", algorithm="fedsgd", dp_mode="local",
                                             noise_multiplier=1.0, model=MODEL)),

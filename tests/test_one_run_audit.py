@@ -89,8 +89,8 @@ def test_no_signal_gives_no_bound() -> None:
 
 
 def test_guess_grid() -> None:
-    assert guess_grid(1000)[0] == 10 and guess_grid(1000)[-1] == 500 and len(guess_grid(1000)) == 12
-    assert guess_grid(1) == (1,) and guess_grid(0) == ()
+    assert guess_grid(1000) == (10, 20, 40, 80, 160, 320)
+    assert guess_grid(1) == (1,) and guess_grid(0) == () and guess_grid(50) == (1, 2, 4, 8, 16)
     with pytest.raises(ValueError):
         epsilon_lower_bound([1.0, 2.0], [True], 0.0)
 

@@ -120,8 +120,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--site", type=Path, metavar="STATE_DIR",
                    help="audit the plan this site accepted last (from its store) and record the result there, "
                         "for its privacy report")
-    p.add_argument("--canaries", type=int, default=10_000,
-                   help="gradient canaries (white-box; at most half the model's coordinates; default 10000)")
+    p.add_argument("--canaries", type=int, default=5000,
+                   help="gradient canaries (white-box; at most half the model's coordinates; default 5000)")
     p.add_argument("--input-canaries", type=int, default=1000, help="input canaries (black-box; default 1000)")
     p.add_argument("--control", choices=AUDIT_CONTROLS, default=None,
                    help="a deliberate fault the audit should catch (a control run; never recorded for a site)")

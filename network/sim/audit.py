@@ -8,9 +8,10 @@ random hospital (Steinke, Nasr & Jagielski 2023, "Privacy Auditing with One (1) 
 * **gradient canaries** (white-box): records whose clipped gradient is C on one coordinate of the model
   ("Dirac" canaries, each on its own coordinate), added where a record's clipped gradient enters the round's
   sum (`network.sim.audit_trainer`). The attacker is the aggregator as the threat model allows it to be: it
-  sees every round's unmasked sum, and — like the adversary of the DP definition — it knows every real record,
-  so it subtracts their expected clipped sum. What is left on a canary's coordinate is the canary (if it was
-  sampled that round) plus the noise; its score is the likelihood ratio over all rounds.
+  sees every round's unmasked sum, it colludes with the plan's c hospitals (which tell it their noise shares and
+  hold no canaries), and — like the adversary of the DP definition — it knows every real record, so it
+  subtracts their expected clipped sum. What is left on a canary's coordinate is the canary (if it was sampled
+  that round) plus the other hospitals' noise; its score is the likelihood ratio over all rounds.
 * **input canaries** (black-box): validation images no hospital holds, each given a wrong label, added to a
   hospital's training images. The attacker sees only the final model and scores each canary by the log
   probability the model gives its (wrong) label.
@@ -29,6 +30,7 @@ import math
 import platform
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -58,7 +60,7 @@ class AuditOptions:
 
     sim: SimulationOptions = field(default_factory=SimulationOptions)
     plan: FederationPlan | None = None  # audit this plan (e.g. the one a site accepted) instead of the recipe
-    canaries: int = 10_000  # at most half the model's coordinates (the rest measure the noise)
+    canaries: int = 5000  # at most half the model's coordinates (the rest measure the noise)
     input_canaries: int = 1000
     fault: str | None = None
     confidence: float = 0.95
@@ -129,9 +131,10 @@ class Canaries:
 
 
 def draw_canaries(rng: np.random.Generator, dim: int, m: int, images: np.ndarray, labels: np.ndarray, m_inputs: int,
-                  n_sites: int, n_classes: int) -> Canaries:
+                  sites: Sequence[int], n_classes: int) -> Canaries:
     """m gradient canaries on distinct coordinates (at most half of them, so the attacker can measure the noise on
-    the rest), and `m_inputs` input canaries from `images` with their labels moved to another class."""
+    the rest), and `m_inputs` input canaries from `images` with their labels moved to another class; each at one
+    of `sites` (hospital indices: the ones not colluding with the attacker)."""
     if not 1 <= m <= dim // 2:
         raise ValueError(f"between 1 and {dim // 2} gradient canaries fit this model ({dim} coordinates)")
     if not 0 <= m_inputs <= len(labels):
@@ -139,8 +142,9 @@ def draw_canaries(rng: np.random.Generator, dim: int, m: int, images: np.ndarray
     coordinates = np.sort(rng.choice(dim, m, replace=False))
     pick = rng.choice(len(labels), m_inputs, replace=False)
     wrong = (labels[pick] + rng.integers(1, n_classes, m_inputs)) % n_classes
-    return Canaries(coordinates, rng.random(m) < 0.5, rng.integers(n_sites, size=m), images[pick], wrong,
-                    rng.random(m_inputs) < 0.5, rng.integers(n_sites, size=m_inputs))
+    where = np.asarray(sites, np.int64)
+    return Canaries(coordinates, rng.random(m) < 0.5, rng.choice(where, size=m), images[pick], wrong,
+                    rng.random(m_inputs) < 0.5, rng.choice(where, size=m_inputs))
 
 
 def with_input_canaries(sites: dict[str, SiteData], canaries: Canaries) -> dict[str, SiteData]:
@@ -159,7 +163,8 @@ def with_input_canaries(sites: dict[str, SiteData], canaries: Canaries) -> dict[
 
 class WhiteBoxAttack:
     """The aggregator's view: every round's unmasked sum, less the real records' expected clipped sum (which
-    the DP adversary can compute), read on each canary's coordinate in units of C."""
+    the DP adversary can compute) and the noise shares of the c colluding sites (which they tell it), read on each
+    canary's coordinate in units of C."""
 
     def __init__(self, plan: FederationPlan, dim: int, coordinates: np.ndarray) -> None:
         self.privacy = site_privacy(plan, plan.secagg_config(dim))  # the plan's own decoder (the aggregator's)
@@ -168,22 +173,27 @@ class WhiteBoxAttack:
         self.others = np.ones(dim, bool)
         self.others[coordinates] = False
         self._expected: dict[int, np.ndarray] = {}
+        self._known: dict[int, dict[str, np.ndarray]] = {}  # colluders' noise shares per round (gradient units)
         self.z: list[np.ndarray] = []  # per completed round: the residual on each canary's coordinate
         self.noise_var: list[float] = []  # per completed round: the residual's variance elsewhere
-        self.survivors: list[int] = []
+        self.unknown_shares: list[int] = []  # per completed round: survivors whose share the attacker does not know
 
     def expected(self, rnd: int, site: str, vector: np.ndarray) -> None:
         self._expected[rnd] = self._expected.get(rnd, 0.0) + vector
 
+    def share(self, rnd: int, site: str, ring_share: np.ndarray) -> None:
+        self._known.setdefault(rnd, {})[site] = ring_share.astype(np.float64) / self.privacy.codec.gamma
+
     def round_done(self, outcome: RoundOutcome, weights: np.ndarray) -> None:
         expected = self._expected.pop(outcome.round, None)
+        known = {s: v for s, v in self._known.pop(outcome.round, {}).items() if s in outcome.survivors}
         if outcome.status != "completed" or outcome.ring_sum is None or expected is None:
             return
         decoded = self.privacy.codec.decode(np.asarray(outcome.ring_sum)[:self.dim])
-        residual = (decoded - expected) / self.privacy.clip_norm
+        residual = (decoded - expected - sum(known.values(), np.zeros(self.dim))) / self.privacy.clip_norm
         self.z.append(residual[self.coordinates])
         self.noise_var.append(float(np.mean(residual[self.others] ** 2)))
-        self.survivors.append(len(outcome.survivors))
+        self.unknown_shares.append(len(outcome.survivors) - len(known))
 
     @property
     def noise(self) -> float:
@@ -191,9 +201,10 @@ class WhiteBoxAttack:
         return math.sqrt(float(np.mean(self.noise_var)))
 
     def promised_noise(self) -> float:
-        """What the plan promises for the sites that took part: σ·Δ₂/γ for t − c shares, × √(n/(t − c))."""
+        """What the plan promises for the shares the attacker does not know: each share has variance
+        σ²Δ₂²/(t − c) (ring units), so k of them give σ·Δ₂/γ·√(k/(t − c)) in units of C."""
         codec = self.privacy.codec
-        shares = float(np.mean(self.survivors)) / (codec.threshold - codec.colluders)
+        shares = float(np.mean(self.unknown_shares)) / (codec.threshold - codec.colluders)
         return math.sqrt(codec.total_variance * shares) / codec.gamma / self.privacy.clip_norm
 
     def scores(self) -> np.ndarray:
@@ -250,19 +261,22 @@ def audit_federation(plan: FederationPlan, sites: dict[str, SiteData], pool_imag
     if plan.algorithm != "fedsgd" or not plan.dp or not plan.secagg:
         raise ValueError("the audit runs DP-FedSGD plans with secure aggregation (the recipe)")
     dim = sum(p.numel() for p in build_model(plan.model, len(plan.classes)).parameters())
+    names = list(sites)
+    # the guarantee holds against the aggregator with c colluding sites: the last c play them (no canaries there)
+    colluders = names[len(names) - plan.dp_colluders:] if plan.dp_mode == "distributed" else []
+    honest = [i for i, name in enumerate(names) if name not in colluders]
     canaries = draw_canaries(np.random.default_rng([opts.seed, 7]), dim, min(opts.canaries, dim // 2),
-                             pool_images, np.asarray(pool_labels).reshape(-1), opts.input_canaries, len(sites),
+                             pool_images, np.asarray(pool_labels).reshape(-1), opts.input_canaries, honest,
                              len(plan.classes))
     sites = with_input_canaries(sites, canaries)
     attack = WhiteBoxAttack(plan, dim, canaries.coordinates)
-    names = list(sites)
 
     def trainer(name: str, plan_: FederationPlan, **kwargs) -> AuditTrainer:
         i = names.index(name)
         mine = canaries.coordinates[canaries.included & (canaries.site == i)]
         return AuditTrainer(plan_, site=name, canaries=mine, expected=attack.expected,
                             canary_seed=int(np.random.SeedSequence([opts.seed, 11, i]).generate_state(1)[0]),
-                            fault=opts.fault, **kwargs)
+                            fault=opts.fault, share=attack.share if name in colluders else None, **kwargs)
 
     bounds = SiteBounds(max_rounds=max(plan.rounds, SiteBounds().max_rounds))
     cache = FeatureCache()
@@ -287,7 +301,8 @@ def audit_federation(plan: FederationPlan, sites: dict[str, SiteData], pool_imag
         plan={"digest": plan.digest(), "federation_id": plan.federation_id, "model": plan.model,
               "rounds": plan.rounds, "sample_rate": plan.sample_rate, "clip_norm": plan.clip_norm,
               "sigma": plan.noise_multiplier, "threshold": plan.threshold, "colluders": codec.colluders,
-              "dp_mode": plan.dp_mode, "sites": len(sites), "rounds_completed": len(attack.z)},
+              "dp_mode": plan.dp_mode, "sites": len(sites), "rounds_completed": len(attack.z),
+              "colluding_sites": colluders},
         seconds=time.perf_counter() - started, seed=opts.seed, command=command,
         when=time.strftime("%Y-%m-%d %H:%M:%S %Z"), machine=f"{platform.machine()}, {_cpus()} CPU cores",
         version=version_string())
