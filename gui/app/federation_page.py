@@ -79,12 +79,16 @@ class FederationPage(QWidget):
         self.federation = QLineEdit(s.get_str("federation/id", ""))
         self.federation.setPlaceholderText("optional: refuse any other federation")
         self.insecure = QCheckBox("allow unencrypted ws:// (local tests only)")
+        self.operator = QLineEdit(state.operator)
+        self.operator.setPlaceholderText("your name: recorded with the plan you accept, printed in the privacy report")
+        self.operator.editingFinished.connect(lambda: state.set_operator(self.operator.text()))
         conn_box = QGroupBox("Aggregator")
         cf = QFormLayout(conn_box)
         cf.addRow("address", self.url)
         cf.addRow("CA certificate", ca_row)
         cf.addRow("federation", self.federation)
         cf.addRow("", self.insecure)
+        cf.addRow("operator", self.operator)
 
         self.fingerprint = QLabel()
         self.fingerprint.setObjectName("fingerprint")
@@ -284,11 +288,12 @@ class FederationPage(QWidget):
         s.set("federation/url", self.url.text().strip())
         s.set("federation/ca_file", self.ca.text().strip())
         s.set("federation/id", self.federation.text().strip())
+        self.state.set_operator(self.operator.text())
         cfg = SiteConfig(data=Path(self.state.source), state_dir=self.state.state_dir,
                          aggregator=self.url.text().strip(), epsilon=self.state.epsilon,
                          federation=self.federation.text().strip() or None,
                          ca_file=Path(self.ca.text().strip()) if self.ca.text().strip() else None,
-                         insecure=self.insecure.isChecked(), bounds=self.state.bounds)
+                         insecure=self.insecure.isChecked(), bounds=self.state.bounds, operator=self.state.operator)
         identity, _ = self.identity()
         self.banner.setVisible(False)
         self.last_failure = None

@@ -67,6 +67,7 @@ class AppState(QObject):
         self.source = settings.get_str("data/source")
         self.epsilon = settings.get_float("privacy/epsilon", DEFAULT_EPSILON)
         self.max_delta = settings.get_float("privacy/max_delta", DEFAULT_MAX_DELTA)
+        self.operator = settings.get_str("site/operator")  # who runs this site: in each acceptance and the report
         self.plan = default_plan()
         self.plan_received = False
         self.projection: Projection | None = None
@@ -125,6 +126,10 @@ class AppState(QObject):
         if changed:
             self.budgetChanged.emit()
             self.update_projection()
+
+    def set_operator(self, name: str) -> None:
+        self.operator = " ".join(str(name).split())[:120]
+        self.settings.set("site/operator", self.operator)
 
     def set_plan(self, plan: FederationPlan, received: bool = True) -> None:
         self.plan, self.plan_received = plan, received

@@ -18,6 +18,7 @@ from PySide6.QtWidgets import (
 
 from .data_page import DataPage
 from .federation_page import FederationPage
+from .outbound_page import OutboundPage
 from .privacy_page import PrivacyPage
 from .results_page import ResultsPage
 from .state import AppState
@@ -32,9 +33,11 @@ class MainWindow(QMainWindow):
         self.privacy_page = PrivacyPage(state)
         self.federation_page = FederationPage(state)
         self.results_page = ResultsPage(state)
-        self.pages = [self.data_page, self.privacy_page, self.federation_page, self.results_page]
+        self.outbound_page = OutboundPage(state)
+        self.pages = [self.data_page, self.privacy_page, self.federation_page, self.results_page, self.outbound_page]
         hints = ["1. choose and check this hospital's images", "2. set how much privacy to spend",
-                 "3. join the federation", "4. the model, and classify images"]
+                 "3. join the federation", "4. the model, and classify images",
+                 "what left this computer: every message this site sent, and the privacy report"]
 
         self.nav = QListWidget()
         self.nav.setObjectName("nav")
