@@ -25,6 +25,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from math import log10 as math_log10
 from pathlib import Path
 
 from hemafed.core.atomic import atomic_write_bytes
@@ -131,6 +132,16 @@ def _day(t: float) -> str:
     return time.strftime("%d %B %Y", time.localtime(t)).lstrip("0")
 
 
+def _num(x: float | None) -> str:
+    """1e-05 as 10⁻⁵ (a power of ten), anything else as %g."""
+    if x is None:
+        return "—"
+    exponent = round(math_log10(x)) if x > 0 else None
+    if exponent is not None and abs(x - 10.0 ** exponent) < 1e-12 * 10.0 ** exponent and exponent < -2:
+        return "10" + str(exponent).translate(str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹"))
+    return f"{x:g}"
+
+
 def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
@@ -146,12 +157,15 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def _table(headers: list[str], rows: list[list[str]], widths: list[int] | None = None, align: str = "") -> str:
+def _table(headers: list[str], rows: list[list[str]], widths: list[int] | None = None, align: str = "",
+           nowrap: bool = False) -> str:
     head = "".join(f'<th align="left"{f" width={widths[i]}%" if widths else ""}>{h}</th>'
                    for i, h in enumerate(headers))
-    body = "".join("<tr>" + "".join(f'<td{" align=right" if i < len(align) and align[i] == "r" else ""}>{c}</td>'
-                                    for i, c in enumerate(row)) + "</tr>" for row in rows)
-    return (f'<table class="grid" width="100%" cellspacing="0" cellpadding="3" border="1">'
+    wrap = " nowrap" if nowrap else ""
+    body = "".join("<tr>" + "".join(f'<td{" align=right" if i < len(align) and align[i] == "r" else ""}{wrap}>{c}'
+                                    "</td>" for i, c in enumerate(row)) + "</tr>" for row in rows)
+    return (f'<table class="grid" width="100%" cellspacing="0" cellpadding="3" border="1" '
+            f'style="border-collapse: collapse">'
             f"<thead><tr>{head}</tr></thead>{body}</table>")
 
 
@@ -177,12 +191,12 @@ def plain_words(r: SiteReport) -> list[str]:
     plan, acc = r.plan, r.acceptance
     if acc:
         name = f"<b>{_e(acc['operator'])}</b>" if acc["operator"] else "the site's operator (no name was set)"
-        how = (f"was reviewed and accepted by {name} in the app" if acc["decided"] == "operator" else
-               f"was accepted automatically by the headless site run by {name}, because it was within the limits "
-               "set in the site's configuration")
+        how = (f"{name} reviewed the federation's plan in the app and accepted it" if acc["decided"] == "operator"
+               else f"the headless site run by {name} accepted the federation's plan automatically, because it was "
+                    "within the limits set in the site's configuration")
         out.append(f"This hospital site (identity key {_e(r.site_short)}) joined the federation "
-                   f"<b>{_e(r.federation_id)}</b>. Its plan {how} on {_e(_day(acc['time']))}, before anything was "
-                   "trained or sent.")
+                   f"<b>{_e(r.federation_id)}</b>. On {_e(_day(acc['time']))} {how}, before anything was trained or "
+                   "sent.")
     else:
         out.append(f"This hospital site (identity key {_e(r.site_short)}) took part in the federation "
                    f"<b>{_e(r.federation_id)}</b>; no record of the plan's acceptance is kept (it predates this "
@@ -190,7 +204,7 @@ def plain_words(r: SiteReport) -> list[str]:
     if r.entries and r.budget is not None:
         out.append(f"It trained in <b>{len(r.entries)} rounds</b>, the last on {_e(_day(r.entries[-1].time))}. Its "
                    f"privacy loss is <b>ε = {r.spent:.3g}</b> of the budget ε = {r.budget:g} set for this "
-                   f"federation (δ = {r.delta:.2g}): smaller ε is stronger protection of each patient image. "
+                   f"federation (δ = {_num(r.delta)}): smaller ε is stronger protection of each patient image. "
                    "Each round was written to the site's privacy ledger before anything left the computer.")
     if plan is not None and plan.dp and plan.secagg and plan.dp_mode == "distributed":
         out.append("The images never left this computer. What did leave, each round, was one clipped, noised "
@@ -219,7 +233,8 @@ def plain_words(r: SiteReport) -> list[str]:
                       if held else "<span class=bad>above the ε the accounting claims</span>. ")
                    + "ε̂ is a lower bound: it can show a claim is false, never that it is true.")
     else:
-        out.append("No empirical audit of this plan has been recorded at this site (`hemafed audit --site`).")
+        out.append("No empirical audit of this plan has been recorded at this site (<span class=mono>hemafed audit "
+                   "--site</span> runs one).")
     return out
 
 
@@ -309,7 +324,8 @@ def _safe_markup(text: str) -> str:
 
 def _kv(rows: list[list[str]]) -> str:
     body = "".join(f"<tr><td class=k width=30%>{k}</td><td>{v}</td></tr>" for k, v in rows)
-    return f'<table class="grid" width="100%" cellspacing="0" cellpadding="3" border="1">{body}</table>'
+    return (f'<table class="grid" width="100%" cellspacing="0" cellpadding="3" border="1" '
+            f'style="border-collapse: collapse">{body}</table>')
 
 
 def _grouped(hexdigest: str | None) -> str:
@@ -321,20 +337,22 @@ def _ledger_section(r: SiteReport) -> list[str]:
         return ["<p>No round is recorded in this federation's ledger.</p>"]
     first = r.entries[0]
     shared = {(e.sigma, e.sample_rate, e.steps, e.dp_mode, e.threshold, e.colluders) for e in r.entries}
-    out = [f"<p>{len(r.entries)} rounds, accounted with {_e(r.accountant.upper())} at δ = {r.delta:.2g}; budget "
-           f"ε = {r.budget:g}, spent ε = {r.spent:.4g}.</p>"]
+    out = [f"<p>{len(r.entries)} rounds from {_e(_day(first.time))} to {_e(_day(r.entries[-1].time))}, accounted "
+           f"with {_e(r.accountant.upper())} at δ = {_num(r.delta)}; budget ε = {r.budget:g}, spent "
+           f"ε = {r.spent:.4g}.</p>"]
     if len(shared) == 1:
         out.append(f"<p>Every round: noise multiplier σ = {first.sigma:.4g}, sampling rate q = {first.sample_rate:g}, "
                    f"{first.steps} step(s); " + _e(first.protection) + ".</p>")
         per_row = 3
         cells = [[str(e.round) + (f" (run {e.attempt})" if e.attempt > 1 else ""),
-                  _e(time.strftime("%Y-%m-%d %H:%M", time.localtime(e.time))), f"{e.epsilon:.4f}"]
+                  _e(time.strftime("%d %b %H:%M", time.localtime(e.time))).replace(" ", "&nbsp;"), f"{e.epsilon:.4f}"]
                  for e in r.entries]
         rows = []
         for i in range(0, len(cells), per_row):
             chunk = cells[i:i + per_row]
             rows.append([c for cell in chunk for c in cell] + [""] * (3 * (per_row - len(chunk))))
-        out.append(_table(["round", "recorded", "ε after"] * per_row, rows, align="rlr" * per_row))
+        out.append(_table(["round", "recorded", "ε after"] * per_row, rows, align="rlr" * per_row,
+                          widths=[9, 14, 10] * per_row, nowrap=True))
     else:
         out.append(_table(["round", "recorded", "σ", "q", "steps", "protection", "ε after"],
                           [[str(e.round), _e(_when(e.time)), f"{e.sigma:.4g}", f"{e.sample_rate:g}", str(e.steps),
@@ -352,9 +370,9 @@ def _outbound_section(r: SiteReport) -> list[str]:
            "the time, round, stage, kind, exact size and SHA-256 of the bytes sent (<span class=mono>hemafed site "
            "--outbound</span> or the app's <i>What left this computer</i> page list them one by one).</p>"]
     by_kind = O.totals(records, lambda x: (x.kind, x.protection))
-    out.append(_table(["kind", "what it carries", "protection", "messages", "bytes"],
+    out.append(_table(["kind", "what it carries", "protection", "count", "bytes"],
                       [[f"<span class=mono>{_e(k)}</span>", _e(O.describe(k)), _e(p), str(t.messages), f"{t.bytes:,}"]
-                       for (k, p), t in by_kind.items()], widths=[22, 44, 14, 9, 11], align="lllrr"))
+                       for (k, p), t in by_kind.items()], widths=[28, 39, 15, 8, 10], align="lllrr"))
     by_round = O.totals(records, lambda x: x.round)
     rounds = [k for k in by_round if k]  # round 0: joining and handshakes
     joining = by_round.get(0)

@@ -95,6 +95,7 @@ class OutboundPage(QWidget):
         self.export_note.setVisible(False)
 
         self.kinds = _table(["kind", "protection", "messages", "bytes", "what it carries"])
+        self.kinds.setWordWrap(True)
         self.rounds = _table(["round", "messages", "bytes", "protections"])
         self.messages = _table(["time", "round", "stage", "kind", "bytes", "protection", "SHA-256 of the bytes"])
         kinds_box, rounds_box, all_box = (QGroupBox("Totals per kind"), QGroupBox("Totals per round"),
@@ -104,13 +105,13 @@ class OutboundPage(QWidget):
         totals = QSplitter(Qt.Orientation.Horizontal)
         totals.addWidget(kinds_box)
         totals.addWidget(rounds_box)
-        totals.setStretchFactor(0, 3)
-        totals.setStretchFactor(1, 2)
+        totals.setStretchFactor(0, 2)
+        totals.setStretchFactor(1, 1)
         body = QSplitter(Qt.Orientation.Vertical)
         body.addWidget(totals)
         body.addWidget(all_box)
-        body.setStretchFactor(0, 2)
-        body.setStretchFactor(1, 3)
+        body.setStretchFactor(0, 1)
+        body.setStretchFactor(1, 1)
 
         layout = QVBoxLayout(self)
         layout.addWidget(heading)

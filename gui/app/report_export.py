@@ -30,9 +30,8 @@ def write_report(state: AppState, path: Path, federation: str | None = None) -> 
     identity = load_identity(state.state_dir)
     report = gather(state.state_dir, identity, federation)
     (written,) = export_report(report, identity, [Path(path)], html_to_pdf)
-    return (f"Wrote the privacy report of federation <b>{report.federation_id}</b> to {written}, signed with this "
-            f"site's key {identity.fingerprint}. Anyone can check it with <tt>hemafed report --verify "
-            f"{written.name}</tt>.")
+    return (f"Wrote <b>{written.name}</b> (federation {report.federation_id}) in {written.parent}, signed with this "
+            f"site's key {report.site_short}. Check it with <tt>hemafed report --verify {written.name}</tt>.")
 
 
 def export_dialog(parent: QWidget, state: AppState, federation: str | None = None) -> tuple[bool, str] | None:

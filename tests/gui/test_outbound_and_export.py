@@ -75,6 +75,7 @@ def test_export_privacy_report_from_the_app_writes_a_signed_pdf(qtbot, window, t
     message = write_report(window.state, tmp_path / "r.pdf", page.selected_federation())
     page.show_export(True, message)
     assert page.export_note.isVisible() and "signed with this site's key" in page.export_note.text()
+    assert "r.pdf" in page.export_note.text()
     data = (tmp_path / "r.pdf").read_bytes()
     assert data.startswith(b"%PDF") and verify_document(data, identity.fingerprint).fingerprint == identity.fingerprint
     assert window.outbound_page.export_btn.text() == "Export privacy report…"
