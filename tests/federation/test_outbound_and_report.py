@@ -176,3 +176,24 @@ def _leaf_der(cert_file: Path) -> bytes:
     from hemafed.core.trust.certs import leaf_certificate_der
 
     return leaf_certificate_der(cert_file)
+
+
+@pytest.mark.realdata
+def test_an_audit_of_the_accepted_plan_goes_into_the_report(federation, shared_data: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`hemafed audit --site` audits the plan this site accepted (on BloodMNIST hospitals, few canaries here) and
+    records the result in the site's store; the report then shows ε̂ next to ε."""
+    fed, _, _ = federation
+    cfg = fed.site_configs["site1"]
+    out = tmp_path / "audit.json"
+    assert cli(["audit", "--site", str(cfg.state_dir), "--subset", "600", "--canaries", "400",
+                "--input-canaries", "40", "--data", str(shared_data), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ε̂ (95 %) gradient canaries" in printed and "not caught" in printed
+    (audit,) = SiteStore(cfg.state_dir).audits(fed.plan.digest())
+    assert audit["result"]["plan"]["digest"] == fed.plan.digest() and json.loads(out.read_text()) == audit["result"]
+    assert audit["result"]["plan"]["rounds_completed"] == ROUNDS
+    assert audit["result"]["claimed_epsilon"] <= 30.0 and not audit["result"]["caught"]
+    page = to_html(gather(cfg.state_dir, load_identity(cfg.state_dir)))
+    assert "ε̂ from gradient canaries" in page and "No audit of this plan" not in page
+    assert cli(["audit", "--site", str(cfg.state_dir), "--control", "noise/4"]) == 1  # never recorded for a site
