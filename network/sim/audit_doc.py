@@ -25,8 +25,8 @@ audit can switch on ({faults}), run to show that the audit finds one.
 
 
 def audit_table(results: list[AuditResult]) -> str:
-    rows = ["| plan | fault | ε (ledger) | ε̂ gradient canaries | ε̂ input canaries | canaries (gradient / input) "
-            "| noise measured / promised | verdict | time |",
+    rows = ["| plan | fault | ε (ledger) | ε̂ (95 %), gradient canaries | ε̂ (95 %), input canaries "
+            "| canaries (gradient / input) | noise measured / promised | verdict | time |",
             "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in sorted(results, key=lambda r: (r.fault is not None, r.claimed_epsilon, r.fault or "")):
         p = r.plan
