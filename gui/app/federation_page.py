@@ -88,7 +88,6 @@ class FederationPage(QWidget):
         cf.addRow("CA certificate", ca_row)
         cf.addRow("federation", self.federation)
         cf.addRow("", self.insecure)
-        cf.addRow("operator", self.operator)
 
         self.fingerprint = QLabel()
         self.fingerprint.setObjectName("fingerprint")
@@ -115,6 +114,10 @@ class FederationPage(QWidget):
         iv.addWidget(self.fingerprint)
         iv.addWidget(self.key_info)
         iv.addLayout(key_row)
+        operator_row = QHBoxLayout()
+        operator_row.addWidget(QLabel("operator"))
+        operator_row.addWidget(self.operator, 1)
+        iv.addLayout(operator_row)
 
         self.join_btn = QPushButton("Join federation")
         self.join_btn.setObjectName("primary")
