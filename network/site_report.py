@@ -392,6 +392,12 @@ def _outbound_section(r: SiteReport) -> list[str]:
     return out
 
 
+def _bound(b: dict) -> str:
+    if not b["guesses"]:
+        return f"{b['epsilon_lower_bound']:.3f} — no better than chance"
+    return f"{b['epsilon_lower_bound']:.3f} — {b['correct']} of {b['guesses']} guesses right"
+
+
 def _audit_section(r: SiteReport) -> list[str]:
     a = r.audit
     if a is None:
@@ -400,12 +406,8 @@ def _audit_section(r: SiteReport) -> list[str]:
                 "records it here.</p>"]
     g, i = a["gradient"], a.get("input") or {}
     rows = [["ε the ledger accounting claims", f"{a['claimed_epsilon']:.3f} (δ = {a['delta']:g})"],
-            ["ε̂ from gradient canaries (the aggregator's view)",
-             f"{g['epsilon_lower_bound']:.3f} — {g['correct']} of {g['guesses']} guesses right, "
-             f"{g['canaries']:,} canaries"],
-            ["ε̂ from input canaries (the final model alone)",
-             f"{i['epsilon_lower_bound']:.3f} — {i['correct']} of {i['guesses']} guesses right, "
-             f"{i['canaries']:,} canaries" if i else "—"],
+            ["ε̂ from gradient canaries (the aggregator's view)", f"{_bound(g)}, {g['canaries']:,} canaries"],
+            ["ε̂ from input canaries (the final model alone)", f"{_bound(i)}, {i['canaries']:,} canaries" if i else "—"],
             ["confidence", f"{g['confidence']:.0%}"],
             ["noise measured / noise promised", f"{a['noise_ratio']:.3f}"],
             ["run", f"{_e(a.get('when', ''))}, {a['seconds'] / 60:.1f} min, {_e(a.get('version', ''))}"]]

@@ -33,7 +33,7 @@ from hemafed.core.rounds.plan import FederationPlan
 
 # fault name -> what it does to the plan's `SitePrivacy` (σ recorded in the ledger stays the plan's)
 FAULTS: dict[str, str] = {
-    "noise/4": "every site draws its noise share for σ/4 (a sixteenth of the variance) and records σ",
+    "noise/4": "every site draws its noise share for σ/4, a sixteenth of the variance, while its ledger records σ",
 }
 
 Expected = Callable[[int, str, np.ndarray], None]  # (round, site, q·Σ clip(∇ℓ_i) of the site's real records)
