@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 _PERMANENT_REFUSALS = frozenset({"unknown_key", "bad_signature", "handshake"})
 _REFUSED_CLOSE = CLOSE_CODES["unknown_key"]  # 4001: the handshake was refused (the error frame may be lost)
 RetryFn = Callable[[str, float], None]  # (why the attempt failed, seconds until the next one)
+# Called with every message's exact bytes just before they are sent (the handshake's answer included, with the
+# aggregator's URL and certificate digest as details); an exception stops the message (`network.outbound`).
+SentFn = Callable[..., object]  # (envelope, bytes, details or None)
 # Close codes that mean "the aggregator refused something we sent" (1001, going away, is not one).
 _CODE_NAMES = {CLOSE_CODES[k]: k for k in ("handshake", "malformed", "unexpected", "replaced", "timeout",
                                            "too_large", "internal")}
@@ -86,6 +89,7 @@ class SiteClient:
         open_timeout: float = 10.0,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
+        on_send: SentFn | None = None,
     ) -> None:
         scheme = urlsplit(url).scheme
         if scheme == "ws" and not insecure:
@@ -103,6 +107,8 @@ class SiteClient:
         self._ws: ClientConnection | None = None
         self._closed = False
         self.site: str | None = None  # the name the aggregator knows this site by
+        self.on_send = on_send
+        self.peer_certificate_sha256: str | None = None  # the aggregator's TLS certificate (hex), once connected
 
     @property
     def connected(self) -> bool:
@@ -170,8 +176,11 @@ class SiteClient:
         if not reconnect and self._ws is None:
             raise NotConnected("not connected to the aggregator")
         ws = await self._ensure()
+        data = env.encode()
+        if self.on_send is not None:
+            self.on_send(env, data, None)
         try:
-            await ws.send(env.encode())
+            await ws.send(data)
         except ConnectionClosed as exc:
             raise self._lost(exc) from None
 
@@ -238,13 +247,18 @@ class SiteClient:
                 hello = Envelope.decode(await ws.recv(), self.limits)
                 ssl_object = ws.transport.get_extra_info("ssl_object")
                 binding = cert_binding(ssl_object.getpeercert(binary_form=True) if ssl_object else None)
-                await ws.send(handshake.answer(hello, self.identity, binding, self.federation).encode())
+                auth = handshake.answer(hello, self.identity, binding, self.federation)
+                data = auth.encode()
+                if self.on_send is not None:
+                    self.on_send(auth, data, {"aggregator": self.url, "certificate_sha256": binding.hex()})
+                await ws.send(data)
                 reply = Envelope.decode(await ws.recv(), self.limits)
             if reply.type == ERROR:
                 raise handshake.refusal(reply)
             site = reply.body.get("site")
             if reply.type != WELCOME or not isinstance(site, str):
                 raise MalformedEnvelope(f"expected {WELCOME!r} from the aggregator, got {reply.type!r}")
+            self.peer_certificate_sha256 = binding.hex() or None
         except BaseException:
             with contextlib.suppress(Exception):
                 await ws.close()
@@ -253,8 +267,12 @@ class SiteClient:
 
     async def _drop(self, ws: ClientConnection, error: ProtocolError) -> None:
         self._ws = None
+        env = error_envelope(error.code, error.public)
+        data = env.encode()
+        if self.on_send is not None:
+            self.on_send(env, data, None)
         with contextlib.suppress(ConnectionClosed):
-            await ws.send(error_envelope(error.code, error.public).encode())
+            await ws.send(data)
         with contextlib.suppress(ConnectionClosed):
             await ws.close(error.close_code, error.public[:120])
 

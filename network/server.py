@@ -142,6 +142,10 @@ class AggregatorServer:
         self._outboxes: dict[ServerConnection, asyncio.Queue[bytes]] = {}
         self._writers: dict[ServerConnection, asyncio.Task[None]] = {}
         self._backlog: Counter[str] = Counter()
+        # bytes and messages received from each site since start, its handshake answers included (what a site's
+        # outbound log adds up to, network.outbound)
+        self.received_bytes: Counter[str] = Counter()
+        self.received_messages: Counter[str] = Counter()
         self.gate = AdmissionGate(max_unauthenticated, max_unauthenticated_per_address)
 
     # -- lifecycle ---------------------------------------------------------------
@@ -283,6 +287,7 @@ class AggregatorServer:
         try:
             while True:
                 data = await ws.recv()
+                self._count(site, data)
                 env: Envelope | None = None
                 try:
                     env = Envelope.decode(data, self.limits)
@@ -315,8 +320,10 @@ class AggregatorServer:
         try:
             async with asyncio.timeout(self.handshake_timeout):
                 await ws.send(challenge.envelope().encode())
-                env = Envelope.decode(await ws.recv(), HANDSHAKE_LIMITS)
+                answer = await ws.recv()
+                env = Envelope.decode(answer, HANDSHAKE_LIMITS)
                 site, raw = handshake.check(challenge, env, self._allowed)
+                self._count(site, answer)
         except TimeoutError:
             await self._refuse(ws, ProtocolError("no answer to the challenge", code="timeout"), f"peer {peer}")
             return None
@@ -350,6 +357,10 @@ class AggregatorServer:
         async with self._changed:
             self._changed.notify_all()
         return site
+
+    def _count(self, site: str, data: str | bytes) -> None:
+        self.received_bytes[site] += len(data)
+        self.received_messages[site] += 1
 
     def _validate(self, site: str, env: Envelope) -> None:
         if self.validator is None:

@@ -45,6 +45,7 @@ from hemafed.core.rounds.site_events import (
     Finished,
     PlanAnswered,
     RoundFinished,
+    RoundStarted,
     SiteEvent,
     SiteFailed,
     StageChanged,
@@ -64,6 +65,8 @@ from hemafed.network.errors import (
     NotConnected,
     ProtocolError,
 )
+from hemafed.network.outbound import OutboundLog
+from hemafed.network.plan_review import plan_rows, sees_text
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,13 @@ class SiteRunner:
         self._decision: asyncio.Future[tuple[bool, str]] | None = None
         self._last_progress = 0.0
         self._tried_to_connect = False
+        # every message this site sends is recorded in its store before it leaves (`network.outbound`)
+        self.outbound = OutboundLog(self.store, self._outbound_context)
+        self._accepted: set[str] = set()  # digests of the plans whose acceptance is recorded
+
+    def _outbound_context(self) -> tuple[str, FederationPlan | None]:
+        plan = self.plan or self.machine.plan
+        return (plan.federation_id if plan is not None else (self.cfg.federation or "")), plan
 
     @property
     def site_id(self) -> int:
@@ -180,7 +190,7 @@ class SiteRunner:
                 self.client = SiteClient(self.cfg.aggregator, self.identity, ca_file=self.cfg.ca_file,
                                          insecure=self.cfg.insecure, federation=self.cfg.federation,
                                          limits=Limits.for_model(4_000_000), backoff=self.backoff,
-                                         ping_interval=30.0, ping_timeout=120.0)
+                                         ping_interval=30.0, ping_timeout=120.0, on_send=self.outbound)
             except ValueError as exc:  # a bad URL in site.toml, caught before any connection
                 self._emit(SiteFailed(str(exc), True, "fix the aggregator URL in site.toml", code="bad_address"))
                 return None
@@ -352,12 +362,12 @@ class SiteRunner:
                 self._event_action(action.event)
 
     def _event_action(self, event: SiteEvent) -> None:
-        if isinstance(event, PlanAnswered) and event.accepted and self.machine.plan is not None:
-            plan = self.machine.plan  # on record before anything else happens: a rejoin needs no second review
-            self.store.record_acceptance(plan.federation_id, plan.digest(), plan.to_dict(),
-                                         self.cfg.operator or ("this site (headless)" if self.auto_accept else ""))
+        if isinstance(event, PlanAnswered) and event.accepted:
+            self._record_acceptance()  # on record before anything else happens: a rejoin needs no second review
         self._emit(event)
-        if isinstance(event, StageChanged):
+        if isinstance(event, RoundStarted) and event.peers:
+            self._log_round(event.round, "started", peers=list(event.peers))  # who the masks were agreed with
+        elif isinstance(event, StageChanged):
             self._maybe_die(event.round, event.stage)
         elif isinstance(event, RoundFinished):
             # the site's own round log (the simulation's traffic figures come from it)
@@ -555,6 +565,27 @@ class SiteRunner:
         path = self.cfg.state_dir / "models" / self.plan.federation_id / f"{name}.npz"
         return save_model_file(path, weights, self.plan, rnd)
 
+    def _record_acceptance(self) -> None:
+        """The plan as the operator accepted it (fields, digest, the review's words, who, when, which aggregator), in
+        the site's store for its privacy report; once per plan and run (a reconnect re-sends the same plan)."""
+        plan, trainer = self.plan or self.machine.plan, self.trainer
+        if plan is None or plan.digest() in self._accepted:
+            return
+        self._accepted.add(plan.digest())
+        proj = None
+        if trainer is not None:
+            with contextlib.suppress(RuntimeError):  # not prepared (a plan refused before preparing): no figures
+                proj = trainer.projection
+        review = plan_rows(plan, proj.settings if proj is not None else None, self.cfg.epsilon,
+                           proj.epsilon_per_round if proj is not None else ())
+        review.append(("what the aggregator sees", sees_text(plan)))
+        certificate = self.client.peer_certificate_sha256 if self.client is not None else None
+        self.store.record_plan_acceptance(
+            plan.federation_id, plan.digest(), plan.to_dict(), operator=self.cfg.operator,
+            decided="automatic" if self.auto_accept else "operator",
+            aggregator=json.dumps({"url": self.cfg.aggregator, "certificate_sha256": certificate}),
+            review=review, time=time.time())
+
     def _log_round(self, rnd: int, status: str, **fields: Any) -> None:
         """The site's own round log, beside its ledger (`SiteStore.round_log`)."""
 
@@ -572,7 +603,7 @@ class SiteRunner:
 def _accepted_plans(store: SiteStore) -> dict[str, FederationPlan]:
     """The last plan this site accepted in each federation (one that no longer parses is simply asked again)."""
     out = {}
-    for federation_id, fields in store.accepted_plans().items():
+    for federation_id, fields in store.last_accepted_plans().items():
         try:
             out[federation_id] = FederationPlan.from_dict(fields)
         except (PlanError, TypeError, ValueError):

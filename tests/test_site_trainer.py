@@ -276,6 +276,10 @@ ALLOWED = {
     "core/learning/fedsgd.py",  # clipped_round_sum calls clipped_gradient_sum: the clipping, no noise
     "core/learning/recipe.py",  # the admin's plan σ, through site_trainer.fedsgd_plan_sigma
     "core/secagg/site.py",  # quantize for callers that hand it a float update (tests, benchmarks)
+    # The privacy audit's trainer (a FedSGDTrainer subclass only `hemafed audit`'s in-process federation builds):
+    # it computes the real records' expected clipped sum, q·Σ clip(∇ℓ_i) — what the DP adversary knows — with no
+    # noise; its test-only fault changes the noise share's σ through the trainer's own `privacy`, calling nothing.
+    "network/sim/audit_trainer.py",
 }
 
 

@@ -47,7 +47,7 @@ from ..secagg.quantize import quantize
 from .dp_train import LocalTrainConfig, evaluate, train_local
 from .dp_train import TrainingCancelled as StepsCancelled
 from .feature_cache import FeatureCache, FeaturesCancelled
-from .fedsgd import clipped_round_sum, gaussian_noise, site_privacy
+from .fedsgd import GradientSum, clipped_round_sum, gaussian_noise, site_privacy
 from .models import (
     build_model,
     evaluation_features,
@@ -368,7 +368,7 @@ class FedSGDTrainer(SiteTrainer):
             raise TrainingCancelled("stopped before the round's gradient")
         generator, rng = self._randomness(rnd)
         ledger.check_round(p.sigma, p.sample_rate, 1, skellam=p.skellam)
-        gs = clipped_round_sum(self.trainable, self.inputs, self.labels, p.sample_rate, p.clip_norm, generator)
+        gs = self._round_sum(rnd, generator)
         entry = ledger.record_round(rnd, p.sigma, p.sample_rate, 1, model_hash(np.asarray(weights, np.float32)),
                                     protection=p.protection())
         # From here on the spend is on disk: the vector may leave.
@@ -385,6 +385,14 @@ class FedSGDTrainer(SiteTrainer):
             progress(1, 1, 0.0)
         return TrainOutcome(rnd, confusion, cfg.max_weight, ring=ring, epsilon_spent=ledger.spent_epsilon(),
                             loss=gs.loss_sum / max(1, gs.batch_size), steps=1, entry=entry)
+
+
+    def _round_sum(self, rnd: int, generator: torch.Generator) -> GradientSum:
+        """Round `rnd`'s clipped per-record sum before noise (`clipped_round_sum` over this site's Poisson sample).
+        A method so that the privacy audit (`hemafed.network.sim.audit_trainer`) can add its canaries here, where
+        a record's clipped gradient enters the sum; nothing else overrides it."""
+        p = self.privacy
+        return clipped_round_sum(self.trainable, self.inputs, self.labels, p.sample_rate, p.clip_norm, generator)
 
 
 def model_inputs(plan: FederationPlan, model, images: np.ndarray, view: str, cache=None,

@@ -1,6 +1,7 @@
 """The site's own records in one SQLite file per state directory: `<state>/site.sqlite`.
 
-It holds, per federation, the privacy ledger (`core.privacy.ledger`) and the site's round log, as
+It holds, per federation, the privacy ledger (`core.privacy.ledger`), the site's round log, the outbound log
+(every message the site sent, `network.outbound`), the plans its operator accepted and audits of them, as
 append-only tables (triggers refuse UPDATE and DELETE). Each write is one transaction, committed
 with WAL and `synchronous=FULL`, so a row is on disk when the call returns: a crash (even `kill -9`
 or a power cut) keeps every committed row and never leaves a torn one. Several processes may share
@@ -22,8 +23,8 @@ import os
 import sqlite3
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import fsync_dir
@@ -54,15 +55,24 @@ CREATE TABLE budget_changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, federation_id TEXT NOT NULL REFERENCES ledgers(federation_id),
     budget_epsilon REAL NOT NULL, spent_epsilon REAL NOT NULL, time REAL NOT NULL, reason TEXT NOT NULL,
     chain TEXT NOT NULL);
-CREATE TABLE acceptances (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, federation_id TEXT NOT NULL, digest TEXT NOT NULL, plan TEXT NOT NULL,
-    time REAL NOT NULL, operator TEXT NOT NULL);
 CREATE TABLE round_log (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, federation_id TEXT NOT NULL, round INTEGER NOT NULL,
     status TEXT NOT NULL, time REAL NOT NULL, fields TEXT NOT NULL);
 CREATE INDEX round_log_by_federation ON round_log (federation_id, seq);
+CREATE TABLE outbound (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, federation_id TEXT NOT NULL, round INTEGER NOT NULL,
+    stage TEXT NOT NULL, kind TEXT NOT NULL, bytes INTEGER NOT NULL CHECK (bytes >= 0),
+    sha256 TEXT NOT NULL CHECK (length(sha256) = 64), protection TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE INDEX outbound_by_federation ON outbound (federation_id, seq);
+CREATE TABLE accepted_plans (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, federation_id TEXT NOT NULL, digest TEXT NOT NULL, time REAL NOT NULL,
+    operator TEXT NOT NULL, decided TEXT NOT NULL, aggregator TEXT NOT NULL, plan TEXT NOT NULL, review TEXT NOT NULL);
+CREATE TABLE audits (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, plan_digest TEXT NOT NULL, time REAL NOT NULL, result TEXT NOT NULL);
 """
-APPEND_ONLY = ("ledgers", "rounds", "budget_changes", "acceptances", "round_log")
+# outbound: every message this site sent (`log_outbound`); accepted_plans: each plan the operator accepted, as
+# reviewed; audits: `hemafed audit --site` results for the plans this site accepted
+APPEND_ONLY = ("ledgers", "rounds", "budget_changes", "round_log", "outbound", "accepted_plans", "audits")
 
 
 class StoreCorrupt(FatalError):
@@ -166,28 +176,6 @@ class SiteStore:
                 raise
             con.execute("COMMIT")
 
-    # -- plans the operator accepted --------------------------------------------------------------------
-
-    def record_acceptance(self, federation_id: str, digest: str, plan: dict, operator: str = "") -> None:
-        """The operator accepted this plan (or a site that accepts on its own did): a rejoin with the same plan
-        needs no second review, a changed plan is shown with what changed."""
-        with self.transaction() as con:
-            con.execute("INSERT INTO acceptances (federation_id, digest, plan, time, operator) VALUES (?, ?, ?, ?, ?)",
-                        (federation_id, digest, json.dumps(plan, sort_keys=True), time.time(), operator))
-
-    def accepted_plans(self) -> dict[str, dict]:
-        """The last plan accepted in each federation (its fields, as the aggregator sent them)."""
-        with self.connect() as con:
-            rows = con.execute("SELECT federation_id, plan FROM acceptances ORDER BY seq").fetchall()
-        return {fid: json.loads(plan) for fid, plan in rows}
-
-    def acceptances(self, federation_id: str) -> list[dict]:
-        """Every acceptance in `federation_id`, oldest first: digest, time and who accepted."""
-        with self.connect() as con:
-            rows = con.execute("SELECT digest, time, operator FROM acceptances WHERE federation_id = ? ORDER BY seq",
-                               (federation_id,)).fetchall()
-        return [{"digest": d, "time": t, "operator": o} for d, t, o in rows]
-
     # -- the round log ------------------------------------------------------------------------------
 
     def log_round(self, federation_id: str, round: int, status: str, when: float, **fields: object) -> None:
@@ -206,6 +194,93 @@ class SiteStore:
             rows = con.execute(query + " ORDER BY seq", args).fetchall()
         return [{"federation_id": f, "round": r, "status": s, "time": t, **json.loads(extra)}
                 for f, r, s, t, extra in rows]
+
+
+    # -- what left this site ---------------------------------------------------------------------
+
+    def log_outbound(self, record: OutboundRecord) -> None:
+        """Append one message this site sends, durably, before it is sent (`network.outbound`)."""
+        with self.transaction() as con:
+            con.execute("INSERT INTO outbound (time, federation_id, round, stage, kind, bytes, sha256, protection, "
+                        "detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (float(record.time), record.federation_id, int(record.round), record.stage, record.kind,
+                         int(record.bytes), record.sha256, record.protection, record.detail))
+
+    def outbound(self, federation_id: str | None = None) -> list[OutboundRecord]:
+        """Every message this site sent, oldest first (every federation unless one is named)."""
+        query = "SELECT time, federation_id, round, stage, kind, bytes, sha256, protection, detail FROM outbound"
+        args: tuple = ()
+        if federation_id is not None:
+            query, args = query + " WHERE federation_id = ?", (federation_id,)
+        with self.connect() as con:
+            return [OutboundRecord(*row) for row in con.execute(query + " ORDER BY seq", args)]
+
+    # -- the plans the operator accepted, and audits of them ----------------------------------------
+    # A rejoin with a plan accepted here needs no second review, a changed plan is shown with what changed
+    # (`last_accepted_plans`); the report lists each acceptance as reviewed.
+
+    def record_plan_acceptance(self, federation_id: str, digest: str, plan: dict, *, operator: str, decided: str,
+                               aggregator: str, review: list[tuple[str, str]], time: float) -> None:
+        """The plan as it was accepted: its fields, digest, the review's words, who (`operator`), how (`decided`:
+        "operator" when a person accepted it after the review, "automatic" when a headless site did because it
+        was within its bounds), when, and which aggregator (JSON: url, certificate_sha256)."""
+        if decided not in ("operator", "automatic"):
+            raise ValueError("decided must be 'operator' or 'automatic'")
+        with self.transaction() as con:
+            con.execute("INSERT INTO accepted_plans (federation_id, digest, time, operator, decided, aggregator, plan, "
+                        "review) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (federation_id, digest, float(time), operator, decided, aggregator,
+                         json.dumps(plan, sort_keys=True), json.dumps([list(row) for row in review])))
+
+    def accepted_plans(self, federation_id: str | None = None) -> list[dict]:
+        """Each acceptance, oldest first: federation_id, digest, time, operator, decided, aggregator (JSON),
+        plan (dict), review ((label, text) rows)."""
+        query = "SELECT federation_id, digest, time, operator, decided, aggregator, plan, review FROM accepted_plans"
+        args: tuple = ()
+        if federation_id is not None:
+            query, args = query + " WHERE federation_id = ?", (federation_id,)
+        with self.connect() as con:
+            rows = con.execute(query + " ORDER BY seq", args).fetchall()
+        return [{"federation_id": f, "digest": d, "time": t, "operator": o, "decided": h, "aggregator": a,
+                 "plan": json.loads(p), "review": [tuple(row) for row in json.loads(r)]}
+                for f, d, t, o, h, a, p, r in rows]
+
+    def last_accepted_plans(self) -> dict[str, dict]:
+        """The last plan accepted in each federation (its fields, as the aggregator sent them)."""
+        return {row["federation_id"]: row["plan"] for row in self.accepted_plans()}
+
+    def record_audit(self, plan_digest: str, result: dict, time: float | None = None) -> None:
+        """An audit result (`hemafed audit --site`) for the plan with `plan_digest`."""
+        import time as _time
+
+        with self.transaction() as con:
+            con.execute("INSERT INTO audits (plan_digest, time, result) VALUES (?, ?, ?)",
+                        (plan_digest, float(_time.time() if time is None else time), json.dumps(result)))
+
+    def audits(self, plan_digest: str | None = None) -> list[dict]:
+        """Audit results, oldest first (of one plan when its digest is given)."""
+        query, args = "SELECT plan_digest, time, result FROM audits", ()
+        if plan_digest is not None:
+            query, args = query + " WHERE plan_digest = ?", (plan_digest,)
+        with self.connect() as con:
+            rows = con.execute(query + " ORDER BY seq", args).fetchall()
+        return [{"plan_digest": d, "time": t, "result": json.loads(r)} for d, t, r in rows]
+
+
+@dataclass(frozen=True)
+class OutboundRecord:
+    """One message a site sent: when, in which federation, round and stage, what kind, its exact size, the SHA-256
+    of its exact bytes, what protected it, and a few details (JSON) — see `network.outbound`."""
+
+    time: float
+    federation_id: str
+    round: int
+    stage: str
+    kind: str
+    bytes: int
+    sha256: str
+    protection: str
+    detail: str = "{}"
 
 
 _RESOURCE = ("locked", "busy", "disk", "full", "readonly", "read-only", "unable to open", "out of memory")

@@ -84,6 +84,8 @@ class RoundStarted:
     round: int
     rounds: int
     participants: int
+    # the participants' identity-key fingerprints (secure plans: the keys the round's masks are agreed with)
+    peers: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ import numpy as np
 
 from .. import secagg
 from ..errors import FatalError, HemafedError
-from ..trust.identity import IdentityError, parse_public_line
+from ..trust.identity import IdentityError, fingerprint, parse_public_line
 from ..trust.text import safe_text
 from .plan import FederationPlan, PlanError, SiteBounds
 from .round_messages import (  # the round vocabulary, shared with the other end
@@ -408,8 +408,8 @@ class SiteRound:
         if not isinstance(participants, Mapping) or not 1 <= len(participants) <= plan.max_sites:
             raise MessageRefused("round_start participants are not a mapping of at most max_sites entries")
         machine = None
+        peers: dict[int, Any] = {}
         if plan.secagg:
-            peers = {}
             for key, line in participants.items():
                 if not isinstance(key, str) or not key.isdigit() or len(key) > 6 or not isinstance(line, str):
                     raise MessageRefused("round_start participants must map site ids to key lines")
@@ -431,8 +431,9 @@ class SiteRound:
         self.finished_rounds.discard(rnd)  # a round re-run after the aggregator restarted is a new attempt
         self.secagg = machine
         self.phase = Phase.TRAINING
-        return [*out, Emit(RoundStarted(rnd, plan.rounds, len(participants))), Emit(StageChanged(rnd, "training")),
-                Train(rnd, weights)]
+        fingerprints = tuple(sorted(fingerprint(key) for key in peers.values()))
+        return [*out, Emit(RoundStarted(rnd, plan.rounds, len(participants), fingerprints)),
+                Emit(StageChanged(rnd, "training")), Train(rnd, weights)]
 
     def trained(self, rnd: int, result: TrainOutcome) -> list[Action]:
         """Training finished and (with DP) the spend is in the ledger: send this site's part."""

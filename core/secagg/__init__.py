@@ -36,6 +36,7 @@ from .messages import (
                      UnmaskShares,
                      decode,
                      encode,
+                     peek_type,
 )
 from .site import SiteSecAgg, SiteStage
 
@@ -46,5 +47,5 @@ __all__ = [
     "RoundMismatch", "SecAggConfig", "SecAggError", "SecAggResult", "ShamirError", "ShareDelivery",
     "SignatureError", "SignatureList", "SiteSecAgg", "SiteStage", "SurvivorSignature", "UnmaskRequest",
     "UnmaskShares", "VectorLengthError", "decode",
-    "encode",
+    "encode", "peek_type",
 ]

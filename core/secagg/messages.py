@@ -353,6 +353,19 @@ def _advert_from(h: Any) -> AdvertiseKeys:
                          s_pk=_unb64(h["s_pk"], "s_pk"), signature=_unb64(h["signature"], "signature"))
 
 
+def peek_type(data: bytes) -> str:
+    """The message type named in the header of wire bytes this end wrote (e.g. "secagg.masked_input"), without
+    decoding the rest: how a site's outbound log names what it sends. "secagg.?" when the header is unreadable."""
+    try:
+        magic, _version, head_len = _PREAMBLE.unpack_from(data)
+        if magic != MAGIC or head_len > MAX_HEADER_BYTES:
+            return "secagg.?"
+        kind = json.loads(bytes(data[_PREAMBLE.size:_PREAMBLE.size + head_len])).get("type")
+    except (struct.error, ValueError, AttributeError):
+        return "secagg.?"
+    return kind if isinstance(kind, str) and kind in MESSAGE_TYPES else "secagg.?"
+
+
 def decode(data: bytes, *, max_vector_len: int | None) -> Message:
     """Parse and validate wire bytes. ``max_vector_len`` caps a masked vector before any memory is used for it."""
     if not isinstance(data, bytes | bytearray | memoryview):

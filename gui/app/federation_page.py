@@ -101,6 +101,9 @@ class FederationPage(QWidget):
         self.federation = QLineEdit(s.get_str("federation/id", ""))
         self.federation.setPlaceholderText("optional: refuse any other federation")
         self.insecure = QCheckBox("allow unencrypted ws:// (local tests only)")
+        self.operator = QLineEdit(state.operator)
+        self.operator.setPlaceholderText("your name: recorded with the plan you accept, printed in the privacy report")
+        self.operator.editingFinished.connect(lambda: state.set_operator(self.operator.text()))
         conn_box = QGroupBox("Aggregator")
         cf = QFormLayout(conn_box)
         cf.addRow("address", self.url)
@@ -134,6 +137,10 @@ class FederationPage(QWidget):
         iv.addWidget(self.fingerprint)
         iv.addWidget(self.key_info)
         iv.addLayout(key_row)
+        operator_row = QHBoxLayout()
+        operator_row.addWidget(QLabel("operator"))
+        operator_row.addWidget(self.operator, 1)
+        iv.addLayout(operator_row)
 
         self.join_btn = QPushButton("Join federation")
         self.join_btn.setObjectName("primary")
@@ -317,6 +324,7 @@ class FederationPage(QWidget):
         s.set("federation/url", self.url.text().strip())
         s.set("federation/ca_file", self.ca.text().strip())
         s.set("federation/id", self.federation.text().strip())
+        self.state.set_operator(self.operator.text())
         cfg = SiteConfig(data=Path(self.state.source), state_dir=self.state.state_dir,
                          aggregator=self.url.text().strip(), epsilon=self.state.epsilon,
                          federation=self.federation.text().strip() or None,

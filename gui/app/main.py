@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 from PySide6.QtWidgets import QApplication
 
@@ -21,12 +22,14 @@ def load_style() -> str:
     return path.read_text(encoding="utf-8") if path.is_file() else ""
 
 
-def create_window(config_dir: str | os.PathLike[str] | None = None) -> MainWindow:
-    """Build the window on the running QApplication (tests and screenshots use this too)."""
+def create_window(config_dir: str | os.PathLike[str] | None = None,
+                  state_dir: str | os.PathLike[str] | None = None) -> MainWindow:
+    """Build the window on the running QApplication (tests and screenshots use this too); `state_dir`: the site's
+    state (default: HEMAFED_STATE_DIR or the user's)."""
     app = QApplication.instance()
     assert app is not None, "create a QApplication first"
     app.setStyleSheet(load_style())  # type: ignore[attr-defined]
-    state = AppState(Settings(config_dir))
+    state = AppState(Settings(config_dir), Path(state_dir) if state_dir is not None else None)
     window = MainWindow(state)
     window.setWindowIcon(app_icon())
     return window

@@ -190,6 +190,18 @@ class PrivacyPage(QWidget):
         lv.addWidget(self.ledger_table, 1)
         lv.addWidget(QLabel("History of the selected federation:"))
         lv.addWidget(self.history, 1)
+        self.export_btn = QPushButton("Export privacy report…")
+        self.export_btn.setToolTip("the selected federation's signed report for the ethics board (PDF or HTML): the "
+                                   "plan as accepted, the guarantee, every round, what left this computer, the audit")
+        self.export_btn.clicked.connect(self.export_report)
+        self.export_note = QLabel()
+        self.export_note.setWordWrap(True)
+        self.export_note.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.export_note.setVisible(False)
+        export_row = QHBoxLayout()
+        export_row.addWidget(self.export_btn)
+        export_row.addWidget(self.export_note, 1)
+        lv.addLayout(export_row)
 
         left = QWidget()
         left_l = QVBoxLayout(left)
@@ -327,6 +339,29 @@ class PrivacyPage(QWidget):
                                            f"to {state.epsilon:g}…")
         self.verdict.style().unpolish(self.verdict)
         self.verdict.style().polish(self.verdict)
+
+    # -- the report -----------------------------------------------------------------------------
+
+    def selected_federation(self) -> str | None:
+        rows = self.ledger_table.selectionModel().selectedRows()
+        if not rows or rows[0].row() >= len(self.state.ledgers):
+            return None
+        return self.state.ledgers[rows[0].row()].get("federation_id")
+
+    def export_report(self) -> None:
+        from .report_export import export_dialog
+
+        answer = export_dialog(self, self.state, self.selected_federation())
+        if answer is not None:
+            self.show_export(*answer)
+
+    def show_export(self, ok: bool, message: str) -> None:
+        self.export_note.setProperty("ok", ok)
+        self.export_note.setObjectName("help" if ok else "error")
+        self.export_note.setText(message)
+        self.export_note.setVisible(True)
+        self.export_note.style().unpolish(self.export_note)
+        self.export_note.style().polish(self.export_note)
 
     # -- ledger -------------------------------------------------------------------------------
 

@@ -116,11 +116,25 @@ def main() -> int:
     parser.add_argument("--classify-model", type=Path,
                         help="model file for the Classify screens, e.g. the main job's results/simulation/"
                              "final_model.npz (default: the small demo model trained here)")
+    parser.add_argument("--evidence", type=Path, metavar="SITE_STATE_DIR",
+                        help="only the privacy-evidence screens (What left this computer, the Privacy page's report "
+                             "export), from the state of a site that took part in a real federation, e.g. "
+                             "results/simulation/sites/hospital_01/state after `hemafed simulate`")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     from PySide6.QtWidgets import QApplication
+
+    if args.evidence is not None:
+        app = QApplication.instance() or QApplication([])
+        with tempfile.TemporaryDirectory() as tmp:
+            for width, height in SIZES:
+                shoot_evidence(app, Path(tmp) / f"cfg{width}", args.evidence, out, width, height)
+        from hemafed.gui.app.workers import wait_for_jobs
+
+        wait_for_jobs()
+        return 0
 
     from hemafed.core.paths import dev_data_dir
 
@@ -339,6 +353,37 @@ def show_failure(fed, failure) -> None:
     fed.join_btn.setEnabled(failure.fatal)
     fed.leave_btn.setEnabled(not failure.fatal)
     fed.joinedChanged.emit(not failure.fatal)
+
+
+def shoot_evidence(app, config_dir: Path, site_state: Path, out: Path, width: int, height: int) -> None:
+    """The What left this computer page and the Privacy page after *Export privacy report…*, for a site that took
+    part in a real federation (its store and identity key are read, never written; the report goes to a
+    temporary folder)."""
+    from hemafed.gui.app.main import create_window
+    from hemafed.gui.app.report_export import write_report
+
+    window = create_window(config_dir, state_dir=site_state)
+    window.resize(width, height)
+    window.show()
+    suffix = f"{width}x{height}"
+    window.show_page(window.outbound_page.title)
+    window.outbound_page.reload()
+    _settle(app, window)
+    window.outbound_page.messages.scrollToBottom()
+    _settle(app, window)
+    window.grab().save(str(out / f"outbound-{suffix}.png"))
+    print("wrote", out / f"outbound-{suffix}.png", flush=True)
+    window.show_page("privacy")
+    window.state.refresh_ledgers()
+    _settle(app, window)
+    page = window.privacy_page
+    with tempfile.TemporaryDirectory() as tmp:
+        page.show_export(True, write_report(window.state, Path(tmp) / "privacy-report.pdf",
+                                            page.selected_federation()))
+    _settle(app, window)
+    window.grab().save(str(out / f"privacy-export-{suffix}.png"))
+    print("wrote", out / f"privacy-export-{suffix}.png", flush=True)
+    window.close()
 
 
 if __name__ == "__main__":

@@ -209,6 +209,10 @@ class AppState(QObject):
             self.budgetChanged.emit()
             self.update_projection()
 
+    def set_operator(self, name: str) -> None:
+        self.operator = " ".join(str(name).split())[:120]
+        self.settings.set("site/operator", self.operator)
+
     def set_plan(self, plan: FederationPlan, received: bool = True) -> None:
         self.plan, self.plan_received = plan, received
         self.planChanged.emit()

@@ -21,6 +21,7 @@ from PySide6.QtWidgets import (
 from .data_page import DataPage
 from .federation_page import FederationPage
 from .help import GETTING_STARTED, SHORTCUTS, HelpDialog, about_html, shortcuts_html
+from .outbound_page import OutboundPage
 from .privacy_page import PrivacyPage
 from .results_page import ResultsPage
 from .state import AppState
@@ -35,9 +36,11 @@ class MainWindow(QMainWindow):
         self.privacy_page = PrivacyPage(state)
         self.federation_page = FederationPage(state)
         self.results_page = ResultsPage(state)
-        self.pages = [self.data_page, self.privacy_page, self.federation_page, self.results_page]
+        self.outbound_page = OutboundPage(state)
+        self.pages = [self.data_page, self.privacy_page, self.federation_page, self.results_page, self.outbound_page]
         hints = ["1. choose and check this hospital's images", "2. set how much privacy to spend",
-                 "3. join the federation", "4. the model, and classify images"]
+                 "3. join the federation", "4. the model, and classify images",
+                 "what left this computer: every message this site sent, and the privacy report"]
 
         self.nav = QListWidget()
         self.nav.setObjectName("nav")
@@ -121,6 +124,7 @@ class MainWindow(QMainWindow):
             "Ctrl+2": lambda: self.nav.setCurrentRow(1),
             "Ctrl+3": lambda: self.nav.setCurrentRow(2),
             "Ctrl+4": lambda: self.nav.setCurrentRow(3),
+            "Ctrl+5": lambda: self.nav.setCurrentRow(4),
             "Ctrl+O": self._choose_images,
             "Ctrl+J": self._join,
             "Ctrl+Shift+O": self._classify,

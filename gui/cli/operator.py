@@ -32,10 +32,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=_ledger_budget)
 
     p = sub.add_parser("site", help="run a hospital site headless (the desktop app drives the same code)")
-    p.add_argument("--config", required=True, help="site.toml (data, state, aggregator URL, CA, ε budget)")
+    p.add_argument("--config", help="site.toml (data, state, aggregator URL, CA, ε budget)")
     p.add_argument("--insecure", action="store_true", help="allow plain ws:// (local tests only)")
+    p.add_argument("--outbound", action="store_true",
+                   help="print every message this site has sent (the outbound log) and exit; with --config or --state")
+    p.add_argument("--state", help="with --outbound: the site's state directory (instead of --config)")
+    p.add_argument("--federation", help="with --outbound: only this federation's messages")
     p.add_argument("--die-at", metavar="ROUND:STAGE", help=argparse.SUPPRESS)  # simulated crash, for demos
     p.set_defaults(func=_site)
+
+    p = sub.add_parser("report", help="this site's signed privacy report (PDF and/or HTML), or check one's signature")
+    p.add_argument("--site", metavar="STATE_DIR", help="the site's state directory (its store and identity key)")
+    p.add_argument("--config", help="site.toml: its state directory, and its pinned roster for the report")
+    p.add_argument("--federation", help="the federation to report on (default: the plan accepted last)")
+    p.add_argument("--out", action="append", default=[], metavar="FILE.pdf|FILE.html",
+                   help="where to write the report (repeat for both formats)")
+    p.add_argument("--verify", metavar="FILE", help="check the signature of a report instead of writing one")
+    p.add_argument("--expect", metavar="FINGERPRINT",
+                   help="with --verify: the site's key fingerprint (or public-key line) the report must be signed by")
+    p.set_defaults(func=_report)
 
 
 def _scan(args: argparse.Namespace) -> int:
@@ -167,9 +182,97 @@ def _site(args: argparse.Namespace) -> int:
     from hemafed.gui.cli import UserFacingError
     from hemafed.network.node import run_site
 
+    if args.outbound:
+        return _outbound(args)
+    if not args.config:
+        raise UserFacingError("hemafed site needs --config site.toml")
     try:
         return run_site(args.config, args.insecure, args.die_at)
     except HemafedError as exc:
         raise UserFacingError(exc.for_people()) from exc
     except (PlanError, IdentityError, ValueError, OSError) as exc:
         raise UserFacingError(str(exc)) from exc
+
+
+def _state_of(args: argparse.Namespace, state: str | None) -> str:
+    from hemafed.core.rounds.plan import PlanError
+    from hemafed.gui.cli import UserFacingError
+    from hemafed.network.config import SiteConfig
+
+    if state:
+        return state
+    if args.config:
+        try:
+            return str(SiteConfig.load(args.config).state_dir)
+        except (PlanError, OSError, ValueError) as exc:
+            raise UserFacingError(str(exc)) from exc
+    raise UserFacingError("name the site: --config site.toml or its state directory")
+
+
+def _outbound(args: argparse.Namespace) -> int:
+    """`hemafed site --outbound`: every message the site sent, then totals per round and per kind."""
+    from hemafed.core.privacy.store import SiteStore, StoreCorrupt
+    from hemafed.gui.cli import UserFacingError
+    from hemafed.network.outbound import describe, format_log
+
+    state = _state_of(args, args.state)
+    try:
+        records = SiteStore(state).outbound(args.federation)
+    except StoreCorrupt as exc:
+        raise UserFacingError(str(exc)) from exc
+    if not records:
+        print("this site has sent nothing yet" + (f" in federation {args.federation}" if args.federation else ""))
+        return 0
+    print("\n".join(format_log(records)))
+    print("\nkinds: " + "; ".join(f"{k}: {describe(k)}" for k in sorted({r.kind for r in records})))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from hemafed.core.trust.identity import IdentityError, load_identity
+    from hemafed.gui.cli import UserFacingError
+
+    if args.verify:
+        from pathlib import Path
+
+        from hemafed.network.report_signature import ReportSignatureError, verify_document
+
+        try:
+            signer = verify_document(Path(args.verify).read_bytes(), args.expect)
+        except OSError as exc:
+            raise UserFacingError(str(exc)) from exc
+        except ReportSignatureError as exc:
+            print(f"NOT VALID: {args.verify}: {exc}")
+            return 1
+        print(f"valid: {args.verify} is signed by the site key {signer.fingerprint}"
+              + (" (as expected)" if args.expect else "; compare this fingerprint with the site's (--expect)"))
+        return 0
+    if not args.out:
+        raise UserFacingError("say where to write the report: --out report.pdf (and/or --out report.html)")
+    from pathlib import Path
+
+    from hemafed.network.site_report import ReportUnavailable, export_report, gather
+
+    state = Path(_state_of(args, args.site))
+    roster: list[str] = []
+    if args.config:
+        from hemafed.network.config import SiteConfig
+
+        pinned = SiteConfig.load(args.config).pinned_roster()
+        roster = sorted(pinned.fingerprints) if pinned is not None else []
+    try:
+        identity = load_identity(state)
+        report = gather(state, identity, args.federation, roster)
+        pdf = None
+        if any(Path(p).suffix.lower() == ".pdf" for p in args.out):
+            try:
+                from hemafed.gui.app.report_pdf import html_to_pdf as pdf
+            except ImportError as exc:
+                raise UserFacingError(f"a PDF needs PySide6 ({exc}): pip install 'hemafed[gui]', or write "
+                                      "--out report.html") from exc
+        written = export_report(report, identity, [Path(p) for p in args.out], pdf)
+    except (IdentityError, ReportUnavailable, ValueError, OSError) as exc:
+        raise UserFacingError(str(exc)) from exc
+    for path in written:
+        print(f"wrote {path} (signed by {identity.fingerprint})")
+    return 0

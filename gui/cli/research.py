@@ -12,6 +12,9 @@ import shlex
 import sys
 from pathlib import Path
 
+# `hemafed audit --control`: the faults of network.sim.audit_trainer.FAULTS (named here, not imported: start-up time;
+# tests/test_audit.py checks the two agree)
+AUDIT_CONTROLS = ("noise/4",)
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo-data", help="write simulated hospital folders from BloodMNIST")
@@ -109,6 +112,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, help="test-evaluate every k-th round (default: about 50 points)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("audit", help="one-run empirical privacy audit of the training path (canaries; ε̂, a lower "
+                                     "bound on ε at 95 %% confidence)")
+    p.add_argument("--epsilon", type=float, default=d.epsilon, help=f"ε per hospital of the recipe's plan (default "
+                                                                    f"{d.epsilon:g})")
+    p.add_argument("--site", type=Path, metavar="STATE_DIR",
+                   help="audit the plan this site accepted last (from its store) and record the result there, "
+                        "for its privacy report")
+    p.add_argument("--canaries", type=int, default=5000,
+                   help="gradient canaries (white-box; at most half the model's coordinates; default 5000)")
+    p.add_argument("--input-canaries", type=int, default=1000, help="input canaries (black-box; default 1000)")
+    p.add_argument("--control", choices=AUDIT_CONTROLS, default=None,
+                   help="a deliberate fault the audit should catch (a control run; never recorded for a site)")
+    p.add_argument("--sites", type=int, default=d.sites)
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--subset", type=int, help="use only this many training images (quick runs)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the run and the canaries' draws")
+    p.add_argument("--data", type=Path, help="BloodMNIST .npz or folder holding it")
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--out", type=Path, help="result JSON (default results/audit/eps<ε>[-<control>].json)")
+    p.add_argument("--doc", type=Path, help="then rewrite this Markdown table (e.g. docs/AUDIT.md) from every "
+                                            "result in --out's folder")
+    p.set_defaults(func=_audit)
 
     p = sub.add_parser("experiment", help="the privacy-utility table of docs/RESULTS.md: centralised, one hospital "
                                           "alone, the federation (non-private, local DP, distributed DP), ε sweep")
@@ -251,6 +277,59 @@ def _simulate(args: argparse.Namespace) -> int:
     print(f"{metrics['title']}: final test accuracy {final['test_accuracy']:.3f}, "
           f"max ε spent {final['max_epsilon']}, {final['wall_s']:.0f} s. Results in {args.out}/ "
           f"(report.md, metrics.json, accuracy.png, epsilon.png, final_model.npz)")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from hemafed.core.errors import HemafedError
+    from hemafed.gui.cli import UserFacingError
+    from hemafed.network.sim.audit import AuditOptions, run_audit
+    from hemafed.network.sim.audit_doc import write_audit_doc
+    from hemafed.network.sim.simulate import SimulationOptions
+
+    sim = SimulationOptions(epsilon=args.epsilon, sites=args.sites, rounds=args.rounds, subset=args.subset,
+                            seed=args.seed, data=args.data, quiet=True)
+    plan = None
+    if args.site is not None:
+        if args.control:
+            raise UserFacingError("a control run (--control) is never recorded for a site")
+        from hemafed.core.privacy.store import SiteStore
+
+        accepted = SiteStore(args.site).accepted_plans()
+        if not accepted:
+            raise UserFacingError(f"{args.site}: this site has not accepted a plan yet")
+        from hemafed.core.rounds.plan import FederationPlan
+
+        plan = FederationPlan.from_dict(accepted[-1]["plan"])
+        sim = replace(sim, sites=plan.max_sites, rounds=plan.rounds, delta=plan.delta)
+    opts = AuditOptions(sim=sim, plan=plan, canaries=args.canaries, input_canaries=args.input_canaries,
+                        fault=args.control, seed=args.seed, threads=args.threads)
+    name = f"eps{args.epsilon:g}" + (f"-{args.control.replace('/', '-')}" if args.control else "")
+    out = args.out or Path("results/audit") / f"{name}.json"
+    try:
+        result = run_audit(opts, command="hemafed " + shlex.join(sys.argv[1:]))
+    except (ValueError, HemafedError) as exc:
+        raise UserFacingError(str(exc)) from exc
+    result.save(out)
+    if args.site is not None:
+        from hemafed.core.privacy.store import SiteStore
+
+        SiteStore(args.site).record_audit(result.plan["digest"], result.to_dict())
+    g, i = result.gradient, result.input or {}
+    print(f"ε = {result.claimed_epsilon:.3f} (ledger), δ = {result.delta:g}"
+          + (f", control: {result.fault}" if result.fault else ""))
+    print(f"ε̂ (95 %) gradient canaries: {g['epsilon_lower_bound']:.3f} ({g['correct']} of {g['guesses']} guesses "
+          f"right, {g['canaries']} canaries)")
+    if i:
+        print(f"ε̂ (95 %) input canaries:    {i['epsilon_lower_bound']:.3f} ({i['correct']} of {i['guesses']} "
+              f"guesses right, {i['canaries']} canaries)")
+    print(f"noise measured / promised: {result.noise_ratio:.3f}; "
+          + ("CAUGHT: ε̂ > ε" if result.caught else "not caught: ε̂ ≤ ε") + f"; {result.seconds:.0f} s; {out}")
+    if args.doc is not None:
+        write_audit_doc(out.parent, args.doc)
+        print(f"table written to {args.doc}")
     return 0
 
 

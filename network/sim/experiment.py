@@ -457,12 +457,19 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
                           "–") for m in _MODES]
             lines.append(f"| {eps:g} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += _PREVIOUS
+    lines += _AUDIT + _PREVIOUS
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines))
 
 
 _MODES = {"distributed": "distributed DP + secure aggregation", "local": "local DP + secure aggregation"}
+
+_AUDIT = [
+    "## Empirical privacy audit", "",
+    "Does the code add the noise its accounting claims? `hemafed audit` trains the main job's plan once with planted "
+    "canaries and bounds ε from below (ε̂, 95 % confidence): [AUDIT.md](AUDIT.md) has ε̂ next to ε at ε = 1, 3 and 8 "
+    "and the faulty controls it must catch, generated from their results; [privacy.md](privacy.md#the-privacy-audit) "
+    "says what the numbers mean.", ""]
 
 _PREVIOUS = [
     "## Before this recipe", "",

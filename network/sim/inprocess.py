@@ -26,7 +26,7 @@ import numpy as np
 from hemafed.core.errors import HemafedError
 from hemafed.core.learning.models import model_problems
 from hemafed.core.learning.server_opt import make_plan_optimizer
-from hemafed.core.learning.site_trainer import SiteData, site_trainer
+from hemafed.core.learning.site_trainer import SiteData, SiteTrainer, site_trainer
 from hemafed.core.privacy.ledger import BudgetExhausted, PrivacyLedger
 from hemafed.core.rounds import agg_round as R
 from hemafed.core.rounds import site_round as sr
@@ -40,6 +40,9 @@ from hemafed.network.sim.simulate import hospitals, site_seed
 log = logging.getLogger(__name__)
 
 RoundHook = Callable[[R.RoundOutcome, np.ndarray], None]
+# (site name, plan, keyword arguments of `site_trainer`) -> the site's trainer; the privacy audit's canaries and
+# test-only faults come in this way (`network.sim.audit_trainer`), never through a plan or a site's config
+TrainerFactory = Callable[..., SiteTrainer]
 
 
 class FederationFailed(HemafedError, RuntimeError):
@@ -69,11 +72,13 @@ class InProcessResult:
 class InProcessFederation:
     """`sites`: each hospital's data (training and validation splits, as the site itself splits them);
     `state`: a folder for the sites' ledgers; `seeds`: each site's simulation seed (None: OS randomness);
-    `budget`: each site's ε budget; `initial`: the starting weights (default: the plan's seeded model)."""
+    `budget`: each site's ε budget; `initial`: the starting weights (default: the plan's seeded model);
+    `trainer_factory(name, plan, **kwargs)`: each site's trainer (default `site_trainer(plan, **kwargs)`)."""
 
     def __init__(self, plan: FederationPlan, sites: dict[str, SiteData], state: Path, *, budget: float,
                  seeds: dict[str, int] | None = None, bounds: SiteBounds | None = None, feature_cache=None,
-                 initial: np.ndarray | None = None, threads: int | None = None) -> None:
+                 initial: np.ndarray | None = None, threads: int | None = None,
+                 trainer_factory: TrainerFactory | None = None) -> None:
         self.plan = plan
         self.budget = budget
         bounds = bounds or SiteBounds(max_rounds=max(plan.rounds, SiteBounds().max_rounds))
@@ -88,8 +93,9 @@ class InProcessFederation:
         for name, data in sites.items():
             machine = sr.SiteRound(bounds, identity=identities[name].private_key, federation=plan.federation_id,
                                    plan_problems=model_problems)
-            trainer = site_trainer(plan, bounds=bounds, seed=(seeds or {}).get(name), feature_cache=feature_cache,
-                                   threads=threads)
+            options = {"bounds": bounds, "seed": (seeds or {}).get(name), "feature_cache": feature_cache,
+                       "threads": threads}
+            trainer = trainer_factory(name, plan, **options) if trainer_factory else site_trainer(plan, **options)
             ledger = trainer.open_ledger(state / name, budget, len(data.train_labels), create=True) \
                 if plan.dp else None
             self.sites[name] = _Site(name, machine, trainer, ledger, data)

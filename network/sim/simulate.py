@@ -239,7 +239,8 @@ class Simulation:
                             "epsilon": opts.epsilon, "federation": self.plan.federation_id,
                             "ca_file": "../../federation/tls/ca.pem" if opts.tls else None,
                             "insecure": not opts.tls, "torch_threads": 1,
-                            "simulation_seed": site_seed(opts.seed, i) if opts.seeded else None}
+                            "simulation_seed": site_seed(opts.seed, i) if opts.seeded else None,
+                            "operator": f"simulated operator of {name}"}
             bounds = {"require_dp": opts.dp, "require_secagg": opts.secagg,
                       "max_rounds": max(self.plan.rounds, SiteBounds().max_rounds)}
             (sdir / "site.toml").write_text(render_toml({"site": site_section, "bounds": bounds}))
