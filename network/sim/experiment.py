@@ -457,7 +457,7 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
                           "–") for m in _MODES]
             lines.append(f"| {eps:g} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += _AUDIT + _PREVIOUS
+    lines += _AUDIT + _audit_rows(doc.parent / "audit") + _PREVIOUS
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines))
 
@@ -470,6 +470,15 @@ _AUDIT = [
     "canaries and bounds ε from below (ε̂, 95 % confidence): [AUDIT.md](AUDIT.md) has ε̂ next to ε at ε = 1, 3 and 8 "
     "and the faulty controls it must catch, generated from their results; [privacy.md](privacy.md#the-privacy-audit) "
     "says what the numbers mean.", ""]
+
+def _audit_rows(folder: Path) -> list[str]:
+    """The audit table of AUDIT.md, here too when its results are beside the doc (`docs/audit/*.json`)."""
+    from hemafed.network.sim.audit import AuditResult
+    from hemafed.network.sim.audit_doc import audit_table
+
+    results = [AuditResult.load(path) for path in sorted(folder.glob("*.json"))]
+    return [audit_table(results), ""] if results else []
+
 
 _PREVIOUS = [
     "## Before this recipe", "",
