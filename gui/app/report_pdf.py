@@ -12,21 +12,24 @@ import sys
 
 from PySide6.QtCore import QBuffer, QIODevice, QMarginsF, QRectF, QSizeF, Qt
 from PySide6.QtGui import QFont, QGuiApplication, QPageLayout, QPageSize, QPainter, QPdfWriter, QTextDocument
+from PySide6.QtWidgets import QApplication
 
 RESOLUTION = 300  # dots per inch of the PDF's layout units
 MARGINS_MM = QMarginsF(16, 14, 16, 16)
 
-_app: QGuiApplication | None = None
+_app: QApplication | None = None
 
 
 def _ensure_app() -> None:
-    """A QGuiApplication for the font database (the app has one; the command line makes an offscreen one)."""
+    """An application object for the font database (the app has one; the command line makes an offscreen one). A
+    QApplication, not a bare QGuiApplication: in a process that shows widgets later (a test run, a script that
+    exports then opens the window) there can only ever be one, and widgets need this kind."""
     global _app
     if QGuiApplication.instance() is not None:
         return
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    _app = QGuiApplication(["hemafed-report"])
+    _app = QApplication(["hemafed-report"])
 
 
 def html_to_pdf(html: str, title: str, footer: str = "") -> bytes:
