@@ -78,6 +78,7 @@ class Row:
     accuracies: list[float]
     seconds: list[float]
     note: str = ""
+    commit: str = ""  # the commit the row was measured at (a resumed run keeps earlier rows)
 
     @property
     def mean(self) -> float:
@@ -227,6 +228,16 @@ def precompute_features(opts: ExperimentOptions) -> float:
     return time.perf_counter() - started
 
 
+def _commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def _measured_rows(path: Path, n_seeds: int) -> dict[tuple, Row]:
     """The in-process rows of an interrupted run (`--resume`), keyed like the plan; the main job always reruns."""
     if not path.exists():
@@ -281,6 +292,7 @@ def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str) 
                 lambda s, e=eps, m=mode: Job("federation", sim(s, main, e, m)))
 
     def record(row: Row) -> None:
+        row = row if row.commit else replace(row, commit=_commit())
         rows.append(row)
         log.info("%s | %s | %s | ε %s: %s", row.section, row.setting, row.partition, row.epsilon, row.cell())
         (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
@@ -370,17 +382,13 @@ def _sigma(s: float | None) -> str:
 
 def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: SimulationOptions, command: str,
                   wall_s: float, features_s: float, *, partial: bool) -> None:
-    import subprocess
 
     plan = base.plan()
     seeds = ", ".join(str(s) for s in opts.seeds)
 
     head = sum(p.numel() for p in build_model(base.model, 8).parameters())
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = _commit()
+    earlier = sorted({r.commit or "unknown" for r in rows} - {commit})
 
     centring = ", on features centred by their average, which each run's first round estimates as a clipped, " \
         "noised sum under the same protection as a training round" if get_spec(base.model).centred else ""
@@ -390,7 +398,10 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
     lines += [
         f"Command: `{command}` at commit {commit}, {time.strftime('%Y-%m-%d')} — {wall_s / 60:.0f} min in all on "
         f"{platform.machine()}, 2 CPU cores, no GPU, {opts.workers} runs at a time (the fixed features of every "
-        f"image: {features_s / 60:.1f} min, computed once into the feature cache; 0 when it was warm).", "",
+        f"image: {features_s / 60:.1f} min, computed once into the feature cache; 0 when it was warm)."
+        + (f" Resumed (`--resume`): {sum(1 for r in rows if r.commit != commit)} of the {len(rows)} rows were kept "
+           f"from an earlier, interrupted run at commit {', '.join(earlier)}; the time above is this run's."
+           if earlier else ""), "",
         "Data: `bloodmnist_28.npz` (a rebuild of BloodMNIST from the PBC images with the official per-split "
         "counts). The training split is divided across the hospitals; every accuracy below is on the held-out "
         "test split, which no hospital holds, touched once per reported number. "
