@@ -34,6 +34,7 @@ from hemafed.core.atomic import atomic_write_bytes
 from hemafed.core.data.partition import stratified_split
 from hemafed.core.data.scan import scan_source
 from hemafed.core.errors import HemafedError
+from hemafed.core.learning.confidence import Calibration
 from hemafed.core.learning.models import model_problems
 from hemafed.core.learning.site_trainer import Projection, SiteData, SiteTrainer, TrainingCancelled, site_trainer
 from hemafed.core.privacy.ledger import BudgetExhausted, PrivacyLedger
@@ -554,16 +555,30 @@ class SiteRunner:
                 loop.call_soon_threadsafe(self._emit, event)
 
     def _save_final(self, action: sr.Finish) -> Path:
-        path = self._save_model("final", action.weights, action.round)
-        log.info("federation finished; final model saved to %s", path)
+        calibration = self._calibrate(action.weights)
+        path = self._save_model("final", action.weights, action.round, calibration)
+        log.info("federation finished; final model saved to %s%s", path,
+                 "" if calibration is None else f" (calibrated on {calibration.images} validation images: "
+                 f"T = {calibration.temperature:.3g}, ECE {calibration.ece_before:.1%} → {calibration.ece_after:.1%})")
         return path
+
+    def _calibrate(self, weights: np.ndarray) -> Calibration | None:
+        """Temperature and abstention threshold from this site's validation images (they never leave the site and
+        nothing about them is sent; docs/privacy.md, "Calibration"). None when there are too few of them."""
+        if self.trainer is None:
+            return None
+        try:
+            logits, labels = self.trainer.validation_logits(weights)
+        except RuntimeError:  # never prepared (the site joined for the end only)
+            return None
+        return Calibration.fit(logits, labels)
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
-    def _save_model(self, name: str, weights: np.ndarray, rnd: int) -> Path:
+    def _save_model(self, name: str, weights: np.ndarray, rnd: int, calibration: Calibration | None = None) -> Path:
         assert self.plan is not None
         path = self.cfg.state_dir / "models" / self.plan.federation_id / f"{name}.npz"
-        return save_model_file(path, weights, self.plan, rnd)
+        return save_model_file(path, weights, self.plan, rnd, calibration)
 
     def _record_acceptance(self) -> None:
         """The plan as the operator accepted it (fields, digest, the review's words, who, when, which aggregator), in
@@ -621,13 +636,16 @@ def _size(env: Envelope) -> int:
         len(b) for b in env.blobs)
 
 
-def save_model_file(path: Path, weights: np.ndarray, plan: FederationPlan, rnd: int) -> Path:
-    """A model file the app can load: flat float32 weights plus the registry name and classes."""
+def save_model_file(path: Path, weights: np.ndarray, plan: FederationPlan, rnd: int,
+                    calibration: Calibration | None = None) -> Path:
+    """A model file the app can load: flat float32 weights plus the registry name and classes (and this site's
+    calibration, when it fitted one)."""
     import io
 
     buf = io.BytesIO()
     meta = {"model": plan.model, "classes": list(plan.classes), "input_size": plan.input_size,
-            "round": rnd, "federation_id": plan.federation_id}
+            "round": rnd, "federation_id": plan.federation_id,
+            "calibration": None if calibration is None else calibration.to_dict()}
     np.savez(buf, weights=weights, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
     atomic_write_bytes(path, buf.getvalue(), mode=0o600)
     return path

@@ -298,3 +298,27 @@ def test_sigma_epsilon_per_round_and_noise_are_computed_only_in_the_trainer() ->
                     if name in GUARDED and rel not in ALLOWED:
                         found.append(f"{rel}:{node.lineno} calls {name}")
     assert not found, "σ, ε per round or noise computed outside the site trainer:\n" + "\n".join(found)
+
+
+def test_the_final_models_calibration_comes_from_this_sites_validation_images(tmp_path: Path,
+                                                                              cache: FeatureCache) -> None:
+    """What the site fits when the federation ends (network.site._calibrate): the logits of its own validation
+    images under the final model, whose answers are the ones the rounds' validation counts report."""
+    from hemafed.core.learning.classify import load_model_file
+    from hemafed.core.learning.confidence import Calibration
+    from hemafed.core.learning.dp_train import evaluate
+    from hemafed.network.site import save_model_file
+
+    plan = _fedsgd_plan("distributed")
+    trainer = site_trainer(plan, feature_cache=cache)
+    data = _data(40, 0, n_val=48)
+    trainer.prepare(PrivacyLedger(plan.federation_id, 8.0, 1e-5, state=tmp_path), data, 8.0)
+    w = get_flat_params(build_model(plan.model, 8, seed=1)).astype(np.float32)
+    logits, labels = trainer.validation_logits(w)
+    assert logits.shape == (48, 8) and (labels == data.val_labels).all()
+    confusion = evaluate(trainer.trainable, trainer.val_inputs, trainer.val_labels, 8)
+    assert np.array_equal(np.bincount(labels * 8 + logits.argmax(1), minlength=64).reshape(8, 8), confusion)
+    cal = Calibration.fit(logits, labels)
+    assert cal is not None and cal.images == 48 and cal.nll_after <= cal.nll_before
+    saved = load_model_file(save_model_file(tmp_path / "final.npz", w, plan, ROUNDS, cal))
+    assert saved.calibration == cal

@@ -23,6 +23,7 @@ import numpy as np
 from ..data.classes import normalise_class_name
 from ..data.imaging import ImageRejected, centre_crop_resize, is_image_name, is_junk, open_rgb
 from ..errors import HemafedError
+from .confidence import Calibration, softmax
 from .models import build_model, get_spec, images_to_tensor, num_parameters, set_flat_params
 
 ProgressFn = Callable[[int, int], None]
@@ -47,16 +48,20 @@ class ModelFile:
     input_size: int
     round: int | None
     federation_id: str | None
+    calibration: Calibration | None = None  # fitted at the hospital that saved this file (core.learning.confidence)
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """Class probabilities (N, C) for (N, H, W, 3) uint8 images already at any size."""
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """The model's logits (N, C) for (N, H, W, 3) uint8 images at any size."""
         import torch
 
         if len(images) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
         with torch.no_grad():
-            logits = self.model(images_to_tensor(images, self.input_size))  # type: ignore[operator]
-            return torch.softmax(logits, dim=1).numpy()
+            return self.model(images_to_tensor(images, self.input_size)).numpy()  # type: ignore[operator]
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, C) as the model gives them (uncalibrated)."""
+        return softmax(self.logits(images)).astype(np.float32)
 
 
 def load_model_file(path: str | Path) -> ModelFile:
@@ -104,8 +109,15 @@ def load_model_file(path: str | Path) -> ModelFile:
         raise ModelFileError(f"{path}: {exc}") from exc
     model.eval()
     rnd = meta.get("round")
+    calibration = None
+    if meta.get("calibration") is not None:
+        try:
+            calibration = Calibration.from_dict(meta["calibration"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"{path}: the calibration in this model file is damaged ({exc})") from exc
     return ModelFile(path=path, model=model, name=name, classes=classes, input_size=input_size,
-                     round=int(rnd) if isinstance(rnd, int) else None, federation_id=meta.get("federation_id"))
+                     round=int(rnd) if isinstance(rnd, int) else None, federation_id=meta.get("federation_id"),
+                     calibration=calibration)
 
 
 def prepare_image(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int], str | None]:
@@ -160,6 +172,10 @@ class Prediction:
     original_size: tuple[int, int] | None = None
     conversion: str | None = None
     error: str | None = None
+    # with a calibrated model: `probabilities` are the calibrated ones, these the model's own
+    raw_probabilities: dict[str, float] | None = None
+    uncertain: bool | None = None  # None: the model file carries no calibration, so no threshold either
+    reason: str | None = None
 
     def to_dict(self) -> dict:
         out: dict = {"path": self.path}
@@ -167,7 +183,14 @@ class Prediction:
             out["error"] = self.error
             return out
         out["predicted"] = self.predicted
-        out["probabilities"] = self.probabilities
+        if self.raw_probabilities is not None:
+            out["probabilities"] = self.raw_probabilities
+            out["calibrated_probabilities"] = self.probabilities
+            out["uncertain"] = bool(self.uncertain)
+        else:
+            out["probabilities"] = self.probabilities
+        if self.reason:
+            out["reason"] = self.reason
         if self.true_class is not None:
             out["true_class"] = self.true_class
         if self.original_size is not None:
@@ -209,17 +232,19 @@ class ClassifyReport:
 
     def write_csv(self, path: str | Path, classes: Sequence[str]) -> None:
         """One row per file: its class folder (if any), the prediction, the probability of each class (fractions,
-        full precision, for a spreadsheet) and why a file could not be read."""
+        full precision, for a spreadsheet; calibrated when the model file carries a calibration), whether the
+        answer is "uncertain" (empty without a calibration) and why a file could not be read."""
         with open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["file", "class folder", "predicted", "probability of predicted", "matches folder",
-                             *(f"p({c})" for c in classes), "problem"])
+                             *(f"p({c})" for c in classes), "uncertain", "problem"])
             for p in self.predictions:
                 probs = [p.probabilities.get(c, "") for c in classes] if not p.error else [""] * len(classes)
                 match = "" if p.error or p.true_class is None else ("yes" if p.predicted == p.true_class else "no")
                 top = p.probabilities.get(p.predicted, "") if p.predicted and not p.error else ""
+                unsure = "" if p.uncertain is None else ("yes" if p.uncertain else "no")
                 writer.writerow([p.path, p.true_class or "", "" if p.error else p.predicted, top, match, *probs,
-                                 p.error or ""])
+                                 unsure, p.error or ""])
 
     def to_dict(self) -> dict:
         out: dict = {"model": self.model, "files": [p.to_dict() for p in self.predictions]}
@@ -242,11 +267,22 @@ def classify_paths(model: ModelFile, paths: Iterable[str | Path], *, batch_size:
     predictions: list[Prediction] = []
     batch: list[tuple[Prediction, np.ndarray]] = []
 
+    cal = model.calibration
+
     def flush() -> None:
-        probs = model.predict(np.stack([img for _, img in batch]))
-        for (pred, _), row in zip(batch, probs, strict=True):
+        logits = model.logits(np.stack([img for _, img in batch]))
+        raw = softmax(logits)
+        shown = softmax(logits, cal.temperature) if cal is not None else raw
+        for (pred, _), row, raw_row in zip(batch, shown, raw, strict=True):
             pred.probabilities = {c: float(v) for c, v in zip(model.classes, row, strict=True)}
             pred.predicted = model.classes[int(np.argmax(row))]
+            if cal is not None:
+                pred.raw_probabilities = {c: float(v) for c, v in zip(model.classes, raw_row, strict=True)}
+                pred.uncertain = bool(row.max() < cal.threshold)
+                if pred.uncertain:
+                    pred.reason = (f"uncertain — refer to a human: {percent(row.max())} is below the "
+                                   f"{percent(cal.threshold)} that this hospital's model answers "
+                                   f"{cal.coverage_target:.0%} of its validation images at")
         batch.clear()
 
     for i, item in enumerate(inputs):

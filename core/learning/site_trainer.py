@@ -266,6 +266,10 @@ class SiteTrainer(ABC):
         with `accountant`)."""
 
     @abstractmethod
+    def validation_logits(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, labels) of this site's validation images under the global `weights` (calibration)."""
+
+    @abstractmethod
     def contribution(self, rnd: int, weights: np.ndarray, cancel: Cancel | None = None,
                      progress: Progress | None = None) -> Contribution:
         """This site's part of round `rnd` from the global `weights`: evaluate, check the budget (raises
@@ -355,6 +359,17 @@ class FedSGDTrainer(SiteTrainer):
             self.inputs = inputs
         elif progress is not None:
             progress(1, 1, 0.0)  # prepared before (the same plan again after a reconnect)
+
+    def validation_logits(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.data is None:
+            raise RuntimeError("prepare() first")
+        if self.inputs is None:
+            self.featurize()
+        set_flat_params(self.trainable, weights)
+        self.trainable.eval()
+        with torch.no_grad():
+            logits = self.trainable(self.val_inputs).double().numpy()
+        return logits, np.asarray(self.val_labels).reshape(-1)
 
     def contribution(self, rnd: int, weights: np.ndarray, cancel: Cancel | None = None,
                      progress: Progress | None = None) -> Contribution:
@@ -507,6 +522,18 @@ class FedAvgTrainer(SiteTrainer):
             self.val_inputs = images_to_tensor(data.val_images, self.plan.input_size)
         if progress is not None:
             progress(1, 1, 0.0)
+
+    def validation_logits(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.data is None:
+            raise RuntimeError("prepare() first")
+        if getattr(self, "inputs", None) is None:
+            self.featurize()
+        model = build_model(self.plan.model, len(self.plan.classes))
+        set_flat_params(model, weights)
+        model.eval()
+        with torch.no_grad():
+            logits = model(self.val_inputs).double().numpy()
+        return logits, np.asarray(self.data.val_labels).reshape(-1)
 
     def contribution(self, rnd: int, weights: np.ndarray, cancel: Cancel | None = None,
                      progress: Progress | None = None) -> Contribution:

@@ -253,7 +253,12 @@ class ClassifyPanel(QWidget):
             else:
                 ranked = sorted(p.probabilities.items(), key=lambda kv: -kv[1])
                 predicted = _item(p.predicted or "")
-                if p.true_class is not None and p.predicted != p.true_class:
+                if p.uncertain:
+                    # the class stays visible but is not given as the answer: a person decides
+                    predicted.setText(f"uncertain (maybe {p.predicted})")
+                    predicted.setForeground(QColor("#8a5a00"))
+                    predicted.setToolTip(p.reason or "")
+                elif p.true_class is not None and p.predicted != p.true_class:
                     predicted.setText(f"{p.predicted}  ≠ folder")
                     predicted.setForeground(QColor("#b03a2e"))
                     predicted.setToolTip(f"The model says {p.predicted}; the folder says {p.true_class}.")
@@ -271,6 +276,11 @@ class ClassifyPanel(QWidget):
             total = sum(int(v["images"]) for v in per_class.values())
             correct = sum(int(v["correct"]) for v in per_class.values())
             parts.append(f"{correct} of {total} match the class folder they are in ({correct / total:.0%})")
+        if any(p.uncertain is not None for p in ok):
+            unsure = sum(1 for p in ok if p.uncertain)
+            parts.append(f"{unsure} uncertain: refer to a person (probabilities calibrated at this hospital)")
+        elif ok:
+            parts.append("probabilities as the model gives them (this model file is not calibrated)")
         self.status.setText(" · ".join(parts) + ". Click a column title to sort.")
         self.export_btn.setEnabled(bool(preds))
         if ok:

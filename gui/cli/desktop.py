@@ -54,14 +54,19 @@ def _classify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
+        cal = model.calibration
         print(f"model: {model.name} (federation {model.federation_id}, round {model.round}) — "
               "research model, not a diagnostic device")
+        print(f"probabilities calibrated on {cal.images} validation images at the hospital that saved the file; "
+              f"below {percent(cal.threshold)} an answer is UNCERTAIN" if cal is not None else
+              "probabilities as the model gives them (this model file carries no calibration)")
         for pred in report.predictions:
             if pred.error:
                 print(f"{pred.path}: SKIPPED, {pred.error}")
                 continue
             top = sorted(pred.probabilities.items(), key=lambda kv: -kv[1])[:3]
-            print(f"{pred.path}: {pred.predicted} ({', '.join(f'{c} {percent(p)}' for c, p in top)})")
+            answer = f"UNCERTAIN, refer to a person (maybe {pred.predicted})" if pred.uncertain else pred.predicted
+            print(f"{pred.path}: {answer} ({', '.join(f'{c} {percent(p)}' for c, p in top)})")
         for problem in report.problems:
             print(f"skipped: {problem}")
         per_class = report.accuracy_per_class()

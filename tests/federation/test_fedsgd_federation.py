@@ -64,6 +64,10 @@ def test_distributed_dp_fedsgd_rounds_complete_and_ledgers_agree_with_the_plan(t
         assert ledger.spent_epsilon() == pytest.approx(promised, rel=1e-9)
         assert ledger.spent_epsilon() <= EPSILON
     assert all(r.final_path is not None for r in fed.runners.values())
+    from hemafed.core.learning.classify import load_model_file
+
+    # ~5 validation images a site: too few to fit a calibration, and the file says so by carrying none
+    assert all(load_model_file(r.final_path).calibration is None for r in fed.runners.values())
 
 
 def test_a_site_requiring_local_dp_refuses_a_distributed_plan(tmp_path: Path) -> None:

@@ -1,0 +1,121 @@
+"""Calibration at a hospital: the temperature lowers the NLL on images it was not fitted on, the threshold answers
+the stated share of validation images, a model file carries both, and classify reports them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hemafed.core.learning.classify import ModelFileError, classify_paths, load_model_file
+from hemafed.core.learning.confidence import (
+    MIN_IMAGES,
+    Calibration,
+    abstention_threshold,
+    coverage_curve,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+    softmax,
+)
+
+
+def _overconfident(n: int, seed: int, sharpen: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from softmax(z); the model reports sharpen·z (as sure as a DP-trained head tends to be)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, 1.5, (n, 8))
+    z[np.arange(n), rng.integers(0, 8, n)] += 2.0
+    p = softmax(z)
+    labels = np.array([rng.choice(8, p=row) for row in p])
+    return sharpen * z, labels
+
+
+def test_the_temperature_lowers_the_nll_and_the_ece_on_held_out_images() -> None:
+    fit_logits, fit_labels = _overconfident(400, 0)
+    test_logits, test_labels = _overconfident(2000, 1)
+    t = fit_temperature(fit_logits, fit_labels)
+    assert 2.0 < t < 4.5  # the sharpening was 3
+    assert nll(test_logits, test_labels, t) < nll(test_logits, test_labels) - 0.1
+    before = expected_calibration_error(softmax(test_logits), test_labels)
+    after = expected_calibration_error(softmax(test_logits, t), test_labels)
+    assert after < before / 2
+    # a temperature never changes the answer
+    assert (softmax(test_logits, t).argmax(1) == test_logits.argmax(1)).all()
+
+
+def test_a_well_calibrated_model_keeps_a_temperature_near_one() -> None:
+    logits, labels = _overconfident(3000, 2, sharpen=1.0)
+    assert 0.85 < fit_temperature(logits, labels) < 1.15
+
+
+def test_the_threshold_answers_the_stated_share_of_validation_images() -> None:
+    logits, labels = _overconfident(500, 3)
+    cal = Calibration.fit(logits, labels, coverage=0.9)
+    conf = softmax(logits, cal.temperature).max(1)
+    answered = (conf >= cal.threshold).mean()
+    assert 0.9 <= answered <= 0.9 + 2 / 500
+    assert abstention_threshold(conf, 1.0) == conf.min()
+    curve = coverage_curve(softmax(logits, cal.temperature), labels)
+    assert curve[0][0] == 1.0 and curve[-1][1] >= curve[0][1]  # referring the least sure raises accuracy
+
+
+def test_too_few_images_give_no_calibration() -> None:
+    logits, labels = _overconfident(MIN_IMAGES - 1, 4)
+    assert Calibration.fit(logits, labels) is None
+
+
+def _with_calibration(model_file: Path, tmp_path: Path, cal: dict | None) -> Path:
+    with np.load(model_file) as data:
+        weights = data["weights"]
+        meta = json.loads(bytes(data["meta"]).decode())
+    meta["calibration"] = cal
+    out = tmp_path / "calibrated.npz"
+    np.savez(out, weights=weights, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    return out
+
+
+@pytest.fixture
+def small_model(tmp_path: Path) -> Path:
+    from hemafed.core.learning.models import build_model, get_flat_params
+    from hemafed.core.rounds.plan import FederationPlan
+    from hemafed.network.site import save_model_file
+
+    plan = FederationPlan(federation_id="cal", model="cnn4_28", threshold=2, min_sites=2, algorithm="fedavg",
+                          dp_mode="local", noise_multiplier=0.0)
+    return save_model_file(tmp_path / "final.npz", get_flat_params(build_model("cnn4_28", 8, seed=3)), plan, 2)
+
+
+def _images(folder: Path, n: int) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (folder / "basophil").mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / "basophil" / f"{i}.png")
+    return folder
+
+
+def test_classify_reports_calibrated_probabilities_and_uncertain_answers(small_model: Path, tmp_path: Path) -> None:
+    folder = _images(tmp_path / "images", 6)
+    plain = classify_paths(load_model_file(small_model), [folder])
+    assert all(p.uncertain is None and "calibrated_probabilities" not in p.to_dict() for p in plain.predictions)
+    cal = Calibration(temperature=4.0, threshold=0.99, coverage_target=0.95, images=100, ece_before=0.1,
+                      ece_after=0.01, nll_before=1.0, nll_after=0.5)
+    model = load_model_file(_with_calibration(small_model, tmp_path, cal.to_dict()))
+    assert model.calibration == cal
+    report = classify_paths(model, [folder])
+    for before, after in zip(plain.predictions, report.predictions, strict=True):
+        d = after.to_dict()
+        assert d["probabilities"] == pytest.approx(before.probabilities)  # the model's own, unchanged
+        assert after.predicted == before.predicted
+        flat = max(d["calibrated_probabilities"].values())
+        assert flat < max(d["probabilities"].values())  # T = 4 flattens them
+        assert d["uncertain"] is True and "refer to a human" in d["reason"]  # nothing reaches 99 % at T = 4
+
+
+def test_a_damaged_calibration_is_refused_with_the_reason(small_model: Path, tmp_path: Path) -> None:
+    bad = _with_calibration(small_model, tmp_path, {"temperature": -1, "threshold": 0.5})
+    with pytest.raises(ModelFileError, match="calibration"):
+        load_model_file(bad)
