@@ -457,7 +457,8 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
           f"leaves; the sum carries {opts.sites} times that variance.")
     table("The README's main job (a real federation)", [r for r in rows if r.section == "main job"],
           "One run of `make simulate` (10 hospital processes and an aggregator over TLS websockets); seconds = "
-          "wall time of the whole job.")
+          "wall time of the whole job. As a new user runs it (fresh clone, empty caches, cold and warm, with the "
+          "date and commit): [main-job-fresh.md](main-job-fresh.md).")
     if fed_main:
         _plot(doc.parent / "results-epsilon.png", rows, opts)
         lines += ["## Accuracy against ε", "", "![test accuracy against ε](results-epsilon.png)", "",
