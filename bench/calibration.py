@@ -1,12 +1,16 @@
-"""How well each hospital's calibration (core/learning/confidence.py) works on the untouched test split.
+"""How well the federation's calibration (core/learning/confidence.py) works on the untouched test split.
 
-Every hospital of `hemafed simulate`'s federation (its defaults, seed 0) fits the temperature and the "uncertain"
-threshold on its own validation images with the federation's final model, exactly as its site does when the
-federation finishes; each hospital's calibrated model is then scored once on BloodMNIST's test split (no hospital
-holds it): expected calibration error (15 bins) before and after, the share of test images answered at its
-threshold and the accuracy of those answered. Writes docs/calibration.md and docs/calibration.png.
+`hemafed simulate`'s federation (its defaults, seed 0): the temperature is the one the federation picks — the grid
+temperature with the lowest NLL summed over every hospital's validation images under the model the last round
+started from (`agg_round.federation_temperature`, from the checkpoint of round R-1) — and each hospital then fits
+its "uncertain" threshold on its own validation images, as its site does when the federation ends. Beside it, for
+comparison: each hospital fitting the temperature alone. Scored once on BloodMNIST's test split (no hospital holds
+it): expected calibration error (15 bins), the share of test images answered at each hospital's threshold and the
+accuracy of those answered. Writes docs/calibration.md and docs/calibration.png.
 
-    python -m bench.calibration [--model results/experiment/main-job/final_model.npz]
+    python -m bench.calibration [--run results/experiment/main-job]
+
+It also writes each hospital's model file as its site saves it, into results/calibration/.
 """
 
 from __future__ import annotations
@@ -18,15 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hemafed.core.learning.classify import load_model_file
+from hemafed.core.learning.checkpoints import CheckpointStore
 from hemafed.core.learning.confidence import (
     Calibration,
     coverage_curve,
     expected_calibration_error,
+    nll,
+    nll_sums,
     reliability,
     softmax,
+    temperature_from_sums,
 )
-from hemafed.core.learning.models import split_features
+from hemafed.core.learning.models import build_model, set_flat_params, split_features
 from hemafed.core.learning.site_trainer import model_inputs
 from hemafed.network.sim.simulate import SimulationOptions, hospitals, site_splits
 from hemafed.network.site import save_model_file
@@ -34,80 +41,84 @@ from hemafed.network.site import save_model_file
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-def _logits(plan, model_file: Path, images: np.ndarray) -> np.ndarray:
-    """The final model's logits, its fixed features read from the feature cache (computed once)."""
-    model = load_model_file(model_file).model
+def _logits(plan, weights: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """The model's logits for `weights`, its fixed features read from the feature cache (computed once)."""
+    model = build_model(plan.model, len(plan.classes))
+    head = split_features(model)[1]
+    set_flat_params(head, weights)
     with torch.no_grad():
-        return split_features(model)[1](model_inputs(plan, model, images, "eval")).double().numpy()
+        return head(model_inputs(plan, model, images, "eval")).double().numpy()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=Path("results/experiment/main-job/final_model.npz"))
+    p.add_argument("--run", type=Path, default=Path("results/experiment/main-job"),
+                   help="a `hemafed simulate` results folder (its defaults, seed 0)")
     p.add_argument("--data", type=Path, default=None)
     args = p.parse_args(argv)
     started = time.perf_counter()
     h = hospitals(SimulationOptions(data=args.data))
     sites = site_splits(h.train.images, h.train.labels, h.parts, h.plan)
-    test_logits = _logits(h.plan, args.model, h.test.images)
+    store = CheckpointStore(args.run / "federation" / "state" / "checkpoints")
+    last = max(store.rounds())
+    final, before_last = store.load(last).weights, store.load(last - 1).weights
+    total = sum(nll_sums(_logits(h.plan, before_last, d.val_images), d.val_labels) for d in sites.values())
+    images = sum(len(d.val_labels) for d in sites.values())
+    temperature = temperature_from_sums(total, images)
+    test_logits = _logits(h.plan, final, h.test.images)
     test_labels = np.asarray(h.test.labels).reshape(-1)
-    raw = softmax(test_logits)
-    ece_raw = expected_calibration_error(raw, test_labels)
-    rows, fitted = [], {}
+    raw, calibrated = softmax(test_logits), softmax(test_logits, temperature)
+    right = raw.argmax(1) == test_labels
+    rows, covered, own = [], [], []
     for name, data in sites.items():
-        cal = Calibration.fit(_logits(h.plan, args.model, data.val_images), data.val_labels)
-        if cal is None:
-            rows.append(f"| {name} | {len(data.val_labels)} | – | – | – | – |")
+        logits = _logits(h.plan, final, data.val_images)
+        cal = Calibration.fit(logits, data.val_labels, temperature=temperature)
+        # the model file as this hospital's site saves it (the app's Classify screenshots use hospital_01's)
+        save_model_file(Path("results/calibration") / f"{name}-final.npz", final, h.plan, last, cal)
+        alone = Calibration.fit(logits, data.val_labels)
+        own.append(expected_calibration_error(softmax(test_logits, alone.temperature), test_labels))
+        if cal.threshold is None:
+            rows.append(f"| {name} | {cal.images} | {alone.temperature:.3f} | {own[-1]:.2%} | – | – |")
             continue
-        fitted[name] = cal
-        probs = softmax(test_logits, cal.temperature)
-        conf = probs.max(1)
-        answered = conf >= cal.threshold
-        right = probs.argmax(1) == test_labels
-        ece = expected_calibration_error(probs, test_labels)
-        rows.append(f"| {name} | {cal.images} | {cal.temperature:.3f} | {ece:.2%} | {answered.mean():.1%} "
-                    f"| {right[answered].mean():.2%} |")
-    eces = [expected_calibration_error(softmax(test_logits, c.temperature), test_labels) for c in fitted.values()]
-    covered = [(softmax(test_logits, c.temperature).max(1) >= c.threshold) for c in fitted.values()]
-    answered_acc = [float((raw.argmax(1) == test_labels)[m].mean()) for m in covered]
-    median = sorted(fitted.items(), key=lambda kv: kv[1].temperature)[len(fitted) // 2]
-    _plot(raw, softmax(test_logits, median[1].temperature), test_labels, median[0])
+        answered = calibrated.max(1) >= cal.threshold
+        covered.append((answered.mean(), right[answered].mean()))
+        rows.append(f"| {name} | {cal.images} | {alone.temperature:.3f} | {own[-1]:.2%} | {cal.threshold:.3f} "
+                    f"| {answered.mean():.1%} | {right[answered].mean():.2%} |")
+    _plot(raw, calibrated, test_labels, f"federation, T = {temperature:.3g}")
+    ece_raw, ece_fed = expected_calibration_error(raw, test_labels), expected_calibration_error(calibrated, test_labels)
+    share, acc = np.array(covered).T
     doc = [
-        "# Calibration at each hospital",
+        "# Calibration",
         "",
-        f"Generated by `python -m bench.calibration` ({time.perf_counter() - started:.0f} s) from `{args.model}` "
-        f"(the main job's final model: `hemafed simulate` defaults, seed 0, ε = 8), {time.strftime('%Y-%m-%d')}. "
-        "Each hospital fits the temperature T and the \"uncertain\" threshold (95 % of its validation images "
-        "answered) on its own validation images, as its site does when the federation ends "
-        "(`core/learning/confidence.py`; nothing is sent, no ε is spent: docs/privacy.md); each calibrated model "
-        f"is then scored once on the test split ({len(test_labels):,} images no hospital holds).",
+        f"Generated by `python -m bench.calibration` ({time.perf_counter() - started:.0f} s with the feature cache "
+        f"warm) from `{args.run}` (the main job: `hemafed simulate` defaults, seed 0, ε = 8, {last} rounds), "
+        f"{time.strftime('%Y-%m-%d')}. How it works and what it reveals: "
+        "[privacy.md](privacy.md#calibration-and-uncertain-answers). Every figure is on the test split "
+        f"({len(test_labels):,} images no hospital holds), touched once per figure.",
         "",
-        f"- Expected calibration error (15 bins) on the test split: **{ece_raw:.2%} uncalibrated**, "
-        f"**{np.mean(eces):.2%} ± {np.std(eces):.2%}** with a hospital's temperature (mean ± std over the "
-        f"{len(eces)} hospitals).",
-        f"- At each hospital's threshold: {np.mean([m.mean() for m in covered]):.1%} ± "
-        f"{np.std([m.mean() for m in covered]):.1%} of test images answered, {np.mean(answered_acc):.2%} ± "
-        f"{np.std(answered_acc):.2%} of those right (all images: {(raw.argmax(1) == test_labels).mean():.2%}).",
+        f"- **The federation's temperature** T = {temperature:.3g} (the grid value with the lowest NLL summed over "
+        f"the {images:,} validation images of all {len(sites)} hospitals): expected calibration error (15 bins) "
+        f"**{ece_raw:.2%} uncalibrated → {ece_fed:.2%}**. The NLL on the test split: "
+        f"{nll(test_logits, test_labels):.4f} → {nll(test_logits, test_labels, temperature):.4f}.",
+        f"- For comparison, each hospital fitting its temperature alone on its own validation images: "
+        f"{np.mean(own):.2%} ± {np.std(own):.2%} (mean ± std over the hospitals; few images make it noisy).",
+        f"- At each hospital's \"uncertain\" threshold (95 % of its validation images answered): "
+        f"{share.mean():.1%} ± {share.std():.1%} of test images answered, {acc.mean():.2%} ± {acc.std():.2%} of "
+        f"those right (all images: {right.mean():.2%}).",
         "",
-        "| hospital | validation images | T | ECE on test | test images answered | answered right |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| hospital | validation images | its own T | ECE with its own T | its threshold (federation's T) "
+        "| test images answered | answered right |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
-        f"![reliability and coverage](calibration.png) (left: reliability before and after {median[0]}'s "
-        "temperature, the median one; right: accuracy of the answered images as the least confident are referred)",
+        "![reliability and coverage](calibration.png) (left: reliability before and after the federation's "
+        "temperature; right: accuracy of the answered images as the least confident are referred)",
         "",
-        "Coverage against accuracy, " + median[0] + "'s calibrated model on the test split: "
-        + ", ".join(f"{c:.0%} → {a:.2%}" for c, a in coverage_curve(softmax(test_logits, median[1].temperature),
-                                                                   test_labels, points=8)),
+        "Coverage against accuracy with the federation's temperature: "
+        + ", ".join(f"{c:.0%} → {a:.2%}" for c, a in coverage_curve(calibrated, test_labels, points=8)),
         "",
     ]
     (DOCS / "calibration.md").write_text("\n".join(doc))
-    # the median hospital's calibrated model file, as its site saves it (the app's Classify screenshots use it)
-    with np.load(args.model) as data:
-        weights = np.asarray(data["weights"], np.float32)
-    saved = save_model_file(Path("results/calibration") / f"{median[0]}-final.npz", weights, h.plan,
-                            load_model_file(args.model).round or h.plan.rounds, median[1])
-    print("calibrated model file:", saved)
     print("\n".join(doc))
     return 0
 

@@ -80,9 +80,10 @@ def sees_text(plan) -> str:
         sees = (f"each round only the <b>sum</b> over at least {plan.threshold} hospitals of their clipped, noised "
                 "gradient sums "
                 + ("(in round 1, feature sums) " if model and model.centred else "")
-                + "and validation counts, and which sites are connected")
+                + "and validation counts and loss sums, and which sites are connected")
     elif plan.secagg:
-        sees = ("only the <b>sum</b> of the sites' masked, noised updates and validation counts of each round, "
+        sees = ("only the <b>sum</b> of the sites' masked, noised updates and validation counts and loss sums of "
+                "each round, "
                 "and which sites are connected")
     else:
         sees = "<b>this site's own update</b> (noised if DP is on) and its validation counts"

@@ -58,7 +58,8 @@ def privacy_statement(*, dp: bool, secagg: bool, epsilon: float | None, delta: f
             "(with the DP guarantee above, if any)."
         )
     parts.append(
-        "**Not covered.** The hospital's validation images: their confusion counts leave the site "
+        "**Not covered.** The hospital's validation images: their confusion counts"
+        + (" and loss sums (for the federation's calibration)" if secagg else "") + " leave the site "
         "only inside the securely aggregated sum" + (" " if secagg else " (here: in the clear) ")
         + "and carry no DP noise. The fact that a hospital takes part, its timing and message sizes."
         " The transport is TLS-encrypted and every site authenticates with its identity key."

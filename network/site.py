@@ -555,23 +555,25 @@ class SiteRunner:
                 loop.call_soon_threadsafe(self._emit, event)
 
     def _save_final(self, action: sr.Finish) -> Path:
-        calibration = self._calibrate(action.weights)
+        calibration = self._calibrate(action.weights, action.temperature)
         path = self._save_model("final", action.weights, action.round, calibration)
         log.info("federation finished; final model saved to %s%s", path,
-                 "" if calibration is None else f" (calibrated on {calibration.images} validation images: "
-                 f"T = {calibration.temperature:.3g}, ECE {calibration.ece_before:.1%} → {calibration.ece_after:.1%})")
+                 "" if calibration is None else f" (temperature {calibration.temperature:.3g} from "
+                 f"{calibration.temperature_from}; 'uncertain' threshold "
+                 + ("none: too few validation images here)" if calibration.threshold is None else
+                    f"{calibration.threshold:.3f} from {calibration.images} validation images here)"))
         return path
 
-    def _calibrate(self, weights: np.ndarray) -> Calibration | None:
-        """Temperature and abstention threshold from this site's validation images (they never leave the site and
-        nothing about them is sent; docs/privacy.md, "Calibration"). None when there are too few of them."""
+    def _calibrate(self, weights: np.ndarray, temperature: float | None) -> Calibration | None:
+        """The federation's temperature (or, without one, this site's own) and the abstention threshold from this
+        site's validation images; nothing about the threshold is sent (docs/privacy.md, "Calibration")."""
         if self.trainer is None:
-            return None
+            return None if temperature is None else Calibration.federation_only(temperature)
         try:
             logits, labels = self.trainer.validation_logits(weights)
         except RuntimeError:  # never prepared (the site joined for the end only)
-            return None
-        return Calibration.fit(logits, labels)
+            return None if temperature is None else Calibration.federation_only(temperature)
+        return Calibration.fit(logits, labels, temperature=temperature)
 
     # -- bookkeeping -----------------------------------------------------------------------------
 

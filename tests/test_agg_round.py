@@ -10,11 +10,12 @@ import pytest
 from hemafed.core import secagg
 from hemafed.core.learning.server_opt import make_server_optimizer
 from hemafed.core.rounds import agg_round as R
+from hemafed.core.rounds.calibration_sums import CALIBRATION_GRID
 from hemafed.core.rounds.plan import FederationPlan
 from hemafed.core.trust.identity import IdentityKey, parse_public_line
 
 DIM = 6
-K = 2  # classes: extras are K*K confusion counts
+K = 2  # classes: extras are K*K confusion counts, then the calibration sums
 
 
 def _plan(**kw) -> FederationPlan:
@@ -182,7 +183,9 @@ def _secure_round(m: R.FederationMachine, keys: dict[str, IdentityKey], updates:
                                   rng=np.random.default_rng(m.site_ids[s])) for s in keys}
     queue: list = []
     for s, site in sites.items():
-        for msg in site.start(updates[s], weights[s], np.array([weights[s], 0, 0, 0])):
+        extras = np.zeros(K * K + len(CALIBRATION_GRID), np.int64)  # confusion counts, then calibration sums
+        extras[0] = weights[s]
+        for msg in site.start(updates[s], weights[s], extras):
             queue.append(R.Inbound(s, R.SECAGG, rnd, {}, (secagg.encode(msg),)))
     now, gone = 1.0, set()
     while queue:
@@ -249,7 +252,7 @@ def test_everything_the_machine_sends_fits_the_schema_sites_can_check() -> None:
                             sink=sent)
     assert outcome.status == "completed"
     sent += m.recorded(1, 5.0)
-    schemas = schema.aggregator_schemas(DIM, K * K)
+    schemas = schema.aggregator_schemas(DIM, K * K + len(CALIBRATION_GRID))
     kinds = set()
     for action in sent:
         if isinstance(action, R.Send | R.Broadcast):

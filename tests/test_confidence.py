@@ -18,7 +18,9 @@ from hemafed.core.learning.confidence import (
     expected_calibration_error,
     fit_temperature,
     nll,
+    nll_sums,
     softmax,
+    temperature_from_sums,
 )
 
 
@@ -119,3 +121,25 @@ def test_a_damaged_calibration_is_refused_with_the_reason(small_model: Path, tmp
     bad = _with_calibration(small_model, tmp_path, {"temperature": -1, "threshold": 0.5})
     with pytest.raises(ModelFileError, match="calibration"):
         load_model_file(bad)
+
+
+def test_the_federation_picks_the_temperature_of_the_pooled_sums() -> None:
+    """Each site's sums are bounded integers; their sum over sites picks what one pooled fit would, up to the
+    grid's step (about 7 % in T)."""
+    from hemafed.core.rounds.calibration_sums import CALIBRATION_GRID, NLL_CAP, NLL_SCALE
+
+    parts = [_overconfident(n, seed) for n, seed in ((120, 5), (60, 6), (300, 7))]
+    sums = [nll_sums(logits, labels) for logits, labels in parts]
+    for s, (_, labels) in zip(sums, parts, strict=True):
+        assert s.dtype == np.int64 and (s >= 0).all() and (s <= len(labels) * NLL_CAP * NLL_SCALE).all()
+    pooled_logits = np.concatenate([p[0] for p in parts])
+    pooled_labels = np.concatenate([p[1] for p in parts])
+    t = temperature_from_sums(np.sum(sums, axis=0), len(pooled_labels))
+    assert t in CALIBRATION_GRID and abs(np.log(t / fit_temperature(pooled_logits, pooled_labels))) < 0.07
+    assert temperature_from_sums(np.zeros(len(CALIBRATION_GRID), np.int64), 0) is None
+    # a site keeps the federation's temperature and fits only its threshold; with too few images, no threshold
+    logits, labels = parts[2]
+    cal = Calibration.fit(logits, labels, temperature=t)
+    assert cal.temperature == t and cal.threshold is not None and "federation" in cal.temperature_from
+    few = Calibration.fit(logits[:5], labels[:5], temperature=t)
+    assert few.temperature == t and few.threshold is None

@@ -104,7 +104,8 @@ def outcome(eps: float | None = 1.0, weight: int = 40, secure: bool = True) -> s
     if not secure:
         return sr.TrainOutcome(1, confusion, weight, update=update, epsilon_spent=eps)
     cfg = make_plan().secagg_config(N_PARAMS)
-    ring = secagg.quantize.quantize(cfg, update, weight, confusion.reshape(-1))
+    extras = np.concatenate([confusion.reshape(-1), np.zeros(cfg.n_extras - confusion.size, np.int64)])
+    ring = secagg.quantize.quantize(cfg, update, weight, extras)  # confusion counts, then calibration sums
     return sr.TrainOutcome(1, confusion, weight, ring=ring, epsilon_spent=eps)
 
 

@@ -186,7 +186,8 @@ class Prediction:
         if self.raw_probabilities is not None:
             out["probabilities"] = self.raw_probabilities
             out["calibrated_probabilities"] = self.probabilities
-            out["uncertain"] = bool(self.uncertain)
+            if self.uncertain is not None:
+                out["uncertain"] = self.uncertain
         else:
             out["probabilities"] = self.probabilities
         if self.reason:
@@ -278,7 +279,7 @@ def classify_paths(model: ModelFile, paths: Iterable[str | Path], *, batch_size:
             pred.predicted = model.classes[int(np.argmax(row))]
             if cal is not None:
                 pred.raw_probabilities = {c: float(v) for c, v in zip(model.classes, raw_row, strict=True)}
-                pred.uncertain = bool(row.max() < cal.threshold)
+                pred.uncertain = None if cal.threshold is None else bool(row.max() < cal.threshold)
                 if pred.uncertain:
                     pred.reason = (f"uncertain — refer to a human: {percent(row.max())} is below the "
                                    f"{percent(cal.threshold)} that this hospital's model answers "

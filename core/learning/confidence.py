@@ -6,14 +6,23 @@ log-likelihood on labelled images the model did not train on; it never changes w
 abstention threshold is the calibrated confidence below which the answer is "uncertain — refer to a human",
 chosen so that a stated share of those images (the coverage target) is still answered.
 
-Both are fitted by each hospital on its own validation images with the federation's final model, and kept in that
-hospital's copy of the model file: nothing is sent, no ε is spent (docs/privacy.md, "Calibration")."""
+The temperature is the federation's: inside every secure round each site adds to the masked vector, beside its
+validation confusion counts, the sum of its validation images' NLL at each temperature of a fixed public grid
+(`nll_sums`); the aggregator opens only the sum over the round's hospitals (never one hospital's) and picks the
+temperature with the lowest total (`temperature_from_sums`) from the last completed round. Like the confusion
+counts, these sums carry no DP noise and are not covered by ε (docs/privacy.md, "Calibration"). The threshold is
+fitted by each hospital on its own validation images with that temperature and kept in its copy of the model file:
+nothing about it is sent. A site without a federation temperature (a plain plan, an older aggregator) fits both
+itself."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+# the federation's part lives in core.rounds (the aggregator uses it too); here for one place to import from
+from ..rounds.calibration_sums import nll_sums, temperature_from_sums  # noqa: F401
 
 COVERAGE_TARGET = 0.95  # answer 95 % of images like the validation images, refer the least confident 5 %
 MIN_IMAGES = 20  # fewer validation images than this: no calibration (one number from a handful is noise)
@@ -97,35 +106,52 @@ class Calibration:
     """What a model file carries about its probabilities, fitted at one hospital (`fit`)."""
 
     temperature: float
-    threshold: float  # calibrated confidence below which an answer is "uncertain"
+    threshold: float | None  # calibrated confidence below which an answer is "uncertain" (None: not fitted)
     coverage_target: float
-    images: int  # validation images it was fitted on
-    ece_before: float
-    ece_after: float
-    nll_before: float
-    nll_after: float
-    fitted_by: str = "this hospital's validation images"
+    images: int  # validation images the figures below come from (this hospital's)
+    ece_before: float | None
+    ece_after: float | None
+    nll_before: float | None
+    nll_after: float | None
+    temperature_from: str = "this hospital's validation images"
 
     @classmethod
-    def fit(cls, logits: np.ndarray, labels: np.ndarray, coverage: float = COVERAGE_TARGET) -> Calibration | None:
-        """None when there are fewer than `MIN_IMAGES` images."""
+    def fit(cls, logits: np.ndarray, labels: np.ndarray, coverage: float = COVERAGE_TARGET, *,
+            temperature: float | None = None) -> Calibration | None:
+        """The threshold (and, without the federation's `temperature`, the temperature) from these images. With a
+        federation temperature and too few images: that temperature, no threshold. Otherwise None when there are
+        fewer than `MIN_IMAGES` images."""
         logits, labels = np.asarray(logits, np.float64), np.asarray(labels, int)
+        source = "the federation's validation images (summed over the hospitals of its last round)"
         if len(labels) < MIN_IMAGES:
-            return None
-        t = fit_temperature(logits, labels)
+            if temperature is None:
+                return None
+            return cls(temperature=float(temperature), threshold=None, coverage_target=coverage, images=len(labels),
+                       ece_before=None, ece_after=None, nll_before=None, nll_after=None, temperature_from=source)
+        t = fit_temperature(logits, labels) if temperature is None else float(temperature)
         before, after = softmax(logits), softmax(logits, t)
         return cls(temperature=t, threshold=abstention_threshold(after.max(axis=1), coverage),
                    coverage_target=coverage, images=len(labels),
                    ece_before=expected_calibration_error(before, labels),
                    ece_after=expected_calibration_error(after, labels),
-                   nll_before=nll(logits, labels), nll_after=nll(logits, labels, t))
+                   nll_before=nll(logits, labels), nll_after=nll(logits, labels, t),
+                   temperature_from=source if temperature is not None else cls.temperature_from)
+
+    @classmethod
+    def federation_only(cls, temperature: float, coverage: float = COVERAGE_TARGET) -> Calibration:
+        """The aggregator's model file: the federation's temperature; no threshold (that is each hospital's)."""
+        return cls(temperature=float(temperature), threshold=None, coverage_target=coverage, images=0,
+                   ece_before=None, ece_after=None, nll_before=None, nll_after=None,
+                   temperature_from="the federation's validation images (summed over the hospitals of its last "
+                                    "round)")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Calibration:
-        t, threshold = float(d["temperature"]), float(d["threshold"])
-        if not (_T_RANGE[0] <= t <= _T_RANGE[1]) or not (0.0 <= threshold <= 1.0):
+        t = float(d["temperature"])
+        threshold = None if d.get("threshold") is None else float(d["threshold"])
+        if not (_T_RANGE[0] <= t <= _T_RANGE[1]) or not (threshold is None or 0.0 <= threshold <= 1.0):
             raise ValueError(f"calibration out of range (T = {t}, threshold = {threshold})")
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})

@@ -44,7 +44,8 @@ from ..privacy.distributed_noise import DistributedNoise
 from ..rounds.plan import FederationPlan, SiteBounds
 from ..rounds.site_round import PlanRefused, PrivacySettings, TrainOutcome
 from ..secagg.quantize import quantize
-from .dp_train import LocalTrainConfig, evaluate, train_local
+from .confidence import nll_sums
+from .dp_train import LocalTrainConfig, train_local
 from .dp_train import TrainingCancelled as StepsCancelled
 from .feature_cache import FeatureCache, FeaturesCancelled
 from .fedsgd import GradientSum, clipped_round_sum, gaussian_noise, site_privacy
@@ -366,9 +367,13 @@ class FedSGDTrainer(SiteTrainer):
         if self.inputs is None:
             self.featurize()
         set_flat_params(self.trainable, weights)
+        if len(self.val_labels) == 0:  # a party without validation images (the one-party baseline)
+            return np.zeros((0, len(self.plan.classes))), np.zeros(0, np.int64)
+        was_training = self.trainable.training
         self.trainable.eval()
         with torch.no_grad():
             logits = self.trainable(self.val_inputs).double().numpy()
+        self.trainable.train(was_training)
         return logits, np.asarray(self.val_labels).reshape(-1)
 
     def contribution(self, rnd: int, weights: np.ndarray, cancel: Cancel | None = None,
@@ -377,8 +382,7 @@ class FedSGDTrainer(SiteTrainer):
             self.featurize(cancel=cancel)
         self._set_threads()
         ledger, p, plan = self.ledger, self.privacy, self.plan
-        set_flat_params(self.trainable, weights)
-        confusion = evaluate(self.trainable, self.val_inputs, self.val_labels, len(plan.classes))
+        confusion, extras = validation_figures(*self.validation_logits(weights), len(plan.classes))
         if cancel is not None and cancel():
             raise TrainingCancelled("stopped before the round's gradient")
         generator, rng = self._randomness(rnd)
@@ -394,8 +398,7 @@ class FedSGDTrainer(SiteTrainer):
         else:
             hook = p.codec.noise_hook(rng)
         cfg = plan.secagg_config(self.n_params)
-        ring = quantize(cfg, p.codec.encode(vec, cfg.clip), cfg.max_weight, confusion.reshape(-1).astype(np.int64),
-                        rng, noise=hook)
+        ring = quantize(cfg, p.codec.encode(vec, cfg.clip), cfg.max_weight, extras, rng, noise=hook)
         if progress is not None:
             progress(1, 1, 0.0)
         return TrainOutcome(rnd, confusion, cfg.max_weight, ring=ring, epsilon_spent=ledger.spent_epsilon(),
@@ -408,6 +411,15 @@ class FedSGDTrainer(SiteTrainer):
         a record's clipped gradient enters the sum; nothing else overrides it."""
         p = self.privacy
         return clipped_round_sum(self.trainable, self.inputs, self.labels, p.sample_rate, p.clip_norm, generator)
+
+
+def validation_figures(logits: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(confusion matrix, the extras a secure round's masked vector carries: the confusion counts, then the NLL sums
+    at each temperature of `CALIBRATION_GRID` for the federation's calibration) of this site's validation images."""
+    labels = np.asarray(labels, np.int64).reshape(-1)
+    predicted = np.asarray(logits).argmax(axis=1) if len(labels) else np.zeros(0, np.int64)
+    confusion = np.bincount(labels * k + predicted, minlength=k * k).reshape(k, k).astype(np.int64)
+    return confusion, np.concatenate([confusion.reshape(-1), nll_sums(logits, labels)]).astype(np.int64)
 
 
 def model_inputs(plan: FederationPlan, model, images: np.ndarray, view: str, cache=None,
@@ -528,6 +540,8 @@ class FedAvgTrainer(SiteTrainer):
             raise RuntimeError("prepare() first")
         if getattr(self, "inputs", None) is None:
             self.featurize()
+        if len(self.data.val_labels) == 0:
+            return np.zeros((0, len(self.plan.classes))), np.zeros(0, np.int64)
         model = build_model(self.plan.model, len(self.plan.classes))
         set_flat_params(model, weights)
         model.eval()
@@ -543,7 +557,7 @@ class FedAvgTrainer(SiteTrainer):
         plan, data, ledger = self.plan, self.data, self.ledger
         model = build_model(plan.model, len(plan.classes))
         set_flat_params(model, weights)
-        confusion = evaluate(model, self.val_inputs, data.val_labels, len(plan.classes))
+        confusion, extras = validation_figures(*self.validation_logits(weights), len(plan.classes))
         flag = _Flag(cancel)
         if flag.is_set():
             raise TrainingCancelled("stopped before training")
@@ -582,7 +596,7 @@ class FedAvgTrainer(SiteTrainer):
         if plan.secagg:
             _, rng = self._randomness(rnd)
             cfg = plan.secagg_config(self.n_params)
-            out.ring = quantize(cfg, result.update, n, confusion.reshape(-1).astype(np.int64), rng)
+            out.ring = quantize(cfg, result.update, n, extras, rng)
         return out
 
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from .. import secagg
 from ..trust.identity import parse_public_line
+from .calibration_sums import temperature_from_sums
 from .plan import FederationPlan
 from .round_messages import (  # the round vocabulary, shared with the other end
     DECLINE,
@@ -143,12 +144,14 @@ class RoundOutcome:
     mean_update: np.ndarray | None = None
     ring_sum: np.ndarray | None = None  # DP-FedSGD: the unmasked ring sum the server step decodes
     wall_s: float = 0.0
+    # the surviving sites' validation NLL summed at each temperature of CALIBRATION_GRID (secure rounds only)
+    calibration_nll: list[int] | None = None
 
     def log_entry(self) -> dict[str, Any]:
         return {"round": self.round, "status": self.status, "participants": self.participants,
                 "survivors": self.survivors, "dropouts": self.dropouts, "declined": self.declined,
                 "reason": self.reason, "fed_val_accuracy": self.fed_val_accuracy, "confusion": self.confusion,
-                "wall_s": round(self.wall_s, 3), "time": time.time()}
+                "calibration_nll": self.calibration_nll, "wall_s": round(self.wall_s, 3), "time": time.time()}
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,7 @@ class RoundFinished:
 @dataclass(frozen=True)
 class Done:
     weights: np.ndarray = field(repr=False)
+    temperature: float | None = None  # the federation's calibration (`federation_temperature`), if it has one
 
 
 Action = Send | Broadcast | Reject | Status | RoundFinished | Done
@@ -437,8 +441,20 @@ class FederationMachine:
 
     def _done(self) -> list[Action]:
         self.stage = Stage.DONE
-        return [Broadcast(tuple(sorted(self.accepted)), DONE, self.plan.rounds, {}, (weights_blob(self.weights),)),
-                Status(self.plan.rounds, "done"), Done(self.weights)]
+        temperature = federation_temperature([o.log_entry() for o in self.outcomes])
+        body = {} if temperature is None else {"temperature": temperature}
+        return [Broadcast(tuple(sorted(self.accepted)), DONE, self.plan.rounds, body, (weights_blob(self.weights),)),
+                Status(self.plan.rounds, "done"), Done(self.weights, temperature)]
+
+
+def federation_temperature(log: list[dict]) -> float | None:
+    """The calibration temperature from the last completed round's validation NLL sums (a round's log entries,
+    oldest first): the model then differs from the final one by one server step. None without such a round."""
+    for entry in reversed(log):
+        sums, confusion = entry.get("calibration_nll"), entry.get("confusion")
+        if entry.get("status") == "completed" and sums and confusion:
+            return temperature_from_sums(np.asarray(sums), int(np.sum(confusion)))
+    return None
 
 
 # ---------------------------------------------------------------- one round
@@ -495,7 +511,10 @@ class _Round:
         else:
             outcome.mean_update = (weighted_sum.astype(np.float64) / weight_sum).astype(np.float32)
         k = len(self.fed.plan.classes)
-        confusion = np.asarray(extras, dtype=np.int64).reshape(k, k)
+        extras = np.asarray(extras, dtype=np.int64)
+        confusion = extras[:k * k].reshape(k, k)
+        if len(extras) > k * k:
+            self.outcome.calibration_nll = extras[k * k:].tolist()
         total = int(confusion.sum())
         outcome.confusion = confusion.tolist()
         outcome.fed_val_accuracy = float(np.trace(confusion)) / total if total else None

@@ -157,10 +157,12 @@ class Train:
 
 @dataclass(frozen=True)
 class Finish:
-    """The federation is done: save `weights` as the final model."""
+    """The federation is done: save `weights` as the final model (with the federation's calibration
+    `temperature`, when the aggregator sent one)."""
 
     round: int
     weights: np.ndarray
+    temperature: float | None = None
 
 
 @dataclass(frozen=True)
@@ -542,9 +544,12 @@ class SiteRound:
         if msg.round != plan.rounds:
             raise MessageRefused(f"done for round {msg.round}, the plan has {plan.rounds}")
         weights = self._vector(msg, "done")
+        temperature = msg.body.get("temperature")
+        if temperature is not None and not (_number(temperature) and 0.05 <= temperature <= 20.0):
+            raise MessageRefused("done: the calibration temperature is not a number in [0.05, 20]")
         out = self._leave_round("the federation finished before this round ended")
         self.phase = Phase.DONE
-        return [*out, Finish(msg.round, weights)]
+        return [*out, Finish(msg.round, weights, None if temperature is None else float(temperature))]
 
     def _on_status(self, msg: Message) -> list[Action]:
         """A round started without this site (it is still preparing, or not ready): say so."""

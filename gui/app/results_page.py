@@ -278,7 +278,9 @@ class ClassifyPanel(QWidget):
             parts.append(f"{correct} of {total} match the class folder they are in ({correct / total:.0%})")
         if any(p.uncertain is not None for p in ok):
             unsure = sum(1 for p in ok if p.uncertain)
-            parts.append(f"{unsure} uncertain: refer to a person (probabilities calibrated at this hospital)")
+            parts.append(f"{unsure} uncertain: refer to a person (calibrated probabilities)")
+        elif any(p.raw_probabilities is not None for p in ok):
+            parts.append("calibrated probabilities (this model file has no 'uncertain' threshold)")
         elif ok:
             parts.append("probabilities as the model gives them (this model file is not calibrated)")
         self.status.setText(" · ".join(parts) + ". Click a column title to sort.")

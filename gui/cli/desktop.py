@@ -57,9 +57,13 @@ def _classify(args: argparse.Namespace) -> int:
         cal = model.calibration
         print(f"model: {model.name} (federation {model.federation_id}, round {model.round}) — "
               "research model, not a diagnostic device")
-        print(f"probabilities calibrated on {cal.images} validation images at the hospital that saved the file; "
-              f"below {percent(cal.threshold)} an answer is UNCERTAIN" if cal is not None else
-              "probabilities as the model gives them (this model file carries no calibration)")
+        if cal is None:
+            print("probabilities as the model gives them (this model file carries no calibration)")
+        else:
+            print(f"probabilities calibrated (temperature {cal.temperature:.3g}, from {cal.temperature_from})"
+                  + (f"; below {percent(cal.threshold)} an answer is UNCERTAIN (threshold from {cal.images} "
+                     "validation images of the hospital that saved the file)" if cal.threshold is not None else
+                     "; no 'uncertain' threshold in this file (each hospital fits its own)"))
         for pred in report.predictions:
             if pred.error:
                 print(f"{pred.path}: SKIPPED, {pred.error}")

@@ -469,7 +469,7 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
                           "–") for m in _MODES]
             lines.append(f"| {eps:g} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += _AUDIT + _audit_rows(doc.parent / "audit") + _PREVIOUS
+    lines += _AUDIT + _audit_rows(doc.parent / "audit") + _CALIBRATION + _PREVIOUS
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines))
 
@@ -491,6 +491,13 @@ def _audit_rows(folder: Path) -> list[str]:
     results = [AuditResult.load(path) for path in sorted(folder.glob("*.json"))]
     return [audit_table(results), ""] if results else []
 
+
+_CALIBRATION = [
+    "## Calibration and \"uncertain\" answers", "",
+    "The main job's model with the federation's temperature (picked from the hospitals' summed validation losses): "
+    "the reliability diagram before and after, expected calibration error, each hospital's \"uncertain\" threshold "
+    "and the coverage–accuracy curve, on the test split: [calibration.md](calibration.md) (`python -m "
+    "bench.calibration`).", ""]
 
 _PREVIOUS = [
     "## Before this recipe", "",

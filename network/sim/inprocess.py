@@ -57,6 +57,7 @@ class _Site:
     ledger: PrivacyLedger | None
     data: SiteData
     final: np.ndarray | None = None
+    temperature: float | None = None  # the federation's calibration, as the aggregator sent it
     stopped: bool = False
 
 
@@ -67,6 +68,7 @@ class InProcessResult:
     ledgers: dict[str, PrivacyLedger | None] = field(default_factory=dict)
     seconds: float = 0.0
     prepare_seconds: float = 0.0
+    temperature: float | None = None  # the federation's calibration temperature (agg_round.federation_temperature)
 
 
 class InProcessFederation:
@@ -102,6 +104,7 @@ class InProcessFederation:
         self._queue: deque[tuple[str, str, Envelope]] = deque()  # (from, to, message); "" is the aggregator
         self._outcomes: list[R.RoundOutcome] = []
         self._done: np.ndarray | None = None
+        self._temperature: float | None = None
         self._on_round: RoundHook | None = None
         self._prepare_s = 0.0
 
@@ -126,7 +129,7 @@ class InProcessFederation:
                     self._on_round(action.outcome, action.weights)
                 self._from_aggregator(self.agg.recorded(action.outcome.round, time.monotonic()))
             elif isinstance(action, R.Done):
-                self._done = action.weights
+                self._done, self._temperature = action.weights, action.temperature
         self.validator.round = self.agg.round_in_progress
 
     def _to_aggregator(self, site: str, env: Envelope) -> None:
@@ -166,7 +169,7 @@ class InProcessFederation:
                 else:
                     more = site.machine.trained(action.round, outcome)
             elif isinstance(action, sr.Finish):
-                site.final = action.weights
+                site.final, site.temperature = action.weights, action.temperature
             elif isinstance(action, sr.Stop):
                 site.stopped = True
                 raise FederationFailed(f"{site.name} stopped ({action.outcome})")
@@ -199,7 +202,7 @@ class InProcessFederation:
         if self._done is None:
             raise FederationFailed(f"the federation stopped at round {self.agg.round} without finishing")
         return InProcessResult(self._done, self._outcomes, {n: s.ledger for n, s in self.sites.items()},
-                               time.perf_counter() - started, self._prepare_s)
+                               time.perf_counter() - started, self._prepare_s, self._temperature)
 
 
 def simulate_in_process(opts, state: Path, *, feature_cache=None, on_round: RoundHook | None = None,

@@ -409,9 +409,13 @@ class Simulation:
             })
         final_round = max(evaluated)
         latest = store.load(final_round)
+        from hemafed.core.learning.confidence import Calibration
+        from hemafed.core.rounds.agg_round import federation_temperature
         from hemafed.network.site import save_model_file
 
-        save_model_file(self.out / "final_model.npz", latest.weights, self.plan, final_round)
+        temperature = federation_temperature(store.read_log())
+        save_model_file(self.out / "final_model.npz", latest.weights, self.plan, final_round,
+                        None if temperature is None else Calibration.federation_only(temperature))
         plan = self.plan.to_dict()
         plan["epsilon_budget"] = self.opts.epsilon if self.opts.dp else None
         plan["partition"] = self.opts.partition

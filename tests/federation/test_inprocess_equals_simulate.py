@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from hemafed.core.learning.checkpoints import CheckpointStore
 from hemafed.network.sim.inprocess import simulate_in_process
@@ -41,3 +42,24 @@ def test_a_seeded_run_gives_the_same_model_in_process_and_as_a_real_federation(s
         site = PrivacyLedger(h.plan.federation_id, state=opts.out / "sites" / name / "state")
         assert [e.epsilon for e in site.entries] == [e.epsilon for e in ledger.entries], (i, name)
         assert [e.model_hash for e in site.entries] == [e.model_hash for e in ledger.entries]
+    # the federation's calibration: the temperature whose summed validation NLL (every site's, under the model
+    # the last round started from) is lowest, in process and in the real federation, in every model file
+    from hemafed.core.learning.classify import load_model_file
+    from hemafed.core.learning.models import build_model, set_flat_params, split_features
+    from hemafed.core.learning.site_trainer import model_inputs
+    from hemafed.core.rounds.calibration_sums import CALIBRATION_GRID, nll_sums
+
+    model = build_model(h.plan.model, len(h.plan.classes))
+    head = split_features(model)[1]
+    set_flat_params(head, weights[ROUNDS - 1])
+    total = np.zeros(len(CALIBRATION_GRID), np.int64)
+    for data in h.site_data().values():
+        with torch.no_grad():
+            total += nll_sums(head(model_inputs(h.plan, model, data.val_images, "eval")).double().numpy(),
+                              data.val_labels)
+    assert result.temperature == CALIBRATION_GRID[int(np.argmin(total))]
+    assert load_model_file(opts.out / "final_model.npz").calibration.temperature == result.temperature
+    for name in result.ledgers:
+        final = opts.out / "sites" / name / "state" / "models" / h.plan.federation_id / "final.npz"
+        cal = load_model_file(final).calibration
+        assert cal.temperature == result.temperature and "federation" in cal.temperature_from
