@@ -114,7 +114,7 @@ def test_classify_reports_calibrated_probabilities_and_uncertain_answers(small_m
         assert after.predicted == before.predicted
         flat = max(d["calibrated_probabilities"].values())
         assert flat < max(d["probabilities"].values())  # T = 4 flattens them
-        assert d["uncertain"] is True and "refer to a human" in d["reason"]  # nothing reaches 99 % at T = 4
+        assert d["uncertain"] is True and "refer to a person" in d["reason"]  # nothing reaches 99 % at T = 4
 
 
 def test_a_damaged_calibration_is_refused_with_the_reason(small_model: Path, tmp_path: Path) -> None:

@@ -281,9 +281,9 @@ def classify_paths(model: ModelFile, paths: Iterable[str | Path], *, batch_size:
                 pred.raw_probabilities = {c: float(v) for c, v in zip(model.classes, raw_row, strict=True)}
                 pred.uncertain = None if cal.threshold is None else bool(row.max() < cal.threshold)
                 if pred.uncertain:
-                    pred.reason = (f"uncertain — refer to a human: {percent(row.max())} is below the "
-                                   f"{percent(cal.threshold)} that this hospital's model answers "
-                                   f"{cal.coverage_target:.0%} of its validation images at")
+                    pred.reason = (f"uncertain — refer to a person: {percent(row.max())} is below "
+                                   f"{percent(cal.threshold)}, the confidence at which this hospital's model "
+                                   f"answers {cal.coverage_target:.0%} of its validation images")
         batch.clear()
 
     for i, item in enumerate(inputs):

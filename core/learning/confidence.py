@@ -3,7 +3,7 @@
 A softmax is over-confident after DP training on fixed features (it reads 99 % where it is right 90 % of the
 time). Temperature scaling (Guo et al. 2017) divides the logits by one number T fitted to minimise the negative
 log-likelihood on labelled images the model did not train on; it never changes which class is predicted. The
-abstention threshold is the calibrated confidence below which the answer is "uncertain — refer to a human",
+abstention threshold is the calibrated confidence below which the answer is "uncertain — refer to a person",
 chosen so that a stated share of those images (the coverage target) is still answered.
 
 The temperature is the federation's: inside every secure round each site adds to the masked vector, beside its

@@ -14,7 +14,7 @@ SHORTCUTS: list[tuple[str, str]] = [
     ("Ctrl+2", "Privacy page"),
     ("Ctrl+3", "Federation page"),
     ("Ctrl+4", "Results page"),
-    ("Ctrl+5", "What left this computer"),
+    ("Ctrl+5", "What was sent (what left this computer)"),
     ("Ctrl+O", "choose this hospital's image folder (Data page)"),
     ("Ctrl+J", "join the federation"),
     ("Ctrl+Shift+O", "classify images with the model (Results page)"),

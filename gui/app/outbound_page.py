@@ -63,7 +63,7 @@ def _fill(table: QTableWidget, rows: list[list[str]], right: frozenset[int] | se
 
 
 class OutboundPage(QWidget):
-    title = "What left"
+    title = "What was sent"  # the side list is narrow; the page heading says it in full
 
     def __init__(self, state: AppState) -> None:
         super().__init__()

@@ -215,6 +215,9 @@ def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_p
     proj = project(state.epsilon, sgd, state.n_train(), bounds=state.bounds)
     assert proj.fits and proj.epsilon_per_round, proj.refusal
     received = ev.PlanReceived(sgd, proj.settings, (), tuple(proj.epsilon_per_round), awaiting_answer=True)
+    from hemafed.gui.app.site_status import joining
+
+    fed._set_status(joining())  # what pressing Join does before the driver's first event
     fed.on_event(ev.ConnectionChanged("connecting", fed.url.text()))
     fed.on_event(ev.ConnectionChanged("connected", fed.url.text()))
     fed.on_event(ev.PlanAnswered(True))
@@ -290,6 +293,7 @@ def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_p
     fed.log.clear()
     for label in (fed.round_label, fed.participants, fed.epsilon):
         label.setText("—")
+    fed._set_status(joining())
     fed.on_event(ev.ConnectionChanged("connecting", fed.url.text()))
     fed.on_event(ev.SiteFailed("The aggregator does not know this site's key: it is not on the federation's list.",
                                fatal=True, what_to_do=f"send the public key (fingerprint {fp}) to the federation's "
