@@ -265,8 +265,9 @@ class DataPage(QWidget):
         if report.converted:
             parts.append(f"{len(report.converted)} converted")
         if report.unknown_classes:
-            parts.append("not used (unknown class): " + ", ".join(f"{k} ({v})"
-                                                                    for k, v in report.unknown_classes.items()))
+            parts.append("not used, folder name is not a cell class: " + ", ".join(
+                f"{k} ({v})" for k, v in report.unknown_classes.items()) + " — rename it to one of the class names "
+                "listed under Problems")
         self.summary.setText(" · ".join(parts))
         self.chart.bars(report.classes, [report.per_class.get(c, 0) for c in report.classes],
                         ylabel="images")
@@ -289,7 +290,9 @@ class DataPage(QWidget):
         report = scan.report
         rows = [(p.path, p.reason, p.detail) for p in report.problems]
         rows += [(c.path, "converted (used)", c.conversion) for c in report.converted]
-        rows += [(name, "unknown class folder (not used)", f"{n} image(s)")
+        accepted = ", ".join(report.classes)
+        rows += [(name, "unknown class folder (not used)",
+                  f"{n} image(s); rename the folder to one of: {accepted} (or leave it out)")
                  for name, n in report.unknown_classes.items()]
         return rows
 
@@ -329,10 +332,12 @@ class DataPage(QWidget):
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 self.split_table.setItem(r, c, item)
         plan = self.state.plan
+        total = len(train) + len(val)
         self.split_note.setText(
-            f"The site trains on {len(train)} images and keeps {len(val)} ({plan.val_fraction:.0%} per class) to "
-            f"measure the model. The split is fixed by the federation's plan (seed {plan.seed}), so it is the same "
-            "every round.")
+            f"The site trains on {len(train)} images and keeps {len(val)} of {total} "
+            f"({len(val) / max(total, 1):.0%}) to measure the model: the plan asks for {plan.val_fraction:.0%} of "
+            "each class, rounded class by class (the table shows each). The split is fixed by the federation's "
+            f"plan (seed {plan.seed}), so it is the same every round.")
 
     # -- browsing --------------------------------------------------------------------------------
 

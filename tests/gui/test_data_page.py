@@ -55,6 +55,8 @@ def test_bad_files_are_each_listed_and_exported(qtbot, window, pbc: Path, tmp_pa
     (root / "platelet" / "cut.jpg").write_bytes(good[: len(good) // 3])
     (root / "platelet" / "scan.docx").write_bytes(b"PK\x03\x04")
     Image.new("L", (64, 64), 128).save(root / "platelet" / "gray.png")
+    (root / "smudge_cells").mkdir()
+    Image.new("RGB", (64, 64), (200, 150, 180)).save(root / "smudge_cells" / "s1.png")
     scan(qtbot, window, root)
     page = window.data_page
     rows = {page.problems.item(r, 0).text(): page.problems.item(r, 1).text()
@@ -64,10 +66,17 @@ def test_bad_files_are_each_listed_and_exported(qtbot, window, pbc: Path, tmp_pa
     assert rows["platelet/cut.jpg"] in ("truncated image", "unreadable")
     assert rows["platelet/scan.docx"] == "unsupported file type"
     assert rows["platelet/gray.png"] == "converted (used)"
+    assert rows["smudge_cells"] == "unknown class folder (not used)"
+    unknown = next(page.problems.item(r, 2).text() for r in range(page.problems.rowCount())
+                   if page.problems.item(r, 0).text() == "smudge_cells")
+    assert "rename the folder to one of: basophil, eosinophil" in unknown  # what to do, with the names
+    assert "rename it" in page.summary.text()
     assert window.state.scan.report.total_valid == 7
     assert "4 file(s) cannot be used" in page.summary.text()
+    # the split says what it keeps, as a count and a share, not only the plan's per-class fraction
+    assert " of 7 (" in page.split_note.text() and "rounded class by class" in page.split_note.text()
     out = tmp_path / "problems.csv"
-    assert page.export_problems(out) == 5
+    assert page.export_problems(out) == 6
     with out.open() as fh:
         exported = list(csv.reader(fh))
     assert exported[0] == ["file", "problem", "detail"]
