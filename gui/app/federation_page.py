@@ -92,6 +92,8 @@ class FederationPage(QWidget):
         self.ca.textChanged.connect(self._show_ca_fingerprint)
         self.ca_fingerprint = QLabel()
         self.ca_fingerprint.setWordWrap(True)
+        # a wrapped label is given the height of its narrowest layout; keep the words under the field they are about
+        self.ca_fingerprint.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
         self.ca_fingerprint.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         ca_btn = QPushButton("Browse…")
         ca_btn.clicked.connect(self._choose_ca)
@@ -102,7 +104,8 @@ class FederationPage(QWidget):
         self.federation.setPlaceholderText("optional: refuse any other federation")
         self.insecure = QCheckBox("allow unencrypted ws:// (local tests only)")
         self.operator = QLineEdit(state.operator)
-        self.operator.setPlaceholderText("your name: recorded with the plan you accept, printed in the privacy report")
+        self.operator.setPlaceholderText("your name (kept with each plan you accept)")
+        self.operator.setToolTip("Recorded with each plan you accept and printed in the site's privacy report.")
         self.operator.editingFinished.connect(lambda: state.set_operator(self.operator.text()))
         conn_box = QGroupBox("Aggregator")
         cf = QFormLayout(conn_box)
