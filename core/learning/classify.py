@@ -59,10 +59,6 @@ class ModelFile:
         with torch.no_grad():
             return self.model(images_to_tensor(images, self.input_size)).numpy()  # type: ignore[operator]
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """Class probabilities (N, C) as the model gives them (uncalibrated)."""
-        return softmax(self.logits(images)).astype(np.float32)
-
 
 def load_model_file(path: str | Path) -> ModelFile:
     """Load a model file written by the site (`network.site.save_model_file`): flat

@@ -540,14 +540,20 @@ class FedAvgTrainer(SiteTrainer):
             raise RuntimeError("prepare() first")
         if getattr(self, "inputs", None) is None:
             self.featurize()
-        if len(self.data.val_labels) == 0:
-            return np.zeros((0, len(self.plan.classes))), np.zeros(0, np.int64)
         model = build_model(self.plan.model, len(self.plan.classes))
         set_flat_params(model, weights)
+        return self._validation_logits(model)
+
+    def _validation_logits(self, model) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.asarray(self.data.val_labels).reshape(-1)
+        if len(labels) == 0:
+            return np.zeros((0, len(self.plan.classes))), labels.astype(np.int64)
+        was_training = model.training
         model.eval()
         with torch.no_grad():
             logits = model(self.val_inputs).double().numpy()
-        return logits, np.asarray(self.data.val_labels).reshape(-1)
+        model.train(was_training)
+        return logits, labels
 
     def contribution(self, rnd: int, weights: np.ndarray, cancel: Cancel | None = None,
                      progress: Progress | None = None) -> Contribution:
@@ -557,7 +563,7 @@ class FedAvgTrainer(SiteTrainer):
         plan, data, ledger = self.plan, self.data, self.ledger
         model = build_model(plan.model, len(plan.classes))
         set_flat_params(model, weights)
-        confusion, extras = validation_figures(*self.validation_logits(weights), len(plan.classes))
+        confusion, extras = validation_figures(*self._validation_logits(model), len(plan.classes))
         flag = _Flag(cancel)
         if flag.is_set():
             raise TrainingCancelled("stopped before training")
