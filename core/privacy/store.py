@@ -178,6 +178,15 @@ class SiteStore:
 
     # -- the round log ------------------------------------------------------------------------------
 
+    def _select(self, query: str, column: str, value: str | None) -> list[tuple]:
+        """The rows of `query` oldest first, only those whose `column` equals `value` unless it is None (`column` is
+        one of this module's literals, never user text)."""
+        args: tuple = ()
+        if value is not None:
+            query, args = f"{query} WHERE {column} = ?", (value,)
+        with self.connect() as con:
+            return con.execute(query + " ORDER BY seq", args).fetchall()
+
     def log_round(self, federation_id: str, round: int, status: str, when: float, **fields: object) -> None:
         """Append one line of the site's round log (what happened to a round at this site, and when)."""
         with self.transaction() as con:
@@ -186,12 +195,8 @@ class SiteStore:
 
     def round_log(self, federation_id: str | None = None) -> list[dict]:
         """The round log, oldest first (every federation unless one is named)."""
-        query = "SELECT federation_id, round, status, time, fields FROM round_log"
-        args: tuple = ()
-        if federation_id is not None:
-            query, args = query + " WHERE federation_id = ?", (federation_id,)
-        with self.connect() as con:
-            rows = con.execute(query + " ORDER BY seq", args).fetchall()
+        rows = self._select("SELECT federation_id, round, status, time, fields FROM round_log", "federation_id",
+                            federation_id)
         return [{"federation_id": f, "round": r, "status": s, "time": t, **json.loads(extra)}
                 for f, r, s, t, extra in rows]
 
@@ -208,12 +213,9 @@ class SiteStore:
 
     def outbound(self, federation_id: str | None = None) -> list[OutboundRecord]:
         """Every message this site sent, oldest first (every federation unless one is named)."""
-        query = "SELECT time, federation_id, round, stage, kind, bytes, sha256, protection, detail FROM outbound"
-        args: tuple = ()
-        if federation_id is not None:
-            query, args = query + " WHERE federation_id = ?", (federation_id,)
-        with self.connect() as con:
-            return [OutboundRecord(*row) for row in con.execute(query + " ORDER BY seq", args)]
+        return [OutboundRecord(*row) for row in self._select(
+            "SELECT time, federation_id, round, stage, kind, bytes, sha256, protection, detail FROM outbound",
+            "federation_id", federation_id)]
 
     # -- the plans the operator accepted, and audits of them ----------------------------------------
     # A rejoin with a plan accepted here needs no second review, a changed plan is shown with what changed
@@ -235,12 +237,8 @@ class SiteStore:
     def accepted_plans(self, federation_id: str | None = None) -> list[dict]:
         """Each acceptance, oldest first: federation_id, digest, time, operator, decided, aggregator (JSON),
         plan (dict), review ((label, text) rows)."""
-        query = "SELECT federation_id, digest, time, operator, decided, aggregator, plan, review FROM accepted_plans"
-        args: tuple = ()
-        if federation_id is not None:
-            query, args = query + " WHERE federation_id = ?", (federation_id,)
-        with self.connect() as con:
-            rows = con.execute(query + " ORDER BY seq", args).fetchall()
+        rows = self._select("SELECT federation_id, digest, time, operator, decided, aggregator, plan, review "
+                            "FROM accepted_plans", "federation_id", federation_id)
         return [{"federation_id": f, "digest": d, "time": t, "operator": o, "decided": h, "aggregator": a,
                  "plan": json.loads(p), "review": [tuple(row) for row in json.loads(r)]}
                 for f, d, t, o, h, a, p, r in rows]
@@ -259,11 +257,7 @@ class SiteStore:
 
     def audits(self, plan_digest: str | None = None) -> list[dict]:
         """Audit results, oldest first (of one plan when its digest is given)."""
-        query, args = "SELECT plan_digest, time, result FROM audits", ()
-        if plan_digest is not None:
-            query, args = query + " WHERE plan_digest = ?", (plan_digest,)
-        with self.connect() as con:
-            rows = con.execute(query + " ORDER BY seq", args).fetchall()
+        rows = self._select("SELECT plan_digest, time, result FROM audits", "plan_digest", plan_digest)
         return [{"plan_digest": d, "time": t, "result": json.loads(r)} for d, t, r in rows]
 
 
