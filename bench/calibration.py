@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hemafed.core.learning.cell_check import with_site_threshold
 from hemafed.core.learning.checkpoints import CheckpointStore
 from hemafed.core.learning.confidence import (
     Calibration,
@@ -33,6 +34,7 @@ from hemafed.core.learning.confidence import (
     softmax,
     temperature_from_sums,
 )
+from hemafed.core.learning.fedsgd import moments_layout
 from hemafed.core.learning.models import build_model, set_flat_params, split_features
 from hemafed.core.learning.site_trainer import model_inputs
 from hemafed.network.sim.simulate import SimulationOptions, hospitals, site_splits
@@ -70,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     raw, calibrated = softmax(test_logits), softmax(test_logits, temperature)
     right = raw.argmax(1) == test_labels
     rows, covered, own = [], [], []
+    moments = moments_layout(split_features(build_model(h.plan.model, len(h.plan.classes)))[1])
     for name, data in sites.items():
         logits = _logits(h.plan, final, data.val_images)
-        cal = Calibration.fit(logits, data.val_labels, temperature=temperature)
+        cal = with_site_threshold(Calibration.fit(logits, data.val_labels, temperature=temperature),
+                                  None if moments is None else final[moments], data.val_images)
         # the model file as this hospital's site saves it (the app's Classify screenshots use hospital_01's)
         save_model_file(Path("results/calibration") / f"{name}-final.npz", final, h.plan, last, cal)
         alone = Calibration.fit(logits, data.val_labels)

@@ -34,7 +34,9 @@ from hemafed.core.atomic import atomic_write_bytes
 from hemafed.core.data.partition import stratified_split
 from hemafed.core.data.scan import scan_source
 from hemafed.core.errors import HemafedError
+from hemafed.core.learning.cell_check import with_site_threshold
 from hemafed.core.learning.confidence import Calibration
+from hemafed.core.learning.fedsgd import moments_layout
 from hemafed.core.learning.models import model_problems
 from hemafed.core.learning.site_trainer import Projection, SiteData, SiteTrainer, TrainingCancelled, site_trainer
 from hemafed.core.privacy.ledger import BudgetExhausted, PrivacyLedger
@@ -573,7 +575,9 @@ class SiteRunner:
             logits, labels = self.trainer.validation_logits(weights)
         except RuntimeError:  # never prepared (the site joined for the end only)
             return None if temperature is None else Calibration.federation_only(temperature)
-        return Calibration.fit(logits, labels, temperature=temperature)
+        where = moments_layout(getattr(self.trainer, "trainable", None))
+        return with_site_threshold(Calibration.fit(logits, labels, temperature=temperature),
+                                   None if where is None else np.asarray(weights)[where], self.trainer.data.val_images)
 
     # -- bookkeeping -----------------------------------------------------------------------------
 

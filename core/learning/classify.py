@@ -50,6 +50,17 @@ class ModelFile:
     federation_id: str | None
     calibration: Calibration | None = None  # fitted at the hospital that saved this file (core.learning.confidence)
 
+    def cell_stats(self):
+        """The federation's statistics for the cell check (`core.learning.cell_check.CellStats`), or None."""
+        from .cell_check import CellStats
+        from .fedsgd import moments_layout
+        from .models import split_features
+
+        head = split_features(self.model)[1]
+        if moments_layout(head) is None:
+            return None
+        return CellStats.from_moments(head.cell_moments.detach().double().numpy())
+
     def logits(self, images: np.ndarray) -> np.ndarray:
         """The model's logits (N, C) for (N, H, W, 3) uint8 images at any size."""
         import torch
@@ -171,6 +182,8 @@ class Prediction:
     # with a calibrated model: `probabilities` are the calibrated ones, these the model's own
     raw_probabilities: dict[str, float] | None = None
     uncertain: bool | None = None  # None: the model file carries no calibration, so no threshold either
+    # None: the model file has no cell check (or no threshold for it); True: "not recognised", no class given
+    out_of_distribution: bool | None = None
     reason: str | None = None
 
     def to_dict(self) -> dict:
@@ -178,7 +191,9 @@ class Prediction:
         if self.error:
             out["error"] = self.error
             return out
-        out["predicted"] = self.predicted
+        out["predicted"] = None if self.out_of_distribution else self.predicted
+        if self.out_of_distribution:
+            out["closest_class"] = self.predicted  # the classifier's pick, not an answer
         if self.raw_probabilities is not None:
             out["probabilities"] = self.raw_probabilities
             out["calibrated_probabilities"] = self.probabilities
@@ -186,6 +201,8 @@ class Prediction:
                 out["uncertain"] = self.uncertain
         else:
             out["probabilities"] = self.probabilities
+        if self.out_of_distribution is not None:
+            out["out_of_distribution"] = self.out_of_distribution
         if self.reason:
             out["reason"] = self.reason
         if self.true_class is not None:
@@ -265,9 +282,12 @@ def classify_paths(model: ModelFile, paths: Iterable[str | Path], *, batch_size:
     batch: list[tuple[Prediction, np.ndarray]] = []
 
     cal = model.calibration
+    check = model.cell_stats() if cal is not None and cal.not_a_cell_threshold is not None else None
 
     def flush() -> None:
-        logits = model.logits(np.stack([img for _, img in batch]))
+        images = np.stack([img for _, img in batch])
+        logits = model.logits(images)
+        unlike = check.scores(images) if check is not None else None
         raw = softmax(logits)
         shown = softmax(logits, cal.temperature) if cal is not None else raw
         for (pred, _), row, raw_row in zip(batch, shown, raw, strict=True):
@@ -280,6 +300,15 @@ def classify_paths(model: ModelFile, paths: Iterable[str | Path], *, batch_size:
                     pred.reason = (f"uncertain — refer to a person: {percent(row.max())} is below "
                                    f"{percent(cal.threshold)}, the confidence at which this hospital's model "
                                    f"answers {cal.coverage_target:.0%} of its validation images")
+        if unlike is not None:
+            for (pred, _), score in zip(batch, unlike, strict=True):
+                pred.out_of_distribution = bool(score > cal.not_a_cell_threshold)
+                if pred.out_of_distribution:
+                    pred.uncertain = True
+                    pred.reason = (f"not recognised as an image of a single blood cell: its colour, stain and "
+                                   f"texture are unlike the federation's images (score {score:.0f} above "
+                                   f"{cal.not_a_cell_threshold:.0f}, the level {cal.not_a_cell_false_alarms:.1%} "
+                                   "of this hospital's own validation images reach) — no class is given")
         batch.clear()
 
     for i, item in enumerate(inputs):

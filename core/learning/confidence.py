@@ -114,6 +114,10 @@ class Calibration:
     nll_before: float | None
     nll_after: float | None
     temperature_from: str = "this hospital's validation images"
+    # the cell check (core.learning.cell_check): the score above which an image is "not recognised", set on this
+    # hospital's validation images to flag `not_a_cell_false_alarms` of them (None: no cell check or too few)
+    not_a_cell_threshold: float | None = None
+    not_a_cell_false_alarms: float | None = None
 
     @classmethod
     def fit(cls, logits: np.ndarray, labels: np.ndarray, coverage: float = COVERAGE_TARGET, *,

@@ -41,6 +41,7 @@ from torch import nn
 from ..privacy.distributed_noise import DistributedNoise
 from ..privacy.ledger import Protection
 from ..rounds.plan import PlanError
+from .cell_check import GRADIENT_SHARE, MOMENT_RADIUS, MOMENT_SHARE
 from .models import MODELS, CenteredLinear, build_model, split_features
 from .per_sample import make_clipper
 
@@ -115,9 +116,11 @@ def clipped_gradient_sum(trainable: nn.Module, inputs: torch.Tensor, labels: tor
                                       labels[indices], sample_rate, clip_norm,
                                       indices=torch.arange(len(indices)))
             gs.n_samples = n
-        full = np.zeros(gs.vector.size + trainable.center.numel(), np.float32)
+        full = np.zeros(sum(p.numel() for p in trainable.parameters()), np.float32)
         rest = np.ones(full.size, bool)
         rest[trainable.center_slice()] = False
+        if trainable.moments_slice() is not None:
+            rest[trainable.moments_slice()] = False
         full[rest] = gs.vector  # W then b, in parameters() order
         gs.vector = full
         return gs
@@ -139,11 +142,26 @@ def clipped_gradient_sum(trainable: nn.Module, inputs: torch.Tensor, labels: tor
 
 
 def clipped_round_sum(trainable: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, sample_rate: float,
-                      clip_norm: float, generator: torch.Generator | None = None) -> GradientSum:
+                      clip_norm: float, generator: torch.Generator | None = None,
+                      moments: torch.Tensor | None = None) -> GradientSum:
     """This round's per-record sum: the clipped gradient sum, or, for a `CenteredLinear` head whose center
     is not set yet, Σ_i clip_R(x_i)·C/R over the Poisson batch in the center's coordinates (zeros for W, b).
+    For a head with the cell check's moments (`core.learning.cell_check`), once centred: each record's gradient
+    clipped to GRADIENT_SHARE·C beside its `moments` row (norm ≤ MOMENT_RADIUS) scaled to ≤ MOMENT_SHARE·C.
     Either way each record moves the vector by at most C: the same sensitivity, the same accounting."""
 
+    if isinstance(trainable, CenteredLinear) and trainable.centered and trainable.moments_slice() is not None:
+        if moments is None:
+            raise ValueError("this model's rounds carry the cell check's moments: pass them")
+        indices = _round_sample(len(labels), sample_rate, clip_norm, generator)
+        gs = clipped_gradient_sum(trainable, inputs, labels, sample_rate, GRADIENT_SHARE * clip_norm,
+                                  indices=indices)
+        rows = moments[indices].double()
+        scale = (MOMENT_RADIUS / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+        gs.vector[trainable.moments_slice()] = (rows * scale).sum(0).numpy() * (MOMENT_SHARE * clip_norm
+                                                                               / MOMENT_RADIUS)
+        gs.clip_norm = clip_norm
+        return gs
     if not isinstance(trainable, CenteredLinear) or trainable.centered:
         return clipped_gradient_sum(trainable, inputs, labels, sample_rate, clip_norm, generator)
     x = inputs[_round_sample(len(labels), sample_rate, clip_norm, generator)].double()
@@ -160,6 +178,12 @@ def center_layout(trainable: nn.Module) -> tuple[slice, float] | None:
     if not isinstance(trainable, CenteredLinear):
         return None
     return trainable.center_slice(), trainable.radius
+
+
+def moments_layout(trainable: nn.Module) -> slice | None:
+    """The cell check's moments' coordinates in the flat weight vector (None for a head without them)."""
+
+    return trainable.moments_slice() if isinstance(trainable, CenteredLinear) else None
 
 
 def gaussian_noise(dim: int, std: float, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -181,11 +205,15 @@ class FedSGDServer:
         self.lr, self.momentum, self.ema_decay = lr, momentum, ema
         self.velocity: np.ndarray | None = None
         self.ema: np.ndarray | None = None
+        self.moment_rounds = 0  # rounds averaged into the cell check's moments so far
 
     def apply(self, weights: np.ndarray, noisy_sum: np.ndarray, expected_batch: float,
-              center: tuple[slice, float] | None = None, clip_norm: float = 1.0) -> np.ndarray:
+              center: tuple[slice, float] | None = None, clip_norm: float = 1.0,
+              moments: slice | None = None) -> np.ndarray:
         """One step. With `center` (`center_layout`): while those weights are all zero this round's sum
-        estimates them (set to radius/C · sum / expected batch, nothing else moves); afterwards they stay."""
+        estimates them (set to radius/C · sum / expected batch, nothing else moves); afterwards they stay.
+        With `moments` (`moments_layout`), in every later round: those weights become the average over the
+        rounds so far of R/(share·C) · sum / expected batch (the cell check's moments), not a gradient step."""
         if not expected_batch > 0 or not math.isfinite(expected_batch):
             raise ValueError("expected batch must be positive")
         if center is not None:
@@ -196,12 +224,24 @@ class FedSGDServer:
                 return new
             noisy_sum = np.array(noisy_sum, np.float64)
             noisy_sum[where] = 0.0
+        average = None
+        if moments is not None:
+            noisy_sum = np.array(noisy_sum, np.float64)
+            estimate = noisy_sum[moments] * (MOMENT_RADIUS / (MOMENT_SHARE * clip_norm)) / expected_batch
+            self.moment_rounds += 1
+            previous = np.asarray(weights[moments], np.float64)
+            average = previous + (estimate - previous) / self.moment_rounds
+            noisy_sum[moments] = 0.0
         g = noisy_sum.astype(np.float64) / expected_batch
         self.velocity = g if self.velocity is None else self.momentum * self.velocity + g
         new = (weights - self.lr * self.velocity).astype(np.float32)
+        if average is not None:
+            new[moments] = average
         if self.ema_decay:
             self.ema = new.copy() if self.ema is None else \
                 (self.ema_decay * self.ema + (1 - self.ema_decay) * new).astype(np.float32)
+            if average is not None:
+                self.ema[moments] = average
         return new
 
     def state(self) -> dict[str, np.ndarray]:
@@ -210,11 +250,15 @@ class FedSGDServer:
             out["velocity"] = self.velocity
         if self.ema is not None:
             out["ema"] = self.ema
+        if self.moment_rounds:
+            out["moment_rounds"] = np.array([self.moment_rounds], np.int64)
         return out
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self.velocity = state.get("velocity")
         self.ema = state.get("ema")
+        rounds = state.get("moment_rounds")
+        self.moment_rounds = int(np.asarray(rounds).reshape(-1)[0]) if rounds is not None else 0
 
 
 Evaluate = Callable[[np.ndarray], float]
@@ -240,6 +284,7 @@ class SitePrivacy:
     # clear would not be covered by the DP guarantee.
     expected_batch: float = 1.0
     center: tuple[slice, float] | None = None  # the model head's feature center (`center_layout`)
+    moments: slice | None = None  # the cell check's moments (`moments_layout`)
 
     @property
     def skellam(self) -> tuple[float, float] | None:
@@ -281,10 +326,11 @@ def site_privacy(plan, secagg_cfg, bounds=None) -> SitePrivacy:
     codec = DistributedNoise.for_secagg(secagg_cfg, plan.noise_multiplier, plan.clip_norm,
                                         plan.dp_colluders if plan.dp_mode == "distributed" else 0)
     spec = MODELS.get(plan.model)  # only a centred model is built here, for where its centre sits
-    center = center_layout(split_features(build_model(plan.model, len(plan.classes)))[1]) \
+    head = split_features(build_model(plan.model, len(plan.classes)))[1] \
         if spec is not None and spec.centred else None
     return SitePrivacy(plan.dp_mode, plan.noise_multiplier, plan.sample_rate, plan.clip_norm, codec,
-                       float(plan.batch_size), center)
+                       float(plan.batch_size), center_layout(head) if head is not None else None,
+                       moments_layout(head) if head is not None else None)
 
 
 def server_round(server: FedSGDServer, privacy: SitePrivacy, weights: np.ndarray, ring_sum: np.ndarray,
@@ -292,5 +338,6 @@ def server_round(server: FedSGDServer, privacy: SitePrivacy, weights: np.ndarray
     """(new weights, summed extras) from the unmasked ring sum of one round."""
     codec = privacy.codec
     grad_sum = codec.decode(ring_sum[:codec.dim])
-    return (server.apply(weights, grad_sum, privacy.expected_batch, privacy.center, privacy.clip_norm),
+    return (server.apply(weights, grad_sum, privacy.expected_batch, privacy.center, privacy.clip_norm,
+                         privacy.moments),
             ring_sum[codec.dim + 1:].astype(np.int64))

@@ -205,11 +205,13 @@ class CenteredLinear(nn.Module):
     (`center_slice`), so a released model carries it; all zeros means "not estimated yet".
     """
 
-    def __init__(self, in_features: int, out_features: int, radius: float) -> None:
+    def __init__(self, in_features: int, out_features: int, radius: float, moments: int = 0) -> None:
         super().__init__()
         self.linear = nn.Linear(in_features, out_features)
         self.center = nn.Parameter(torch.zeros(in_features), requires_grad=False)
         self.radius = float(radius)
+        if moments:  # the federation's moments of the cell check's measurements (core.learning.cell_check)
+            self.cell_moments = nn.Parameter(torch.zeros(moments), requires_grad=False)
 
     @property
     def centered(self) -> bool:
@@ -217,12 +219,21 @@ class CenteredLinear(nn.Module):
 
     def center_slice(self) -> slice:
         """Where the center sits in the flat weight vector (`parameters()` order; W and b fill the rest)."""
+        where = self._slice("center")
+        assert where is not None, "CenteredLinear without a center"
+        return where
+
+    def moments_slice(self) -> slice | None:
+        """Where the cell check's moments sit in the flat weight vector (None for a head without them)."""
+        return self._slice("cell_moments")
+
+    def _slice(self, wanted: str) -> slice | None:
         offset = 0
         for name, p in self.named_parameters():
-            if name == "center":
+            if name == wanted:
                 return slice(offset, offset + p.numel())
             offset += p.numel()
-        raise AssertionError("CenteredLinear without a center")
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x - self.center)
@@ -231,6 +242,13 @@ class CenteredLinear(nn.Module):
 def scatter_synth_invariant(num_classes: int) -> ScatterSynthNet:
     # radius: above every feature norm on BloodMNIST's validation split (median 34.6, largest 39.0)
     return ScatterSynthNet(CenteredLinear(243 * 3 * 3 + 128 * 2 * 2, num_classes, radius=40.0),
+                           learned_pool=2, orbit=True)
+
+
+def scatter_synth_checked(num_classes: int) -> ScatterSynthNet:
+    from .cell_check import MOMENT_LEN
+
+    return ScatterSynthNet(CenteredLinear(243 * 3 * 3 + 128 * 2 * 2, num_classes, radius=40.0, moments=MOMENT_LEN),
                            learned_pool=2, orbit=True)
 
 
@@ -282,6 +300,11 @@ MODELS: dict[str, ModelSpec] = {
                   "only the final layer (21.6 k numbers) is trained, on features centred by the average that the "
                   "first round estimates under the same protection as a training round; 28×28 input; built for DP",
                   scatter_synth_invariant, centred=True),
+        ModelSpec("scatter_synth_inv_cc_28", 28, "scatter_synth_inv_28 with a check for images that are not a "
+                  "single blood cell: from round 2 each record's contribution also carries its 44 image "
+                  "measurements' moments, clipped with its gradient to the same norm, so the federation learns "
+                  "their mean and covariance at no extra privacy cost (core.learning.cell_check); 28×28 input; "
+                  "built for DP", scatter_synth_checked, centred=True),
         ModelSpec("cnn4_28", 28, "plain 4-conv GroupNorm CNN (32/64 channels), 28×28 input; fast reference",
                   lambda n: SmallCNN(n)),
     )
@@ -318,7 +341,12 @@ def feature_kinds(name: str, model: nn.Module):
     version = FEATURE_CODE_VERSION + (f"+{_encoder_digest()}" if isinstance(model, ScatterSynthNet) else "")
     eval_view = "eval" if model.tta else "train"
     train_view = eval_view if model.orbit else "train"
+    name = _SAME_FEATURES.get(name, name)
     return FeatureKind(name, train_view, version), FeatureKind(name, eval_view, version)
+
+
+# models whose fixed features are another's (the cache serves both)
+_SAME_FEATURES = {"scatter_synth_inv_cc_28": "scatter_synth_inv_28"}
 
 
 def model_problems(plan) -> list[str]:

@@ -44,11 +44,12 @@ from ..privacy.distributed_noise import DistributedNoise
 from ..rounds.plan import FederationPlan, SiteBounds
 from ..rounds.site_round import PlanRefused, PrivacySettings, TrainOutcome
 from ..secagg.quantize import quantize
+from .cell_check import moment_vector, standardised
 from .confidence import nll_sums
 from .dp_train import LocalTrainConfig, train_local
 from .dp_train import TrainingCancelled as StepsCancelled
 from .feature_cache import FeatureCache, FeaturesCancelled
-from .fedsgd import GradientSum, clipped_round_sum, gaussian_noise, site_privacy
+from .fedsgd import GradientSum, clipped_round_sum, gaussian_noise, moments_layout, site_privacy
 from .models import (
     build_model,
     evaluation_features,
@@ -289,6 +290,7 @@ class FedSGDTrainer(SiteTrainer):
         self._privacy = None
         self.inputs: torch.Tensor | None = None
         self.val_inputs: torch.Tensor | None = None
+        self.moments: torch.Tensor | None = None
 
     @property
     def privacy(self):
@@ -357,6 +359,8 @@ class FedSGDTrainer(SiteTrainer):
                                            part(n_train), cancel)
             self.labels = torch.as_tensor(np.asarray(data.train_labels).reshape(-1), dtype=torch.long)
             self.val_labels = np.asarray(data.val_labels).reshape(-1)
+            if moments_layout(self.trainable) is not None:  # the cell check's per-record moments (cheap)
+                self.moments = torch.as_tensor(moment_vector(standardised(data.train_images)))
             self.inputs = inputs
         elif progress is not None:
             progress(1, 1, 0.0)  # prepared before (the same plan again after a reconnect)
@@ -410,7 +414,8 @@ class FedSGDTrainer(SiteTrainer):
         A method so that the privacy audit (`hemafed.network.sim.audit_trainer`) can add its canaries here, where
         a record's clipped gradient enters the sum; nothing else overrides it."""
         p = self.privacy
-        return clipped_round_sum(self.trainable, self.inputs, self.labels, p.sample_rate, p.clip_norm, generator)
+        return clipped_round_sum(self.trainable, self.inputs, self.labels, p.sample_rate, p.clip_norm, generator,
+                                 self.moments)
 
 
 def validation_figures(logits: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

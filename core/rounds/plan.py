@@ -31,7 +31,7 @@ class FederationPlan:
     ε = 8 per site for 10 sites holding BloodMNIST's 11,959 training images between them."""
 
     federation_id: str = "bloodmnist-demo"
-    model: str = "scatter_synth_inv_28"
+    model: str = "scatter_synth_inv_cc_28"
     input_size: int = 28
     classes: tuple[str, ...] = BLOODMNIST_CLASSES
     rounds: int = 500

@@ -253,7 +253,12 @@ class ClassifyPanel(QWidget):
             else:
                 ranked = sorted(p.probabilities.items(), key=lambda kv: -kv[1])
                 predicted = _item(p.predicted or "")
-                if p.uncertain:
+                if p.out_of_distribution:
+                    # not an image of a single blood cell: no class is an answer
+                    predicted.setText("not recognised (not a single blood cell?)")
+                    predicted.setForeground(QColor("#8a1c1c"))
+                    predicted.setToolTip(p.reason or "")
+                elif p.uncertain:
                     # the class stays visible but is not given as the answer: a person decides
                     predicted.setText(f"uncertain (maybe {p.predicted})")
                     predicted.setForeground(QColor("#8a5a00"))
@@ -276,8 +281,11 @@ class ClassifyPanel(QWidget):
             total = sum(int(v["images"]) for v in per_class.values())
             correct = sum(int(v["correct"]) for v in per_class.values())
             parts.append(f"{correct} of {total} match the class folder they are in ({correct / total:.0%})")
+        if any(p.out_of_distribution is not None for p in ok):
+            unlike = sum(1 for p in ok if p.out_of_distribution)
+            parts.append(f"{unlike} not recognised as a single blood cell")
         if any(p.uncertain is not None for p in ok):
-            unsure = sum(1 for p in ok if p.uncertain)
+            unsure = sum(1 for p in ok if p.uncertain and not p.out_of_distribution)
             parts.append(f"{unsure} uncertain: refer to a person (calibrated probabilities)")
         elif any(p.raw_probabilities is not None for p in ok):
             parts.append("calibrated probabilities (this model file has no 'uncertain' threshold)")

@@ -25,6 +25,24 @@ FEDERATION = "bloodmnist-demo"
 SITE_IMAGES = 3000  # a mid-size hospital; keeps the demo training to a few minutes on 2 cores
 
 
+def _not_cells(pbc: Path) -> list[str]:
+    """Two images that are not a single blood cell, made from the PBC sample: a whole smear field (nine images
+    side by side) and red cells at the microscope's scale (where four images meet)."""
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in sorted(pbc.glob("*/*.jpg"))[::20][:9]]
+    w, h = images[0].size
+    field = Image.new("RGB", (3 * w, 3 * h))
+    for j, im in enumerate(images):
+        field.paste(im.resize((w, h)), ((j % 3) * w, (j // 3) * h))
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="hemafed-not-cells-"))
+    field.save(folder / "smear field.jpg")
+    field.crop((w - 100, h - 100, w + 100, h + 100)).save(folder / "red cells only.jpg")
+    return [str(folder / "smear field.jpg"), str(folder / "red cells only.jpg")]
+
+
 def _wait(app, until, timeout: float = 120.0) -> None:
     end = time.monotonic() + timeout
     while not until():
@@ -279,7 +297,7 @@ def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_p
         state.set_model(classify_model)
     window.results_page.tabs.setCurrentIndex(1)
     panel = window.results_page.classify_panel
-    files = [str(sorted((pbc / c).glob("*.jpg"))[5]) for c in plan.classes]
+    files = [str(sorted((pbc / c).glob("*.jpg"))[5]) for c in plan.classes] + _not_cells(pbc)
     panel.classify(files)
     _wait(app, lambda: panel.job is None)
     grab("classify")

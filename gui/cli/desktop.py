@@ -64,12 +64,16 @@ def _classify(args: argparse.Namespace) -> int:
                   + (f"; below {percent(cal.threshold)} an answer is UNCERTAIN (threshold from {cal.images} "
                      "validation images of the hospital that saved the file)" if cal.threshold is not None else
                      "; no 'uncertain' threshold in this file (each hospital fits its own)"))
+            if cal.not_a_cell_threshold is not None:
+                print("images unlike the federation's (not a single blood cell) are NOT RECOGNISED (threshold "
+                      f"flags {cal.not_a_cell_false_alarms:.1%} of the saving hospital's validation images)")
         for pred in report.predictions:
             if pred.error:
                 print(f"{pred.path}: SKIPPED, {pred.error}")
                 continue
             top = sorted(pred.probabilities.items(), key=lambda kv: -kv[1])[:3]
-            answer = f"UNCERTAIN, refer to a person (maybe {pred.predicted})" if pred.uncertain else pred.predicted
+            answer = ("NOT RECOGNISED as a single blood cell, no class given" if pred.out_of_distribution else
+                      f"UNCERTAIN, refer to a person (maybe {pred.predicted})" if pred.uncertain else pred.predicted)
             print(f"{pred.path}: {answer} ({', '.join(f'{c} {percent(p)}' for c, p in top)})")
         for problem in report.problems:
             print(f"skipped: {problem}")

@@ -103,7 +103,8 @@ class AuditTrainer(FedSGDTrainer):
         gs = super()._round_sum(rnd, generator)
         p = self.privacy
         # the adversary's knowledge of the real records (no sampling, no noise: their expected contribution)
-        everyone = clipped_round_sum(self.trainable, self.inputs, self.labels, 1.0, p.clip_norm)
+        everyone = clipped_round_sum(self.trainable, self.inputs, self.labels, 1.0, p.clip_norm,
+                                     moments=self.moments)
         self.expected(rnd, self.site, p.sample_rate * everyone.vector.astype(np.float64))
         # this round's Poisson sample of the included canaries, from the audit's own randomness
         rng = np.random.default_rng([self.canary_seed, rnd])
