@@ -16,6 +16,7 @@ It also writes each hospital's model file as its site saves it, into results/cal
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -57,9 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=Path, default=Path("results/experiment/main-job"),
                    help="a `hemafed simulate` results folder (its defaults, seed 0)")
     p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--seed", type=int, default=0, help="the run's seed (its hospitals' split)")
+    p.add_argument("--seeds-from", type=Path, nargs="*", default=[], metavar="JSON",
+                   help="figures of other seeds' runs (written by --figures) to add as a mean over seeds")
+    p.add_argument("--figures", type=Path, help="write this run's figures here instead of the doc and model files")
     args = p.parse_args(argv)
     started = time.perf_counter()
-    h = hospitals(SimulationOptions(data=args.data))
+    h = hospitals(SimulationOptions(data=args.data, seed=args.seed))
     sites = site_splits(h.train.images, h.train.labels, h.parts, h.plan)
     store = CheckpointStore(args.run / "federation" / "state" / "checkpoints")
     last = max(store.rounds())
@@ -78,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         cal = with_site_threshold(Calibration.fit(logits, data.val_labels, temperature=temperature),
                                   None if moments is None else final[moments], data.val_images)
         # the model file as this hospital's site saves it (the app's Classify screenshots use hospital_01's)
-        save_model_file(Path("results/calibration") / f"{name}-final.npz", final, h.plan, last, cal)
+        if args.figures is None:
+            save_model_file(Path("results/calibration") / f"{name}-final.npz", final, h.plan, last, cal)
         alone = Calibration.fit(logits, data.val_labels)
         own.append(expected_calibration_error(softmax(test_logits, alone.temperature), test_labels))
         if cal.threshold is None:
@@ -88,9 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         covered.append((answered.mean(), right[answered].mean()))
         rows.append(f"| {name} | {cal.images} | {alone.temperature:.3f} | {own[-1]:.2%} | {cal.threshold:.3f} "
                     f"| {answered.mean():.1%} | {right[answered].mean():.2%} |")
-    _plot(raw, calibrated, test_labels, f"federation, T = {temperature:.3g}")
     ece_raw, ece_fed = expected_calibration_error(raw, test_labels), expected_calibration_error(calibrated, test_labels)
     share, acc = np.array(covered).T
+    figures = {"seed": args.seed, "ece_raw": ece_raw, "ece_federation": ece_fed, "answered": float(share.mean()),
+               "answered_right": float(acc.mean()), "accuracy": float(right.mean()), "temperature": temperature}
+    if args.figures is not None:
+        args.figures.write_text(json.dumps(figures))
+        print(figures)
+        return 0
+    _plot(raw, calibrated, test_labels, f"federation, T = {temperature:.3g}")
+    seeds = [figures] + [json.loads(path.read_text()) for path in args.seeds_from]
     doc = [
         "# Calibration",
         "",
@@ -122,6 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{c:.0%} → {a:.2%}" for c, a in coverage_curve(calibrated, test_labels, points=8)),
         "",
     ]
+    if len(seeds) > 1:
+        def over(key: str) -> str:
+            values = np.array([f[key] for f in seeds])
+            return f"{values.mean():.2%} ± {values.std():.2%}"
+
+        doc += [f"**Over {len(seeds)} seeds** (seeds {', '.join(str(f['seed']) for f in seeds)}: each a full main-job "
+                "run, its own hospitals' split and noise; mean ± std over the seeds): expected calibration error "
+                f"{over('ece_raw')} uncalibrated → **{over('ece_federation')}** with the federation's temperature; "
+                f"at the hospitals' thresholds {over('answered')} of test images answered, {over('answered_right')} "
+                f"of those right (all images {over('accuracy')}).", ""]
     (DOCS / "calibration.md").write_text("\n".join(doc))
     print("\n".join(doc))
     return 0

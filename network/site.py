@@ -557,7 +557,7 @@ class SiteRunner:
                 loop.call_soon_threadsafe(self._emit, event)
 
     def _save_final(self, action: sr.Finish) -> Path:
-        calibration = self._calibrate(action.weights, action.temperature)
+        calibration = self._calibrate(action.weights, action.temperature, action.cell_threshold)
         path = self._save_model("final", action.weights, action.round, calibration)
         log.info("federation finished; final model saved to %s%s", path,
                  "" if calibration is None else f" (temperature {calibration.temperature:.3g} from "
@@ -566,7 +566,8 @@ class SiteRunner:
                     f"{calibration.threshold:.3f} from {calibration.images} validation images here)"))
         return path
 
-    def _calibrate(self, weights: np.ndarray, temperature: float | None) -> Calibration | None:
+    def _calibrate(self, weights: np.ndarray, temperature: float | None,
+                   cell_threshold: float | None = None) -> Calibration | None:
         """The federation's temperature (or, without one, this site's own) and the abstention threshold from this
         site's validation images; nothing about the threshold is sent (docs/privacy.md, "Calibration")."""
         if self.trainer is None:
@@ -577,7 +578,8 @@ class SiteRunner:
             return None if temperature is None else Calibration.federation_only(temperature)
         where = moments_layout(getattr(self.trainer, "trainable", None))
         return with_site_threshold(Calibration.fit(logits, labels, temperature=temperature),
-                                   None if where is None else np.asarray(weights)[where], self.trainer.data.val_images)
+                                   None if where is None else np.asarray(weights)[where], self.trainer.data.val_images,
+                                   federation_threshold=cell_threshold)
 
     # -- bookkeeping -----------------------------------------------------------------------------
 

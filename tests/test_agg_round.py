@@ -10,7 +10,7 @@ import pytest
 from hemafed.core import secagg
 from hemafed.core.learning.server_opt import make_server_optimizer
 from hemafed.core.rounds import agg_round as R
-from hemafed.core.rounds.calibration_sums import CALIBRATION_GRID
+from hemafed.core.rounds.calibration_sums import CALIBRATION_GRID, CELL_SCORE_EDGES
 from hemafed.core.rounds.plan import FederationPlan
 from hemafed.core.trust.identity import IdentityKey, parse_public_line
 
@@ -183,7 +183,7 @@ def _secure_round(m: R.FederationMachine, keys: dict[str, IdentityKey], updates:
                                   rng=np.random.default_rng(m.site_ids[s])) for s in keys}
     queue: list = []
     for s, site in sites.items():
-        extras = np.zeros(K * K + len(CALIBRATION_GRID), np.int64)  # confusion counts, then calibration sums
+        extras = np.zeros(K * K + len(CALIBRATION_GRID) + len(CELL_SCORE_EDGES), np.int64)  # counts, sums, tails
         extras[0] = weights[s]
         for msg in site.start(updates[s], weights[s], extras):
             queue.append(R.Inbound(s, R.SECAGG, rnd, {}, (secagg.encode(msg),)))
@@ -252,7 +252,7 @@ def test_everything_the_machine_sends_fits_the_schema_sites_can_check() -> None:
                             sink=sent)
     assert outcome.status == "completed"
     sent += m.recorded(1, 5.0)
-    schemas = schema.aggregator_schemas(DIM, K * K + len(CALIBRATION_GRID))
+    schemas = schema.aggregator_schemas(DIM, K * K + len(CALIBRATION_GRID) + len(CELL_SCORE_EDGES))
     kinds = set()
     for action in sent:
         if isinstance(action, R.Send | R.Broadcast):

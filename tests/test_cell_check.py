@@ -134,21 +134,29 @@ def test_the_aggregator_averages_the_rounds_moments_and_keeps_the_count() -> Non
     assert again.moment_rounds == 3
 
 
-def test_classify_says_not_recognised_with_the_reason(stats, tmp_path: Path) -> None:
-    from PIL import Image
-
+def cell_check_model(path: Path) -> Path:
+    """A model file whose cell check knows the generated cells (noise-free moments; threshold on 300 others)."""
     from hemafed.core.learning.models import build_model, get_flat_params, split_features
     from hemafed.core.rounds.plan import FederationPlan
     from hemafed.network.site import save_model_file
 
-    moments, threshold = stats
+    moments = moment_vector(standardised(cells(800, 0))).mean(0)
     model = build_model("scatter_synth_inv_cc_28", 8, seed=0)
     split_features(model)[1].cell_moments.data[:] = torch.as_tensor(moments, dtype=torch.float32)
     plan = FederationPlan(federation_id="cc", threshold=2, min_sites=2)
     cal = Calibration(temperature=1.5, threshold=0.5, coverage_target=0.95, images=300, ece_before=None,
-                      ece_after=None, nll_before=None, nll_after=None, not_a_cell_threshold=threshold,
+                      ece_after=None, nll_before=None, nll_after=None,
+                      not_a_cell_threshold=fit_threshold(get_flat_params(split_features(model)[1])[
+                          moments_layout(split_features(model)[1])], cells(300, 1), min_images=20),
                       not_a_cell_false_alarms=0.015)
-    path = save_model_file(tmp_path / "final.npz", get_flat_params(model), plan, 3, cal)
+    return save_model_file(path, get_flat_params(model), plan, 3, cal)
+
+
+def test_classify_says_not_recognised_with_the_reason(stats, tmp_path: Path) -> None:
+    from PIL import Image
+
+    _, threshold = stats
+    path = cell_check_model(tmp_path / "final.npz")
     folder = tmp_path / "images"
     folder.mkdir()
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (60, 60, 3), dtype=np.uint8)).save(folder / "noise.png")
@@ -161,3 +169,22 @@ def test_classify_says_not_recognised_with_the_reason(stats, tmp_path: Path) -> 
     assert noise["out_of_distribution"] is True and noise["predicted"] is None and noise["closest_class"]
     assert "not recognised" in noise["reason"]
     assert cell["out_of_distribution"] is False and cell["predicted"] is not None
+
+
+def test_the_federation_threshold_comes_from_the_pooled_validation_counts() -> None:
+    from hemafed.core.rounds.agg_round import federation_cell_threshold
+    from hemafed.core.rounds.calibration_sums import CELL_SCORE_EDGES, cell_tails, cell_threshold_from_tails
+
+    rng = np.random.default_rng(0)
+    sites = [rng.chisquare(DIM, 150 + 50 * i) for i in range(4)]  # in-distribution scores, 4 hospitals
+    tails = sum(cell_tails(s) for s in sites)
+    images = sum(len(s) for s in sites)
+    threshold = cell_threshold_from_tails(tails, images, 0.015)
+    pooled = np.concatenate(sites)
+    assert threshold in CELL_SCORE_EDGES and np.mean(pooled > threshold) <= 0.015
+    below = CELL_SCORE_EDGES[CELL_SCORE_EDGES.index(threshold) - 1]
+    assert np.mean(pooled > below) > 0.015  # the smallest such edge
+    log = [{"status": "completed", "confusion": [[images]], "cell_tails": tails.tolist()},
+           {"status": "abandoned", "confusion": None, "cell_tails": None}]
+    assert federation_cell_threshold(log, 0.015) == threshold
+    assert federation_cell_threshold([{"status": "completed", "confusion": [[5]], "cell_tails": None}]) is None

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..rounds.calibration_sums import CELL_FALSE_ALARMS as FALSE_ALARMS
+
 # Ruifrok & Johnston's stain vectors (haematoxylin, eosin, DAB) as rows of RGB optical density.
 _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 _HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
@@ -40,7 +42,6 @@ DIM = 44
 MOMENT_RADIUS = 80.0  # a record's moment vector is clipped to this norm (|z|² ≲ 80: |z| ≲ 8.9 σ)
 MOMENT_SHARE = 0.4  # of the clip norm C, for the moments; the gradient keeps √(1 − 0.4²) ≈ 0.917 of it
 GRADIENT_SHARE = math.sqrt(1.0 - MOMENT_SHARE**2)
-FALSE_ALARMS = 0.015  # the share of a site's own validation images its threshold flags (the goal: ≤ 2 % of new ones)
 SHRINK = 0.0  # covariance shrinkage towards its diagonal (the eigenvalue floor did better in screening)
 EIGEN_FLOOR = 0.1  # smallest variance kept in any direction (standardised units): DP noise swamps smaller ones
 
@@ -136,7 +137,11 @@ class CellStats:
 
     def scores(self, images: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance of each image's measurements to the federation's mean."""
-        d = standardised(images) - self.mean
+        return self.score_measurements(standardised(images))
+
+    def score_measurements(self, z: np.ndarray) -> np.ndarray:
+        """The same from already standardised measurements (`standardised`)."""
+        d = np.asarray(z, np.float64) - self.mean
         return np.einsum("ij,jk,ik->i", d, self.precision, d)
 
 
@@ -150,19 +155,26 @@ def fit_threshold(moments: np.ndarray, val_images: np.ndarray, min_images: int,
     return site_threshold(stats.scores(val_images), false_alarms)
 
 
-def with_site_threshold(calibration, moments: np.ndarray | None, val_images: np.ndarray):
-    """`calibration` (`core.learning.confidence.Calibration`) with this hospital's cell-check threshold, fitted on
-    its own validation images (never sent); unchanged without moments or with too few images."""
+def with_site_threshold(calibration, moments: np.ndarray | None, val_images: np.ndarray, *,
+                        federation_threshold: float | None = None):
+    """`calibration` (`core.learning.confidence.Calibration`) with the cell-check threshold: the federation's
+    (from all hospitals' validation counts, `core.rounds.agg_round.federation_cell_threshold`) when it sent one,
+    else this hospital's own, fitted on its validation images (never sent); unchanged without moments, or with
+    neither a federation threshold nor enough images of its own."""
     from dataclasses import replace
 
     from .confidence import MIN_IMAGES
 
-    if calibration is None or moments is None:
+    if calibration is None or moments is None or CellStats.from_moments(moments) is None:
         return calibration
+    if federation_threshold is not None:
+        return replace(calibration, not_a_cell_threshold=float(federation_threshold),
+                       not_a_cell_false_alarms=FALSE_ALARMS, not_a_cell_from="the federation's validation images")
     threshold = fit_threshold(moments, val_images, MIN_IMAGES)
     if threshold is None:
         return calibration
-    return replace(calibration, not_a_cell_threshold=threshold, not_a_cell_false_alarms=FALSE_ALARMS)
+    return replace(calibration, not_a_cell_threshold=threshold, not_a_cell_false_alarms=FALSE_ALARMS,
+                   not_a_cell_from="this hospital's validation images")
 
 
 def site_threshold(scores: np.ndarray, false_alarms: float = FALSE_ALARMS) -> float | None:

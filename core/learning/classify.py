@@ -307,8 +307,8 @@ def classify_paths(model: ModelFile, paths: Iterable[str | Path], *, batch_size:
                     pred.uncertain = True
                     pred.reason = (f"not recognised as an image of a single blood cell: its colour, stain and "
                                    f"texture are unlike the federation's images (score {score:.0f} above "
-                                   f"{cal.not_a_cell_threshold:.0f}, the level {cal.not_a_cell_false_alarms:.1%} "
-                                   "of this hospital's own validation images reach) — no class is given")
+                                   f"{cal.not_a_cell_threshold:.0f}, which {cal.not_a_cell_false_alarms:.1%} of "
+                                   f"{cal.not_a_cell_from or 'the validation images'} exceed) — no class is given")
         batch.clear()
 
     for i, item in enumerate(inputs):

@@ -118,6 +118,7 @@ class Calibration:
     # hospital's validation images to flag `not_a_cell_false_alarms` of them (None: no cell check or too few)
     not_a_cell_threshold: float | None = None
     not_a_cell_false_alarms: float | None = None
+    not_a_cell_from: str | None = None  # whose validation images set it
 
     @classmethod
     def fit(cls, logits: np.ndarray, labels: np.ndarray, coverage: float = COVERAGE_TARGET, *,
@@ -142,12 +143,16 @@ class Calibration:
                    temperature_from=source if temperature is not None else cls.temperature_from)
 
     @classmethod
-    def federation_only(cls, temperature: float, coverage: float = COVERAGE_TARGET) -> Calibration:
-        """The aggregator's model file: the federation's temperature; no threshold (that is each hospital's)."""
+    def federation_only(cls, temperature: float, coverage: float = COVERAGE_TARGET,
+                        cell_threshold: float | None = None, cell_false_alarms: float | None = None) -> Calibration:
+        """The aggregator's model file: the federation's temperature and cell-check threshold; no "uncertain"
+        threshold (that is each hospital's)."""
         return cls(temperature=float(temperature), threshold=None, coverage_target=coverage, images=0,
                    ece_before=None, ece_after=None, nll_before=None, nll_after=None,
                    temperature_from="the federation's validation images (summed over the hospitals of its last "
-                                    "round)")
+                                    "round)", not_a_cell_threshold=cell_threshold,
+                   not_a_cell_false_alarms=None if cell_threshold is None else cell_false_alarms,
+                   not_a_cell_from=None if cell_threshold is None else "the federation's validation images")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -178,14 +178,22 @@ class ScatterSynthNet(ScatterNet):
     ε = 8 and +0.4 to +0.8 at ε = 3 over `scatter_linear_28`; trained on the 8-view average
     (`orbit`) with the learned maps pooled to 2×2, +1.1 / +2.0 more (docs/accuracy-levers.md)."""
 
-    def __init__(self, head: nn.Module, learned_pool: int = 3, orbit: bool = False) -> None:
+    def __init__(self, head: nn.Module, learned_pool: int = 3, orbit: bool = False,
+                 stain_normalise: bool = False) -> None:
         super().__init__(head, orbit=orbit)
         self.learned_pool = learned_pool
+        self.stain_normalise = stain_normalise  # each image to the public stain reference first (core.data.appearance)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         mean, std = _normalisation()
-        learned = procedural_features(x * std + mean, batch_size, self.learned_pool)  # trained on [0, 1] images
+        plain = x * std + mean  # the procedural encoder was trained on [0, 1] images
+        if self.stain_normalise:
+            from ..data.appearance import normalise_stain
+
+            plain = normalise_stain(plain)
+            x = (plain - mean) / std
+        learned = procedural_features(plain, batch_size, self.learned_pool)
         return torch.cat([super().features(x, batch_size).flatten(1), learned.flatten(1)], 1)
 
 
@@ -252,6 +260,13 @@ def scatter_synth_checked(num_classes: int) -> ScatterSynthNet:
                            learned_pool=2, orbit=True)
 
 
+def scatter_synth_stain_normalised(num_classes: int) -> ScatterSynthNet:
+    from .cell_check import MOMENT_LEN
+
+    return ScatterSynthNet(CenteredLinear(243 * 3 * 3 + 128 * 2 * 2, num_classes, radius=40.0, moments=MOMENT_LEN),
+                           learned_pool=2, orbit=True, stain_normalise=True)
+
+
 def split_features(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
     """(fixed feature map, trainable part): a site computes the first once and trains the second."""
     if isinstance(model, ScatterNet):
@@ -305,6 +320,10 @@ MODELS: dict[str, ModelSpec] = {
                   "measurements' moments, clipped with its gradient to the same norm, so the federation learns "
                   "their mean and covariance at no extra privacy cost (core.learning.cell_check); 28×28 input; "
                   "built for DP", scatter_synth_checked, centred=True),
+        ModelSpec("scatter_synth_inv_cc_sn_28", 28, "scatter_synth_inv_cc_28 on stain-normalised images: each "
+                  "image's background and haematoxylin and eosin densities are first mapped to a fixed public "
+                  "reference (core.data.appearance), for hospitals whose stain and lamp differ; 28×28 input; "
+                  "built for DP", scatter_synth_stain_normalised, centred=True),
         ModelSpec("cnn4_28", 28, "plain 4-conv GroupNorm CNN (32/64 channels), 28×28 input; fast reference",
                   lambda n: SmallCNN(n)),
     )

@@ -41,10 +41,11 @@ from ..errors import HemafedError
 from ..privacy.accounting import Accountant, default_delta
 from ..privacy.calibration import MAX_SIGMA, BudgetTooSmall, calibrate_sigma, max_rounds, sample_rate, steps_per_round
 from ..privacy.distributed_noise import DistributedNoise
+from ..rounds.calibration_sums import CELL_SCORE_EDGES, cell_tails
 from ..rounds.plan import FederationPlan, SiteBounds
 from ..rounds.site_round import PlanRefused, PrivacySettings, TrainOutcome
 from ..secagg.quantize import quantize
-from .cell_check import moment_vector, standardised
+from .cell_check import CellStats, moment_vector, standardised
 from .confidence import nll_sums
 from .dp_train import LocalTrainConfig, train_local
 from .dp_train import TrainingCancelled as StepsCancelled
@@ -291,6 +292,7 @@ class FedSGDTrainer(SiteTrainer):
         self.inputs: torch.Tensor | None = None
         self.val_inputs: torch.Tensor | None = None
         self.moments: torch.Tensor | None = None
+        self.val_measurements: np.ndarray | None = None
 
     @property
     def privacy(self):
@@ -361,9 +363,20 @@ class FedSGDTrainer(SiteTrainer):
             self.val_labels = np.asarray(data.val_labels).reshape(-1)
             if moments_layout(self.trainable) is not None:  # the cell check's per-record moments (cheap)
                 self.moments = torch.as_tensor(moment_vector(standardised(data.train_images)))
+                self.val_measurements = standardised(data.val_images)
             self.inputs = inputs
         elif progress is not None:
             progress(1, 1, 0.0)  # prepared before (the same plan again after a reconnect)
+
+    def cell_scores(self, weights: np.ndarray) -> np.ndarray | None:
+        """This site's validation images' cell-check scores under the federation's moments in `weights` (None for a
+        model without the check or before its moments are estimated)."""
+        trainable = getattr(self, "trainable", None)
+        where = moments_layout(trainable) if trainable is not None else None
+        if where is None or self.val_measurements is None:
+            return None
+        stats = CellStats.from_moments(np.asarray(weights)[where])
+        return None if stats is None else stats.score_measurements(self.val_measurements)
 
     def validation_logits(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.data is None:
@@ -386,7 +399,8 @@ class FedSGDTrainer(SiteTrainer):
             self.featurize(cancel=cancel)
         self._set_threads()
         ledger, p, plan = self.ledger, self.privacy, self.plan
-        confusion, extras = validation_figures(*self.validation_logits(weights), len(plan.classes))
+        confusion, extras = validation_figures(*self.validation_logits(weights), len(plan.classes),
+                                               self.cell_scores(weights))
         if cancel is not None and cancel():
             raise TrainingCancelled("stopped before the round's gradient")
         generator, rng = self._randomness(rnd)
@@ -418,13 +432,16 @@ class FedSGDTrainer(SiteTrainer):
                                  self.moments)
 
 
-def validation_figures(logits: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(confusion matrix, the extras a secure round's masked vector carries: the confusion counts, then the NLL sums
-    at each temperature of `CALIBRATION_GRID` for the federation's calibration) of this site's validation images."""
+def validation_figures(logits: np.ndarray, labels: np.ndarray, k: int,
+                       cell_scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(confusion matrix, the extras a secure round's masked vector carries: the confusion counts, the NLL sums at
+    each temperature of `CALIBRATION_GRID` for the federation's calibration, then how many cell-check `cell_scores`
+    lie above each of `CELL_SCORE_EDGES` — zeros without them) of this site's validation images."""
     labels = np.asarray(labels, np.int64).reshape(-1)
     predicted = np.asarray(logits).argmax(axis=1) if len(labels) else np.zeros(0, np.int64)
     confusion = np.bincount(labels * k + predicted, minlength=k * k).reshape(k, k).astype(np.int64)
-    return confusion, np.concatenate([confusion.reshape(-1), nll_sums(logits, labels)]).astype(np.int64)
+    tails = cell_tails(cell_scores) if cell_scores is not None else np.zeros(len(CELL_SCORE_EDGES), np.int64)
+    return confusion, np.concatenate([confusion.reshape(-1), nll_sums(logits, labels), tails]).astype(np.int64)
 
 
 def model_inputs(plan: FederationPlan, model, images: np.ndarray, view: str, cache=None,
@@ -539,6 +556,16 @@ class FedAvgTrainer(SiteTrainer):
             self.val_inputs = images_to_tensor(data.val_images, self.plan.input_size)
         if progress is not None:
             progress(1, 1, 0.0)
+
+    def cell_scores(self, weights: np.ndarray) -> np.ndarray | None:
+        """This site's validation images' cell-check scores under the federation's moments in `weights` (None for a
+        model without the check or before its moments are estimated)."""
+        trainable = getattr(self, "trainable", None)
+        where = moments_layout(trainable) if trainable is not None else None
+        if where is None or self.val_measurements is None:
+            return None
+        stats = CellStats.from_moments(np.asarray(weights)[where])
+        return None if stats is None else stats.score_measurements(self.val_measurements)
 
     def validation_logits(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.data is None:

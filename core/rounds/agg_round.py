@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import secagg
 from ..trust.identity import parse_public_line
-from .calibration_sums import temperature_from_sums
+from .calibration_sums import CALIBRATION_GRID, CELL_FALSE_ALARMS, cell_threshold_from_tails, temperature_from_sums
 from .plan import FederationPlan
 from .round_messages import (  # the round vocabulary, shared with the other end
     DECLINE,
@@ -146,12 +146,15 @@ class RoundOutcome:
     wall_s: float = 0.0
     # the surviving sites' validation NLL summed at each temperature of CALIBRATION_GRID (secure rounds only)
     calibration_nll: list[int] | None = None
+    # how many of their validation images score above each of CELL_SCORE_EDGES in the cell check (secure rounds)
+    cell_tails: list[int] | None = None
 
     def log_entry(self) -> dict[str, Any]:
         return {"round": self.round, "status": self.status, "participants": self.participants,
                 "survivors": self.survivors, "dropouts": self.dropouts, "declined": self.declined,
                 "reason": self.reason, "fed_val_accuracy": self.fed_val_accuracy, "confusion": self.confusion,
-                "calibration_nll": self.calibration_nll, "wall_s": round(self.wall_s, 3), "time": time.time()}
+                "calibration_nll": self.calibration_nll, "cell_tails": self.cell_tails,
+                "wall_s": round(self.wall_s, 3), "time": time.time()}
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,7 @@ class RoundFinished:
 class Done:
     weights: np.ndarray = field(repr=False)
     temperature: float | None = None  # the federation's calibration (`federation_temperature`), if it has one
+    cell_threshold: float | None = None  # the cell check's threshold (`federation_cell_threshold`), if it has one
 
 
 Action = Send | Broadcast | Reject | Status | RoundFinished | Done
@@ -441,10 +445,13 @@ class FederationMachine:
 
     def _done(self) -> list[Action]:
         self.stage = Stage.DONE
-        temperature = federation_temperature([o.log_entry() for o in self.outcomes])
+        log = [o.log_entry() for o in self.outcomes]
+        temperature, cell = federation_temperature(log), federation_cell_threshold(log)
         body = {} if temperature is None else {"temperature": temperature}
+        if cell is not None:
+            body["not_a_cell_threshold"] = cell
         return [Broadcast(tuple(sorted(self.accepted)), DONE, self.plan.rounds, body, (weights_blob(self.weights),)),
-                Status(self.plan.rounds, "done"), Done(self.weights, temperature)]
+                Status(self.plan.rounds, "done"), Done(self.weights, temperature, cell)]
 
 
 def federation_temperature(log: list[dict]) -> float | None:
@@ -454,6 +461,16 @@ def federation_temperature(log: list[dict]) -> float | None:
         sums, confusion = entry.get("calibration_nll"), entry.get("confusion")
         if entry.get("status") == "completed" and sums and confusion:
             return temperature_from_sums(np.asarray(sums), int(np.sum(confusion)))
+    return None
+
+
+def federation_cell_threshold(log: list[dict], false_alarms: float = CELL_FALSE_ALARMS) -> float | None:
+    """The cell check's threshold from the last completed round's validation counts (`cell_tails`): the smallest
+    public edge above which at most `false_alarms` of all the round's validation images lie. None without them."""
+    for entry in reversed(log):
+        tails, confusion = entry.get("cell_tails"), entry.get("confusion")
+        if entry.get("status") == "completed" and tails and confusion:
+            return cell_threshold_from_tails(np.asarray(tails), int(np.sum(confusion)), false_alarms)
     return None
 
 
@@ -514,7 +531,10 @@ class _Round:
         extras = np.asarray(extras, dtype=np.int64)
         confusion = extras[:k * k].reshape(k, k)
         if len(extras) > k * k:
-            self.outcome.calibration_nll = extras[k * k:].tolist()
+            grid = len(CALIBRATION_GRID)
+            self.outcome.calibration_nll = extras[k * k:k * k + grid].tolist()
+            tails = extras[k * k + grid:]
+            self.outcome.cell_tails = tails.tolist() if tails.any() else None
         total = int(confusion.sum())
         outcome.confusion = confusion.tolist()
         outcome.fed_val_accuracy = float(np.trace(confusion)) / total if total else None

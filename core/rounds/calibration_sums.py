@@ -3,7 +3,11 @@ vector about its validation images, and the temperature the aggregator derives f
 
 Each site sums, over its validation images, min(NLL, NLL_CAP) at each temperature of the public grid, in fixed
 point; the aggregator sees only the sum over a round's hospitals and takes the temperature with the lowest total.
-Like the validation confusion counts beside them, the sums carry no DP noise (docs/privacy.md, "Calibration")."""
+Like the validation confusion counts beside them, the sums carry no DP noise (docs/privacy.md, "Calibration").
+
+The same goes for the cell check's threshold (core.learning.cell_check): after the NLL sums, each site adds how many
+of its validation images score above each edge of a public grid (`CELL_SCORE_EDGES`), and the aggregator picks the
+smallest edge above which at most the target share of all the round's validation images lie."""
 
 from __future__ import annotations
 
@@ -37,3 +41,27 @@ def temperature_from_sums(sums: np.ndarray, images: int,
     if images <= 0 or sums.shape != (len(grid),) or not sums.any():
         return None
     return float(grid[int(np.argmin(sums))])
+
+
+# Public and fixed: 48 edges from 30 to 3,000, about 10 % apart (a 44-measurement Mahalanobis score of an image like
+# the training images is mostly 20–150; one of something else, hundreds to millions).
+# the share of in-distribution validation images the cell check's threshold flags (the goal: ≤ 2 % of new ones)
+CELL_FALSE_ALARMS = 0.015
+CELL_SCORE_EDGES: tuple[float, ...] = tuple(round(30.0 * 100.0 ** (i / 47), 4) for i in range(48))
+
+
+def cell_tails(scores: np.ndarray, edges: tuple[float, ...] = CELL_SCORE_EDGES) -> np.ndarray:
+    """Per edge of `edges`: how many of these validation images' cell-check scores lie above it."""
+    scores = np.asarray(scores, np.float64)
+    return np.array([int(np.sum(scores > e)) for e in edges], np.int64)
+
+
+def cell_threshold_from_tails(tails: np.ndarray, images: int, false_alarms: float,
+                              edges: tuple[float, ...] = CELL_SCORE_EDGES) -> float | None:
+    """The smallest edge above which at most `false_alarms` of `images` validation images lie (None without images,
+    counts or such an edge)."""
+    tails = np.asarray(tails, np.int64)
+    if images <= 0 or tails.shape != (len(edges),) or not tails.any():
+        return None
+    ok = np.nonzero(tails <= false_alarms * images)[0]
+    return float(edges[int(ok[0])]) if len(ok) else None

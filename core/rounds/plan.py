@@ -17,7 +17,7 @@ from typing import Any
 from .. import secagg
 from ..data.classes import BLOODMNIST_CLASSES
 from ..errors import HemafedError
-from .calibration_sums import CALIBRATION_GRID
+from .calibration_sums import CALIBRATION_GRID, CELL_SCORE_EDGES
 
 
 class PlanError(HemafedError, ValueError):
@@ -163,11 +163,12 @@ class FederationPlan:
     def secagg_config(self, dim: int) -> secagg.SecAggConfig:
         """The secure-aggregation parameters every site and the aggregator derive from this plan for a model of
         `dim` parameters (they must agree exactly). The extras: the validation confusion counts, then the
-        validation NLL sums at each temperature of `CALIBRATION_GRID` (core.learning.confidence)."""
+        validation NLL sums at each temperature of `CALIBRATION_GRID` (core.learning.confidence), then the cell check's
+        validation counts above each edge of `CELL_SCORE_EDGES` (core.learning.cell_check)."""
         k = len(self.classes)
         return secagg.SecAggConfig(federation_id=self.federation_id, threshold=self.threshold, dim=dim,
-                                   n_extras=k * k + len(CALIBRATION_GRID), clip=self.update_clip,
-                                   max_sites=self.max_sites,
+                                   n_extras=k * k + len(CALIBRATION_GRID) + len(CELL_SCORE_EDGES),
+                                   clip=self.update_clip, max_sites=self.max_sites,
                                    max_weight=self.max_weight)
 
     def digest(self) -> str:

@@ -163,6 +163,7 @@ class Finish:
     round: int
     weights: np.ndarray
     temperature: float | None = None
+    cell_threshold: float | None = None  # the federation's cell-check threshold, when the aggregator sent one
 
 
 @dataclass(frozen=True)
@@ -547,9 +548,13 @@ class SiteRound:
         temperature = msg.body.get("temperature")
         if temperature is not None and not (_number(temperature) and 0.05 <= temperature <= 20.0):
             raise MessageRefused("done: the calibration temperature is not a number in [0.05, 20]")
+        cell = msg.body.get("not_a_cell_threshold")
+        if cell is not None and not (_number(cell) and 1.0 <= cell <= 1e7):
+            raise MessageRefused("done: the cell-check threshold is not a number in [1, 10^7]")
         out = self._leave_round("the federation finished before this round ended")
         self.phase = Phase.DONE
-        return [*out, Finish(msg.round, weights, None if temperature is None else float(temperature))]
+        return [*out, Finish(msg.round, weights, None if temperature is None else float(temperature),
+                             None if cell is None else float(cell))]
 
     def _on_status(self, msg: Message) -> list[Action]:
         """A round started without this site (it is still preparing, or not ready): say so."""

@@ -38,8 +38,9 @@ from .workers import Job
 PREVIEW = 240
 
 
-def run_scan(source: str, job: Job) -> ScanResult:
-    """The scan as the worker runs it: validate every file, note each usable one."""
+def run_scan(source: str, job: Job, model_path: Path | None = None) -> ScanResult:
+    """The scan as the worker runs it: validate every file, note each usable one; with a model file that has the
+    cell check (a previous federation's), point out the usable images it does not recognise as a single cell."""
     from hemafed.core.data.scan import scan_source
 
     files: list[Path] = []
@@ -51,8 +52,42 @@ def run_scan(source: str, job: Job) -> ScanResult:
 
     site = scan_source(source, progress=job.progress, on_usable=usable)
     if site.report.kind == "npz":
-        return ScanResult(site.report, site.labels, images=site.images)
-    return ScanResult(site.report, np.asarray(labels, np.int64), files=files)
+        result = ScanResult(site.report, site.labels, images=site.images)
+    else:
+        result = ScanResult(site.report, np.asarray(labels, np.int64), files=files)
+    if model_path is not None:
+        _check_cells(result, model_path, job)
+    return result
+
+
+def _check_cells(result: ScanResult, model_path: Path, job: Job) -> None:
+    """Fill `result.unlike` from the model file's cell check (nothing when the file has none or cannot be read)."""
+    from hemafed.core.learning.classify import ModelFileError, load_model_file, prepare_image
+
+    try:
+        model = load_model_file(model_path)
+    except ModelFileError:
+        return
+    cal, stats = model.calibration, model.cell_stats()
+    if stats is None or cal is None or cal.not_a_cell_threshold is None:
+        return
+    result.unlike_checked_with = str(model_path)
+    if result.images is not None:
+        names, images = [f"image {i}" for i in range(len(result.images))], np.asarray(result.images)
+        if images.shape[1] != model.input_size:
+            from hemafed.core.data.imaging import resize_array_batch
+
+            images = resize_array_batch(images, model.input_size)
+    else:
+        names, pixels = [], []
+        for i, path in enumerate(result.files):
+            if i % 50 == 0:
+                job.progress(i, len(result.files))
+            pixels.append(prepare_image(path, model.input_size)[0])
+            names.append(str(path))
+        images = np.stack(pixels) if pixels else np.zeros((0, model.input_size, model.input_size, 3), np.uint8)
+    scores = stats.scores(images) if len(images) else np.zeros(0)
+    result.unlike = [(n, float(v)) for n, v in zip(names, scores, strict=True) if v > cal.not_a_cell_threshold]
 
 
 class DataPage(QWidget):
@@ -221,7 +256,8 @@ class DataPage(QWidget):
         self.progress.setRange(0, 0)
         self.progress_row.setVisible(True)
         self.scan_btn.setEnabled(False)
-        self.job = Job(lambda job: run_scan(source, job))
+        model_path = self.state.model_path
+        self.job = Job(lambda job: run_scan(source, job, model_path))
         self.job.signals.progress.connect(self._progress)
         self.job.signals.result.connect(self._scanned)
         self.job.signals.errored.connect(self._scan_failed)
@@ -264,6 +300,9 @@ class DataPage(QWidget):
                      else "no problem files")
         if report.converted:
             parts.append(f"{len(report.converted)} converted")
+        if scan.unlike:
+            parts.append(f"<b>{len(scan.unlike)} look unlike the federation's images</b> (not a single blood cell? "
+                         "see Problems; they are still used)")
         if report.unknown_classes:
             parts.append("not used, folder name is not a cell class: " + ", ".join(
                 f"{k} ({v})" for k, v in report.unknown_classes.items()) + " — rename it to one of the class names "
@@ -273,8 +312,8 @@ class DataPage(QWidget):
                         ylabel="images")
         self._fill_problems(scan)
         self._show_split()
-        self.tabs.setTabText(2, f"Problems ({n_problems})")
-        if n_problems:
+        self.tabs.setTabText(2, f"Problems ({n_problems + len(scan.unlike)})")
+        if n_problems or scan.unlike:
             self.tabs.setCurrentIndex(2)
 
     def _fill_problems(self, scan: ScanResult) -> None:
@@ -294,6 +333,9 @@ class DataPage(QWidget):
         rows += [(name, "unknown class folder (not used)",
                   f"{n} image(s); rename the folder to one of: {accepted} (or leave it out)")
                  for name, n in report.unknown_classes.items()]
+        rows += [(name, "looks unlike the federation's images (used)",
+                  f"not recognised as a single blood cell by the last model's check (score {score:.0f}); look at "
+                  "it and remove it from the folder if it is not one") for name, score in scan.unlike]
         return rows
 
     def export_problems(self, path: str | Path) -> int:

@@ -66,7 +66,7 @@ def _classify(args: argparse.Namespace) -> int:
                      "; no 'uncertain' threshold in this file (each hospital fits its own)"))
             if cal.not_a_cell_threshold is not None:
                 print("images unlike the federation's (not a single blood cell) are NOT RECOGNISED (threshold "
-                      f"flags {cal.not_a_cell_false_alarms:.1%} of the saving hospital's validation images)")
+                      f"flags {cal.not_a_cell_false_alarms:.1%} of {cal.not_a_cell_from or 'the validation images'})")
         for pred in report.predictions:
             if pred.error:
                 print(f"{pred.path}: SKIPPED, {pred.error}")

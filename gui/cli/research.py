@@ -94,6 +94,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="hospitals draw fresh OS randomness, as real sites do (default: from --seed, so a run "
                         "replays exactly)")
     p.add_argument("--model", default=d.model, help=f"model from the registry (default {d.model})")
+    p.add_argument("--appearance", choices=("same", "shifted"), default=d.appearance,
+                   help="shifted: each hospital's images get their own stain, lamp, focus and magnification "
+                        "(core.data.appearance; the test split stays as it is)")
     p.add_argument("--algorithm", choices=("fedsgd", "fedavg"), default=d.algorithm,
                    help="fedsgd: one DP-SGD step per round (default); fedavg: local epochs per round")
     p.add_argument("--dp-mode", choices=("distributed", "local"), default=d.dp_mode,
@@ -268,7 +271,7 @@ def _simulate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, clip_norm=args.clip_norm,
             server_optimizer=args.server_optimizer, server_lr=args.server_lr, quiet=args.quiet,
             algorithm=args.algorithm, dp_mode=args.dp_mode, sample_rate=args.sample_rate,
-            eval_every=args.eval_every)
+            eval_every=args.eval_every, appearance=args.appearance)
         sim = Simulation(opts, command="hemafed " + shlex.join(sys.argv[1:]))
         metrics = sim.run()
     except (ValueError, FileExistsError, RuntimeError) as exc:

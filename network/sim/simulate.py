@@ -76,6 +76,9 @@ class SimulationOptions:
     seed: int = 0
     subset: int | None = None  # use only this many training images (quick demos and tests)
     test_subset: int | None = None  # evaluate on only this many test images (quick checks; figures use all)
+    # "same": every hospital's images as BloodMNIST has them (one lab); "shifted": each hospital's own stain,
+    # lamp, focus and magnification drawn from `core.data.appearance.LOOK_RANGE` (the test split stays untouched)
+    appearance: str = "same"
     # Each simulated hospital draws its randomness (samples, noise, rounding) from the run's seed, so a run replays
     # exactly, as processes or in process (`network.sim.inprocess`); False: fresh OS randomness, as at a hospital.
     seeded: bool = True
@@ -189,10 +192,19 @@ def hospitals(opts: SimulationOptions) -> Hospitals:
     if opts.test_subset is not None:
         keep = np.sort(np.random.default_rng(opts.seed).permutation(len(test.labels))[:opts.test_subset])
         test = type(test)(test.images[keep], test.labels[keep])
+    if opts.appearance not in ("same", "shifted"):
+        raise ValueError(f"appearance must be 'same' or 'shifted', not {opts.appearance!r}")
     # Every hospital needs a few batches of its own (Dirichlet draws are redrawn until it has them).
     per_site = 2 * opts.batch_size if opts.algorithm == "fedavg" else 64
     parts = partition(train.labels, opts.sites, opts.partition, seed=opts.seed,
                       min_per_site=min(per_site, len(train.labels) // (2 * opts.sites)))
+    if opts.appearance == "shifted":
+        from hemafed.core.data.appearance import apply_look, hospital_looks
+
+        images = train.images.copy()
+        for idx, look in zip(parts, hospital_looks(len(parts), opts.seed), strict=True):
+            images[idx] = apply_look(train.images[idx], look)
+        train = type(train)(images, train.labels)
     if opts.algorithm == "fedsgd":
         # each site holds out its validation split the same way (core.data.partition.stratified_split)
         sizes = [len(stratified_split(train.labels[idx], plan.val_fraction, seed=plan.seed)[0]) for idx in parts]
@@ -410,12 +422,15 @@ class Simulation:
         final_round = max(evaluated)
         latest = store.load(final_round)
         from hemafed.core.learning.confidence import Calibration
-        from hemafed.core.rounds.agg_round import federation_temperature
+        from hemafed.core.rounds.agg_round import CELL_FALSE_ALARMS, federation_cell_threshold, federation_temperature
         from hemafed.network.site import save_model_file
 
-        temperature = federation_temperature(store.read_log())
+        log = store.read_log()
+        temperature = federation_temperature(log)
         save_model_file(self.out / "final_model.npz", latest.weights, self.plan, final_round,
-                        None if temperature is None else Calibration.federation_only(temperature))
+                        None if temperature is None else Calibration.federation_only(
+                            temperature, cell_threshold=federation_cell_threshold(log),
+                            cell_false_alarms=CELL_FALSE_ALARMS))
         plan = self.plan.to_dict()
         plan["epsilon_budget"] = self.opts.epsilon if self.opts.dp else None
         plan["partition"] = self.opts.partition

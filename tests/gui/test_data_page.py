@@ -113,3 +113,28 @@ def test_a_16_bit_png_is_previewed_with_its_contrast_not_blank_white(qtbot, tmp_
     image = thumbnail_image(path)
     pixels = [image.pixelColor(x, y).red() for x in (2, 40, 80) for y in (2, 40, 80)]
     assert max(pixels) - min(pixels) > 100 and min(pixels) < 60  # a dark-to-light ramp, not a white square
+
+
+def test_images_unlike_the_federations_are_pointed_out_with_a_model(qtbot, window, tmp_path: Path) -> None:
+    """With a previous federation's model file (one with the cell check), the scan lists the images the check does
+    not recognise as a single blood cell; they stay usable."""
+    import numpy as np
+
+    from tests.test_cell_check import cell_check_model, cells
+
+    root = tmp_path / "site"
+    for k, cls in enumerate(("neutrophil", "platelet")):
+        (root / cls).mkdir(parents=True)
+        for i, img in enumerate(cells(6, 20 + k)):
+            Image.fromarray(img).save(root / cls / f"cell{i}.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(
+        root / "platelet" / "noise.png")
+    window.state.set_model(cell_check_model(tmp_path / "final.npz"))
+    scan(qtbot, window, root)
+    page = window.data_page
+    assert window.state.scan.report.total_valid == 13  # still used
+    assert [Path(name).name for name, _ in window.state.scan.unlike] == ["noise.png"]
+    assert "look unlike the federation's images" in page.summary.text()
+    rows = [page.problems.item(r, 1).text() for r in range(page.problems.rowCount())]
+    assert rows == ["looks unlike the federation's images (used)"]
+    assert page.tabs.tabText(2) == "Problems (1)"

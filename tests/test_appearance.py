@@ -1,0 +1,54 @@
+"""Hospitals whose images look different: the simulated looks stay in their documented range and replay from the
+seed, the test split is never touched, and stain normalisation undoes a stain and lamp change."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hemafed.core.data.appearance import LOOK_RANGE, HospitalLook, apply_look, hospital_looks, normalise_stain
+from tests.test_cell_check import cells
+
+
+def test_looks_replay_from_the_seed_and_stay_in_range() -> None:
+    looks = hospital_looks(10, 3)
+    assert looks == hospital_looks(10, 3) and looks != hospital_looks(10, 4)
+    for look in looks:
+        assert LOOK_RANGE["haematoxylin"][0] <= look.haematoxylin <= LOOK_RANGE["haematoxylin"][1]
+        assert LOOK_RANGE["blur"][0] <= look.blur <= LOOK_RANGE["blur"][1]
+        assert LOOK_RANGE["zoom"][0] <= look.zoom <= LOOK_RANGE["zoom"][1]
+
+
+def test_the_reference_look_changes_nothing_and_others_change_the_image() -> None:
+    images = cells(4, 0)
+    same = apply_look(images, HospitalLook())
+    assert np.abs(same.astype(int) - images).max() <= 1  # rounding only
+    for look in hospital_looks(5, 0):
+        changed = apply_look(images, look)
+        assert changed.shape == images.shape and changed.dtype == np.uint8
+        assert np.abs(changed.astype(int) - images).mean() > 1.0
+
+
+def _normalised(images: np.ndarray) -> np.ndarray:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).double() / 255.0
+    return normalise_stain(x).permute(0, 2, 3, 1).numpy() * 255.0
+
+
+def test_stain_normalisation_undoes_a_stain_and_lamp_change() -> None:
+    images = cells(8, 1)
+    look = HospitalLook(haematoxylin=1.25, eosin=0.75, tint_h=0.03, tint_e=-0.03, brightness=0.88)
+    shifted = apply_look(images, look)
+    before = np.abs(shifted.astype(float) - images).mean()
+    after = np.abs(_normalised(shifted) - _normalised(images)).mean()
+    assert after < before / 3, (before, after)
+
+
+def test_a_shifted_simulation_changes_the_hospitals_images_but_not_the_test_split(shared_data) -> None:
+    from hemafed.network.sim.simulate import SimulationOptions, hospitals
+
+    same = hospitals(SimulationOptions(data=shared_data, subset=400, test_subset=50))
+    shifted = hospitals(SimulationOptions(data=shared_data, subset=400, test_subset=50, appearance="shifted"))
+    np.testing.assert_array_equal(same.test.images, shifted.test.images)
+    np.testing.assert_array_equal(same.train.labels, shifted.train.labels)
+    for idx in same.parts:
+        assert np.abs(same.train.images[idx].astype(int) - shifted.train.images[idx]).mean() > 1.0
