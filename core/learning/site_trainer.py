@@ -557,16 +557,6 @@ class FedAvgTrainer(SiteTrainer):
         if progress is not None:
             progress(1, 1, 0.0)
 
-    def cell_scores(self, weights: np.ndarray) -> np.ndarray | None:
-        """This site's validation images' cell-check scores under the federation's moments in `weights` (None for a
-        model without the check or before its moments are estimated)."""
-        trainable = getattr(self, "trainable", None)
-        where = moments_layout(trainable) if trainable is not None else None
-        if where is None or self.val_measurements is None:
-            return None
-        stats = CellStats.from_moments(np.asarray(weights)[where])
-        return None if stats is None else stats.score_measurements(self.val_measurements)
-
     def validation_logits(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.data is None:
             raise RuntimeError("prepare() first")
