@@ -38,6 +38,7 @@ from hemafed.core.learning.confidence import (
 from hemafed.core.learning.fedsgd import moments_layout
 from hemafed.core.learning.models import build_model, set_flat_params, split_features
 from hemafed.core.learning.site_trainer import model_inputs
+from hemafed.core.rounds.agg_round import federation_cell_threshold
 from hemafed.network.sim.simulate import SimulationOptions, hospitals, site_splits
 from hemafed.network.site import save_model_file
 
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, data in sites.items():
         logits = _logits(h.plan, final, data.val_images)
         cal = with_site_threshold(Calibration.fit(logits, data.val_labels, temperature=temperature),
-                                  None if moments is None else final[moments], data.val_images)
+                                  None if moments is None else final[moments], data.val_images,
+                                  federation_threshold=federation_cell_threshold(store.read_log()))
         # the model file as this hospital's site saves it (the app's Classify screenshots use hospital_01's)
         if args.figures is None:
             save_model_file(Path("results/calibration") / f"{name}-final.npz", final, h.plan, last, cal)

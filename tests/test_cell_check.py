@@ -85,6 +85,11 @@ def test_the_moments_recover_the_mean_and_covariance() -> None:
     assert CellStats.from_moments(np.zeros(MOMENT_LEN)) is None  # not estimated yet
 
 
+def test_no_images_give_no_measurements() -> None:
+    assert standardised(np.zeros((0, 28, 28, 3), np.uint8)).shape == (0, DIM)
+    assert moment_vector(np.zeros((0, DIM))).shape == (0, MOMENT_LEN)
+
+
 def test_noise_and_whole_fields_are_flagged_and_new_cells_are_not(stats) -> None:
     moments, threshold = stats
     check = CellStats.from_moments(moments)

@@ -267,8 +267,12 @@ class ClassifyPanel(QWidget):
                     predicted.setText(f"{p.predicted}  ≠ folder")
                     predicted.setForeground(QColor("#b03a2e"))
                     predicted.setToolTip(f"The model says {p.predicted}; the folder says {p.true_class}.")
-                values = [thumb, name, folder, predicted, _item(percent(ranked[0][1]), sort=ranked[0][1]),
-                          _item(", ".join(f"{c} {percent(v)}" for c, v in ranked[1:3]))]
+                if p.out_of_distribution:  # no class is an answer, so no class's probability either
+                    values = [thumb, name, folder, predicted, _item("—", sort=-0.5),
+                              _item("closest class: " + (p.predicted or "—"), tooltip=p.reason or "")]
+                else:
+                    values = [thumb, name, folder, predicted, _item(percent(ranked[0][1]), sort=ranked[0][1]),
+                              _item(", ".join(f"{c} {percent(v)}" for c, v in ranked[1:3]))]
             for c, item in enumerate(values):
                 self.table.setItem(r, c, item)
         self.table.setSortingEnabled(True)
@@ -329,6 +333,10 @@ class ClassifyPanel(QWidget):
         p = self.prediction_at(rows[0].row())
         if p.error:
             self.probs.empty(f"{Path(p.path).name}: {p.error}")
+            return
+        if p.out_of_distribution:
+            self.probs.empty(f"{Path(p.path).name}: not recognised as an image of a single blood cell, so no class "
+                             "is given. Its colour, stain and texture are unlike the federation's images.")
             return
         self.probs.bars(list(p.probabilities), [round(v * 100, 1) for v in p.probabilities.values()],
                         title=f"{Path(p.path).name}: probability per class (%)", ylabel="%")

@@ -58,7 +58,11 @@ class MainWindow(QMainWindow):
             area.setWidget(page)
             self.stack.addWidget(area)
         self.nav.currentRowChanged.connect(self.stack.setCurrentIndex)
-        self.nav.setFixedWidth(150)
+        # as wide as the longest page name in the font the nav draws with (a fixed width clipped "What was sent")
+        self.nav.ensurePolished()  # the style sheet sets the nav's font
+        metrics = self.nav.fontMetrics()
+        longest = max(metrics.horizontalAdvance(self.nav.item(i).text()) for i in range(self.nav.count()))
+        self.nav.setFixedWidth(max(150, longest + 48))
         self.nav.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         central = QWidget()
         row = QHBoxLayout(central)

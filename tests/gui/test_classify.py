@@ -135,3 +135,28 @@ def test_classify_can_be_cancelled_and_keeps_what_was_shown(qtbot, window, pbc: 
     assert not panel.progress_row.isVisibleTo(panel)
     assert "Cancelled" in panel.status.text() and panel.table.rowCount() == 0
     assert panel.open_btn.isEnabled()
+
+
+def test_an_image_that_is_not_a_cell_is_shown_as_not_recognised(qtbot, window, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from tests.test_cell_check import cell_check_model, cells
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (90, 90, 3), dtype=np.uint8)).save(folder / "noise.png")
+    Image.fromarray(cells(1, 9)[0]).save(folder / "cell.png")
+    window.state.set_model(cell_check_model(tmp_path / "final.npz"))
+    qtbot.waitUntil(lambda: window.results_page.job is None, timeout=60_000)
+    panel = window.results_page.classify_panel
+    with qtbot.waitSignal(panel.classified, timeout=60_000) as blocker:
+        assert panel.classify([str(folder / "noise.png"), str(folder / "cell.png")])
+    noise, cell = blocker.args[0].predictions
+    assert noise.out_of_distribution and not cell.out_of_distribution
+    row = panel._row_of(0)
+    assert panel.table.item(row, 3).text().startswith("not recognised")
+    assert panel.table.item(row, 4).text() == "—"  # no class's probability for an image that is not a cell
+    assert "not recognised" in panel.table.item(row, 3).toolTip()
+    assert "1 not recognised as a single blood cell" in panel.status.text()
+    panel.table.selectRow(row)
+    assert "no class" in panel.probs.text()
