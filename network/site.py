@@ -42,6 +42,7 @@ from hemafed.core.learning.site_trainer import Projection, SiteData, SiteTrainer
 from hemafed.core.privacy.ledger import BudgetExhausted, PrivacyLedger
 from hemafed.core.privacy.store import SiteStore
 from hemafed.core.rounds import site_round as sr
+from hemafed.core.rounds.calibration_sums import CELL_FALSE_ALARMS
 from hemafed.core.rounds.plan import FederationPlan, PlanError
 from hemafed.core.rounds.site_events import (
     ConnectionChanged,
@@ -570,12 +571,14 @@ class SiteRunner:
                    cell_threshold: float | None = None) -> Calibration | None:
         """The federation's temperature (or, without one, this site's own) and the abstention threshold from this
         site's validation images; nothing about the threshold is sent (docs/privacy.md, "Calibration")."""
+        federation = None if temperature is None else Calibration.federation_only(
+            temperature, cell_threshold=cell_threshold, cell_false_alarms=CELL_FALSE_ALARMS)
         if self.trainer is None:
-            return None if temperature is None else Calibration.federation_only(temperature)
+            return federation
         try:
             logits, labels = self.trainer.validation_logits(weights)
         except RuntimeError:  # never prepared (the site joined for the end only)
-            return None if temperature is None else Calibration.federation_only(temperature)
+            return federation
         where = moments_layout(getattr(self.trainer, "trainable", None))
         return with_site_threshold(Calibration.fit(logits, labels, temperature=temperature),
                                    None if where is None else np.asarray(weights)[where], self.trainer.data.val_images,

@@ -31,11 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.appearance import HED_FROM_RGB as _HED_FROM_RGB  # Ruifrok & Johnston's stain vectors
 from ..rounds.calibration_sums import CELL_FALSE_ALARMS as FALSE_ALARMS
 
-# Ruifrok & Johnston's stain vectors (haematoxylin, eosin, DAB) as rows of RGB optical density.
-_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
 _RINGS = ((0.0, 0.35), (0.35, 0.7), (0.7, 1.0), (1.0, 2.0))  # radius / half the side
 _BANDS = (0.01, 0.06, 0.11, 0.17, 0.25, 0.35, 0.8)  # cycles per pixel
 DIM = 44

@@ -247,18 +247,24 @@ class ClassifyReport:
     def write_csv(self, path: str | Path, classes: Sequence[str]) -> None:
         """One row per file: its class folder (if any), the prediction, the probability of each class (fractions,
         full precision, for a spreadsheet; calibrated when the model file carries a calibration), whether the
-        answer is "uncertain" (empty without a calibration) and why a file could not be read."""
+        answer is "uncertain" (empty without a calibration), whether the image is "not recognised" as a single
+        blood cell (empty without the cell check; then "predicted" is empty too) and why a file could not be read."""
         with open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["file", "class folder", "predicted", "probability of predicted", "matches folder",
-                             *(f"p({c})" for c in classes), "uncertain", "problem"])
+                             *(f"p({c})" for c in classes), "uncertain", "not recognised", "problem"])
             for p in self.predictions:
+                unlike = "" if p.out_of_distribution is None else ("yes" if p.out_of_distribution else "no")
+                if p.out_of_distribution:
+                    writer.writerow([p.path, p.true_class or "", "", "", "", *([""] * len(classes)), "yes", unlike,
+                                     ""])
+                    continue
                 probs = [p.probabilities.get(c, "") for c in classes] if not p.error else [""] * len(classes)
                 match = "" if p.error or p.true_class is None else ("yes" if p.predicted == p.true_class else "no")
                 top = p.probabilities.get(p.predicted, "") if p.predicted and not p.error else ""
                 unsure = "" if p.uncertain is None else ("yes" if p.uncertain else "no")
                 writer.writerow([p.path, p.true_class or "", "" if p.error else p.predicted, top, match, *probs,
-                                 unsure, p.error or ""])
+                                 unsure, unlike, p.error or ""])
 
     def to_dict(self) -> dict:
         out: dict = {"model": self.model, "files": [p.to_dict() for p in self.predictions]}

@@ -160,3 +160,8 @@ def test_an_image_that_is_not_a_cell_is_shown_as_not_recognised(qtbot, window, t
     assert "1 not recognised as a single blood cell" in panel.status.text()
     panel.table.selectRow(row)
     assert "no class" in panel.probs.text()
+    out = tmp_path / "predictions.csv"
+    panel.export_csv(out)
+    rows = {Path(r["file"]).name: r for r in csv.DictReader(out.open())}
+    assert rows["noise.png"]["not recognised"] == "yes" and rows["noise.png"]["predicted"] == ""
+    assert rows["cell.png"]["not recognised"] == "no" and rows["cell.png"]["predicted"]
