@@ -209,10 +209,11 @@ def test_full_field_image_gets_bloodmnist_crop() -> None:
 
 
 @pytest.mark.realdata
-def test_pbc_jpegs_preprocess_like_bloodmnist(shared_data: Path) -> None:
-    """Scanning the real full-size PBC JPEGs gives the BloodMNIST arrays of the same images
-    (bloodmnist_index.csv maps each file to its test index) to within resampling rounding;
-    without the 200/360 crop they differ by tens of grey levels."""
+@pytest.mark.parametrize("size", [28, 64])
+def test_pbc_jpegs_preprocess_like_bloodmnist(shared_data: Path, size: int) -> None:
+    """Scanning the real full-size PBC JPEGs at 28 or 64 px gives the BloodMNIST arrays of the same images
+    (bloodmnist_index.csv maps each file to its test index; bloodmnist_64.npz holds the same images in the same
+    order) to within resampling rounding; without the 200/360 crop they differ by tens of grey levels."""
     import csv
 
     from hemafed.core.data.bloodmnist import load_splits, locate
@@ -220,9 +221,13 @@ def test_pbc_jpegs_preprocess_like_bloodmnist(shared_data: Path) -> None:
     with open(shared_data / "bloodmnist" / "bloodmnist_index.csv", newline="") as fh:
         index = {Path(r["pbc_source_path"]).name: int(r["index"])
                  for r in csv.DictReader(fh) if r["split"] == "test"}
-    test = load_splits(locate(shared_data / "bloodmnist" / "bloodmnist_28.npz"))["test"].images
+    npz = shared_data / "bloodmnist" / f"bloodmnist_{size}.npz"
+    if not npz.exists():
+        pytest.skip(f"{npz.name} is not in the shared data")
+    test = load_splits(locate(npz))["test"].images
+    assert test.shape[1:] == (size, size, 3)
     files: list[str] = []
-    site = scan_source(shared_data / "pbc_sample", size=28, on_usable=lambda f, _: files.append(f.name))
+    site = scan_source(shared_data / "pbc_sample", size=size, on_usable=lambda f, _: files.append(f.name))
     reference = np.stack([test[index[name]] for name in files]).astype(float)
     diff = np.abs(site.images.astype(float) - reference).mean(axis=(1, 2, 3))
     assert diff.mean() < 1.0, diff.mean()
