@@ -118,10 +118,15 @@ def normalise_stain(x: torch.Tensor) -> torch.Tensor:
     return torch.exp(-od).clamp(0.0, 1.0).reshape(x.shape)
 
 
-def _reference(pbc_dir: Path) -> None:
+def public_sample(pbc_dir: Path, size: int = 28) -> np.ndarray:
+    """The public PBC sample's JPEGs as the model sees them: the references here and in core.learning.cell_check."""
     from .imaging import centre_crop_resize
 
-    images = np.stack([centre_crop_resize(Image.open(p).convert("RGB"), 28) for p in sorted(pbc_dir.glob("*/*.jpg"))])
+    return np.stack([centre_crop_resize(Image.open(p).convert("RGB"), size) for p in sorted(pbc_dir.glob("*/*.jpg"))])
+
+
+def _reference(pbc_dir: Path) -> None:
+    images = public_sample(pbc_dir)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).double() / 255.0
     od = -torch.log(x.clamp(1 / 255, 1).flatten(2))
     background = torch.quantile(od, _BACKGROUND_QUANTILE, dim=2, keepdim=True)

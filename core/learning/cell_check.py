@@ -184,12 +184,9 @@ def site_threshold(scores: np.ndarray, false_alarms: float = FALSE_ALARMS) -> fl
 
 
 def _constants(pbc_dir: Path) -> None:
-    from PIL import Image
+    from ..data.appearance import public_sample
 
-    from ..data.imaging import centre_crop_resize
-
-    images = np.stack([centre_crop_resize(Image.open(p).convert("RGB"), 28) for p in sorted(pbc_dir.glob("*/*.jpg"))])
-    m = measurements(images)
+    m = measurements(public_sample(pbc_dir))
     for name, values in (("LOC", np.median(m, 0)), ("SCALE", m.std(0))):
         print(f"{name} = np.array([" + ", ".join(f"{v:.4f}" for v in values) + "])")
 

@@ -253,18 +253,12 @@ def scatter_synth_invariant(num_classes: int) -> ScatterSynthNet:
                            learned_pool=2, orbit=True)
 
 
-def scatter_synth_checked(num_classes: int) -> ScatterSynthNet:
+def scatter_synth_checked(num_classes: int, stain_normalise: bool = False) -> ScatterSynthNet:
+    """`scatter_synth_invariant` whose head also carries the cell check's moments (core.learning.cell_check)."""
     from .cell_check import MOMENT_LEN
 
     return ScatterSynthNet(CenteredLinear(243 * 3 * 3 + 128 * 2 * 2, num_classes, radius=40.0, moments=MOMENT_LEN),
-                           learned_pool=2, orbit=True)
-
-
-def scatter_synth_stain_normalised(num_classes: int) -> ScatterSynthNet:
-    from .cell_check import MOMENT_LEN
-
-    return ScatterSynthNet(CenteredLinear(243 * 3 * 3 + 128 * 2 * 2, num_classes, radius=40.0, moments=MOMENT_LEN),
-                           learned_pool=2, orbit=True, stain_normalise=True)
+                           learned_pool=2, orbit=True, stain_normalise=stain_normalise)
 
 
 def split_features(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
@@ -323,7 +317,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("scatter_synth_inv_cc_sn_28", 28, "scatter_synth_inv_cc_28 on stain-normalised images: each "
                   "image's background and haematoxylin and eosin densities are first mapped to a fixed public "
                   "reference (core.data.appearance), for hospitals whose stain and lamp differ; 28×28 input; "
-                  "built for DP", scatter_synth_stain_normalised, centred=True),
+                  "built for DP", lambda n: scatter_synth_checked(n, stain_normalise=True), centred=True),
         ModelSpec("cnn4_28", 28, "plain 4-conv GroupNorm CNN (32/64 channels), 28×28 input; fast reference",
                   lambda n: SmallCNN(n)),
     )

@@ -371,11 +371,9 @@ class FedSGDTrainer(SiteTrainer):
     def cell_scores(self, weights: np.ndarray) -> np.ndarray | None:
         """This site's validation images' cell-check scores under the federation's moments in `weights` (None for a
         model without the check or before its moments are estimated)."""
-        trainable = getattr(self, "trainable", None)
-        where = moments_layout(trainable) if trainable is not None else None
-        if where is None or self.val_measurements is None:
+        if self.val_measurements is None:  # set by `featurize` for a model with the check only
             return None
-        stats = CellStats.from_moments(np.asarray(weights)[where])
+        stats = CellStats.from_moments(np.asarray(weights)[moments_layout(self.trainable)])
         return None if stats is None else stats.score_measurements(self.val_measurements)
 
     def validation_logits(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -43,6 +43,7 @@ def run_scan(source: str, job: Job, model_path: Path | None = None) -> ScanResul
     cell check (a previous federation's), point out the usable images it does not recognise as a single cell."""
     from hemafed.core.data.scan import scan_source
 
+    check = _cell_check(model_path) if model_path is not None else None
     files: list[Path] = []
     labels: list[int] = []
 
@@ -50,44 +51,43 @@ def run_scan(source: str, job: Job, model_path: Path | None = None) -> ScanResul
         files.append(file)
         labels.append(label)
 
-    site = scan_source(source, progress=job.progress, on_usable=usable)
+    path = Path(source)
+    npz = not path.is_dir() and path.suffix.lower() == ".npz"
+    # with the check, a folder's or list's images are kept at the model's size as the scan decodes them (once)
+    size = check[0] if check is not None and not npz else None
+    site = scan_source(source, size=size, progress=job.progress, on_usable=usable)
     if site.report.kind == "npz":
         result = ScanResult(site.report, site.labels, images=site.images)
     else:
         result = ScanResult(site.report, np.asarray(labels, np.int64), files=files)
-    if model_path is not None:
-        _check_cells(result, model_path, job)
+    if check is not None:
+        size, stats, threshold = check
+        if site.report.kind == "npz":
+            names = [f"image {i}" for i in range(len(site.images))]
+            images = np.asarray(site.images)
+            if len(images) and images.shape[1] != size:
+                from hemafed.core.data.imaging import resize_array_batch
+
+                images = resize_array_batch(images, size)
+        else:
+            names, images = [str(f) for f in files], site.images
+        result.unlike = [(n, float(v)) for n, v in zip(names, stats.scores(images), strict=True) if v > threshold]
     return result
 
 
-def _check_cells(result: ScanResult, model_path: Path, job: Job) -> None:
-    """Fill `result.unlike` from the model file's cell check (nothing when the file has none or cannot be read)."""
-    from hemafed.core.learning.classify import ModelFileError, load_model_file, prepare_image
+def _cell_check(model_path: Path):
+    """(input size, `CellStats`, threshold) of a model file with the cell check; None when it has none or cannot be
+    read."""
+    from hemafed.core.learning.classify import ModelFileError, load_model_file
 
     try:
         model = load_model_file(model_path)
     except ModelFileError:
-        return
+        return None
     cal, stats = model.calibration, model.cell_stats()
     if stats is None or cal is None or cal.not_a_cell_threshold is None:
-        return
-    result.unlike_checked_with = str(model_path)
-    if result.images is not None:
-        names, images = [f"image {i}" for i in range(len(result.images))], np.asarray(result.images)
-        if images.shape[1] != model.input_size:
-            from hemafed.core.data.imaging import resize_array_batch
-
-            images = resize_array_batch(images, model.input_size)
-    else:
-        names, pixels = [], []
-        for i, path in enumerate(result.files):
-            if i % 50 == 0:
-                job.progress(i, len(result.files))
-            pixels.append(prepare_image(path, model.input_size)[0])
-            names.append(str(path))
-        images = np.stack(pixels) if pixels else np.zeros((0, model.input_size, model.input_size, 3), np.uint8)
-    scores = stats.scores(images) if len(images) else np.zeros(0)
-    result.unlike = [(n, float(v)) for n, v in zip(names, scores, strict=True) if v > cal.not_a_cell_threshold]
+        return None
+    return model.input_size, stats, cal.not_a_cell_threshold
 
 
 class DataPage(QWidget):

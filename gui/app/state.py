@@ -40,7 +40,6 @@ class ScanResult:
     images: np.ndarray | None = None  # the pixels of an .npz source (N, H, W, 3)
     # usable images the federation's last model file does not recognise as a single blood cell: (name, score)
     unlike: list[tuple[str, float]] = field(default_factory=list)
-    unlike_checked_with: str | None = None  # the model file the check used (None: no model with the check yet)
 
     @property
     def classes(self) -> list[str]:
