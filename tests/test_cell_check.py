@@ -15,6 +15,7 @@ import torch
 
 from hemafed.core.learning.cell_check import (
     DIM,
+    EIGEN_FLOOR,
     GRADIENT_SHARE,
     MOMENT_LEN,
     MOMENT_RADIUS,
@@ -80,7 +81,7 @@ def test_the_moments_recover_the_mean_and_covariance() -> None:
     np.testing.assert_allclose(got.mean, z.mean(0), atol=1e-9)
     cov = np.cov(z.T, bias=True)
     values, vectors = np.linalg.eigh(cov)
-    expected = (vectors / np.maximum(values, 0.1)) @ vectors.T  # the eigenvalue floor
+    expected = (vectors / np.maximum(values, EIGEN_FLOOR)) @ vectors.T
     np.testing.assert_allclose(got.precision, expected, rtol=1e-6, atol=1e-6)
     assert CellStats.from_moments(np.zeros(MOMENT_LEN)) is None  # not estimated yet
 

@@ -1,14 +1,18 @@
-"""Is this an image of a single blood cell? A check from 44 measurements of the image and the federation's DP
+"""Is this an image of a single blood cell? A check from 12 measurements of the image and the federation's DP
 statistics of them.
 
 The classifier's own confidence cannot tell (docs/ood-screening.md: it is as sure of a whole smear field as of a
 cell). What can: a handful of measurements that describe what every training image shows, one stained white cell
-in the middle on a plain background, at the microscope's scale. Per image, at the model's input size: the
+in the middle on a plain background, at the microscope's scale. `measurements` computes 44 candidates per image, at
+the model's input size: the
 haematoxylin and eosin optical density (colour deconvolution, Ruifrok & Johnston 2001) and the total optical density
 in four rings around the centre, with their spread and 90th percentile; the grey level's edge strength in the same
 rings; the share of strongly haematoxylin-stained pixels overall and in the middle; where that stain's mass sits and
 how far it spreads; and the share of the grey, haematoxylin and eosin images' energy in six spatial-frequency bands
-(a whole field's small cells put energy where a single cell's outline does not).
+(a whole field's small cells put energy where a single cell's outline does not). The check uses the 12 of them in
+`USED` (chosen by a forward selection that simulates the federation's DP noise, docs/ood-check.md): every extra
+measurement adds coordinates to the DP moments (d + d(d+1)/2) and spread to an in-distribution image's score, so
+all 44 together flagged fewer whole fields than these 12.
 
 The federation estimates the mean and covariance of these measurements as part of training, at no privacy cost of
 its own (`moment_vector`, `core.learning.fedsgd`): from round 2 on, each record's contribution to a round is its
@@ -36,12 +40,29 @@ from ..rounds.calibration_sums import CELL_FALSE_ALARMS as FALSE_ALARMS
 
 _RINGS = ((0.0, 0.35), (0.35, 0.7), (0.7, 1.0), (1.0, 2.0))  # radius / half the side
 _BANDS = (0.01, 0.06, 0.11, 0.17, 0.25, 0.35, 0.8)  # cycles per pixel
-DIM = 44
-MOMENT_RADIUS = 80.0  # a record's moment vector is clipped to this norm (|z|² ≲ 80: |z| ≲ 8.9 σ)
+# (index into `measurements`, what it is), in the order the forward selection picked them
+USED: tuple[tuple[int, str], ...] = (
+    (41, "share of strongly haematoxylin-stained pixels in the middle"),
+    (26, "grey-level energy at 0.25–0.35 cycles per pixel"),
+    (18, "grey-level edge strength in the centre"),
+    (27, "grey-level energy at 0.35–0.8 cycles per pixel"),
+    (0, "haematoxylin in the centre"),
+    (1, "haematoxylin in the inner ring"),
+    (7, "eosin in the inner ring"),
+    (19, "grey-level edge strength in the inner ring"),
+    (25, "grey-level energy at 0.17–0.25 cycles per pixel"),
+    (5, "haematoxylin's 90th percentile"),
+    (37, "eosin energy at 0.17–0.25 cycles per pixel"),
+    (15, "optical density in the corners"),
+)
+_USED = np.array([i for i, _ in USED])
+CANDIDATES = 44
+DIM = len(USED)
+MOMENT_RADIUS = 24.0  # a record's moment vector is clipped to this norm (|z|² ≲ 24: |z| ≲ 4.9 σ, as DIM = 12)
 MOMENT_SHARE = 0.4  # of the clip norm C, for the moments; the gradient keeps √(1 − 0.4²) ≈ 0.917 of it
 GRADIENT_SHARE = math.sqrt(1.0 - MOMENT_SHARE**2)
 SHRINK = 0.0  # covariance shrinkage towards its diagonal (the eigenvalue floor did better in screening)
-EIGEN_FLOOR = 0.1  # smallest variance kept in any direction (standardised units): DP noise swamps smaller ones
+EIGEN_FLOOR = 0.03  # smallest variance kept in any direction (standardised units): DP noise swamps smaller ones
 
 # Standardisation (public: the PBC sample's measurements at 28 px; see the module docstring).
 LOC = np.array([
@@ -57,13 +78,13 @@ SCALE = np.array([
 
 
 def measurements(images: np.ndarray) -> np.ndarray:
-    """(N, DIM) raw measurements of (N, H, W, 3) uint8 RGB images (see the module docstring)."""
+    """(N, CANDIDATES) raw measurements of (N, H, W, 3) uint8 RGB images (see the module docstring)."""
     x = np.asarray(images, np.float64)
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError("images must be (N, H, W, 3) RGB")
     n, h, w, _ = x.shape
     if n == 0:  # a party without validation images (the one-hospital baseline)
-        return np.zeros((0, DIM))
+        return np.zeros((0, CANDIDATES))
     od = -np.log(np.maximum(x, 1.0) / 255.0)
     hed = od @ _HED_FROM_RGB
     yy, xx = np.mgrid[:h, :w]
@@ -96,7 +117,8 @@ def measurements(images: np.ndarray) -> np.ndarray:
 
 
 def standardised(images: np.ndarray) -> np.ndarray:
-    return (measurements(images) - LOC) / SCALE
+    """(N, DIM): the `USED` measurements, standardised by the public constants."""
+    return ((measurements(images) - LOC) / SCALE)[:, _USED]
 
 
 MOMENT_LEN = DIM + DIM * (DIM + 1) // 2

@@ -310,7 +310,7 @@ MODELS: dict[str, ModelSpec] = {
                   "first round estimates under the same protection as a training round; 28×28 input; built for DP",
                   scatter_synth_invariant, centred=True),
         ModelSpec("scatter_synth_inv_cc_28", 28, "scatter_synth_inv_28 with a check for images that are not a "
-                  "single blood cell: from round 2 each record's contribution also carries its 44 image "
+                  "single blood cell: from round 2 each record's contribution also carries its 12 image "
                   "measurements' moments, clipped with its gradient to the same norm, so the federation learns "
                   "their mean and covariance at no extra privacy cost (core.learning.cell_check); 28×28 input; "
                   "built for DP", scatter_synth_checked, centred=True),
