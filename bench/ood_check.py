@@ -7,9 +7,9 @@ model file flags as "not recognised"; the table gives the mean ± std over the h
 In-distribution: BloodMNIST's test split (no hospital holds it) and the 200 PBC sample cells at BloodMNIST's crop.
 Out-of-distribution, made from the PBC sample JPEGs:
 
-- *screening sets* (`bench.ood_screen.ood_sets`; the cell check's measurements and constants were chosen while
-  looking at them, so they are not an unbiased test): 3×3 whole fields, 110-px corner crops (red cells, magnified),
-  uniform noise;
+- *screening sets* (`bench.ood_screen.ood_sets`; the cell check's candidate measurements, constants and the 12 of
+  them it uses (`bench.cell_check_screen`) were chosen while looking at them, so they are not an unbiased test):
+  3×3 whole fields, 110-px corner crops (red cells, magnified), uniform noise;
 - *held-out sets*, built after the design was fixed and never used to choose anything: 2×2 and 4×4 whole fields;
   red cells at BloodMNIST's native scale (a 200-px window at the corner where four images meet, so any white cell
   is cut at the window's edge); computer-generated dead-leaves shapes; an empty slide (the background colour with

@@ -43,6 +43,23 @@ def _not_cells(pbc: Path) -> list[str]:
     return [str(folder / "smear field.jpg"), str(folder / "red cells only.jpg")]
 
 
+def _uncertain(pbc: Path, model_path: Path | None, shown: list[str]) -> list[str]:
+    """The first PBC JPEG (in name order, not among `shown`) that the model answers "uncertain", so the screenshot
+    shows that state too; none without a calibrated model file."""
+    from hemafed.core.learning.classify import classify_paths, load_model_file
+
+    if model_path is None:
+        return []
+    model = load_model_file(model_path)
+    if model.calibration is None:
+        return []
+    candidates = [p for p in sorted(pbc.glob("*/*.jpg")) if str(p) not in shown]
+    for prediction in classify_paths(model, candidates).predictions:
+        if prediction.uncertain and not prediction.out_of_distribution:
+            return [prediction.path]
+    return []
+
+
 def _wait(app, until, timeout: float = 120.0) -> None:
     end = time.monotonic() + timeout
     while not until():
@@ -292,12 +309,13 @@ def shoot(app, config_dir: Path, pbc: Path, npz: Path, plan, accuracies, model_p
     _wait(app, lambda: window.results_page.job is None)
     grab("results")
 
-    # Classify: full-size PBC JPEGs, one per class
+    # Classify: full-size PBC JPEGs, one per class (and one the model is uncertain about)
     if classify_model is not None:
         state.set_model(classify_model)
     window.results_page.tabs.setCurrentIndex(1)
     panel = window.results_page.classify_panel
     files = [str(sorted((pbc / c).glob("*.jpg"))[5]) for c in plan.classes] + _not_cells(pbc)
+    files += _uncertain(pbc, state.model_path, files)
     panel.classify(files)
     _wait(app, lambda: panel.job is None)
     grab("classify")

@@ -1,0 +1,101 @@
+"""Does 64-pixel input raise what fixed, data-free features can reach? (research script, issue 16)
+
+Non-private linear probes on the validation split, one view per image, 6,000 training images (the issue's quick
+measurements used the same size): the recipe's 28-px features (`scatter_synth_inv_28`'s single view: scattering
+J = 2 pooled 3×3 and the procedural encoder's maps pooled 2×2) beside features of the same images at 64 px from
+`bloodmnist_64.npz` — the shipped procedural encoder (trained on 28-px dead leaves) run on 64-px input, its
+16×16 maps pooled 2×2 / 4×4, and scattering J = 3 at 64 px pooled 2×2.
+
+    python -m bench.accuracy.res64_screen cache      # /tmp/res64/*.pt, with per-image feature cost
+    python -m bench.accuracy.res64_screen ceiling    # linear probes, validation
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.accuracy.head_ceiling import fit
+
+OUT = Path("/tmp/res64")
+
+
+def _subset(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.permutation(len(labels))[:n])
+
+
+def cache(n_train: int) -> None:
+    from hemafed.core.data.bloodmnist import load_splits, locate
+    from hemafed.core.learning.features import Scattering2D, scatter_features
+    from hemafed.core.learning.models import _normalisation, build_model, images_to_tensor
+    from hemafed.core.learning.procedural_features import procedural_features
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    path28 = locate(None)
+    s28, s64 = load_splits(path28), load_splits(path28.parent / "bloodmnist_64.npz")
+    model = build_model("scatter_synth_inv_28")
+    scat64 = Scattering2D(64, 3, 8)
+    mean, std = _normalisation()
+    for split in ("val", "train"):
+        idx = _subset(s28[split].labels.reshape(-1), n_train) if split == "train" else slice(None)
+        x28 = images_to_tensor(s28[split].images[idx], 28)
+        x64 = images_to_tensor(s64[split].images[idx], 64)
+        plain64 = x64 * std + mean  # the procedural encoder takes [0, 1] images
+        out, cost = {"y": torch.as_tensor(s28[split].labels[idx].reshape(-1)).long()}, {}
+        for name, fn in (
+            ("f28", lambda x28=x28: model.features(x28).flatten(1)),
+            ("enc64_p4", lambda plain64=plain64: procedural_features(plain64, 256, 4).flatten(1)),
+            ("scat64_j3", lambda x64=x64: F.adaptive_avg_pool2d(
+                F.group_norm(scatter_features(x64, scat64, 128), 7), 2).flatten(1)),
+        ):
+            t = time.perf_counter()
+            out[name] = fn().float()
+            cost[name] = (time.perf_counter() - t) / len(out["y"]) * 1e3
+        torch.save(out, OUT / f"{split}.pt")
+        print(split, {k: tuple(v.shape) for k, v in out.items()}, {k: f"{v:.2f} ms/image" for k, v in cost.items()},
+              flush=True)
+
+
+def ceiling(epochs: int) -> None:
+    tr, va = torch.load(OUT / "train.pt"), torch.load(OUT / "val.pt")
+
+    def pool2(x: torch.Tensor) -> torch.Tensor:  # enc64 4×4 → 2×2
+        return F.avg_pool2d(x.view(len(x), 128, 4, 4), 2).flatten(1)
+
+    combos = {
+        "28 px (recipe's features)": lambda d: d["f28"],
+        "64 px encoder 2×2": lambda d: pool2(d["enc64_p4"]),
+        "64 px encoder 4×4": lambda d: d["enc64_p4"],
+        "64 px scattering J=3 2×2": lambda d: d["scat64_j3"],
+        "28 px + 64 px encoder 2×2": lambda d: torch.cat([d["f28"], pool2(d["enc64_p4"])], 1),
+        "28 px + 64 px encoder 4×4": lambda d: torch.cat([d["f28"], d["enc64_p4"]], 1),
+        "28 px + 64 px scattering J=3 2×2": lambda d: torch.cat([d["f28"], d["scat64_j3"]], 1),
+        "28 px + both 64 px": lambda d: torch.cat([d["f28"], pool2(d["enc64_p4"]), d["scat64_j3"]], 1),
+    }
+    for name, get in combos.items():
+        tx, vx = get(tr), get(va)
+        mu, sd = tx.mean(0), tx.std(0) + 1e-6
+        torch.manual_seed(0)
+        last, best = fit(torch.nn.Linear(tx.shape[1], 8), (tx - mu) / sd, tr["y"], (vx - mu) / sd, va["y"], epochs)
+        print(f"| {name} | {tx.shape[1]} | {last:.2%} | {best:.2%} |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("step", choices=("cache", "ceiling"))
+    ap.add_argument("--train", type=int, default=6000)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cache(args.train) if args.step == "cache" else ceiling(args.epochs)
+
+
+if __name__ == "__main__":
+    main()
