@@ -8,6 +8,8 @@ J = 2 pooled 3×3 and the procedural encoder's maps pooled 2×2) beside features
 
     python -m bench.accuracy.res64_screen cache      # /tmp/res64/*.pt, with per-image feature cost
     python -m bench.accuracy.res64_screen ceiling    # linear probes, validation
+    python -m bench.accuracy.res64_screen cache-full # every training image (28-px features, 64-px encoder)
+    python -m bench.accuracy.res64_screen dp --eps 8 # DP-SGD screen, 3 seeds, validation
 """
 
 from __future__ import annotations
@@ -62,8 +64,12 @@ def cache(n_train: int) -> None:
               flush=True)
 
 
-def ceiling(epochs: int) -> None:
-    tr, va = torch.load(OUT / "train.pt"), torch.load(OUT / "val.pt")
+def ceiling(epochs: int, orbit: bool = False) -> None:
+    if orbit:
+        tr, va = torch.load(OUT / "train_full_orbit.pt"), torch.load(OUT / "val_full_orbit.pt")
+        tr["scat64_j3"] = va["scat64_j3"] = None  # not computed for every image
+    else:
+        tr, va = torch.load(OUT / "train.pt"), torch.load(OUT / "val.pt")
 
     def pool2(x: torch.Tensor) -> torch.Tensor:  # enc64 4×4 → 2×2
         return F.avg_pool2d(x.view(len(x), 128, 4, 4), 2).flatten(1)
@@ -79,22 +85,92 @@ def ceiling(epochs: int) -> None:
         "28 px + both 64 px": lambda d: torch.cat([d["f28"], pool2(d["enc64_p4"]), d["scat64_j3"]], 1),
     }
     for name, get in combos.items():
+        if orbit and "scattering" in name:
+            continue
         tx, vx = get(tr), get(va)
         mu, sd = tx.mean(0), tx.std(0) + 1e-6
         torch.manual_seed(0)
         last, best = fit(torch.nn.Linear(tx.shape[1], 8), (tx - mu) / sd, tr["y"], (vx - mu) / sd, va["y"], epochs)
-        print(f"| {name} | {tx.shape[1]} | {last:.2%} | {best:.2%} |", flush=True)
+        label = f"{name}, every training image, 8-view average" if orbit else name
+        print(f"| {label} | {tx.shape[1]} | {last:.2%} | {best:.2%} |", flush=True)
+
+
+def cache_full(orbit: bool = False) -> None:
+    """Every training image's 28-px recipe features and 64-px encoder maps (one view, or with `orbit` averaged over
+    the 8 rotations and flips as the product trains and evaluates), for the DP screen; with `orbit` the validation
+    images' too."""
+    from hemafed.core.data.bloodmnist import load_splits, locate
+    from hemafed.core.learning.features import dihedral
+    from hemafed.core.learning.models import _normalisation, build_model, images_to_tensor
+    from hemafed.core.learning.procedural_features import procedural_features
+
+    path28 = locate(None)
+    s28, s64 = load_splits(path28), load_splits(path28.parent / "bloodmnist_64.npz")
+    model = build_model("scatter_synth_inv_28")
+    mean, std = _normalisation()
+    for split in ("train", "val") if orbit else ("train",):
+        x28 = images_to_tensor(s28[split].images, 28)
+        plain64 = images_to_tensor(s64[split].images, 64) * std + mean
+        t = time.perf_counter()
+        views = range(8) if orbit else range(1)
+        out = {"y": torch.as_tensor(s28[split].labels.reshape(-1)).long(),
+               "f28": sum(model.features(dihedral(x28, k)).flatten(1) for k in views).float() / len(views),
+               "enc64_p4": sum(procedural_features(dihedral(plain64, k), 256, 4).flatten(1)
+                               for k in views).float() / len(views)}
+        name = f"{split}_full{'_orbit' if orbit else ''}.pt"
+        torch.save(out, OUT / name)
+        print(f"{name}: {len(out['y'])} images in {time.perf_counter() - t:.0f} s", flush=True)
+
+
+def dp(eps: float, lr: float, rounds: int, seeds: list[int], orbit: bool = False) -> None:
+    """Central Poisson DP-SGD on a linear head (q 0.1713, the default plan's realised noise: `private_fit`), on
+    features centred by their training mean (the product estimates it privately in round 1), validation split."""
+    from bench.accuracy.head_ceiling import private_fit
+
+    if orbit:
+        tr, va = torch.load(OUT / "train_full_orbit.pt"), torch.load(OUT / "val_full_orbit.pt")
+    else:
+        tr, va = torch.load(OUT / "train_full.pt"), torch.load(OUT / "val.pt")
+
+    def pool2(x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x.view(len(x), 128, 4, 4), 2).flatten(1)
+
+    combos = {
+        "28 px (recipe's features)": lambda d: d["f28"],
+        "28 px + 64 px encoder 2×2": lambda d: torch.cat([d["f28"], pool2(d["enc64_p4"])], 1),
+        "28 px + 64 px encoder 4×4": lambda d: torch.cat([d["f28"], d["enc64_p4"]], 1),
+    }
+    for name, get in combos.items():
+        tx, vx = get(tr), get(va)
+        centre = tx.mean(0)
+        t = time.perf_counter()
+        singles, _ = private_fit(tx - centre, tr["y"], vx - centre, va["y"], [], eps, lr, rounds, seeds)
+        label = f"{name} (8-view average)" if orbit else name
+        print(f"| {label} | {tx.shape[1]} | {eps:g} | {lr:g} | {np.mean(singles):.2%} ± {np.std(singles):.2%} | "
+              f"{len(seeds)} | {(time.perf_counter() - t) / len(seeds):.0f} s |", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", choices=("cache", "ceiling"))
+    ap.add_argument("step", choices=("cache", "ceiling", "cache-full", "dp"))
+    ap.add_argument("--eps", type=float, default=8.0)
+    ap.add_argument("--lr", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=500)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--orbit", action="store_true", help="features averaged over the 8 rotations and flips")
     ap.add_argument("--train", type=int, default=6000)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cache(args.train) if args.step == "cache" else ceiling(args.epochs)
+    if args.step == "cache":
+        cache(args.train)
+    elif args.step == "ceiling":
+        ceiling(args.epochs, args.orbit)
+    elif args.step == "cache-full":
+        cache_full(args.orbit)
+    else:
+        dp(args.eps, args.lr, args.rounds, args.seeds, args.orbit)
 
 
 if __name__ == "__main__":
