@@ -2,24 +2,24 @@
 statistics of them.
 
 The classifier's own confidence cannot tell (docs/ood-screening.md: it is as sure of a whole smear field as of a
-cell). What can: a handful of measurements that describe what every training image shows, one stained white cell
-in the middle on a plain background, at the microscope's scale. `measurements` computes 44 candidates per image, at
-the model's input size: the
-haematoxylin and eosin optical density (colour deconvolution, Ruifrok & Johnston 2001) and the total optical density
-in four rings around the centre, with their spread and 90th percentile; the grey level's edge strength in the same
-rings; the share of strongly haematoxylin-stained pixels overall and in the middle; where that stain's mass sits and
-how far it spreads; and the share of the grey, haematoxylin and eosin images' energy in six spatial-frequency bands
-(a whole field's small cells put energy where a single cell's outline does not). The check uses the 12 of them in
-`USED` (chosen by a forward selection that simulates the federation's DP noise, docs/ood-check.md): every extra
-measurement adds coordinates to the DP moments (d + d(d+1)/2) and spread to an in-distribution image's score, so
-all 44 together flagged fewer whole fields than these 12.
+cell). What can: a handful of measurements that describe what every training image shows, one stained white cell in
+the middle on a plain background, at the microscope's scale. `measurements` computes 44 candidates per image, at the
+model's input size: the haematoxylin and eosin optical density (colour deconvolution, Ruifrok & Johnston 2001) and
+the total optical density in four rings around the centre, with their spread and 90th percentile; the grey level's
+edge strength in the same rings; the share of strongly haematoxylin-stained pixels overall and in the middle; where
+that stain's mass sits and how far it spreads; and the share of the grey, haematoxylin and eosin images' energy in
+six spatial-frequency bands (a whole field's small cells put energy where a single cell's outline does not). The
+check uses the 12 of them in `USED` (chosen by a forward selection that simulates the federation's DP noise,
+docs/cell-check-screen.md): every extra measurement adds coordinates to the DP moments (d + d(d+1)/2) and spread to
+an in-distribution image's score, so all 44 together flagged fewer whole fields than these 12.
 
 The federation estimates the mean and covariance of these measurements as part of training, at no privacy cost of
 its own (`moment_vector`, `core.learning.fedsgd`): from round 2 on, each record's contribution to a round is its
 clipped gradient (norm ≤ `GRADIENT_SHARE`·C) beside its clipped measurement moments (norm ≤ `MOMENT_SHARE`·C), so
 the whole stays within C and the round's noise, sensitivity and ε are unchanged; the aggregator averages the
-rounds' noisy moment sums. An image's score is its Mahalanobis distance to that mean; each site sets its own
-threshold on its own validation images (never sent) for a stated false-alarm rate.
+rounds' noisy moment sums. An image's score is its Mahalanobis distance to that mean; the threshold flags a stated
+share of the federation's validation images (their counts above public edges, `core.rounds.calibration_sums`), or
+of the site's own (never sent) when the federation sent none.
 
 Standardisation constants: medians and spreads of the measurements on the 200 public PBC sample images
 (`python -m hemafed.core.learning.cell_check --constants`), not on any hospital's records.

@@ -47,7 +47,7 @@ def temperature_from_sums(sums: np.ndarray, images: int,
 CELL_FALSE_ALARMS = 0.015
 # Public and fixed: 96 edges from 5 to 5,000, 7.5 % apart (a 12-measurement Mahalanobis score of an image like the
 # training images is mostly 3–40; one of something else, hundreds to millions). Coarser steps cost detection: with
-# 10 % steps from 30 the threshold sat well above the 1.5 % point (docs/ood-check.md).
+# 10 % steps from 30 the threshold sat well above the 1.5 % point (docs/cell-check-screen.md).
 CELL_SCORE_EDGES: tuple[float, ...] = tuple(round(5.0 * 1000.0 ** (i / 95), 4) for i in range(96))
 
 
