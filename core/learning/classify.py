@@ -109,7 +109,10 @@ def load_model_file(path: str | Path) -> ModelFile:
     model = build_model(name, len(classes))
     if weights.ndim != 1 or weights.size != num_parameters(model):
         raise ModelFileError(f"{path}: {weights.size} weights do not fit {name} with {len(classes)} classes "
-                             f"({num_parameters(model)} expected)")
+                             f"({num_parameters(model)} expected): saved by another version of hemafed whose model "
+                             "of that name had another layout (the cell check's statistics changed size on "
+                             "2026-12-03), or damaged; open it with the version that saved it, or use a model file "
+                             "from a newer federation")
     try:
         set_flat_params(model, weights)
     except ValueError as exc:

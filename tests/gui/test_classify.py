@@ -105,6 +105,15 @@ def test_bad_model_file_is_refused_in_words(tmp_path: Path) -> None:
         load_model_file(tmp_path / "nope.npz")
 
 
+def test_a_model_file_of_another_layout_is_refused_in_words(model_file: Path, tmp_path: Path) -> None:
+    arrays = dict(np.load(model_file, allow_pickle=False))
+    arrays["weights"] = np.concatenate([arrays["weights"], np.zeros(944, arrays["weights"].dtype)])
+    other = tmp_path / "older.npz"
+    np.savez(other, **arrays)
+    with pytest.raises(ModelFileError, match="another version of hemafed"):
+        load_model_file(other)
+
+
 def test_hemafed_alone_without_a_display_prints_usage(monkeypatch, capsys) -> None:
     from hemafed.gui import cli
 
