@@ -27,53 +27,33 @@ import numpy as np
 from hemafed.core.data.appearance import public_sample
 from hemafed.core.data.bloodmnist import load_splits, locate
 from hemafed.core.learning import cell_check
-from hemafed.core.rounds.calibration_sums import CELL_SCORE_EDGES
+from hemafed.core.rounds.calibration_sums import CELL_SCORE_EDGES, cell_tails, cell_threshold_from_tails
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 NOISE = 2.598 * 1.4 / (1844 * math.sqrt(499))  # per unit of R / share (see the docstring)
-OLD_EDGES = np.array([30.0 * 100.0 ** (i / 47) for i in range(48)])
-NEW_EDGES = np.array(CELL_SCORE_EDGES)
+OLD_EDGES = tuple(30.0 * 100.0 ** (i / 47) for i in range(48))
+NEW_EDGES = CELL_SCORE_EDGES
 SETS = ("test", "whole fields", "red cells", "noise", "pbc")
 
 
-def _moments(z: np.ndarray, radius: float) -> tuple[np.ndarray, tuple, np.ndarray]:
-    d = z.shape[1]
-    upper = np.triu_indices(d)
-    weight = np.where(upper[0] == upper[1], 1.0, math.sqrt(2.0))
-    v = np.concatenate([z, np.einsum("ni,nj->nij", z, z)[:, upper[0], upper[1]] * weight], 1)
-    norms = np.linalg.norm(v, axis=1, keepdims=True)
-    return v * np.minimum(1.0, radius / np.maximum(norms, 1e-12)), upper, weight
+def _stats(z: np.ndarray, radius: float, share: float, floor: float,
+           rng: np.random.Generator) -> cell_check.CellStats:
+    """The product's statistics (`moment_vector`, `CellStats`) from every training image, plus the noise."""
+    m = cell_check.moment_vector(z, radius).mean(0)
+    m = m + rng.normal(0, NOISE * radius / share, m.shape)
+    return cell_check.CellStats.from_average(m, z.shape[1], floor)
 
 
-def _stats(z: np.ndarray, radius: float, share: float, floor: float, rng: np.random.Generator | None):
-    d = z.shape[1]
-    v, upper, weight = _moments(z, radius)
-    m = v.mean(0)
-    if rng is not None:
-        m = m + rng.normal(0, NOISE * radius / share, m.shape)
-    mean = m[:d]
-    second = np.zeros((d, d))
-    second[upper] = m[d:] / weight
-    cov = second + np.triu(second, 1).T - np.outer(mean, mean)
-    values, vectors = np.linalg.eigh((cov + cov.T) / 2)
-    return mean, (vectors / np.maximum(values, floor)) @ vectors.T
-
-
-def _score(z: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    d = z - mean
-    return np.einsum("ij,jk,ik->i", d, precision, d)
-
-
-def simulate(z: dict[str, np.ndarray], idx: list[int], radius: float, floor: float, edges: np.ndarray,
+def simulate(z: dict[str, np.ndarray], idx: list[int], radius: float, floor: float, edges: tuple[float, ...],
              draws: int = 10, share: float = cell_check.MOMENT_SHARE) -> np.ndarray:
     """(draws, len(SETS)) shares flagged."""
     out = []
     for draw in range(draws):
-        mean, precision = _stats(z["train"][:, idx], radius, share, floor, np.random.default_rng(100 + draw))
-        val = _score(z["val"][:, idx], mean, precision)
-        ok = [e for e in edges if np.mean(val > e) <= cell_check.FALSE_ALARMS]
-        threshold = ok[0] if ok else edges[-1]
-        out.append([np.mean(_score(z[k][:, idx], mean, precision) > threshold) for k in SETS])
+        stats = _stats(z["train"][:, idx], radius, share, floor, np.random.default_rng(100 + draw))
+        val = stats.score_measurements(z["val"][:, idx])
+        threshold = cell_threshold_from_tails(cell_tails(val, edges), len(val), cell_check.FALSE_ALARMS, edges)
+        threshold = edges[-1] if threshold is None else threshold
+        out.append([np.mean(stats.score_measurements(z[k][:, idx]) > threshold) for k in SETS])
     return np.array(out)
 
 
@@ -84,8 +64,9 @@ def forward_selection(z: dict[str, np.ndarray], steps: int) -> list[tuple[int, l
 
     def rates(idx: list[int]) -> list[float]:
         precision = np.linalg.inv(cov[np.ix_(idx, idx)] + 1e-9 * np.eye(len(idx)))
-        threshold = np.quantile(_score(z["val"][:, idx], mu[idx], precision), 1 - cell_check.FALSE_ALARMS)
-        return [float(np.mean(_score(z[k][:, idx], mu[idx], precision) > threshold)) for k in SETS[:3]]
+        stats = cell_check.CellStats(mu[idx], precision)
+        threshold = np.quantile(stats.score_measurements(z["val"][:, idx]), 1 - cell_check.FALSE_ALARMS)
+        return [float(np.mean(stats.score_measurements(z[k][:, idx]) > threshold)) for k in SETS[:3]]
 
     chosen: list[int] = []
     path = []

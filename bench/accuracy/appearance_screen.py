@@ -82,29 +82,24 @@ def main() -> None:
     shifted = hospitals(SimulationOptions(seed=0, appearance="shifted"))
     labels = torch.as_tensor(same.train.labels.reshape(-1)).long()
 
-    def augmented(images: np.ndarray, parts, k: int) -> torch.Tensor:
+    def random_looks(images: np.ndarray, parts, k: int):
+        """k copies of the training images, each image in a random look of its own (drawn site by site)."""
         rng = np.random.default_rng([0, 0xA06])
-        total = features(images)
         for _ in range(k):
             copy = images.copy()
-            for idx in parts:  # each site draws its own looks, per image
+            for idx in parts:
                 for i in idx:
                     copy[i] = apply_look(images[i:i + 1], HospitalLook.draw(rng))[0]
-            total += features(copy)
-        return total / (k + 1)
+            yield copy
+
+    def augmented(images: np.ndarray, parts, k: int) -> torch.Tensor:
+        return sum((features(c) for c in random_looks(images, parts, k)), features(images)) / (k + 1)
 
     rows = []
     if args.multiplicity:
         for name, data in (("each its own look", shifted), ("alike", same)):
-            rng = np.random.default_rng([0, 0xA06])
-            stack = [features(data.train.images)]
-            for _ in range(args.k):
-                copy = data.train.images.copy()
-                for idx in data.parts:
-                    for i in idx:
-                        copy[i] = apply_look(data.train.images[i:i + 1], HospitalLook.draw(rng))[0]
-                stack.append(features(copy))
-            copies = torch.stack(stack)
+            copies = torch.stack([features(data.train.images)]
+                                 + [features(c) for c in random_looks(data.train.images, data.parts, args.k)])
             centre = copies.mean((0, 1))
             acc = multiplicity_fit(copies - centre, labels, vx - centre, vy, 8.0, 0.5, 500, args.seeds)
             rows.append(f"| {name}, augmentation multiplicity (image + {args.k} random looks, gradients averaged) "

@@ -64,28 +64,33 @@ def cache(n_train: int) -> None:
               flush=True)
 
 
+def _pool2(x: torch.Tensor) -> torch.Tensor:
+    """The 64-px encoder's 4×4 maps pooled to 2×2."""
+    return F.avg_pool2d(x.view(len(x), 128, 4, 4), 2).flatten(1)
+
+
+# name → (the cached features it needs, how it combines them)
+COMBOS = {
+    "28 px (recipe's features)": (("f28",), lambda d: d["f28"]),
+    "64 px encoder 2×2": (("enc64_p4",), lambda d: _pool2(d["enc64_p4"])),
+    "64 px encoder 4×4": (("enc64_p4",), lambda d: d["enc64_p4"]),
+    "64 px scattering J=3 2×2": (("scat64_j3",), lambda d: d["scat64_j3"]),
+    "28 px + 64 px encoder 2×2": (("f28", "enc64_p4"), lambda d: torch.cat([d["f28"], _pool2(d["enc64_p4"])], 1)),
+    "28 px + 64 px encoder 4×4": (("f28", "enc64_p4"), lambda d: torch.cat([d["f28"], d["enc64_p4"]], 1)),
+    "28 px + 64 px scattering J=3 2×2": (("f28", "scat64_j3"), lambda d: torch.cat([d["f28"], d["scat64_j3"]], 1)),
+    "28 px + both 64 px": (("f28", "enc64_p4", "scat64_j3"),
+                           lambda d: torch.cat([d["f28"], _pool2(d["enc64_p4"]), d["scat64_j3"]], 1)),
+}
+DP_COMBOS = ("28 px (recipe's features)", "28 px + 64 px encoder 2×2", "28 px + 64 px encoder 4×4")
+
+
 def ceiling(epochs: int, orbit: bool = False) -> None:
     if orbit:
         tr, va = torch.load(OUT / "train_full_orbit.pt"), torch.load(OUT / "val_full_orbit.pt")
-        tr["scat64_j3"] = va["scat64_j3"] = None  # not computed for every image
     else:
         tr, va = torch.load(OUT / "train.pt"), torch.load(OUT / "val.pt")
-
-    def pool2(x: torch.Tensor) -> torch.Tensor:  # enc64 4×4 → 2×2
-        return F.avg_pool2d(x.view(len(x), 128, 4, 4), 2).flatten(1)
-
-    combos = {
-        "28 px (recipe's features)": lambda d: d["f28"],
-        "64 px encoder 2×2": lambda d: pool2(d["enc64_p4"]),
-        "64 px encoder 4×4": lambda d: d["enc64_p4"],
-        "64 px scattering J=3 2×2": lambda d: d["scat64_j3"],
-        "28 px + 64 px encoder 2×2": lambda d: torch.cat([d["f28"], pool2(d["enc64_p4"])], 1),
-        "28 px + 64 px encoder 4×4": lambda d: torch.cat([d["f28"], d["enc64_p4"]], 1),
-        "28 px + 64 px scattering J=3 2×2": lambda d: torch.cat([d["f28"], d["scat64_j3"]], 1),
-        "28 px + both 64 px": lambda d: torch.cat([d["f28"], pool2(d["enc64_p4"]), d["scat64_j3"]], 1),
-    }
-    for name, get in combos.items():
-        if orbit and "scattering" in name:
+    for name, (needs, get) in COMBOS.items():
+        if not all(key in tr for key in needs):  # 64-px scattering is cached for the quick probe only
             continue
         tx, vx = get(tr), get(va)
         mu, sd = tx.mean(0), tx.std(0) + 1e-6
@@ -132,15 +137,8 @@ def dp(eps: float, lr: float, rounds: int, seeds: list[int], orbit: bool = False
     else:
         tr, va = torch.load(OUT / "train_full.pt"), torch.load(OUT / "val.pt")
 
-    def pool2(x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(x.view(len(x), 128, 4, 4), 2).flatten(1)
-
-    combos = {
-        "28 px (recipe's features)": lambda d: d["f28"],
-        "28 px + 64 px encoder 2×2": lambda d: torch.cat([d["f28"], pool2(d["enc64_p4"])], 1),
-        "28 px + 64 px encoder 4×4": lambda d: torch.cat([d["f28"], d["enc64_p4"]], 1),
-    }
-    for name, get in combos.items():
+    for name in DP_COMBOS:
+        get = COMBOS[name][1]
         tx, vx = get(tr), get(va)
         centre = tx.mean(0)
         t = time.perf_counter()

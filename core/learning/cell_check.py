@@ -122,17 +122,23 @@ def standardised(images: np.ndarray) -> np.ndarray:
 
 
 MOMENT_LEN = DIM + DIM * (DIM + 1) // 2
-_UPPER = np.triu_indices(DIM)
-# off-diagonal products appear twice in z·zᵀ: weighting them by √2 keeps the vector's norm equal to |z|²
-_WEIGHT = np.where(_UPPER[0] == _UPPER[1], 1.0, math.sqrt(2.0))
 
 
-def moment_vector(z: np.ndarray) -> np.ndarray:
-    """Each standardised measurement vector's (z, upper triangle of z·zᵀ), clipped to norm `MOMENT_RADIUS`."""
+def _upper(d: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """The upper triangle's indices of a d×d matrix and their weights: off-diagonal products appear twice in z·zᵀ,
+    so weighting them by √2 keeps the vector's norm equal to |z|²."""
+    upper = np.triu_indices(d)
+    return upper, np.where(upper[0] == upper[1], 1.0, math.sqrt(2.0))
+
+
+def moment_vector(z: np.ndarray, radius: float = MOMENT_RADIUS) -> np.ndarray:
+    """Each standardised measurement vector's (z, upper triangle of z·zᵀ), clipped to norm `radius` (any number of
+    measurements: the research screen tries other sets)."""
     z = np.asarray(z, np.float64)
-    v = np.concatenate([z, np.einsum("ni,nj->nij", z, z)[:, _UPPER[0], _UPPER[1]] * _WEIGHT], 1)
+    upper, weight = _upper(z.shape[1])
+    v = np.concatenate([z, np.einsum("ni,nj->nij", z, z)[:, upper[0], upper[1]] * weight], 1)
     norms = np.linalg.norm(v, axis=1, keepdims=True)
-    return v * np.minimum(1.0, MOMENT_RADIUS / np.maximum(norms, 1e-12))
+    return v * np.minimum(1.0, radius / np.maximum(norms, 1e-12))
 
 
 @dataclass(frozen=True)
@@ -148,14 +154,20 @@ class CellStats:
         m = np.asarray(moments, np.float64)
         if m.shape != (MOMENT_LEN,) or not m.any() or not np.isfinite(m).all():
             return None
-        mean = m[:DIM]
-        second = np.zeros((DIM, DIM))
-        second[_UPPER] = m[DIM:] / _WEIGHT
+        return cls.from_average(m, DIM)
+
+    @classmethod
+    def from_average(cls, m: np.ndarray, d: int, floor: float = EIGEN_FLOOR) -> CellStats:
+        """From an average of `moment_vector`s of `d` measurements, unchecked (the research screen's entry)."""
+        upper, weight = _upper(d)
+        mean = m[:d]
+        second = np.zeros((d, d))
+        second[upper] = m[d:] / weight
         second = second + np.triu(second, 1).T
         cov = second - np.outer(mean, mean)
         cov = (1 - SHRINK) * cov + SHRINK * np.diag(np.diag(cov))
         values, vectors = np.linalg.eigh((cov + cov.T) / 2)
-        return cls(mean, (vectors / np.maximum(values, EIGEN_FLOOR)) @ vectors.T)
+        return cls(mean, (vectors / np.maximum(values, floor)) @ vectors.T)
 
     def scores(self, images: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance of each image's measurements to the federation's mean."""
