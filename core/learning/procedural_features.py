@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import threading
 import time
 from functools import cache
 from pathlib import Path
@@ -137,9 +138,20 @@ def pretrain(steps: int, out: Path, batch: int = 256, lr: float = 1e-3, seed: in
     return step
 
 
-@cache
+_LOAD_LOCK = threading.Lock()
+
+
 def load_encoder(path: str | None = None) -> nn.Sequential:
-    """The frozen encoder (shipped weights unless `path`), in eval mode, without gradients."""
+    """The frozen encoder (shipped weights unless `path`), in eval mode, without gradients; loaded once per process.
+    Sites running as threads of one process (tests, the app) ask for it at the same moment: the lock makes them
+    share one load instead of each reading the file, and keeps numpy's header parsing (`ast.literal_eval`) out of
+    parallel threads, where CPython 3.11 can fail with "AST constructor recursion depth mismatch"."""
+    with _LOAD_LOCK:
+        return _load_encoder(path)
+
+
+@cache
+def _load_encoder(path: str | None) -> nn.Sequential:
     from importlib.resources import files
 
     source = Path(path) if path else files("hemafed.assets") / ENCODER_ASSET
