@@ -85,3 +85,12 @@ def test_a_budget_plan_that_cannot_be_built_is_refused_with_the_reason(tmp_path:
                                                                        match: str) -> None:
     with pytest.raises(PlanError, match=match):
         AggregatorConfig.load(_write_plan(tmp_path, plan))
+
+
+def test_the_64_px_model_takes_half_the_recipe_lr() -> None:
+    """The multi-scale model's longer feature vector wants half the step at the same noise (validation screen)."""
+    from hemafed.core.learning.recipe import recommended_plan, server_lr_for
+
+    assert server_lr_for(2.6, "scatter_synth_inv_cc_ms_64") == 0.5 and server_lr_for(2.6) == 1.0
+    plan = recommended_plan(8.0, 12000, 10, model="scatter_synth_inv_cc_ms_64")
+    assert plan.input_size == 64 and plan.server_lr == server_lr_for(plan.noise_multiplier, plan.model) < 1.0

@@ -22,6 +22,7 @@ from hemafed.core.learning.cell_check import (
     MOMENT_SHARE,
     CellStats,
     fit_threshold,
+    measurements,
     moment_vector,
     standardised,
 )
@@ -89,6 +90,18 @@ def test_the_moments_recover_the_mean_and_covariance() -> None:
 def test_no_images_give_no_measurements() -> None:
     assert standardised(np.zeros((0, 28, 28, 3), np.uint8)).shape == (0, DIM)
     assert moment_vector(np.zeros((0, DIM))).shape == (0, MOMENT_LEN)
+
+
+def test_a_64_px_model_checks_the_image_at_28_px(stats) -> None:
+    """The measurements are taken at 28 px whatever the model's input (the public standardisation and the
+    threshold were set there): a 64-px image measures and scores as its 28-px resize."""
+    from hemafed.core.data.imaging import resize_array_batch
+
+    big = np.concatenate([cells(10, 8, size=64), resize_array_batch(fields(10, 9), 64)])
+    small = resize_array_batch(big, 28)
+    np.testing.assert_array_equal(measurements(big), measurements(small))
+    check = CellStats.from_moments(stats[0])
+    np.testing.assert_array_equal(check.scores(big), check.scores(small))
 
 
 def test_noise_and_whole_fields_are_flagged_and_new_cells_are_not(stats) -> None:

@@ -135,3 +135,30 @@ def test_registry_says_which_models_have_a_feature_center(name: str) -> None:
 
     head = split_features(build_model(name, 8))[1]
     assert MODELS[name].centred == isinstance(head, CenteredLinear)
+
+
+def test_multiscale_model_sees_the_28_px_image_and_the_64_px_one() -> None:
+    """scatter_synth_inv_cc_ms_64: its first features are scatter_synth_inv_28's of the image resized to 28 px
+    (antialiased bilinear, as BloodMNIST's 28-px images were made), then the procedural encoder's 64-px maps
+    pooled 4×4; 8-view averages for training and evaluation, so rotations and flips give the same vector."""
+    import torch.nn.functional as F
+
+    from hemafed.core.learning.features import dihedral
+    from hemafed.core.learning.models import MULTISCALE_DIM, MultiScaleNet, evaluation_features, split_features
+
+    model = build_model("scatter_synth_inv_cc_ms_64", 8, seed=0)
+    assert isinstance(model, MultiScaleNet) and MODELS["scatter_synth_inv_cc_ms_64"].input_size == 64
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    features, head = split_features(model)
+    f = features(x)
+    assert f.shape == (2, MULTISCALE_DIM) == (2, 243 * 9 + 128 * 4 + 128 * 16)
+    assert torch.allclose(f, evaluation_features(model)(x), atol=1e-6)
+    assert torch.allclose(features(dihedral(x, 3)), f, atol=1e-4)
+    coarse = F.interpolate(x, size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
+    small = build_model("scatter_synth_inv_28", 8, seed=0)
+    assert torch.allclose(f[:, :243 * 9 + 128 * 4], split_features(small)[0](coarse), atol=1e-5)
+    # the 64-px part is not the 28-px encoder's view again: it changes when only fine detail does
+    detail = x + 0.2 * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(4)))
+    fine = features(detail)[:, 243 * 9 + 128 * 4:] - f[:, 243 * 9 + 128 * 4:]
+    assert fine.abs().max() > 1e-2
+    assert len(get_flat_params(head)) == MULTISCALE_DIM * 9 + 8 + len(head.cell_moments)

@@ -24,6 +24,9 @@ OFFICIAL_MD5 = "7053d0359d879ad8a5505303e11de1dc"
 OFFICIAL_NAME = "bloodmnist.npz"
 LOCAL_NAMES = ("bloodmnist/bloodmnist_28.npz", "bloodmnist_28.npz", "bloodmnist/bloodmnist.npz",
                "bloodmnist.npz")
+# MedMNIST+ (MedMNIST v3) publishes the same images at 64 px: its info.py's url_64 and MD5_64
+OFFICIAL_64 = ("https://zenodo.org/records/10519652/files/bloodmnist_64.npz?download=1",
+               "2b94928a2ae4916078ca51e05b6b800b", "bloodmnist_64.npz")
 SPLITS = ("train", "val", "test")
 
 
@@ -39,27 +42,32 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def locate(data: str | os.PathLike[str] | None = None, *, download: bool = True) -> Path:
-    """Path of a BloodMNIST `.npz`.
+def locate(data: str | os.PathLike[str] | None = None, *, download: bool = True, size: int = 28) -> Path:
+    """Path of a BloodMNIST `.npz`, at `size` pixels (28 or 64) where a folder offers a choice.
 
     `data` (a file, or a folder holding one) or `HEMAFED_DATA_DIR` win and are used
     as given: a local rebuild has a different checksum and is accepted when named
     explicitly. Otherwise the official file is taken from the cache, or downloaded.
+    A folder without the `size`-pixel file falls back to the 28-pixel one (a site resizes what it holds).
     """
+    if size not in (28, 64):
+        raise ValueError(f"BloodMNIST is published at 28 or 64 px here, not {size}")
+    names = (f"bloodmnist/bloodmnist_{size}.npz", f"bloodmnist_{size}.npz", *LOCAL_NAMES) if size != 28 else LOCAL_NAMES
     for base in [Path(data)] if data is not None else _env_candidates():
         if base.is_file():
             return base
-        for name in LOCAL_NAMES:
+        for name in names:
             if (base / name).is_file():
                 return base / name
         if data is not None:
             raise DatasetUnavailable(f"no BloodMNIST .npz at {base}")
-    cached = cache_dir() / OFFICIAL_NAME
-    if cached.is_file() and md5sum(cached) == OFFICIAL_MD5:
+    url, md5, name = (OFFICIAL_URL, OFFICIAL_MD5, OFFICIAL_NAME) if size == 28 else OFFICIAL_64
+    cached = cache_dir() / name
+    if cached.is_file() and md5sum(cached) == md5:
         return cached
     if not download:
         raise DatasetUnavailable("BloodMNIST not found; pass --data or set HEMAFED_DATA_DIR")
-    return download_official(cached)
+    return download_official(cached, url, md5)
 
 
 def _env_candidates() -> list[Path]:

@@ -3,8 +3,9 @@ statistics of them.
 
 The classifier's own confidence cannot tell (docs/ood-screening.md: it is as sure of a whole smear field as of a
 cell). What can: a handful of measurements that describe what every training image shows, one stained white cell in
-the middle on a plain background, at the microscope's scale. `measurements` computes 44 candidates per image, at the
-model's input size: the haematoxylin and eosin optical density (colour deconvolution, Ruifrok & Johnston 2001) and
+the middle on a plain background, at the microscope's scale. `measurements` computes 44 candidates per image, at 28
+px (a larger model input is resized to 28 px first, so the public standardisation and the screen's choices hold for
+every model): the haematoxylin and eosin optical density (colour deconvolution, Ruifrok & Johnston 2001) and
 the total optical density in four rings around the centre, with their spread and 90th percentile; the grey level's
 edge strength in the same rings; the share of strongly haematoxylin-stained pixels overall and in the middle; where
 that stain's mass sits and how far it spreads; and the share of the grey, haematoxylin and eosin images' energy in
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.appearance import HED_FROM_RGB as _HED_FROM_RGB  # Ruifrok & Johnston's stain vectors
+from ..data.imaging import resize_array_batch
 from ..rounds.calibration_sums import CELL_FALSE_ALARMS as FALSE_ALARMS
 
 _RINGS = ((0.0, 0.35), (0.35, 0.7), (0.7, 1.0), (1.0, 2.0))  # radius / half the side
@@ -57,6 +59,7 @@ USED: tuple[tuple[int, str], ...] = (
 )
 _USED = np.array([i for i, _ in USED])
 CANDIDATES = 44
+SIZE = 28  # the measurements' scale: the public constants below were taken there
 DIM = len(USED)
 MOMENT_RADIUS = 24.0  # a record's moment vector is clipped to this norm (|z|² ≲ 24: |z| ≲ 4.9 σ, as DIM = 12)
 MOMENT_SHARE = 0.4  # of the clip norm C, for the moments; the gradient keeps √(1 − 0.4²) ≈ 0.917 of it
@@ -78,10 +81,14 @@ SCALE = np.array([
 
 
 def measurements(images: np.ndarray) -> np.ndarray:
-    """(N, CANDIDATES) raw measurements of (N, H, W, 3) uint8 RGB images (see the module docstring)."""
-    x = np.asarray(images, np.float64)
-    if x.ndim != 4 or x.shape[-1] != 3:
+    """(N, CANDIDATES) raw measurements of (N, H, W, 3) uint8 RGB images, taken at `SIZE` pixels (see the module
+    docstring)."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError("images must be (N, H, W, 3) RGB")
+    if len(images) and images.shape[1:3] != (SIZE, SIZE):
+        images = resize_array_batch(images.astype(np.uint8), SIZE)
+    x = images.astype(np.float64)
     n, h, w, _ = x.shape
     if n == 0:  # a party without validation images (the one-hospital baseline)
         return np.zeros((0, CANDIDATES))

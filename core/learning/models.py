@@ -261,6 +261,41 @@ def scatter_synth_checked(num_classes: int, stain_normalise: bool = False) -> Sc
                            learned_pool=2, orbit=True, stain_normalise=stain_normalise)
 
 
+class MultiScaleNet(ScatterSynthNet):
+    """64-pixel input seen at two scales: `scatter_synth_inv_28`'s features of the image resized to 28 px (scattering
+    J = 2 pooled 3×3, the procedural encoder's maps pooled 2×2) beside the same encoder's maps of the 64-px image
+    (16×16, pooled to `fine_pool`², GroupNorm'd per image). The encoder never saw a real image or a 64-px one; at
+    64 px it sees the chromatin and granules that 28 px averages away (validation, central DP-SGD screen, 3 seeds:
+    +1.1 points at ε = 8 and 3; docs/accuracy-levers.md, sixth pass). Only the head is trained."""
+
+    COARSE = 28
+
+    def __init__(self, head: nn.Module, fine_pool: int = 4) -> None:
+        super().__init__(head, learned_pool=2, orbit=True)
+        self.fine_pool = fine_pool
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        # antialiased bilinear, as the 28-px BloodMNIST images were made (bloodmnist/PROVENANCE.md)
+        coarse = F.interpolate(x, size=(self.COARSE, self.COARSE), mode="bilinear", antialias=True,
+                               align_corners=False)
+        mean, std = _normalisation()
+        fine = procedural_features(x * std + mean, batch_size, self.fine_pool)
+        return torch.cat([super().features(coarse, batch_size), fine.flatten(1)], 1)
+
+
+MULTISCALE_DIM = 243 * 3 * 3 + 128 * 2 * 2 + 128 * 4 * 4
+MULTISCALE_RADIUS = 60.0
+
+
+def multiscale_checked(num_classes: int) -> MultiScaleNet:
+    """`MultiScaleNet` with a centred head carrying the cell check's moments (measured on the 28-px image)."""
+    from .cell_check import MOMENT_LEN
+
+    # radius: above every feature norm on BloodMNIST's 64-px validation split (8-view averages; see its test)
+    return MultiScaleNet(CenteredLinear(MULTISCALE_DIM, num_classes, radius=MULTISCALE_RADIUS, moments=MOMENT_LEN))
+
+
 def split_features(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
     """(fixed feature map, trainable part): a site computes the first once and trains the second."""
     if isinstance(model, ScatterNet):
@@ -318,6 +353,11 @@ MODELS: dict[str, ModelSpec] = {
                   "image's background and haematoxylin and eosin densities are first mapped to a fixed public "
                   "reference (core.data.appearance), for hospitals whose stain and lamp differ; 28×28 input; "
                   "built for DP", lambda n: scatter_synth_checked(n, stain_normalise=True), centred=True),
+        ModelSpec("scatter_synth_inv_cc_ms_64", 64, "scatter_synth_inv_cc_28's features of the image at 28 px "
+                  "beside the shape-trained network's view of it at 64 px (finer chromatin and granules), averaged "
+                  "over the 8 rotations and flips; only the final layer (38.0 k numbers) is trained, on centred "
+                  "features, with the same cell check (on the 28-px image); 64×64 input; built for DP",
+                  multiscale_checked, centred=True),
         ModelSpec("cnn4_28", 28, "plain 4-conv GroupNorm CNN (32/64 channels), 28×28 input; fast reference",
                   lambda n: SmallCNN(n)),
     )

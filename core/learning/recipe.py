@@ -15,6 +15,7 @@ from typing import Any
 
 from ..privacy.calibration import BudgetTooSmall
 from ..rounds.plan import FederationPlan, PlanError
+from .models import MODELS
 from .site_trainer import fedsgd_plan_sigma
 
 RECIPE: dict[str, Any] = {
@@ -29,11 +30,16 @@ RECIPE: dict[str, Any] = {
 # centred scatter_synth_inv_28: best lr 1.0 at ε = 8 (σ 2.6), 0.7 at ε = 5 (σ 3.8), 0.5 at ε = 3 (σ 5.8);
 # docs/accuracy-levers.md). So each step moves the head by about the same amount of noise whatever ε is.
 LR_TIMES_SIGMA = 2.6
+# Models whose head wants smaller steps: the 64-px multi-scale features (4,747 numbers against 2,699) took half the
+# learning rate at ε = 8 and 3 (central DP-SGD screen, validation, 3 seeds; docs/accuracy-levers.md, sixth pass).
+MODEL_LR_TIMES_SIGMA = {"scatter_synth_inv_cc_ms_64": 1.3}
 
 
-def server_lr_for(sigma: float) -> float:
-    """The recipe's server learning rate for a plan-wide noise multiplier σ (`LR_TIMES_SIGMA`)."""
-    return round(min(1.0, LR_TIMES_SIGMA / sigma), 3) if sigma > 0 else 1.0
+def server_lr_for(sigma: float, model: str | None = None) -> float:
+    """The recipe's server learning rate for a plan-wide noise multiplier σ (`LR_TIMES_SIGMA`, or the model's own
+    in `MODEL_LR_TIMES_SIGMA`)."""
+    scale = MODEL_LR_TIMES_SIGMA.get(model or "", LR_TIMES_SIGMA)
+    return round(min(1.0, scale / sigma), 3) if sigma > 0 else 1.0
 
 
 def with_budget(plan: FederationPlan, epsilon: float, dp_mode: str = "distributed",
@@ -45,7 +51,7 @@ def with_budget(plan: FederationPlan, epsilon: float, dp_mode: str = "distribute
 
     sigma = fedsgd_plan_sigma(plan, float(epsilon), dim, dp_mode)
     plan = replace(plan, dp_mode=dp_mode, noise_multiplier=sigma)
-    return replace(plan, server_lr=server_lr_for(sigma)) if recipe_lr else plan
+    return replace(plan, server_lr=server_lr_for(sigma, plan.model)) if recipe_lr else plan
 
 
 def recommended_plan(epsilon: float, images: int, sites: int, dp_mode: str = "distributed",
@@ -66,6 +72,8 @@ def recommended_plan(epsilon: float, images: int, sites: int, dp_mode: str = "di
             raise PlanError(f"{name} is derived from the budget here; leave it out (or give the whole plan "
                             "without epsilon)")
     values = {**RECIPE, **{k: v for k, v in fields.items() if v is not None}}
+    if isinstance(values.get("model"), str) and values["model"] in MODELS:
+        values.setdefault("input_size", MODELS[values["model"]].input_size)
     threshold = values.get("threshold", sites // 2 + 1)
     values.setdefault("min_sites", threshold)
     values.setdefault("max_sites", max(sites, 2))

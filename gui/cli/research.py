@@ -148,6 +148,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sites", type=int, default=10)
     p.add_argument("--rounds", type=int, default=None, help="rounds of the private recipe (default: simulate's)")
     p.add_argument("--no-main-job", action="store_true", help="skip the one real run of the main job")
+    p.add_argument("--model", default=d.model, help=f"model of every row (default: the recipe's, {d.model})")
+    p.add_argument("--dp-modes", default="local,distributed",
+                   help="the federation's DP modes in the federated and sweep rows (default local,distributed)")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows an interrupted run already wrote to OUT/results.json (same seeds)")
     p.add_argument("--workers", type=int, default=2, help="runs at a time, one process each (default 2)")
@@ -345,7 +348,9 @@ def _experiment(args: argparse.Namespace) -> int:
     opts = ExperimentOptions(data=args.data, seeds=tuple(int(s) for s in args.seeds.split(",")),
                              epsilons=floats(args.epsilons), sweep=floats(args.sweep),
                              partitions=tuple(args.partitions.split(",")), sites=args.sites,
-                             main_job=not args.no_main_job, workers=args.workers, resume=args.resume)
+                             dp_modes=tuple(args.dp_modes.split(",")), main_job=not args.no_main_job,
+                             workers=args.workers, resume=args.resume)
+    opts = replace(opts, base=replace(opts.base, model=args.model))
     if args.rounds is not None:
         opts = replace(opts, base=replace(opts.base, rounds=args.rounds))
     rows = run_experiment(opts, out=args.out, doc=args.doc, command="hemafed " + shlex.join(sys.argv[1:]))

@@ -238,7 +238,7 @@ def run_audit(opts: AuditOptions, state: Path | None = None, command: str = "hem
     h = hospitals(opts.sim)
     plan = opts.plan or h.plan
     sites = site_splits(h.train.images, h.train.labels, h.parts, plan)
-    val = load_splits(locate(opts.sim.data))["val"]
+    val = load_splits(locate(opts.sim.data, size=plan.input_size))["val"]
     seeds = {name: site_seed(opts.sim.seed, i) for i, name in enumerate(sites, start=1)} if opts.sim.seeded else None
     budget = opts.sim.epsilon if opts.plan is None else plan_budget(plan)
     result = audit_federation(plan, sites, val.images, val.labels, opts, budget=budget, seeds=seeds, state=state,

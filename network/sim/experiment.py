@@ -54,6 +54,7 @@ class ExperimentOptions:
     epsilons: tuple[float, ...] = (3.0, 8.0)  # headline rows, every partition
     sweep: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0, 8.0)  # the plot (main partition only)
     partitions: tuple[str, ...] = ("dirichlet:0.5", "iid")  # the first is the main one
+    dp_modes: tuple[str, ...] = ("local", "distributed")  # of the federated and sweep rows
     sites: int = 10
     base: SimulationOptions = field(default_factory=SimulationOptions)  # the main job's recipe
     # non-private rows: tuned separately on validation (docs/accuracy-levers.md): smaller steps, more of them
@@ -165,7 +166,7 @@ def _one_party(fed_plan, data, job: Job, state: Path):
     plan = replace(fed_plan, federation_id="one-party", rounds=job.rounds, sample_rate=job.sample_rate,
                    batch_size=max(1, round(job.sample_rate * n)), threshold=2, min_sites=2, max_sites=2)
     plan = with_budget(plan, job.sim.epsilon, "local")
-    plan = replace(plan, server_lr=job.lr or server_lr_for(plan.noise_multiplier))
+    plan = replace(plan, server_lr=job.lr or server_lr_for(plan.noise_multiplier, plan.model))
     trainer = FedSGDTrainer(plan, bounds=SiteBounds(max_rounds=max(plan.rounds, 1000)), seed=job.sim.seed,
                             threads=1)
     trainer.prepare(trainer.open_ledger(state, job.sim.epsilon, n, create=True), data, job.sim.epsilon)
@@ -248,6 +249,8 @@ def _measured_rows(path: Path, n_seeds: int) -> dict[tuple, Row]:
 
 
 def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str) -> list[Row]:
+    if not opts.dp_modes or not set(opts.dp_modes) <= {"local", "distributed"}:
+        raise ValueError(f"DP modes are 'local' and 'distributed', not {', '.join(opts.dp_modes) or 'none'}")
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     features_s = precompute_features(opts)
@@ -281,13 +284,13 @@ def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str) 
         add("federated", "the federation's hospitals without noise (reference)", partition, None, "",
             lambda s, p=partition: Job("reference", sim(s, p), "sites", opts.np_rounds, np_q, opts.np_lr))
         for eps in opts.epsilons:
-            for mode in ("local", "distributed"):
+            for mode in opts.dp_modes:
                 add("federated", _federated_setting(mode), partition, eps, "",
                     lambda s, p=partition, e=eps, m=mode: Job("federation", sim(s, p, e, m)))
     for eps in opts.sweep:
         if eps in opts.epsilons:
             continue
-        for mode in ("local", "distributed"):
+        for mode in opts.dp_modes:
             add("sweep", _federated_setting(mode), main, eps, "",
                 lambda s, e=eps, m=mode: Job("federation", sim(s, main, e, m)))
 

@@ -106,8 +106,11 @@ class SimulationOptions:
             kind = {"algorithm": "fedsgd", "sample_rate": self.sample_rate, "dp_mode": self.dp_mode}
         else:
             kind = {"algorithm": "fedavg", "dp_mode": "local", "noise_multiplier": 0.0}
+        from hemafed.core.learning.models import get_spec
+
         plan = FederationPlan(
-            federation_id=f"sim-{self.seed}", model=self.model, rounds=self.rounds,
+            federation_id=f"sim-{self.seed}", model=self.model, input_size=get_spec(self.model).input_size,
+            rounds=self.rounds,
             local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
             clip_norm=self.clip_norm,
             delta=self.delta, dp=self.dp, secagg=self.secagg, threshold=t, min_sites=t if self.secagg else 1,
@@ -184,7 +187,7 @@ def hospitals(opts: SimulationOptions) -> Hospitals:
     from hemafed.core.learning.models import build_model
 
     plan = opts.plan()
-    splits = load_splits(locate(opts.data))
+    splits = load_splits(locate(opts.data, size=plan.input_size))
     train, test = splits["train"], splits["test"]
     if opts.subset is not None:
         keep = np.sort(np.random.default_rng(opts.seed).permutation(len(train.labels))[:opts.subset])

@@ -29,6 +29,19 @@ def test_explicit_local_copy_is_used_as_given(tmp_path: Path) -> None:
         bloodmnist.locate(tmp_path / "nowhere")
 
 
+def test_a_folder_gives_the_64_px_file_when_asked_and_the_28_px_one_otherwise(tmp_path: Path) -> None:
+    """A 64-px model's simulation takes bloodmnist_64.npz from a data folder (MedMNIST+ layout); a folder with
+    only the 28-px file still serves it (the sites resize), and 28 px is the default."""
+    (tmp_path / "bloodmnist").mkdir()
+    npz28 = _fake_npz(tmp_path / "bloodmnist" / "bloodmnist_28.npz")
+    assert bloodmnist.locate(tmp_path, size=64) == npz28
+    npz64 = _fake_npz(tmp_path / "bloodmnist" / "bloodmnist_64.npz")
+    assert bloodmnist.locate(tmp_path, size=64) == npz64
+    assert bloodmnist.locate(tmp_path) == npz28
+    with pytest.raises(ValueError, match="28 or 64"):
+        bloodmnist.locate(tmp_path, size=32)
+
+
 def test_download_verifies_md5_and_caches(tmp_path: Path) -> None:
     """The real download code path, fed from a file:// URL so no network is touched."""
     src = _fake_npz(tmp_path / "official.npz")
@@ -51,6 +64,12 @@ def test_cached_official_file_found_without_download(tmp_path: Path, monkeypatch
     npz = _fake_npz(tmp_path / "bloodmnist.npz")
     monkeypatch.setattr(bloodmnist, "OFFICIAL_MD5", hashlib.md5(npz.read_bytes()).hexdigest())
     assert bloodmnist.locate(download=False) == npz
+    with pytest.raises(bloodmnist.DatasetUnavailable):  # the 64-px file is another download, checked on its own
+        bloodmnist.locate(download=False, size=64)
+    npz64 = _fake_npz(tmp_path / "bloodmnist_64.npz")
+    url, _, name = bloodmnist.OFFICIAL_64
+    monkeypatch.setattr(bloodmnist, "OFFICIAL_64", (url, hashlib.md5(npz64.read_bytes()).hexdigest(), name))
+    assert bloodmnist.locate(download=False, size=64) == npz64
 
 
 def test_demo_data_cli_writes_site_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
