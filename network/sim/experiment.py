@@ -35,7 +35,7 @@ import numpy as np
 from hemafed.core.learning.dp_train import accuracy, evaluate
 from hemafed.core.learning.fedsgd import FedSGDServer, center_layout, poisson_batch, server_round
 from hemafed.core.learning.models import build_model, get_flat_params, get_spec, set_flat_params, split_features
-from hemafed.core.learning.recipe import server_lr_for, with_budget
+from hemafed.core.learning.recipe import LR_TIMES_SIGMA, MODEL_LR_TIMES_SIGMA, server_lr_for, with_budget
 from hemafed.core.learning.site_trainer import FedSGDTrainer, SiteData, model_inputs
 from hemafed.core.rounds.plan import SiteBounds
 from hemafed.network.aggregator import initial_weights
@@ -383,6 +383,16 @@ def _sigma(s: float | None) -> str:
     return "–" if s is None else f"{s:.3f}"
 
 
+def _data_name(base: SimulationOptions) -> str:
+    from hemafed.core.data.bloodmnist import DatasetUnavailable, locate
+    from hemafed.core.learning.models import get_spec
+
+    try:
+        return locate(base.data, size=get_spec(base.model).input_size, download=False).name
+    except DatasetUnavailable:
+        return "bloodmnist.npz"
+
+
 def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: SimulationOptions, command: str,
                   wall_s: float, features_s: float, *, partial: bool) -> None:
 
@@ -393,6 +403,8 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
     commit = _commit()
     earlier = sorted({r.commit or "unknown" for r in rows} - {commit})
 
+    default_model = SimulationOptions().model
+    recipe_args = "'s defaults" if base.model == default_model else f" --model {base.model}"
     centring = ", on features centred by their average, which each run's first round estimates as a clipped, " \
         "noised sum under the same protection as a training round" if get_spec(base.model).centred else ""
     lines = ["# Results: private federated learning on BloodMNIST", ""]
@@ -405,7 +417,7 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
         + (f" Resumed (`--resume`): {sum(1 for r in rows if r.commit != commit)} of the {len(rows)} rows were kept "
            f"from an earlier, interrupted run at commit {', '.join(earlier)}; the time above is this run's."
            if earlier else ""), "",
-        "Data: `bloodmnist_28.npz` (a rebuild of BloodMNIST from the PBC images with the official per-split "
+        f"Data: `{_data_name(base)}` (a rebuild of BloodMNIST from the PBC images with the official per-split "
         "counts). The training split is divided across the hospitals; every accuracy below is on the held-out "
         "test split, which no hospital holds, touched once per reported number. "
         "Hyperparameters were chosen on the validation split (docs/accuracy-levers.md).", "",
@@ -415,13 +427,14 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
         "gives bit for bit the model the real federation of that seed gives "
         "(tests/federation/test_inprocess_equals_simulate.py). The DP-SGD baselines run one party through the "
         "same site trainer; the non-private references are plain SGD on the same features.", "",
-        f"Recipe (`hemafed simulate`'s defaults): model `{base.model}` (fixed features that no real data went "
+        f"Recipe (`hemafed simulate`{recipe_args}): model `{base.model}` (fixed features that no real data went "
         f"into; a linear head of {head:,} parameters is trained"
         f"{centring}), DP-FedSGD: one "
         f"Poisson-sampled step per round, rate q = {base.sample_rate} per record at every hospital, "
         f"{base.rounds} rounds, "
         f"clip C = {base.clip_norm}, server SGD with momentum {base.momentum} at "
-        + (f"lr {base.server_lr}" if base.server_lr is not None else "lr = min(1, 2.6/σ) for each row's σ")
+        + (f"lr {base.server_lr}" if base.server_lr is not None else
+           f"lr = min(1, {MODEL_LR_TIMES_SIGMA.get(base.model, LR_TIMES_SIGMA)}/σ) for each row's σ")
         + "; "
         f"{opts.sites} hospitals; secure aggregation threshold t = {plan.threshold}, "
         f"c = {plan.dp_colluders}. Test-time augmentation (logits averaged over the 8 symmetries of the "
