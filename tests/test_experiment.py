@@ -35,3 +35,24 @@ def test_experiment_writes_every_section_and_the_plot(shared_data: Path, tmp_pat
     for title in ("Baselines", "The federation", "Accuracy against ε"):
         assert f"## {title}" in text
     assert (doc.parent / "results-epsilon.png").stat().st_size > 10_000
+
+
+def test_results_summarise_the_other_recipes_docs(tmp_path: Path) -> None:
+    """RESULTS.md carries each other recipe's summary (from the doc its own experiment wrote) with a link, so the
+    64-px option's figures stand beside the main recipe's; nothing when that doc is missing."""
+    from hemafed.network.sim.experiment import other_recipes
+
+    assert other_recipes(tmp_path) == []
+    (tmp_path / "results-64px.md").write_text(
+        "# Results\n\nCommand: ...\n\n## Summary\n\n- at ε = 8: **95.0%** ± 0.1% (distributed DP, dirichlet:0.5).\n"
+        "- Centralised, non-private, same model: 96.7%.\n\n## Baselines\n\n| a | b |\n\n## Accuracy against ε\n\n"
+        "| ε | distributed DP + secure aggregation | local DP + secure aggregation |\n|---|---:|---:|\n"
+        "| 8 | 0.950 ± 0.001 | – |\n\nThe main recipe: [RESULTS.md](RESULTS.md).\n\n| unrelated | table |\n")
+    section = other_recipes(tmp_path)
+    assert section[0] == "## At 64 pixels (`hemafed simulate --model scatter_synth_inv_cc_ms_64`)"
+    assert "[results-64px.md](results-64px.md)" in section[2]
+    assert [line for line in section if line.startswith("- ")] == [
+        "- at ε = 8: **95.0%** ± 0.1% (distributed DP, dirichlet:0.5).", "- Centralised, non-private, same model: 96.7%."]
+    assert [line for line in section if line.startswith("|")] == [
+        "| ε | distributed DP + secure aggregation | local DP + secure aggregation |", "|---|---:|---:|",
+        "| 8 | 0.950 ± 0.001 | – |"]

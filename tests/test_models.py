@@ -162,3 +162,20 @@ def test_multiscale_model_sees_the_28_px_image_and_the_64_px_one() -> None:
     fine = features(detail)[:, 243 * 9 + 128 * 4:] - f[:, 243 * 9 + 128 * 4:]
     assert fine.abs().max() > 1e-2
     assert len(get_flat_params(head)) == MULTISCALE_DIM * 9 + 8 + len(head.cell_moments)
+
+
+@pytest.mark.realdata
+def test_multiscale_radius_is_above_the_feature_norms_of_real_64_px_cells(shared_data) -> None:
+    """The centring round clips each record's feature vector to the head's radius: it should clip none of
+    BloodMNIST's (8-view averages of 64-px validation images: median 52.4, largest 57.2 over all 1,712)."""
+    from hemafed.core.data.bloodmnist import load_splits, locate
+    from hemafed.core.learning.models import MULTISCALE_RADIUS, split_features
+
+    npz = locate(shared_data, size=64)
+    if "64" not in npz.name:
+        pytest.skip("bloodmnist_64.npz is not in the shared data")
+    images = load_splits(npz)["val"].images[::9]
+    model = build_model("scatter_synth_inv_cc_ms_64", 8)
+    norms = split_features(model)[0](images_to_tensor(images, 64)).norm(dim=1)
+    assert split_features(model)[1].radius == MULTISCALE_RADIUS
+    assert 45 < float(norms.median()) and float(norms.max()) < MULTISCALE_RADIUS

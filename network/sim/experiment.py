@@ -19,6 +19,7 @@ which every run then reads, as a site reads its own; the runs are spread over `w
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import platform
@@ -299,7 +300,8 @@ def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str) 
         rows.append(row)
         log.info("%s | %s | %s | ε %s: %s", row.section, row.setting, row.partition, row.epsilon, row.cell())
         (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
-        write_results(doc, rows, opts, base, command, time.time() - started, features_s, partial=True)
+        write_results(doc, rows, opts, base, command, time.time() - started, features_s, partial=True,
+                      kept=len(kept))
 
     kept = _measured_rows(out / "results.json", len(opts.seeds)) if opts.resume else {}
     jobs = [job for section, setting, partition, eps, _, row_jobs in plans
@@ -325,7 +327,8 @@ def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str) 
                    note=f"largest ε spent {final['max_epsilon']:.3f}; rounds with every hospital "
                         f"{final['rounds_with_every_site']} of {len(metrics['rounds'])}; the feature cache was "
                         "warm"))
-    write_results(doc, rows, opts, base, command, time.time() - started, features_s, partial=False)
+    write_results(doc, rows, opts, base, command, time.time() - started, features_s, partial=False,
+                  kept=len(kept))
     return rows
 
 
@@ -394,7 +397,7 @@ def _data_name(base: SimulationOptions) -> str:
 
 
 def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: SimulationOptions, command: str,
-                  wall_s: float, features_s: float, *, partial: bool) -> None:
+                  wall_s: float, features_s: float, *, partial: bool, kept: int = 0) -> None:
 
     plan = base.plan()
     seeds = ", ".join(str(s) for s in opts.seeds)
@@ -404,7 +407,8 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
     earlier = sorted({r.commit or "unknown" for r in rows} - {commit})
 
     default_model = SimulationOptions().model
-    recipe_args = "'s defaults" if base.model == default_model else f" --model {base.model}"
+    recipe = "`hemafed simulate`'s defaults" if base.model == default_model else \
+        f"`hemafed simulate --model {base.model}`"
     centring = ", on features centred by their average, which each run's first round estimates as a clipped, " \
         "noised sum under the same protection as a training round" if get_spec(base.model).centred else ""
     lines = ["# Results: private federated learning on BloodMNIST", ""]
@@ -414,9 +418,9 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
         f"Command: `{command}` at commit {commit}, {time.strftime('%Y-%m-%d')} — {wall_s / 60:.0f} min in all on "
         f"{platform.machine()}, 2 CPU cores, no GPU, {opts.workers} runs at a time (the fixed features of every "
         f"image: {features_s / 60:.1f} min, computed once into the feature cache; 0 when it was warm)."
-        + (f" Resumed (`--resume`): {sum(1 for r in rows if r.commit != commit)} of the {len(rows)} rows were kept "
-           f"from an earlier, interrupted run at commit {', '.join(earlier)}; the time above is this run's."
-           if earlier else ""), "",
+        + (f" Resumed (`--resume`): {kept} of the {len(rows)} rows were kept from an earlier run of the same "
+           f"command at commit {', '.join(earlier) or commit}; the time above is this run's, each row's own time "
+           "is in its table." if kept else ""), "",
         f"Data: `{_data_name(base)}` (a rebuild of BloodMNIST from the PBC images with the official per-split "
         "counts). The training split is divided across the hospitals; every accuracy below is on the held-out "
         "test split, which no hospital holds, touched once per reported number. "
@@ -427,7 +431,7 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
         "gives bit for bit the model the real federation of that seed gives "
         "(tests/federation/test_inprocess_equals_simulate.py). The DP-SGD baselines run one party through the "
         "same site trainer; the non-private references are plain SGD on the same features.", "",
-        f"Recipe (`hemafed simulate`{recipe_args}): model `{base.model}` (fixed features that no real data went "
+        f"Recipe ({recipe}): model `{base.model}` (fixed features that no real data went "
         f"into; a linear head of {head:,} parameters is trained"
         f"{centring}), DP-FedSGD: one "
         f"Poisson-sampled step per round, rate q = {base.sample_rate} per record at every hospital, "
@@ -476,8 +480,9 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
           "wall time of the whole job. As a new user runs it (fresh clone, empty caches, cold and warm, with the "
           "date and commit): [main-job-fresh.md](main-job-fresh.md).")
     if fed_main:
-        _plot(doc.parent / "results-epsilon.png", rows, opts)
-        lines += ["## Accuracy against ε", "", "![test accuracy against ε](results-epsilon.png)", "",
+        plot = f"{doc.stem.lower()}-epsilon.png"  # RESULTS.md's is results-epsilon.png
+        _plot(doc.parent / plot, rows, opts)
+        lines += ["## Accuracy against ε", "", f"![test accuracy against ε]({plot})", "",
                   f"Partition {opts.partitions[0]}; ∞ is the non-private federation. Values:", "",
                   "| ε | " + " | ".join(_MODES.values()) + " |", "|---|" + "---:|" * len(_MODES)]
         for eps in sorted({r.epsilon for r in fed_main if r.epsilon is not None}):
@@ -485,7 +490,12 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
                           "–") for m in _MODES]
             lines.append(f"| {eps:g} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += _AUDIT + _audit_rows(doc.parent / "audit") + _confidence_sections(doc.parent) + _PREVIOUS
+    if base.model == SimulationOptions().model:
+        lines += (_AUDIT + _audit_rows(doc.parent / "audit") + _confidence_sections(doc.parent)
+                  + other_recipes(doc.parent) + _PREVIOUS)
+    else:  # the audit, calibration and cell-check sections describe the main job's model
+        lines += ["The main recipe (`hemafed simulate`'s defaults), its privacy audit, calibration and cell check: "
+                  "[RESULTS.md](RESULTS.md).", ""]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines))
 
@@ -544,6 +554,33 @@ def _confidence_sections(docs: Path) -> list[str]:
         "[appearance.md](appearance.md) (`python -m bench.appearance`):", "",
         *tables("appearance.md"),
     ]
+
+# other recipes' result docs (written by `hemafed experiment --model M --doc docs/<file>`), summarised in RESULTS.md
+OTHER_RECIPES = {"results-64px.md": "scatter_synth_inv_cc_ms_64"}
+
+
+def other_recipes(docs: Path) -> list[str]:
+    """RESULTS.md's section on each recipe in `OTHER_RECIPES` whose doc exists: its summary lines and a link."""
+    out: list[str] = []
+    for name, model in OTHER_RECIPES.items():
+        path = docs / name
+        if not path.exists():
+            continue
+        lines = path.read_text().splitlines()
+        start = lines.index("## Summary") + 2 if "## Summary" in lines else len(lines)
+        summary = [line for line in lines[start:] if line.startswith("- ")]
+        header = "| ε | " + " | ".join(_MODES.values()) + " |"
+        table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[lines.index(header):])) \
+            if header in lines else []
+        sweep = ["Test accuracy against ε (mean ± std over its seeds):", "", *table, ""] if table else []
+        size = get_spec(model).input_size
+        out += [f"## At {size} pixels (`hemafed simulate --model {model}`)", "",
+                f"The same federation with `{model}` ({get_spec(model).description.split(';')[0]}), measured "
+                f"the same way: [{name}]({name}) (its command, commit, every row and its time per run); the main "
+                "job with it, cold and as a new user runs it: [main-job-fresh.md](main-job-fresh.md).", "",
+                *summary, "", *sweep]
+    return out
+
 
 _PREVIOUS = [
     "## Before this recipe", "",
