@@ -10,6 +10,8 @@ J = 2 pooled 3×3 and the procedural encoder's maps pooled 2×2) beside features
     python -m bench.accuracy.res64_screen ceiling    # linear probes, validation
     python -m bench.accuracy.res64_screen cache-full # every training image (28-px features, 64-px encoder)
     python -m bench.accuracy.res64_screen dp --eps 8 # DP-SGD screen, 3 seeds, validation
+    python -m bench.accuracy.res64_screen cache-views             # 8-view 28-px features, each 64-px view apart
+    python -m bench.accuracy.res64_screen dp-views --eps 8 --lr 0.5 # the 64-px maps from 1, 2, 4 or 8 views
 """
 
 from __future__ import annotations
@@ -148,9 +150,55 @@ def dp(eps: float, lr: float, rounds: int, seeds: list[int], orbit: bool = False
               f"{len(seeds)} | {(time.perf_counter() - t) / len(seeds):.0f} s |", flush=True)
 
 
+# the 64-px maps from fewer of the 8 views (seventh pass: could the 64-px model's preparation fit the cold main job's
+# 15 minutes?): name → dihedral views averaged (0 identity, 1–3 rotations, 4–7 the same flipped)
+FINE_VIEWS = {"1 view": (0,), "2 views (identity, 180°)": (0, 2), "2 views (identity, flip)": (0, 4),
+              "4 views (rotations)": (0, 1, 2, 3), "8 views": tuple(range(8))}
+
+
+def cache_views() -> None:
+    """Every training and validation image's 28-px recipe features (8-view average) and the 64-px encoder's 4×4 maps
+    of each of the 8 views separately."""
+    from hemafed.core.data.bloodmnist import load_splits, locate
+    from hemafed.core.learning.features import dihedral
+    from hemafed.core.learning.models import _normalisation, build_model, images_to_tensor
+    from hemafed.core.learning.procedural_features import procedural_features
+
+    path28 = locate(None)
+    s28, s64 = load_splits(path28), load_splits(path28.parent / "bloodmnist_64.npz")
+    model = build_model("scatter_synth_inv_28")
+    mean, std = _normalisation()
+    OUT.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        t = time.perf_counter()
+        x28 = images_to_tensor(s28[split].images, 28)
+        plain64 = images_to_tensor(s64[split].images, 64) * std + mean
+        out = {"y": torch.as_tensor(s28[split].labels.reshape(-1)).long(),
+               "f28": model.eval_features(x28).flatten(1).float(),
+               "views": torch.stack([procedural_features(dihedral(plain64, k), 256, 4).flatten(1).float()
+                                     for k in range(8)])}
+        torch.save(out, OUT / f"{split}_views.pt")
+        print(f"{split}: {len(out['y'])} images in {time.perf_counter() - t:.0f} s", flush=True)
+
+
+def dp_views(eps: float, lr: float, rounds: int, seeds: list[int]) -> None:
+    """`dp`'s screen (8-view 28-px features beside the 64-px maps) with the 64-px maps averaged over FINE_VIEWS."""
+    from bench.accuracy.head_ceiling import private_fit
+
+    tr, va = torch.load(OUT / "train_views.pt"), torch.load(OUT / "val_views.pt")
+    for name, views in FINE_VIEWS.items():
+        tx = torch.cat([tr["f28"], tr["views"][list(views)].mean(0)], 1)
+        vx = torch.cat([va["f28"], va["views"][list(views)].mean(0)], 1)
+        centre = tx.mean(0)
+        t = time.perf_counter()
+        singles, _ = private_fit(tx - centre, tr["y"], vx - centre, va["y"], [], eps, lr, rounds, seeds)
+        print(f"| 28 px (8 views) + 64 px encoder 4×4, {name} | {eps:g} | {lr:g} | {np.mean(singles):.2%} ± "
+              f"{np.std(singles):.2%} | {len(seeds)} | {(time.perf_counter() - t) / len(seeds):.0f} s |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", choices=("cache", "ceiling", "cache-full", "dp"))
+    ap.add_argument("step", choices=("cache", "ceiling", "cache-full", "dp", "cache-views", "dp-views"))
     ap.add_argument("--eps", type=float, default=8.0)
     ap.add_argument("--lr", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=500)
@@ -167,6 +215,10 @@ def main() -> None:
         ceiling(args.epochs, args.orbit)
     elif args.step == "cache-full":
         cache_full(args.orbit)
+    elif args.step == "cache-views":
+        cache_views()
+    elif args.step == "dp-views":
+        dp_views(args.eps, args.lr, args.rounds, args.seeds)
     else:
         dp(args.eps, args.lr, args.rounds, args.seeds, args.orbit)
 
