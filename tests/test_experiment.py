@@ -52,7 +52,8 @@ def test_results_summarise_the_other_recipes_docs(tmp_path: Path) -> None:
     assert section[0] == "## At 64 pixels (`hemafed simulate --model scatter_synth_inv_cc_ms_64`)"
     assert "[results-64px.md](results-64px.md)" in section[2]
     assert [line for line in section if line.startswith("- ")] == [
-        "- at ε = 8: **95.0%** ± 0.1% (distributed DP, dirichlet:0.5).", "- Centralised, non-private, same model: 96.7%."]
+        "- at ε = 8: **95.0%** ± 0.1% (distributed DP, dirichlet:0.5).",
+        "- Centralised, non-private, same model: 96.7%."]
     assert [line for line in section if line.startswith("|")] == [
         "| ε | distributed DP + secure aggregation | local DP + secure aggregation |", "|---|---:|---:|",
         "| 8 | 0.950 ± 0.001 | – |"]

@@ -178,4 +178,23 @@ def test_multiscale_radius_is_above_the_feature_norms_of_real_64_px_cells(shared
     model = build_model("scatter_synth_inv_cc_ms_64", 8)
     norms = split_features(model)[0](images_to_tensor(images, 64)).norm(dim=1)
     assert split_features(model)[1].radius == MULTISCALE_RADIUS
-    assert 45 < float(norms.median()) and float(norms.max()) < MULTISCALE_RADIUS
+    assert float(norms.median()) > 45 and float(norms.max()) < MULTISCALE_RADIUS
+
+
+def test_the_faster_64_px_model_averages_its_64_px_maps_over_the_four_rotations() -> None:
+    """scatter_synth_inv_cc_ms4_64: the same 28-px features as scatter_synth_inv_cc_ms_64 (8 views), the 64-px maps
+    averaged over the 4 rotations only; so rotating the image changes nothing, and a flip changes the 64-px part."""
+    from hemafed.core.learning.features import dihedral
+    from hemafed.core.learning.models import evaluation_features, split_features
+
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    full = build_model("scatter_synth_inv_cc_ms_64", 8, seed=0)
+    fast = build_model("scatter_synth_inv_cc_ms4_64", 8, seed=0)
+    coarse = 243 * 9 + 128 * 4
+    f, g = split_features(full)[0](x), split_features(fast)[0](x)
+    assert torch.equal(f[:, :coarse], g[:, :coarse]) and not torch.allclose(f[:, coarse:], g[:, coarse:])
+    rotations = torch.stack([fast.features(dihedral(x, k))[:, coarse:] for k in range(4)]).mean(0)
+    assert torch.allclose(g[:, coarse:], rotations, atol=1e-5)
+    assert torch.allclose(evaluation_features(fast)(x), g)
+    assert torch.allclose(split_features(fast)[0](dihedral(x, 3)), g, atol=1e-4)
+    assert (split_features(fast)[0](dihedral(x, 4))[:, coarse:] - g[:, coarse:]).abs().max() > 1e-3
