@@ -57,3 +57,13 @@ def test_results_summarise_the_other_recipes_docs(tmp_path: Path) -> None:
     assert [line for line in section if line.startswith("|")] == [
         "| ε | distributed DP + secure aggregation | local DP + secure aggregation |", "|---|---:|---:|",
         "| 8 | 0.950 ± 0.001 | – |"]
+
+
+def test_experiment_refuses_an_unknown_model_or_dp_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hemafed.gui.cli import main
+
+    assert main(["experiment", "--model", "nope", "--out", str(tmp_path / "o")]) == 1
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert main(["experiment", "--dp-modes", "central", "--out", str(tmp_path / "o")]) == 1
+    assert "--dp-modes takes local and/or distributed" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

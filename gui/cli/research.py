@@ -342,8 +342,14 @@ def _audit(args: argparse.Namespace) -> int:
 def _experiment(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from hemafed.core.learning.models import MODELS
+    from hemafed.gui.cli import UserFacingError
     from hemafed.network.sim.experiment import ExperimentOptions, run_experiment
 
+    if args.model not in MODELS:
+        raise UserFacingError(f"unknown model {args.model!r}; known: {', '.join(sorted(MODELS))}")
+    if not set(args.dp_modes.split(",")) <= {"local", "distributed"}:
+        raise UserFacingError(f"--dp-modes takes local and/or distributed, not {args.dp_modes!r}")
     floats = lambda text: tuple(float(e) for e in text.split(","))  # noqa: E731
     opts = ExperimentOptions(data=args.data, seeds=tuple(int(s) for s in args.seeds.split(",")),
                              epsilons=floats(args.epsilons), sweep=floats(args.sweep),
