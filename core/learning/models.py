@@ -372,8 +372,8 @@ MODELS: dict[str, ModelSpec] = {
                   "features, with the same cell check (on the 28-px image); 64×64 input; built for DP",
                   multiscale_checked, centred=True),
         ModelSpec("scatter_synth_inv_cc_ms4_64", 64, "scatter_synth_inv_cc_ms_64 with the 64-px view averaged over "
-                  "the 4 rotations only (the 28-px features still over all 8 rotations and flips): 35 % less "
-                  "preparation per image; 64×64 input; built for DP",
+                  "the 4 rotations only (the 28-px features still over all 8 rotations and flips): about a third "
+                  "less preparation per image, as accurate on validation; 64×64 input; built for DP",
                   lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3)), centred=True),
         ModelSpec("cnn4_28", 28, "plain 4-conv GroupNorm CNN (32/64 channels), 28×28 input; fast reference",
                   lambda n: SmallCNN(n)),
