@@ -605,7 +605,7 @@ def _plot(path: Path, rows: list[Row], opts: ExperimentOptions) -> None:
     for mode, label in _MODES.items():
         pts = sorted((r.epsilon, r.mean, r.std) for r in fed
                      if r.setting == _federated_setting(mode) and r.epsilon is not None)
-        if nonpriv is not None:
+        if nonpriv is not None and pts:  # a mode without rows (--dp-modes) gets no line, not a lone ∞ point
             pts.append((x_inf, nonpriv.mean, nonpriv.std))
         if pts:
             xs, ys, es = zip(*pts, strict=True)
