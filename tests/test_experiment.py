@@ -65,5 +65,5 @@ def test_experiment_refuses_an_unknown_model_or_dp_mode(tmp_path: Path, capsys: 
     assert main(["experiment", "--model", "nope", "--out", str(tmp_path / "o")]) == 1
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert main(["experiment", "--dp-modes", "central", "--out", str(tmp_path / "o")]) == 1
-    assert "--dp-modes takes local and/or distributed" in capsys.readouterr().err
+    assert "the DP modes are local and/or distributed, not central" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

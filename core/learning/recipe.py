@@ -35,11 +35,14 @@ LR_TIMES_SIGMA = 2.6
 MODEL_LR_TIMES_SIGMA = {"scatter_synth_inv_cc_ms_64": 1.3, "scatter_synth_inv_cc_ms4_64": 1.3}
 
 
+def lr_times_sigma(model: str | None = None) -> float:
+    """The product lr·σ the recipe keeps for `model` (`MODEL_LR_TIMES_SIGMA`, else `LR_TIMES_SIGMA`)."""
+    return MODEL_LR_TIMES_SIGMA.get(model or "", LR_TIMES_SIGMA)
+
+
 def server_lr_for(sigma: float, model: str | None = None) -> float:
-    """The recipe's server learning rate for a plan-wide noise multiplier σ (`LR_TIMES_SIGMA`, or the model's own
-    in `MODEL_LR_TIMES_SIGMA`)."""
-    scale = MODEL_LR_TIMES_SIGMA.get(model or "", LR_TIMES_SIGMA)
-    return round(min(1.0, scale / sigma), 3) if sigma > 0 else 1.0
+    """The recipe's server learning rate for a plan-wide noise multiplier σ: min(1, `lr_times_sigma(model)`/σ)."""
+    return round(min(1.0, lr_times_sigma(model) / sigma), 3) if sigma > 0 else 1.0
 
 
 def with_budget(plan: FederationPlan, epsilon: float, dp_mode: str = "distributed",

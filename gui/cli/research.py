@@ -348,14 +348,15 @@ def _experiment(args: argparse.Namespace) -> int:
 
     if args.model not in MODELS:
         raise UserFacingError(f"unknown model {args.model!r}; known: {', '.join(sorted(MODELS))}")
-    if not set(args.dp_modes.split(",")) <= {"local", "distributed"}:
-        raise UserFacingError(f"--dp-modes takes local and/or distributed, not {args.dp_modes!r}")
     floats = lambda text: tuple(float(e) for e in text.split(","))  # noqa: E731
-    opts = ExperimentOptions(data=args.data, seeds=tuple(int(s) for s in args.seeds.split(",")),
-                             epsilons=floats(args.epsilons), sweep=floats(args.sweep),
-                             partitions=tuple(args.partitions.split(",")), sites=args.sites,
-                             dp_modes=tuple(args.dp_modes.split(",")), main_job=not args.no_main_job,
-                             workers=args.workers, resume=args.resume)
+    try:
+        opts = ExperimentOptions(data=args.data, seeds=tuple(int(s) for s in args.seeds.split(",")),
+                                 epsilons=floats(args.epsilons), sweep=floats(args.sweep),
+                                 partitions=tuple(args.partitions.split(",")), sites=args.sites,
+                                 dp_modes=tuple(args.dp_modes.split(",")), main_job=not args.no_main_job,
+                                 workers=args.workers, resume=args.resume)
+    except ValueError as exc:  # the options' own check (and a malformed number list)
+        raise UserFacingError(f"--dp-modes/--seeds/--epsilons/--sweep: {exc}") from exc
     opts = replace(opts, base=replace(opts.base, model=args.model))
     if args.rounds is not None:
         opts = replace(opts, base=replace(opts.base, rounds=args.rounds))

@@ -36,7 +36,7 @@ import numpy as np
 from hemafed.core.learning.dp_train import accuracy, evaluate
 from hemafed.core.learning.fedsgd import FedSGDServer, center_layout, poisson_batch, server_round
 from hemafed.core.learning.models import build_model, get_flat_params, get_spec, set_flat_params, split_features
-from hemafed.core.learning.recipe import LR_TIMES_SIGMA, MODEL_LR_TIMES_SIGMA, server_lr_for, with_budget
+from hemafed.core.learning.recipe import lr_times_sigma, server_lr_for, with_budget
 from hemafed.core.learning.site_trainer import FedSGDTrainer, SiteData, model_inputs
 from hemafed.core.rounds.plan import SiteBounds
 from hemafed.network.aggregator import initial_weights
@@ -68,6 +68,10 @@ class ExperimentOptions:
     resume: bool = False  # keep the rows of `out/results.json` measured with the same seeds; run only the others
     subset: int | None = None  # training images (tests: a small experiment)
     test_subset: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.dp_modes or not set(self.dp_modes) <= {"local", "distributed"}:
+            raise ValueError(f"the DP modes are local and/or distributed, not {', '.join(self.dp_modes) or 'none'}")
 
 
 @dataclass
@@ -250,8 +254,6 @@ def _measured_rows(path: Path, n_seeds: int) -> dict[tuple, Row]:
 
 
 def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str) -> list[Row]:
-    if not opts.dp_modes or not set(opts.dp_modes) <= {"local", "distributed"}:
-        raise ValueError(f"DP modes are 'local' and 'distributed', not {', '.join(opts.dp_modes) or 'none'}")
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     features_s = precompute_features(opts)
@@ -406,9 +408,8 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
     commit = _commit()
     earlier = sorted({r.commit or "unknown" for r in rows} - {commit})
 
-    default_model = SimulationOptions().model
-    recipe = "`hemafed simulate`'s defaults" if base.model == default_model else \
-        f"`hemafed simulate --model {base.model}`"
+    main_recipe = base.model == SimulationOptions().model
+    recipe = "`hemafed simulate`'s defaults" if main_recipe else f"`hemafed simulate --model {base.model}`"
     centring = ", on features centred by their average, which each run's first round estimates as a clipped, " \
         "noised sum under the same protection as a training round" if get_spec(base.model).centred else ""
     lines = ["# Results: private federated learning on BloodMNIST", ""]
@@ -438,7 +439,7 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
         f"{base.rounds} rounds, "
         f"clip C = {base.clip_norm}, server SGD with momentum {base.momentum} at "
         + (f"lr {base.server_lr}" if base.server_lr is not None else
-           f"lr = min(1, {MODEL_LR_TIMES_SIGMA.get(base.model, LR_TIMES_SIGMA)}/σ) for each row's σ")
+           f"lr = min(1, {lr_times_sigma(base.model)}/σ) for each row's σ")
         + "; "
         f"{opts.sites} hospitals; secure aggregation threshold t = {plan.threshold}, "
         f"c = {plan.dp_colluders}. Test-time augmentation (logits averaged over the 8 symmetries of the "
@@ -490,7 +491,7 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
                           "–") for m in _MODES]
             lines.append(f"| {eps:g} | " + " | ".join(cells) + " |")
         lines.append("")
-    if base.model == SimulationOptions().model:
+    if main_recipe:
         lines += (_AUDIT + _audit_rows(doc.parent / "audit") + _confidence_sections(doc.parent)
                   + other_recipes(doc.parent) + _PREVIOUS)
     else:  # the audit, calibration and cell-check sections describe the main job's model
