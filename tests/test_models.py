@@ -165,9 +165,11 @@ def test_multiscale_model_sees_the_28_px_image_and_the_64_px_one() -> None:
 
 
 @pytest.mark.realdata
-def test_multiscale_radius_is_above_the_feature_norms_of_real_64_px_cells(shared_data) -> None:
+@pytest.mark.parametrize("name", ["scatter_synth_inv_cc_ms_64", "scatter_synth_inv_cc_ms4p_64"])
+def test_multiscale_radius_is_above_the_feature_norms_of_real_64_px_cells(shared_data, name: str) -> None:
     """The centring round clips each record's feature vector to the head's radius: it should clip none of
-    BloodMNIST's (8-view averages of 64-px validation images: median 52.4, largest 57.2 over all 1,712)."""
+    BloodMNIST's (8-view averages of 64-px validation images: median 52.4, largest 57.2 over all 1,712; with the
+    4th block's maps over 4 rotations: median 51.7, largest 57.1)."""
     from hemafed.core.data.bloodmnist import load_splits, locate
     from hemafed.core.learning.models import MULTISCALE_RADIUS, split_features
 
@@ -175,7 +177,7 @@ def test_multiscale_radius_is_above_the_feature_norms_of_real_64_px_cells(shared
     if "64" not in npz.name:
         pytest.skip("bloodmnist_64.npz is not in the shared data")
     images = load_splits(npz)["val"].images[::9]
-    model = build_model("scatter_synth_inv_cc_ms_64", 8)
+    model = build_model(name, 8)
     norms = split_features(model)[0](images_to_tensor(images, 64)).norm(dim=1)
     assert split_features(model)[1].radius == MULTISCALE_RADIUS
     assert float(norms.median()) > 45 and float(norms.max()) < MULTISCALE_RADIUS
@@ -198,3 +200,26 @@ def test_the_faster_64_px_model_averages_its_64_px_maps_over_the_four_rotations(
     assert torch.allclose(evaluation_features(fast)(x), g)
     assert torch.allclose(split_features(fast)[0](dihedral(x, 3)), g, atol=1e-4)
     assert (split_features(fast)[0](dihedral(x, 4))[:, coarse:] - g[:, coarse:]).abs().max() > 1e-3
+
+
+def test_the_penultimate_block_64_px_model_takes_the_encoders_maps_one_block_earlier() -> None:
+    """scatter_synth_inv_cc_ms4p_64: scatter_synth_inv_cc_ms4_64's 28-px features, and the shipped encoder's 64-px
+    maps after its first 4 blocks (128 channels, 16×16) instead of all 5, pooled 4×4, over the 4 rotations."""
+    import torch.nn.functional as F
+
+    from hemafed.core.learning.features import dihedral
+    from hemafed.core.learning.models import MULTISCALE_DIM, _normalisation, split_features
+    from hemafed.core.learning.procedural_features import GROUPS, load_encoder, standardise
+
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    last = split_features(build_model("scatter_synth_inv_cc_ms4_64", 8, seed=0))[0](x)
+    fourth = split_features(build_model("scatter_synth_inv_cc_ms4p_64", 8, seed=0))[0](x)
+    coarse = 243 * 9 + 128 * 4
+    assert fourth.shape == (2, MULTISCALE_DIM) and torch.equal(fourth[:, :coarse], last[:, :coarse])
+    mean, std = _normalisation()
+    body = load_encoder()[:4]
+    with torch.no_grad():
+        maps = [F.group_norm(F.adaptive_avg_pool2d(body(standardise(dihedral(x, k) * std + mean)), 4), GROUPS)
+                for k in range(4)]
+    assert torch.allclose(fourth[:, coarse:], (sum(maps) / 4).flatten(1), atol=1e-5)
+    assert (fourth[:, coarse:] - last[:, coarse:]).abs().max() > 0.1

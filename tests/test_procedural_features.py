@@ -39,6 +39,39 @@ def test_pretraining_saves_a_loadable_trained_encoder(tmp_path) -> None:
     assert not torch.allclose(body[0][0].weight, encoder_body()[0][0].weight)  # the steps changed it
 
 
+def test_dead_leaves_at_another_size_are_the_same_scene_kind_in_more_pixels() -> None:
+    small = dead_leaves(32, torch.Generator().manual_seed(5))
+    large = dead_leaves(32, torch.Generator().manual_seed(5), size=64)
+    assert large.shape == (32, 3, 64, 64) and float(large.min()) >= 0 and float(large.max()) <= 1
+    # the radii scale with the size, so resized to 28 px the large scenes look like the small ones: the share of
+    # pixels that differ from a horizontal neighbour (edges) is about the same
+    def edges(x: torch.Tensor) -> float:
+        return float((x[..., 1:] != x[..., :-1]).any(1).float().mean())
+
+    shrunk = torch.nn.functional.interpolate(large, size=28, mode="nearest")
+    assert abs(edges(shrunk) - edges(small)) < 0.1
+
+
+def test_pretraining_in_parts_resumes_to_the_same_weights(tmp_path) -> None:
+    from hemafed.core.learning.procedural_features import checkpoint_path
+
+    whole, parts = tmp_path / "whole.npz", tmp_path / "parts.npz"
+    start = tmp_path / "start.npz"
+    np.savez(start, **{k: v.numpy() for k, v in load_encoder().state_dict().items()})
+    kw = {"batch": 8, "log_every": 0, "size": 32, "start": start, "checkpoint_every": 2}
+    assert pretrain(4, whole, **kw) == 4
+    # a part stopped by its time limit saves its state and writes no weights
+    assert pretrain(4, parts, minutes=0.0, **kw) == 0 and not parts.exists()
+    assert checkpoint_path(parts).exists()
+    assert pretrain(2, parts, **kw) == 2  # (a shorter run finishes its own steps)
+    assert pretrain(4, parts, **kw) == 4  # resumes at step 2
+    a, b = np.load(whole), np.load(parts)
+    assert all(np.array_equal(a[k], b[k]) for k in a.files)
+    # it started from `start`, not from a random initialisation: the first layer moved only a little
+    first = load_encoder(str(whole))[0][0].weight
+    assert torch.allclose(first, load_encoder()[0][0].weight, atol=0.05)
+
+
 def _view_retrieval(body: torch.nn.Module) -> float:
     """Top-1: how often an image's second augmented view is the nearest to its first, among 128."""
     gen = torch.Generator().manual_seed(7)

@@ -12,6 +12,10 @@ J = 2 pooled 3×3 and the procedural encoder's maps pooled 2×2) beside features
     python -m bench.accuracy.res64_screen dp --eps 8 # DP-SGD screen, 3 seeds, validation
     python -m bench.accuracy.res64_screen cache-views             # 8-view 28-px features, each 64-px view apart
     python -m bench.accuracy.res64_screen dp-views --eps 8 --lr 0.5 # the 64-px maps from 1, 2, 4 or 8 views
+    python -m bench.accuracy.res64_screen encoders --encoders A.npz B.checkpoint.pt  # quick probe per encoder
+    python -m bench.accuracy.res64_screen cache-views --encoder A.npz --tag a  # the DP screen's cache with it
+    python -m bench.accuracy.res64_screen cache-layers           # 64-px maps of the encoder's last two blocks
+    python -m bench.accuracy.res64_screen dp-layers --eps 8 --lr 0.5  # DP screen: which block's maps
 """
 
 from __future__ import annotations
@@ -156,9 +160,52 @@ FINE_VIEWS = {"1 view": (0,), "2 views (identity, 180°)": (0, 2), "2 views (ide
               "4 views (rotations)": (0, 1, 2, 3), "8 views": tuple(range(8))}
 
 
-def cache_views() -> None:
+def load_body(path: Path | None) -> torch.nn.Module | None:
+    """An encoder for the 64-px maps: a pre-training's weights (.npz) or the encoder in its checkpoint (.pt);
+    None: the shipped one."""
+    from hemafed.core.learning.procedural_features import encoder_body, load_encoder
+
+    if path is None or path.suffix == ".npz":
+        return None if path is None else load_encoder(str(path))
+    body = encoder_body()
+    body.load_state_dict(torch.load(path, weights_only=True)["body"])
+    return body.requires_grad_(False).to(memory_format=torch.channels_last).eval()
+
+
+def encoders(paths: list[Path], n_train: int, epochs: int) -> None:
+    """The quick probe (`cache`'s 6,000 training images, one view, non-private linear head, validation) of the 64-px
+    encoder maps 4×4 made by each encoder, alone and beside the recipe's 28-px features (the shipped encoder's)."""
+    from hemafed.core.data.bloodmnist import load_splits, locate
+    from hemafed.core.learning.models import _normalisation, build_model, images_to_tensor
+    from hemafed.core.learning.procedural_features import procedural_features
+
+    path28 = locate(None)
+    s28, s64 = load_splits(path28), load_splits(path28.parent / "bloodmnist_64.npz")
+    model = build_model("scatter_synth_inv_28")
+    mean, std = _normalisation()
+    data = {}
+    for split in ("train", "val"):
+        idx = _subset(s28[split].labels.reshape(-1), n_train) if split == "train" else slice(None)
+        data[split] = (torch.as_tensor(s28[split].labels[idx].reshape(-1)).long(),
+                       model.features(images_to_tensor(s28[split].images[idx], 28)).flatten(1).float(),
+                       images_to_tensor(s64[split].images[idx], 64) * std + mean)
+    for path in [None, *paths]:
+        body = load_body(path)
+        f64 = {split: procedural_features(x64, 256, 4, body=body).flatten(1).float()
+               for split, (_, _, x64) in data.items()}
+        for label, (tx, vx) in (("64 px encoder 4×4", (f64["train"], f64["val"])),
+                                ("28 px + 64 px encoder 4×4", (torch.cat([data["train"][1], f64["train"]], 1),
+                                                               torch.cat([data["val"][1], f64["val"]], 1)))):
+            mu, sd = tx.mean(0), tx.std(0) + 1e-6
+            torch.manual_seed(0)
+            last, best = fit(torch.nn.Linear(tx.shape[1], 8), (tx - mu) / sd, data["train"][0], (vx - mu) / sd,
+                             data["val"][0], epochs)
+            print(f"| {path or 'shipped encoder'} | {label} | {last:.2%} | {best:.2%} |", flush=True)
+
+
+def cache_views(encoder: Path | None = None, tag: str = "") -> None:
     """Every training and validation image's 28-px recipe features (8-view average) and the 64-px encoder's 4×4 maps
-    of each of the 8 views separately."""
+    of each of the 8 views separately (`encoder`: another encoder for the 64-px maps, cached under `tag`)."""
     from hemafed.core.data.bloodmnist import load_splits, locate
     from hemafed.core.learning.features import dihedral
     from hemafed.core.learning.models import _normalisation, build_model, images_to_tensor
@@ -168,6 +215,7 @@ def cache_views() -> None:
     s28, s64 = load_splits(path28), load_splits(path28.parent / "bloodmnist_64.npz")
     model = build_model("scatter_synth_inv_28")
     mean, std = _normalisation()
+    body = load_body(encoder)
     OUT.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
         t = time.perf_counter()
@@ -175,30 +223,102 @@ def cache_views() -> None:
         plain64 = images_to_tensor(s64[split].images, 64) * std + mean
         out = {"y": torch.as_tensor(s28[split].labels.reshape(-1)).long(),
                "f28": model.eval_features(x28).flatten(1).float(),
-               "views": torch.stack([procedural_features(dihedral(plain64, k), 256, 4).flatten(1).float()
+               "views": torch.stack([procedural_features(dihedral(plain64, k), 256, 4, body=body).flatten(1).float()
                                      for k in range(8)])}
-        torch.save(out, OUT / f"{split}_views.pt")
+        torch.save(out, OUT / f"{split}_views{tag}.pt")
         print(f"{split}: {len(out['y'])} images in {time.perf_counter() - t:.0f} s", flush=True)
 
 
-def dp_views(eps: float, lr: float, rounds: int, seeds: list[int]) -> None:
-    """`dp`'s screen (8-view 28-px features beside the 64-px maps) with the 64-px maps averaged over FINE_VIEWS."""
+def dp_views(eps: float, lr: float, rounds: int, seeds: list[int], tag: str = "",
+             only: tuple[str, ...] = ()) -> None:
+    """`dp`'s screen (8-view 28-px features beside the 64-px maps) with the 64-px maps averaged over FINE_VIEWS
+    (`only`: those named), from `cache_views`' cache under `tag`."""
     from bench.accuracy.head_ceiling import private_fit
 
-    tr, va = torch.load(OUT / "train_views.pt"), torch.load(OUT / "val_views.pt")
+    tr, va = torch.load(OUT / f"train_views{tag}.pt"), torch.load(OUT / f"val_views{tag}.pt")
     for name, views in FINE_VIEWS.items():
+        if only and name not in only:
+            continue
         tx = torch.cat([tr["f28"], tr["views"][list(views)].mean(0)], 1)
         vx = torch.cat([va["f28"], va["views"][list(views)].mean(0)], 1)
         centre = tx.mean(0)
         t = time.perf_counter()
         singles, _ = private_fit(tx - centre, tr["y"], vx - centre, va["y"], [], eps, lr, rounds, seeds)
-        print(f"| 28 px (8 views) + 64 px encoder 4×4, {name} | {eps:g} | {lr:g} | {np.mean(singles):.2%} ± "
+        print(f"| {tag or 'shipped'}: 28 px (8 views) + 64 px encoder 4×4, {name} | {eps:g} | {lr:g} | "
+              f"{np.mean(singles):.2%} ± "
               f"{np.std(singles):.2%} | {len(seeds)} | {(time.perf_counter() - t) / len(seeds):.0f} s |", flush=True)
+
+
+def _block_maps(body: torch.nn.Module, x: torch.Tensor, blocks: tuple[int, ...], pool: int = 4,
+                batch_size: int = 256) -> dict[int, torch.Tensor]:
+    """The encoder's maps after each of `blocks` (0-based) for [0, 1] images, pooled and GroupNorm'd per image as
+    `procedural_features` does the last block's."""
+    from hemafed.core.learning.procedural_features import GROUPS, standardise
+
+    out: dict[int, list[torch.Tensor]] = {b: [] for b in blocks}
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            h = standardise(x[i:i + batch_size]).contiguous(memory_format=torch.channels_last)
+            for j, layer in enumerate(body):
+                h = layer(h)
+                if j in out:
+                    out[j].append(F.group_norm(F.adaptive_avg_pool2d(h, pool), GROUPS).flatten(1).float())
+    return {b: torch.cat(parts) for b, parts in out.items()}
+
+
+def cache_layers() -> None:
+    """Every training and validation image's 28-px recipe features (8-view average) and the shipped encoder's 64-px
+    maps after its 4th and 5th (last) blocks, pooled 4×4, averaged over the 4 rotations (eighth pass)."""
+    from hemafed.core.data.bloodmnist import load_splits, locate
+    from hemafed.core.learning.features import dihedral
+    from hemafed.core.learning.models import _normalisation, build_model, images_to_tensor
+    from hemafed.core.learning.procedural_features import load_encoder
+
+    path28 = locate(None)
+    s28, s64 = load_splits(path28), load_splits(path28.parent / "bloodmnist_64.npz")
+    model = build_model("scatter_synth_inv_28")
+    mean, std = _normalisation()
+    body = load_encoder()
+    OUT.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        t = time.perf_counter()
+        plain64 = images_to_tensor(s64[split].images, 64) * std + mean
+        maps = [_block_maps(body, dihedral(plain64, k), (3, 4)) for k in range(4)]
+        out = {"y": torch.as_tensor(s28[split].labels.reshape(-1)).long(),
+               "f28": model.eval_features(images_to_tensor(s28[split].images, 28)).flatten(1).float(),
+               "b3": sum(m[3] for m in maps) / 4, "b4": sum(m[4] for m in maps) / 4}
+        torch.save(out, OUT / f"{split}_layers.pt")
+        print(f"{split}: {len(out['y'])} images in {time.perf_counter() - t:.0f} s", flush=True)
+
+
+LAYER_COMBOS = {"last block (scatter_synth_inv_cc_ms4_64)": ("b4",), "4th block": ("b3",),
+                "4th and last blocks": ("b3", "b4")}
+
+
+def dp_layers(eps: float, lr: float, rounds: int, seeds: list[int]) -> None:
+    """`dp`'s screen on `cache_layers`' features: the 28-px features beside each choice of 64-px maps."""
+    from bench.accuracy.head_ceiling import private_fit
+
+    tr, va = torch.load(OUT / "train_layers.pt"), torch.load(OUT / "val_layers.pt")
+    for name, keys in LAYER_COMBOS.items():
+        tx = torch.cat([tr["f28"], *(tr[k] for k in keys)], 1)
+        vx = torch.cat([va["f28"], *(va[k] for k in keys)], 1)
+        centre = tx.mean(0)
+        t = time.perf_counter()
+        singles, _ = private_fit(tx - centre, tr["y"], vx - centre, va["y"], [], eps, lr, rounds, seeds)
+        print(f"| 28 px (8 views) + 64 px {name}, 4 rotations | {tx.shape[1]} | {eps:g} | {lr:g} | "
+              f"{np.mean(singles):.2%} ± {np.std(singles):.2%} | {len(seeds)} | "
+              f"{(time.perf_counter() - t) / len(seeds):.0f} s |", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", choices=("cache", "ceiling", "cache-full", "dp", "cache-views", "dp-views"))
+    ap.add_argument("step", choices=("cache", "ceiling", "cache-full", "dp", "cache-views", "dp-views", "encoders",
+                                     "cache-layers", "dp-layers"))
+    ap.add_argument("--encoders", type=Path, nargs="+", default=[], help="encoder weights (.npz) or checkpoints (.pt)")
+    ap.add_argument("--encoder", type=Path, default=None, help="cache-views: the encoder for the 64-px maps")
+    ap.add_argument("--tag", default="", help="cache-views / dp-views: the cache's name suffix")
+    ap.add_argument("--views", nargs="+", default=[], help="dp-views: only these FINE_VIEWS entries")
     ap.add_argument("--eps", type=float, default=8.0)
     ap.add_argument("--lr", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=500)
@@ -216,9 +336,15 @@ def main() -> None:
     elif args.step == "cache-full":
         cache_full(args.orbit)
     elif args.step == "cache-views":
-        cache_views()
+        cache_views(args.encoder, args.tag)
     elif args.step == "dp-views":
-        dp_views(args.eps, args.lr, args.rounds, args.seeds)
+        dp_views(args.eps, args.lr, args.rounds, args.seeds, args.tag, tuple(args.views))
+    elif args.step == "cache-layers":
+        cache_layers()
+    elif args.step == "dp-layers":
+        dp_layers(args.eps, args.lr, args.rounds, args.seeds)
+    elif args.step == "encoders":
+        encoders(args.encoders, args.train, args.epochs)
     else:
         dp(args.eps, args.lr, args.rounds, args.seeds, args.orbit)
 

@@ -270,10 +270,12 @@ class MultiScaleNet(ScatterSynthNet):
 
     COARSE = 28
 
-    def __init__(self, head: nn.Module, fine_pool: int = 4, fine_views: tuple[int, ...] = tuple(range(8))) -> None:
+    def __init__(self, head: nn.Module, fine_pool: int = 4, fine_views: tuple[int, ...] = tuple(range(8)),
+                 fine_depth: int | None = None) -> None:
         super().__init__(head, learned_pool=2, orbit=True)
         self.fine_pool = fine_pool
         self.fine_views = fine_views  # the dihedral views (features.dihedral) the 64-px maps are averaged over
+        self.fine_depth = fine_depth  # the 64-px maps after this many encoder blocks (None: all 5)
 
     def _coarse(self, x: torch.Tensor) -> torch.Tensor:
         # antialiased bilinear, as the 28-px BloodMNIST images were made (bloodmnist/PROVENANCE.md)
@@ -281,7 +283,7 @@ class MultiScaleNet(ScatterSynthNet):
 
     def _fine(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
         mean, std = _normalisation()
-        return procedural_features(x * std + mean, batch_size, self.fine_pool).flatten(1)
+        return procedural_features(x * std + mean, batch_size, self.fine_pool, depth=self.fine_depth).flatten(1)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -300,13 +302,14 @@ MULTISCALE_DIM = 243 * 3 * 3 + 128 * 2 * 2 + 128 * 4 * 4
 MULTISCALE_RADIUS = 60.0
 
 
-def multiscale_checked(num_classes: int, fine_views: tuple[int, ...] = tuple(range(8))) -> MultiScaleNet:
+def multiscale_checked(num_classes: int, fine_views: tuple[int, ...] = tuple(range(8)),
+                       fine_depth: int | None = None) -> MultiScaleNet:
     """`MultiScaleNet` with a centred head carrying the cell check's moments (measured on the 28-px image)."""
     from .cell_check import MOMENT_LEN
 
     # radius: above every feature norm on BloodMNIST's 64-px validation split (8-view averages; see its test)
     return MultiScaleNet(CenteredLinear(MULTISCALE_DIM, num_classes, radius=MULTISCALE_RADIUS, moments=MOMENT_LEN),
-                         fine_views=fine_views)
+                         fine_views=fine_views, fine_depth=fine_depth)
 
 
 def split_features(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
@@ -375,6 +378,11 @@ MODELS: dict[str, ModelSpec] = {
                   "the 4 rotations only (the 28-px features still over all 8 rotations and flips): about a third "
                   "less preparation per image, as accurate on validation; 64×64 input; built for DP",
                   lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3)), centred=True),
+        ModelSpec("scatter_synth_inv_cc_ms4p_64", 64, "scatter_synth_inv_cc_ms4_64 with the shape-trained network's "
+                  "64-px maps taken one block before its last (its last block was trained for 28-px shapes; at 64 px "
+                  "the block before it sees cells better on validation), a third less 64-px work per image; "
+                  "64×64 input; built for DP",
+                  lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4), centred=True),
         ModelSpec("cnn4_28", 28, "plain 4-conv GroupNorm CNN (32/64 channels), 28×28 input; fast reference",
                   lambda n: SmallCNN(n)),
     )
@@ -392,7 +400,7 @@ def get_spec(name: str) -> ModelSpec:
 
 # Bump when the fixed feature code changes what it computes: the feature cache keys on it (with the shipped
 # encoder's digest), so features computed by other code are never mixed with new ones.
-FEATURE_CODE_VERSION = "1"
+FEATURE_CODE_VERSION = "2"  # 2: the procedural encoder runs channels-last (float rounding differs)
 
 
 @functools.cache

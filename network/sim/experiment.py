@@ -557,7 +557,8 @@ def _confidence_sections(docs: Path) -> list[str]:
     ]
 
 # other recipes' result docs (written by `hemafed experiment --model M --doc docs/<file>`), summarised in RESULTS.md
-OTHER_RECIPES = {"results-64px.md": "scatter_synth_inv_cc_ms_64", "results-64px-ms4.md": "scatter_synth_inv_cc_ms4_64"}
+OTHER_RECIPES = {"results-64px.md": "scatter_synth_inv_cc_ms_64", "results-64px-ms4.md": "scatter_synth_inv_cc_ms4_64",
+                 "results-64px-ms4p.md": "scatter_synth_inv_cc_ms4p_64"}
 
 
 def other_recipes(docs: Path) -> list[str]:
