@@ -15,7 +15,8 @@ Out-of-distribution, made from the PBC sample JPEGs:
   is cut at the window's edge); computer-generated dead-leaves shapes; an empty slide (the background colour with
   sensor noise).
 
-    python -m bench.ood_check --run RUN [RUN ...]   # one `hemafed simulate` folder per seed; writes docs/ood-check.md
+    python -m bench.ood_check --run RUN [RUN ...] [--doc NAME]  # one `hemafed simulate` folder per seed; writes
+                                                                # docs/ood-check.md (or docs/NAME.md)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from hemafed.core.learning.classify import load_model_file
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-def held_out_sets(pbc_dir: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def held_out_sets(pbc_dir: Path, rng: np.random.Generator, size: int = 28) -> dict[str, np.ndarray]:
     from hemafed.core.learning.procedural_features import dead_leaves
 
     images = [Image.open(p).convert("RGB") for p in sorted(pbc_dir.glob("*/*.jpg"))]
@@ -50,17 +51,33 @@ def held_out_sets(pbc_dir: Path, rng: np.random.Generator) -> dict[str, np.ndarr
 
     def native_reds() -> np.ndarray:
         canvas = mosaic(2)
-        return centre_crop_resize(canvas.crop((w - 100, h - 100, w + 100, h + 100)), 28)
+        return centre_crop_resize(canvas.crop((w - 100, h - 100, w + 100, h + 100)), size)
 
     background = np.median(np.stack([np.asarray(im.resize((28, 28))) for im in images]).reshape(-1, 3), 0)
-    leaves = dead_leaves(100, torch.Generator().manual_seed(int(rng.integers(1 << 31))))
+    leaves = dead_leaves(100, torch.Generator().manual_seed(int(rng.integers(1 << 31))), size=size)
     return {
-        "whole fields 2×2": np.stack([centre_crop_resize(mosaic(2), 28) for _ in range(100)]),
-        "whole fields 4×4": np.stack([centre_crop_resize(mosaic(4), 28) for _ in range(100)]),
+        "whole fields 2×2": np.stack([centre_crop_resize(mosaic(2), size) for _ in range(100)]),
+        "whole fields 4×4": np.stack([centre_crop_resize(mosaic(4), size) for _ in range(100)]),
         "red cells, native scale": np.stack([native_reds() for _ in range(100)]),
         "dead-leaves shapes": (leaves.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8),
-        "empty slide": np.clip(background + rng.normal(0, 4, (100, 28, 28, 3)), 0, 255).astype(np.uint8),
+        "empty slide": np.clip(background + rng.normal(0, 4, (100, size, size, 3)), 0, 255).astype(np.uint8),
     }
+
+
+def _commands(runs: list[Path]) -> str:
+    """The runs' commands from their metrics.json (`hemafed simulate`'s defaults when it says so)."""
+    import json
+
+    commands = set()
+    for run in runs:
+        try:
+            command = json.loads((run / "metrics.json").read_text())["command"]
+        except (OSError, ValueError, KeyError):
+            command = "hemafed simulate"
+        words = command.split()
+        seed = [i for i, w in enumerate(words) if w == "--seed"]  # the seeds differ by design
+        commands.add(" ".join(w for i, w in enumerate(words) if not any(i in (j, j + 1) for j in seed)))
+    return " / ".join(f"`{c}`" if c != "hemafed simulate" else "defaults" for c in sorted(commands))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,17 +87,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=Path, nargs="+", required=True,
                    help="`hemafed simulate` results folders (one per seed: every hospital of each counts)")
     p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--doc", default="ood-check", help="the doc's name in docs/, without .md")
     args = p.parse_args(argv)
     started = time.perf_counter()
-    data = locate(args.data)
-    pbc_dir = data.parent.parent / "pbc_sample"
-    screening = {f"{k} (screening)": np.asarray(v) for k, v in ood_sets(pbc_dir, np.random.default_rng(0)).items()}
-    pbc = screening.pop("PBC cells (in-distribution) (screening)")
-    sets = {"test split (in-distribution)": load_splits(data)["test"].images, "PBC sample cells (in-distribution)": pbc,
-            **screening, **held_out_sets(pbc_dir, np.random.default_rng(1))}
     files = [f for run in args.run for f in sorted(run.glob("sites/*/state/models/*/final.npz"))]
     if not files:
         raise SystemExit("no hospital model files under sites/*/state/models/ of " + ", ".join(map(str, args.run)))
+    # every set at the model's input size, as its sites and the app give it images
+    size = load_model_file(files[0]).input_size
+    data = locate(args.data, size=size)
+    pbc_dir = data.parent.parent / "pbc_sample"
+    screening = {f"{k} (screening)": np.asarray(v)
+                 for k, v in ood_sets(pbc_dir, np.random.default_rng(0), size).items()}
+    pbc = screening.pop("PBC cells (in-distribution) (screening)")
+    sets = {"test split (in-distribution)": load_splits(data)["test"].images, "PBC sample cells (in-distribution)": pbc,
+            **screening, **held_out_sets(pbc_dir, np.random.default_rng(1), size)}
     flagged: dict[str, list[float]] = {name: [] for name in sets}
     thresholds, sources = [], set()
     for path in files:
@@ -97,10 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     doc = [
         "# The cell check: \"not an image of a single blood cell\"",
         "",
-        f"Generated by `python -m bench.ood_check --run {' '.join(map(str, args.run))}` "
+        f"Generated by `python -m bench.ood_check --run {' '.join(map(str, args.run))}"
+        + (f" --doc {args.doc}" if args.doc != "ood-check" else "") + "` "
         f"({time.perf_counter() - started:.0f} s), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: the "
-        f"{len(files)} hospitals' own final model files of {len(args.run)} `hemafed simulate` run(s) (defaults, one "
-        "per seed; the federation's DP moments; the threshold in the files, set to flag "
+        f"{len(files)} hospitals' own final model files of {len(args.run)} `hemafed simulate` run(s) "
+        f"({_commands(args.run)}, one per seed; model `{load_model_file(files[0]).name}`, {size}-px images; the "
+        "federation's DP moments; the threshold in the files, set to flag "
         f"{FALSE_ALARMS:.1%} of {' / '.join(sorted(sources))}: {min(thresholds):.0f} … {max(thresholds):.0f}). "
         "How the sets are made and which were used to choose the design: the script's docstring. Share flagged as "
         "\"not recognised\", mean ± std over every hospital of every run, smallest and largest:",
@@ -110,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         *rows,
         "",
     ]
-    (DOCS / "ood-check.md").write_text("\n".join(doc))
+    (DOCS / f"{args.doc}.md").write_text("\n".join(doc))
     print("\n".join(doc))
     return 0
 

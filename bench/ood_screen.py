@@ -34,7 +34,8 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 FALSE_ALARMS = 0.02
 
 
-def ood_sets(pbc_dir: Path, rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
+def ood_sets(pbc_dir: Path, rng: np.random.Generator, size: int = 28) -> dict[str, list[np.ndarray]]:
+    """The screening sets at `size` pixels (a 64-px model's app and sites give it 64-px crops)."""
     images = [Image.open(p).convert("RGB") for p in sorted(pbc_dir.glob("*/*.jpg"))]
     w, h = images[0].size
     fields = []
@@ -42,12 +43,12 @@ def ood_sets(pbc_dir: Path, rng: np.random.Generator) -> dict[str, list[np.ndarr
         canvas = Image.new("RGB", (3 * w, 3 * h))
         for j, k in enumerate(rng.choice(len(images), 9, replace=False)):
             canvas.paste(images[k].resize((w, h)), ((j % 3) * w, (j // 3) * h))
-        fields.append(centre_crop_resize(canvas, 28))
-    reds = [centre_crop_resize(im.crop((x, y, x + 110, y + 110)), 28)
+        fields.append(centre_crop_resize(canvas, size))
+    reds = [centre_crop_resize(im.crop((x, y, x + 110, y + 110)), size)
             for im in images[:100] for x, y in ((0, 0), (im.size[0] - 110, im.size[1] - 110))]
-    noise = [rng.integers(0, 256, (28, 28, 3), dtype=np.uint8) for _ in range(100)]
+    noise = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(100)]
     return {"whole fields": fields, "red cells": reds, "noise": noise,
-            "PBC cells (in-distribution)": [centre_crop_resize(im, 28) for im in images]}
+            "PBC cells (in-distribution)": [centre_crop_resize(im, size) for im in images]}
 
 
 MAHA = "Mahalanobis to the nearest class mean, central (upper bound: not DP, not shippable)"

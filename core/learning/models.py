@@ -379,8 +379,8 @@ MODELS: dict[str, ModelSpec] = {
                   "less preparation per image, as accurate on validation; 64×64 input; built for DP",
                   lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3)), centred=True),
         ModelSpec("scatter_synth_inv_cc_ms4p_64", 64, "scatter_synth_inv_cc_ms4_64 with the shape-trained network's "
-                  "64-px maps taken one block before its last (its last block was trained for 28-px shapes; at 64 px "
-                  "the block before it sees cells better on validation), a third less 64-px work per image; "
+                  "64-px maps taken one block before its last, which was trained for 28-px shapes: at 64 px the "
+                  "block before it does better on validation, with a third less 64-px work per image; "
                   "64×64 input; built for DP",
                   lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4), centred=True),
         ModelSpec("cnn4_28", 28, "plain 4-conv GroupNorm CNN (32/64 channels), 28×28 input; fast reference",
