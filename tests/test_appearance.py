@@ -52,3 +52,22 @@ def test_a_shifted_simulation_changes_the_hospitals_images_but_not_the_test_spli
     np.testing.assert_array_equal(same.train.labels, shifted.train.labels)
     for idx in same.parts:
         assert np.abs(same.train.images[idx].astype(int) - shifted.train.images[idx]).mean() > 1.0
+
+
+def test_blur_is_the_same_focus_at_64_px() -> None:
+    """The look's blur σ is given at 28 px: a 64-px image of the same cell is blurred over 64/28 times as many pixels,
+    so blurring at 64 px and resizing to 28 px is close to blurring the 28-px image."""
+    from PIL import Image
+
+    def resize(images: np.ndarray, side: int) -> np.ndarray:
+        return np.stack([np.asarray(Image.fromarray(im).resize((side, side), Image.Resampling.BILINEAR))
+                         for im in images])
+
+    large = resize(cells(8, 2), 64)
+    small = resize(large, 28)
+    look = HospitalLook(blur=0.8)
+    blurred_small = apply_look(small, look).astype(float)
+    assert np.abs(blurred_small - small).mean() > 2.0  # the blur is visible at 28 px
+    gap = np.abs(resize(apply_look(large, look), 28).astype(float) - blurred_small).mean()
+    old = np.abs(resize(apply_look(large, HospitalLook(blur=0.8 * 28 / 64)), 28).astype(float) - blurred_small).mean()
+    assert gap < 0.5 * old and gap < 1.0, (gap, old)

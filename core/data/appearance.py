@@ -88,8 +88,8 @@ def apply_look(images: np.ndarray, look: HospitalLook) -> np.ndarray:
             pad = np.pad(np.asarray(img), (((h - side) // 2, h - side - (h - side) // 2),
                                            ((w - side) // 2, w - side - (w - side) // 2), (0, 0)), mode="edge")
             img = Image.fromarray(pad)
-        if look.blur > 0:
-            img = img.filter(ImageFilter.GaussianBlur(look.blur))
+        if look.blur > 0:  # σ is given at 28 px: the same focus blurs a 64-px image over more pixels
+            img = img.filter(ImageFilter.GaussianBlur(look.blur * h / 28))
         result[i] = np.asarray(img)
     return result
 
