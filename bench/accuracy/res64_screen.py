@@ -16,6 +16,7 @@ J = 2 pooled 3×3 and the procedural encoder's maps pooled 2×2) beside features
     python -m bench.accuracy.res64_screen cache-views --encoder A.npz --tag a  # the DP screen's cache with it
     python -m bench.accuracy.res64_screen cache-layers           # 64-px maps of the encoder's last two blocks
     python -m bench.accuracy.res64_screen dp-layers --eps 8 --lr 0.5  # DP screen: which block's maps
+    python -m bench.accuracy.res64_screen dp-pca --eps 3 --lr 0.25     # an oracle projection's upper bound
 """
 
 from __future__ import annotations
@@ -311,10 +312,28 @@ def dp_layers(eps: float, lr: float, rounds: int, seeds: list[int]) -> None:
               f"{(time.perf_counter() - t) / len(seeds):.0f} s |", flush=True)
 
 
+def dp_pca(eps: float, lr: float, rounds: int, seeds: list[int], ks: list[int]) -> None:
+    """`dp_layers`' 4th-block features projected onto their top k principal directions, computed from the training
+    features themselves: not private, an upper bound on what a projection could give the DP head."""
+    from bench.accuracy.head_ceiling import private_fit
+
+    tr, va = torch.load(OUT / "train_layers.pt"), torch.load(OUT / "val_layers.pt")
+    tx, vx = torch.cat([tr["f28"], tr["b3"]], 1), torch.cat([va["f28"], va["b3"]], 1)
+    centre = tx.mean(0)
+    tx, vx = tx - centre, vx - centre
+    directions = torch.pca_lowrank(tx, q=max(ks), center=False)[2]
+    for k in ks:
+        a, b = (tx, vx) if k >= tx.shape[1] else (tx @ directions[:, :k], vx @ directions[:, :k])
+        singles, _ = private_fit(a, tr["y"], b, va["y"], [], eps, lr, rounds, seeds)
+        print(f"| {min(k, tx.shape[1])} | {eps:g} | {lr:g} | {np.mean(singles):.2%} ± {np.std(singles):.2%} |",
+              flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("step", choices=("cache", "ceiling", "cache-full", "dp", "cache-views", "dp-views", "encoders",
-                                     "cache-layers", "dp-layers"))
+                                     "cache-layers", "dp-layers", "dp-pca"))
+    ap.add_argument("--ks", type=int, nargs="+", default=[4747, 1024, 256], help="dp-pca: projection sizes")
     ap.add_argument("--encoders", type=Path, nargs="+", default=[], help="encoder weights (.npz) or checkpoints (.pt)")
     ap.add_argument("--encoder", type=Path, default=None, help="cache-views: the encoder for the 64-px maps")
     ap.add_argument("--tag", default="", help="cache-views / dp-views: the cache's name suffix")
@@ -343,6 +362,8 @@ def main() -> None:
         cache_layers()
     elif args.step == "dp-layers":
         dp_layers(args.eps, args.lr, args.rounds, args.seeds)
+    elif args.step == "dp-pca":
+        dp_pca(args.eps, args.lr, args.rounds, args.seeds, args.ks)
     elif args.step == "encoders":
         encoders(args.encoders, args.train, args.epochs)
     else:
