@@ -234,7 +234,6 @@ def dp_views(eps: float, lr: float, rounds: int, seeds: list[int], tag: str = ""
              only: tuple[str, ...] = ()) -> None:
     """`dp`'s screen (8-view 28-px features beside the 64-px maps) with the 64-px maps averaged over FINE_VIEWS
     (`only`: those named), from `cache_views`' cache under `tag`."""
-    from bench.accuracy.head_ceiling import private_fit
 
     tr, va = torch.load(OUT / f"train_views{tag}.pt"), torch.load(OUT / f"val_views{tag}.pt")
     for name, views in FINE_VIEWS.items():
@@ -242,12 +241,20 @@ def dp_views(eps: float, lr: float, rounds: int, seeds: list[int], tag: str = ""
             continue
         tx = torch.cat([tr["f28"], tr["views"][list(views)].mean(0)], 1)
         vx = torch.cat([va["f28"], va["views"][list(views)].mean(0)], 1)
-        centre = tx.mean(0)
-        t = time.perf_counter()
-        singles, _ = private_fit(tx - centre, tr["y"], vx - centre, va["y"], [], eps, lr, rounds, seeds)
         print(f"| {tag or 'shipped'}: 28 px (8 views) + 64 px encoder 4×4, {name} | {eps:g} | {lr:g} | "
-              f"{np.mean(singles):.2%} ± "
-              f"{np.std(singles):.2%} | {len(seeds)} | {(time.perf_counter() - t) / len(seeds):.0f} s |", flush=True)
+              f"{_centred_dp(tx, tr['y'], vx, va['y'], eps, lr, rounds, seeds)} |", flush=True)
+
+
+def _centred_dp(tx: torch.Tensor, ty: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor, eps: float, lr: float,
+                rounds: int, seeds: list[int]) -> str:
+    """`private_fit` on features centred by their training mean: "mean ± std | seeds | seconds per seed"."""
+    from bench.accuracy.head_ceiling import private_fit
+
+    centre = tx.mean(0)
+    t = time.perf_counter()
+    singles, _ = private_fit(tx - centre, ty, vx - centre, vy, [], eps, lr, rounds, seeds)
+    return (f"{np.mean(singles):.2%} ± {np.std(singles):.2%} | {len(seeds)} | "
+            f"{(time.perf_counter() - t) / len(seeds):.0f} s")
 
 
 def _block_maps(body: torch.nn.Module, x: torch.Tensor, blocks: tuple[int, ...], pool: int = 4,
@@ -298,18 +305,13 @@ LAYER_COMBOS = {"last block (scatter_synth_inv_cc_ms4_64)": ("b4",), "4th block"
 
 def dp_layers(eps: float, lr: float, rounds: int, seeds: list[int]) -> None:
     """`dp`'s screen on `cache_layers`' features: the 28-px features beside each choice of 64-px maps."""
-    from bench.accuracy.head_ceiling import private_fit
 
     tr, va = torch.load(OUT / "train_layers.pt"), torch.load(OUT / "val_layers.pt")
     for name, keys in LAYER_COMBOS.items():
         tx = torch.cat([tr["f28"], *(tr[k] for k in keys)], 1)
         vx = torch.cat([va["f28"], *(va[k] for k in keys)], 1)
-        centre = tx.mean(0)
-        t = time.perf_counter()
-        singles, _ = private_fit(tx - centre, tr["y"], vx - centre, va["y"], [], eps, lr, rounds, seeds)
         print(f"| 28 px (8 views) + 64 px {name}, 4 rotations | {tx.shape[1]} | {eps:g} | {lr:g} | "
-              f"{np.mean(singles):.2%} ± {np.std(singles):.2%} | {len(seeds)} | "
-              f"{(time.perf_counter() - t) / len(seeds):.0f} s |", flush=True)
+              f"{_centred_dp(tx, tr['y'], vx, va['y'], eps, lr, rounds, seeds)} |", flush=True)
 
 
 def dp_pca(eps: float, lr: float, rounds: int, seeds: list[int], ks: list[int]) -> None:
