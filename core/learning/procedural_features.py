@@ -202,7 +202,8 @@ def _load_encoder(path: str | None) -> nn.Sequential:
     with source.open("rb") as fh, np.load(fh, allow_pickle=False) as arrays:
         body.load_state_dict({k: torch.from_numpy(arrays[k].copy()) for k in arrays.files})
     body.requires_grad_(False)
-    # channels-last: the encoder runs 20–30 % faster on this CPU (docs/accuracy-levers.md, eighth pass)
+    # channels-last: at 64 px the encoder runs about 25 % faster on this CPU; at 28 px it is a wash on one thread
+    # (docs/accuracy-levers.md, eighth pass)
     return body.to(memory_format=torch.channels_last).eval()
 
 
