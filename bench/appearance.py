@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench._runs import run_model
 from hemafed.core.data.appearance import LOOK_RANGE, apply_look, hospital_looks
 from hemafed.core.learning.checkpoints import CheckpointStore
 from hemafed.core.learning.models import build_model, get_spec, set_flat_params, split_features
@@ -32,15 +33,6 @@ from hemafed.network.sim.simulate import SimulationOptions, hospitals
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PER_LOOK = 500
-
-
-def _run_model(run: Path, default: str) -> str:
-    import json
-
-    try:
-        return json.loads((run / "metrics.json").read_text())["options"]["model"]
-    except (OSError, ValueError, KeyError):
-        return default
 
 
 def _accuracy(model_name: str, weights: np.ndarray, images: np.ndarray, labels: np.ndarray) -> float:
@@ -64,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--" + key.replace("_", "-"), type=Path, required=key in ("same", "shifted"), dest=key)
     p.add_argument("--doc", default="appearance", help="the doc's name in docs/, without .md")
     args = p.parse_args(argv)
-    runs = {key: (label, _run_model(getattr(args, key), model)) for key, (label, model) in runs.items()
+    runs = {key: (label, run_model(getattr(args, key), model)) for key, (label, model) in runs.items()
             if getattr(args, key) is not None}
     if len({model for _, model in runs.values()} - {"scatter_synth_inv_cc_sn_28"}) > 1:
         raise SystemExit("--same and --shifted must be runs of the same model")

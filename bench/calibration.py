@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench._runs import run_model
 from hemafed.core.learning.cell_check import with_site_threshold
 from hemafed.core.learning.checkpoints import CheckpointStore
 from hemafed.core.learning.confidence import (
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                         "results/calibration/ for the default, results/NAME/ otherwise")
     args = p.parse_args(argv)
     started = time.perf_counter()
-    model = _run_model(args.run)
+    model = run_model(args.run, SimulationOptions().model)
     h = hospitals(SimulationOptions(data=args.data, seed=args.seed, model=model))
     sites = site_splits(h.train.images, h.train.labels, h.parts, h.plan)
     store = CheckpointStore(args.run / "federation" / "state" / "checkpoints")
@@ -160,14 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     (DOCS / f"{args.doc}.md").write_text("\n".join(doc))
     print("\n".join(doc))
     return 0
-
-
-def _run_model(run: Path) -> str:
-    """The model the run trained (its metrics.json's options; `hemafed simulate`'s default when it does not say)."""
-    try:
-        return json.loads((run / "metrics.json").read_text())["options"]["model"]
-    except (OSError, ValueError, KeyError):
-        return SimulationOptions().model
 
 
 def _plot(raw: np.ndarray, calibrated: np.ndarray, labels: np.ndarray, who: str, path: Path) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench._runs import run_command
 from hemafed.core.data.bloodmnist import load_splits, locate
 from hemafed.core.data.imaging import centre_crop_resize
 from hemafed.core.learning.cell_check import FALSE_ALARMS
@@ -65,18 +66,7 @@ def held_out_sets(pbc_dir: Path, rng: np.random.Generator, size: int = 28) -> di
 
 
 def _commands(runs: list[Path]) -> str:
-    """The runs' commands from their metrics.json (`hemafed simulate`'s defaults when it says so)."""
-    import json
-
-    commands = set()
-    for run in runs:
-        try:
-            command = json.loads((run / "metrics.json").read_text())["command"]
-        except (OSError, ValueError, KeyError):
-            command = "hemafed simulate"
-        words = command.split()
-        seed = [i for i, w in enumerate(words) if w == "--seed"]  # the seeds differ by design
-        commands.add(" ".join(w for i, w in enumerate(words) if not any(i in (j, j + 1) for j in seed)))
+    commands = {run_command(run) for run in runs}
     return " / ".join(f"`{c}`" if c != "hemafed simulate" else "defaults" for c in sorted(commands))
 
 
