@@ -42,10 +42,15 @@ def test_ledger_survives_kill_9_during_writes(tmp_path) -> None:
         child.send_signal(signal.SIGKILL)
         lines = [first, *child.stdout.read().splitlines()]
         child.wait()
-        for line in lines:
-            if line.strip():
-                r, eps = line.split()
-                acked_rounds, acked_eps = max(acked_rounds, int(r)), max(acked_eps, float(eps))
+        for i, line in enumerate(lines):
+            parts = line.split()
+            if not parts or (len(parts) != 2 and i == len(lines) - 1):
+                # the kill can cut the acknowledgement being printed (seen once in CI, "got 1" value): that round
+                # was not acknowledged whole, and the bound below still allows it on disk
+                continue
+            assert len(parts) == 2, f"malformed acknowledgement {line!r} before the last line"
+            r, eps = parts
+            acked_rounds, acked_eps = max(acked_rounds, int(r)), max(acked_eps, float(eps))
         led = PrivacyLedger("crash-fed", state=tmp_path)  # must load: never torn
         assert led.rounds >= acked_rounds
         assert [e.round for e in led.entries] == list(range(1, led.rounds + 1))
