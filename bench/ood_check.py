@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         raise SystemExit("no hospital model files under sites/*/state/models/ of " + ", ".join(map(str, args.run)))
     # every set at the model's input size, as its sites and the app give it images
-    size = load_model_file(files[0]).input_size
+    first = load_model_file(files[0])
+    size = first.input_size
     data = locate(args.data, size=size)
     pbc_dir = data.parent.parent / "pbc_sample"
     screening = {f"{k} (screening)": np.asarray(v)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f" --doc {args.doc}" if args.doc != "ood-check" else "") + "` "
         f"({time.perf_counter() - started:.0f} s), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: the "
         f"{len(files)} hospitals' own final model files of {len(args.run)} `hemafed simulate` run(s) "
-        f"({_commands(args.run)}, one per seed; model `{load_model_file(files[0]).name}`, {size}-px images; the "
+        f"({_commands(args.run)}, one per seed; model `{first.name}`, {size}-px images; the "
         "federation's DP moments; the threshold in the files, set to flag "
         f"{FALSE_ALARMS:.1%} of {' / '.join(sorted(sources))}: {min(thresholds):.0f} … {max(thresholds):.0f}). "
         "How the sets are made and which were used to choose the design: the script's docstring. Share flagged as "

@@ -21,6 +21,7 @@ import threading
 import time
 from functools import cache
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -131,8 +132,8 @@ def pretrain(steps: int, out: Path, batch: int = 256, lr: float = 1e-3, seed: in
     gen = torch.Generator().manual_seed(seed)
     body = encoder_body().to(memory_format=torch.channels_last)
     if start is not None:
-        with np.load(start, allow_pickle=False) as arrays:
-            body.load_state_dict({k: torch.from_numpy(arrays[k].copy()) for k in arrays.files})
+        with start.open("rb") as fh:
+            body.load_state_dict(_npz_state(fh))
     proj = nn.Sequential(nn.Linear(CHANNELS, 256), nn.ReLU(), nn.Linear(256, 128))
     opt = torch.optim.Adam([*body.parameters(), *proj.parameters()], lr)
     ckpt = checkpoint_path(out)
@@ -181,6 +182,12 @@ def checkpoint_path(out: Path) -> Path:
     return out.with_name(out.stem + ".checkpoint.pt")
 
 
+def _npz_state(fh: BinaryIO) -> dict[str, torch.Tensor]:
+    """An encoder's weights from the .npz that `pretrain` writes."""
+    with np.load(fh, allow_pickle=False) as arrays:
+        return {k: torch.from_numpy(arrays[k].copy()) for k in arrays.files}
+
+
 _LOAD_LOCK = threading.Lock()
 
 
@@ -199,8 +206,8 @@ def _load_encoder(path: str | None) -> nn.Sequential:
 
     source = Path(path) if path else files("hemafed.assets") / ENCODER_ASSET
     body = encoder_body()
-    with source.open("rb") as fh, np.load(fh, allow_pickle=False) as arrays:
-        body.load_state_dict({k: torch.from_numpy(arrays[k].copy()) for k in arrays.files})
+    with source.open("rb") as fh:
+        body.load_state_dict(_npz_state(fh))
     body.requires_grad_(False)
     # channels-last: at 64 px the encoder runs about 25 % faster on this CPU; at 28 px it is a wash on one thread
     # (docs/accuracy-levers.md, eighth pass)

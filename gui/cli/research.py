@@ -342,12 +342,14 @@ def _audit(args: argparse.Namespace) -> int:
 def _experiment(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from hemafed.core.learning.models import MODELS
+    from hemafed.core.learning.models import get_spec
     from hemafed.gui.cli import UserFacingError
     from hemafed.network.sim.experiment import ExperimentOptions, run_experiment
 
-    if args.model not in MODELS:
-        raise UserFacingError(f"unknown model {args.model!r}; known: {', '.join(sorted(MODELS))}")
+    try:
+        get_spec(args.model)
+    except KeyError as exc:  # its message names the known models
+        raise UserFacingError(exc.args[0]) from None
     floats = lambda text: tuple(float(e) for e in text.split(","))  # noqa: E731
     try:
         opts = ExperimentOptions(data=args.data, seeds=tuple(int(s) for s in args.seeds.split(",")),
