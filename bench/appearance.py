@@ -1,13 +1,14 @@
-"""Hospitals whose images look different (core/data/appearance.py): how much the federated model loses, and how much
-stain normalisation gives back.
+"""Hospitals whose images look different (core/data/appearance.py): how much the federated model loses, and how much a
+remedy gives back.
 
-Four `hemafed simulate` runs (defaults otherwise: 10 hospitals, Dirichlet(0.5), ε = 8, 500 rounds, seed 0):
-every hospital as BloodMNIST has it or each with its own look (`--appearance shifted`), each with the default model
-or its stain-normalised twin (`--model scatter_synth_inv_cc_sn_28`). Each run's final weights (last checkpoint)
-are scored on the untouched test split and on a fixed 500-image subset of it rendered in each hospital's look
-(what that hospital's new images would look like); the looks are the ones `--appearance shifted` gives seed 0.
+Pairs of `hemafed simulate` runs (defaults otherwise: 10 hospitals, Dirichlet(0.5), ε = 8, 500 rounds, seed 0):
+every hospital as BloodMNIST has it or each with its own look (`--appearance shifted`), with the default model and
+with each remedy model (`--model scatter_synth_inv_cc_sn_28`: stain-normalised; `--model scatter_synth_inv_cc_lf_28`:
+canonical lamp and focus). Each run's final weights (last checkpoint) are scored on the untouched test split and on a
+fixed 500-image subset of it rendered in each hospital's look (what that hospital's new images would look like); the
+looks are the ones `--appearance shifted` gives seed 0.
 
-    python -m bench.appearance --same RUN --shifted RUN --same-normalised RUN --shifted-normalised RUN
+    python -m bench.appearance --same RUN --shifted RUN [--remedy SAME_RUN SHIFTED_RUN ...]
 
 Another model's pair of runs (`hemafed simulate --model M [--appearance shifted]`; the model is read from each run's
 metrics.json) into its own doc:
@@ -33,6 +34,8 @@ from hemafed.network.sim.simulate import SimulationOptions, hospitals
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PER_LOOK = 500
+# how the doc names a remedy model's rows
+REMEDIES = {"scatter_synth_inv_cc_sn_28": "stain-normalised", "scatter_synth_inv_cc_lf_28": "canonical lamp and focus"}
 
 
 def _accuracy(model_name: str, weights: np.ndarray, images: np.ndarray, labels: np.ndarray) -> float:
@@ -48,39 +51,46 @@ def _accuracy(model_name: str, weights: np.ndarray, images: np.ndarray, labels: 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    runs = {"same": ("same look", "scatter_synth_inv_cc_28"),
-            "shifted": ("each hospital its own look", "scatter_synth_inv_cc_28"),
-            "same_normalised": ("same look, stain-normalised", "scatter_synth_inv_cc_sn_28"),
-            "shifted_normalised": ("each its own look, stain-normalised", "scatter_synth_inv_cc_sn_28")}
-    for key in runs:
-        p.add_argument("--" + key.replace("_", "-"), type=Path, required=key in ("same", "shifted"), dest=key)
+    p.add_argument("--same", type=Path, required=True, help="a run with every hospital as BloodMNIST has it")
+    p.add_argument("--shifted", type=Path, required=True, help="the same model's run with --appearance shifted")
+    p.add_argument("--remedy", type=Path, nargs=2, action="append", default=[], metavar=("SAME", "SHIFTED"),
+                   help="a remedy model's pair of runs (its model read from the runs' metrics.json); repeatable")
     p.add_argument("--doc", default="appearance", help="the doc's name in docs/, without .md")
     args = p.parse_args(argv)
-    runs = {key: (label, run_model(getattr(args, key), model)) for key, (label, model) in runs.items()
-            if getattr(args, key) is not None}
-    if len({model for _, model in runs.values()} - {"scatter_synth_inv_cc_sn_28"}) > 1:
+    base = run_model(args.same, "scatter_synth_inv_cc_28")
+    if run_model(args.shifted, base) != base:
         raise SystemExit("--same and --shifted must be runs of the same model")
+    pairs = [("", base, args.same, args.shifted)]
+    for same, shifted in args.remedy:
+        model = run_model(same, "")
+        if not model or run_model(shifted, "") != model or model == base:
+            raise SystemExit(f"--remedy {same} {shifted}: two runs of one model other than --same's, "
+                             "each with its metrics.json")
+        pairs.append((REMEDIES.get(model, model), model, same, shifted))
+    runs = {}
+    for remedy, model, same, shifted in pairs:
+        runs[(remedy, "same")] = ("same look" + (f", {remedy}" if remedy else ""), model, same)
+        runs[(remedy, "shifted")] = (("each its own look" if remedy else "each hospital its own look")
+                                     + (f", {remedy}" if remedy else ""), model, shifted)
     started = time.perf_counter()
-    size = {get_spec(model).input_size for _, model in runs.values()}
+    size = {get_spec(model).input_size for _, model, _ in runs.values()}
     if len(size) > 1:
         raise SystemExit("the runs' models take different image sizes")
-    test = hospitals(SimulationOptions(model=runs["same"][1])).test
+    test = hospitals(SimulationOptions(model=base)).test
     labels = np.asarray(test.labels).reshape(-1)
     keep = np.sort(np.random.default_rng(0).permutation(len(labels))[:PER_LOOK])
     looks = hospital_looks(10, 0)
     looked = [apply_look(test.images[keep], look) for look in looks]
     rows, table = {}, []
-    for key, (label, model_name) in runs.items():
-        store = CheckpointStore(getattr(args, key) / "federation" / "state" / "checkpoints")
+    for key, (label, model_name, run) in runs.items():
+        store = CheckpointStore(run / "federation" / "state" / "checkpoints")
         weights = store.load(max(store.rounds())).weights
         clean = _accuracy(model_name, weights, test.images, labels)
         per_look = [_accuracy(model_name, weights, im, labels[keep]) for im in looked]
         rows[key] = (clean, per_look)
         table.append(f"| {label} | `{model_name}` | {clean:.2%} | {np.mean(per_look):.2%} ± {np.std(per_look):.2%} | "
                      f"{min(per_look):.2%} |")
-    loss = rows["same"][0] - rows["shifted"][0]
-    normalised = "same_normalised" in rows and "shifted_normalised" in rows
-    loss_sn = rows["same_normalised"][0] - rows["shifted_normalised"][0] if normalised else 0.0
+    losses = [(remedy, rows[(remedy, "same")][0] - rows[(remedy, "shifted")][0]) for remedy, *_ in pairs]
     doc = [
         "# Hospitals whose images look different",
         "",
@@ -98,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---:|---:|---:|",
         *table,
         "",
-        f"Loss on the untouched test split from the hospitals' different looks: {loss * 100:+.2f} points"
-        + (f" without stain normalisation, {loss_sn * 100:+.2f} with it" if normalised else "")
+        "Loss on the untouched test split from the hospitals' different looks: "
+        + "; ".join(f"{loss * 100:+.2f} points" + (f" with {remedy}" if remedy else (" without a remedy" if
+                    len(losses) > 1 else "")) for remedy, loss in losses)
         + f" (goal: ≤ 1 point). The per-look column uses {PER_LOOK} test images (the same ones for every look and "
         "run).",
         "",

@@ -10,6 +10,8 @@ with the default plan's noise (`bench.accuracy.head_ceiling.private_fit`, ε = 8
 evaluated on BloodMNIST's untouched validation split. Seed 0's partition and looks.
 
     python -m bench.accuracy.appearance_screen [--k 4] [--seeds 0 1]
+    python -m bench.accuracy.appearance_screen --components          # which part of a look costs most
+    python -m bench.accuracy.appearance_screen --low-pass 0 0.5 0.8  # a fixed blur on every image first
 """
 
 from __future__ import annotations
@@ -56,11 +58,25 @@ def multiplicity_fit(copies: torch.Tensor, y: torch.Tensor, vx: torch.Tensor, vy
     return out
 
 
+def zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """(B, C, H, W) magnified by `factor` about the centre, same size (edges continued outwards when < 1)."""
+    if factor == 1.0:
+        return x
+    h = x.shape[-1]
+    side = max(2, round(h * factor))
+    y = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    if side >= h:
+        off = (side - h) // 2
+        return y[..., off:off + h, off:off + h]
+    lo = (h - side) // 2
+    return torch.nn.functional.pad(y, (lo, h - side - lo, lo, h - side - lo), mode="replicate")
+
+
 def main() -> None:
     from bench.accuracy.head_ceiling import private_fit
-    from hemafed.core.data.appearance import HospitalLook, apply_look
+    from hemafed.core.data.appearance import HospitalLook, apply_look, low_pass, normalise_stain
     from hemafed.core.data.bloodmnist import load_splits, locate
-    from hemafed.core.learning.models import build_model, images_to_tensor
+    from hemafed.core.learning.models import _normalisation, build_model, images_to_tensor
     from hemafed.network.sim.simulate import SimulationOptions, hospitals
 
     ap = argparse.ArgumentParser()
@@ -69,17 +85,46 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--multiplicity", action="store_true",
                     help="average each record's gradients over its copies instead of its features")
+    ap.add_argument("--components", action="store_true",
+                    help="train on each hospital's look with only one of its components kept")
+    ap.add_argument("--low-pass", type=float, nargs="+", metavar="SIGMA",
+                    help="a fixed Gaussian blur (σ in pixels at 28 px) on every image, training and validation, "
+                         "before its features; rows with and without the shift")
+    ap.add_argument("--stain", choices=("none", "background", "full"), default="none",
+                    help="with --low-pass: map every image's background (lamp) or background and stain densities "
+                         "to the public reference first (core.data.appearance.normalise_stain)")
+    ap.add_argument("--zooms", type=float, nargs="+", default=[1.0],
+                    help="features averaged over the image magnified by each of these (about its centre)")
+    ap.add_argument("--partition", default="dirichlet:0.5", help="how the hospitals' images are divided (iid: alike)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = build_model("scatter_synth_inv_28")
+    preprocess = [lambda t: t]
+    mean, std = _normalisation()
+
+    def canonical(sigma: float):
+        """The preprocessing of --stain and a low-pass of `sigma` (pixels at 28 px), on normalised tensors."""
+        def apply(t: torch.Tensor) -> torch.Tensor:
+            plain = t * std + mean
+            if args.stain != "none":
+                plain = normalise_stain(plain, stains=args.stain == "full")
+            if sigma > 0:
+                plain = low_pass(plain, sigma)
+            return (plain - mean) / std
+        return apply
+
+    def tag(sigma: float) -> str:
+        return f"low-pass σ = {sigma}" + {"none": "", "background": ", background-normalised",
+                                          "full": ", stain-normalised"}[args.stain]
 
     def features(images: np.ndarray) -> torch.Tensor:
-        return model.features(images_to_tensor(images, 28)).flatten(1).float()
+        x = preprocess[0](images_to_tensor(images, 28))
+        return sum(model.features(zoom(x, z)).flatten(1).float() for z in args.zooms) / len(args.zooms)
 
     val = load_splits(locate(None))["val"]
     vx, vy = features(val.images), torch.as_tensor(val.labels.reshape(-1)).long()
-    same = hospitals(SimulationOptions(seed=0))
-    shifted = hospitals(SimulationOptions(seed=0, appearance="shifted"))
+    same = hospitals(SimulationOptions(seed=0, partition=args.partition))
+    shifted = hospitals(SimulationOptions(seed=0, appearance="shifted", partition=args.partition))
     labels = torch.as_tensor(same.train.labels.reshape(-1)).long()
 
     def random_looks(images: np.ndarray, parts, k: int):
@@ -96,6 +141,42 @@ def main() -> None:
         return sum((features(c) for c in random_looks(images, parts, k)), features(images)) / (k + 1)
 
     rows = []
+
+    def row(name: str, tx: torch.Tensor, vx: torch.Tensor) -> float:
+        centre = tx.mean(0)
+        acc, _ = private_fit(tx - centre, labels, vx - centre, vy, [], 8.0, 0.5, 500, args.seeds)
+        rows.append(f"| {name} | {np.mean(acc):.2%} ± {np.std(acc):.2%} | {len(args.seeds)} |")
+        print(rows[-1], flush=True)
+        return float(np.mean(acc))
+
+    if args.components:
+        from dataclasses import fields, replace
+
+        from hemafed.core.data.appearance import hospital_looks
+
+        preprocess[0] = canonical((args.low_pass or [0.0])[0])
+        vx = features(val.images)
+        print(f"  every image: {tag((args.low_pass or [0.0])[0])}", flush=True)
+        looks = hospital_looks(len(same.parts), 0)
+        kept = {"stain": ("haematoxylin", "eosin", "tint_h", "tint_e"), "brightness": ("brightness",),
+                "blur": ("blur",), "zoom": ("zoom",)}
+        row("all hospitals look alike", features(same.train.images), vx)
+        for part, names in kept.items():
+            images = same.train.images.copy()
+            for idx, look in zip(same.parts, looks, strict=True):
+                only = replace(HospitalLook(), **{f.name: getattr(look, f.name) for f in fields(look)
+                                                  if f.name in names})
+                images[idx] = apply_look(same.train.images[idx], only)
+            row(f"each hospital its own {part} only", features(images), vx)
+        return
+    if args.low_pass is not None and not args.components:
+        for sigma in args.low_pass:
+            preprocess[0] = canonical(sigma)
+            v = features(val.images)
+            alike = row(f"alike, {tag(sigma)}", features(same.train.images), v)
+            own = row(f"each its own look, {tag(sigma)}", features(shifted.train.images), v)
+            print(f"  loss from the shift, {tag(sigma)}: {100 * (alike - own):+.2f} points", flush=True)
+        return
     if args.multiplicity:
         for name, data in (("each its own look", shifted), ("alike", same)):
             copies = torch.stack([features(data.train.images)]

@@ -12,6 +12,10 @@ reference background, and its haematoxylin and eosin densities are rescaled so t
 the reference. The reference comes from the 200 public PBC sample images (`python -m
 hemafed.core.data.appearance --reference PBC_DIR`), so it reads no hospital's records and costs no privacy.
 Blur and magnification it does not undo.
+
+A second remedy (`canonical_look(x, "lamp-focus")`) maps only the background, which undoes a lamp level and a tint of
+the light but keeps the stain densities (which carry class information), and then blurs every image a little, so that
+two focus settings differ less after it than before. Both are fixed functions of one image.
 """
 
 from __future__ import annotations
@@ -102,12 +106,16 @@ _BACKGROUND_QUANTILE = 0.05  # of the optical density: the brightest 5 % of pixe
 _SCALE_LIMITS = (0.5, 2.0)  # a rescaling beyond these is more likely an odd image than a stain difference
 
 
-def normalise_stain(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) images in [0, 1], mapped to the reference background and stain densities (per image)."""
+def normalise_stain(x: torch.Tensor, stains: bool = True) -> torch.Tensor:
+    """(B, 3, H, W) images in [0, 1], mapped to the reference background and (with `stains`) stain densities, per
+    image. Without `stains` only the background is mapped: the lamp level and a tint of the light."""
     flat = x.clamp(1.0 / 255.0, 1.0).flatten(2)  # (B, 3, P)
     od = -torch.log(flat)
     background = torch.quantile(od, _BACKGROUND_QUANTILE, dim=2, keepdim=True)
     od = (od - background).clamp_min(0.0)
+    if not stains:
+        od = od + torch.as_tensor(REFERENCE_BACKGROUND, dtype=od.dtype)[None, :, None]
+        return torch.exp(-od).clamp(0.0, 1.0).reshape(x.shape)
     to_hed = torch.as_tensor(HED_FROM_RGB, dtype=od.dtype)
     hed = torch.einsum("bcp,cs->bsp", od, to_hed)
     for channel, reference in ((0, REFERENCE_H99), (1, REFERENCE_E99)):
@@ -116,6 +124,34 @@ def normalise_stain(x: torch.Tensor) -> torch.Tensor:
     od = torch.einsum("bsp,sc->bcp", hed, torch.as_tensor(RGB_FROM_HED, dtype=od.dtype))
     od = od + torch.as_tensor(REFERENCE_BACKGROUND, dtype=od.dtype)[None, :, None]
     return torch.exp(-od).clamp(0.0, 1.0).reshape(x.shape)
+
+
+# The canonical focus: every image is low-passed this much (Gaussian σ in pixels at 28 px) before its features, so
+# that focus differences within LOOK_RANGE's blur change it less (docs/appearance-remedies.md).
+CANONICAL_FOCUS = 0.5
+
+
+def low_pass(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, C, H, W) blurred by a Gaussian of `sigma` pixels (separable, edges replicated)."""
+    if sigma <= 0:
+        return x
+    r = int(np.ceil(3 * sigma))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype) / sigma) ** 2)
+    k = (k / k.sum()).repeat(x.shape[1], 1, 1, 1)
+    x = torch.nn.functional.pad(x, (r, r, r, r), mode="replicate")
+    x = torch.nn.functional.conv2d(x, k.view(-1, 1, 1, 2 * r + 1), groups=x.shape[1])
+    return torch.nn.functional.conv2d(x, k.view(-1, 1, 2 * r + 1, 1), groups=x.shape[1])
+
+
+def canonical_look(x: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, 3, H, W) images in [0, 1] in the canonical look `how`: "stain" (`normalise_stain`), or "lamp-focus" (the
+    background mapped to the reference, which undoes a lamp level and a tint of the light, then the canonical focus,
+    σ scaled to the image's size)."""
+    if how == "stain":
+        return normalise_stain(x)
+    if how == "lamp-focus":
+        return low_pass(normalise_stain(x, stains=False), CANONICAL_FOCUS * x.shape[-1] / 28)
+    raise ValueError(f"unknown canonical look {how!r}")
 
 
 def public_sample(pbc_dir: Path, size: int = 28) -> np.ndarray:

@@ -178,20 +178,19 @@ class ScatterSynthNet(ScatterNet):
     ε = 8 and +0.4 to +0.8 at ε = 3 over `scatter_linear_28`; trained on the 8-view average
     (`orbit`) with the learned maps pooled to 2×2, +1.1 / +2.0 more (docs/accuracy-levers.md)."""
 
-    def __init__(self, head: nn.Module, learned_pool: int = 3, orbit: bool = False,
-                 stain_normalise: bool = False) -> None:
+    def __init__(self, head: nn.Module, learned_pool: int = 3, orbit: bool = False, look: str | None = None) -> None:
         super().__init__(head, orbit=orbit)
         self.learned_pool = learned_pool
-        self.stain_normalise = stain_normalise  # each image to the public stain reference first (core.data.appearance)
+        self.look = look  # each image in this canonical look first (core.data.appearance.canonical_look)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         mean, std = _normalisation()
         plain = x * std + mean  # the procedural encoder was trained on [0, 1] images
-        if self.stain_normalise:
-            from ..data.appearance import normalise_stain
+        if self.look:
+            from ..data.appearance import canonical_look
 
-            plain = normalise_stain(plain)
+            plain = canonical_look(plain, self.look)
             x = (plain - mean) / std
         learned = procedural_features(plain, batch_size, self.learned_pool)
         return torch.cat([super().features(x, batch_size).flatten(1), learned.flatten(1)], 1)
@@ -253,12 +252,12 @@ def scatter_synth_invariant(num_classes: int) -> ScatterSynthNet:
                            learned_pool=2, orbit=True)
 
 
-def scatter_synth_checked(num_classes: int, stain_normalise: bool = False) -> ScatterSynthNet:
+def scatter_synth_checked(num_classes: int, look: str | None = None) -> ScatterSynthNet:
     """`scatter_synth_invariant` whose head also carries the cell check's moments (core.learning.cell_check)."""
     from .cell_check import MOMENT_LEN
 
     return ScatterSynthNet(CenteredLinear(243 * 3 * 3 + 128 * 2 * 2, num_classes, radius=40.0, moments=MOMENT_LEN),
-                           learned_pool=2, orbit=True, stain_normalise=stain_normalise)
+                           learned_pool=2, orbit=True, look=look)
 
 
 class MultiScaleNet(ScatterSynthNet):
@@ -368,7 +367,12 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("scatter_synth_inv_cc_sn_28", 28, "scatter_synth_inv_cc_28 on stain-normalised images: each "
                   "image's background and haematoxylin and eosin densities are first mapped to a fixed public "
                   "reference (core.data.appearance), for hospitals whose stain and lamp differ; 28×28 input; "
-                  "built for DP", lambda n: scatter_synth_checked(n, stain_normalise=True), centred=True),
+                  "built for DP", lambda n: scatter_synth_checked(n, look="stain"), centred=True),
+        ModelSpec("scatter_synth_inv_cc_lf_28", 28, "scatter_synth_inv_cc_28 on images in a canonical lamp and focus: "
+                  "each image's background is first mapped to a fixed public reference (a brighter or dimmer lamp, a "
+                  "tinted light) and every image is slightly blurred (focus differences matter less), for hospitals "
+                  "whose microscopes differ; 28×28 input; built for DP",
+                  lambda n: scatter_synth_checked(n, look="lamp-focus"), centred=True),
         ModelSpec("scatter_synth_inv_cc_ms_64", 64, "scatter_synth_inv_cc_28's features of the image at 28 px "
                   "beside the shape-trained network's view of it at 64 px (finer chromatin and granules), averaged "
                   "over the 8 rotations and flips; only the final layer (38.0 k numbers) is trained, on centred "
