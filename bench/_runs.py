@@ -18,6 +18,11 @@ def run_model(run: Path, default: str) -> str:
     return _metrics(run).get("options", {}).get("model", default)
 
 
+def run_seed(run: Path) -> int | None:
+    """The run's `--seed` (None when its metrics.json does not say)."""
+    return _metrics(run).get("options", {}).get("seed")
+
+
 def run_command(run: Path) -> str:
     """The run's command line without its `--seed N` (the seeds of a set of runs differ by design)."""
     words = str(_metrics(run).get("command", "hemafed simulate")).split()

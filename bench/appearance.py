@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench._runs import run_model
+from bench._runs import run_model, run_seed
 from hemafed.core.data.appearance import LOOK_RANGE, apply_look, hospital_looks
 from hemafed.core.learning.checkpoints import CheckpointStore
 from hemafed.core.learning.models import build_model, get_spec, set_flat_params, split_features
@@ -49,68 +49,88 @@ def _accuracy(model_name: str, weights: np.ndarray, images: np.ndarray, labels: 
     return float(np.mean(logits.argmax(1) == np.asarray(labels).reshape(-1)))
 
 
+def _mean_std(values, unit: str = "%") -> str:
+    values = np.asarray(values, float) * (100 if unit else 1)
+    if len(values) == 1:
+        return f"{values[0]:+.2f}" if not unit else f"{values[0]:.2f}{unit}"
+    sign = "+" if not unit else ""
+    return f"{values.mean():{sign}.2f} ± {values.std():.2f}{unit}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--same", type=Path, required=True, help="a run with every hospital as BloodMNIST has it")
-    p.add_argument("--shifted", type=Path, required=True, help="the same model's run with --appearance shifted")
+    p.add_argument("--same", type=Path, action="append", required=True,
+                   help="a run with every hospital as BloodMNIST has it; repeat for more seeds")
+    p.add_argument("--shifted", type=Path, action="append", required=True,
+                   help="the same model's run with --appearance shifted, one per --same (the same seeds)")
     p.add_argument("--remedy", type=Path, nargs=2, action="append", default=[], metavar=("SAME", "SHIFTED"),
-                   help="a remedy model's pair of runs (its model read from the runs' metrics.json); repeatable")
+                   help="a remedy model's pair of runs (its model read from the runs' metrics.json); repeatable, and "
+                        "pairs of one model are its seeds")
     p.add_argument("--doc", default="appearance", help="the doc's name in docs/, without .md")
     args = p.parse_args(argv)
-    base = run_model(args.same, "scatter_synth_inv_cc_28")
-    if run_model(args.shifted, base) != base:
-        raise SystemExit("--same and --shifted must be runs of the same model")
-    pairs = [("", base, args.same, args.shifted)]
+    if len(args.same) != len(args.shifted):
+        raise SystemExit("give one --shifted run per --same run")
+    base = run_model(args.same[0], "scatter_synth_inv_cc_28")
+    groups: dict[str, list[tuple[Path, Path]]] = {base: list(zip(args.same, args.shifted, strict=True))}
     for same, shifted in args.remedy:
-        model = run_model(same, "")
-        if not model or run_model(shifted, "") != model or model == base:
-            raise SystemExit(f"--remedy {same} {shifted}: two runs of one model other than --same's, "
-                             "each with its metrics.json")
-        pairs.append((REMEDIES.get(model, model), model, same, shifted))
-    runs = {}
-    for remedy, model, same, shifted in pairs:
-        runs[(remedy, "same")] = ("same look" + (f", {remedy}" if remedy else ""), model, same)
-        runs[(remedy, "shifted")] = (("each its own look" if remedy else "each hospital its own look")
-                                     + (f", {remedy}" if remedy else ""), model, shifted)
+        groups.setdefault(run_model(same, ""), []).append((same, shifted))
+    for model, pairs in groups.items():
+        for same, shifted in pairs:
+            if not model or {run_model(same, base), run_model(shifted, base)} != {model}:
+                raise SystemExit(f"{same} and {shifted}: two runs of {model or 'one model'}, each with its "
+                                 "metrics.json")
+            if run_seed(same) != run_seed(shifted):
+                raise SystemExit(f"{same} and {shifted}: runs of different seeds")
+    seeds = sorted({run_seed(same) for pairs in groups.values() for same, _ in pairs}, key=str)
     started = time.perf_counter()
-    size = {get_spec(model).input_size for _, model, _ in runs.values()}
-    if len(size) > 1:
+    if len({get_spec(model).input_size for model in groups}) > 1:
         raise SystemExit("the runs' models take different image sizes")
     test = hospitals(SimulationOptions(model=base)).test
     labels = np.asarray(test.labels).reshape(-1)
     keep = np.sort(np.random.default_rng(0).permutation(len(labels))[:PER_LOOK])
     looks = hospital_looks(10, 0)
     looked = [apply_look(test.images[keep], look) for look in looks]
-    rows, table = {}, []
-    for key, (label, model_name, run) in runs.items():
+
+    def scores(model_name: str, run: Path) -> tuple[float, list[float]]:
         store = CheckpointStore(run / "federation" / "state" / "checkpoints")
         weights = store.load(max(store.rounds())).weights
-        clean = _accuracy(model_name, weights, test.images, labels)
-        per_look = [_accuracy(model_name, weights, im, labels[keep]) for im in looked]
-        rows[key] = (clean, per_look)
-        table.append(f"| {label} | `{model_name}` | {clean:.2%} | {np.mean(per_look):.2%} ± {np.std(per_look):.2%} | "
-                     f"{min(per_look):.2%} |")
-    losses = [(remedy, rows[(remedy, "same")][0] - rows[(remedy, "shifted")][0]) for remedy, *_ in pairs]
+        return (_accuracy(model_name, weights, test.images, labels),
+                [_accuracy(model_name, weights, im, labels[keep]) for im in looked])
+
+    table, losses = [], []
+    for model, pairs in groups.items():
+        remedy = REMEDIES.get(model, model) if model != base else ""
+        clean = {}
+        for kind, label in (("same", "same look"),
+                            ("shifted", "each its own look" if remedy else "each hospital its own look")):
+            got = [scores(model, pair[kind == "shifted"]) for pair in pairs]
+            clean[kind] = np.array([c for c, _ in got])
+            per_look = [a for _, looked_acc in got for a in looked_acc]
+            table.append(f"| {label}{', ' + remedy if remedy else ''} | `{model}` | {len(pairs)} | "
+                         f"{_mean_std(clean[kind])} | {_mean_std(per_look)} | {min(per_look):.2%} |")
+        losses.append((remedy, 100 * (clean["same"] - clean["shifted"])))
     doc = [
         "# Hospitals whose images look different",
         "",
         "Generated by `python -m bench.appearance"
         + (f" --doc {args.doc}" if args.doc != "appearance" else "")
         + f"` ({time.perf_counter() - started:.0f} s), "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, from {len(rows)} `hemafed simulate` runs (defaults "
-        "but for the model in the table: 10 hospitals, Dirichlet(0.5), ε = 8, 500 rounds, seed 0; one seed only). "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, from {2 * sum(map(len, groups.values()))} "
+        "`hemafed simulate` runs (defaults but for the model in the table: 10 hospitals, Dirichlet(0.5), ε = 8, 500 "
+        f"rounds; seeds {', '.join(map(str, seeds))}: a seed draws the partition and the hospitals' looks). "
         "What a look is and its range "
         "(drawn uniformly per hospital): `core/data/appearance.py` — "
         + ", ".join(f"{k} {lo:g}…{hi:g}" for k, (lo, hi) in LOOK_RANGE.items()) + ".",
         "",
-        "| hospitals | model | untouched test split | test subset in each hospital's look (mean ± std over the 10) "
-        "| worst hospital |",
-        "|---|---|---:|---:|---:|",
+        "| hospitals | model | seeds | untouched test split (mean ± std over seeds) | test subset in each of seed 0's "
+        "ten hospital looks (mean ± std over looks and seeds) | worst look |",
+        "|---|---|---:|---:|---:|---:|",
         *table,
         "",
         "Loss on the untouched test split from the hospitals' different looks: "
-        + "; ".join(f"{loss * 100:+.2f} points" + (f" with {remedy}" if remedy else (" without a remedy" if
-                    len(losses) > 1 else "")) for remedy, loss in losses)
+        + "; ".join(f"{_mean_std(loss, '')} points" + (f" with {remedy}" if remedy else (" without a remedy" if
+                    len(losses) > 1 else "")) + (f" (by seed: {', '.join(f'{v:+.2f}' for v in loss)})"
+                                                 if len(loss) > 1 else "") for remedy, loss in losses)
         + f" (goal: ≤ 1 point). The per-look column uses {PER_LOOK} test images (the same ones for every look and "
         "run).",
         "",
