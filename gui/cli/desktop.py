@@ -82,5 +82,9 @@ def _classify(args: argparse.Namespace) -> int:
             print(f"\n{'class':<16}{'images':>8}{'correct':>9}{'accuracy':>10}")
             for name, row in per_class.items():
                 print(f"{name:<16}{row['images']:>8}{row['correct']:>9}{row['accuracy']:>10.1%}")
+            images = sum(row["images"] for row in per_class.values())
+            correct = sum(row["correct"] for row in per_class.values())
+            if len(per_class) > 1 and images:
+                print(f"{'all':<16}{images:>8}{correct:>9}{correct / images:>10.1%}")
     scored = [p for p in report.predictions if not p.error]
     return 0 if scored else 1

@@ -96,6 +96,22 @@ def test_classify_command_json_and_accuracy_per_class(pbc: Path, model_file: Pat
         assert row["correct"] == hits
 
 
+def test_classify_text_ends_with_each_class_and_all_of_them(pbc: Path, model_file: Path, tmp_path: Path, capsys):
+    from hemafed.gui.cli import main
+
+    folder = tmp_path / "labelled"
+    for cls in ("eosinophil", "platelet"):
+        (folder / cls).mkdir(parents=True)
+        for src in sorted((pbc / cls).glob("*.jpg"))[:3]:
+            (folder / cls / src.name).write_bytes(src.read_bytes())
+    assert main(["classify", "--model", str(model_file), str(folder)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.startswith("class"))) + 1:]
+    rows = {line.split()[0]: [int(line.split()[1]), int(line.split()[2])] for line in table}
+    assert set(rows) == {"eosinophil", "platelet", "all"}
+    assert rows["all"] == [6, rows["eosinophil"][1] + rows["platelet"][1]]
+
+
 def test_bad_model_file_is_refused_in_words(tmp_path: Path) -> None:
     bad = tmp_path / "model.npz"
     np.savez(bad, weights=np.zeros(3, np.float32))
