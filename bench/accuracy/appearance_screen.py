@@ -58,6 +58,21 @@ def multiplicity_fit(copies: torch.Tensor, y: torch.Tensor, vx: torch.Tensor, vy
     return out
 
 
+def lamp_window(x: torch.Tensor, headroom: float = 1.15) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1]: one lamp factor per image (its background against the public reference, over the
+    channels saturated in neither), divided out, then every image clipped at 1/`headroom` of full scale and stretched
+    back, so that any lamp within that factor of the reference gives the same image (screened, not kept)."""
+    from hemafed.core.data.appearance import REFERENCE_BACKGROUND
+
+    background = torch.quantile(x.flatten(2), 0.95, dim=2)  # (B, 3): the brightest 5 % of pixels
+    reference = torch.exp(-torch.as_tensor(REFERENCE_BACKGROUND, dtype=x.dtype))
+    usable = (background < 250 / 255) & (reference < 250 / 255)
+    ratio = torch.where(usable, background / reference, torch.zeros_like(background))
+    lamp = (ratio.sum(1) / usable.sum(1).clamp_min(1)).where(usable.any(1), torch.ones_like(ratio[:, 0]))
+    window = 1.0 / headroom
+    return ((x / lamp.clamp(0.5, 2.0)[:, None, None, None]).clamp(max=window) / window).clamp(0.0, 1.0)
+
+
 def zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
     """(B, C, H, W) magnified by `factor` about the centre, same size (edges continued outwards when < 1)."""
     if factor == 1.0:
@@ -90,9 +105,10 @@ def main() -> None:
     ap.add_argument("--low-pass", type=float, nargs="+", metavar="SIGMA",
                     help="a fixed Gaussian blur (σ in pixels at 28 px) on every image, training and validation, "
                          "before its features; rows with and without the shift")
-    ap.add_argument("--stain", choices=("none", "background", "full"), default="none",
+    ap.add_argument("--stain", choices=("none", "background", "full", "lamp-window"), default="none",
                     help="with --low-pass: map every image's background (lamp) or background and stain densities "
-                         "to the public reference first (core.data.appearance.normalise_stain)")
+                         "to the public reference first (core.data.appearance.normalise_stain), or divide out one "
+                         "lamp factor and clip to a fixed window (lamp_window)")
     ap.add_argument("--zooms", type=float, nargs="+", default=[1.0],
                     help="features averaged over the image magnified by each of these (about its centre)")
     ap.add_argument("--partition", default="dirichlet:0.5", help="how the hospitals' images are divided (iid: alike)")
@@ -106,7 +122,9 @@ def main() -> None:
         """The preprocessing of --stain and a low-pass of `sigma` (pixels at 28 px), on normalised tensors."""
         def apply(t: torch.Tensor) -> torch.Tensor:
             plain = t * std + mean
-            if args.stain != "none":
+            if args.stain == "lamp-window":
+                plain = lamp_window(plain)
+            elif args.stain != "none":
                 plain = normalise_stain(plain, stains=args.stain == "full")
             if sigma > 0:
                 plain = low_pass(plain, sigma)
@@ -115,7 +133,8 @@ def main() -> None:
 
     def tag(sigma: float) -> str:
         return f"low-pass σ = {sigma}" + {"none": "", "background": ", background-normalised",
-                                          "full": ", stain-normalised"}[args.stain]
+                                          "full": ", stain-normalised",
+                                          "lamp-window": ", lamp window"}[args.stain]
 
     def features(images: np.ndarray) -> torch.Tensor:
         x = preprocess[0](images_to_tensor(images, 28))
@@ -169,7 +188,7 @@ def main() -> None:
                 images[idx] = apply_look(same.train.images[idx], only)
             row(f"each hospital its own {part} only", features(images), vx)
         return
-    if args.low_pass is not None and not args.components:
+    if args.low_pass is not None:
         for sigma in args.low_pass:
             preprocess[0] = canonical(sigma)
             v = features(val.images)
