@@ -113,15 +113,12 @@ def normalise_stain(x: torch.Tensor, stains: bool = True) -> torch.Tensor:
     od = -torch.log(flat)
     background = torch.quantile(od, _BACKGROUND_QUANTILE, dim=2, keepdim=True)
     od = (od - background).clamp_min(0.0)
-    if not stains:
-        od = od + torch.as_tensor(REFERENCE_BACKGROUND, dtype=od.dtype)[None, :, None]
-        return torch.exp(-od).clamp(0.0, 1.0).reshape(x.shape)
-    to_hed = torch.as_tensor(HED_FROM_RGB, dtype=od.dtype)
-    hed = torch.einsum("bcp,cs->bsp", od, to_hed)
-    for channel, reference in ((0, REFERENCE_H99), (1, REFERENCE_E99)):
-        level = torch.quantile(hed[:, channel], 0.99, dim=1, keepdim=True).clamp_min(1e-3)
-        hed[:, channel] = hed[:, channel] * (reference / level).clamp(*_SCALE_LIMITS)
-    od = torch.einsum("bsp,sc->bcp", hed, torch.as_tensor(RGB_FROM_HED, dtype=od.dtype))
+    if stains:
+        hed = torch.einsum("bcp,cs->bsp", od, torch.as_tensor(HED_FROM_RGB, dtype=od.dtype))
+        for channel, reference in ((0, REFERENCE_H99), (1, REFERENCE_E99)):
+            level = torch.quantile(hed[:, channel], 0.99, dim=1, keepdim=True).clamp_min(1e-3)
+            hed[:, channel] = hed[:, channel] * (reference / level).clamp(*_SCALE_LIMITS)
+        od = torch.einsum("bsp,sc->bcp", hed, torch.as_tensor(RGB_FROM_HED, dtype=od.dtype))
     od = od + torch.as_tensor(REFERENCE_BACKGROUND, dtype=od.dtype)[None, :, None]
     return torch.exp(-od).clamp(0.0, 1.0).reshape(x.shape)
 

@@ -64,14 +64,19 @@ def test_classify_panel_gives_the_models_prediction_on_pbc_jpegs(qtbot, window, 
     assert "cnn4_28" in window.results_page.model_label.text()
 
 
+def _class_folders(pbc: Path, folder: Path, classes: tuple[str, ...], per_class: int) -> Path:
+    """`folder` with a sub-folder per class holding its first `per_class` PBC sample JPEGs."""
+    for cls in classes:
+        (folder / cls).mkdir(parents=True)
+        for src in sorted((pbc / cls).glob("*.jpg"))[:per_class]:
+            (folder / cls / src.name).write_bytes(src.read_bytes())
+    return folder
+
+
 def test_classify_command_json_and_accuracy_per_class(pbc: Path, model_file: Path, tmp_path: Path, capsys):
     from hemafed.gui.cli import main
 
-    folder = tmp_path / "mixed"
-    for cls in ("eosinophil", "monocyte"):
-        (folder / cls).mkdir(parents=True)
-        for src in sorted((pbc / cls).glob("*.jpg"))[:2]:
-            (folder / cls / src.name).write_bytes(src.read_bytes())
+    folder = _class_folders(pbc, tmp_path / "mixed", ("eosinophil", "monocyte"), 2)
     (folder / "monocyte" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
     loose = sorted((pbc / "basophil").glob("*.jpg"))[0]
     table = tmp_path / "out.csv"
@@ -99,11 +104,7 @@ def test_classify_command_json_and_accuracy_per_class(pbc: Path, model_file: Pat
 def test_classify_text_ends_with_each_class_and_all_of_them(pbc: Path, model_file: Path, tmp_path: Path, capsys):
     from hemafed.gui.cli import main
 
-    folder = tmp_path / "labelled"
-    for cls in ("eosinophil", "platelet"):
-        (folder / cls).mkdir(parents=True)
-        for src in sorted((pbc / cls).glob("*.jpg"))[:3]:
-            (folder / cls / src.name).write_bytes(src.read_bytes())
+    folder = _class_folders(pbc, tmp_path / "labelled", ("eosinophil", "platelet"), 3)
     assert main(["classify", "--model", str(model_file), str(folder)]) == 0
     lines = capsys.readouterr().out.splitlines()
     table = lines[lines.index(next(line for line in lines if line.startswith("class"))) + 1:]
