@@ -65,8 +65,40 @@ def dead_leaves(n: int, gen: torch.Generator, shapes: int = 48, size: int = SIZE
     return img
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """A SimCLR view: random resized crop, a symmetry of the square, colour jitter, blur, pixel noise."""
+def microscope_look(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """(n, 3, H, W) in [0, 1], each image as another microscope might show it, over the simulation's
+    `core.data.appearance.LOOK_RANGE`: stain strengths and tint in HED optical density, a lamp level clipped at full
+    scale (a brighter lamp saturates), and a Gaussian focus blur of its own σ."""
+    from ..data.appearance import HED_FROM_RGB, LOOK_RANGE, RGB_FROM_HED
+
+    n = len(x)
+
+    def u(key: str, *shape: int) -> torch.Tensor:
+        lo, hi = LOOK_RANGE[key]
+        return lo + (hi - lo) * torch.rand(n, *shape, generator=gen)
+
+    od = -torch.log(x.clamp(1 / 255, 1)).permute(0, 2, 3, 1)
+    hed = od @ torch.as_tensor(HED_FROM_RGB, dtype=x.dtype)
+    factor = torch.cat([u("haematoxylin", 1), u("eosin", 1), torch.ones(n, 1)], 1)
+    tint = torch.cat([u("tint", 2), torch.zeros(n, 1)], 1)
+    hed = hed * factor[:, None, None] + tint[:, None, None]
+    x = torch.exp(-(hed @ torch.as_tensor(RGB_FROM_HED, dtype=x.dtype))).permute(0, 3, 1, 2)
+    x = (x * u("brightness", 1, 1, 1)).clamp(0, 1)
+    sigma = u("blur").clamp_min(1e-3) * x.shape[-1] / SIZE
+    r = math.ceil(3 * float(sigma.max()))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype)[None] / sigma[:, None]) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0)  # (3n, 2r + 1): one kernel per image and channel
+    h, w = x.shape[-2:]
+    y = F.pad(x.reshape(1, 3 * n, h, w), (r, r, r, r), mode="replicate")
+    y = F.conv2d(y, k.view(3 * n, 1, 1, -1), groups=3 * n)
+    return F.conv2d(y, k.view(3 * n, 1, -1, 1), groups=3 * n).reshape(x.shape)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, looks: bool = False) -> torch.Tensor:
+    """A SimCLR view: random resized crop, a symmetry of the square, colour jitter, blur, pixel noise; with `looks`,
+    each image first in a random microscope look (`microscope_look`), so that the features learn to ignore it."""
+    if looks:
+        x = microscope_look(x, gen)
 
     n = len(x)
     scale = (0.35 + 0.65 * torch.rand(n, generator=gen)).sqrt()
@@ -120,9 +152,10 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2) -> torch.Tenso
 
 def pretrain(steps: int, out: Path, batch: int = 256, lr: float = 1e-3, seed: int = 0,
              minutes: float | None = None, log_every: int = 100, size: int = SIZE, start: Path | None = None,
-             checkpoint_every: int = 0) -> int:
-    """SimCLR on dead-leaves images of `size` pixels; saves the encoder body's weights to `out` (.npz) once
-    `steps` steps are done. `start`: encoder weights (.npz) to begin from instead of a random initialisation.
+             checkpoint_every: int = 0, looks: bool = False) -> int:
+    """SimCLR on dead-leaves images of `size` pixels (with `looks`, each view also in a random microscope look);
+    saves the encoder body's weights to `out` (.npz) once `steps` steps are done. `start`: encoder weights (.npz) to
+    begin from instead of a random initialisation.
     With `checkpoint_every`, the whole state (weights, optimiser, generators, step) goes to `checkpoint_path(out)`
     every that many steps, and a later call with the same `out` resumes from it, so a long pre-training can run in
     parts. Stops after `steps` steps in all or `minutes` in this part, whichever comes first; returns the steps
@@ -161,7 +194,7 @@ def pretrain(steps: int, out: Path, batch: int = 256, lr: float = 1e-3, seed: in
     started = time.monotonic()
     while step < steps and (minutes is None or time.monotonic() - started < 60 * minutes):
         x = dead_leaves(batch, gen, size=size)
-        loss = nt_xent(embed(augment(x, gen)), embed(augment(x, gen)))
+        loss = nt_xent(embed(augment(x, gen, looks)), embed(augment(x, gen, looks)))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -239,10 +272,12 @@ def main() -> None:
     ap.add_argument("--start", type=Path, default=None, help="encoder weights (.npz) to start from")
     ap.add_argument("--checkpoint-every", type=int, default=0,
                     help="save the whole state every N steps and resume from it when run again with the same --out")
+    ap.add_argument("--looks", action="store_true",
+                    help="each view also in a random microscope look (stain, lamp, focus; core.data.appearance)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     steps = pretrain(args.steps, args.out, minutes=args.minutes, size=args.size, start=args.start,
-                     checkpoint_every=args.checkpoint_every)
+                     checkpoint_every=args.checkpoint_every, looks=args.looks)
     if steps < args.steps:
         print(f"{steps} of {args.steps} steps; run the same command again to resume from {checkpoint_path(args.out)}")
     else:
