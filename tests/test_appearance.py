@@ -81,6 +81,20 @@ def test_a_canonical_look_is_a_model_option() -> None:
     assert plain.shape == canonical.shape and not torch.allclose(plain, canonical)
 
 
+def test_the_looks_encoder_changes_only_the_learned_features_and_their_cache_key() -> None:
+    from hemafed.core.learning.models import build_model, feature_kinds, images_to_tensor
+
+    x = images_to_tensor(cells(4, 3), 28)
+    lf, looks = build_model("scatter_synth_inv_cc_lf_28"), build_model("scatter_synth_inv_cc_lf_looks_28")
+    a, b = lf.features(x), looks.features(x)
+    scattering = 243 * 3 * 3  # the fixed wavelet part comes first and has no encoder
+    assert torch.equal(a[:, :scattering], b[:, :scattering])
+    assert not torch.allclose(a[:, scattering:], b[:, scattering:])
+    # features of one encoder are never served from the cache for the other
+    (ka, _), (kb, _) = feature_kinds("scatter_synth_inv_cc_lf_28", lf), feature_kinds("x", looks)
+    assert ka.version != kb.version
+
+
 def test_a_shifted_simulation_changes_the_hospitals_images_but_not_the_test_split(shared_data) -> None:
     from hemafed.network.sim.simulate import SimulationOptions, hospitals
 

@@ -4,15 +4,19 @@ that made the shipped weights, and the model that uses them."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from hemafed.core.learning.models import build_model, get_flat_params, split_features
 from hemafed.core.learning.procedural_features import (
     CHANNELS,
+    ENCODER_ASSET,
+    LOOKS_ENCODER_ASSET,
     augment,
     dead_leaves,
     encoder_body,
     load_encoder,
+    microscope_look,
     pretrain,
     procedural_features,
     standardise,
@@ -90,15 +94,47 @@ def test_shipped_encoder_learned_its_task() -> None:
     assert _view_retrieval(load_encoder()) > _view_retrieval(untrained) + 0.2
 
 
-def test_shipped_encoder_is_complete_and_deterministic() -> None:
-    body = load_encoder()
+@pytest.mark.parametrize("asset", [ENCODER_ASSET, LOOKS_ENCODER_ASSET])
+def test_shipped_encoder_is_complete_and_deterministic(asset: str) -> None:
+    body = load_encoder(asset)
     assert [k for k in body.state_dict()] == [k for k in encoder_body().state_dict()]
     x = torch.rand(5, 3, 28, 28, generator=torch.Generator().manual_seed(1))
-    f = procedural_features(x)
+    f = procedural_features(x, body=body)
     assert f.shape == (5, CHANNELS, 3, 3) and torch.isfinite(f).all()
-    assert torch.equal(f, procedural_features(x))
+    assert torch.equal(f, procedural_features(x, body=body))
     # its weights are trained, not the random initialisation
     assert not torch.allclose(body[0][0].weight, encoder_body()[0][0].weight)
+
+
+def _look_change(body: torch.nn.Module) -> float:
+    """How far an image's features move when it is shown in another microscope look, relative to how far apart
+    two different images' features lie (synthetic images; the median over 128)."""
+    gen = torch.Generator().manual_seed(11)
+    x = dead_leaves(128, gen)
+    f = procedural_features(x, body=body).flatten(1)
+    g = procedural_features(microscope_look(x, gen), body=body).flatten(1)
+    return float(((f - g).norm(dim=1) / (f - f.roll(1, 0)).norm(dim=1)).median())
+
+
+def test_looks_encoder_started_from_the_shipped_one_and_ignores_looks_more() -> None:
+    shipped, looks = load_encoder(), load_encoder(LOOKS_ENCODER_ASSET)
+    torch.manual_seed(0)
+    untrained = encoder_body()
+    # `--start assets/procedural_encoder_28.npz`: every block moved, and stayed nearer to it than a random network is
+    for block in range(5):
+        w, start, far = (b[block][0].weight.detach() for b in (looks, shipped, untrained))
+        assert 0 < (w - start).norm() < 0.8 * (far - start).norm()
+    assert _look_change(looks) < 0.8 * _look_change(shipped)
+    assert _view_retrieval(looks) > _view_retrieval(encoder_body().eval()) + 0.2
+
+
+def test_microscope_look_stays_in_range_and_differs_per_image() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = dead_leaves(16, gen)
+    y = microscope_look(x, gen)
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1 + 1e-6  # (the blur's rounding)
+    change = (y - x).abs().mean((1, 2, 3))
+    assert float(change.min()) > 0.005 and float(change.std()) > 0.002  # each image its own look
 
 
 def test_scatter_synth_trains_only_its_head_and_depends_on_no_data() -> None:

@@ -115,12 +115,8 @@ def main() -> None:
     ap.add_argument("--encoder", help="another procedural encoder's weights (.npz) instead of the shipped one")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.encoder:
-        from hemafed.core.learning import procedural_features as pf
-
-        body = pf.load_encoder(args.encoder)
-        pf.load_encoder = lambda path=None: body  # every feature below goes through procedural_features
     model = build_model("scatter_synth_inv_28")
+    model.encoder = args.encoder
     preprocess = [lambda t: t]
     mean, std = _normalisation()
 

@@ -23,7 +23,7 @@ from ..data.imaging import resize_array_batch
 from ..trust.text import safe_text
 from .feature_cache import FeatureKind
 from .features import Scattering2D, dihedral, scatter_features
-from .procedural_features import ENCODER_ASSET, procedural_features
+from .procedural_features import LOOKS_ENCODER_ASSET, encoder_source, load_encoder, procedural_features
 
 # Per-channel mean/std of the BloodMNIST training split (RGB, 0..1 scale); images
 # from other sources go through the same transform so all sites agree on it.
@@ -178,10 +178,12 @@ class ScatterSynthNet(ScatterNet):
     ε = 8 and +0.4 to +0.8 at ε = 3 over `scatter_linear_28`; trained on the 8-view average
     (`orbit`) with the learned maps pooled to 2×2, +1.1 / +2.0 more (docs/accuracy-levers.md)."""
 
-    def __init__(self, head: nn.Module, learned_pool: int = 3, orbit: bool = False, look: str | None = None) -> None:
+    def __init__(self, head: nn.Module, learned_pool: int = 3, orbit: bool = False, look: str | None = None,
+                 encoder: str | None = None) -> None:
         super().__init__(head, orbit=orbit)
         self.learned_pool = learned_pool
         self.look = look  # each image in this canonical look first (core.data.appearance.canonical_look)
+        self.encoder = encoder  # the procedural encoder's weights: a shipped asset's name (None: the first one)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -192,7 +194,7 @@ class ScatterSynthNet(ScatterNet):
 
             plain = canonical_look(plain, self.look)
             x = (plain - mean) / std
-        learned = procedural_features(plain, batch_size, self.learned_pool)
+        learned = procedural_features(plain, batch_size, self.learned_pool, body=load_encoder(self.encoder))
         return torch.cat([super().features(x, batch_size).flatten(1), learned.flatten(1)], 1)
 
 
@@ -252,12 +254,12 @@ def scatter_synth_invariant(num_classes: int) -> ScatterSynthNet:
                            learned_pool=2, orbit=True)
 
 
-def scatter_synth_checked(num_classes: int, look: str | None = None) -> ScatterSynthNet:
+def scatter_synth_checked(num_classes: int, look: str | None = None, encoder: str | None = None) -> ScatterSynthNet:
     """`scatter_synth_invariant` whose head also carries the cell check's moments (core.learning.cell_check)."""
     from .cell_check import MOMENT_LEN
 
     return ScatterSynthNet(CenteredLinear(243 * 3 * 3 + 128 * 2 * 2, num_classes, radius=40.0, moments=MOMENT_LEN),
-                           learned_pool=2, orbit=True, look=look)
+                           learned_pool=2, orbit=True, look=look, encoder=encoder)
 
 
 class MultiScaleNet(ScatterSynthNet):
@@ -373,6 +375,10 @@ MODELS: dict[str, ModelSpec] = {
                   "tinted light) and every image is slightly blurred (focus differences matter less), for hospitals "
                   "whose microscopes differ; 28×28 input; built for DP",
                   lambda n: scatter_synth_checked(n, look="lamp-focus"), centred=True),
+        ModelSpec("scatter_synth_inv_cc_lf_looks_28", 28, "scatter_synth_inv_cc_lf_28 whose shape-trained network "
+                  "was trained further with every computer-generated image in a random microscope look (stain, lamp, "
+                  "focus), so that its features change less between hospitals; 28×28 input; built for DP",
+                  lambda n: scatter_synth_checked(n, look="lamp-focus", encoder=LOOKS_ENCODER_ASSET), centred=True),
         ModelSpec("scatter_synth_inv_cc_ms_64", 64, "scatter_synth_inv_cc_28's features of the image at 28 px "
                   "beside the shape-trained network's view of it at 64 px (finer chromatin and granules), averaged "
                   "over the 8 rotations and flips; only the final layer (38.0 k numbers) is trained, on centred "
@@ -408,10 +414,8 @@ FEATURE_CODE_VERSION = "2"  # 2: the procedural encoder runs channels-last (floa
 
 
 @functools.cache
-def _encoder_digest() -> str:
-    from importlib.resources import files
-
-    return hashlib.sha256((files("hemafed.assets") / ENCODER_ASSET).read_bytes()).hexdigest()[:16]
+def _encoder_digest(name: str | None) -> str:
+    return hashlib.sha256(encoder_source(name).read_bytes()).hexdigest()[:16]
 
 
 def feature_kinds(name: str, model: nn.Module):
@@ -420,7 +424,8 @@ def feature_kinds(name: str, model: nn.Module):
 
     if not isinstance(model, ScatterNet):
         return None
-    version = FEATURE_CODE_VERSION + (f"+{_encoder_digest()}" if isinstance(model, ScatterSynthNet) else "")
+    synth = isinstance(model, ScatterSynthNet)
+    version = FEATURE_CODE_VERSION + (f"+{_encoder_digest(model.encoder)}" if synth else "")
     eval_view = "eval" if model.tta else "train"
     train_view = eval_view if model.orbit else "train"
     name = _SAME_FEATURES.get(name, name)

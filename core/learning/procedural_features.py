@@ -11,6 +11,12 @@ shipped in `hemafed.assets` (`ENCODER_ASSET`), which this module's `pretrain` ma
 (3,777 steps of 256 images, 35 min on 2 CPU cores; docs/accuracy-levers.md has the screen.) `--size 64` pre-trains
 on 64-px scenes (4.2 s per step here), `--start` begins from given weights and `--checkpoint-every N` lets a long run
 stop (`--minutes`) and resume; a 200-step 64-px fine-tune of the shipped weights screened no better (eighth pass).
+
+`LOOKS_ENCODER_ASSET` is those weights pre-trained 2,000 steps more with every view also in a random microscope look
+(`microscope_look`: the simulation's range of stain, lamp and focus), 10 min here:
+
+    python -m hemafed.core.learning.procedural_features --steps 2000 --start assets/procedural_encoder_28.npz \
+        --looks --out assets/procedural_encoder_28_looks.npz
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ from .features import dihedral
 
 SIZE = 28
 ENCODER_ASSET = "procedural_encoder_28.npz"
+# The same encoder pre-trained further with every view in a random microscope look (`--looks`), so that its features
+# change less between hospitals' stains, lamps and focus (docs/appearance-remedies.md, third pass).
+LOOKS_ENCODER_ASSET = "procedural_encoder_28_looks.npz"
 CHANNELS = 128  # of the encoder's last maps (7×7 at 28 px)
 GROUPS = 16  # GroupNorm groups of the pooled features (8 channels each)
 
@@ -224,8 +233,18 @@ def _npz_state(fh: BinaryIO) -> dict[str, torch.Tensor]:
 _LOAD_LOCK = threading.Lock()
 
 
+def encoder_source(name: str | None = None):
+    """The weights file `name`: a file shipped in `hemafed.assets` (by its name; None: `ENCODER_ASSET`) or a path."""
+    from importlib.resources import files
+
+    if name is None or name in (ENCODER_ASSET, LOOKS_ENCODER_ASSET):
+        return files("hemafed.assets") / (name or ENCODER_ASSET)
+    return Path(name)
+
+
 def load_encoder(path: str | None = None) -> nn.Sequential:
-    """The frozen encoder (shipped weights unless `path`), in eval mode, without gradients; loaded once per process.
+    """The frozen encoder (the shipped `ENCODER_ASSET` unless `path`: another shipped asset's name or a file), in eval
+    mode, without gradients; loaded once per process.
     Sites running as threads of one process (tests, the app) ask for it at the same moment: the lock makes them
     share one load instead of each reading the file, and keeps numpy's header parsing (`ast.literal_eval`) out of
     parallel threads, where CPython 3.11 can fail with "AST constructor recursion depth mismatch"."""
@@ -235,11 +254,8 @@ def load_encoder(path: str | None = None) -> nn.Sequential:
 
 @cache
 def _load_encoder(path: str | None) -> nn.Sequential:
-    from importlib.resources import files
-
-    source = Path(path) if path else files("hemafed.assets") / ENCODER_ASSET
     body = encoder_body()
-    with source.open("rb") as fh:
+    with encoder_source(path).open("rb") as fh:
         body.load_state_dict(_npz_state(fh))
     body.requires_grad_(False)
     # channels-last: at 64 px the encoder runs about 25 % faster on this CPU; at 28 px it is a wash on one thread

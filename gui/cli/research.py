@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     fs.add_argument("--sites", type=int, required=True, help="sites allowed in the federation")
     fs.add_argument("--threshold", type=int, help="secure-aggregation threshold t (default: a strict majority)")
     fs.add_argument("--dp-mode", choices=("distributed", "local"), default="distributed")
-    fs.add_argument("--model", default="scatter_synth_inv_cc_28")
+    fs.add_argument("--model", default="scatter_synth_inv_cc_lf_looks_28")
     fs.add_argument("--federation-id", default="bloodmnist-demo")
     fs.set_defaults(func=_fedsgd_plan)
 
