@@ -26,6 +26,7 @@ import math
 import threading
 import time
 from functools import cache
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -233,7 +234,7 @@ def _npz_state(fh: BinaryIO) -> dict[str, torch.Tensor]:
 _LOAD_LOCK = threading.Lock()
 
 
-def encoder_source(name: str | None = None):
+def encoder_source(name: str | None = None) -> Traversable | Path:
     """The weights file `name`: a file shipped in `hemafed.assets` (by its name; None: `ENCODER_ASSET`) or a path."""
     from importlib.resources import files
 
