@@ -5,6 +5,7 @@ and focus undo a lamp change and narrow a focus change."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from hemafed.core.data.appearance import (
@@ -81,17 +82,22 @@ def test_a_canonical_look_is_a_model_option() -> None:
     assert plain.shape == canonical.shape and not torch.allclose(plain, canonical)
 
 
-def test_the_looks_encoder_changes_only_the_learned_features_and_their_cache_key() -> None:
+@pytest.mark.parametrize(("first", "looks", "size"), [
+    ("scatter_synth_inv_cc_lf_28", "scatter_synth_inv_cc_lf_looks_28", 28),
+    ("scatter_synth_inv_cc_ms4p_64", "scatter_synth_inv_cc_ms4p_looks_64", 64),
+])
+def test_the_looks_encoder_changes_only_the_learned_features_and_their_cache_key(first: str, looks: str,
+                                                                                 size: int) -> None:
     from hemafed.core.learning.models import build_model, feature_kinds, images_to_tensor
 
-    x = images_to_tensor(cells(4, 3), 28)
-    lf, looks = build_model("scatter_synth_inv_cc_lf_28"), build_model("scatter_synth_inv_cc_lf_looks_28")
+    x = images_to_tensor(cells(4, 3), size)
+    lf, looks = build_model(first), build_model(looks)
     a, b = lf.features(x), looks.features(x)
     scattering = 243 * 3 * 3  # the fixed wavelet part comes first and has no encoder
     assert torch.equal(a[:, :scattering], b[:, :scattering])
     assert not torch.allclose(a[:, scattering:], b[:, scattering:])
     # features of one encoder are never served from the cache for the other
-    (ka, _), (kb, _) = feature_kinds("scatter_synth_inv_cc_lf_28", lf), feature_kinds("x", looks)
+    (ka, _), (kb, _) = feature_kinds(first, lf), feature_kinds("x", looks)
     assert ka.version != kb.version
 
 

@@ -165,7 +165,8 @@ def test_multiscale_model_sees_the_28_px_image_and_the_64_px_one() -> None:
 
 
 @pytest.mark.realdata
-@pytest.mark.parametrize("name", ["scatter_synth_inv_cc_ms_64", "scatter_synth_inv_cc_ms4p_64"])
+@pytest.mark.parametrize("name", ["scatter_synth_inv_cc_ms_64", "scatter_synth_inv_cc_ms4p_64",
+                                  "scatter_synth_inv_cc_ms4p_looks_64"])
 def test_multiscale_radius_is_above_the_feature_norms_of_real_64_px_cells(shared_data, name: str) -> None:
     """The centring round clips each record's feature vector to the head's radius: it should clip none of
     BloodMNIST's (8-view averages of 64-px validation images: median 52.4, largest 57.2 over all 1,712; with the

@@ -272,8 +272,8 @@ class MultiScaleNet(ScatterSynthNet):
     COARSE = 28
 
     def __init__(self, head: nn.Module, fine_pool: int = 4, fine_views: tuple[int, ...] = tuple(range(8)),
-                 fine_depth: int | None = None) -> None:
-        super().__init__(head, learned_pool=2, orbit=True)
+                 fine_depth: int | None = None, encoder: str | None = None) -> None:
+        super().__init__(head, learned_pool=2, orbit=True, encoder=encoder)
         self.fine_pool = fine_pool
         self.fine_views = fine_views  # the dihedral views (features.dihedral) the 64-px maps are averaged over
         self.fine_depth = fine_depth  # the 64-px maps after this many encoder blocks (None: all 5)
@@ -284,7 +284,8 @@ class MultiScaleNet(ScatterSynthNet):
 
     def _fine(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
         mean, std = _normalisation()
-        return procedural_features(x * std + mean, batch_size, self.fine_pool, depth=self.fine_depth).flatten(1)
+        return procedural_features(x * std + mean, batch_size, self.fine_pool, body=load_encoder(self.encoder),
+                                   depth=self.fine_depth).flatten(1)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -304,13 +305,13 @@ MULTISCALE_RADIUS = 60.0
 
 
 def multiscale_checked(num_classes: int, fine_views: tuple[int, ...] = tuple(range(8)),
-                       fine_depth: int | None = None) -> MultiScaleNet:
+                       fine_depth: int | None = None, encoder: str | None = None) -> MultiScaleNet:
     """`MultiScaleNet` with a centred head carrying the cell check's moments (measured on the 28-px image)."""
     from .cell_check import MOMENT_LEN
 
     # radius: above every feature norm on BloodMNIST's 64-px validation split (8-view averages; see its test)
     return MultiScaleNet(CenteredLinear(MULTISCALE_DIM, num_classes, radius=MULTISCALE_RADIUS, moments=MOMENT_LEN),
-                         fine_views=fine_views, fine_depth=fine_depth)
+                         fine_views=fine_views, fine_depth=fine_depth, encoder=encoder)
 
 
 def split_features(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
@@ -393,6 +394,11 @@ MODELS: dict[str, ModelSpec] = {
                   "block before it does better on validation, with a third less 64-px work per image; "
                   "64×64 input; built for DP",
                   lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4), centred=True),
+        ModelSpec("scatter_synth_inv_cc_ms4p_looks_64", 64, "scatter_synth_inv_cc_ms4p_64 with the shape-trained "
+                  "network that was trained further under random microscope looks (stain, lamp, focus), at both "
+                  "scales; 64×64 input; built for DP",
+                  lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4, encoder=LOOKS_ENCODER_ASSET),
+                  centred=True),
         ModelSpec("cnn4_28", 28, "plain 4-conv GroupNorm CNN (32/64 channels), 28×28 input; fast reference",
                   lambda n: SmallCNN(n)),
     )
