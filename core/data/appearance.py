@@ -128,8 +128,17 @@ def normalise_stain(x: torch.Tensor, stains: bool = True) -> torch.Tensor:
 CANONICAL_FOCUS = 0.5
 
 
-def low_pass(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(B, C, H, W) blurred by a Gaussian of `sigma` pixels (separable, edges replicated)."""
+def low_pass(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) blurred by a Gaussian of `sigma` pixels (separable, edges replicated); `sigma` may also be a (B,)
+    tensor of positive values, one per image."""
+    if isinstance(sigma, torch.Tensor):
+        r = int(np.ceil(3 * float(sigma.max())))
+        b, c, h, w = x.shape
+        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype)[None] / sigma[:, None]) ** 2)
+        k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B·C, 2r + 1): one kernel per image and channel
+        y = torch.nn.functional.pad(x.reshape(1, b * c, h, w), (r, r, r, r), mode="replicate")
+        y = torch.nn.functional.conv2d(y, k.view(b * c, 1, 1, -1), groups=b * c)
+        return torch.nn.functional.conv2d(y, k.view(b * c, 1, -1, 1), groups=b * c).reshape(x.shape)
     if sigma <= 0:
         return x
     r = int(np.ceil(3 * sigma))

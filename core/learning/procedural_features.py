@@ -79,7 +79,7 @@ def microscope_look(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """(n, 3, H, W) in [0, 1], each image as another microscope might show it, over the simulation's
     `core.data.appearance.LOOK_RANGE`: stain strengths and tint in HED optical density, a lamp level clipped at full
     scale (a brighter lamp saturates), and a Gaussian focus blur of its own σ."""
-    from ..data.appearance import HED_FROM_RGB, LOOK_RANGE, RGB_FROM_HED
+    from ..data.appearance import HED_FROM_RGB, LOOK_RANGE, RGB_FROM_HED, low_pass
 
     n = len(x)
 
@@ -94,14 +94,7 @@ def microscope_look(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     hed = hed * factor[:, None, None] + tint[:, None, None]
     x = torch.exp(-(hed @ torch.as_tensor(RGB_FROM_HED, dtype=x.dtype))).permute(0, 3, 1, 2)
     x = (x * u("brightness", 1, 1, 1)).clamp(0, 1)
-    sigma = u("blur").clamp_min(1e-3) * x.shape[-1] / SIZE
-    r = math.ceil(3 * float(sigma.max()))
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype)[None] / sigma[:, None]) ** 2)
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0)  # (3n, 2r + 1): one kernel per image and channel
-    h, w = x.shape[-2:]
-    y = F.pad(x.reshape(1, 3 * n, h, w), (r, r, r, r), mode="replicate")
-    y = F.conv2d(y, k.view(3 * n, 1, 1, -1), groups=3 * n)
-    return F.conv2d(y, k.view(3 * n, 1, -1, 1), groups=3 * n).reshape(x.shape)
+    return low_pass(x, u("blur").clamp_min(1e-3) * x.shape[-1] / SIZE)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, looks: bool = False) -> torch.Tensor:
