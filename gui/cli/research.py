@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     fs.add_argument("--sites", type=int, required=True, help="sites allowed in the federation")
     fs.add_argument("--threshold", type=int, help="secure-aggregation threshold t (default: a strict majority)")
     fs.add_argument("--dp-mode", choices=("distributed", "local"), default="distributed")
-    fs.add_argument("--model", default="scatter_synth_inv_cc_lf_looks_28")
+    fs.add_argument("--model", help="a model of the registry (default: the recipe's)")
     fs.add_argument("--federation-id", default="bloodmnist-demo")
     fs.set_defaults(func=_fedsgd_plan)
 
@@ -220,8 +220,9 @@ def _fedsgd_plan(args: argparse.Namespace) -> int:
 
     try:
         plan = recommended_plan(args.epsilon, args.images, args.sites, args.dp_mode,
-                                federation_id=args.federation_id, model=args.model, rounds=args.rounds,
-                                sample_rate=args.sample_rate, delta=args.delta, threshold=args.threshold)
+                                federation_id=args.federation_id, rounds=args.rounds,
+                                sample_rate=args.sample_rate, delta=args.delta, threshold=args.threshold,
+                                **({"model": args.model} if args.model else {}))
     except (PlanError, KeyError, ValueError) as exc:
         raise UserFacingError(str(exc)) from exc
     sigma = plan.noise_multiplier

@@ -82,7 +82,7 @@ class SimulationOptions:
     # Each simulated hospital draws its randomness (samples, noise, rounding) from the run's seed, so a run replays
     # exactly, as processes or in process (`network.sim.inprocess`); False: fresh OS randomness, as at a hospital.
     seeded: bool = True
-    model: str = "scatter_synth_inv_cc_lf_looks_28"
+    model: str = FederationPlan.model  # the recipe's (tests/federation/test_plan_and_state.py)
     algorithm: str = "fedsgd"  # "fedsgd": one DP-SGD step per round | "fedavg": local epochs per round
     dp_mode: str = "distributed"  # fedsgd: "distributed" (noise shares inside secure aggregation) | "local"
     sample_rate: float = 0.1713  # fedsgd: Poisson rate per record (≈ 2,048 of BloodMNIST's 11,959 per round)
