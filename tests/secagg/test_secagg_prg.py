@@ -37,7 +37,9 @@ def test_apply_mask_adds_and_subtracts_mod_2_32(n):
 
 
 def test_covers_the_whole_ring_uniformly():
-    x = prg.expand(os.urandom(32), 1 << 18)
+    # a fixed key: with a random one the top-value check below fails for about 2 % of keys (no value above
+    # 2^32 − 2^16 among 2^18 draws has probability e^-4), which made this test flaky
+    x = prg.expand(bytes(range(32)), 1 << 18)
     # top byte histogram: 256 buckets, chi-square well inside the 1e-6 tails
     counts = np.bincount(x >> 24, minlength=256)
     expected = len(x) / 256
