@@ -57,6 +57,12 @@ def test_results_summarise_the_other_recipes_docs(tmp_path: Path) -> None:
     assert [line for line in section if line.startswith("|")] == [
         "| ε | distributed DP + secure aggregation | local DP + secure aggregation |", "|---|---:|---:|",
         "| 8 | 0.950 ± 0.001 | – |"]
+    assert not any("look different" in line for line in section)
+    (tmp_path / "appearance-64px.md").write_text("# Hospitals\n\n| table |\n\nLoss on the untouched test split "
+                                                 "from the hospitals' different looks: +5.99 points.\n")
+    shift = [line for line in other_recipes(tmp_path) if "look different" in line]
+    assert shift == ["Hospitals whose images look different ([appearance-64px.md](appearance-64px.md)): Loss on the "
+                     "untouched test split from the hospitals' different looks: +5.99 points."]
 
 
 def test_experiment_refuses_an_unknown_model_or_dp_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -552,17 +552,26 @@ def _confidence_sections(docs: Path) -> list[str]:
         "[ood-check.md](ood-check.md) (`python -m bench.ood_check`).", "",
         *tables("ood-check.md"),
         "## Hospitals whose images look different", "",
-        "[appearance.md](appearance.md) (`python -m bench.appearance`):", "",
+        f"The main job's model: [{APPEARANCE_DOC}]({APPEARANCE_DOC}) (`python -m bench.appearance`):", "",
+        *tables(APPEARANCE_DOC),
+        "Earlier models and remedies: [appearance.md](appearance.md), [appearance-remedies.md]"
+        "(appearance-remedies.md).", "",
         *tables("appearance.md"),
     ]
 
+
+# the appearance-shift runs of the main job's model (`python -m bench.appearance --doc ...`)
+APPEARANCE_DOC = "appearance-looks.md"
+
 # other recipes' result docs (written by `hemafed experiment --model M --doc docs/<file>`), summarised in RESULTS.md
 OTHER_RECIPES = {"results-64px.md": "scatter_synth_inv_cc_ms_64", "results-64px-ms4.md": "scatter_synth_inv_cc_ms4_64",
-                 "results-64px-ms4p.md": "scatter_synth_inv_cc_ms4p_64"}
+                 "results-64px-ms4p.md": "scatter_synth_inv_cc_ms4p_64",
+                 "results-64px-ms4p-looks.md": "scatter_synth_inv_cc_ms4p_looks_64"}
 
 
 def other_recipes(docs: Path) -> list[str]:
-    """RESULTS.md's section on each recipe in `OTHER_RECIPES` whose doc exists: its summary lines and a link."""
+    """RESULTS.md's section on each recipe in `OTHER_RECIPES` whose doc exists: its summary lines and a link, and
+    the loss under the appearance shift when `appearance-<same suffix>.md` (bench.appearance) exists beside it."""
     out: list[str] = []
     for name, model in OTHER_RECIPES.items():
         path = docs / name
@@ -575,6 +584,11 @@ def other_recipes(docs: Path) -> list[str]:
         table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[lines.index(header):])) \
             if header in lines else []
         sweep = ["Test accuracy against ε (mean ± std over its seeds):", "", *table, ""] if table else []
+        shift = docs / name.replace("results-", "appearance-", 1)
+        loss = [line for line in shift.read_text().splitlines() if line.startswith("Loss on the untouched")] \
+            if shift.exists() else []
+        sweep += [f"Hospitals whose images look different ([{shift.name}]({shift.name})): {loss[0]}", ""] \
+            if loss else []
         size = get_spec(model).input_size
         out += [f"## At {size} pixels (`hemafed simulate --model {model}`)", "",
                 f"The same federation with `{model}` ({get_spec(model).description.split(';')[0]}), measured "
