@@ -129,3 +129,42 @@ def test_blur_is_the_same_focus_at_64_px() -> None:
     gap = np.abs(resize(apply_look(large, look), 28).astype(float) - blurred_small).mean()
     old = np.abs(resize(apply_look(large, HospitalLook(blur=0.8 * 28 / 64)), 28).astype(float) - blurred_small).mean()
     assert gap < 0.5 * old and gap < 1.0, (gap, old)
+
+
+def test_stain_densities_turn_a_stain_strength_into_a_scale_of_one_channel() -> None:
+    """Unmixed optical densities: a haematoxylin twice as strong doubles the first channel and leaves the eosin one,
+    and the scattering half's GroupNorm (one stain's coefficients per group) then sees the same image."""
+    from hemafed.core.data.appearance import HED_FROM_RGB, RGB_FROM_HED, stain_densities
+
+    gen = torch.Generator().manual_seed(0)
+    hed = torch.rand(2, 3, 28, 28, generator=gen) * torch.tensor([0.6, 0.4, 0.0])[None, :, None, None]
+
+    def image(densities: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-torch.einsum("bshw,sc->bchw", densities, torch.as_tensor(RGB_FROM_HED).float()))
+
+    np.testing.assert_allclose(RGB_FROM_HED @ HED_FROM_RGB, np.eye(3), atol=1e-12)
+    back = stain_densities(image(hed))
+    assert torch.allclose(back[:, :2], hed[:, :2], atol=1e-4)
+    stronger = stain_densities(image(hed * torch.tensor([2.0, 1.0, 1.0])[None, :, None, None]))
+    assert torch.allclose(stronger[:, 0], 2 * back[:, 0], atol=1e-4)
+    assert torch.allclose(stronger[:, 1], back[:, 1], atol=1e-4)
+
+
+def test_the_density_model_changes_only_the_scattering_half_and_its_cache_key() -> None:
+    from hemafed.core.learning.models import build_model, feature_kinds, images_to_tensor
+
+    x = images_to_tensor(cells(4, 3), 28)
+    rgb, hed = build_model("scatter_synth_inv_cc_lf_looks_28"), build_model("scatter_synth_inv_cc_lf_looks_hed_28")
+    a, b = rgb.features(x), hed.features(x)
+    scattering = 243 * 3 * 3
+    assert a.shape == b.shape and torch.equal(a[:, scattering:], b[:, scattering:])
+    assert not torch.allclose(a[:, :scattering], b[:, :scattering])
+    (ka, _), (kb, _) = feature_kinds("scatter_synth_inv_cc_lf_looks_28", rgb), \
+        feature_kinds("scatter_synth_inv_cc_lf_looks_hed_28", hed)
+    assert ka != kb
+    # the 64-px variant: the same densities in its 28-px scattering, the 64-px maps untouched
+    x64 = images_to_tensor(cells(2, 4, size=64), 64)
+    m, mh = build_model("scatter_synth_inv_cc_ms4p_looks_64"), build_model("scatter_synth_inv_cc_ms4p_looks_hed_64")
+    f, g = m.features(x64), mh.features(x64)
+    assert torch.equal(f[:, scattering:], g[:, scattering:])
+    assert not torch.allclose(f[:, :scattering], g[:, :scattering])

@@ -12,6 +12,8 @@ evaluated on BloodMNIST's untouched validation split. Seed 0's partition and loo
     python -m bench.accuracy.appearance_screen [--k 4] [--seeds 0 1]
     python -m bench.accuracy.appearance_screen --components          # which part of a look costs most
     python -m bench.accuracy.appearance_screen --low-pass 0 0.5 0.8  # a fixed blur on every image first
+    python -m bench.accuracy.appearance_screen --low-pass 0.5 --stain background --encoder W --nuisance 0 16 64
+        # features with the directions random looks move them most along (on public images) projected out
 """
 
 from __future__ import annotations
@@ -87,6 +89,31 @@ def zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
     return torch.nn.functional.pad(y, (lo, h - side - lo, lo, h - side - lo), mode="replicate")
 
 
+def nuisance_directions(features, images: np.ndarray, k: int, seed: int = 0) -> torch.Tensor:
+    """(D, D) eigenvectors, largest first, of the within-image scatter of `features` over each of `images` (public
+    ones: no hospital record goes in) and `k` copies of it in random looks from `LOOK_RANGE`: the directions in which
+    a change of look moves the features most (nuisance attribute projection, as in speaker verification)."""
+    from hemafed.core.data.appearance import HospitalLook, apply_look
+
+    rng = np.random.default_rng([seed, 0x9A9])
+    views = [features(images)]
+    for _ in range(k):
+        views.append(features(np.concatenate([apply_look(images[i:i + 1], HospitalLook.draw(rng))
+                                              for i in range(len(images))])))
+    stack = torch.stack(views).double()  # (k + 1, N, D)
+    delta = (stack - stack.mean(0)).flatten(0, 1)
+    _, vectors = torch.linalg.eigh(delta.T @ delta)
+    return vectors.flip(1).float()
+
+
+def project_out(x: torch.Tensor, directions: torch.Tensor, r: int) -> torch.Tensor:
+    """`x` with its components along the first `r` columns of `directions` removed."""
+    if r == 0:
+        return x
+    u = directions[:, :r]
+    return x - (x @ u) @ u.T
+
+
 def main() -> None:
     from bench.accuracy.head_ceiling import private_fit
     from hemafed.core.data.appearance import HospitalLook, apply_look, low_pass, normalise_stain
@@ -112,7 +139,18 @@ def main() -> None:
     ap.add_argument("--zooms", type=float, nargs="+", default=[1.0],
                     help="features averaged over the image magnified by each of these (about its centre)")
     ap.add_argument("--partition", default="dirichlet:0.5", help="how the hospitals' images are divided (iid: alike)")
+    ap.add_argument("--scatter-input", choices=("rgb", "od", "hed"), default="rgb",
+                    help="what the scattering half sees: the normalised RGB intensities (the product), their optical "
+                         "densities, or the densities unmixed into haematoxylin, eosin and residual (a stain "
+                         "strength is then a per-channel scale, which the per-group GroupNorm removes)")
+    ap.add_argument("--sim-seed", type=int, default=0, help="the simulation seed that draws the partition and looks")
     ap.add_argument("--encoder", help="another procedural encoder's weights (.npz) instead of the shipped one")
+    ap.add_argument("--nuisance", type=int, nargs="+", metavar="R",
+                    help="with --low-pass: project out the R directions random looks move the features most along "
+                         "(estimated on --nuisance-source images, each in --nuisance-k random looks)")
+    ap.add_argument("--nuisance-source", choices=("pbc", "synthetic"), default="pbc",
+                    help="public PBC sample cells, or dead-leaves scenes (no real image)")
+    ap.add_argument("--nuisance-k", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = build_model("scatter_synth_inv_28")
@@ -134,18 +172,37 @@ def main() -> None:
         return apply
 
     def tag(sigma: float) -> str:
-        return f"low-pass σ = {sigma}" + {"none": "", "background": ", background-normalised",
+        space = "" if args.scatter_input == "rgb" else f", scattering on {args.scatter_input}"
+        return f"low-pass σ = {sigma}{space}" + {"none": "", "background": ", background-normalised",
                                           "full": ", stain-normalised",
                                           "lamp-window": ", lamp window"}[args.stain]
 
+    def density_features(x: torch.Tensor) -> torch.Tensor:
+        """`model.features` with the scattering half on optical densities (--scatter-input od / hed)."""
+        from hemafed.core.data.appearance import HED_FROM_RGB
+        from hemafed.core.learning.features import scatter_features
+        from hemafed.core.learning.procedural_features import load_encoder, procedural_features
+
+        plain = x * std + mean
+        od = -torch.log(plain.clamp(1 / 255, 1.0))
+        if args.scatter_input == "hed":
+            od = torch.einsum("bchw,cs->bshw", od, torch.as_tensor(HED_FROM_RGB, dtype=od.dtype))
+        scat = torch.nn.functional.group_norm(scatter_features(od, model.scattering), model.groups)
+        scat = torch.nn.functional.adaptive_avg_pool2d(scat, model.pool).flatten(1)
+        learned = procedural_features(plain, 256, model.learned_pool, body=load_encoder(model.encoder))
+        return torch.cat([scat, learned.flatten(1)], 1)
+
+    def one_view(x: torch.Tensor) -> torch.Tensor:
+        return model.features(x).flatten(1).float() if args.scatter_input == "rgb" else density_features(x).float()
+
     def features(images: np.ndarray) -> torch.Tensor:
         x = preprocess[0](images_to_tensor(images, 28))
-        return sum(model.features(zoom(x, z)).flatten(1).float() for z in args.zooms) / len(args.zooms)
+        return sum(one_view(zoom(x, z)) for z in args.zooms) / len(args.zooms)
 
     val = load_splits(locate(None))["val"]
     vx, vy = features(val.images), torch.as_tensor(val.labels.reshape(-1)).long()
-    same = hospitals(SimulationOptions(seed=0, partition=args.partition))
-    shifted = hospitals(SimulationOptions(seed=0, appearance="shifted", partition=args.partition))
+    same = hospitals(SimulationOptions(seed=args.sim_seed, partition=args.partition))
+    shifted = hospitals(SimulationOptions(seed=args.sim_seed, appearance="shifted", partition=args.partition))
     labels = torch.as_tensor(same.train.labels.reshape(-1)).long()
 
     def random_looks(images: np.ndarray, parts, k: int):
@@ -178,7 +235,7 @@ def main() -> None:
         preprocess[0] = canonical((args.low_pass or [0.0])[0])
         vx = features(val.images)
         print(f"  every image: {tag((args.low_pass or [0.0])[0])}", flush=True)
-        looks = hospital_looks(len(same.parts), 0)
+        looks = hospital_looks(len(same.parts), args.sim_seed)
         kept = {"stain": ("haematoxylin", "eosin", "tint_h", "tint_e"), "brightness": ("brightness",),
                 "blur": ("blur",), "zoom": ("zoom",)}
         row("all hospitals look alike", features(same.train.images), vx)
@@ -189,6 +246,28 @@ def main() -> None:
                                                   if f.name in names})
                 images[idx] = apply_look(same.train.images[idx], only)
             row(f"each hospital its own {part} only", features(images), vx)
+        return
+    if args.low_pass is not None and args.nuisance:
+        from hemafed.core.data.appearance import public_sample
+        from hemafed.core.learning.procedural_features import dead_leaves
+
+        sigma = args.low_pass[0]
+        preprocess[0] = canonical(sigma)
+        if args.nuisance_source == "pbc":
+            source = public_sample(locate(None).parent.parent / "pbc_sample")
+        else:
+            scenes = dead_leaves(400, torch.Generator().manual_seed(0))
+            source = (scenes.clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+        t = time.perf_counter()
+        directions = nuisance_directions(features, source, args.nuisance_k)
+        print(f"  nuisance directions from {len(source)} {args.nuisance_source} images × {args.nuisance_k + 1} "
+              f"looks: {time.perf_counter() - t:.0f} s", flush=True)
+        v, alike_x, own_x = features(val.images), features(same.train.images), features(shifted.train.images)
+        for r in args.nuisance:
+            name = f"{tag(sigma)}, {r} nuisance directions ({args.nuisance_source}) out"
+            alike = row(f"alike, {name}", project_out(alike_x, directions, r), project_out(v, directions, r))
+            own = row(f"each its own look, {name}", project_out(own_x, directions, r), project_out(v, directions, r))
+            print(f"  loss from the shift, {name}: {100 * (alike - own):+.2f} points", flush=True)
         return
     if args.low_pass is not None:
         for sigma in args.low_pass:

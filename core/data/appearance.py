@@ -123,6 +123,13 @@ def normalise_stain(x: torch.Tensor, stains: bool = True) -> torch.Tensor:
     return torch.exp(-od).clamp(0.0, 1.0).reshape(x.shape)
 
 
+def stain_densities(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) images in [0, 1] as optical densities unmixed into haematoxylin, eosin and a residual (Ruifrok–
+    Johnston): a stain's strength is then a scale of one channel, and a lamp level or a tint an offset."""
+    od = -torch.log(x.clamp(1.0 / 255.0, 1.0))
+    return torch.einsum("bchw,cs->bshw", od, torch.as_tensor(HED_FROM_RGB, dtype=od.dtype))
+
+
 # The canonical focus: every image is low-passed this much (Gaussian σ in pixels at 28 px) before its features, so
 # that focus differences within LOOK_RANGE's blur change it less (docs/appearance-remedies.md).
 CANONICAL_FOCUS = 0.5

@@ -179,11 +179,15 @@ class ScatterSynthNet(ScatterNet):
     (`orbit`) with the learned maps pooled to 2×2, +1.1 / +2.0 more (docs/accuracy-levers.md)."""
 
     def __init__(self, head: nn.Module, learned_pool: int = 3, orbit: bool = False, look: str | None = None,
-                 encoder: str | None = None) -> None:
+                 encoder: str | None = None, densities: bool = False) -> None:
         super().__init__(head, orbit=orbit)
         self.learned_pool = learned_pool
         self.look = look  # each image in this canonical look first (core.data.appearance.canonical_look)
         self.encoder = encoder  # the procedural encoder's weights: a shipped asset's name (None: the first one)
+        # the scattering half sees the stains' optical densities (core.data.appearance.stain_densities) instead of
+        # the RGB intensities: each group of its GroupNorm then holds one stain's coefficients, so it describes
+        # haematoxylin (nuclei) and eosin (granules, cytoplasm) structure apart (docs/accuracy-levers.md, tenth pass)
+        self.densities = densities
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -194,6 +198,10 @@ class ScatterSynthNet(ScatterNet):
 
             plain = canonical_look(plain, self.look)
             x = (plain - mean) / std
+        if self.densities:
+            from ..data.appearance import stain_densities
+
+            x = stain_densities(plain)
         learned = procedural_features(plain, batch_size, self.learned_pool, body=load_encoder(self.encoder))
         return torch.cat([super().features(x, batch_size).flatten(1), learned.flatten(1)], 1)
 
@@ -254,12 +262,13 @@ def scatter_synth_invariant(num_classes: int) -> ScatterSynthNet:
                            learned_pool=2, orbit=True)
 
 
-def scatter_synth_checked(num_classes: int, look: str | None = None, encoder: str | None = None) -> ScatterSynthNet:
+def scatter_synth_checked(num_classes: int, look: str | None = None, encoder: str | None = None,
+                          densities: bool = False) -> ScatterSynthNet:
     """`scatter_synth_invariant` whose head also carries the cell check's moments (core.learning.cell_check)."""
     from .cell_check import MOMENT_LEN
 
     return ScatterSynthNet(CenteredLinear(243 * 3 * 3 + 128 * 2 * 2, num_classes, radius=40.0, moments=MOMENT_LEN),
-                           learned_pool=2, orbit=True, look=look, encoder=encoder)
+                           learned_pool=2, orbit=True, look=look, encoder=encoder, densities=densities)
 
 
 class MultiScaleNet(ScatterSynthNet):
@@ -272,8 +281,8 @@ class MultiScaleNet(ScatterSynthNet):
     COARSE = 28
 
     def __init__(self, head: nn.Module, fine_pool: int = 4, fine_views: tuple[int, ...] = tuple(range(8)),
-                 fine_depth: int | None = None, encoder: str | None = None) -> None:
-        super().__init__(head, learned_pool=2, orbit=True, encoder=encoder)
+                 fine_depth: int | None = None, encoder: str | None = None, densities: bool = False) -> None:
+        super().__init__(head, learned_pool=2, orbit=True, encoder=encoder, densities=densities)
         self.fine_pool = fine_pool
         self.fine_views = fine_views  # the dihedral views (features.dihedral) the 64-px maps are averaged over
         self.fine_depth = fine_depth  # the 64-px maps after this many encoder blocks (None: all 5)
@@ -305,13 +314,14 @@ MULTISCALE_RADIUS = 60.0
 
 
 def multiscale_checked(num_classes: int, fine_views: tuple[int, ...] = tuple(range(8)),
-                       fine_depth: int | None = None, encoder: str | None = None) -> MultiScaleNet:
+                       fine_depth: int | None = None, encoder: str | None = None,
+                       densities: bool = False) -> MultiScaleNet:
     """`MultiScaleNet` with a centred head carrying the cell check's moments (measured on the 28-px image)."""
     from .cell_check import MOMENT_LEN
 
     # radius: above every feature norm on BloodMNIST's 64-px validation split (8-view averages; see its test)
     return MultiScaleNet(CenteredLinear(MULTISCALE_DIM, num_classes, radius=MULTISCALE_RADIUS, moments=MOMENT_LEN),
-                         fine_views=fine_views, fine_depth=fine_depth, encoder=encoder)
+                         fine_views=fine_views, fine_depth=fine_depth, encoder=encoder, densities=densities)
 
 
 def split_features(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
@@ -399,6 +409,16 @@ MODELS: dict[str, ModelSpec] = {
                   "scales; 64×64 input; built for DP",
                   lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4, encoder=LOOKS_ENCODER_ASSET),
                   centred=True),
+        ModelSpec("scatter_synth_inv_cc_lf_looks_hed_28", 28, "scatter_synth_inv_cc_lf_looks_28 whose wavelet "
+                  "scattering sees the image's haematoxylin and eosin densities apart instead of its red, green and "
+                  "blue; 28×28 input; built for DP",
+                  lambda n: scatter_synth_checked(n, look="lamp-focus", encoder=LOOKS_ENCODER_ASSET, densities=True),
+                  centred=True),
+        ModelSpec("scatter_synth_inv_cc_ms4p_looks_hed_64", 64, "scatter_synth_inv_cc_ms4p_looks_64 whose wavelet "
+                  "scattering (of the image at 28 px) sees its haematoxylin and eosin densities apart instead of "
+                  "its red, green and blue; 64×64 input; built for DP",
+                  lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4, encoder=LOOKS_ENCODER_ASSET,
+                                               densities=True), centred=True),
         ModelSpec("cnn4_28", 28, "plain 4-conv GroupNorm CNN (32/64 channels), 28×28 input; fast reference",
                   lambda n: SmallCNN(n)),
     )
