@@ -65,6 +65,23 @@ def test_results_summarise_the_other_recipes_docs(tmp_path: Path) -> None:
                      "untouched test split from the hospitals' different looks: +5.99 points."]
 
 
+def test_results_rows_of_an_earlier_default_name_the_default_and_its_doc(tmp_path: Path) -> None:
+    """When the default model changes before RESULTS.md's full experiment is rerun, its rows say whose they are and
+    the default's own summary comes first (and not again among the other recipes)."""
+    from hemafed.network.sim.experiment import OTHER_RECIPES, default_elsewhere, other_recipes
+
+    default = SimulationOptions().model
+    note = default_elsewhere(tmp_path, "old_model")
+    assert "`old_model`, an earlier default" in note[0] and "has not been run yet" in note[0]
+    name = next((n for n, m in OTHER_RECIPES.items() if m == default), None)
+    if name is None:  # the default's rows are RESULTS.md's own
+        return
+    (tmp_path / name).write_text("# Results\n\n## Summary\n\n- at ε = 8: **95.5%** ± 0.1%.\n")
+    note = default_elsewhere(tmp_path, "old_model")
+    assert f"[{name}]({name})" in note[0] and "- at ε = 8: **95.5%** ± 0.1%." in note
+    assert not any(default in line for line in other_recipes(tmp_path))
+
+
 def test_experiment_refuses_an_unknown_model_or_dp_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from hemafed.gui.cli import main
 

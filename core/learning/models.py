@@ -409,9 +409,13 @@ MODELS: dict[str, ModelSpec] = {
                   "scales; 64×64 input; built for DP",
                   lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4, encoder=LOOKS_ENCODER_ASSET),
                   centred=True),
-        ModelSpec("scatter_synth_inv_cc_lf_looks_hed_28", 28, "scatter_synth_inv_cc_lf_looks_28 whose wavelet "
-                  "scattering sees the image's haematoxylin and eosin densities apart instead of its red, green and "
-                  "blue; 28×28 input; built for DP",
+        ModelSpec("scatter_synth_inv_cc_lf_looks_hed_28", 28, "fixed image features that no patient data went "
+                  "into (wavelet scattering of the image's haematoxylin and eosin stain densities, and a small "
+                  "network trained only on computer-generated shapes shown in random microscope looks), each image "
+                  "first brought to a canonical lamp and focus and its features averaged over its 8 rotations and "
+                  "flips; only the final layer is trained, on centred features, with a check for images that are "
+                  "not a single blood cell; 28×28 input; built for DP (scatter_synth_inv_cc_lf_looks_28 with the "
+                  "stains' densities in place of red, green and blue)",
                   lambda n: scatter_synth_checked(n, look="lamp-focus", encoder=LOOKS_ENCODER_ASSET, densities=True),
                   centred=True),
         ModelSpec("scatter_synth_inv_cc_ms4p_looks_hed_64", 64, "scatter_synth_inv_cc_ms4p_looks_64 whose wavelet "

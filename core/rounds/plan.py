@@ -27,12 +27,13 @@ class PlanError(HemafedError, ValueError):
 @dataclass(frozen=True)
 class FederationPlan:
     """The defaults are the recommended recipe (`core.learning.recipe.recommended_plan(8, 11_959, 10)`, checked by
-    tests/test_recipe.py): DP-FedSGD on `scatter_synth_inv_cc_lf_looks_28`'s fixed features (images in a canonical
-    lamp and focus, the procedural encoder trained to ignore microscope looks, the cell check), 500 rounds,
+    tests/test_recipe.py): DP-FedSGD on `scatter_synth_inv_cc_lf_looks_hed_28`'s fixed features (images in a
+    canonical lamp and focus, wavelet scattering of the stains' densities, the procedural encoder trained to ignore
+    microscope looks, the cell check), 500 rounds,
     distributed DP at ε = 8 per site for 10 sites holding BloodMNIST's 11,959 training images between them."""
 
     federation_id: str = "bloodmnist-demo"
-    model: str = "scatter_synth_inv_cc_lf_looks_28"
+    model: str = "scatter_synth_inv_cc_lf_looks_hed_28"
     input_size: int = 28
     classes: tuple[str, ...] = BLOODMNIST_CLASSES
     rounds: int = 500

@@ -449,6 +449,9 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
         f"{opts.alone_np_sample_rate}). Mean ± std over seeds {seeds}: the seed sets the partition, the "
         "initialisation, the Poisson batches and the noise (population std).", "",
     ]
+    results_doc = doc.name == "RESULTS.md"
+    if results_doc and not main_recipe:
+        lines += default_elsewhere(doc.parent, base.model)
     lines += _summary(rows, opts)
     fed_main = [r for r in rows if r.section in ("federated", "sweep") and r.partition == opts.partitions[0]]
 
@@ -491,7 +494,7 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
                           "–") for m in _MODES]
             lines.append(f"| {eps:g} | " + " | ".join(cells) + " |")
         lines.append("")
-    if main_recipe:
+    if main_recipe or results_doc:
         lines += (_AUDIT + _audit_rows(doc.parent / "audit") + _confidence_sections(doc.parent)
                   + other_recipes(doc.parent) + _PREVIOUS)
     else:  # the audit, calibration and cell-check sections describe the main job's model
@@ -543,30 +546,54 @@ def _confidence_sections(docs: Path) -> list[str]:
         "## Calibration and \"uncertain\" answers", "",
         "The main job's model with the federation's temperature (picked from the hospitals' summed validation "
         "losses), on the test split; each hospital's \"uncertain\" threshold and the figures behind the plot: "
-        "[calibration.md](calibration.md) (`python -m bench.calibration`).", "",
-        *highlights("calibration.md"),
-        "![reliability before and after calibration; coverage against accuracy](calibration.png)", "",
+        f"[{CALIBRATION_DOC}.md]({CALIBRATION_DOC}.md) (`python -m bench.calibration`).", "",
+        *highlights(f"{CALIBRATION_DOC}.md"),
+        f"![reliability before and after calibration; coverage against accuracy]({CALIBRATION_DOC}.png)", "",
         "## \"Not an image of a single blood cell\"", "",
         "The cell check of each hospital's final model file (the federation's DP statistics; the threshold the "
         "federation set from all hospitals' validation counts): share of each set flagged; sets and method in "
-        "[ood-check.md](ood-check.md) (`python -m bench.ood_check`).", "",
-        *tables("ood-check.md"),
+        f"[{OOD_DOC}.md]({OOD_DOC}.md) (`python -m bench.ood_check`).", "",
+        *tables(f"{OOD_DOC}.md"),
         "## Hospitals whose images look different", "",
         f"The main job's model: [{APPEARANCE_DOC}]({APPEARANCE_DOC}) (`python -m bench.appearance`):", "",
         *tables(APPEARANCE_DOC),
-        "Earlier models and remedies: [appearance.md](appearance.md), [appearance-remedies.md]"
-        "(appearance-remedies.md).", "",
+        "Earlier models and remedies: [appearance-looks.md](appearance-looks.md) (the default before it), "
+        "[appearance.md](appearance.md), [appearance-remedies.md](appearance-remedies.md).", "",
         *tables("appearance.md"),
     ]
 
 
-# the appearance-shift runs of the main job's model (`python -m bench.appearance --doc ...`)
-APPEARANCE_DOC = "appearance-looks.md"
+# the main job's model's calibration, cell check and appearance shift (`python -m bench.calibration --doc ...`,
+# `bench.ood_check --doc ...`, `bench.appearance --doc ...`); earlier defaults' docs stay beside them
+CALIBRATION_DOC, OOD_DOC = "calibration-looks-hed", "ood-check-looks-hed"
+APPEARANCE_DOC = "appearance-looks-hed.md"
 
 # other recipes' result docs (written by `hemafed experiment --model M --doc docs/<file>`), summarised in RESULTS.md
 OTHER_RECIPES = {"results-64px.md": "scatter_synth_inv_cc_ms_64", "results-64px-ms4.md": "scatter_synth_inv_cc_ms4_64",
                  "results-64px-ms4p.md": "scatter_synth_inv_cc_ms4p_64",
-                 "results-64px-ms4p-looks.md": "scatter_synth_inv_cc_ms4p_looks_64"}
+                 "results-64px-ms4p-looks.md": "scatter_synth_inv_cc_ms4p_looks_64",
+                 "results-looks-hed.md": "scatter_synth_inv_cc_lf_looks_hed_28",
+                 "results-64px-ms4p-looks-hed.md": "scatter_synth_inv_cc_ms4p_looks_hed_64"}
+
+
+def _summary_lines(path: Path) -> list[str]:
+    lines = path.read_text().splitlines()
+    start = lines.index("## Summary") + 2 if "## Summary" in lines else len(lines)
+    return [line for line in lines[start:] if line.startswith("- ")]
+
+
+def default_elsewhere(docs: Path, rows_model: str) -> list[str]:
+    """RESULTS.md's note when its rows are of an earlier default: which model is the default now, and its own
+    experiment's summary (its doc in `OTHER_RECIPES`) or that it has none yet."""
+    default = SimulationOptions().model
+    name = next((n for n, m in OTHER_RECIPES.items() if m == default and (docs / n).exists()), None)
+    if name is None:
+        return [f"**The rows below are of `{rows_model}`, an earlier default. The default model is now `{default}`, "
+                "whose experiment has not been run yet.**", ""]
+    return [f"**The rows below are of `{rows_model}`, an earlier default. The default model is now `{default}`**; "
+            f"its own experiment, measured the same way, is in [{name}]({name}) (its command, commit and every "
+            "row); the calibration, cell-check and appearance sections below are the default's:", "",
+            *_summary_lines(docs / name), ""]
 
 
 def other_recipes(docs: Path) -> list[str]:
@@ -575,11 +602,10 @@ def other_recipes(docs: Path) -> list[str]:
     out: list[str] = []
     for name, model in OTHER_RECIPES.items():
         path = docs / name
-        if not path.exists():
+        if not path.exists() or model == SimulationOptions().model:  # the default's summary heads RESULTS.md
             continue
         lines = path.read_text().splitlines()
-        start = lines.index("## Summary") + 2 if "## Summary" in lines else len(lines)
-        summary = [line for line in lines[start:] if line.startswith("- ")]
+        summary = _summary_lines(path)
         header = "| ε | " + " | ".join(_MODES.values()) + " |"
         table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[lines.index(header):])) \
             if header in lines else []
