@@ -405,8 +405,9 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
     seeds = ", ".join(str(s) for s in opts.seeds)
 
     head = sum(p.numel() for p in build_model(base.model, 8).parameters())
-    commit = _commit()
-    earlier = sorted({r.commit or "unknown" for r in rows} - {commit})
+    measured = sorted({r.commit or "unknown" for r in rows})
+    commit = measured[0] if len(measured) == 1 else _commit()  # a re-rendered doc keeps its rows' commit
+    earlier = sorted(set(measured) - {commit})
 
     main_recipe = base.model == SimulationOptions().model
     recipe = "`hemafed simulate`'s defaults" if main_recipe else f"`hemafed simulate --model {base.model}`"
