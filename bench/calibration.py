@@ -6,12 +6,12 @@ started from (`agg_round.federation_temperature`, from the checkpoint of round R
 its "uncertain" threshold on its own validation images, as its site does when the federation ends. Beside it, for
 comparison: each hospital fitting the temperature alone. Scored once on BloodMNIST's test split (no hospital holds
 it): expected calibration error (15 bins), the share of test images answered at each hospital's threshold and the
-accuracy of those answered. Writes docs/calibration.md and docs/calibration.png (`--doc NAME`: docs/NAME.md and .png;
-the run's model comes from its metrics.json).
+accuracy of those answered. Writes docs/NAME.md and docs/NAME.png (`--doc NAME`, by default the main job's model's,
+`CALIBRATION_DOC`; the run's model comes from its metrics.json).
 
     python -m bench.calibration [--run results/experiment/main-job] [--doc NAME]
 
-It also writes each hospital's model file as its site saves it, into results/calibration/.
+It also writes each hospital's model file as its site saves it, into results/NAME/.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from hemafed.core.learning.fedsgd import moments_layout
 from hemafed.core.learning.models import build_model, set_flat_params, split_features
 from hemafed.core.learning.site_trainer import model_inputs
 from hemafed.core.rounds.agg_round import federation_cell_threshold
+from hemafed.network.sim.experiment import CALIBRATION_DOC
 from hemafed.network.sim.simulate import SimulationOptions, hospitals, site_splits
 from hemafed.network.site import save_model_file
 
@@ -65,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds-from", type=Path, nargs="*", default=[], metavar="JSON",
                    help="figures of other seeds' runs (written by --figures) to add as a mean over seeds")
     p.add_argument("--figures", type=Path, help="write this run's figures here instead of the doc and model files")
-    p.add_argument("--doc", default="calibration",
-                   help="the doc and plot's name in docs/ (without .md); the hospitals' model files go to "
-                        "results/calibration/ for the default, results/NAME/ otherwise")
+    p.add_argument("--doc", default=CALIBRATION_DOC,
+                   help="the doc and plot's name in docs/ (without .md; default: the main job's model's, "
+                        f"{CALIBRATION_DOC}, which RESULTS.md quotes); the hospitals' model files go to results/NAME/")
     args = p.parse_args(argv)
     started = time.perf_counter()
     model = run_model(args.run, SimulationOptions().model)

@@ -34,6 +34,7 @@ from hemafed.core.data.bloodmnist import load_splits, locate
 from hemafed.core.data.imaging import centre_crop_resize
 from hemafed.core.learning.cell_check import FALSE_ALARMS
 from hemafed.core.learning.classify import load_model_file
+from hemafed.network.sim.experiment import OOD_DOC
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=Path, nargs="+", required=True,
                    help="`hemafed simulate` results folders (one per seed: every hospital of each counts)")
     p.add_argument("--data", type=Path, default=None)
-    p.add_argument("--doc", default="ood-check", help="the doc's name in docs/, without .md")
+    p.add_argument("--doc", default=OOD_DOC,
+                   help=f"the doc's name in docs/, without .md (default: the main job's model's, {OOD_DOC})")
     args = p.parse_args(argv)
     started = time.perf_counter()
     files = [f for run in args.run for f in sorted(run.glob("sites/*/state/models/*/final.npz"))]
