@@ -179,14 +179,12 @@ def main() -> None:
 
     def density_features(x: torch.Tensor) -> torch.Tensor:
         """`model.features` with the scattering half on optical densities (--scatter-input od / hed)."""
-        from hemafed.core.data.appearance import HED_FROM_RGB
+        from hemafed.core.data.appearance import stain_densities
         from hemafed.core.learning.features import scatter_features
         from hemafed.core.learning.procedural_features import load_encoder, procedural_features
 
         plain = x * std + mean
-        od = -torch.log(plain.clamp(1 / 255, 1.0))
-        if args.scatter_input == "hed":
-            od = torch.einsum("bchw,cs->bshw", od, torch.as_tensor(HED_FROM_RGB, dtype=od.dtype))
+        od = stain_densities(plain) if args.scatter_input == "hed" else -torch.log(plain.clamp(1 / 255, 1.0))
         scat = torch.nn.functional.group_norm(scatter_features(od, model.scattering), model.groups)
         scat = torch.nn.functional.adaptive_avg_pool2d(scat, model.pool).flatten(1)
         learned = procedural_features(plain, 256, model.learned_pool, body=load_encoder(model.encoder))

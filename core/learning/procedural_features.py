@@ -79,7 +79,7 @@ def microscope_look(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """(n, 3, H, W) in [0, 1], each image as another microscope might show it, over the simulation's
     `core.data.appearance.LOOK_RANGE`: stain strengths and tint in HED optical density, a lamp level clipped at full
     scale (a brighter lamp saturates), and a Gaussian focus blur of its own σ."""
-    from ..data.appearance import HED_FROM_RGB, LOOK_RANGE, RGB_FROM_HED, low_pass
+    from ..data.appearance import LOOK_RANGE, RGB_FROM_HED, low_pass, stain_densities
 
     n = len(x)
 
@@ -87,8 +87,7 @@ def microscope_look(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         lo, hi = LOOK_RANGE[key]
         return lo + (hi - lo) * torch.rand(n, *shape, generator=gen)
 
-    od = -torch.log(x.clamp(1 / 255, 1)).permute(0, 2, 3, 1)
-    hed = od @ torch.as_tensor(HED_FROM_RGB, dtype=x.dtype)
+    hed = stain_densities(x).permute(0, 2, 3, 1)
     factor = torch.cat([u("haematoxylin", 1), u("eosin", 1), torch.ones(n, 1)], 1)
     tint = torch.cat([u("tint", 2), torch.zeros(n, 1)], 1)
     hed = hed * factor[:, None, None] + tint[:, None, None]

@@ -578,8 +578,8 @@ OTHER_RECIPES = {"results-64px.md": "scatter_synth_inv_cc_ms_64", "results-64px-
                  "results-looks-full.md": "scatter_synth_inv_cc_lf_looks_28"}
 
 
-def _summary_lines(path: Path) -> list[str]:
-    lines = path.read_text().splitlines()
+def _summary_lines(lines: list[str]) -> list[str]:
+    """The bullet lines under a result doc's "## Summary"."""
     start = lines.index("## Summary") + 2 if "## Summary" in lines else len(lines)
     return [line for line in lines[start:] if line.startswith("- ")]
 
@@ -595,7 +595,7 @@ def default_elsewhere(docs: Path, rows_model: str) -> list[str]:
     return [f"**The rows below are of `{rows_model}`, an earlier default. The default model is now `{default}`**; "
             f"its own experiment, measured the same way, is in [{name}]({name}) (its command, commit and every "
             "row); the calibration, cell-check and appearance sections below are the default's:", "",
-            *_summary_lines(docs / name), ""]
+            *_summary_lines((docs / name).read_text().splitlines()), ""]
 
 
 def other_recipes(docs: Path) -> list[str]:
@@ -607,7 +607,7 @@ def other_recipes(docs: Path) -> list[str]:
         if not path.exists() or model == SimulationOptions().model:  # the default's summary heads RESULTS.md
             continue
         lines = path.read_text().splitlines()
-        summary = _summary_lines(path)
+        summary = _summary_lines(lines)
         header = "| ε | " + " | ".join(_MODES.values()) + " |"
         table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[lines.index(header):])) \
             if header in lines else []
