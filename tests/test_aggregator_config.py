@@ -54,7 +54,8 @@ def test_a_budget_in_the_plan_gives_the_recommended_recipe_that_spends_it(tmp_pa
     plan = AggregatorConfig.load(_write_plan(tmp_path, {"federation_id": "blood-2026", "epsilon": 3,
                                                         "expected_images": 10761, "rounds": 60})).plan
     assert (plan.algorithm, plan.dp_mode, plan.model, plan.rounds) == ("fedsgd", "distributed", RECIPE["model"], 60)
-    assert (plan.threshold, plan.min_sites, plan.max_sites, plan.batch_size) == (6, 6, 10, round(0.1713 * 10761))
+    # t = all sites but one: the shares then put 10/(9 − 1) = 1.25 times the accounted variance in a full round
+    assert (plan.threshold, plan.min_sites, plan.max_sites, plan.batch_size) == (9, 9, 10, round(0.1713 * 10761))
     dim = sum(p.numel() for p in build_model(plan.model).parameters())
     privacy = site_privacy(plan, plan.secagg_config(dim))
     eps = Accountant("rdp").projected_epsilon(privacy.sigma, plan.sample_rate, plan.rounds, plan.delta,
@@ -70,6 +71,16 @@ def test_the_recipe_lr_falls_with_the_noise_unless_the_plan_sets_it() -> None:
     e8, e3 = (recommended_plan(e, 10761, 10) for e in (8, 3))
     assert e8.server_lr == 1.0 and e3.server_lr == pytest.approx(2.6 / e3.noise_multiplier, abs=1e-3)
     assert recommended_plan(3, 10761, 10, server_lr=0.25).server_lr == 0.25
+
+
+def test_the_recipe_threshold_leaves_one_dropout_and_a_plan_may_set_its_own() -> None:
+    from hemafed.core.learning.recipe import recommended_plan
+
+    assert [recommended_plan(8, 10761, n).threshold for n in (2, 3, 5, 10, 20)] == [2, 2, 4, 9, 19]
+    own = recommended_plan(8, 10761, 10, threshold=6)
+    assert (own.threshold, own.min_sites) == (6, 6)
+    # σ spends the budget whatever t is: t sizes the shares, not the accounted noise
+    assert own.noise_multiplier == recommended_plan(8, 10761, 10).noise_multiplier
 
 
 @pytest.mark.parametrize("plan,match", [

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..privacy.calibration import BudgetTooSmall
-from ..rounds.plan import FederationPlan, PlanError
+from ..rounds.plan import FederationPlan, PlanError, default_threshold
 from .models import MODELS
 from .site_trainer import fedsgd_plan_sigma
 
@@ -64,7 +64,8 @@ def recommended_plan(epsilon: float, images: int, sites: int, dp_mode: str = "di
     """The recipe for `sites` allowed sites holding about `images` training images together, spending
     `epsilon` per site over its rounds. `fields` override the recipe or set any other plan field
     (`federation_id`, `rounds`, `threshold`, `delta`, ...), type-checked as in federation.toml.
-    The expected batch the server divides by is q·images; `threshold` defaults to a strict majority."""
+    The expected batch the server divides by is q·images; `threshold` defaults to all sites but one
+    (`default_threshold`)."""
 
     if not (isinstance(epsilon, int | float) and not isinstance(epsilon, bool) and 0 < epsilon < 1000):
         raise PlanError(f"epsilon must be a number in (0, 1000), got {epsilon!r}")
@@ -79,7 +80,7 @@ def recommended_plan(epsilon: float, images: int, sites: int, dp_mode: str = "di
     values = {**RECIPE, **{k: v for k, v in fields.items() if v is not None}}
     if isinstance(values.get("model"), str) and values["model"] in MODELS:
         values.setdefault("input_size", MODELS[values["model"]].input_size)
-    threshold = values.get("threshold", sites // 2 + 1)
+    threshold = values.get("threshold", default_threshold(sites))
     values.setdefault("min_sites", threshold)
     values.setdefault("max_sites", max(sites, 2))
     values["threshold"] = threshold

@@ -24,6 +24,15 @@ class PlanError(HemafedError, ValueError):
     """A plan that is malformed, inconsistent, or outside what a site accepts."""
 
 
+def default_threshold(sites: int) -> int:
+    """The secure-aggregation threshold t the recipe gives `sites` allowed sites: all but one, at least 2.
+
+    Distributed DP sizes each noise share for t survivors, so with all n sites in a round the released sum
+    carries n/(t − c) times the accounted variance; t = n − 1 keeps that near 1 (1.25 for 10 sites, against 2
+    for a strict majority) while a round still survives one dropout (docs/privacy.md, "The threshold t")."""
+    return max(2, int(sites) - 1)
+
+
 @dataclass(frozen=True)
 class FederationPlan:
     """The defaults are the recommended recipe (`core.learning.recipe.recommended_plan(8, 11_959, 10)`, checked by
@@ -50,8 +59,8 @@ class FederationPlan:
     delta: float = 1e-5
     dp: bool = True
     secagg: bool = True
-    threshold: int = 6
-    min_sites: int = 6
+    threshold: int = 9  # default_threshold(10)
+    min_sites: int = 9
     max_sites: int = 10
     server_optimizer: str = "fedavg"  # fedavg plans: "fedavg" | "fedadam"
     server_lr: float = 1.0

@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     fs.add_argument("--images", type=int, required=True,
                     help="training images over all sites (each site's count, as the sites declare it)")
     fs.add_argument("--sites", type=int, required=True, help="sites allowed in the federation")
-    fs.add_argument("--threshold", type=int, help="secure-aggregation threshold t (default: a strict majority)")
+    fs.add_argument("--threshold", type=int, help="secure-aggregation threshold t (default: all sites but one)")
     fs.add_argument("--dp-mode", choices=("distributed", "local"), default="distributed")
     fs.add_argument("--model", help="a model of the registry (default: the recipe's)")
     fs.add_argument("--federation-id", default="bloodmnist-demo")
@@ -82,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-secagg", dest="secagg", action="store_false",
                    help="plain aggregation (the aggregator sees each update)")
     p.add_argument("--insecure", dest="tls", action="store_false", help="plain ws:// instead of TLS")
-    p.add_argument("--threshold", type=int, help="secure-aggregation threshold t (default: majority)")
+    p.add_argument("--threshold", type=int, help="secure-aggregation threshold t (default: all sites but one)")
     p.add_argument("--drop", action="append", default=[], metavar="SITE@ROUND:STAGE",
                    help="kill hospital SITE's process at STAGE (train, keys, shares, masked, unmask) of ROUND")
     p.add_argument("--out", type=Path, default=d.out)
@@ -147,6 +147,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0,1,2", help="seeds of every in-process row (default 0,1,2)")
     p.add_argument("--sites", type=int, default=10)
     p.add_argument("--rounds", type=int, default=None, help="rounds of the private recipe (default: simulate's)")
+    p.add_argument("--threshold", type=int, default=None,
+                   help="secure-aggregation threshold t of every federated row (default: simulate's)")
     p.add_argument("--no-main-job", action="store_true", help="skip the one real run of the main job")
     p.add_argument("--model", default=d.model, help=f"model of every row (default: the recipe's, {d.model})")
     p.add_argument("--dp-modes", default="local,distributed",
@@ -363,6 +365,8 @@ def _experiment(args: argparse.Namespace) -> int:
     opts = replace(opts, base=replace(opts.base, model=args.model))
     if args.rounds is not None:
         opts = replace(opts, base=replace(opts.base, rounds=args.rounds))
+    if args.threshold is not None:
+        opts = replace(opts, base=replace(opts.base, threshold=args.threshold))
     rows = run_experiment(opts, out=args.out, doc=args.doc, command="hemafed " + shlex.join(sys.argv[1:]))
     for r in rows:
         print(f"{r.setting[:60]:<60} {r.partition:<14} ε={r.epsilon} acc={r.cell()}")

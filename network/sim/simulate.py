@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from hemafed.core.rounds.plan import FederationPlan, SiteBounds
+from hemafed.core.rounds.plan import FederationPlan, SiteBounds, default_threshold
 from hemafed.network.config import render_toml
 from hemafed.network.progress import progress_bar
 
@@ -69,7 +69,7 @@ class SimulationOptions:
     dp: bool = True
     secagg: bool = True
     tls: bool = True
-    threshold: int | None = None  # default: a strict majority of the sites
+    threshold: int | None = None  # default: all sites but one (default_threshold)
     drops: list[Drop] = field(default_factory=list)
     out: Path = Path("results/simulation")
     data: Path | None = None
@@ -101,7 +101,7 @@ class SimulationOptions:
         """The federation's plan. For a private fedsgd plan the harness plays the admin: from the sites'
         training-set sizes it sets the expected batch q·ΣN and the plan-wide σ that makes `rounds` steps
         spend the ε budget (`core.recipe.with_budget`)."""
-        t = max(self.threshold or self.sites // 2 + 1, 2)
+        t = max(self.threshold or default_threshold(self.sites), 2)
         if self.algorithm == "fedsgd":  # σ and the expected batch follow from the sites' sizes, below
             kind = {"algorithm": "fedsgd", "sample_rate": self.sample_rate, "dp_mode": self.dp_mode}
         else:
