@@ -1,0 +1,86 @@
+"""The server's learning rate under a plan's realised noise, screened on validation (research script, issue 16).
+
+The recipe's lr = min(1, k/σ) (`core.learning.recipe`) was chosen when every full round carried twice the
+accounted noise (threshold t = 6 of 10). With t = 9 a full round carries 1.25 times; this screen asks whether k
+should follow. Each run is `hemafed simulate`'s federation in process (`network.sim.inprocess`: the product's round
+machines, site trainers, Skellam shares inside secure aggregation, ledgers) at one ε, one k and one seed, evaluated
+with the product's 8-view test-time augmentation on BloodMNIST's **validation** split, which no hospital holds
+and no reported test number is chosen on.
+
+    python -m bench.accuracy.lr_screen --model scatter_synth_inv_cc_ms4p_looks_hed_64 --eps 8 3 --k 1.3 1.8 2.6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+from hemafed.network.sim.simulate import SimulationOptions
+
+
+@dataclass(frozen=True)
+class Run:
+    opts: SimulationOptions
+    k: float
+
+
+def _one(run: Run) -> dict:
+    """In a worker: σ from the plan, lr = min(1, k/σ), the federation, validation accuracy of its final model."""
+    import torch
+
+    from hemafed.core.data.bloodmnist import load_splits, locate
+    from hemafed.core.learning.dp_train import accuracy, evaluate
+    from hemafed.core.learning.models import set_flat_params
+    from hemafed.network.sim.inprocess import simulate_in_process
+    from hemafed.network.sim.simulate import evaluation_inputs, hospitals
+
+    torch.set_num_threads(1)
+    sigma = hospitals(run.opts).plan.noise_multiplier
+    opts = replace(run.opts, server_lr=round(min(1.0, run.k / sigma), 3))
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="hemafed-lr-") as state:
+        result, h = simulate_in_process(opts, Path(state), threads=1)
+    val = load_splits(locate(opts.data, size=h.plan.input_size))["val"]
+    trainable, inputs = evaluation_inputs(h.plan, val.images)
+    set_flat_params(trainable, result.weights)
+    acc = accuracy(evaluate(trainable, inputs, val.labels, len(h.plan.classes)))
+    return {"epsilon": opts.epsilon, "k": run.k, "seed": opts.seed, "sigma": sigma, "server_lr": opts.server_lr,
+            "threshold": h.plan.threshold, "val_accuracy": acc, "seconds": time.perf_counter() - started}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--eps", type=float, nargs="+", default=[8.0, 3.0])
+    ap.add_argument("--k", type=float, nargs="+", required=True, help="lr·σ values to screen")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--threshold", type=int, default=None, help="default: simulate's (all sites but one)")
+    ap.add_argument("--data", type=Path)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/lr_screen.json"))
+    args = ap.parse_args()
+
+    base = SimulationOptions(model=args.model, threshold=args.threshold, data=args.data, quiet=True)
+    runs = [Run(replace(base, epsilon=e, seed=s), k) for e in args.eps for k in args.k for s in args.seeds]
+    with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
+        results = list(pool.map(_one, runs))
+    args.out.write_text(json.dumps(results, indent=1))
+    print(f"{args.model}, t = {results[0]['threshold']}, validation, seeds {args.seeds}")
+    print("| ε | lr·σ | server lr | validation accuracy | s/run |\n|---:|---:|---:|---:|---:|")
+    for e in args.eps:
+        for k in args.k:
+            rs = [r for r in results if r["epsilon"] == e and r["k"] == k]
+            accs = [100 * r["val_accuracy"] for r in rs]
+            print(f"| {e:g} | {k:g} | {rs[0]['server_lr']:.3f} | {statistics.mean(accs):.2f} ± "
+                  f"{statistics.pstdev(accs):.2f} % | {statistics.mean(r['seconds'] for r in rs):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
