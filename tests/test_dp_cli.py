@@ -40,7 +40,8 @@ def test_fedsgd_plan_prints_a_plan_that_loads_and_spends_the_budget(capsys) -> N
                      "--sites", "5"]) == 0
     out = capsys.readouterr().out
     plan = FederationPlan.from_dict(tomllib.loads(out)["plan"])
-    assert (plan.algorithm, plan.dp_mode, plan.threshold, plan.batch_size) == ("fedsgd", "distributed", 3, 856)
+    # t defaults to all 5 sites but one
+    assert (plan.algorithm, plan.dp_mode, plan.threshold, plan.batch_size) == ("fedsgd", "distributed", 4, 856)
     dim = sum(p.numel() for p in build_model(plan.model).parameters())
     privacy = site_privacy(plan, plan.secagg_config(dim))
     eps = Accountant("rdp").projected_epsilon(privacy.sigma, plan.sample_rate, plan.rounds, plan.delta,

@@ -125,12 +125,12 @@ def fedsgd_plan():
     """A DP-FedSGD plan with distributed DP as a federation's admin sets it up for 9 hospitals
     (`hemafed privacy fedsgd-plan`): σ shared by every site, q per image, one step per round."""
     from hemafed.core.learning.recipe import RECIPE, with_budget
-    from hemafed.core.rounds.plan import FederationPlan
+    from hemafed.core.rounds.plan import FederationPlan, default_threshold
 
-    q, rounds = 0.02, 200
+    q, rounds, t = 0.02, 200, default_threshold(9)
     plan = FederationPlan(federation_id="blood-cells-2026", model=RECIPE["model"], rounds=rounds,
-                          algorithm="fedsgd", sample_rate=q, batch_size=round(q * 9 * 1800), threshold=5,
-                          min_sites=5, max_sites=9)
+                          algorithm="fedsgd", sample_rate=q, batch_size=round(q * 9 * 1800), threshold=t,
+                          min_sites=t, max_sites=9)
     return with_budget(plan, 6.0, recipe_lr=True)
 
 

@@ -256,6 +256,7 @@ def _measured_rows(path: Path, n_seeds: int) -> dict[tuple, Row]:
 def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str) -> list[Row]:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    commit = _commit()  # the code the runs execute is the checkout's at the start, whatever is committed meanwhile
     features_s = precompute_features(opts)
     log.info("fixed features of every image: %.0f s", features_s)
     base = replace(opts.base, data=opts.data, sites=opts.sites, delta=DELTA, subset=opts.subset,
@@ -298,7 +299,7 @@ def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str) 
                 lambda s, e=eps, m=mode: Job("federation", sim(s, main, e, m)))
 
     def record(row: Row) -> None:
-        row = row if row.commit else replace(row, commit=_commit())
+        row = row if row.commit else replace(row, commit=commit)
         rows.append(row)
         log.info("%s | %s | %s | ε %s: %s", row.section, row.setting, row.partition, row.epsilon, row.cell())
         (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
