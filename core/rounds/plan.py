@@ -59,8 +59,8 @@ class FederationPlan:
     delta: float = 1e-5
     dp: bool = True
     secagg: bool = True
-    threshold: int = 9  # default_threshold(10)
-    min_sites: int = 9
+    threshold: int = default_threshold(10)
+    min_sites: int = default_threshold(10)
     max_sites: int = 10
     server_optimizer: str = "fedavg"  # fedavg plans: "fedavg" | "fedadam"
     server_lr: float = 1.0
