@@ -168,3 +168,28 @@ def test_the_density_model_changes_only_the_scattering_half_and_its_cache_key() 
     f, g = m.features(x64), mh.features(x64)
     assert torch.equal(f[:, scattering:], g[:, scattering:])
     assert not torch.allclose(f[:, :scattering], g[:, :scattering])
+
+
+def test_the_64_px_canonical_look_model_maps_both_scales_and_a_lamp_change_moves_it_less() -> None:
+    """Both halves of the 64-px model see the canonical look (its blur scaled to each half's size), so a dimmer lamp
+    moves its features much less than the same model's without it, and it has its own cache key."""
+    from hemafed.core.learning.models import _normalisation, build_model, feature_kinds, images_to_tensor
+
+    images = cells(4, 3, size=64)
+    plain = build_model("scatter_synth_inv_cc_ms4p_looks_hed_64")
+    lf = build_model("scatter_synth_inv_cc_ms4p_lf_looks_hed_64")
+    x = images_to_tensor(images, 64)
+    mean, std = _normalisation()
+    fine = 128 * 4 * 4  # the 64-px maps come last
+    # the 64-px half is the plain model's of the image in the canonical look at 64 px
+    mapped = (canonical_look(x * std + mean, "lamp-focus") - mean) / std
+    assert torch.allclose(lf.features(x)[:, -fine:], plain.features(mapped)[:, -fine:], atol=1e-5)
+    dim = apply_look(images, HospitalLook(brightness=0.86))
+
+    def moved(model) -> float:
+        a, b = model.features(x), model.features(images_to_tensor(dim, 64))
+        return float((a - b).norm(dim=1).mean() / a.norm(dim=1).mean())
+
+    assert moved(lf) < 0.5 * moved(plain), (moved(lf), moved(plain))
+    assert feature_kinds("scatter_synth_inv_cc_ms4p_lf_looks_hed_64", lf)[0] != \
+        feature_kinds("scatter_synth_inv_cc_ms4p_looks_hed_64", plain)[0]

@@ -281,8 +281,10 @@ class MultiScaleNet(ScatterSynthNet):
     COARSE = 28
 
     def __init__(self, head: nn.Module, fine_pool: int = 4, fine_views: tuple[int, ...] = tuple(range(8)),
-                 fine_depth: int | None = None, encoder: str | None = None, densities: bool = False) -> None:
-        super().__init__(head, learned_pool=2, orbit=True, encoder=encoder, densities=densities)
+                 fine_depth: int | None = None, encoder: str | None = None, densities: bool = False,
+                 look: str | None = None) -> None:
+        # `look`: both scales in this canonical look (core.data.appearance.canonical_look, its blur scaled to each)
+        super().__init__(head, learned_pool=2, orbit=True, look=look, encoder=encoder, densities=densities)
         self.fine_pool = fine_pool
         self.fine_views = fine_views  # the dihedral views (features.dihedral) the 64-px maps are averaged over
         self.fine_depth = fine_depth  # the 64-px maps after this many encoder blocks (None: all 5)
@@ -293,7 +295,12 @@ class MultiScaleNet(ScatterSynthNet):
 
     def _fine(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
         mean, std = _normalisation()
-        return procedural_features(x * std + mean, batch_size, self.fine_pool, body=load_encoder(self.encoder),
+        plain = x * std + mean
+        if self.look:
+            from ..data.appearance import canonical_look
+
+            plain = canonical_look(plain, self.look)
+        return procedural_features(plain, batch_size, self.fine_pool, body=load_encoder(self.encoder),
                                    depth=self.fine_depth).flatten(1)
 
     @torch.no_grad()
@@ -315,13 +322,14 @@ MULTISCALE_RADIUS = 60.0
 
 def multiscale_checked(num_classes: int, fine_views: tuple[int, ...] = tuple(range(8)),
                        fine_depth: int | None = None, encoder: str | None = None,
-                       densities: bool = False) -> MultiScaleNet:
+                       densities: bool = False, look: str | None = None) -> MultiScaleNet:
     """`MultiScaleNet` with a centred head carrying the cell check's moments (measured on the 28-px image)."""
     from .cell_check import MOMENT_LEN
 
     # radius: above every feature norm on BloodMNIST's 64-px validation split (8-view averages; see its test)
     return MultiScaleNet(CenteredLinear(MULTISCALE_DIM, num_classes, radius=MULTISCALE_RADIUS, moments=MOMENT_LEN),
-                         fine_views=fine_views, fine_depth=fine_depth, encoder=encoder, densities=densities)
+                         fine_views=fine_views, fine_depth=fine_depth, encoder=encoder, densities=densities,
+                         look=look)
 
 
 def split_features(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
@@ -423,6 +431,12 @@ MODELS: dict[str, ModelSpec] = {
                   "its red, green and blue; 64×64 input; built for DP",
                   lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4, encoder=LOOKS_ENCODER_ASSET,
                                                densities=True), centred=True),
+        ModelSpec("scatter_synth_inv_cc_ms4p_lf_looks_hed_64", 64, "scatter_synth_inv_cc_ms4p_looks_hed_64 with "
+                  "each image first brought to a canonical lamp and focus at both scales (its background mapped to a "
+                  "fixed public reference, then a slight blur: 0.5 px at 28 px, 1.14 px at 64 px), for hospitals "
+                  "whose microscopes differ; 64×64 input; built for DP",
+                  lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4, encoder=LOOKS_ENCODER_ASSET,
+                                               densities=True, look="lamp-focus"), centred=True),
         ModelSpec("cnn4_28", 28, "plain 4-conv GroupNorm CNN (32/64 channels), 28×28 input; fast reference",
                   lambda n: SmallCNN(n)),
     )

@@ -34,7 +34,7 @@ LR_TIMES_SIGMA = 2.6
 # learning rate at ε = 8 and 3 (central DP-SGD screen, validation, 3 seeds; docs/accuracy-levers.md, sixth pass).
 MODEL_LR_TIMES_SIGMA = {"scatter_synth_inv_cc_ms_64": 1.3, "scatter_synth_inv_cc_ms4_64": 1.3,
                         "scatter_synth_inv_cc_ms4p_64": 1.3, "scatter_synth_inv_cc_ms4p_looks_64": 1.3,
-                        "scatter_synth_inv_cc_ms4p_looks_hed_64": 1.3}
+                        "scatter_synth_inv_cc_ms4p_looks_hed_64": 1.3, "scatter_synth_inv_cc_ms4p_lf_looks_hed_64": 1.3}
 
 
 def lr_times_sigma(model: str | None = None) -> float:
