@@ -94,11 +94,14 @@ def test_no_images_give_no_measurements() -> None:
 
 def test_a_64_px_model_checks_the_image_at_28_px(stats) -> None:
     """The measurements are taken at 28 px whatever the model's input (the public standardisation and the
-    threshold were set there): a 64-px image measures and scores as its 28-px resize."""
+    threshold were set there): a 64-px image measures and scores as its 28-px resize through the check's own
+    resampling window (`RESAMPLE`, not the bilinear one that made the 64-px image)."""
     from hemafed.core.data.imaging import resize_array_batch
+    from hemafed.core.learning.cell_check import RESAMPLE
 
     big = np.concatenate([cells(10, 8, size=64), resize_array_batch(fields(10, 9), 64)])
-    small = resize_array_batch(big, 28)
+    small = resize_array_batch(big, 28, RESAMPLE)
+    assert not np.array_equal(small, resize_array_batch(big, 28))
     np.testing.assert_array_equal(measurements(big), measurements(small))
     check = CellStats.from_moments(stats[0])
     np.testing.assert_array_equal(check.scores(big), check.scores(small))

@@ -163,7 +163,8 @@ def crop_side(width: int, height: int) -> int:
     return short
 
 
-def centre_crop_resize(img: Image.Image, size: int) -> np.ndarray:
+def centre_crop_resize(img: Image.Image, size: int,
+                       resample: Image.Resampling = Image.Resampling.BILINEAR) -> np.ndarray:
     """Centre-crop (see `crop_side`), resize to `size`×`size` (antialiased), as HxWx3 uint8.
 
     The offsets are floor((W − side)/2), floor((H − side)/2), as BloodMNIST's: for a
@@ -174,7 +175,7 @@ def centre_crop_resize(img: Image.Image, size: int) -> np.ndarray:
     if side != width or side != height:
         img = img.crop((left, top, left + side, top + side))
     if side != size:
-        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+        img = img.resize((size, size), resample, reducing_gap=None)
     return np.asarray(img, dtype=np.uint8).copy()
 
 
@@ -193,8 +194,9 @@ def array_to_rgb_uint8(images: np.ndarray) -> np.ndarray:
     return images
 
 
-def resize_array_batch(images: np.ndarray, size: int) -> np.ndarray:
+def resize_array_batch(images: np.ndarray, size: int,
+                       resample: Image.Resampling = Image.Resampling.BILINEAR) -> np.ndarray:
     """Centre-crop and resize a (N,H,W,3) uint8 batch to `size` (no-op when it already fits)."""
     if images.shape[1] == size and images.shape[2] == size:
         return images
-    return np.stack([centre_crop_resize(Image.fromarray(im), size) for im in images])
+    return np.stack([centre_crop_resize(Image.fromarray(im), size, resample) for im in images])

@@ -4,15 +4,16 @@ statistics of them.
 The classifier's own confidence cannot tell (docs/ood-screening.md: it is as sure of a whole smear field as of a
 cell). What can: a handful of measurements that describe what every training image shows, one stained white cell in
 the middle on a plain background, at the microscope's scale. `measurements` computes 44 candidates per image, at 28
-px (a larger model input is resized to 28 px first, so the public standardisation and the screen's choices hold for
-every model): the haematoxylin and eosin optical density (colour deconvolution, Ruifrok & Johnston 2001) and
-the total optical density in four rings around the centre, with their spread and 90th percentile; the grey level's
-edge strength in the same rings; the share of strongly haematoxylin-stained pixels overall and in the middle; where
-that stain's mass sits and how far it spreads; and the share of the grey, haematoxylin and eosin images' energy in
-six spatial-frequency bands (a whole field's small cells put energy where a single cell's outline does not). The
-check uses the 12 of them in `USED` (chosen by a forward selection that simulates the federation's DP noise,
-docs/cell-check-screen.md): every extra measurement adds coordinates to the DP moments (d + d(d+1)/2) and spread to
-an in-distribution image's score, so all 44 together flagged fewer whole fields than these 12.
+px (a larger model input is resized to 28 px first, through a Hamming window (`RESAMPLE`), so the public
+standardisation and the screen's choices hold for every model): the haematoxylin and eosin optical density (colour
+deconvolution, Ruifrok & Johnston 2001) and the total optical density in four rings around the centre, with their
+spread and 90th percentile; the grey level's edge strength in the same rings; the share of strongly haematoxylin-
+stained pixels overall and in the middle; where that stain's mass sits and how far it spreads; and the share of the
+grey, haematoxylin and eosin images' energy in six spatial-frequency bands (a whole field's small cells put energy
+where a single cell's outline does not). The check uses the 12 of them in `USED` (chosen by a forward selection that
+simulates the federation's DP noise, docs/cell-check-screen.md): every extra measurement adds coordinates to the DP
+moments (d + d(d+1)/2) and spread to an in-distribution image's score, so all 44 together flagged fewer whole fields
+than these 12.
 
 The federation estimates the mean and covariance of these measurements as part of training, at no privacy cost of
 its own (`moment_vector`, `core.learning.fedsgd`): from round 2 on, each record's contribution to a round is its
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..data.appearance import HED_FROM_RGB as _HED_FROM_RGB  # Ruifrok & Johnston's stain vectors
 from ..data.imaging import resize_array_batch
@@ -60,6 +62,11 @@ USED: tuple[tuple[int, str], ...] = (
 _USED = np.array([i for i, _ in USED])
 CANDIDATES = 44
 SIZE = 28  # the measurements' scale: the public constants below were taken there
+# A larger input (a 64-px model's) comes to SIZE through a Hamming window rather than the bilinear filter that made
+# it: its sharper kernel keeps more of the 0.17-0.8 cycles-per-pixel energy that tells a whole field's many small
+# cells from one cell's outline, which a second bilinear pass damps (screening fields at 64 px, central simulation
+# with the federation's noise: 96.9 % flagged through bilinear, 100 % through Hamming; docs/cell-check-screen.md)
+RESAMPLE = Image.Resampling.HAMMING
 DIM = len(USED)
 MOMENT_RADIUS = 24.0  # a record's moment vector is clipped to this norm (|z|² ≲ 24: |z| ≲ 4.9 σ, as DIM = 12)
 MOMENT_SHARE = 0.4  # of the clip norm C, for the moments; the gradient keeps √(1 − 0.4²) ≈ 0.917 of it
@@ -87,7 +94,7 @@ def measurements(images: np.ndarray) -> np.ndarray:
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError("images must be (N, H, W, 3) RGB")
     if len(images) and images.shape[1:3] != (SIZE, SIZE):
-        images = resize_array_batch(images.astype(np.uint8), SIZE)
+        images = resize_array_batch(images.astype(np.uint8), SIZE, RESAMPLE)
     x = images.astype(np.float64)
     n, h, w, _ = x.shape
     if n == 0:  # a party without validation images (the one-hospital baseline)
