@@ -40,7 +40,8 @@ def main() -> None:
                     help="the 28-px half's canonical look: none, or lamp-focus (the 28-px default's)")
     ap.add_argument("--fine", nargs="+", default=["none", "background", "0.5", "1.14"],
                     help="the 64-px half's: none, background (the lamp and light tint only), or that and a "
-                         "Gaussian low-pass of this σ in pixels at 64 px (1.14 = the 28-px default's 0.5 px)")
+                         "Gaussian low-pass of this σ in pixels at 64 px (1.14 = the 28-px default's 0.5 px); "
+                         "stain, stain-SIGMA: the stain densities mapped too (normalise_stain)")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/appearance64"), help="features kept between runs")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -74,13 +75,14 @@ def main() -> None:
                           for i in range(0, len(x), 512)])
 
     def fine(images: np.ndarray, how: str) -> torch.Tensor:
+        model.look = None  # the mapping is this screen's own, below (the model's would apply it a second time)
         out = []
         for i in range(0, len(images), 512):
             plain = images_to_tensor(images[i:i + 512], 64) * std + mean
             if how != "none":
-                plain = normalise_stain(plain, stains=False)
-            if how not in ("none", "background"):
-                plain = low_pass(plain, float(how))
+                plain = normalise_stain(plain, stains=how.startswith("stain"))
+            if how not in ("none", "background", "stain"):
+                plain = low_pass(plain, float(how.removeprefix("stain-")))
             out.append(model._fine((plain - mean) / std, 256).float())
         return torch.cat(out)
 
