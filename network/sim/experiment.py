@@ -576,6 +576,7 @@ OTHER_RECIPES = {"results-64px.md": "scatter_synth_inv_cc_ms_64", "results-64px-
                  "results-64px-ms4p-looks.md": "scatter_synth_inv_cc_ms4p_looks_64",
                  "results-looks-hed.md": "scatter_synth_inv_cc_lf_looks_hed_28",
                  "results-64px-ms4p-looks-hed.md": "scatter_synth_inv_cc_ms4p_looks_hed_64",
+                 "results-64px-ms4p-lf-looks-hed.md": "scatter_synth_inv_cc_ms4p_lf_looks_hed_64",
                  "results-looks-full.md": "scatter_synth_inv_cc_lf_looks_28"}
 
 
