@@ -123,3 +123,19 @@ def test_no_site_can_switch_a_fault_on() -> None:
                 if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("audit_trainer"):
                     importers.append(f"{package}/{path.relative_to(base).as_posix()}")
     assert sorted(importers) == ["network/sim/audit.py", "network/sim/audit_doc.py"]
+
+
+@pytest.mark.realdata
+def test_a_sites_accepted_64_px_plan_is_audited_on_64_px_images(shared_data: Path) -> None:
+    """`hemafed audit --site` audits the plan the site accepted; for a 64-px model the hospitals' images must be
+    the 64-px ones (the simulation's default model is 28 px), or the audit fails mixing the two sizes."""
+    from hemafed.core.learning.recipe import recommended_plan
+    from hemafed.network.sim.audit import audit_hospitals
+    from hemafed.network.sim.simulate import SimulationOptions
+
+    model = "scatter_synth_inv_cc_ms4p_lf_looks_hed_64"
+    opts = AuditOptions(sim=SimulationOptions(data=shared_data, subset=100),
+                        plan=recommended_plan(8.0, 100, 10, model=model))
+    h = audit_hospitals(opts)
+    assert h.train.images.shape[1:3] == (64, 64) and h.plan.model == model
+    assert audit_hospitals(replace(opts, plan=None)).train.images.shape[1:3] == (28, 28)

@@ -229,13 +229,19 @@ def input_scores(plan: FederationPlan, weights: np.ndarray, images: np.ndarray, 
 # ---------------------------------------------------------------------------------------------- one audit
 
 
+def audit_hospitals(opts: AuditOptions):
+    """`hemafed simulate`'s hospitals for the audit: a site's accepted plan (`opts.plan`) names its own model, so
+    their images are loaded at that model's input size (a 64-px plan audited with 28-px images failed)."""
+    return hospitals(opts.sim if opts.plan is None else replace(opts.sim, model=opts.plan.model))
+
+
 def run_audit(opts: AuditOptions, state: Path | None = None, command: str = "hemafed audit") -> AuditResult:
     """The audit on `hemafed simulate`'s hospitals (BloodMNIST's training split) with the plan of `opts`; the input
     canaries come from BloodMNIST's validation split, which no hospital holds."""
     from hemafed.core.data.bloodmnist import load_splits, locate
 
     started = time.perf_counter()
-    h = hospitals(opts.sim)
+    h = audit_hospitals(opts)
     plan = opts.plan or h.plan
     sites = site_splits(h.train.images, h.train.labels, h.parts, plan)
     val = load_splits(locate(opts.sim.data, size=plan.input_size))["val"]
