@@ -48,7 +48,7 @@ def test_a_budget_in_the_plan_gives_the_recommended_recipe_that_spends_it(tmp_pa
     site receives spends exactly that budget at the site's own accountant."""
     from hemafed.core.learning.fedsgd import site_privacy
     from hemafed.core.learning.models import build_model
-    from hemafed.core.learning.recipe import RECIPE
+    from hemafed.core.learning.recipe import RECIPE, lr_times_sigma
     from hemafed.core.privacy.accounting import Accountant
 
     plan = AggregatorConfig.load(_write_plan(tmp_path, {"federation_id": "blood-2026", "epsilon": 3,
@@ -61,15 +61,19 @@ def test_a_budget_in_the_plan_gives_the_recommended_recipe_that_spends_it(tmp_pa
     eps = Accountant("rdp").projected_epsilon(privacy.sigma, plan.sample_rate, plan.rounds, plan.delta,
                                               skellam=privacy.skellam)
     assert 2.95 < eps <= 3.0
-    assert plan.server_lr == pytest.approx(min(1.0, 2.6 / privacy.sigma), abs=1e-3)  # the recipe's lr for σ
+    assert plan.server_lr == pytest.approx(min(1.0, lr_times_sigma(plan.model) / privacy.sigma), abs=1e-3)
 
 
 def test_the_recipe_lr_falls_with_the_noise_unless_the_plan_sets_it() -> None:
     from hemafed.core.learning.recipe import recommended_plan, server_lr_for
 
     assert server_lr_for(2.6) == 1.0 and server_lr_for(1.0) == 1.0 and server_lr_for(5.2) == 0.5
+    # the default 64-px model takes half the 28-px models' steps (lr·σ = 1.3 against 2.6; core.learning.recipe)
     e8, e3 = (recommended_plan(e, 10761, 10) for e in (8, 3))
-    assert e8.server_lr == 1.0 and e3.server_lr == pytest.approx(2.6 / e3.noise_multiplier, abs=1e-3)
+    assert e8.server_lr == pytest.approx(1.3 / e8.noise_multiplier, abs=1e-3)
+    assert e3.server_lr == pytest.approx(1.3 / e3.noise_multiplier, abs=1e-3)
+    small = recommended_plan(8, 10761, 10, model="scatter_synth_inv_cc_lf_looks_hed_28")
+    assert small.server_lr == 1.0 and small.input_size == 28
     assert recommended_plan(3, 10761, 10, server_lr=0.25).server_lr == 0.25
 
 

@@ -127,15 +127,16 @@ def test_no_site_can_switch_a_fault_on() -> None:
 
 @pytest.mark.realdata
 def test_a_sites_accepted_64_px_plan_is_audited_on_64_px_images(shared_data: Path) -> None:
-    """`hemafed audit --site` audits the plan the site accepted; for a 64-px model the hospitals' images must be
-    the 64-px ones (the simulation's default model is 28 px), or the audit fails mixing the two sizes."""
+    """`hemafed audit --site` audits the plan the site accepted: the hospitals' images are loaded at its model's size,
+    whatever the simulation's own model is, or the audit fails mixing the two sizes."""
     from hemafed.core.learning.recipe import recommended_plan
     from hemafed.network.sim.audit import audit_hospitals
     from hemafed.network.sim.simulate import SimulationOptions
 
-    model = "scatter_synth_inv_cc_ms4p_lf_looks_hed_64"
-    opts = AuditOptions(sim=SimulationOptions(data=shared_data, subset=100),
-                        plan=recommended_plan(8.0, 100, 10, model=model))
-    h = audit_hospitals(opts)
-    assert h.train.images.shape[1:3] == (64, 64) and h.plan.model == model
-    assert audit_hospitals(replace(opts, plan=None)).train.images.shape[1:3] == (28, 28)
+    small, large = "scatter_synth_inv_cc_lf_looks_hed_28", "scatter_synth_inv_cc_ms4p_lf_looks_hed_64"
+    for sim_model, plan_model, side in ((small, large, 64), (large, small, 28)):
+        opts = AuditOptions(sim=SimulationOptions(data=shared_data, subset=100, model=sim_model),
+                            plan=recommended_plan(8.0, 100, 10, model=plan_model))
+        h = audit_hospitals(opts)
+        assert h.train.images.shape[1:3] == (side, side) and h.plan.model == plan_model
+        assert audit_hospitals(replace(opts, plan=None)).plan.model == sim_model

@@ -165,7 +165,7 @@ def cell_check_model(path: Path) -> Path:
     moments = moment_vector(standardised(cells(800, 0))).mean(0)
     model = build_model("scatter_synth_inv_cc_28", 8, seed=0)
     split_features(model)[1].cell_moments.data[:] = torch.as_tensor(moments, dtype=torch.float32)
-    plan = FederationPlan(federation_id="cc", threshold=2, min_sites=2)
+    plan = FederationPlan(federation_id="cc", model="scatter_synth_inv_cc_28", threshold=2, min_sites=2)
     cal = Calibration(temperature=1.5, threshold=0.5, coverage_target=0.95, images=300, ece_before=None,
                       ece_after=None, nll_before=None, nll_after=None,
                       not_a_cell_threshold=fit_threshold(get_flat_params(split_features(model)[1])[

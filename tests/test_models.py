@@ -36,6 +36,17 @@ def test_default_model_size() -> None:
     assert build_model(DEFAULT_MODEL, num_classes=3)(torch.randn(1, 3, 28, 28)).shape == (1, 3)
 
 
+def test_every_model_name_states_its_input_size_as_a_plan_reads_it() -> None:
+    """A plan that names a model without an input size takes the size its name ends in (core.rounds.plan cannot
+    import the registry), so every name must state its own."""
+    from hemafed.core.rounds.plan import FederationPlan, model_input_size
+
+    for name, spec in MODELS.items():
+        assert model_input_size(name) == spec.input_size, name
+        assert FederationPlan(model=name).input_size == spec.input_size
+    assert model_input_size("big") == 28 and FederationPlan(model="cnn4_28", input_size=64).input_size == 64
+
+
 def test_unknown_model() -> None:
     with pytest.raises(KeyError, match="known"):
         build_model("resnet152")

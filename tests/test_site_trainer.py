@@ -257,7 +257,7 @@ def test_the_recipe_model_trains_on_its_cached_evaluation_view(tmp_path: Path) -
     trainer.featurize()
     from hemafed.core.learning.models import evaluation_features, images_to_tensor
 
-    direct = evaluation_features(trainer.model)(images_to_tensor(trainer.data.train_images, 28))
+    direct = evaluation_features(trainer.model)(images_to_tensor(trainer.data.train_images, plan.input_size))
     np.testing.assert_allclose(trainer.inputs.numpy(), direct.reshape(len(direct), -1).numpy(), atol=2e-6)
 
 

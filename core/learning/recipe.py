@@ -19,7 +19,7 @@ from .models import MODELS
 from .site_trainer import fedsgd_plan_sigma
 
 RECIPE: dict[str, Any] = {
-    "model": "scatter_synth_inv_cc_lf_looks_hed_28",
+    "model": "scatter_synth_inv_cc_ms4p_lf_looks_hed_64",
     "algorithm": "fedsgd",
     "rounds": 500,
     "sample_rate": 0.1713,  # q: ≈ 2,048 of BloodMNIST's 11,959 training images per round

@@ -33,17 +33,26 @@ def default_threshold(sites: int) -> int:
     return max(2, int(sites) - 1)
 
 
+def model_input_size(model: str) -> int:
+    """The input size a model name states: every registry name ends in `_<pixels>` (tests/test_models.py checks it
+    against each model's own), 28 for a name without it (a site refuses a model it does not know anyway)."""
+    size = model.rsplit("_", 1)[-1]
+    return int(size) if size.isdigit() and 0 < int(size) <= 1024 else 28
+
+
 @dataclass(frozen=True)
 class FederationPlan:
     """The defaults are the recommended recipe (`core.learning.recipe.recommended_plan(8, 11_959, 10)`, checked by
-    tests/test_recipe.py): DP-FedSGD on `scatter_synth_inv_cc_lf_looks_hed_28`'s fixed features (images in a
-    canonical lamp and focus, wavelet scattering of the stains' densities, the procedural encoder trained to ignore
-    microscope looks, the cell check), 500 rounds,
-    distributed DP at ε = 8 per site for 10 sites holding BloodMNIST's 11,959 training images between them."""
+    tests/test_recipe.py): DP-FedSGD on `scatter_synth_inv_cc_ms4p_lf_looks_hed_64`'s fixed features (64-px images
+    in a canonical lamp and focus, seen at 28 and 64 px: wavelet scattering of the stains' densities beside the
+    procedural encoder trained to ignore microscope looks; the cell check), 500 rounds, distributed DP at ε = 8 per
+    site for 10 sites holding BloodMNIST's 11,959 training images between them."""
 
     federation_id: str = "bloodmnist-demo"
-    model: str = "scatter_synth_inv_cc_lf_looks_hed_28"
-    input_size: int = 28
+    model: str = "scatter_synth_inv_cc_ms4p_lf_looks_hed_64"
+    # the images' side in pixels; 0 (the default): the model's own (`model_input_size`), so a plan that names a model
+    # never disagrees with it unless it says so
+    input_size: int = 0
     classes: tuple[str, ...] = BLOODMNIST_CLASSES
     rounds: int = 500
     local_epochs: int = 1
@@ -63,7 +72,7 @@ class FederationPlan:
     min_sites: int = default_threshold(10)
     max_sites: int = 10
     server_optimizer: str = "fedavg"  # fedavg plans: "fedavg" | "fedadam"
-    server_lr: float = 1.0
+    server_lr: float = 0.5  # the recipe's min(1, 1.3/σ) for the default model and σ (core.learning.recipe)
     # "fedsgd": one Poisson-sampled DP-SGD step per round at rate `sample_rate` (the same q for every record at
     # every site), the server steps with momentum `momentum` at `server_lr`; "fedavg": local epochs per round
     algorithm: str = "fedsgd"
@@ -87,6 +96,8 @@ class FederationPlan:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(self.classes))
+        if self.input_size == 0:
+            object.__setattr__(self, "input_size", model_input_size(self.model))
         problems = self.problems()
         if problems:
             raise PlanError("invalid federation plan: " + "; ".join(problems))
