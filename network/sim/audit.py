@@ -46,7 +46,7 @@ from hemafed.core.rounds.agg_round import RoundOutcome
 from hemafed.core.rounds.plan import FederationPlan, SiteBounds
 from hemafed.network.sim.audit_trainer import FAULTS, AuditTrainer
 from hemafed.network.sim.inprocess import InProcessFederation
-from hemafed.network.sim.simulate import SimulationOptions, hospitals, site_seed, site_splits
+from hemafed.network.sim.simulate import Hospitals, SimulationOptions, hospitals, site_seed, site_splits
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def input_scores(plan: FederationPlan, weights: np.ndarray, images: np.ndarray, 
 # ---------------------------------------------------------------------------------------------- one audit
 
 
-def audit_hospitals(opts: AuditOptions):
+def audit_hospitals(opts: AuditOptions) -> Hospitals:
     """`hemafed simulate`'s hospitals for the audit: a site's accepted plan (`opts.plan`) names its own model, so
     their images are loaded at that model's input size (a 64-px plan audited with 28-px images failed)."""
     return hospitals(opts.sim if opts.plan is None else replace(opts.sim, model=opts.plan.model))
