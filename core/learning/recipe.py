@@ -1,8 +1,8 @@
 """The recommended federation plan: the recipe measured in docs/RESULTS.md and chosen on validation
 data (docs/accuracy-levers.md), for a given privacy budget.
 
-DP-FedSGD (one Poisson-sampled DP-SGD step per round over all sites) on `scatter_synth_inv_28`'s fixed
-features, with distributed DP: each site adds a noise share inside secure aggregation. The noise
+DP-FedSGD (one Poisson-sampled DP-SGD step per round over all sites) on the fixed features of
+`RECIPE["model"]`, with distributed DP: each site adds a noise share inside secure aggregation. The noise
 multiplier is the one that makes the plan's rounds spend exactly `epsilon` at every site, so
 whoever writes the plan (the admin, or `hemafed aggregator` from `epsilon` in federation.toml)
 computes it here and every site checks it against its own budget.

@@ -576,7 +576,7 @@ APPEARANCE_DOC, PREVIOUS_APPEARANCE_DOC = "appearance-64px-ms4p-lf-looks-hed.md"
 OTHER_RECIPES = {"results-64px.md": "scatter_synth_inv_cc_ms_64", "results-64px-ms4.md": "scatter_synth_inv_cc_ms4_64",
                  "results-64px-ms4p.md": "scatter_synth_inv_cc_ms4p_64",
                  "results-64px-ms4p-looks.md": "scatter_synth_inv_cc_ms4p_looks_64",
-                 "results-looks-hed.md": "scatter_synth_inv_cc_lf_looks_hed_28",
+                 "results-looks-hed-full.md": "scatter_synth_inv_cc_lf_looks_hed_28",
                  "results-64px-ms4p-looks-hed.md": "scatter_synth_inv_cc_ms4p_looks_hed_64",
                  "results-64px-ms4p-lf-looks-hed.md": "scatter_synth_inv_cc_ms4p_lf_looks_hed_64",
                  "results-looks-full.md": "scatter_synth_inv_cc_lf_looks_28"}
@@ -604,7 +604,8 @@ def default_elsewhere(docs: Path, rows_model: str) -> list[str]:
 
 def other_recipes(docs: Path) -> list[str]:
     """RESULTS.md's section on each recipe in `OTHER_RECIPES` whose doc exists: its summary lines and a link, and
-    the loss under the appearance shift when `appearance-<same suffix>.md` (bench.appearance) exists beside it."""
+    the loss under the appearance shift when `appearance-<same suffix, less "-full">.md` (bench.appearance) exists
+    beside it."""
     out: list[str] = []
     for name, model in OTHER_RECIPES.items():
         path = docs / name
@@ -616,7 +617,7 @@ def other_recipes(docs: Path) -> list[str]:
         table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[lines.index(header):])) \
             if header in lines else []
         sweep = ["Test accuracy against ε (mean ± std over its seeds):", "", *table, ""] if table else []
-        shift = docs / name.replace("results-", "appearance-", 1)
+        shift = docs / name.replace("results-", "appearance-", 1).replace("-full.md", ".md")
         loss = [line for line in shift.read_text().splitlines() if line.startswith("Loss on the untouched")] \
             if shift.exists() else []
         sweep += [f"Hospitals whose images look different ([{shift.name}]({shift.name})): {loss[0]}", ""] \
