@@ -1,13 +1,17 @@
-"""The server's learning rate under a plan's realised noise, screened on validation (research script, issue 16).
+"""The server's step under a plan's realised noise, screened on validation (research script, issue 16).
 
 The recipe's lr = min(1, k/σ) (`core.learning.recipe`) was chosen when every full round carried twice the
 accounted noise (threshold t = 6 of 10). With t = 9 a full round carries 1.25 times; this screen asks whether k
-should follow. Each run is `hemafed simulate`'s federation in process (`network.sim.inprocess`: the product's round
-machines, site trainers, Skellam shares inside secure aggregation, ledgers) at one ε, one k and one seed, evaluated
-with the product's 8-view test-time augmentation on BloodMNIST's **validation** split, which no hospital holds
+should follow. The same runs screen the schedule at a fixed ε (`--rounds`, `--q`: more or fewer, larger or smaller
+steps, σ re-calibrated to spend the same budget) and an exponential moving average of the released weights
+(`--ema`: decays evaluated on one run's trajectory, post-processing that costs no privacy).
+Each run is `hemafed simulate`'s federation in process (`network.sim.inprocess`: the product's round machines,
+site trainers, Skellam shares inside secure aggregation, ledgers) at one setting and one seed, evaluated with
+the product's 8-view test-time augmentation on BloodMNIST's **validation** split, which no hospital holds
 and no reported test number is chosen on.
 
     python -m bench.accuracy.lr_screen --model scatter_synth_inv_cc_ms4p_looks_hed_64 --eps 8 3 --k 1.3 1.8 2.6
+    python -m bench.accuracy.lr_screen --model M --eps 1 --k 1.3 --rounds 250 500 1000 --q 0.1713 0.34 --ema 0.99
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
+
 from hemafed.network.sim.simulate import SimulationOptions
 
 
@@ -29,10 +35,12 @@ from hemafed.network.sim.simulate import SimulationOptions
 class Run:
     opts: SimulationOptions
     k: float
+    emas: tuple[float, ...] = ()
 
 
-def _one(run: Run) -> dict:
-    """In a worker: σ from the plan, lr = min(1, k/σ), the federation, validation accuracy of its final model."""
+def _one(run: Run) -> list[dict]:
+    """In a worker: σ from the plan, lr = min(1, k/σ), the federation, validation accuracy of its final model
+    (ema 0) and of each moving average of its weights over the rounds."""
     import torch
 
     from hemafed.core.data.bloodmnist import load_splits, locate
@@ -44,15 +52,27 @@ def _one(run: Run) -> dict:
     torch.set_num_threads(1)
     sigma = hospitals(run.opts).plan.noise_multiplier
     opts = replace(run.opts, server_lr=round(min(1.0, run.k / sigma), 3))
+    averages: dict[float, np.ndarray] = {}
+
+    def average(_outcome, weights: np.ndarray) -> None:
+        for d in run.emas:
+            w = np.asarray(weights, np.float64)
+            averages[d] = w if d not in averages else d * averages[d] + (1 - d) * w
+
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hemafed-lr-") as state:
-        result, h = simulate_in_process(opts, Path(state), threads=1)
+        result, h = simulate_in_process(opts, Path(state), threads=1, on_round=average)
+    seconds = time.perf_counter() - started
     val = load_splits(locate(opts.data, size=h.plan.input_size))["val"]
     trainable, inputs = evaluation_inputs(h.plan, val.images)
-    set_flat_params(trainable, result.weights)
-    acc = accuracy(evaluate(trainable, inputs, val.labels, len(h.plan.classes)))
-    return {"epsilon": opts.epsilon, "k": run.k, "seed": opts.seed, "sigma": sigma, "server_lr": opts.server_lr,
-            "threshold": h.plan.threshold, "val_accuracy": acc, "seconds": time.perf_counter() - started}
+    out = []
+    for d, weights in [(0.0, result.weights), *averages.items()]:
+        set_flat_params(trainable, np.asarray(weights, np.float32))
+        out.append({"epsilon": opts.epsilon, "k": run.k, "rounds": opts.rounds, "q": opts.sample_rate, "ema": d,
+                    "seed": opts.seed, "sigma": sigma, "server_lr": opts.server_lr, "threshold": h.plan.threshold,
+                    "val_accuracy": accuracy(evaluate(trainable, inputs, val.labels, len(h.plan.classes))),
+                    "seconds": seconds})
+    return out
 
 
 def main() -> None:
@@ -60,6 +80,9 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--eps", type=float, nargs="+", default=[8.0, 3.0])
     ap.add_argument("--k", type=float, nargs="+", required=True, help="lr·σ values to screen")
+    ap.add_argument("--rounds", type=int, nargs="+", default=[SimulationOptions.rounds])
+    ap.add_argument("--q", type=float, nargs="+", default=[SimulationOptions.sample_rate], help="Poisson rates")
+    ap.add_argument("--ema", type=float, nargs="*", default=[], help="EMA decays to evaluate besides the last weights")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threshold", type=int, default=None, help="default: simulate's (all sites but one)")
     ap.add_argument("--data", type=Path)
@@ -68,18 +91,22 @@ def main() -> None:
     args = ap.parse_args()
 
     base = SimulationOptions(model=args.model, threshold=args.threshold, data=args.data, quiet=True)
-    runs = [Run(replace(base, epsilon=e, seed=s), k) for e in args.eps for k in args.k for s in args.seeds]
+    emas = tuple(d for d in args.ema if d)
+    runs = [Run(replace(base, epsilon=e, seed=s, rounds=t, sample_rate=q), k, emas)
+            for e in args.eps for t in args.rounds for q in args.q for k in args.k for s in args.seeds]
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
-        results = list(pool.map(_one, runs))
+        results = [row for rows in pool.map(_one, runs) for row in rows]
     args.out.write_text(json.dumps(results, indent=1))
     print(f"{args.model}, t = {results[0]['threshold']}, validation, seeds {args.seeds}")
-    print("| ε | lr·σ | server lr | validation accuracy | s/run |\n|---:|---:|---:|---:|---:|")
-    for e in args.eps:
-        for k in args.k:
-            rs = [r for r in results if r["epsilon"] == e and r["k"] == k]
-            accs = [100 * r["val_accuracy"] for r in rs]
-            print(f"| {e:g} | {k:g} | {rs[0]['server_lr']:.3f} | {statistics.mean(accs):.2f} ± "
-                  f"{statistics.pstdev(accs):.2f} % | {statistics.mean(r['seconds'] for r in rs):.0f} |")
+    print("| ε | T | q | σ | lr·σ | server lr | EMA | validation accuracy | s/run |\n"
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for key in dict.fromkeys((r["epsilon"], r["rounds"], r["q"], r["k"], r["ema"]) for r in results):
+        rs = [r for r in results if (r["epsilon"], r["rounds"], r["q"], r["k"], r["ema"]) == key]
+        accs = [100 * r["val_accuracy"] for r in rs]
+        e, t, q, k, d = key
+        print(f"| {e:g} | {t} | {q:g} | {rs[0]['sigma']:.2f} | {k:g} | {rs[0]['server_lr']:.3f} | {d:g} | "
+              f"{statistics.mean(accs):.2f} ± {statistics.pstdev(accs):.2f} % | "
+              f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
 
 
 if __name__ == "__main__":
