@@ -82,6 +82,21 @@ def test_results_rows_of_an_earlier_default_name_the_default_and_its_doc(tmp_pat
     assert not any(default in line for line in other_recipes(tmp_path))
 
 
+def test_results_quote_the_preparation_benchmark_or_say_it_is_missing(tmp_path: Path) -> None:
+    """RESULTS.md's per-hospital preparation section is docs/benchmarks.md's `prepare` section, never a guess."""
+    from bench._report import write_section
+    from hemafed.network.sim.experiment import preparation
+
+    assert "Not measured yet" in " ".join(preparation(tmp_path))
+    write_section("dp_step", "## DP step\n\n| a |", tmp_path / "benchmarks.md")
+    assert "Not measured yet" in " ".join(preparation(tmp_path))
+    write_section("prepare", "## Preparation (`bench/prepare.py`)\n\nwhen\n\n| model | ms |\n| m | 4.2 |",
+                  tmp_path / "benchmarks.md")
+    lines = preparation(tmp_path)
+    assert lines[0] == "## Preparation at each hospital" and "| m | 4.2 |" in lines and "| a |" not in lines
+    assert sum(line.startswith("## ") for line in lines) == 1
+
+
 def test_experiment_refuses_an_unknown_model_or_dp_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from hemafed.gui.cli import main
 

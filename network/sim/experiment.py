@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -485,6 +486,8 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
           "One run of `make simulate` (10 hospital processes and an aggregator over TLS websockets); seconds = "
           "wall time of the whole job. As a new user runs it (fresh clone, empty caches, cold and warm, with the "
           "date and commit): [main-job-fresh.md](main-job-fresh.md).")
+    if results_doc:
+        lines += preparation(doc.parent)
     if fed_main:
         plot = f"{doc.stem.lower()}-epsilon.png"  # RESULTS.md's is results-epsilon.png
         _plot(doc.parent / plot, rows, opts)
@@ -514,6 +517,21 @@ _AUDIT = [
     "canaries and bounds ε from below (ε̂, 95 % confidence): [AUDIT.md](AUDIT.md) has ε̂ next to ε at ε = 1, 3 and 8 "
     "and the faulty controls it must catch, generated from their results; [privacy.md](privacy.md#the-privacy-audit) "
     "says what the numbers mean.", ""]
+
+def preparation(docs: Path) -> list[str]:
+    """What each recipe costs a hospital before round 1: docs/benchmarks.md's `prepare` section (`bench/prepare.py`),
+    or a line saying it has not been measured."""
+    bench = docs / "benchmarks.md"
+    found = re.search(r"<!-- prepare:start -->\n(.*?)\n<!-- prepare:end -->", bench.read_text(), re.S) \
+        if bench.exists() else None
+    if found is None:
+        return ["## Preparation at each hospital", "", "Not measured yet (`python -m bench.prepare`).", ""]
+    body = found.group(1).splitlines()[1:]  # less the benchmark's own heading
+    while body and not body[0].strip():
+        body.pop(0)
+    return ["## Preparation at each hospital", "", *body, "",
+            "From [benchmarks.md](benchmarks.md), where `python -m bench.prepare` writes it.", ""]
+
 
 def _audit_rows(folder: Path) -> list[str]:
     """The audit table of AUDIT.md, here too when its results are beside the doc (`docs/audit/*.json`)."""
