@@ -55,8 +55,8 @@ def _one(run: Run) -> list[dict]:
     averages: dict[float, np.ndarray] = {}
 
     def average(_outcome, weights: np.ndarray) -> None:
+        w = np.asarray(weights, np.float64)
         for d in run.emas:
-            w = np.asarray(weights, np.float64)
             averages[d] = w if d not in averages else d * averages[d] + (1 - d) * w
 
     started = time.perf_counter()

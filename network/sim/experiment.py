@@ -518,6 +518,7 @@ _AUDIT = [
     "and the faulty controls it must catch, generated from their results; [privacy.md](privacy.md#the-privacy-audit) "
     "says what the numbers mean.", ""]
 
+
 def preparation(docs: Path) -> list[str]:
     """What each recipe costs a hospital before round 1: docs/benchmarks.md's `prepare` section (`bench/prepare.py`),
     or a line saying it has not been measured."""
