@@ -20,7 +20,6 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,7 @@ MODELS = (RECIPE["model"], "scatter_synth_inv_cc_lf_looks_hed_28", "scatter_synt
 def seconds_per_image(model_name: str, images: np.ndarray, threads: int) -> float:
     """Wall seconds per image of one site's preparation of `images` (training and evaluation views)."""
     torch.set_num_threads(threads)
-    plan = replace(FederationPlan(), model=model_name, input_size=get_spec(model_name).input_size)
+    plan = FederationPlan(model=model_name)  # its input size follows the model
     model = build_model(model_name, len(plan.classes))
     kinds = feature_kinds(model_name, model)
     views = ["train"] if kinds is None or kinds[0] == kinds[1] else ["train", "eval"]
