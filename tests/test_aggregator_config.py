@@ -109,3 +109,34 @@ def test_the_64_px_model_takes_half_the_recipe_lr() -> None:
     assert server_lr_for(2.6, "scatter_synth_inv_cc_ms_64") == 0.5 and server_lr_for(2.6) == 1.0
     plan = recommended_plan(8.0, 12000, 10, model="scatter_synth_inv_cc_ms_64")
     assert plan.input_size == 64 and plan.server_lr == server_lr_for(plan.noise_multiplier, plan.model) < 1.0
+
+
+def test_small_budgets_get_fewer_rounds_with_twice_the_step_and_still_spend_exactly_the_budget(tmp_path: Path) -> None:
+    """The recipe's schedule (thirteenth pass of docs/accuracy-levers.md): 125 rounds at ε ≤ 1.5, 250 at ε ≤ 2.5,
+    each at lr·σ = 2.6; 500 at 1.3 above. A plan, an admin or a simulation that names its rounds keeps them."""
+    from hemafed.core.learning.fedsgd import site_privacy
+    from hemafed.core.learning.models import build_model
+    from hemafed.core.learning.recipe import recommended_plan
+    from hemafed.core.privacy.accounting import Accountant
+    from hemafed.network.sim.simulate import SimulationOptions
+
+    plans = {e: recommended_plan(e, 10761, 10) for e in (1, 2, 3, 8)}
+    assert [plans[e].rounds for e in (1, 2, 3, 8)] == [125, 250, 500, 500]
+    dim = sum(p.numel() for p in build_model(plans[1].model).parameters())
+    for e, plan in plans.items():
+        k = 2.6 if e <= 2 else 1.3
+        assert plan.server_lr == pytest.approx(k / plan.noise_multiplier, abs=1e-3)
+        privacy = site_privacy(plan, plan.secagg_config(dim))
+        spent = Accountant("rdp").projected_epsilon(privacy.sigma, plan.sample_rate, plan.rounds, plan.delta,
+                                                    skellam=privacy.skellam)
+        assert 0.98 * e < spent <= e
+    own = recommended_plan(1, 10761, 10, rounds=500)
+    assert own.rounds == 500 and own.server_lr == pytest.approx(1.3 / own.noise_multiplier, abs=1e-3)
+    assert own.noise_multiplier > plans[1].noise_multiplier  # the same ε over 4 times the rounds
+    assert recommended_plan(1, 10761, 10, model="scatter_synth_inv_cc_lf_looks_hed_28").rounds == 500  # unscreened
+    admin = AggregatorConfig.load(_write_plan(tmp_path, {"federation_id": "x", "epsilon": 1,
+                                                         "expected_images": 10761})).plan
+    assert admin.rounds == 125 and admin.noise_multiplier == pytest.approx(plans[1].noise_multiplier)
+    assert SimulationOptions(epsilon=1).planned_rounds == 125 and SimulationOptions(epsilon=2).planned_rounds == 250
+    assert SimulationOptions(epsilon=1, dp=False).planned_rounds == 500
+    assert SimulationOptions(epsilon=1, rounds=7).planned_rounds == 7

@@ -68,8 +68,9 @@ def _one(run: Run) -> list[dict]:
     out = []
     for d, weights in [(0.0, result.weights), *averages.items()]:
         set_flat_params(trainable, np.asarray(weights, np.float32))
-        out.append({"epsilon": opts.epsilon, "k": run.k, "rounds": opts.rounds, "q": opts.sample_rate, "ema": d,
-                    "seed": opts.seed, "sigma": sigma, "server_lr": opts.server_lr, "threshold": h.plan.threshold,
+        out.append({"epsilon": opts.epsilon, "k": run.k, "rounds": opts.planned_rounds, "q": opts.sample_rate,
+                    "ema": d, "seed": opts.seed, "sigma": sigma, "server_lr": opts.server_lr,
+                    "threshold": h.plan.threshold,
                     "val_accuracy": accuracy(evaluate(trainable, inputs, val.labels, len(h.plan.classes))),
                     "seconds": seconds})
     return out
@@ -80,7 +81,7 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--eps", type=float, nargs="+", default=[8.0, 3.0])
     ap.add_argument("--k", type=float, nargs="+", required=True, help="lr·σ values to screen")
-    ap.add_argument("--rounds", type=int, nargs="+", default=[SimulationOptions.rounds])
+    ap.add_argument("--rounds", type=int, nargs="+", default=[None], help="default: the recipe's for each budget")
     ap.add_argument("--q", type=float, nargs="+", default=[SimulationOptions.sample_rate], help="Poisson rates")
     ap.add_argument("--ema", type=float, nargs="*", default=[], help="EMA decays to evaluate besides the last weights")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -16,6 +16,10 @@ from pathlib import Path
 # tests/test_audit.py checks the two agree)
 AUDIT_CONTROLS = ("noise/4",)
 
+ROUNDS_HELP = ("rounds (default: the recipe's for the budget: 500 above ε = 2.5, 250 down to ε = 1.5, 125 "
+               "below; core.learning.recipe.schedule)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo-data", help="write simulated hospital folders from BloodMNIST")
     p.add_argument("--sites", type=int, default=10)
@@ -43,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                              "(ε, δ) per site, and the expected batch")
     fs.add_argument("--epsilon", type=float, default=8.0, help="ε each site spends over the whole plan (default 8)")
     fs.add_argument("--delta", type=float, default=1e-5)
-    fs.add_argument("--rounds", type=int, default=500)
+    fs.add_argument("--rounds", type=int, default=None, help=ROUNDS_HELP)
     fs.add_argument("--sample-rate", type=float, default=0.1713, help="Poisson rate q per image per round")
     fs.add_argument("--images", type=int, required=True,
                     help="training images over all sites (each site's count, as the sites declare it)")
@@ -73,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = SimulationOptions()
     p = sub.add_parser("simulate", help="run N hospitals and an aggregator as processes on this machine")
     p.add_argument("--sites", type=int, default=d.sites)
-    p.add_argument("--rounds", type=int, default=d.rounds, help=f"rounds (default {d.rounds})")
+    p.add_argument("--rounds", type=int, default=d.rounds, help=ROUNDS_HELP)
     p.add_argument("--epsilon", type=float, default=d.epsilon,
                    help=f"privacy budget per hospital (default {d.epsilon:g})")
     p.add_argument("--delta", type=float, default=d.delta)
@@ -129,7 +133,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--control", choices=AUDIT_CONTROLS, default=None,
                    help="a deliberate fault the audit should catch (a control run; never recorded for a site)")
     p.add_argument("--sites", type=int, default=d.sites)
-    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--rounds", type=int, default=d.rounds, help=ROUNDS_HELP)
     p.add_argument("--subset", type=int, help="use only this many training images (quick runs)")
     p.add_argument("--seed", type=int, default=0, help="seeds the run and the canaries' draws")
     p.add_argument("--data", type=Path, help="BloodMNIST .npz or folder holding it")
@@ -228,7 +232,7 @@ def _fedsgd_plan(args: argparse.Namespace) -> int:
     except (PlanError, KeyError, ValueError) as exc:
         raise UserFacingError(str(exc)) from exc
     sigma = plan.noise_multiplier
-    print(f"# DP-FedSGD: ε = {args.epsilon:g} per site at δ = {args.delta:g} after {args.rounds} rounds; "
+    print(f"# DP-FedSGD: ε = {args.epsilon:g} per site at δ = {args.delta:g} after {plan.rounds} rounds; "
           f"σ = {sigma:.4f} ({args.dp_mode} DP), q = {args.sample_rate}, expected batch {plan.batch_size}")
     # every field, not only those that differ from today's defaults: a plan must not change its meaning when a
     # later version's defaults do

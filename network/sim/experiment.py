@@ -37,7 +37,7 @@ import numpy as np
 from hemafed.core.learning.dp_train import accuracy, evaluate
 from hemafed.core.learning.fedsgd import FedSGDServer, center_layout, poisson_batch, server_round
 from hemafed.core.learning.models import build_model, get_flat_params, get_spec, set_flat_params, split_features
-from hemafed.core.learning.recipe import lr_times_sigma, server_lr_for, with_budget
+from hemafed.core.learning.recipe import schedule_text, server_lr_for, with_budget
 from hemafed.core.learning.site_trainer import FedSGDTrainer, SiteData, model_inputs
 from hemafed.core.rounds.plan import SiteBounds
 from hemafed.network.aggregator import initial_weights
@@ -172,7 +172,8 @@ def _one_party(fed_plan, data, job: Job, state: Path):
     plan = replace(fed_plan, federation_id="one-party", rounds=job.rounds, sample_rate=job.sample_rate,
                    batch_size=max(1, round(job.sample_rate * n)), threshold=2, min_sites=2, max_sites=2)
     plan = with_budget(plan, job.sim.epsilon, "local")
-    plan = replace(plan, server_lr=job.lr or server_lr_for(plan.noise_multiplier, plan.model))
+    plan = replace(plan, server_lr=job.lr or server_lr_for(plan.noise_multiplier, plan.model, job.sim.epsilon,
+                                                           plan.rounds))
     trainer = FedSGDTrainer(plan, bounds=SiteBounds(max_rounds=max(plan.rounds, 1000)), seed=job.sim.seed,
                             threads=1)
     trainer.prepare(trainer.open_ledger(state, job.sim.epsilon, n, create=True), data, job.sim.epsilon)
@@ -235,6 +236,16 @@ def precompute_features(opts: ExperimentOptions) -> float:
     return time.perf_counter() - started
 
 
+def _steps_text(base: SimulationOptions) -> str:
+    """The rounds and server step of the experiment's private rows, in words."""
+    if base.rounds is None and base.server_lr is None:
+        return f"the rounds and step of each row's budget: {schedule_text(base.model)}, σ each row's"
+    rounds = f"{base.rounds} rounds" if base.rounds is not None else "each budget's rounds (core.learning.recipe)"
+    if base.server_lr is not None:
+        return f"{rounds} at lr {base.server_lr}"
+    return f"{rounds} at lr = min(1, k/σ) for each row's σ (k: core.learning.recipe.lr_times_sigma)"
+
+
 def _commit() -> str:
     import subprocess
 
@@ -262,7 +273,7 @@ def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str) 
     log.info("fixed features of every image: %.0f s", features_s)
     base = replace(opts.base, data=opts.data, sites=opts.sites, delta=DELTA, subset=opts.subset,
                    test_subset=opts.test_subset, quiet=True)
-    q, T = base.sample_rate, base.rounds
+    q = base.sample_rate
     n_all = _training_images(base)
     np_q = opts.np_batch / n_all
     main = opts.partitions[0]
@@ -279,12 +290,13 @@ def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str) 
         lambda s: Job("reference", sim(s), "sites", opts.np_rounds, np_q, opts.np_lr))
     for eps in opts.epsilons:
         add("central", "centralised, DP-SGD", "–", eps, "",
-            lambda s, e=eps: Job("one_party", sim(s, eps=e, mode="local"), "sites", T, q))
+            lambda s, e=eps: Job("one_party", sim(s, eps=e, mode="local"), "sites", sim(s, eps=e).planned_rounds, q))
     add("alone", "one hospital alone (median size), non-private (reference)", main, None, "",
         lambda s: Job("reference", sim(s), "median", opts.np_rounds, opts.alone_np_sample_rate, opts.np_lr))
     for eps in opts.epsilons:
         add("alone", "one hospital alone (median size), DP-SGD", main, eps, "",
-            lambda s, e=eps: Job("one_party", sim(s, eps=e, mode="local"), "median", T, q))
+            lambda s, e=eps: Job("one_party", sim(s, eps=e, mode="local"), "median", sim(s, eps=e).planned_rounds,
+                                q))
     for partition in opts.partitions:
         add("federated", "the federation's hospitals without noise (reference)", partition, None, "",
             lambda s, p=partition: Job("reference", sim(s, p), "sites", opts.np_rounds, np_q, opts.np_lr))
@@ -439,10 +451,8 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
         f"into; a linear head of {head:,} parameters is trained"
         f"{centring}), DP-FedSGD: one "
         f"Poisson-sampled step per round, rate q = {base.sample_rate} per record at every hospital, "
-        f"{base.rounds} rounds, "
-        f"clip C = {base.clip_norm}, server SGD with momentum {base.momentum} at "
-        + (f"lr {base.server_lr}" if base.server_lr is not None else
-           f"lr = min(1, {lr_times_sigma(base.model)}/σ) for each row's σ")
+        f"clip C = {base.clip_norm}, server SGD with momentum {base.momentum}, "
+        + _steps_text(base)
         + "; "
         f"{opts.sites} hospitals; secure aggregation threshold t = {plan.threshold}, "
         f"c = {plan.dp_colluders}. Test-time augmentation (logits averaged over the 8 symmetries of the "

@@ -62,7 +62,7 @@ class SimulationOptions:
     features (scattering + a CNN pre-trained on procedural images) with distributed DP through secure aggregation."""
 
     sites: int = 10
-    rounds: int = 500
+    rounds: int | None = None  # None: the recipe's for the budget (`core.learning.recipe.schedule`), 500 at ε = 8
     epsilon: float = 8.0
     delta: float = 1e-5
     partition: str = "dirichlet:0.5"
@@ -97,10 +97,20 @@ class SimulationOptions:
     eval_every: int | None = None  # test-evaluate every k-th checkpoint (default: about 50 points per run)
     quiet: bool = False
 
+    @property
+    def planned_rounds(self) -> int:
+        """`rounds`, or the recipe's for this budget and model (a private fedsgd plan) or for no budget."""
+        if self.rounds is not None:
+            return self.rounds
+        from hemafed.core.learning.recipe import rounds_for
+
+        private = self.dp and self.algorithm == "fedsgd"
+        return rounds_for(self.epsilon if private else None, self.model)
+
     def plan(self, train_sizes: list[int] | None = None, dim: int | None = None) -> FederationPlan:
         """The federation's plan. For a private fedsgd plan the harness plays the admin: from the sites'
-        training-set sizes it sets the expected batch q·ΣN and the plan-wide σ that makes `rounds` steps
-        spend the ε budget (`core.recipe.with_budget`)."""
+        training-set sizes it sets the expected batch q·ΣN and the plan-wide σ that makes `planned_rounds`
+        steps spend the ε budget (`core.recipe.with_budget`)."""
         t = max(self.threshold or default_threshold(self.sites), 2)
         if self.algorithm == "fedsgd":  # σ and the expected batch follow from the sites' sizes, below
             kind = {"algorithm": "fedsgd", "sample_rate": self.sample_rate, "dp_mode": self.dp_mode}
@@ -110,7 +120,7 @@ class SimulationOptions:
 
         plan = FederationPlan(
             federation_id=f"sim-{self.seed}", model=self.model, input_size=get_spec(self.model).input_size,
-            rounds=self.rounds,
+            rounds=self.planned_rounds,
             local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
             clip_norm=self.clip_norm,
             delta=self.delta, dp=self.dp, secagg=self.secagg, threshold=t, min_sites=t if self.secagg else 1,
