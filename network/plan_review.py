@@ -79,7 +79,8 @@ def sees_text(plan) -> str:
         model = MODELS.get(plan.model)
         sees = (f"each round only the <b>sum</b> over at least {plan.threshold} hospitals of their clipped, noised "
                 "gradient sums "
-                + ("(in round 1, feature sums) " if model and model.centred else "")
+                + (("(in round 1, feature sums) " if plan.center_rounds_used == 1 else
+                    f"(in rounds 1–{plan.center_rounds_used}, feature sums) ") if model and model.centred else "")
                 + "and validation counts and loss sums, and which sites are connected")
     elif plan.secagg:
         sees = ("only the <b>sum</b> of the sites' masked, noised updates and validation counts and loss sums of "

@@ -253,7 +253,7 @@ PLAN = Obj(optional={
     "join_timeout_s": _PLAN_POS, "prepare_timeout_s": _PLAN_POS, "seed": _PLAN_INT,
     "algorithm": Str(16, choices=frozenset({"fedavg", "fedsgd"})), "sample_rate": Float(0.0, 1.0),
     "dp_mode": Str(16, choices=frozenset({"local", "distributed"})), "dp_colluders": Int(0, MAX_SITE_ID),
-    "noise_multiplier": Float(0.0, 1e9), "ema": Float(0.0, 1.0),
+    "noise_multiplier": Float(0.0, 1e9), "ema": Float(0.0, 1.0), "center_rounds": Int(1, 1_000_000),
 })
 """The plan's field types and outer ranges; `FederationPlan.from_dict` then checks its consistency."""
 

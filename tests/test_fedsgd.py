@@ -99,6 +99,35 @@ def test_centering_round_sums_clipped_features_and_sets_only_the_center() -> Non
     np.testing.assert_allclose(new[where], clipped.mean(0).numpy(), rtol=1e-5)
 
 
+def test_the_centre_is_the_average_of_the_first_center_rounds_estimates_and_survives_a_restart() -> None:
+    """With `center_rounds` = 3 the centre stays zero (so the sites send feature sums again) until three rounds'
+    estimates are in, then it is their average; a checkpoint taken in between resumes the average."""
+    from hemafed.core.learning.fedsgd import center_layout
+    from hemafed.core.learning.models import CenteredLinear
+    from hemafed.core.rounds.plan import FederationPlan
+
+    head = CenteredLinear(6, 3, radius=2.0)
+    where = center_layout(head)
+    weights = get_flat_params(head)
+    rng = np.random.default_rng(0)
+    sums = [np.concatenate([rng.normal(1.0, 0.3, 6), rng.normal(0, 1, 21)]).astype(np.float32) for _ in range(3)]
+    server = FedSGDServer(lr=0.1, momentum=0.9, center_rounds=3)
+    w = weights
+    for k, noisy in enumerate(sums[:2]):
+        w = server.apply(w, noisy, 10.0, where, 1.0)
+        assert not w[:6].any() and np.array_equal(w[6:], weights[6:]), k  # nothing moves yet
+    resumed = FedSGDServer(lr=0.1, momentum=0.9, center_rounds=3)
+    resumed.load_state(server.state())
+    for srv in (server, resumed):
+        final = srv.apply(w, sums[2], 10.0, where, 1.0)
+        expected = np.mean([s[:6].astype(np.float64) * 2.0 / 10.0 for s in sums], axis=0)
+        np.testing.assert_allclose(final[:6], expected, rtol=1e-5)
+        np.testing.assert_array_equal(final[6:], weights[6:])
+    # a plan's count: at most a tenth of its rounds, at least one
+    assert [FederationPlan(rounds=r).center_rounds_used for r in (3, 50, 125, 500)] == [1, 5, 10, 10]
+    assert FederationPlan(rounds=500, center_rounds=1).center_rounds_used == 1
+
+
 def test_after_centering_rounds_train_w_and_b_on_centred_inputs_and_keep_the_center() -> None:
     from hemafed.core.learning.fedsgd import center_layout, clipped_round_sum
     from hemafed.core.learning.models import CenteredLinear, set_flat_params

@@ -16,7 +16,7 @@ moments (d + d(d+1)/2) and spread to an in-distribution image's score, so all 44
 than these 12.
 
 The federation estimates the mean and covariance of these measurements as part of training, at no privacy cost of
-its own (`moment_vector`, `core.learning.fedsgd`): from round 2 on, each record's contribution to a round is its
+its own (`moment_vector`, `core.learning.fedsgd`): once the centre is set, each record's contribution to a round is its
 clipped gradient (norm ≤ `GRADIENT_SHARE`·C) beside its clipped measurement moments (norm ≤ `MOMENT_SHARE`·C), so
 the whole stays within C and the round's noise, sensitivity and ε are unchanged; the aggregator averages the
 rounds' noisy moment sums. An image's score is its Mahalanobis distance to that mean; the threshold flags a stated

@@ -199,19 +199,25 @@ class FedSGDServer:
     post-processing of already-private models and costs no privacy.
     """
 
-    def __init__(self, lr: float, momentum: float = 0.9, ema: float = 0.0) -> None:
-        if not lr > 0 or not 0 <= momentum < 1 or not 0 <= ema < 1:
-            raise ValueError("need lr > 0, 0 ≤ momentum < 1, 0 ≤ ema < 1")
+    def __init__(self, lr: float, momentum: float = 0.9, ema: float = 0.0, center_rounds: int = 1) -> None:
+        if not lr > 0 or not 0 <= momentum < 1 or not 0 <= ema < 1 or not center_rounds >= 1:
+            raise ValueError("need lr > 0, 0 ≤ momentum < 1, 0 ≤ ema < 1, center_rounds ≥ 1")
         self.lr, self.momentum, self.ema_decay = lr, momentum, ema
+        self.center_rounds = int(center_rounds)
         self.velocity: np.ndarray | None = None
         self.ema: np.ndarray | None = None
         self.moment_rounds = 0  # rounds averaged into the cell check's moments so far
+        # the centre's estimates so far (their sum, how many), while fewer than `center_rounds` are in
+        self.center_sum: np.ndarray | None = None
+        self.center_done = 0
 
     def apply(self, weights: np.ndarray, noisy_sum: np.ndarray, expected_batch: float,
               center: tuple[slice, float] | None = None, clip_norm: float = 1.0,
               moments: slice | None = None) -> np.ndarray:
         """One step. With `center` (`center_layout`): while those weights are all zero this round's sum
-        estimates them (set to radius/C · sum / expected batch, nothing else moves); afterwards they stay.
+        estimates them (radius/C · sum / expected batch, nothing else moves); after `center_rounds` such rounds
+        they are set to the estimates' average (until then they stay zero, so the sites send feature sums again),
+        and afterwards they stay.
         With `moments` (`moments_layout`), in every later round: those weights become the average over the
         rounds so far of R/(share·C) · sum / expected batch (the cell check's moments), not a gradient step."""
         if not expected_batch > 0 or not math.isfinite(expected_batch):
@@ -219,8 +225,13 @@ class FedSGDServer:
         if center is not None:
             where, radius = center
             if not np.any(weights[where]):
+                estimate = noisy_sum[where].astype(np.float64) * (radius / clip_norm) / expected_batch
+                self.center_sum = estimate if self.center_sum is None else self.center_sum + estimate
+                self.center_done += 1
                 new = np.array(weights, np.float32)
-                new[where] = noisy_sum[where].astype(np.float64) * (radius / clip_norm) / expected_batch
+                if self.center_done >= self.center_rounds:
+                    new[where] = self.center_sum / self.center_done
+                    self.center_sum, self.center_done = None, 0
                 return new
             noisy_sum = np.array(noisy_sum, np.float64)
             noisy_sum[where] = 0.0
@@ -252,6 +263,9 @@ class FedSGDServer:
             out["ema"] = self.ema
         if self.moment_rounds:
             out["moment_rounds"] = np.array([self.moment_rounds], np.int64)
+        if self.center_sum is not None:
+            out["center_sum"] = self.center_sum
+            out["center_done"] = np.array([self.center_done], np.int64)
         return out
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
@@ -259,6 +273,9 @@ class FedSGDServer:
         self.ema = state.get("ema")
         rounds = state.get("moment_rounds")
         self.moment_rounds = int(np.asarray(rounds).reshape(-1)[0]) if rounds is not None else 0
+        self.center_sum = state.get("center_sum")
+        done = state.get("center_done")
+        self.center_done = int(np.asarray(done).reshape(-1)[0]) if done is not None else 0
 
 
 Evaluate = Callable[[np.ndarray], float]

@@ -216,10 +216,11 @@ class CenteredLinear(nn.Module):
     Fixed features are far from centred (on BloodMNIST the mean is 90 % of a typical feature vector's
     norm), so under DP-SGD the isotropic noise on W acts mostly through W·m: a random, shared shift of
     every class score. Centring removes it (validation, 3 seeds: +1.8 points at ε = 8, +1.9 at ε = 3;
-    docs/accuracy-levers.md). m is not trained by gradients: DP-FedSGD's first round estimates it as a
-    noisy sum of each record's features clipped to L2 norm `radius`, under exactly the protection of a
-    training round (`core.fedsgd.clipped_round_sum`). It travels in the flat weight vector with W and b
-    (`center_slice`), so a released model carries it; all zeros means "not estimated yet".
+    docs/accuracy-levers.md). m is not trained by gradients: DP-FedSGD's first rounds
+    (`FederationPlan.center_rounds_used`) estimate it as noisy sums of each record's features clipped to L2 norm
+    `radius`, under exactly the protection of a training round (`core.fedsgd.clipped_round_sum`). It travels in the
+    flat weight vector with W and b (`center_slice`), so a released model carries it; all zeros means "not estimated
+    yet".
     """
 
     def __init__(self, in_features: int, out_features: int, radius: float, moments: int = 0) -> None:
@@ -356,7 +357,7 @@ class ModelSpec:
     input_size: int  # square side in pixels
     description: str
     factory: Callable[[int], nn.Module]  # num_classes -> model
-    centred: bool = False  # its head is a CenteredLinear: DP-FedSGD's first round estimates the feature center
+    centred: bool = False  # its head is a CenteredLinear: DP-FedSGD's first rounds estimate the feature center
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -378,10 +379,10 @@ MODELS: dict[str, ModelSpec] = {
                   "scattering, and a small network trained only on computer-generated shapes, shipped with the "
                   "app), each image's averaged over its 8 rotations and flips (a blood cell has no orientation); "
                   "only the final layer (21.6 k numbers) is trained, on features centred by the average that the "
-                  "first round estimates under the same protection as a training round; 28×28 input; built for DP",
+                  "first rounds estimate under the same protection as a training round; 28×28 input; built for DP",
                   scatter_synth_invariant, centred=True),
         ModelSpec("scatter_synth_inv_cc_28", 28, "scatter_synth_inv_28 with a check for images that are not a "
-                  "single blood cell: from round 2 each record's contribution also carries its 12 image "
+                  "single blood cell: once the centre is set each record's contribution also carries its 12 image "
                   "measurements' moments, clipped with its gradient to the same norm, so the federation learns "
                   "their mean and covariance at no extra privacy cost (core.learning.cell_check); 28×28 input; "
                   "built for DP", scatter_synth_checked, centred=True),

@@ -76,7 +76,7 @@ class FedSGDStep(ServerOptimizer):
 
     def __init__(self, plan, dim: int) -> None:
         self.privacy = site_privacy(plan, plan.secagg_config(dim))
-        self.server = FedSGDServer(plan.server_lr, plan.momentum, plan.ema)
+        self.server = FedSGDServer(plan.server_lr, plan.momentum, plan.ema, plan.center_rounds_used)
 
     def step(self, weights: np.ndarray, mean_update: np.ndarray) -> np.ndarray:
         raise TypeError("DP-FedSGD steps on the ring sum: call step_ring")

@@ -85,6 +85,11 @@ class FederationPlan:
     # what spends ε = 8 over the default's rounds at δ = 1e-5
     noise_multiplier: float = 2.59765625
     ema: float = 0.0  # fedsgd: EMA decay of the released weights (post-processing, no privacy cost)
+    # fedsgd, a head centred by the features' average (`CenteredLinear`): the first rounds send noisy sums of the
+    # sampled records' features instead of gradients, and their average is the centre; this many of them (at most a
+    # tenth of the rounds, at least one: `center_rounds_used`). Each is clipped, noised and accounted as a training
+    # round: the same ε, spent on a less noisy centre (docs/accuracy-levers.md, fourteenth pass).
+    center_rounds: int = 10
     val_fraction: float = 0.1
     train_timeout_s: float = 1800.0
     stage_timeout_s: float = 120.0
@@ -138,6 +143,8 @@ class FederationPlan:
                        "non-private or plain-aggregation baseline uses algorithm 'fedavg'")
         if not 0 <= self.ema < 1:
             out.append("ema must be in [0, 1)")
+        if self.center_rounds < 1:
+            out.append("center_rounds must be at least 1")
         if self.noise_multiplier < 0:
             out.append("noise_multiplier must be ≥ 0")
         if self.dp and self.dp_mode == "distributed":
@@ -155,6 +162,12 @@ class FederationPlan:
         if self.secagg and self.min_sites < self.threshold:
             out.append("min_sites must be at least the secure-aggregation threshold t")
         return out
+
+    @property
+    def center_rounds_used(self) -> int:
+        """How many first rounds estimate a centred head's centre: `center_rounds`, at most a tenth of the rounds,
+        at least 1."""
+        return max(1, min(self.center_rounds, self.rounds // 10))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

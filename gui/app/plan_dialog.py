@@ -25,6 +25,7 @@ FIELD_WORDS = {
     "local_epochs": "local epochs", "batch_size": "batch size", "lr": "learning rate", "server_lr": "server step",
     "secagg": "secure aggregation", "dp": "differential privacy", "classes": "cell classes", "min_sites": "fewest "
     "hospitals per round", "max_sites": "most hospitals", "algorithm": "training scheme",
+    "center_rounds": "rounds that estimate the features' average",
 }
 
 

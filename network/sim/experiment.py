@@ -179,7 +179,7 @@ def _one_party(fed_plan, data, job: Job, state: Path):
     trainer.prepare(trainer.open_ledger(state, job.sim.epsilon, n, create=True), data, job.sim.epsilon)
     trainer.featurize()
     weights = initial_weights(plan)
-    server = FedSGDServer(plan.server_lr, plan.momentum, plan.ema)
+    server = FedSGDServer(plan.server_lr, plan.momentum, plan.ema, plan.center_rounds_used)
     for rnd in range(1, plan.rounds + 1):
         weights, _ = server_round(server, trainer.privacy, weights, trainer.contribution(rnd, weights).ring)
     return weights, plan
@@ -425,8 +425,8 @@ def write_results(doc: Path, rows: list[Row], opts: ExperimentOptions, base: Sim
 
     main_recipe = base.model == SimulationOptions().model
     recipe = "`hemafed simulate`'s defaults" if main_recipe else f"`hemafed simulate --model {base.model}`"
-    centring = ", on features centred by their average, which each run's first round estimates as a clipped, " \
-        "noised sum under the same protection as a training round" if get_spec(base.model).centred else ""
+    centring = ", on features centred by their average, which each run's first rounds estimate as clipped, " \
+        "noised sums under the same protection as a training round" if get_spec(base.model).centred else ""
     lines = ["# Results: private federated learning on BloodMNIST", ""]
     if partial:
         lines += ["**Incomplete: the experiment is still running or was interrupted.**", ""]

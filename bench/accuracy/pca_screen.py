@@ -1,0 +1,174 @@
+"""Screen: fewer coordinates for the private head — the default model's features projected on k directions before
+the linear head (research script, issue 16's low budgets).
+
+DP noise is added to every coordinate of the head (8 × 4,747 weights), while the signal lives in far fewer
+directions; a projection on k directions chosen without the hospitals' data shrinks the noise's norm by √(4,747/k).
+Bases screened: "oracle" (the principal directions of the training features themselves: an upper bound, not
+private), "synthetic" (those of the features of procedurally generated "dead leaves" scenes,
+`core.learning.procedural_features.dead_leaves`: no hospital record goes into it), "random" (a Gaussian
+projection), "none" (the head as it ships).
+
+Central DP-SGD on the pooled training features as the federation's step is (Poisson rate q, clip C = 1, the noise of
+the default plan with all 10 hospitals: σ·C·√(10/8) for t = 9, c = 1), the features centred by their exact mean,
+server SGD with momentum 0.9 at lr = min(1, k/σ); validation split with the product's test-time augmentation.
+Reads the product's feature cache (warm after any run of the default model).
+
+    python -m bench.accuracy.pca_screen --eps 1 --dims 0 256 1024 --basis oracle synthetic --k 2.6 5.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _features(synthetic: int):
+    from hemafed.core.data.bloodmnist import load_splits, locate
+    from hemafed.core.learning.models import build_model
+    from hemafed.core.learning.site_trainer import model_inputs
+    from hemafed.network.sim.simulate import SimulationOptions, hospitals
+
+    h = hospitals(SimulationOptions(quiet=True))
+    model = build_model(h.plan.model, len(h.plan.classes))
+    xt = model_inputs(h.plan, model, h.train.images, "train").double()
+    val = load_splits(locate(None, size=h.plan.input_size))["val"]
+    xv = model_inputs(h.plan, model, val.images, "eval").double()
+    xs = None
+    if synthetic:
+        from hemafed.core.learning.procedural_features import dead_leaves
+
+        gen = torch.Generator().manual_seed(12345)
+        scenes = torch.cat([dead_leaves(min(256, synthetic - i), gen, size=h.plan.input_size)
+                            for i in range(0, synthetic, 256)])
+        images = (scenes.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+        xs = model_inputs(h.plan, model, images, "train", cache=_NoCache()).double()
+    yt = torch.as_tensor(np.asarray(h.train.labels).reshape(-1), dtype=torch.long)
+    yv = torch.as_tensor(np.asarray(val.labels).reshape(-1), dtype=torch.long)
+    return xt, yt, xv, yv, xs, h.plan
+
+
+class _NoCache:
+    """Synthetic images are drawn afresh: keep them out of the feature cache."""
+
+    def features(self, _kind, images, compute, progress=None, cancel=None):
+        return torch.cat([compute(images[i:i + 256]) for i in range(0, len(images), 256)])
+
+
+def _basis(kind: str, dim: int, xt: torch.Tensor, xs: torch.Tensor | None, seed: int) -> torch.Tensor | None:
+    if kind == "none" or not dim:
+        return None
+    if kind == "random":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(xt.shape[1], dim, generator=g, dtype=torch.float64) / dim ** 0.5
+    source = xt if kind == "oracle" else xs
+    centred = source - source.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    return v[:dim].T
+
+
+def _train(zt, yt, zv, yv, classes: int, sigma: float, noise_sigma: float, q: float, rounds: int, k: float,
+           seed: int, share: float = 1.0) -> float:
+    from hemafed.core.learning.fedsgd import FedSGDServer
+
+    g = torch.Generator().manual_seed(seed)
+    n, d = zt.shape
+    w = torch.zeros(classes, d + 1, dtype=torch.float64)
+    server = FedSGDServer(min(1.0, k / sigma), 0.9)
+    flat = w.reshape(-1).numpy().copy()
+    onehot = torch.nn.functional.one_hot(yt, classes).double()
+    ones = torch.ones(n, 1, dtype=torch.float64)
+    za = torch.cat([zt, ones], 1)
+    norms = za.norm(dim=1)
+    for _ in range(rounds):
+        idx = torch.nonzero(torch.rand(n, generator=g) < q).reshape(-1)
+        w = torch.as_tensor(flat, dtype=torch.float64).reshape(classes, d + 1)
+        p = torch.softmax(za[idx] @ w.T, 1)
+        r = p - onehot[idx]
+        scale = torch.clamp(share / (r.norm(dim=1) * norms[idx] + 1e-12), max=1.0)
+        grad = (r * scale[:, None]).T @ za[idx]
+        grad += torch.randn(grad.shape, generator=g, dtype=torch.float64) * noise_sigma
+        flat = server.apply(flat, grad.reshape(-1).numpy(), q * n, None, 1.0)
+    w = torch.as_tensor(flat, dtype=torch.float64).reshape(classes, d + 1)
+    logits = torch.cat([zv, torch.ones(len(zv), 1, dtype=torch.float64)], 1) @ w.T
+    return float((logits.argmax(1) == yv).double().mean())
+
+
+def _centre_scheme(scheme: str, share: float, rounds: int) -> tuple[float, float, int]:
+    """(the centre's error in units of one round's, the gradient's share of C, gradient rounds) of a `--centre`."""
+    if scheme == "exact":
+        return 0.0, share, rounds
+    kind, value = scheme.split(":")
+    if kind == "R":
+        n = int(value)
+        return n ** -0.5, share, rounds - (n - 1)
+    if kind == "s":
+        x = float(value)
+        return (1 + (rounds - 2) * x * x) ** -0.5, (share * share - x * x) ** 0.5, rounds
+    if kind == "noise":
+        return float(value), share, rounds
+    raise SystemExit(f"--centre {scheme!r}: exact, R:n, s:x or noise:c")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--eps", type=float, nargs="+", default=[1.0])
+    ap.add_argument("--dims", type=int, nargs="*", default=[], help="projections to screen besides none")
+    ap.add_argument("--basis", nargs="*", default=["oracle"], choices=("oracle", "synthetic", "random"))
+    ap.add_argument("--k", type=float, nargs="+", default=[0.0], help="lr·σ (0: the recipe's for the budget)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--centre", nargs="+", default=["R:1"],
+                    help="how the centre is estimated: 'exact' (the true mean), 'R:n' (the first n rounds' noisy "
+                         "feature sums averaged, n − 1 rounds fewer for the gradient; R:1 is the product's), 's:x' "
+                         "(a share x of C in every later round too, averaged by precision; the gradient keeps "
+                         "√(share² − x²)), 'noise:c' (c times the round-1 estimate's error)")
+    ap.add_argument("--share", type=float, default=0.917,
+                    help="of the clip norm C for the gradient (the product's: √(1 − 0.4²) ≈ 0.917 beside the cell "
+                         "check's moments)")
+    ap.add_argument("--synthetic", type=int, default=2000, help="procedural images for the synthetic basis")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/pca_screen.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+
+    from hemafed.core.learning.models import build_model, split_features
+    from hemafed.core.learning.recipe import lr_times_sigma, recommended_plan
+
+    xt, yt, xv, yv, xs, plan = _features(args.synthetic if "synthetic" in args.basis else 0)
+    mean = xt.mean(0)
+    radius = split_features(build_model(plan.model, len(plan.classes)))[1].radius
+    results = []
+    settings = [("none", 0)] + [(b, d) for b in args.basis for d in args.dims if d]
+    for (kind, dim), eps, k, scheme in itertools.product(settings, args.eps, args.k, args.centre):
+        fed = recommended_plan(eps, len(yt), 10)
+        noise = fed.noise_multiplier * fed.clip_norm * (10 / (fed.threshold - fed.dp_colluders)) ** 0.5
+        cn, share, rounds = _centre_scheme(scheme, args.share, fed.rounds)
+        k = k or lr_times_sigma(fed.model, eps, fed.rounds)
+        accs = []
+        started = time.perf_counter()
+        for seed in args.seeds:
+            # the round-1 estimate: a noisy sum of features clipped to `radius`, over the expected batch
+            g = torch.Generator().manual_seed(1000 + seed)
+            centre = mean + cn * torch.randn(mean.shape, generator=g, dtype=torch.float64) * (
+                noise / fed.clip_norm * radius / fed.batch_size)
+            basis = _basis(kind, dim, xt, xs, 0)
+            zt, zv = (xt - centre, xv - centre) if basis is None else ((xt - centre) @ basis, (xv - centre) @ basis)
+            accs.append(_train(zt, yt, zv, yv, len(plan.classes), fed.noise_multiplier, noise, fed.sample_rate,
+                               rounds, k, seed, share))
+        row = {"basis": kind, "dim": dim or xt.shape[1], "epsilon": eps, "rounds": fed.rounds, "k": k,
+               "centre": scheme, "centre_noise": cn, "share": share, "gradient_rounds": rounds, "val": accs, "mean": float(np.mean(accs)),
+               "std": float(np.std(accs)),
+               "seconds": time.perf_counter() - started}
+        results.append(row)
+        print(f"{kind:9s} d={row['dim']:5d} ε={eps:g} T={fed.rounds} k={k:g} centre {scheme} (error ×{cn:.2f}, share {share:.3f}, "
+              f"{rounds} gradient rounds): "
+              f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f} %", flush=True)
+    args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
