@@ -20,13 +20,15 @@ def plan_rows(plan, privacy, epsilon_budget: float, epsilon_per_round: tuple[flo
         ("rounds", str(plan.rounds)),
     ]
     if fedsgd:
+        n = plan.center_rounds_used
+        first, it = ("Round 1", "it is") if n == 1 else (f"Each of rounds 1–{n}", "each is")
         rows.append(("training per round",
                      f"<b>one DP-SGD step</b> (DP-FedSGD): each round this site picks a random sample of its "
                      f"images (each image with probability q = {plan.sample_rate:g}) and sends one clipped, "
                      "noised sum of their gradients; no local epochs"
-                     + (". <b>Round 1</b> instead sends one clipped, noised sum of the sampled images' "
+                     + (f". <b>{first}</b> instead sends one clipped, noised sum of the sampled images' "
                         "<b>features</b>, from which the federation learns their average (the model subtracts "
-                        "it); it is protected and counted exactly like a training round"
+                        f"it); {it} protected and counted exactly like a training round"
                         if model and model.centred else "")))
     else:
         rows.append(("training per round", f"<b>{plan.local_epochs} local epoch(s)</b> (FedAvg), batch size "

@@ -126,6 +126,15 @@ def test_the_centre_is_the_average_of_the_first_center_rounds_estimates_and_surv
     # a plan's count: at most a tenth of its rounds, at least one
     assert [FederationPlan(rounds=r).center_rounds_used for r in (3, 50, 125, 500)] == [1, 5, 10, 10]
     assert FederationPlan(rounds=500, center_rounds=1).center_rounds_used == 1
+    # and the plan review says which rounds send feature sums
+    from types import SimpleNamespace
+
+    from hemafed.network.plan_review import plan_rows, sees_text
+
+    privacy = SimpleNamespace(delta=1e-5, sigma=2.6)
+    assert "Each of rounds 1–10</b>" in dict(plan_rows(FederationPlan(), privacy, 8.0, ()))["training per round"]
+    assert "Round 1</b>" in dict(plan_rows(FederationPlan(rounds=5), privacy, 8.0, ()))["training per round"]
+    assert "(in rounds 1–10, feature sums)" in sees_text(FederationPlan())
 
 
 def test_after_centering_rounds_train_w_and_b_on_centred_inputs_and_keep_the_center() -> None:
