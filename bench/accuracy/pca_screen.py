@@ -13,7 +13,8 @@ the default plan with all 10 hospitals: σ·C·√(10/8) for t = 9, c = 1), the 
 server SGD with momentum 0.9 at lr = min(1, k/σ); validation split with the product's test-time augmentation.
 Reads the product's feature cache (warm after any run of the default model).
 
-    python -m bench.accuracy.pca_screen --eps 1 --dims 0 256 1024 --basis oracle synthetic --k 2.6 5.2
+    python -m bench.accuracy.pca_screen --eps 1 --dims 128 512 --basis oracle synthetic random   # projections
+    python -m bench.accuracy.pca_screen --eps 1 3 --basis --centre R:1 R:4 R:10 s:0.2           # the centre
 """
 
 from __future__ import annotations
@@ -150,22 +151,21 @@ def main() -> None:
         k = k or lr_times_sigma(fed.model, eps, fed.rounds)
         accs = []
         started = time.perf_counter()
+        basis = _basis(kind, dim, xt, xs, 0)
         for seed in args.seeds:
             # the round-1 estimate: a noisy sum of features clipped to `radius`, over the expected batch
             g = torch.Generator().manual_seed(1000 + seed)
             centre = mean + cn * torch.randn(mean.shape, generator=g, dtype=torch.float64) * (
                 noise / fed.clip_norm * radius / fed.batch_size)
-            basis = _basis(kind, dim, xt, xs, 0)
             zt, zv = (xt - centre, xv - centre) if basis is None else ((xt - centre) @ basis, (xv - centre) @ basis)
             accs.append(_train(zt, yt, zv, yv, len(plan.classes), fed.noise_multiplier, noise, fed.sample_rate,
                                rounds, k, seed, share))
         row = {"basis": kind, "dim": dim or xt.shape[1], "epsilon": eps, "rounds": fed.rounds, "k": k,
-               "centre": scheme, "centre_noise": cn, "share": share, "gradient_rounds": rounds, "val": accs, "mean": float(np.mean(accs)),
-               "std": float(np.std(accs)),
-               "seconds": time.perf_counter() - started}
+               "centre": scheme, "centre_noise": cn, "share": share, "gradient_rounds": rounds, "val": accs,
+               "mean": float(np.mean(accs)), "std": float(np.std(accs)), "seconds": time.perf_counter() - started}
         results.append(row)
-        print(f"{kind:9s} d={row['dim']:5d} ε={eps:g} T={fed.rounds} k={k:g} centre {scheme} (error ×{cn:.2f}, share {share:.3f}, "
-              f"{rounds} gradient rounds): "
+        print(f"{kind:9s} d={row['dim']:5d} ε={eps:g} T={fed.rounds} k={k:g} centre {scheme} "
+              f"(error ×{cn:.2f}, share {share:.3f}, {rounds} gradient rounds): "
               f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f} %", flush=True)
     args.out.write_text(json.dumps(results, indent=1))
 
