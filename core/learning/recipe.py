@@ -55,7 +55,11 @@ def schedule(epsilon: float | None = None, model: str | None = None) -> tuple[in
         for most, rounds, k in BUDGET_SCHEDULE:
             if epsilon <= most:
                 return rounds, k
-    return RECIPE["rounds"], MODEL_LR_TIMES_SIGMA.get(model or "", LR_TIMES_SIGMA)
+    return RECIPE["rounds"], _model_k(model)
+
+
+def _model_k(model: str | None) -> float:
+    return MODEL_LR_TIMES_SIGMA.get(model or "", LR_TIMES_SIGMA)
 
 
 def rounds_for(epsilon: float | None, model: str | None = None) -> int:
@@ -69,9 +73,7 @@ def lr_times_sigma(model: str | None = None, epsilon: float | None = None, round
     (`MODEL_LR_TIMES_SIGMA`, else `LR_TIMES_SIGMA`): a larger step was only measured with fewer rounds."""
 
     scheduled, k = schedule(epsilon, model)
-    if rounds is not None and rounds == scheduled:
-        return k
-    return MODEL_LR_TIMES_SIGMA.get(model or "", LR_TIMES_SIGMA)
+    return k if rounds == scheduled else _model_k(model)
 
 
 def server_lr_for(sigma: float, model: str | None = None, epsilon: float | None = None,

@@ -288,15 +288,15 @@ def run_experiment(opts: ExperimentOptions, out: Path, doc: Path, command: str) 
 
     add("central", "centralised, non-private (reference)", "–", None, "",
         lambda s: Job("reference", sim(s), "sites", opts.np_rounds, np_q, opts.np_lr))
+    rounds = {eps: replace(base, epsilon=eps).planned_rounds for eps in opts.epsilons}  # the recipe's for each ε
     for eps in opts.epsilons:
         add("central", "centralised, DP-SGD", "–", eps, "",
-            lambda s, e=eps: Job("one_party", sim(s, eps=e, mode="local"), "sites", sim(s, eps=e).planned_rounds, q))
+            lambda s, e=eps: Job("one_party", sim(s, eps=e, mode="local"), "sites", rounds[e], q))
     add("alone", "one hospital alone (median size), non-private (reference)", main, None, "",
         lambda s: Job("reference", sim(s), "median", opts.np_rounds, opts.alone_np_sample_rate, opts.np_lr))
     for eps in opts.epsilons:
         add("alone", "one hospital alone (median size), DP-SGD", main, eps, "",
-            lambda s, e=eps: Job("one_party", sim(s, eps=e, mode="local"), "median", sim(s, eps=e).planned_rounds,
-                                q))
+            lambda s, e=eps: Job("one_party", sim(s, eps=e, mode="local"), "median", rounds[e], q))
     for partition in opts.partitions:
         add("federated", "the federation's hospitals without noise (reference)", partition, None, "",
             lambda s, p=partition: Job("reference", sim(s, p), "sites", opts.np_rounds, np_q, opts.np_lr))
