@@ -137,6 +137,38 @@ def test_the_centre_is_the_average_of_the_first_center_rounds_estimates_and_surv
     assert "(in rounds 1–10, feature sums)" in sees_text(FederationPlan())
 
 
+def test_a_head_with_block_weights_clips_the_gradient_of_what_it_computes() -> None:
+    """`CenteredLinear(block_weights=...)`: logits = W·(s ⊙ (x − m)) + b with a fixed s per block; the round's
+    per-record gradients are those of that function, each clipped to C as a whole, and s stays out of the flat
+    weight vector (the update's length and the accounting do not change)."""
+    from hemafed.core.learning.fedsgd import clipped_round_sum
+    from hemafed.core.learning.models import CenteredLinear, num_parameters, set_flat_params
+
+    torch.manual_seed(2)
+    blocks = ((2, 3.0), (4, 0.5))
+    head = CenteredLinear(6, 3, radius=2.0, block_weights=blocks)
+    assert num_parameters(head) == num_parameters(CenteredLinear(6, 3, radius=2.0)) == 6 + 18 + 3
+    weights = get_flat_params(head)
+    weights[:6] = np.linspace(0.5, 1.0, 6)
+    set_flat_params(head, weights)
+    x, y = torch.randn(10, 6) + 1.0, torch.randint(0, 3, (10,))
+    s = torch.tensor([3.0, 3.0, 0.5, 0.5, 0.5, 0.5])
+    centred = (x - torch.as_tensor(weights[:6])) * s
+    assert torch.allclose(head(x), head.linear(centred))
+    clip = 0.7
+    gs = clipped_round_sum(head, x, y, 1.0, clip)
+    expected = torch.zeros(21, dtype=torch.float64)
+    for i in range(10):  # one record at a time: its gradient, clipped to C
+        plain = nn.Linear(6, 3)
+        plain.load_state_dict(head.linear.state_dict())
+        torch.nn.functional.cross_entropy(plain(centred[i:i + 1]), y[i:i + 1], reduction="sum").backward()
+        g = torch.cat([plain.weight.grad.reshape(-1), plain.bias.grad]).double()
+        expected += g * min(1.0, clip / float(g.norm()))
+    np.testing.assert_allclose(gs.vector[6:], expected.numpy(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="do not cover"):
+        CenteredLinear(6, 3, radius=2.0, block_weights=((2, 3.0), (3, 1.0)))
+
+
 def test_after_centering_rounds_train_w_and_b_on_centred_inputs_and_keep_the_center() -> None:
     from hemafed.core.learning.fedsgd import center_layout, clipped_round_sum
     from hemafed.core.learning.models import CenteredLinear, set_flat_params

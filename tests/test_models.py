@@ -235,3 +235,27 @@ def test_the_penultimate_block_64_px_model_takes_the_encoders_maps_one_block_ear
                 for k in range(4)]
     assert torch.allclose(fourth[:, coarse:], (sum(maps) / 4).flatten(1), atol=1e-5)
     assert (fourth[:, coarse:] - last[:, coarse:]).abs().max() > 0.1
+
+
+def test_the_block_weighted_model_reads_the_same_cached_features_and_weighs_the_scattering_three_times() -> None:
+    """`…_bw_64` is `…_lf_looks_hed_64` with weights in its head only: the same fixed features (one cache entry
+    serves both) and flat weight vector, the scattering block weighed three times the procedural maps."""
+    from hemafed.core.learning.models import (
+        MULTISCALE_BLOCK_WEIGHTS,
+        MULTISCALE_DIM,
+        build_model,
+        feature_kinds,
+        num_parameters,
+        split_features,
+    )
+
+    plain, weighted = "scatter_synth_inv_cc_ms4p_lf_looks_hed_64", "scatter_synth_inv_cc_ms4p_lf_looks_hed_bw_64"
+    a, b = build_model(plain), build_model(weighted)
+    assert feature_kinds(plain, a) == feature_kinds(weighted, b)
+    assert num_parameters(split_features(a)[1]) == num_parameters(split_features(b)[1])
+    assert split_features(a)[1].scale is None
+    scale = split_features(b)[1].scale.tolist()
+    assert len(scale) == MULTISCALE_DIM and sum(n for n, _ in MULTISCALE_BLOCK_WEIGHTS) == MULTISCALE_DIM
+    scatter, coarse, _ = MULTISCALE_BLOCK_WEIGHTS
+    assert scale[0] == scale[scatter[0] - 1] == pytest.approx(3 * scale[-1], rel=1e-3)
+    assert scale[scatter[0]] == scale[scatter[0] + coarse[0]] == scale[-1]

@@ -1,5 +1,6 @@
 """Screen: fewer coordinates for the private head — the default model's features projected on k directions before
-the linear head (research script, issue 16's low budgets).
+the linear head — and other head-side levers: how the centre is estimated, per-block weights of the features
+(research script, issue 16's low budgets).
 
 DP noise is added to every coordinate of the head (8 × 4,747 weights), while the signal lives in far fewer
 directions; a projection on k directions chosen without the hospitals' data shrinks the noise's norm by √(4,747/k).
@@ -15,6 +16,7 @@ Reads the product's feature cache (warm after any run of the default model).
 
     python -m bench.accuracy.pca_screen --eps 1 --dims 128 512 --basis oracle synthetic random   # projections
     python -m bench.accuracy.pca_screen --eps 1 3 --basis --centre R:1 R:4 R:10 s:0.2           # the centre
+    python -m bench.accuracy.pca_screen --eps 1 3 8 --basis --centre R:10 --scale none block:3,1,1  # block weights
 """
 
 from __future__ import annotations
@@ -100,6 +102,25 @@ def _train(zt, yt, zv, yv, classes: int, sigma: float, noise_sigma: float, q: fl
     return float((logits.argmax(1) == yv).double().mean())
 
 
+def _rescale(scale: str, zt: torch.Tensor, zv: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if scale == "none":
+        return zt, zv
+    if scale == "diag":
+        factor = 1.0 / xt.std(0).clamp_min(1e-6)
+    elif scale.startswith("block:"):
+        a, b, c = (float(v) for v in scale[6:].split(","))
+        factor = torch.ones(zt.shape[1], dtype=torch.float64)
+        factor[:2187] = a
+        factor[2187:2699] = b
+        factor[2699:] = c
+    else:
+        raise SystemExit(f"--scale {scale!r}")
+    before = zt.norm(dim=1).median()
+    zt, zv = zt * factor, zv * factor
+    k = before / zt.norm(dim=1).median()
+    return zt * k, zv * k
+
+
 def _centre_scheme(scheme: str, share: float, rounds: int) -> tuple[float, float, int]:
     """(the centre's error in units of one round's, the gradient's share of C, gradient rounds) of a `--centre`."""
     if scheme == "exact":
@@ -131,6 +152,12 @@ def main() -> None:
     ap.add_argument("--share", type=float, default=0.917,
                     help="of the clip norm C for the gradient (the product's: √(1 − 0.4²) ≈ 0.917 beside the cell "
                          "check's moments)")
+    ap.add_argument("--scale", nargs="+", default=["none"],
+                    help="coordinates rescaled before the head: 'none', 'diag' (each by its std over the training "
+                         "features: an oracle, not private), 'block:a,b,c' (the scattering, coarse and fine blocks "
+                         "times a, b, c); either way then scaled back to the features' median norm. The head's own "
+                         "block weights (`CenteredLinear.block_weights`) are not applied: 'none' is the features as "
+                         "cached, block:3,1,1 the default model's head")
     ap.add_argument("--synthetic", type=int, default=2000, help="procedural images for the synthetic basis")
     ap.add_argument("--out", type=Path, default=Path("/tmp/pca_screen.json"))
     args = ap.parse_args()
@@ -144,7 +171,7 @@ def main() -> None:
     radius = split_features(build_model(plan.model, len(plan.classes)))[1].radius
     results = []
     settings = [("none", 0)] + [(b, d) for b in args.basis for d in args.dims if d]
-    for (kind, dim), eps, k, scheme in itertools.product(settings, args.eps, args.k, args.centre):
+    for (kind, dim), eps, k, scheme, scale in itertools.product(settings, args.eps, args.k, args.centre, args.scale):
         fed = recommended_plan(eps, len(yt), 10)
         noise = fed.noise_multiplier * fed.clip_norm * (10 / (fed.threshold - fed.dp_colluders)) ** 0.5
         cn, share, rounds = _centre_scheme(scheme, args.share, fed.rounds)
@@ -158,15 +185,17 @@ def main() -> None:
             centre = mean + cn * torch.randn(mean.shape, generator=g, dtype=torch.float64) * (
                 noise / fed.clip_norm * radius / fed.batch_size)
             zt, zv = (xt - centre, xv - centre) if basis is None else ((xt - centre) @ basis, (xv - centre) @ basis)
+            zt, zv = _rescale(scale, zt, zv, xt)
             accs.append(_train(zt, yt, zv, yv, len(plan.classes), fed.noise_multiplier, noise, fed.sample_rate,
                                rounds, k, seed, share))
         row = {"basis": kind, "dim": dim or xt.shape[1], "epsilon": eps, "rounds": fed.rounds, "k": k,
                "centre": scheme, "centre_noise": cn, "share": share, "gradient_rounds": rounds, "val": accs,
-               "mean": float(np.mean(accs)), "std": float(np.std(accs)), "seconds": time.perf_counter() - started}
+               "mean": float(np.mean(accs)), "std": float(np.std(accs)), "seconds": time.perf_counter() - started,
+               "scale": scale}
         results.append(row)
         print(f"{kind:9s} d={row['dim']:5d} ε={eps:g} T={fed.rounds} k={k:g} centre {scheme} "
               f"(error ×{cn:.2f}, share {share:.3f}, {rounds} gradient rounds): "
-              f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f} %", flush=True)
+              f"scale {scale}: {100 * row['mean']:.2f} ± {100 * row['std']:.2f} %", flush=True)
     args.out.write_text(json.dumps(results, indent=1))
 
 

@@ -112,7 +112,7 @@ def clipped_gradient_sum(trainable: nn.Module, inputs: torch.Tensor, labels: tor
         if len(indices) == 0:
             gs = clipped_gradient_sum(trainable.linear, inputs, labels, sample_rate, clip_norm, indices=indices)
         else:  # centre only the sampled records: the whole input tensor each round would dominate the step
-            gs = clipped_gradient_sum(trainable.linear, inputs[indices] - trainable.center.detach(),
+            gs = clipped_gradient_sum(trainable.linear, trainable.centred_inputs(inputs[indices]).detach(),
                                       labels[indices], sample_rate, clip_norm,
                                       indices=torch.arange(len(indices)))
             gs.n_samples = n
