@@ -464,10 +464,13 @@ MODELS: dict[str, ModelSpec] = {
                   "whose microscopes differ; 64×64 input; built for DP",
                   lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4, encoder=LOOKS_ENCODER_ASSET,
                                                densities=True, look="lamp-focus"), centred=True),
-        ModelSpec("scatter_synth_inv_cc_ms4p_lf_looks_hed_bw_64", 64, "scatter_synth_inv_cc_ms4p_lf_looks_hed_64 "
-                  "whose final layer weighs the wavelet scattering three times the shape-trained network's maps "
-                  "(the same features: under DP noise, each step then moves the layer more along the scattering); "
-                  "64×64 input; built for DP",
+        ModelSpec("scatter_synth_inv_cc_ms4p_lf_looks_hed_bw_64", 64, "fixed image features that no patient data "
+                  "went into (wavelet scattering of the image's haematoxylin and eosin stain densities at 28 px, "
+                  "weighed three times, beside a small network trained only on computer-generated shapes shown in "
+                  "random microscope looks, at 28 and 64 px), each image first brought to a canonical lamp and focus "
+                  "and its features averaged over its rotations and flips; only the final layer is trained, on "
+                  "centred features, with a check for images that are not a single blood cell; 64×64 input; built "
+                  "for DP (scatter_synth_inv_cc_ms4p_lf_looks_hed_64 with its blocks weighed)",
                   lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4, encoder=LOOKS_ENCODER_ASSET,
                                                densities=True, look="lamp-focus",
                                                block_weights=MULTISCALE_BLOCK_WEIGHTS), centred=True),
