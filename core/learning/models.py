@@ -340,8 +340,9 @@ MULTISCALE_RADIUS = 60.0
 # for `CenteredLinear(block_weights=...)`. Centred, the scattering block is the smallest (median norm 6.1 against 8.8
 # and 16.0 on the 64-px validation split) but the most telling per unit of norm, and a record's clipped gradient was
 # shared between the blocks by their norms. Three times the weight of the others, all scaled so that the median
-# centred norm stays 19.4: +0.8 points at ε = 1 and +0.5 at ε = 3 (central DP-SGD screen on validation, 3 seeds;
-# docs/accuracy-levers.md, fifteenth pass). Public constants chosen on validation: no record of a hospital in them.
+# centred norm stays 19.4: through the product on validation (3 seeds) +0.3 / +0.6 / +0.0 points at ε = 1 / 3 / 8
+# (docs/accuracy-levers.md, fifteenth pass, with its test rows). Public constants chosen on validation: no record of a
+# hospital in them.
 MULTISCALE_BLOCK_WEIGHTS = ((243 * 3 * 3, 2.206), (128 * 2 * 2, 0.735), (128 * 4 * 4, 0.735))
 
 

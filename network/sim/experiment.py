@@ -588,7 +588,9 @@ def _confidence_sections(docs: Path) -> list[str]:
         "## Hospitals whose images look different", "",
         f"The main job's model: [{APPEARANCE_DOC}]({APPEARANCE_DOC}) (`python -m bench.appearance`):", "",
         *tables(APPEARANCE_DOC),
-        f"The default before it, at 28 px: [{PREVIOUS_APPEARANCE_DOC}]({PREVIOUS_APPEARANCE_DOC}):", "",
+        f"The default before it (the same features, the head unweighted): "
+        f"[{PREVIOUS_APPEARANCE_DOC}]({PREVIOUS_APPEARANCE_DOC}); the 28-px default before that: "
+        "[appearance-looks-hed.md](appearance-looks-hed.md):", "",
         *tables(PREVIOUS_APPEARANCE_DOC),
         "Earlier models and remedies: [appearance-looks.md](appearance-looks.md), "
         "[appearance.md](appearance.md), [appearance-remedies.md](appearance-remedies.md).", "",
@@ -598,8 +600,8 @@ def _confidence_sections(docs: Path) -> list[str]:
 
 # the main job's model's calibration, cell check and appearance shift (`python -m bench.calibration --doc ...`,
 # `bench.ood_check --doc ...`, `bench.appearance --doc ...`); earlier defaults' docs stay beside them
-CALIBRATION_DOC, OOD_DOC = "calibration-64px-ms4p-lf-looks-hed", "ood-check-64px-ms4p-lf-looks-hed"
-APPEARANCE_DOC, PREVIOUS_APPEARANCE_DOC = "appearance-64px-ms4p-lf-looks-hed.md", "appearance-looks-hed.md"
+CALIBRATION_DOC, OOD_DOC = "calibration-64px-bw", "ood-check-64px-bw"
+APPEARANCE_DOC, PREVIOUS_APPEARANCE_DOC = "appearance-64px-bw.md", "appearance-64px-ms4p-lf-looks-hed.md"
 
 # other recipes' result docs (written by `hemafed experiment --model M --doc docs/<file>`), summarised in RESULTS.md
 OTHER_RECIPES = {"results-64px.md": "scatter_synth_inv_cc_ms_64", "results-64px-ms4.md": "scatter_synth_inv_cc_ms4_64",
