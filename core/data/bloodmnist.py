@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FatalError
-from ..npz_lock import NPZ_READ_LOCK
+from ..npz_lock import open_npz
 from ..paths import cache_dir, dev_data_dir
 from .imaging import array_to_rgb_uint8
 
@@ -107,7 +107,7 @@ class Split:
 def load_splits(path: Path) -> dict[str, Split]:
     """All three splits of a MedMNIST-layout file."""
     out: dict[str, Split] = {}
-    with NPZ_READ_LOCK, np.load(path, allow_pickle=False) as data:
+    with open_npz(path) as data:
         for split in SPLITS:
             images = array_to_rgb_uint8(np.asarray(data[f"{split}_images"]))
             labels = np.asarray(data[f"{split}_labels"]).reshape(-1).astype(np.int64)

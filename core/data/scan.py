@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..npz_lock import NPZ_READ_LOCK
+from ..npz_lock import open_npz
 from .classes import BLOODMNIST_CLASSES, normalise_class_name
 from .imaging import (
     ImageRejected,
@@ -248,7 +248,7 @@ def _decode_entries(
 def _scan_npz(path: Path, classes: Sequence[str], size: int | None, split: str) -> SiteImages:
     report = ScanReport(str(path), "npz", list(classes))
     try:
-        with NPZ_READ_LOCK, np.load(path, allow_pickle=False) as data:
+        with open_npz(path) as data:
             key_img, key_lab = f"{split}_images", f"{split}_labels"
             if key_img not in data or key_lab not in data:
                 raise ValueError(

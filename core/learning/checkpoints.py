@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import append_line_durable, atomic_write_bytes
-from ..npz_lock import NPZ_READ_LOCK
+from ..npz_lock import open_npz
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class CheckpointStore:
         return path
 
     def load(self, rnd: int) -> Checkpoint:
-        with NPZ_READ_LOCK, np.load(self._path(rnd), allow_pickle=False) as data:
+        with open_npz(self._path(rnd)) as data:
             meta = json.loads(bytes(data["meta"]).decode())
             opt = {k[4:]: data[k] for k in data.files if k.startswith("opt_")}
             return Checkpoint(int(meta["round"]), data["weights"].astype(np.float32), opt, meta)

@@ -23,7 +23,7 @@ import numpy as np
 from ..data.classes import normalise_class_name
 from ..data.imaging import ImageRejected, centre_crop_resize, is_image_name, is_junk, open_rgb
 from ..errors import HemafedError
-from ..npz_lock import NPZ_READ_LOCK
+from ..npz_lock import open_npz
 from .confidence import Calibration, softmax
 from .models import build_model, get_spec, images_to_tensor, num_parameters, set_flat_params
 
@@ -86,7 +86,7 @@ def load_model_file(path: str | Path) -> ModelFile:
     if size > MAX_MODEL_FILE_BYTES:
         raise ModelFileError(f"{path}: {size / 1e6:.0f} MB is too large for a hemafed model file")
     try:
-        with NPZ_READ_LOCK, np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as data:
+        with open_npz(io.BytesIO(path.read_bytes())) as data:
             if "weights" not in data or "meta" not in data:
                 raise ModelFileError(f"{path}: not a hemafed model file (no 'weights'/'meta' arrays)")
             weights = np.asarray(data["weights"], dtype=np.float32)

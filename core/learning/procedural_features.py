@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..npz_lock import NPZ_READ_LOCK
+from ..npz_lock import open_npz
 from .features import dihedral
 
 SIZE = 28
@@ -220,7 +220,7 @@ def checkpoint_path(out: Path) -> Path:
 
 def _npz_state(fh: BinaryIO) -> dict[str, torch.Tensor]:
     """An encoder's weights from the .npz that `pretrain` writes."""
-    with NPZ_READ_LOCK, np.load(fh, allow_pickle=False) as arrays:
+    with open_npz(fh) as arrays:
         return {k: torch.from_numpy(arrays[k].copy()) for k in arrays.files}
 
 

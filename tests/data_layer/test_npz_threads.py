@@ -1,8 +1,8 @@
 """Several sites in one process read their .npz data at once, each in its own thread, as the federation tests run
-them. Every read holds `core.npz_lock.NPZ_READ_LOCK` (python/cpython#106905, seen once in CI: a site's worker thread
-failed parsing an .npz header with "AST constructor recursion depth mismatch"). The race is too rare to reproduce on
-demand here (8 threads × 20,000 header parses did not); this checks that the locked reads stay correct and never
-block each other for good."""
+them. Every read goes through `core.npz_lock.open_npz`, under one lock (python/cpython#106905, seen once in CI: a
+site's worker thread failed parsing an .npz header with "AST constructor recursion depth mismatch"). The race is too
+rare to reproduce on demand here (8 threads × 20,000 header parses did not); this checks that the locked reads stay
+correct and never block each other for good."""
 
 from __future__ import annotations
 
