@@ -108,11 +108,11 @@ def _rescale(scale: str, zt: torch.Tensor, zv: torch.Tensor, xt: torch.Tensor) -
     if scale == "diag":
         factor = 1.0 / xt.std(0).clamp_min(1e-6)
     elif scale.startswith("block:"):
-        a, b, c = (float(v) for v in scale[6:].split(","))
-        factor = torch.ones(zt.shape[1], dtype=torch.float64)
-        factor[:2187] = a
-        factor[2187:2699] = b
-        factor[2699:] = c
+        from hemafed.core.learning.models import MULTISCALE_BLOCK_WEIGHTS, block_scale
+
+        weights = tuple(float(v) for v in scale[6:].split(","))
+        sizes = [n for n, _ in MULTISCALE_BLOCK_WEIGHTS]
+        factor = block_scale(tuple(zip(sizes, weights, strict=True)), zt.shape[1]).double()
     else:
         raise SystemExit(f"--scale {scale!r}")
     before = zt.norm(dim=1).median()

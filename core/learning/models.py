@@ -210,6 +210,13 @@ def scatter_synth_linear(num_classes: int) -> ScatterSynthNet:
     return ScatterSynthNet(nn.Sequential(nn.Flatten(), nn.Linear((243 + 128) * 3 * 3, num_classes)))
 
 
+def block_scale(block_weights: tuple[tuple[int, float], ...], features: int) -> torch.Tensor:
+    """One weight per coordinate from (coordinates, weight) pairs for consecutive blocks covering `features`."""
+    if sum(n for n, _ in block_weights) != features or any(n < 1 or not w > 0 for n, w in block_weights):
+        raise ValueError(f"block weights {block_weights} do not cover {features} features")
+    return torch.cat([torch.full((n,), float(w)) for n, w in block_weights])
+
+
 class CenteredLinear(nn.Module):
     """logits = W·(x − m) + b, with m the average feature vector of the federation's training images.
 
@@ -234,12 +241,8 @@ class CenteredLinear(nn.Module):
         # (coordinates, weight) for consecutive blocks of the centred features: a fixed public constant, not trained
         # and not in the flat weight vector. Under DP-SGD it sets how a record's clipped gradient, and so each
         # step, is shared between the blocks (a per-block step size); see `MULTISCALE_BLOCK_WEIGHTS`.
-        scale = None
-        if block_weights:
-            if sum(n for n, _ in block_weights) != in_features or any(n < 1 or not w > 0 for n, w in block_weights):
-                raise ValueError(f"block weights {block_weights} do not cover {in_features} features")
-            scale = torch.cat([torch.full((n,), float(w)) for n, w in block_weights])
-        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("scale", block_scale(block_weights, in_features) if block_weights else None,
+                             persistent=False)
 
     @property
     def centered(self) -> bool:
