@@ -9,8 +9,9 @@ private), "synthetic" (those of the features of procedurally generated "dead lea
 `core.learning.procedural_features.dead_leaves`: no hospital record goes into it), "random" (a Gaussian
 projection), "none" (the head as it ships).
 
-Central DP-SGD on the pooled training features as the federation's step is (Poisson rate q, clip C = 1, the noise of
-the default plan with all 10 hospitals: σ·C·√(10/8) for t = 9, c = 1), the features centred by their exact mean,
+Central DP-SGD on the hospitals' pooled training splits (what the product trains on; `--records all`: every training
+image) as the federation's step is (Poisson rate q, clip C = 1, the noise of the default plan with all 10 hospitals:
+σ·C·√(10/8) for t = 9, c = 1), the features centred by their mean plus the private estimate's noise (`--centre`),
 server SGD with momentum 0.9 at lr = min(1, k/σ); validation split with the product's test-time augmentation.
 Reads the product's feature cache (warm after any run of the default model).
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 
-def _features(synthetic: int):
+def _features(synthetic: int, records: str = "sites"):
     from hemafed.core.data.bloodmnist import load_splits, locate
     from hemafed.core.learning.models import build_model
     from hemafed.core.learning.site_trainer import model_inputs
@@ -39,7 +40,13 @@ def _features(synthetic: int):
 
     h = hospitals(SimulationOptions(quiet=True))
     model = build_model(h.plan.model, len(h.plan.classes))
-    xt = model_inputs(h.plan, model, h.train.images, "train").double()
+    if records == "sites":  # what the product trains on: each hospital keeps `plan.val_fraction` of its images back
+        data = h.site_data().values()
+        images = np.concatenate([d.train_images for d in data])
+        labels = np.concatenate([d.train_labels for d in data])
+    else:
+        images, labels = h.train.images, h.train.labels
+    xt = model_inputs(h.plan, model, images, "train").double()
     val = load_splits(locate(None, size=h.plan.input_size))["val"]
     xv = model_inputs(h.plan, model, val.images, "eval").double()
     xs = None
@@ -51,7 +58,7 @@ def _features(synthetic: int):
                             for i in range(0, synthetic, 256)])
         images = (scenes.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
         xs = model_inputs(h.plan, model, images, "train", cache=_NoCache()).double()
-    yt = torch.as_tensor(np.asarray(h.train.labels).reshape(-1), dtype=torch.long)
+    yt = torch.as_tensor(np.asarray(labels).reshape(-1), dtype=torch.long)
     yv = torch.as_tensor(np.asarray(val.labels).reshape(-1), dtype=torch.long)
     return xt, yt, xv, yv, xs, h.plan
 
@@ -102,6 +109,20 @@ def _train(zt, yt, zv, yv, classes: int, sigma: float, noise_sigma: float, q: fl
     return float((logits.argmax(1) == yv).double().mean())
 
 
+def _scattering_weights(part: str) -> torch.Tensor:
+    """Weights within the scattering block, laid out (channel, coefficient, 3 × 3 positions): 'order:a,b,c' for the
+    scattering's orders 0, 1 and 2 (1, 16 and 64 of each channel's 81 coefficients), 'channel:h,e,r' for the stain
+    densities' haematoxylin, eosin and residual channels."""
+    kind, values = part.split(":")
+    w = [float(v) for v in values.split(",")]
+    if kind == "order" and len(w) == 3:
+        per_coefficient = torch.tensor([w[0]] + [w[1]] * 16 + [w[2]] * 64, dtype=torch.float64)
+        return per_coefficient.repeat_interleave(9).repeat(3)
+    if kind == "channel" and len(w) == 3:
+        return torch.tensor(w, dtype=torch.float64).repeat_interleave(81 * 9)
+    raise SystemExit(f"--scale …/{part}: order:a,b,c or channel:h,e,r")
+
+
 def _rescale(scale: str, zt: torch.Tensor, zv: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if scale == "none":
         return zt, zv
@@ -110,9 +131,12 @@ def _rescale(scale: str, zt: torch.Tensor, zv: torch.Tensor, xt: torch.Tensor) -
     elif scale.startswith("block:"):
         from hemafed.core.learning.models import MULTISCALE_BLOCK_WEIGHTS, block_scale
 
-        weights = tuple(float(v) for v in scale[6:].split(","))
+        blocks, *within = scale[6:].split("/")
+        weights = tuple(float(v) for v in blocks.split(","))
         sizes = [n for n, _ in MULTISCALE_BLOCK_WEIGHTS]
         factor = block_scale(tuple(zip(sizes, weights, strict=True)), zt.shape[1]).double()
+        for part in within:
+            factor[:sizes[0]] *= _scattering_weights(part)
     else:
         raise SystemExit(f"--scale {scale!r}")
     before = zt.norm(dim=1).median()
@@ -157,7 +181,12 @@ def main() -> None:
                          "features: an oracle, not private), 'block:a,b,c' (the scattering, coarse and fine blocks "
                          "times a, b, c); either way then scaled back to the features' median norm. The head's own "
                          "block weights (`CenteredLinear.block_weights`) are not applied: 'none' is the features as "
-                         "cached, block:3,1,1 the default model's head")
+                         "cached, block:3,1,1 the default model's head; '/order:a,b,c' or '/channel:h,e,r' after it "
+                         "weighs the scattering's orders or stain channels too")
+    ap.add_argument("--records", choices=("sites", "all"), default="sites",
+                    help="training records: 'sites' (the hospitals' training splits, as the product trains; each "
+                         "keeps its validation split back) or 'all' (every training image: the proxy before the "
+                         "sixteenth pass, which read about 0.2–0.6 points above the product)")
     ap.add_argument("--synthetic", type=int, default=2000, help="procedural images for the synthetic basis")
     ap.add_argument("--out", type=Path, default=Path("/tmp/pca_screen.json"))
     args = ap.parse_args()
@@ -166,7 +195,7 @@ def main() -> None:
     from hemafed.core.learning.models import build_model, split_features
     from hemafed.core.learning.recipe import lr_times_sigma, recommended_plan
 
-    xt, yt, xv, yv, xs, plan = _features(args.synthetic if "synthetic" in args.basis else 0)
+    xt, yt, xv, yv, xs, plan = _features(args.synthetic if "synthetic" in args.basis else 0, args.records)
     mean = xt.mean(0)
     radius = split_features(build_model(plan.model, len(plan.classes)))[1].radius
     results = []
@@ -191,7 +220,7 @@ def main() -> None:
         row = {"basis": kind, "dim": dim or xt.shape[1], "epsilon": eps, "rounds": fed.rounds, "k": k,
                "centre": scheme, "centre_noise": cn, "share": share, "gradient_rounds": rounds, "val": accs,
                "mean": float(np.mean(accs)), "std": float(np.std(accs)), "seconds": time.perf_counter() - started,
-               "scale": scale}
+               "scale": scale, "records": args.records}
         results.append(row)
         print(f"{kind:9s} d={row['dim']:5d} ε={eps:g} T={fed.rounds} k={k:g} centre {scheme} "
               f"(error ×{cn:.2f}, share {share:.3f}, {rounds} gradient rounds): "

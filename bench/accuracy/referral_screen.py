@@ -1,0 +1,104 @@
+"""Screen: which score picks the images to refer (issue 18's "not sure"), on the validation split.
+
+The product refers the images whose calibrated top probability is lowest (`core.learning.confidence`). This screen
+ranks BloodMNIST's validation images, which no hospital holds, by other scores computed from the same model file and
+reports the accuracy of the answered ones at a fixed coverage (95 %: issue 18's goal is ≥ 98.5 % right):
+
+- from the product's logits (its 8-view test-time augmentation): the top probability at several temperatures
+  (the ranking is not quite temperature-free), the margin between the top two, the entropy, the logit margin;
+- from each of the 8 views' own logits: how many views agree with the answer, the mean and the smallest probability
+  the views give the answer, and the top probability less k times the views' spread.
+
+    python -m bench.accuracy.referral_screen results/calibration-64px-bw/hospital_01-final.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def view_logits(model_file: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(the product's logits (N, C), each view's logits (8, N, C), labels, the file's temperature) on `split`."""
+    import torch
+
+    from hemafed.core.data.bloodmnist import load_splits, locate
+    from hemafed.core.learning.classify import load_model_file
+    from hemafed.core.learning.features import dihedral
+    from hemafed.core.learning.models import images_to_tensor, split_features
+
+    mf = load_model_file(model_file)
+    data = load_splits(locate(None, size=mf.input_size))[split]
+    x = images_to_tensor(data.images, mf.input_size)
+    head = split_features(mf.model)[1]
+    with torch.no_grad():
+        views = np.stack([head(mf.model.features(dihedral(x, k))).numpy() for k in range(8)])
+    temperature = mf.calibration.temperature if mf.calibration is not None else 1.0
+    return (mf.logits(data.images).astype(np.float64), views.astype(np.float64),
+            np.asarray(data.labels).reshape(-1), float(temperature))
+
+
+def scores(logits: np.ndarray, views: np.ndarray, temperature: float) -> dict[str, np.ndarray]:
+    """Each score per image, larger meaning more sure."""
+    from hemafed.core.learning.confidence import softmax
+
+    p = softmax(logits, temperature)
+    answer = p.argmax(1)
+    top2 = np.sort(p, 1)[:, -2:]
+    sorted_logits = np.sort(logits, 1)
+    per_view = np.stack([softmax(v, temperature) for v in views])  # (8, N, C)
+    p_answer = per_view[:, np.arange(len(answer)), answer]
+    out = {f"top probability, T = {t:g}": softmax(logits, t).max(1) for t in (1.0, 2.0, 3.0)}
+    out[f"top probability, the file's T = {temperature:.2f} (the product)"] = p.max(1)
+    out["margin p1 − p2"] = top2[:, 1] - top2[:, 0]
+    out["− entropy"] = (p * np.log(p + 1e-300)).sum(1)
+    out["logit margin"] = sorted_logits[:, -1] - sorted_logits[:, -2]
+    # ties in agreement broken by the top probability
+    out["views agreeing with the answer"] = (per_view.argmax(2) == answer).mean(0) + 1e-3 * p.max(1)
+    out["mean over views of p(answer)"] = p_answer.mean(0)
+    out["smallest over views of p(answer)"] = p_answer.min(0)
+    for k in (1, 2):
+        out[f"top probability − {k} × spread over views"] = p.max(1) - k * p_answer.std(0)
+    return out
+
+
+def answered_accuracy(score: np.ndarray, right: np.ndarray, coverage: float) -> float:
+    keep = np.argsort(-score, kind="stable")[: round(coverage * len(score))]
+    return float(right[keep].mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model_file", type=Path, nargs="+", help="released model files (one per run)")
+    ap.add_argument("--split", default="val", choices=("val", "test"), help="test only to report a kept choice")
+    ap.add_argument("--coverage", type=float, default=0.95)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/referral_screen.json"))
+    args = ap.parse_args()
+    import torch
+
+    from hemafed.core.learning.confidence import softmax
+
+    torch.set_num_threads(2)
+    rows = []
+    for path in args.model_file:
+        started = time.perf_counter()
+        logits, views, labels, temperature = view_logits(path, args.split)
+        right = softmax(logits, temperature).argmax(1) == labels
+        row = {"model_file": str(path), "split": args.split, "coverage": args.coverage,
+               "accuracy": float(right.mean()), "seconds": time.perf_counter() - started,
+               "answered": {name: answered_accuracy(s, right, args.coverage)
+                            for name, s in scores(logits, views, temperature).items()}}
+        rows.append(row)
+        print(f"{path} ({args.split}, {len(labels)} images, {100 * row['accuracy']:.2f} % right, "
+              f"{row['seconds']:.0f} s): right among the {100 * args.coverage:g} % answered")
+        for name, acc in row["answered"].items():
+            print(f"  {name:55s} {100 * acc:.2f} %")
+    args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
