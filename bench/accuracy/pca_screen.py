@@ -83,7 +83,7 @@ def _basis(kind: str, dim: int, xt: torch.Tensor, xs: torch.Tensor | None, seed:
 
 
 def _train(zt, yt, zv, yv, classes: int, sigma: float, noise_sigma: float, q: float, rounds: int, k: float,
-           seed: int, share: float = 1.0) -> float:
+           seed: int, share: float = 1.0, bias: float = 1.0) -> float:
     from hemafed.core.learning.fedsgd import FedSGDServer
 
     g = torch.Generator().manual_seed(seed)
@@ -92,7 +92,7 @@ def _train(zt, yt, zv, yv, classes: int, sigma: float, noise_sigma: float, q: fl
     server = FedSGDServer(min(1.0, k / sigma), 0.9)
     flat = w.reshape(-1).numpy().copy()
     onehot = torch.nn.functional.one_hot(yt, classes).double()
-    ones = torch.ones(n, 1, dtype=torch.float64)
+    ones = torch.full((n, 1), bias, dtype=torch.float64)
     za = torch.cat([zt, ones], 1)
     norms = za.norm(dim=1)
     for _ in range(rounds):
@@ -105,7 +105,7 @@ def _train(zt, yt, zv, yv, classes: int, sigma: float, noise_sigma: float, q: fl
         grad += torch.randn(grad.shape, generator=g, dtype=torch.float64) * noise_sigma
         flat = server.apply(flat, grad.reshape(-1).numpy(), q * n, None, 1.0)
     w = torch.as_tensor(flat, dtype=torch.float64).reshape(classes, d + 1)
-    logits = torch.cat([zv, torch.ones(len(zv), 1, dtype=torch.float64)], 1) @ w.T
+    logits = torch.cat([zv, torch.full((len(zv), 1), bias, dtype=torch.float64)], 1) @ w.T
     return float((logits.argmax(1) == yv).double().mean())
 
 
@@ -143,6 +143,22 @@ def _rescale(scale: str, zt: torch.Tensor, zv: torch.Tensor, xt: torch.Tensor) -
     zt, zv = zt * factor, zv * factor
     k = before / zt.norm(dim=1).median()
     return zt * k, zv * k
+
+
+def _per_record(norm: str, zt: torch.Tensor, zv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each record's centred features rescaled on their own: 'unit' to the training features' median norm, 'cap'
+    to at most that norm (a per-record transform: no other record is involved, so the privacy analysis is the same)."""
+    if norm == "none":
+        return zt, zv
+    target = zt.norm(dim=1).median()
+
+    def one(z: torch.Tensor) -> torch.Tensor:
+        n = z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return z * (target / n if norm == "unit" else (target / n).clamp(max=1.0))
+
+    if norm not in ("unit", "cap"):
+        raise SystemExit(f"--norm {norm!r}")
+    return one(zt), one(zv)
 
 
 def _centre_scheme(scheme: str, share: float, rounds: int) -> tuple[float, float, int]:
@@ -183,6 +199,12 @@ def main() -> None:
                          "block weights (`CenteredLinear.block_weights`) are not applied: 'none' is the features as "
                          "cached, block:3,1,1 the default model's head; '/order:a,b,c' or '/channel:h,e,r' after it "
                          "weighs the scattering's orders or stain channels too")
+    ap.add_argument("--norm", nargs="+", default=["none"], choices=("none", "unit", "cap"),
+                    help="each record's centred (and weighted) features rescaled on their own: to the median norm "
+                         "('unit') or to at most it ('cap')")
+    ap.add_argument("--bias", type=float, nargs="+", default=[1.0],
+                    help="the constant input beside the features that the bias multiplies (the product's: 1); larger "
+                         "gives the bias a larger share of each clipped gradient")
     ap.add_argument("--records", choices=("sites", "all"), default="sites",
                     help="training records: 'sites' (the hospitals' training splits, as the product trains; each "
                          "keeps its validation split back) or 'all' (every training image: the proxy before the "
@@ -200,7 +222,8 @@ def main() -> None:
     radius = split_features(build_model(plan.model, len(plan.classes)))[1].radius
     results = []
     settings = [("none", 0)] + [(b, d) for b in args.basis for d in args.dims if d]
-    for (kind, dim), eps, k, scheme, scale in itertools.product(settings, args.eps, args.k, args.centre, args.scale):
+    for (kind, dim), eps, k, scheme, scale, norm, bias in itertools.product(settings, args.eps, args.k, args.centre,
+                                                                            args.scale, args.norm, args.bias):
         fed = recommended_plan(eps, len(yt), 10)
         noise = fed.noise_multiplier * fed.clip_norm * (10 / (fed.threshold - fed.dp_colluders)) ** 0.5
         cn, share, rounds = _centre_scheme(scheme, args.share, fed.rounds)
@@ -215,16 +238,18 @@ def main() -> None:
                 noise / fed.clip_norm * radius / fed.batch_size)
             zt, zv = (xt - centre, xv - centre) if basis is None else ((xt - centre) @ basis, (xv - centre) @ basis)
             zt, zv = _rescale(scale, zt, zv, xt)
+            zt, zv = _per_record(norm, zt, zv)
             accs.append(_train(zt, yt, zv, yv, len(plan.classes), fed.noise_multiplier, noise, fed.sample_rate,
-                               rounds, k, seed, share))
+                               rounds, k, seed, share, bias))
         row = {"basis": kind, "dim": dim or xt.shape[1], "epsilon": eps, "rounds": fed.rounds, "k": k,
                "centre": scheme, "centre_noise": cn, "share": share, "gradient_rounds": rounds, "val": accs,
                "mean": float(np.mean(accs)), "std": float(np.std(accs)), "seconds": time.perf_counter() - started,
-               "scale": scale, "records": args.records}
+               "scale": scale, "norm": norm, "bias": bias, "records": args.records}
         results.append(row)
         print(f"{kind:9s} d={row['dim']:5d} ε={eps:g} T={fed.rounds} k={k:g} centre {scheme} "
               f"(error ×{cn:.2f}, share {share:.3f}, {rounds} gradient rounds): "
-              f"scale {scale}: {100 * row['mean']:.2f} ± {100 * row['std']:.2f} %", flush=True)
+              f"scale {scale}, norm {norm}, bias input {bias:g}: "
+              f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f} %", flush=True)
     args.out.write_text(json.dumps(results, indent=1))
 
 
