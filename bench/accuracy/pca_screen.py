@@ -82,8 +82,11 @@ def _basis(kind: str, dim: int, xt: torch.Tensor, xs: torch.Tensor | None, seed:
     return v[:dim].T
 
 
-def _train(zt, yt, zv, yv, classes: int, sigma: float, noise_sigma: float, q: float, rounds: int, k: float,
-           seed: int, share: float = 1.0, bias: float = 1.0) -> float:
+def fit_head(zt, yt, classes: int, sigma: float, noise_sigma: float, q: float, rounds: int, k: float, seed: int,
+             share: float = 1.0, bias: float = 1.0) -> torch.Tensor:
+    """The head's weights (classes, d + 1; the bias's column last, its input `bias`) after `rounds` of the
+    federation's step on the centred training features `zt`: Poisson(q) batches, each record's gradient clipped to
+    `share`, Gaussian noise of std `noise_sigma` on the sum, server SGD with momentum 0.9 at lr = min(1, k/σ)."""
     from hemafed.core.learning.fedsgd import FedSGDServer
 
     g = torch.Generator().manual_seed(seed)
@@ -104,9 +107,25 @@ def _train(zt, yt, zv, yv, classes: int, sigma: float, noise_sigma: float, q: fl
         grad = (r * scale[:, None]).T @ za[idx]
         grad += torch.randn(grad.shape, generator=g, dtype=torch.float64) * noise_sigma
         flat = server.apply(flat, grad.reshape(-1).numpy(), q * n, None, 1.0)
-    w = torch.as_tensor(flat, dtype=torch.float64).reshape(classes, d + 1)
-    logits = torch.cat([zv, torch.full((len(zv), 1), bias, dtype=torch.float64)], 1) @ w.T
-    return float((logits.argmax(1) == yv).double().mean())
+    return torch.as_tensor(flat, dtype=torch.float64).reshape(classes, d + 1)
+
+
+def head_logits(w: torch.Tensor, z: torch.Tensor, bias: float = 1.0) -> torch.Tensor:
+    return torch.cat([z, torch.full((len(z), 1), bias, dtype=torch.float64)], 1) @ w.T
+
+
+def _train(zt, yt, zv, yv, classes: int, sigma: float, noise_sigma: float, q: float, rounds: int, k: float,
+           seed: int, share: float = 1.0, bias: float = 1.0) -> float:
+    w = fit_head(zt, yt, classes, sigma, noise_sigma, q, rounds, k, seed, share, bias)
+    return float((head_logits(w, zv, bias).argmax(1) == yv).double().mean())
+
+
+def noisy_centre(mean: torch.Tensor, error: float, noise: float, plan, radius: float, seed: int) -> torch.Tensor:
+    """The federation's estimate of the features' mean: `mean` plus `error` times one round's noise (a noisy sum of
+    features clipped to `radius`, over the expected batch; `_centre_scheme`)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    return mean + error * torch.randn(mean.shape, generator=g, dtype=torch.float64) * (
+        noise / plan.clip_norm * radius / plan.batch_size)
 
 
 def _scattering_weights(part: str) -> torch.Tensor:
@@ -232,10 +251,7 @@ def main() -> None:
         started = time.perf_counter()
         basis = _basis(kind, dim, xt, xs, 0)
         for seed in args.seeds:
-            # the round-1 estimate: a noisy sum of features clipped to `radius`, over the expected batch
-            g = torch.Generator().manual_seed(1000 + seed)
-            centre = mean + cn * torch.randn(mean.shape, generator=g, dtype=torch.float64) * (
-                noise / fed.clip_norm * radius / fed.batch_size)
+            centre = noisy_centre(mean, cn, noise, fed, radius, seed)
             zt, zv = (xt - centre, xv - centre) if basis is None else ((xt - centre) @ basis, (xv - centre) @ basis)
             zt, zv = _rescale(scale, zt, zv, xt)
             zt, zv = _per_record(norm, zt, zv)

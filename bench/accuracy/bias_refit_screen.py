@@ -1,0 +1,133 @@
+"""Screen: hospitals that look different — does re-fitting the head's 8 biases on a hospital's own labelled images
+take the shift's loss away? (research script, issue 18)
+
+A look (stain, lamp, focus, scale) moves every image's features by roughly the same offset, and a linear head turns a
+constant offset into a constant shift of each class's score: what a bias absorbs. The federation's head is trained
+on its hospitals' looks; a hospital whose images look otherwise could re-fit the 8 biases, locally, on its own
+labelled validation images (the split every hospital keeps back), as it fits its abstention threshold today.
+
+The proxy of `bench.accuracy.pca_screen` (central DP-SGD on the hospitals' training splits with the federation's
+noise, ten-round centre, the default head's block weights 3, 1, 1, the recipe's rounds and step) trained on
+`hemafed simulate`'s hospitals alike or each in its own look (`--appearance shifted`, simulation seed S); the
+untouched validation split is halved: the first half are the deploying hospital's labelled images (the first N of
+them fit the biases by maximum likelihood, the weights W and the centre untouched), the second half are judged.
+
+    python -m bench.accuracy.bias_refit_screen --eps 8 --sim-seeds 0 1 2 --fit-images 100 250 856
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def refit_bias(logits: torch.Tensor, labels: torch.Tensor, prior_std: float | None = None) -> torch.Tensor:
+    """Per-class offsets b minimising the cross-entropy of `logits` + b on `labels` (b sums to zero); with
+    `prior_std` τ, the posterior mode under a Gaussian prior b ~ N(0, τ²) (shrunk towards the released biases)."""
+    b = torch.zeros(logits.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits + b, labels)
+        if prior_std:
+            loss = loss + (b * b).sum() / (2 * prior_std ** 2 * len(labels))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return (b - b.mean()).detach()
+
+
+def _training_features(sim_seed: int, appearance: str):
+    from hemafed.core.learning.models import build_model
+    from hemafed.core.learning.site_trainer import model_inputs
+    from hemafed.network.sim.simulate import SimulationOptions, hospitals
+
+    h = hospitals(SimulationOptions(quiet=True, seed=sim_seed, appearance=appearance))
+    model = build_model(h.plan.model, len(h.plan.classes))
+    data = list(h.site_data().values())
+    x = model_inputs(h.plan, model, np.concatenate([d.train_images for d in data]), "train").double()
+    y = torch.as_tensor(np.concatenate([d.train_labels for d in data]).reshape(-1)).long()
+    return x, y, h.plan, model
+
+
+def main() -> None:
+    from bench.accuracy.pca_screen import _rescale, fit_head, head_logits, noisy_centre
+    from hemafed.core.data.bloodmnist import load_splits, locate
+    from hemafed.core.learning.models import split_features
+    from hemafed.core.learning.recipe import lr_times_sigma, recommended_plan
+    from hemafed.core.learning.site_trainer import model_inputs
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--eps", type=float, default=8.0)
+    ap.add_argument("--sim-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="noise seeds")
+    ap.add_argument("--fit-images", type=int, nargs="+", default=[100, 250, 856])
+    ap.add_argument("--prior-std", type=float, nargs="*", default=[],
+                    help="also re-fit with a Gaussian prior of this std on each bias offset (besides maximum "
+                         "likelihood)")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/bias_refit_screen.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+
+    rows = []
+    for sim_seed in args.sim_seeds:
+        for appearance in ("same", "shifted"):
+            xt, yt, plan, model = _training_features(sim_seed, appearance)
+            val = load_splits(locate(None, size=plan.input_size))["val"]
+            xv = model_inputs(plan, model, val.images, "eval").double()
+            yv = torch.as_tensor(np.asarray(val.labels).reshape(-1)).long()
+            order = torch.randperm(len(yv), generator=torch.Generator().manual_seed(7))
+            own, judged = order[: len(yv) // 2], order[len(yv) // 2:]
+            fed = recommended_plan(args.eps, len(yt), 10)
+            noise = fed.noise_multiplier * fed.clip_norm * (10 / (fed.threshold - fed.dp_colluders)) ** 0.5
+            radius = split_features(model)[1].radius
+            k = lr_times_sigma(fed.model, args.eps, fed.rounds)
+            for seed in args.seeds:
+                started = time.perf_counter()
+                centre = noisy_centre(xt.mean(0), 10 ** -0.5, noise, fed, radius, seed)  # the ten-round centre
+                zt, zv = _rescale("block:3,1,1", xt - centre, xv - centre, xt)
+                w = fit_head(zt, yt, len(plan.classes), fed.noise_multiplier, noise, fed.sample_rate,
+                             fed.rounds - 9, k, seed, 0.917)
+                logits = head_logits(w, zv)
+                row = {"sim_seed": sim_seed, "appearance": appearance, "seed": seed, "epsilon": args.eps,
+                       "released": float((logits[judged].argmax(1) == yv[judged]).double().mean())}
+                for n in args.fit_images:
+                    for tau in [None, *args.prior_std]:
+                        b = refit_bias(logits[own[:n]], yv[own[:n]], tau)
+                        name = f"refit_{n}" + (f"_prior_{tau:g}" if tau else "")
+                        row[name] = float(((logits[judged] + b).argmax(1) == yv[judged]).double().mean())
+                row["seconds"] = time.perf_counter() - started
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    args.out.write_text(json.dumps(rows, indent=1))
+    _table(rows)
+
+
+def _table(rows: list[dict]) -> None:
+    cols = ["released"] + [c for c in rows[0] if c.startswith("refit_")]
+    refits = " | ".join("biases re-fitted on " + c[6:].replace("_prior_", " images, prior std ") for c in cols[1:])
+    print(f"| simulation seed | hospitals | as released | {refits} |")
+    print("|---:|---|" + "---:|" * len(cols))
+    for sim_seed in sorted({r["sim_seed"] for r in rows}):
+        means = {}
+        for appearance in ("same", "shifted"):
+            sel = [r for r in rows if r["sim_seed"] == sim_seed and r["appearance"] == appearance]
+            means[appearance] = {c: statistics.mean(r[c] for r in sel) for c in cols}
+            cells = [f"{100 * means[appearance][c]:.2f} ± {100 * statistics.pstdev([r[c] for r in sel]):.2f} %"
+                     for c in cols]
+            label = "alike" if appearance == "same" else "each its own look"
+            print(f"| {sim_seed} | {label} | " + " | ".join(cells) + " |")
+        print(f"| {sim_seed} | loss | " + " | ".join(
+            f"{100 * (means['same'][c] - means['shifted'][c]):.2f}" for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
