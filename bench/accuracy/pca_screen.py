@@ -166,7 +166,8 @@ def _rescale(scale: str, zt: torch.Tensor, zv: torch.Tensor, xt: torch.Tensor) -
 
 def _per_record(norm: str, zt: torch.Tensor, zv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each record's centred features rescaled on their own: 'unit' to the training features' median norm, 'cap'
-    to at most that norm (a per-record transform: no other record is involved, so the privacy analysis is the same)."""
+    to at most that norm. In a product the norm would be a public constant; then the transform involves no other
+    record and the privacy analysis stays the same."""
     if norm == "none":
         return zt, zv
     target = zt.norm(dim=1).median()
