@@ -45,6 +45,23 @@ def refit_bias(logits: torch.Tensor, labels: torch.Tensor, prior_std: float | No
     return (b - b.mean()).detach()
 
 
+def guarded_refit(logits: torch.Tensor, labels: torch.Tensor, prior_std: float | None = None,
+                  folds: int = 5) -> torch.Tensor:
+    """`refit_bias` on all of `labels`, kept only if it predicts held-out images better than the released biases:
+    the summed cross-entropy over `folds` folds, each fitted on the others, must fall below that of b = 0."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(11))
+    refit_loss = released_loss = 0.0
+    for part in order.chunk(folds):
+        rest = order[~torch.isin(order, part)]
+        b = refit_bias(logits[rest], labels[rest], prior_std)
+        ce = torch.nn.functional.cross_entropy
+        refit_loss += float(ce(logits[part] + b, labels[part], reduction="sum"))
+        released_loss += float(ce(logits[part], labels[part], reduction="sum"))
+    if refit_loss < released_loss:
+        return refit_bias(logits, labels, prior_std)
+    return torch.zeros(logits.shape[1], dtype=torch.float64)
+
+
 def _training_features(sim_seed: int, appearance: str):
     from hemafed.core.learning.models import build_model
     from hemafed.core.learning.site_trainer import model_inputs
@@ -73,6 +90,8 @@ def main() -> None:
     ap.add_argument("--prior-std", type=float, nargs="*", default=[],
                     help="also re-fit with a Gaussian prior of this std on each bias offset (besides maximum "
                          "likelihood)")
+    ap.add_argument("--guard", action="store_true",
+                    help="also each re-fit kept only if 5-fold held-out cross-entropy beats the released biases")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bias_refit_screen.json"))
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -101,9 +120,10 @@ def main() -> None:
                        "released": float((logits[judged].argmax(1) == yv[judged]).double().mean())}
                 for n in args.fit_images:
                     for tau in [None, *args.prior_std]:
-                        b = refit_bias(logits[own[:n]], yv[own[:n]], tau)
-                        name = f"refit_{n}" + (f"_prior_{tau:g}" if tau else "")
-                        row[name] = float(((logits[judged] + b).argmax(1) == yv[judged]).double().mean())
+                        for guard in (False, True) if args.guard else (False,):
+                            b = (guarded_refit if guard else refit_bias)(logits[own[:n]], yv[own[:n]], tau)
+                            name = f"refit_{n}" + (f"_prior_{tau:g}" if tau else "") + ("_guarded" if guard else "")
+                            row[name] = float(((logits[judged] + b).argmax(1) == yv[judged]).double().mean())
                 row["seconds"] = time.perf_counter() - started
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -113,7 +133,8 @@ def main() -> None:
 
 def _table(rows: list[dict]) -> None:
     cols = ["released"] + [c for c in rows[0] if c.startswith("refit_")]
-    refits = " | ".join("biases re-fitted on " + c[6:].replace("_prior_", " images, prior std ") for c in cols[1:])
+    refits = " | ".join("biases re-fitted on " + c[6:].replace("_prior_", " images, prior std ").replace(
+        "_guarded", ", guarded") for c in cols[1:])
     print(f"| simulation seed | hospitals | as released | {refits} |")
     print("|---:|---|" + "---:|" * len(cols))
     for sim_seed in sorted({r["sim_seed"] for r in rows}):
