@@ -62,25 +62,23 @@ def guarded_refit(logits: torch.Tensor, labels: torch.Tensor, prior_std: float |
     return torch.zeros(logits.shape[1], dtype=torch.float64)
 
 
-def _training_features(sim_seed: int, appearance: str):
-    from hemafed.core.learning.models import build_model
-    from hemafed.core.learning.site_trainer import model_inputs
-    from hemafed.network.sim.simulate import SimulationOptions, hospitals
-
-    h = hospitals(SimulationOptions(quiet=True, seed=sim_seed, appearance=appearance))
-    model = build_model(h.plan.model, len(h.plan.classes))
-    data = list(h.site_data().values())
-    x = model_inputs(h.plan, model, np.concatenate([d.train_images for d in data]), "train").double()
-    y = torch.as_tensor(np.concatenate([d.train_labels for d in data]).reshape(-1)).long()
-    return x, y, h.plan, model
-
-
 def main() -> None:
-    from bench.accuracy.pca_screen import _rescale, fit_head, head_logits, noisy_centre
+    from bench.accuracy.pca_screen import (
+        SHARE,
+        _centre_scheme,
+        _rescale,
+        fit_head,
+        head_logits,
+        noisy_centre,
+        round_noise,
+        sites_training,
+    )
     from hemafed.core.data.bloodmnist import load_splits, locate
-    from hemafed.core.learning.models import split_features
+    from hemafed.core.learning.models import build_model, split_features
     from hemafed.core.learning.recipe import lr_times_sigma, recommended_plan
     from hemafed.core.learning.site_trainer import model_inputs
+    from hemafed.core.rounds.plan import FederationPlan
+    from hemafed.network.sim.simulate import SimulationOptions, hospitals
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--eps", type=float, default=8.0)
@@ -96,25 +94,31 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
 
+    plan = FederationPlan()  # the default model; its features are what every hospital and the screen compute
+    model = build_model(plan.model)
+    val = load_splits(locate(None, size=plan.input_size))["val"]
+    xv = model_inputs(plan, model, val.images, "eval").double()
+    yv = torch.as_tensor(np.asarray(val.labels).reshape(-1)).long()
+    order = torch.randperm(len(yv), generator=torch.Generator().manual_seed(7))
+    own, judged = order[: len(yv) // 2], order[len(yv) // 2:]
+    radius = split_features(model)[1].radius
     rows = []
     for sim_seed in args.sim_seeds:
         for appearance in ("same", "shifted"):
-            xt, yt, plan, model = _training_features(sim_seed, appearance)
-            val = load_splits(locate(None, size=plan.input_size))["val"]
-            xv = model_inputs(plan, model, val.images, "eval").double()
-            yv = torch.as_tensor(np.asarray(val.labels).reshape(-1)).long()
-            order = torch.randperm(len(yv), generator=torch.Generator().manual_seed(7))
-            own, judged = order[: len(yv) // 2], order[len(yv) // 2:]
+            h = hospitals(SimulationOptions(quiet=True, seed=sim_seed, appearance=appearance))
+            images, labels = sites_training(h)
+            xt = model_inputs(h.plan, model, images, "train").double()
+            yt = torch.as_tensor(labels.reshape(-1)).long()
             fed = recommended_plan(args.eps, len(yt), 10)
-            noise = fed.noise_multiplier * fed.clip_norm * (10 / (fed.threshold - fed.dp_colluders)) ** 0.5
-            radius = split_features(model)[1].radius
+            noise = round_noise(fed)
+            error, share, rounds = _centre_scheme("R:10", SHARE, fed.rounds)  # the product's ten-round centre
             k = lr_times_sigma(fed.model, args.eps, fed.rounds)
             for seed in args.seeds:
                 started = time.perf_counter()
-                centre = noisy_centre(xt.mean(0), 10 ** -0.5, noise, fed, radius, seed)  # the ten-round centre
+                centre = noisy_centre(xt.mean(0), error, noise, fed, radius, seed)
                 zt, zv = _rescale("block:3,1,1", xt - centre, xv - centre, xt)
-                w = fit_head(zt, yt, len(plan.classes), fed.noise_multiplier, noise, fed.sample_rate,
-                             fed.rounds - 9, k, seed, 0.917)
+                w = fit_head(zt, yt, len(fed.classes), fed.noise_multiplier, noise, fed.sample_rate, rounds, k,
+                             seed, share)
                 logits = head_logits(w, zv)
                 row = {"sim_seed": sim_seed, "appearance": appearance, "seed": seed, "epsilon": args.eps,
                        "released": float((logits[judged].argmax(1) == yv[judged]).double().mean())}

@@ -31,6 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# of C for the gradient beside the cell check's moments: √(1 − 0.4²) ≈ 0.917 (`core.learning.cell_check`)
+SHARE = 0.917
+
 
 def _features(synthetic: int, records: str = "sites"):
     from hemafed.core.data.bloodmnist import load_splits, locate
@@ -40,12 +43,7 @@ def _features(synthetic: int, records: str = "sites"):
 
     h = hospitals(SimulationOptions(quiet=True))
     model = build_model(h.plan.model, len(h.plan.classes))
-    if records == "sites":  # what the product trains on: each hospital keeps `plan.val_fraction` of its images back
-        data = h.site_data().values()
-        images = np.concatenate([d.train_images for d in data])
-        labels = np.concatenate([d.train_labels for d in data])
-    else:
-        images, labels = h.train.images, h.train.labels
+    images, labels = sites_training(h) if records == "sites" else (h.train.images, h.train.labels)
     xt = model_inputs(h.plan, model, images, "train").double()
     val = load_splits(locate(None, size=h.plan.input_size))["val"]
     xv = model_inputs(h.plan, model, val.images, "eval").double()
@@ -61,6 +59,19 @@ def _features(synthetic: int, records: str = "sites"):
     yt = torch.as_tensor(np.asarray(labels).reshape(-1), dtype=torch.long)
     yv = torch.as_tensor(np.asarray(val.labels).reshape(-1), dtype=torch.long)
     return xt, yt, xv, yv, xs, h.plan
+
+
+def sites_training(h) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels the product trains on (`network.sim.simulate.Hospitals` `h`): every hospital's
+    training split, each having kept `plan.val_fraction` of its images back."""
+    data = list(h.site_data().values())
+    return np.concatenate([d.train_images for d in data]), np.concatenate([d.train_labels for d in data])
+
+
+def round_noise(plan) -> float:
+    """The std per coordinate of a full round's summed noise (all 10 hospitals' shares: 10/(t − c) times the
+    accounted variance)."""
+    return plan.noise_multiplier * plan.clip_norm * (10 / (plan.threshold - plan.dp_colluders)) ** 0.5
 
 
 class _NoCache:
@@ -209,7 +220,7 @@ def main() -> None:
                          "feature sums averaged, n − 1 rounds fewer for the gradient; R:1 is the product's), 's:x' "
                          "(a share x of C in every later round too, averaged by precision; the gradient keeps "
                          "√(share² − x²)), 'noise:c' (c times the round-1 estimate's error)")
-    ap.add_argument("--share", type=float, default=0.917,
+    ap.add_argument("--share", type=float, default=SHARE,
                     help="of the clip norm C for the gradient (the product's: √(1 − 0.4²) ≈ 0.917 beside the cell "
                          "check's moments)")
     ap.add_argument("--scale", nargs="+", default=["none"],
@@ -245,7 +256,7 @@ def main() -> None:
     for (kind, dim), eps, k, scheme, scale, norm, bias in itertools.product(settings, args.eps, args.k, args.centre,
                                                                             args.scale, args.norm, args.bias):
         fed = recommended_plan(eps, len(yt), 10)
-        noise = fed.noise_multiplier * fed.clip_norm * (10 / (fed.threshold - fed.dp_colluders)) ** 0.5
+        noise = round_noise(fed)
         cn, share, rounds = _centre_scheme(scheme, args.share, fed.rounds)
         k = k or lr_times_sigma(fed.model, eps, fed.rounds)
         accs = []
