@@ -62,7 +62,10 @@ def privacy_statement(*, dp: bool, secagg: bool, epsilon: float | None, delta: f
         "**Not covered.** The hospital's validation images: their confusion counts"
         + (" and loss sums (for the federation's calibration)" if secagg else "") + " leave the site "
         "only inside the securely aggregated sum" + (" " if secagg else " (here: in the clear) ")
-        + "and carry no DP noise. The fact that a hospital takes part, its timing and message sizes."
+        + "and carry no DP noise; when the federation ends, every hospital receives the federation's validation "
+        "images per class (those counts' sums). The calibration this hospital then fits on its own validation "
+        "images (its \"uncertain\" threshold and class offsets) stays in its own copy of the model file. "
+        "The fact that a hospital takes part, its timing and message sizes."
         " The transport is TLS-encrypted and every site authenticates with its identity key."
     )
     return "\n\n".join(parts)

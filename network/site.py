@@ -35,7 +35,7 @@ from hemafed.core.data.partition import stratified_split
 from hemafed.core.data.scan import scan_source
 from hemafed.core.errors import HemafedError
 from hemafed.core.learning.cell_check import with_site_threshold
-from hemafed.core.learning.confidence import Calibration
+from hemafed.core.learning.confidence import Calibration, offsets_text
 from hemafed.core.learning.fedsgd import moments_layout
 from hemafed.core.learning.models import model_problems
 from hemafed.core.learning.site_trainer import Projection, SiteData, SiteTrainer, TrainingCancelled, site_trainer
@@ -558,21 +558,24 @@ class SiteRunner:
                 loop.call_soon_threadsafe(self._emit, event)
 
     def _save_final(self, action: sr.Finish) -> Path:
-        calibration = self._calibrate(action.weights, action.temperature, action.cell_threshold)
+        calibration = self._calibrate(action.weights, action.temperature, action.cell_threshold, action.class_mix)
         path = self._save_model("final", action.weights, action.round, calibration)
         log.info("federation finished; final model saved to %s%s", path,
                  "" if calibration is None else f" (temperature {calibration.temperature:.3g} from "
                  f"{calibration.temperature_from}; 'uncertain' threshold "
-                 + ("none: too few validation images here)" if calibration.threshold is None else
-                    f"{calibration.threshold:.3f} from {calibration.images} validation images here)"))
+                 + ("none: too few validation images here" if calibration.threshold is None else
+                    f"{calibration.threshold:.3f} from {calibration.images} validation images here")
+                 + f"; {offsets_text(calibration)})")
         return path
 
-    def _calibrate(self, weights: np.ndarray, temperature: float | None,
-                   cell_threshold: float | None = None) -> Calibration | None:
-        """The federation's temperature (or, without one, this site's own) and the abstention threshold from this
-        site's validation images; nothing about the threshold is sent (docs/privacy.md, "Calibration")."""
+    def _calibrate(self, weights: np.ndarray, temperature: float | None, cell_threshold: float | None = None,
+                   class_mix: tuple[int, ...] | None = None) -> Calibration | None:
+        """The federation's temperature (or, without one, this site's own), this site's class offsets when they
+        pass the guard, and the abstention threshold from this site's validation images; nothing about the offsets
+        or the threshold is sent (docs/privacy.md, "Calibration")."""
         federation = None if temperature is None else Calibration.federation_only(
-            temperature, cell_threshold=cell_threshold, cell_false_alarms=CELL_FALSE_ALARMS)
+            temperature, cell_threshold=cell_threshold, cell_false_alarms=CELL_FALSE_ALARMS,
+            federation_classes=None if class_mix is None else list(class_mix))
         if self.trainer is None:
             return federation
         try:
@@ -580,7 +583,9 @@ class SiteRunner:
         except RuntimeError:  # never prepared (the site joined for the end only)
             return federation
         where = moments_layout(getattr(self.trainer, "trainable", None))
-        return with_site_threshold(Calibration.fit(logits, labels, temperature=temperature),
+        cal = Calibration.fit(logits, labels, temperature=temperature,
+                              federation_mix=None if class_mix is None else np.asarray(class_mix))
+        return with_site_threshold(cal,
                                    None if where is None else np.asarray(weights)[where], self.trainer.data.val_images,
                                    federation_threshold=cell_threshold)
 

@@ -259,3 +259,7 @@ def test_everything_the_machine_sends_fits_the_schema_sites_can_check() -> None:
             schema.check_body(schemas, action.type, dict(action.body), action.blobs)
             kinds.add(action.type)
     assert kinds == {R.PLAN, R.ROUND_START, R.SECAGG, R.ROUND_END, R.DONE}
+    # the final model comes with the federation's validation images per class: the last round's confusion row sums
+    (done,) = [a for a in sent if isinstance(a, R.Broadcast) and a.type == R.DONE]
+    assert done.body["validation_classes"] == np.asarray(outcome.confusion).sum(axis=1).tolist()
+    assert sum(done.body["validation_classes"]) > 0

@@ -68,12 +68,12 @@ def test_too_few_images_give_no_calibration() -> None:
     assert Calibration.fit(logits, labels) is None
 
 
-def _with_calibration(model_file: Path, tmp_path: Path, cal: dict | None) -> Path:
+def _with_calibration(model_file: Path, tmp_path: Path, cal: dict | None, name: str = "calibrated.npz") -> Path:
     with np.load(model_file) as data:
         weights = data["weights"]
         meta = json.loads(bytes(data["meta"]).decode())
     meta["calibration"] = cal
-    out = tmp_path / "calibrated.npz"
+    out = tmp_path / name
     np.savez(out, weights=weights, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
     return out
 
@@ -117,6 +117,25 @@ def test_classify_reports_calibrated_probabilities_and_uncertain_answers(small_m
         assert d["uncertain"] is True and "refer to a person" in d["reason"]  # nothing reaches 99 % at T = 4
 
 
+def test_classify_answers_with_the_hospitals_class_offsets(small_model: Path, tmp_path: Path) -> None:
+    folder = _images(tmp_path / "images", 6)
+    plain = classify_paths(load_model_file(small_model), [folder])
+    model = load_model_file(small_model)
+    shifted = 1 + model.classes.index(plain.predictions[0].predicted)  # a class other than the first answer
+    offsets = [0.0] * len(model.classes)
+    offsets[shifted % len(offsets)] = 40.0
+    cal = Calibration(temperature=1.0, threshold=0.5, coverage_target=0.95, images=100, ece_before=0.1,
+                      ece_after=0.01, nll_before=1.0, nll_after=0.5, class_offsets=tuple(offsets),
+                      offsets_loss_released=0.9, offsets_loss_refitted=0.7)
+    report = classify_paths(load_model_file(_with_calibration(small_model, tmp_path, cal.to_dict())), [folder])
+    d = report.to_dict()
+    assert "re-fitted to this hospital's images" in d["class_scores"]
+    for before, after in zip(plain.predictions, report.predictions, strict=True):
+        assert after.raw_probabilities == pytest.approx(before.probabilities)  # the model's own, unchanged
+        assert after.predicted == model.classes[shifted % len(offsets)]  # the offsets decide the answer
+    assert "class_scores" not in plain.to_dict()
+
+
 def test_a_damaged_calibration_is_refused_with_the_reason(small_model: Path, tmp_path: Path) -> None:
     bad = _with_calibration(small_model, tmp_path, {"temperature": -1, "threshold": 0.5})
     with pytest.raises(ModelFileError, match="calibration"):
@@ -143,3 +162,47 @@ def test_the_federation_picks_the_temperature_of_the_pooled_sums() -> None:
     assert cal.temperature == t and cal.threshold is not None and "federation" in cal.temperature_from
     few = Calibration.fit(logits[:5], labels[:5], temperature=t)
     assert few.temperature == t and few.threshold is None
+
+
+def test_a_hospital_re_calibrates_a_copy_of_the_federations_file_on_its_own_labelled_images(
+        small_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    from hemafed.gui.cli import main as cli_main
+
+    model = load_model_file(small_model)
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "ours"
+    for k, name in enumerate(model.classes[:3]):
+        (folder / name).mkdir(parents=True)
+        for i in range(20):
+            tint = np.zeros(3, int)
+            tint[k] = 120
+            pixels = np.clip(rng.integers(0, 130, (40, 40, 3)) + tint, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{i}.png")
+    (folder / "unsorted.png").write_bytes((folder / model.classes[0] / "0.png").read_bytes())
+    (folder / model.classes[1] / "broken.png").write_bytes(b"not an image")
+    federation = Calibration.federation_only(1.3, federation_classes=list(range(10, 10 + len(model.classes))))
+    theirs = _with_calibration(small_model, tmp_path, federation.to_dict())
+    before = theirs.read_bytes()
+
+    ours = tmp_path / "ours.npz"
+    assert cli_main(["calibrate", "--model", str(theirs), str(folder), "--out", str(ours), "--json"]) == 0
+    said = json.loads(capsys.readouterr().out)
+    assert said["images"] == 60
+    assert any("unsorted.png" in p and "class" in p for p in said["skipped"])
+    assert any("broken.png" in p for p in said["skipped"])
+    cal = load_model_file(ours).calibration
+    assert cal.images == 60 and cal.threshold is not None and cal.temperature == 1.3
+    assert cal.federation_classes == federation.federation_classes
+    assert cal.offsets_loss_released is not None  # the guarded re-fit ran (kept or not, said in class_scores)
+    assert said["class_scores"].startswith("class scores")
+    assert theirs.read_bytes() == before  # the federation's file is unchanged
+
+    # refused in words: a file that cannot say the federation's class mix, and overwriting the federation's file
+    older = _with_calibration(small_model, tmp_path, Calibration.federation_only(1.3).to_dict(), "older.npz")
+    assert cli_main(["calibrate", "--model", str(older), str(folder), "--out", str(tmp_path / "x.npz")]) == 1
+    assert "validation images of each class" in capsys.readouterr().err
+    assert cli_main(["calibrate", "--model", str(theirs), str(folder), "--out", str(theirs)]) == 1
+    assert "new file" in capsys.readouterr().err
+    assert theirs.read_bytes() == before

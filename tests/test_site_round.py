@@ -325,8 +325,13 @@ def test_done_saves_the_final_model_and_ends_the_run() -> None:
     m = joined()
     with pytest.raises(sr.MessageRefused):
         m.receive(Msg(sr.DONE, 1, {}, (weights(),)))  # the plan has 2 rounds
-    (finish,) = m.receive(Msg(sr.DONE, 2, {}, (weights(0.25),)))
+    classes = len(make_plan().classes)
+    for mix in ([3] * (classes - 1), [-1] + [3] * (classes - 1), [0] * classes, [1.5] * classes, "eight"):
+        with pytest.raises(sr.MessageRefused, match="class counts"):  # one count per class, or nothing
+            m.receive(Msg(sr.DONE, 2, {"validation_classes": mix}, (weights(),)))
+    (finish,) = m.receive(Msg(sr.DONE, 2, {"validation_classes": list(range(classes))}, (weights(0.25),)))
     assert isinstance(finish, sr.Finish) and finish.round == 2 and finish.weights[0] == np.float32(0.25)
+    assert finish.class_mix == tuple(range(classes))
     assert m.phase is sr.Phase.DONE
     with pytest.raises(sr.MessageRefused):
         m.receive(plan_msg(make_plan()))

@@ -27,15 +27,30 @@ import numpy as np
 import torch
 
 
-def refit_bias(logits: torch.Tensor, labels: torch.Tensor, prior_std: float | None = None) -> torch.Tensor:
+def mix_weights(labels: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-image weights that give these images the class mix `target` (None: as they come); a class this hospital
+    has no image of gets none."""
+    if target is None:
+        return None
+    counts = torch.bincount(labels, minlength=len(target)).double()
+    per_class = torch.where(counts > 0, target / counts.clamp(min=1), torch.zeros_like(target))
+    w = per_class[labels]
+    return w * len(labels) / w.sum()
+
+
+def refit_bias(logits: torch.Tensor, labels: torch.Tensor, prior_std: float | None = None,
+               target: torch.Tensor | None = None) -> torch.Tensor:
     """Per-class offsets b minimising the cross-entropy of `logits` + b on `labels` (b sums to zero); with
-    `prior_std` τ, the posterior mode under a Gaussian prior b ~ N(0, τ²) (shrunk towards the released biases)."""
+    `prior_std` τ, the posterior mode under a Gaussian prior b ~ N(0, τ²) (shrunk towards the released biases);
+    with `target`, the images weighted to that class mix (the offsets then learn the look, not the mix)."""
     b = torch.zeros(logits.shape[1], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([b], max_iter=200, line_search_fn="strong_wolfe")
+    w = mix_weights(labels, target)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(logits + b, labels)
+        ce = torch.nn.functional.cross_entropy(logits + b, labels, reduction="none")
+        loss = (ce if w is None else ce * w).mean()
         if prior_std:
             loss = loss + (b * b).sum() / (2 * prior_std ** 2 * len(labels))
         loss.backward()
@@ -46,19 +61,21 @@ def refit_bias(logits: torch.Tensor, labels: torch.Tensor, prior_std: float | No
 
 
 def guarded_refit(logits: torch.Tensor, labels: torch.Tensor, prior_std: float | None = None,
-                  folds: int = 5) -> torch.Tensor:
+                  folds: int = 5, target: torch.Tensor | None = None) -> torch.Tensor:
     """`refit_bias` on all of `labels`, kept only if it predicts held-out images better than the released biases:
     the summed cross-entropy over `folds` folds, each fitted on the others, must fall below that of b = 0."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(11))
     refit_loss = released_loss = 0.0
     for part in order.chunk(folds):
         rest = order[~torch.isin(order, part)]
-        b = refit_bias(logits[rest], labels[rest], prior_std)
+        b = refit_bias(logits[rest], labels[rest], prior_std, target)
+        w = mix_weights(labels[part], target)
+        w = torch.ones(len(part), dtype=torch.float64) if w is None else w
         ce = torch.nn.functional.cross_entropy
-        refit_loss += float(ce(logits[part] + b, labels[part], reduction="sum"))
-        released_loss += float(ce(logits[part], labels[part], reduction="sum"))
+        refit_loss += float((ce(logits[part] + b, labels[part], reduction="none") * w).sum())
+        released_loss += float((ce(logits[part], labels[part], reduction="none") * w).sum())
     if refit_loss < released_loss:
-        return refit_bias(logits, labels, prior_std)
+        return refit_bias(logits, labels, prior_std, target)
     return torch.zeros(logits.shape[1], dtype=torch.float64)
 
 
@@ -90,9 +107,17 @@ def main() -> None:
                          "likelihood)")
     ap.add_argument("--guard", action="store_true",
                     help="also each re-fit kept only if 5-fold held-out cross-entropy beats the released biases")
+    ap.add_argument("--deploy", choices=("held-out", "sites"), default="held-out",
+                    help="held-out: a hospital holding half the untouched validation split re-fits and the other "
+                         "half is judged; sites: each simulated hospital re-fits on its own validation split (its "
+                         "look, its class mix) and is judged on untouched validation images in its look")
+    ap.add_argument("--judged", type=int, default=300, help="--deploy sites: images judged per hospital")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bias_refit_screen.json"))
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.deploy == "sites":
+        _sites(args)
+        return
 
     plan = FederationPlan()  # the default model; its features are what every hospital and the screen compute
     model = build_model(plan.model)
@@ -133,6 +158,93 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     args.out.write_text(json.dumps(rows, indent=1))
     _table(rows)
+
+
+def _sites(args: argparse.Namespace) -> None:
+    """Each hospital of the simulation re-fits its biases on its own validation split, in its own look and class mix
+    (what the product's hospitals hold), plainly or weighted to the federation's validation class mix (the row sums
+    of the validation confusion counts every round already opens), with a prior τ = 1 and the guard. Judged: the
+    second half of the untouched validation split, rendered in that hospital's look (`--judged` images)."""
+    from bench.accuracy.pca_screen import (
+        SHARE,
+        _centre_scheme,
+        _rescale,
+        fit_head,
+        head_logits,
+        noisy_centre,
+        round_noise,
+        sites_training,
+    )
+    from hemafed.core.data.appearance import apply_look, hospital_looks
+    from hemafed.core.data.bloodmnist import load_splits, locate
+    from hemafed.core.learning.class_offsets import refit_offsets
+    from hemafed.core.learning.confidence import fit_temperature
+    from hemafed.core.learning.models import build_model, split_features
+    from hemafed.core.learning.recipe import lr_times_sigma, recommended_plan
+    from hemafed.core.learning.site_trainer import model_inputs
+    from hemafed.core.rounds.plan import FederationPlan
+    from hemafed.network.sim.simulate import SimulationOptions, hospitals
+
+    plan = FederationPlan()
+    model = build_model(plan.model)
+    val = load_splits(locate(None, size=plan.input_size))["val"]
+    order = np.random.default_rng(7).permutation(len(val.labels))
+    judged = order[len(order) // 2:][: args.judged]
+    yj = torch.as_tensor(np.asarray(val.labels).reshape(-1)[judged]).long()
+    radius = split_features(model)[1].radius
+    untouched = model_inputs(plan, model, val.images[judged], "eval").double()
+    rows = []
+    for sim_seed in args.sim_seeds:
+        for appearance in ("same", "shifted"):
+            h = hospitals(SimulationOptions(quiet=True, seed=sim_seed, appearance=appearance))
+            images, labels = sites_training(h)
+            xt = model_inputs(h.plan, model, images, "train").double()
+            yt = torch.as_tensor(labels.reshape(-1)).long()
+            sites = list(h.site_data().values())
+            site_val = [(model_inputs(h.plan, model, d.val_images, "eval").double(),
+                         torch.as_tensor(np.asarray(d.val_labels).reshape(-1)).long()) for d in sites]
+            counts = torch.bincount(torch.cat([y for _, y in site_val]), minlength=len(plan.classes)).double()
+            target = counts / counts.sum()
+            looks = hospital_looks(len(sites), sim_seed)
+            xj = [untouched if appearance == "same" else
+                  model_inputs(h.plan, model, apply_look(val.images[judged], look), "eval").double() for look in looks]
+            fed = recommended_plan(args.eps, len(yt), 10)
+            noise = round_noise(fed)
+            error, share, rounds = _centre_scheme("R:10", SHARE, fed.rounds)
+            k = lr_times_sigma(fed.model, args.eps, fed.rounds)
+            for seed in args.seeds:
+                centre = noisy_centre(xt.mean(0), error, noise, fed, radius, seed)
+                zt, _ = _rescale("block:3,1,1", xt - centre, xt[:1] - centre, xt)
+                w = fit_head(zt, yt, len(fed.classes), fed.noise_multiplier, noise, fed.sample_rate, rounds, k,
+                             seed, share)
+
+                def logits_of(x: torch.Tensor, w=w, centre=centre, xt=xt) -> torch.Tensor:
+                    return head_logits(w, _rescale("block:3,1,1", xt - centre, x - centre, xt)[1])
+
+                site_logits = [logits_of(xv) for xv, _ in site_val]
+                # the federation's temperature: fitted on every hospital's validation images
+                t = fit_temperature(torch.cat(site_logits).numpy(), torch.cat([y for _, y in site_val]).numpy())
+                for i, ((_, yv), lv, x) in enumerate(zip(site_val, site_logits, xj, strict=True)):
+                    lj = logits_of(x)
+                    row = {"sim_seed": sim_seed, "appearance": appearance, "seed": seed, "site": i,
+                           "val_images": len(yv), "released": float((lj.argmax(1) == yj).double().mean())}
+                    product = refit_offsets(lv.numpy(), yv.numpy(), counts.numpy(), t)
+                    for name, b in (("plain", guarded_refit(lv, yv, 1.0)),
+                                    ("weighted", guarded_refit(lv, yv, 1.0, target=target)),
+                                    ("product", torch.tensor(product.offsets or [0.0] * len(counts)))):
+                        row[name] = float(((lj + b).argmax(1) == yj).double().mean())
+                        row[name + "_kept"] = bool(b.abs().sum() > 0)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    args.out.write_text(json.dumps(rows, indent=1))
+    cols = ["released", "plain", "weighted", "product"]
+    print("| simulation seed | hospitals | " + " | ".join(cols) + " |")
+    for sim_seed in args.sim_seeds:
+        for appearance in ("same", "shifted"):
+            sel = [r for r in rows if r["sim_seed"] == sim_seed and r["appearance"] == appearance]
+            cells = [f"{100 * statistics.mean(r[c] for r in sel):.2f} (min {100 * min(r[c] for r in sel):.1f}, "
+                     f"kept {sum(r.get(c + '_kept', 0) for r in sel)})" for c in cols]
+            print(f"| {sim_seed} | {appearance} | " + " | ".join(cells) + " |")
 
 
 def _table(rows: list[dict]) -> None:

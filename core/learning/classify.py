@@ -24,7 +24,7 @@ from ..data.classes import normalise_class_name
 from ..data.imaging import ImageRejected, centre_crop_resize, is_image_name, is_junk, open_rgb
 from ..errors import HemafedError
 from ..npz_lock import open_npz
-from .confidence import Calibration, softmax
+from .confidence import Calibration, offsets_text, softmax
 from .models import build_model, get_spec, images_to_tensor, num_parameters, set_flat_params
 
 ProgressFn = Callable[[int, int], None]
@@ -234,6 +234,9 @@ class ClassifyReport:
     model: str
     predictions: list[Prediction]
     problems: list[str]
+    # whether the model file's hospital re-fitted the federation's class scores to its own images (None: the file
+    # carries no calibration)
+    class_scores: str | None = None
 
     def accuracy_per_class(self) -> dict[str, dict[str, float | int]]:
         """For files whose folder names their class: images, correct and accuracy per class."""
@@ -272,6 +275,8 @@ class ClassifyReport:
 
     def to_dict(self) -> dict:
         out: dict = {"model": self.model, "files": [p.to_dict() for p in self.predictions]}
+        if self.class_scores is not None:
+            out["class_scores"] = self.class_scores
         if self.problems:
             out["problems"] = self.problems
         per_class = self.accuracy_per_class()
@@ -299,7 +304,7 @@ def classify_paths(model: ModelFile, paths: Iterable[str | Path], *, batch_size:
         logits = model.logits(images)
         unlike = check.scores(images) if check is not None else None
         raw = softmax(logits)
-        shown = softmax(logits, cal.temperature) if cal is not None else raw
+        shown = cal.probabilities(logits) if cal is not None else raw
         for (pred, _), row, raw_row in zip(batch, shown, raw, strict=True):
             pred.probabilities = {c: float(v) for c, v in zip(model.classes, row, strict=True)}
             pred.predicted = model.classes[int(np.argmax(row))]
@@ -341,4 +346,5 @@ def classify_paths(model: ModelFile, paths: Iterable[str | Path], *, batch_size:
         flush()
     if progress:
         progress(len(inputs), len(inputs))
-    return ClassifyReport(model=model.name, predictions=predictions, problems=problems)
+    return ClassifyReport(model=model.name, predictions=predictions, problems=problems,
+                          class_scores=None if cal is None else offsets_text(cal))

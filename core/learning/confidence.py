@@ -119,40 +119,71 @@ class Calibration:
     not_a_cell_threshold: float | None = None
     not_a_cell_false_alarms: float | None = None
     not_a_cell_from: str | None = None  # whose validation images set it
+    # this hospital's re-fitted class offsets (core.learning.class_offsets), added to the logits before the
+    # temperature; None: the federation's biases as released (not re-fitted, or the guard kept them)
+    class_offsets: tuple[float, ...] | None = None
+    # the re-fit's held-out figures (weighted cross-entropy per image, released biases → re-fitted), when it ran
+    offsets_loss_released: float | None = None
+    offsets_loss_refitted: float | None = None
+    # the federation's validation images per class (what the offsets are fitted against; the aggregator sends
+    # them with the final model), kept so that a hospital can re-fit a copy of this file later (`refit_copy`)
+    federation_classes: tuple[int, ...] | None = None
+
+    def adjusted(self, logits: np.ndarray) -> np.ndarray:
+        """The logits with this hospital's class offsets (unchanged without them)."""
+        logits = np.asarray(logits, np.float64)
+        return logits if self.class_offsets is None else logits + np.asarray(self.class_offsets, np.float64)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities: the offsets, then the temperature."""
+        return softmax(self.adjusted(logits), self.temperature)
 
     @classmethod
     def fit(cls, logits: np.ndarray, labels: np.ndarray, coverage: float = COVERAGE_TARGET, *,
-            temperature: float | None = None) -> Calibration | None:
-        """The threshold (and, without the federation's `temperature`, the temperature) from these images. With a
-        federation temperature and too few images: that temperature, no threshold. Otherwise None when there are
-        fewer than `MIN_IMAGES` images."""
+            temperature: float | None = None, federation_mix: np.ndarray | None = None) -> Calibration | None:
+        """The threshold (and, without the federation's `temperature`, the temperature) from these images; given
+        the federation's validation images per class (`federation_mix`), first this hospital's guarded class
+        offsets (`core.learning.class_offsets`). With a federation temperature and too few images: that
+        temperature, nothing else. Otherwise None when there are fewer than `MIN_IMAGES` images."""
+        from .class_offsets import refit_offsets as refit
+
         logits, labels = np.asarray(logits, np.float64), np.asarray(labels, int)
         source = "the federation's validation images (summed over the hospitals of its last round)"
+        classes = None if federation_mix is None else tuple(int(v) for v in federation_mix)
         if len(labels) < MIN_IMAGES:
             if temperature is None:
                 return None
             return cls(temperature=float(temperature), threshold=None, coverage_target=coverage, images=len(labels),
-                       ece_before=None, ece_after=None, nll_before=None, nll_after=None, temperature_from=source)
+                       ece_before=None, ece_after=None, nll_before=None, nll_after=None, temperature_from=source,
+                       federation_classes=classes)
         t = fit_temperature(logits, labels) if temperature is None else float(temperature)
-        before, after = softmax(logits), softmax(logits, t)
+        offsets = refit(logits, labels, federation_mix, t) if federation_mix is not None else None
+        adjusted = logits if offsets is None or not offsets.kept else logits + np.asarray(offsets.offsets)
+        before, after = softmax(logits), softmax(adjusted, t)
         return cls(temperature=t, threshold=abstention_threshold(after.max(axis=1), coverage),
                    coverage_target=coverage, images=len(labels),
                    ece_before=expected_calibration_error(before, labels),
                    ece_after=expected_calibration_error(after, labels),
-                   nll_before=nll(logits, labels), nll_after=nll(logits, labels, t),
-                   temperature_from=source if temperature is not None else cls.temperature_from)
+                   nll_before=nll(logits, labels), nll_after=nll(adjusted, labels, t),
+                   temperature_from=source if temperature is not None else cls.temperature_from,
+                   class_offsets=None if offsets is None else offsets.offsets,
+                   offsets_loss_released=None if offsets is None else offsets.held_out_loss_released,
+                   offsets_loss_refitted=None if offsets is None else offsets.held_out_loss_refitted,
+                   federation_classes=classes)
 
     @classmethod
     def federation_only(cls, temperature: float, coverage: float = COVERAGE_TARGET,
-                        cell_threshold: float | None = None, cell_false_alarms: float | None = None) -> Calibration:
-        """The aggregator's model file: the federation's temperature and cell-check threshold; no "uncertain"
-        threshold (that is each hospital's)."""
+                        cell_threshold: float | None = None, cell_false_alarms: float | None = None,
+                        federation_classes: list[int] | None = None) -> Calibration:
+        """The aggregator's model file: the federation's temperature, cell-check threshold and validation images
+        per class; no "uncertain" threshold or class offsets (those are each hospital's)."""
         return cls(temperature=float(temperature), threshold=None, coverage_target=coverage, images=0,
                    ece_before=None, ece_after=None, nll_before=None, nll_after=None,
                    temperature_from="the federation's validation images (summed over the hospitals of its last "
                                     "round)", not_a_cell_threshold=cell_threshold,
                    not_a_cell_false_alarms=None if cell_threshold is None else cell_false_alarms,
-                   not_a_cell_from=None if cell_threshold is None else "the federation's validation images")
+                   not_a_cell_from=None if cell_threshold is None else "the federation's validation images",
+                   federation_classes=None if federation_classes is None else tuple(int(v) for v in federation_classes))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,4 +194,28 @@ class Calibration:
         threshold = None if d.get("threshold") is None else float(d["threshold"])
         if not (_T_RANGE[0] <= t <= _T_RANGE[1]) or not (threshold is None or 0.0 <= threshold <= 1.0):
             raise ValueError(f"calibration out of range (T = {t}, threshold = {threshold})")
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        offsets = fields.get("class_offsets")
+        if offsets is not None:
+            values = np.asarray(offsets, np.float64)
+            if values.ndim != 1 or not np.all(np.isfinite(values)) or np.abs(values).max(initial=0.0) > 50.0:
+                raise ValueError("calibration's class offsets are not a list of numbers within ±50")
+            fields["class_offsets"] = tuple(float(v) for v in values)
+        counts = fields.get("federation_classes")
+        if counts is not None:
+            if not (isinstance(counts, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                     for v in counts)):
+                raise ValueError("calibration's federation class counts are not counts")
+            fields["federation_classes"] = tuple(counts)
+        return cls(**fields)
+
+
+def offsets_text(cal: Calibration | None) -> str:
+    """In words: whether this hospital's model file adjusts the federation's class scores, and why."""
+    if cal is None or cal.offsets_loss_released is None:
+        return "class scores as the federation released them (not re-fitted here)"
+    figures = (f"held-out loss {cal.offsets_loss_released:.3f} → {cal.offsets_loss_refitted:.3f} per image over "
+               f"{cal.images} validation images here")
+    if cal.class_offsets is None:
+        return f"class scores as the federation released them: re-fitting them here did not help ({figures})"
+    return f"class scores re-fitted to this hospital's images ({figures})"

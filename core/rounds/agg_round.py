@@ -450,6 +450,9 @@ class FederationMachine:
         body = {} if temperature is None else {"temperature": temperature}
         if cell is not None:
             body["not_a_cell_threshold"] = cell
+        mix = federation_class_mix(log)
+        if mix is not None:
+            body["validation_classes"] = mix
         return [Broadcast(tuple(sorted(self.accepted)), DONE, self.plan.rounds, body, (weights_blob(self.weights),)),
                 Status(self.plan.rounds, "done"), Done(self.weights, temperature, cell)]
 
@@ -461,6 +464,17 @@ def federation_temperature(log: list[dict]) -> float | None:
         sums, confusion = entry.get("calibration_nll"), entry.get("confusion")
         if entry.get("status") == "completed" and sums and confusion:
             return temperature_from_sums(np.asarray(sums), int(np.sum(confusion)))
+    return None
+
+
+def federation_class_mix(log: list[dict]) -> list[int] | None:
+    """How many validation images of each class the hospitals of the last completed round held: the row sums of
+    its summed validation confusion counts, which the aggregator opens anyway (a site's class offsets are fitted
+    to this mix, core.learning.class_offsets). None without such a round."""
+    for entry in reversed(log):
+        confusion = entry.get("confusion")
+        if entry.get("status") == "completed" and confusion:
+            return [int(v) for v in np.asarray(confusion, np.int64).sum(axis=1)]
     return None
 
 

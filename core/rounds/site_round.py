@@ -164,6 +164,7 @@ class Finish:
     weights: np.ndarray
     temperature: float | None = None
     cell_threshold: float | None = None  # the federation's cell-check threshold, when the aggregator sent one
+    class_mix: tuple[int, ...] | None = None  # the federation's validation images per class, when it sent them
 
 
 @dataclass(frozen=True)
@@ -551,10 +552,14 @@ class SiteRound:
         cell = msg.body.get("not_a_cell_threshold")
         if cell is not None and not (_number(cell) and 1.0 <= cell <= 1e7):
             raise MessageRefused("done: the cell-check threshold is not a number in [1, 10^7]")
+        mix = msg.body.get("validation_classes")
+        if mix is not None and not (isinstance(mix, list) and len(mix) == len(plan.classes)
+                                    and all(_small_int(v) and v >= 0 for v in mix) and sum(mix) > 0):
+            raise MessageRefused("done: the federation's validation class counts are not one count per class")
         out = self._leave_round("the federation finished before this round ended")
         self.phase = Phase.DONE
         return [*out, Finish(msg.round, weights, None if temperature is None else float(temperature),
-                             None if cell is None else float(cell))]
+                             None if cell is None else float(cell), None if mix is None else tuple(mix))]
 
     def _on_status(self, msg: Message) -> list[Action]:
         """A round started without this site (it is still preparing, or not ready): say so."""

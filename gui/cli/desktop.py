@@ -23,6 +23,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", metavar="FILE.csv", help="also write one row per file (probability of every class)")
     p.set_defaults(func=_classify)
 
+    p = sub.add_parser("calibrate", help="re-fit a copy of a federation's model file to this hospital's own labelled "
+                                         "images (its class offsets and 'uncertain' threshold; nothing is sent)")
+    p.add_argument("--model", required=True, metavar="MODEL.npz", help="the federation's model file (or a site's)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="labelled images: folders named after the classes (files elsewhere are skipped); not the "
+                        "images you will judge the model on")
+    p.add_argument("--out", required=True, metavar="OURS.npz", help="the re-calibrated copy to write")
+    p.add_argument("--json", action="store_true", help="print what was fitted as JSON")
+    p.set_defaults(func=_calibrate)
+
 
 def _gui(args: argparse.Namespace) -> int:
     from hemafed.gui.cli import UserFacingError
@@ -42,6 +52,7 @@ def _gui(args: argparse.Namespace) -> int:
 
 def _classify(args: argparse.Namespace) -> int:
     from hemafed.core.learning.classify import ModelFileError, classify_paths, load_model_file, percent
+    from hemafed.core.learning.confidence import offsets_text
     from hemafed.gui.cli import UserFacingError
 
     try:
@@ -64,6 +75,7 @@ def _classify(args: argparse.Namespace) -> int:
                   + (f"; below {percent(cal.threshold)} an answer is UNCERTAIN (threshold from {cal.images} "
                      "validation images of the hospital that saved the file)" if cal.threshold is not None else
                      "; no 'uncertain' threshold in this file (each hospital fits its own)"))
+            print(offsets_text(cal))
             if cal.not_a_cell_threshold is not None:
                 print("images unlike the federation's (not a single blood cell) are NOT RECOGNISED (threshold "
                       f"flags {cal.not_a_cell_false_alarms:.1%} of {cal.not_a_cell_from or 'the validation images'})")
@@ -88,3 +100,28 @@ def _classify(args: argparse.Namespace) -> int:
                 print(f"{'all':<16}{images:>8}{correct:>9}{correct / images:>10.1%}")
     scored = [p for p in report.predictions if not p.error]
     return 0 if scored else 1
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from hemafed.core.learning.classify import ModelFileError, load_model_file, percent
+    from hemafed.core.learning.confidence import offsets_text
+    from hemafed.core.learning.local_calibration import labelled_images, recalibrate, save_recalibrated
+    from hemafed.gui.cli import UserFacingError
+
+    try:
+        model = load_model_file(args.model)
+        images, labels, problems = labelled_images(model, args.paths)
+        cal = recalibrate(model, images, labels)
+        out = save_recalibrated(model, cal, args.out)
+    except (ModelFileError, ValueError) as exc:
+        raise UserFacingError(str(exc)) from exc
+    if args.json:
+        print(json.dumps({"out": str(out), "images": len(labels), "skipped": problems,
+                          "class_scores": offsets_text(cal), "calibration": cal.to_dict()}, indent=2))
+        return 0
+    for problem in problems:
+        print(f"skipped: {problem}")
+    print(f"re-calibrated on {len(labels)} labelled images: {offsets_text(cal)}; below {percent(cal.threshold)} "
+          f"an answer is UNCERTAIN (answers {cal.coverage_target:.0%} of these images)")
+    print(f"written to {out} (the federation's file is unchanged; nothing was sent)")
+    return 0

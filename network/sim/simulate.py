@@ -435,7 +435,12 @@ class Simulation:
         final_round = max(evaluated)
         latest = store.load(final_round)
         from hemafed.core.learning.confidence import Calibration
-        from hemafed.core.rounds.agg_round import CELL_FALSE_ALARMS, federation_cell_threshold, federation_temperature
+        from hemafed.core.rounds.agg_round import (
+            CELL_FALSE_ALARMS,
+            federation_cell_threshold,
+            federation_class_mix,
+            federation_temperature,
+        )
         from hemafed.network.site import save_model_file
 
         log = store.read_log()
@@ -443,7 +448,7 @@ class Simulation:
         save_model_file(self.out / "final_model.npz", latest.weights, self.plan, final_round,
                         None if temperature is None else Calibration.federation_only(
                             temperature, cell_threshold=federation_cell_threshold(log),
-                            cell_false_alarms=CELL_FALSE_ALARMS))
+                            cell_false_alarms=CELL_FALSE_ALARMS, federation_classes=federation_class_mix(log)))
         plan = self.plan.to_dict()
         plan["epsilon_budget"] = self.opts.epsilon if self.opts.dp else None
         plan["partition"] = self.opts.partition

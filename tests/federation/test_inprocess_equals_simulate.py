@@ -59,7 +59,11 @@ def test_a_seeded_run_gives_the_same_model_in_process_and_as_a_real_federation(s
                               data.val_labels)
     assert result.temperature == CALIBRATION_GRID[int(np.argmin(total))]
     assert load_model_file(opts.out / "final_model.npz").calibration.temperature == result.temperature
+    from hemafed.core.learning.class_offsets import MIN_IMAGES as OFFSETS_MIN_IMAGES
+
     for name in result.ledgers:
         final = opts.out / "sites" / name / "state" / "models" / h.plan.federation_id / "final.npz"
         cal = load_model_file(final).calibration
         assert cal.temperature == result.temperature and "federation" in cal.temperature_from
+        # a site re-fits its class offsets only with enough validation images (these have a handful)
+        assert (cal.offsets_loss_released is not None) == (cal.images >= OFFSETS_MIN_IMAGES), name

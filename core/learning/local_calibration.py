@@ -1,0 +1,87 @@
+"""Re-calibrate a copy of a federation's model file on one hospital's own labelled images (`hemafed calibrate`).
+
+A hospital that did not take part in training, or whose microscope, stain or camera changed since, holds images
+that look unlike the federation's. With a few hundred labelled images of its own (class-named folders, as the Data
+page reads them) it fits, locally, what a participating site fits on its validation split when the federation
+ends: its class offsets (`core.learning.class_offsets`, guarded, against the federation's validation class mix the
+model file carries) and its "uncertain" threshold, with the federation's temperature and cell-check threshold kept
+as the file has them. The result is a new model file for this hospital; nothing is sent anywhere (docs/privacy.md,
+"Calibration"). The labelled images must not be ones the model will later be judged on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import atomic_write_bytes
+from ..data.imaging import ImageRejected
+from .classify import ModelFile, ModelFileError, collect_inputs, prepare_image
+from .confidence import Calibration
+
+
+def recalibrate(model: ModelFile, images: np.ndarray, labels: np.ndarray) -> Calibration:
+    """This hospital's calibration of `model` from its labelled `images` (N, H, W, 3 uint8 at any size) and their
+    class indices. Raises ModelFileError when the file lacks what a re-fit needs, ValueError for too few images."""
+    return recalibrate_logits(model, model.logits(images), labels)
+
+
+def recalibrate_logits(model: ModelFile, logits: np.ndarray, labels: np.ndarray) -> Calibration:
+    """`recalibrate` from the model's logits for the labelled images."""
+    cal = model.calibration
+    if cal is None or cal.federation_classes is None:
+        raise ModelFileError(f"{model.path}: this model file does not say how many validation images of each class "
+                             "the federation held (saved before 2026-12-05, or by a plan without secure "
+                             "aggregation), so its class scores cannot be re-fitted")
+    if len(cal.federation_classes) != len(model.classes):
+        raise ModelFileError(f"{model.path}: its federation class counts do not match its {len(model.classes)} "
+                             "classes")
+    fitted = Calibration.fit(logits, np.asarray(labels, int), temperature=cal.temperature,
+                             federation_mix=np.asarray(cal.federation_classes))
+    if fitted is None or fitted.threshold is None:
+        raise ValueError(f"{len(labels)} labelled images are too few to re-calibrate (at least 20; the class "
+                         "offsets need 40)")
+    return replace(fitted, temperature_from=cal.temperature_from, not_a_cell_threshold=cal.not_a_cell_threshold,
+                   not_a_cell_false_alarms=cal.not_a_cell_false_alarms, not_a_cell_from=cal.not_a_cell_from)
+
+
+def labelled_images(model: ModelFile, paths: Iterable[str | Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The images under `paths` that sit in a folder named like one of the model's classes, as the model's input,
+    with their class indices; everything skipped is listed in words (unlabelled files, unreadable images)."""
+    inputs, problems = collect_inputs(paths, model.classes)
+    images, labels = [], []
+    for item in inputs:
+        if item.true_class is None:
+            problems.append(f"{item.path}: not in a folder named after a class, skipped")
+            continue
+        try:
+            image, _, _ = prepare_image(item.path, model.input_size)
+        except ImageRejected as exc:
+            problems.append(f"{item.path}: {exc.reason}" + (f" ({exc.detail})" if exc.detail else ""))
+            continue
+        images.append(image)
+        labels.append(model.classes.index(item.true_class))
+    size = model.input_size
+    return (np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8), np.asarray(labels, int),
+            problems)
+
+
+def save_recalibrated(model: ModelFile, calibration: Calibration, out: str | Path) -> Path:
+    """A copy of `model`'s file with this hospital's `calibration` (written atomically; the original is kept)."""
+    out = Path(out)
+    if out.resolve() == Path(model.path).resolve():
+        raise ModelFileError(f"{out}: write the re-calibrated model to a new file; the federation's stays as it is")
+    with np.load(model.path) as data:
+        weights = np.asarray(data["weights"])
+        meta = json.loads(bytes(np.asarray(data["meta"], np.uint8)).decode("utf-8"))
+    meta["calibration"] = calibration.to_dict()
+    meta["recalibrated_from"] = str(model.path)
+    buf = io.BytesIO()
+    np.savez(buf, weights=weights, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    atomic_write_bytes(out, buf.getvalue(), mode=0o600)
+    return out
