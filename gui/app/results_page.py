@@ -364,9 +364,20 @@ class ResultsPage(QWidget):
         self.model_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         open_model = QPushButton("Open model file…")
         open_model.clicked.connect(self._open_model)
+        self.adapt_btn = QPushButton("Adapt to our images…")
+        self.adapt_btn.setToolTip("Re-fit a copy of this model to labelled images of your own (folders named after "
+                                  "the classes): its class scores and its 'uncertain' threshold, for images that "
+                                  "look unlike the federation's (another stain, lamp or microscope). Nothing is "
+                                  "sent; the model file you opened stays as it is.")
+        self.adapt_btn.clicked.connect(self._adapt_dialog)
+        self.adapt_btn.setEnabled(False)
         mrow = QHBoxLayout()
         mrow.addWidget(self.model_label, 1)
-        mrow.addWidget(open_model)
+        buttons = QVBoxLayout()
+        buttons.addWidget(open_model)
+        buttons.addWidget(self.adapt_btn)
+        buttons.addStretch(1)
+        mrow.addLayout(buttons)
         self.statement = QTextBrowser()
         self.statement.setOpenExternalLinks(False)
 
@@ -424,6 +435,62 @@ class ResultsPage(QWidget):
         if path:
             self.state.set_model(Path(path))
 
+    def _adapt_dialog(self) -> None:
+        model = self.state.model_path
+        if model is None:
+            return
+        folder = QFileDialog.getExistingDirectory(self, "Labelled images of your own (one folder per class)",
+                                                  str(model.parent))
+        if not folder:
+            return
+        out, _ = QFileDialog.getSaveFileName(self, "Save the adapted copy as", str(model.with_name(
+            model.stem + "-ours.npz")), "Model files (*.npz)")
+        if out:
+            self.adapt(Path(folder), Path(out))
+
+    def adapt(self, folder: Path, out: Path) -> bool:
+        """Re-calibrate a copy of the open model on the labelled images under `folder`, save it as `out` and open
+        it (on a worker; the label says what was fitted, or why not)."""
+        from hemafed.core.learning.local_calibration import labelled_images, recalibrate, save_recalibrated
+
+        path = self.state.model_path
+        if path is None or self.job is not None:
+            return False
+        self.adapt_btn.setEnabled(False)
+        self.model_label.setText(f"Adapting <b>{path.name}</b> to the labelled images in <b>{folder}</b>…")
+
+        def work(job: Job):
+            model = self.loaded_model(path)
+            images, labels, skipped = labelled_images(model, [folder])
+            cal = recalibrate(model, images, labels)  # ModelFileError, ValueError: said in the label
+            return save_recalibrated(model, cal, out), len(labels), skipped
+
+        self.job = Job(work)
+        self.job.signals.result.connect(self._adapted)
+        self.job.signals.errored.connect(lambda m: self.model_label.setText(
+            f"<b>Could not adapt the model:</b> {m}<br>The model file is unchanged."))
+        self.job.signals.finished.connect(self._adapt_done)
+        self.job.start()
+        return True
+
+    def _adapt_done(self) -> None:
+        self.job = None
+        self.adapt_btn.setEnabled(self.state.model_path is not None)
+        if self._adapted_path is not None:
+            path, self._adapted_path = self._adapted_path, None
+            self.state.set_model(path)  # refresh_model runs now that no job holds the page
+
+    _adapted_path: Path | None = None
+
+    def _adapted(self, result) -> None:
+        path, images, skipped = result
+        self._adapted_path = path
+        self.adapt_note = (f"Adapted on {images} labelled images of your own"
+                           + (f" ({len(skipped)} files skipped: not in a class folder, or unreadable)" if skipped
+                              else "") + f"; saved as {path.name}.")
+
+    adapt_note = ""
+
     def refresh_rounds(self) -> None:
         rows = [r for r in self.state.rounds if r.accuracy is not None]
         if not rows:
@@ -462,8 +529,20 @@ class ResultsPage(QWidget):
         model, confusion = result
         self.confusion = confusion
         rnd = f", after round {model.round}" if model.round is not None else ""
+        from hemafed.core.learning.confidence import offsets_text
+
+        cal = model.calibration
+        scores = offsets_text(cal)
+        scores = scores[0].upper() + scores[1:]
         self.model_label.setText(f"Model file: <b>{model.path}</b><br>{model.name}, {len(model.classes)} classes, "
-                                 f"federation {model.federation_id}{rnd}. Use it on the Classify images tab.")
+                                 f"federation {model.federation_id}{rnd}. Use it on the Classify images tab.<br>"
+                                 + (f"{self.adapt_note}<br>" if self.adapt_note else "")
+                                 + (f"{scores}." if cal is not None else "This model file is not calibrated."))
+        self.adapt_note = ""
+        self.adapt_btn.setEnabled(cal is not None and cal.federation_classes is not None)
+        if cal is not None and cal.federation_classes is None:
+            self.adapt_btn.setToolTip("This model file does not carry the federation's class counts (saved before "
+                                      "2026-12-05, or without secure aggregation): it cannot be adapted.")
         if confusion is None:
             self.confusion_chart.empty("No validation images: check the images on the Data page.")
         else:

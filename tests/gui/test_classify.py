@@ -191,3 +191,36 @@ def test_an_image_that_is_not_a_cell_is_shown_as_not_recognised(qtbot, window, t
     rows = {Path(r["file"]).name: r for r in csv.DictReader(out.open())}
     assert rows["noise.png"]["not recognised"] == "yes" and rows["noise.png"]["predicted"] == ""
     assert rows["cell.png"]["not recognised"] == "no" and rows["cell.png"]["predicted"]
+
+
+def test_an_operator_adapts_a_copy_of_the_model_to_labelled_images_of_their_own(qtbot, window, pbc: Path,
+                                                                                 model_file: Path, tmp_path: Path):
+    from hemafed.core.learning.confidence import Calibration
+    from hemafed.network.site import save_model_file
+
+    page = window.results_page
+    with np.load(model_file) as data:
+        weights = data["weights"]
+    old = load_model_file(model_file)
+    plan_like = type("Plan", (), {"model": old.name, "classes": old.classes, "input_size": old.input_size,
+                                  "federation_id": "gui-test"})
+    theirs = save_model_file(tmp_path / "federation.npz", weights, plan_like, 2, Calibration.federation_only(
+        1.4, federation_classes=[100] * len(old.classes)))
+    before = theirs.read_bytes()
+    window.state.set_model(theirs)
+    qtbot.waitUntil(lambda: page.job is None and "federation gui-test" in page.model_label.text(), timeout=60_000)
+    assert page.adapt_btn.isEnabled()
+    ours = tmp_path / "ours.npz"
+    assert page.adapt(pbc, ours)
+    qtbot.waitUntil(lambda: "Adapted on" in page.model_label.text(), timeout=120_000)
+    qtbot.waitUntil(lambda: page.job is None, timeout=60_000)
+    text = page.model_label.text()
+    assert "Adapted on 200 labelled images" in text and "ours.npz" in text and "lass scores" in text
+    assert window.state.model_path == ours and theirs.read_bytes() == before
+    cal = load_model_file(ours).calibration
+    assert cal.images == 200 and cal.temperature == 1.4 and cal.threshold is not None
+
+    # a file that cannot be adapted says so instead of offering it
+    window.state.set_model(model_file)
+    qtbot.waitUntil(lambda: page.job is None and str(model_file) in page.model_label.text(), timeout=60_000)
+    assert not page.adapt_btn.isEnabled()
