@@ -1,4 +1,4 @@
-"""Calibrated probabilities and "not sure": a temperature and an abstention threshold fitted at one hospital.
+"""Calibrated probabilities and "not sure": a temperature, class offsets and an abstention threshold at one hospital.
 
 A softmax is over-confident after DP training on fixed features (it reads 99 % where it is right 90 % of the
 time). Temperature scaling (Guo et al. 2017) divides the logits by one number T fitted to minimise the negative
@@ -13,7 +13,9 @@ temperature with the lowest total (`temperature_from_sums`) from the last comple
 counts, these sums carry no DP noise and are not covered by ε (docs/privacy.md, "Calibration"). The threshold is
 fitted by each hospital on its own validation images with that temperature and kept in its copy of the model file:
 nothing about it is sent. A site without a federation temperature (a plain plan, an older aggregator) fits both
-itself."""
+itself. Before the threshold, a hospital may re-fit one offset per class to its own images
+(`core.learning.class_offsets`): unlike the temperature, the offsets can change the answer; they are kept in the
+same file, and `probabilities` applies them before the temperature."""
 
 from __future__ import annotations
 
@@ -122,11 +124,12 @@ class Calibration:
     # this hospital's re-fitted class offsets (core.learning.class_offsets), added to the logits before the
     # temperature; None: the federation's biases as released (not re-fitted, or the guard kept them)
     class_offsets: tuple[float, ...] | None = None
-    # the re-fit's held-out figures (weighted cross-entropy per image, released biases → re-fitted), when it ran
+    # the re-fit's five-fold held-out cross-entropy per image (federation's scores → re-fitted), when it ran
     offsets_loss_released: float | None = None
     offsets_loss_refitted: float | None = None
     # the federation's validation images per class (what the offsets are fitted against; the aggregator sends
-    # them with the final model), kept so that a hospital can re-fit a copy of this file later (`refit_copy`)
+    # them with the final model), kept so that a hospital can re-fit a copy of this file later
+    # (core.learning.local_calibration, `hemafed calibrate`)
     federation_classes: tuple[int, ...] | None = None
 
     def adjusted(self, logits: np.ndarray) -> np.ndarray:
