@@ -189,7 +189,7 @@ def test_a_hospital_re_calibrates_a_copy_of_the_federations_file_on_its_own_labe
     ours = tmp_path / "ours.npz"
     assert cli_main(["calibrate", "--model", str(theirs), str(folder), "--out", str(ours), "--json"]) == 0
     said = json.loads(capsys.readouterr().out)
-    assert said["images"] == 60
+    assert said["images"] == 60 and "fewer than 250" in said["caution"]
     assert any("unsorted.png" in p and "class" in p for p in said["skipped"])
     assert any("broken.png" in p for p in said["skipped"])
     cal = load_model_file(ours).calibration

@@ -116,6 +116,6 @@ def test_results_keep_each_table_of_a_bench_doc_apart_with_its_reading(tmp_path:
         "Second reading.", ""]))
     lines = _confidence_sections(tmp_path)
     start = lines.index("| a | b |")
-    assert lines[start:start + 9] == ["| a | b |", "|---|---|", "| 1 | 2 |", "", "First reading.", "", "| c |",
-                                      "|---|", "| 3 |"]
-    assert lines[start + 9:start + 12] == ["", "Second reading.", ""]
+    assert lines[start:start + 11] == ["| a | b |", "|---|---|", "| 1 | 2 |", "", "First reading.", "",
+                                       "**Each hospital**", "", "| c |", "|---|", "| 3 |"]
+    assert lines[start + 11:start + 14] == ["", "Second reading.", ""]

@@ -217,8 +217,9 @@ def offsets_text(cal: Calibration | None) -> str:
     """In words: whether this hospital's model file adjusts the federation's class scores, and why."""
     if cal is None or cal.offsets_loss_released is None:
         return "class scores as the federation released them (not re-fitted here)"
-    figures = (f"held-out loss {cal.offsets_loss_released:.3f} → {cal.offsets_loss_refitted:.3f} per image over "
-               f"{cal.images} validation images here")
+    loss = f"loss {cal.offsets_loss_released:.3f} → {cal.offsets_loss_refitted:.3f}"
     if cal.class_offsets is None:
-        return f"class scores as the federation released them: re-fitting them here did not help ({figures})"
-    return f"class scores re-fitted to this hospital's images ({figures})"
+        return (f"class scores as the federation released them: re-fitted to this hospital's {cal.images} labelled "
+                f"images, they did not predict held-out ones better ({loss})")
+    return (f"class scores re-fitted to this hospital's images (they predicted held-out ones among its {cal.images} "
+            f"labelled images better: {loss})")

@@ -24,6 +24,18 @@ from ..data.imaging import ImageRejected
 from .classify import ModelFile, ModelFileError, collect_inputs, prepare_image
 from .confidence import Calibration
 
+# Below this many labelled images the re-fit's own noise shows: where the images look like the federation's it cost
+# 0.25 points with 100 and 0.1 with 250 (docs/appearance-remedies.md, ninth pass); said, not refused.
+ENOUGH_IMAGES = 250
+
+
+def small_sample_note(images: int) -> str:
+    """A caution in words when `images` labelled images are few for a re-fit ("" otherwise)."""
+    if images >= ENOUGH_IMAGES:
+        return ""
+    return (f"only {images} labelled images: with fewer than {ENOUGH_IMAGES} a re-fit can cost a few tenths of a "
+            "point where your images already look like the federation's; add more if you have them")
+
 
 def recalibrate(model: ModelFile, images: np.ndarray, labels: np.ndarray) -> Calibration:
     """This hospital's calibration of `model` from its labelled `images` (N, H, W, 3 uint8 at any size) and their

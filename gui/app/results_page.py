@@ -485,9 +485,13 @@ class ResultsPage(QWidget):
     def _adapted(self, result) -> None:
         path, images, skipped = result
         self._adapted_path = path
+        from hemafed.core.learning.local_calibration import small_sample_note
+
+        caution = small_sample_note(images)
         self.adapt_note = (f"Adapted on {images} labelled images of your own"
                            + (f" ({len(skipped)} files skipped: not in a class folder, or unreadable)" if skipped
-                              else "") + f"; saved as {path.name}.")
+                              else "") + f"; saved as {path.name}."
+                           + (f" <i>Caution: {caution}.</i>" if caution else ""))
 
     adapt_note = ""
 
@@ -540,9 +544,10 @@ class ResultsPage(QWidget):
                                  + (f"{scores}." if cal is not None else "This model file is not calibrated."))
         self.adapt_note = ""
         self.adapt_btn.setEnabled(cal is not None and cal.federation_classes is not None)
-        if cal is not None and cal.federation_classes is None:
-            self.adapt_btn.setToolTip("This model file does not carry the federation's class counts (saved before "
-                                      "2026-12-05, or without secure aggregation): it cannot be adapted.")
+        if cal is None or cal.federation_classes is None:
+            self.adapt_btn.setToolTip("This model file cannot be adapted: it does not carry the federation's "
+                                      "calibration and class counts (saved before 2026-12-05, by a plan without "
+                                      "secure aggregation, or not by a federation).")
         if confusion is None:
             self.confusion_chart.empty("No validation images: check the images on the Data page.")
         else:

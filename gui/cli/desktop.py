@@ -105,7 +105,12 @@ def _classify(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from hemafed.core.learning.classify import ModelFileError, load_model_file, percent
     from hemafed.core.learning.confidence import offsets_text
-    from hemafed.core.learning.local_calibration import labelled_images, recalibrate, save_recalibrated
+    from hemafed.core.learning.local_calibration import (
+        labelled_images,
+        recalibrate,
+        save_recalibrated,
+        small_sample_note,
+    )
     from hemafed.gui.cli import UserFacingError
 
     try:
@@ -117,10 +122,13 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise UserFacingError(str(exc)) from exc
     if args.json:
         print(json.dumps({"out": str(out), "images": len(labels), "skipped": problems,
-                          "class_scores": offsets_text(cal), "calibration": cal.to_dict()}, indent=2))
+                          "class_scores": offsets_text(cal), "caution": small_sample_note(len(labels)) or None,
+                          "calibration": cal.to_dict()}, indent=2))
         return 0
     for problem in problems:
         print(f"skipped: {problem}")
+    if small_sample_note(len(labels)):
+        print(f"caution: {small_sample_note(len(labels))}")
     print(f"re-calibrated on {len(labels)} labelled images: {offsets_text(cal)}; below {percent(cal.threshold)} "
           f"an answer is UNCERTAIN (answers {cal.coverage_target:.0%} of these images)")
     print(f"written to {out} (the federation's file is unchanged; nothing was sent)")

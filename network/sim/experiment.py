@@ -561,11 +561,18 @@ def _confidence_sections(docs: Path) -> list[str]:
         path = docs / name
         if not path.exists():
             return [f"(not measured yet: `{name}` is missing)", ""]
-        # each table of the doc, followed by the paragraph right after it (the doc's reading of that table)
+        # each table of the doc, under the section title it sits in (when the doc has several), followed by the
+        # paragraph right after it (the doc's reading of that table)
         out: list[str] = []
         lines = [*path.read_text().splitlines(), ""]
+        heading = None
         for i, line in enumerate(lines):
-            if line.startswith("|"):
+            if line.startswith("## "):
+                heading = line[3:]
+            elif line.startswith("|"):
+                if heading is not None and not lines[i - 1].startswith("|"):
+                    out += [f"**{heading}**", ""]
+                    heading = None
                 out.append(line)
             elif i and lines[i - 1].startswith("|"):
                 after = next((x for x in lines[i:] if x), "")

@@ -216,6 +216,7 @@ def test_an_operator_adapts_a_copy_of_the_model_to_labelled_images_of_their_own(
     qtbot.waitUntil(lambda: page.job is None, timeout=60_000)
     text = page.model_label.text()
     assert "Adapted on 200 labelled images" in text and "ours.npz" in text and "lass scores" in text
+    assert "Caution: only 200 labelled images" in text
     assert window.state.model_path == ours and theirs.read_bytes() == before
     cal = load_model_file(ours).calibration
     assert cal.images == 200 and cal.temperature == 1.4 and cal.threshold is not None
