@@ -26,6 +26,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.accuracy.pca_screen import (
+    SHARE,
+    _centre_scheme,
+    _rescale,
+    fit_head,
+    head_logits,
+    noisy_centre,
+    round_noise,
+    sites_training,
+)
+from hemafed.core.data.bloodmnist import load_splits, locate
+from hemafed.core.learning.models import build_model, split_features
+from hemafed.core.learning.site_trainer import model_inputs
+from hemafed.core.rounds.plan import FederationPlan
+from hemafed.network.sim.simulate import SimulationOptions, hospitals
+
 
 def mix_weights(labels: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor | None:
     """Per-image weights that give these images the class mix `target` (None: as they come); a class this hospital
@@ -79,23 +95,29 @@ def guarded_refit(logits: torch.Tensor, labels: torch.Tensor, prior_std: float |
     return torch.zeros(logits.shape[1], dtype=torch.float64)
 
 
-def main() -> None:
-    from bench.accuracy.pca_screen import (
-        SHARE,
-        _centre_scheme,
-        _rescale,
-        fit_head,
-        head_logits,
-        noisy_centre,
-        round_noise,
-        sites_training,
-    )
-    from hemafed.core.data.bloodmnist import load_splits, locate
-    from hemafed.core.learning.models import build_model, split_features
+def _proxy(h, model, eps: float, radius: float):
+    """The proxy federation of simulated hospitals `h`: their training features and labels, and per noise seed the
+    head (`head(seed)` → (weights, centre)) as the eighth pass trains it."""
     from hemafed.core.learning.recipe import lr_times_sigma, recommended_plan
-    from hemafed.core.learning.site_trainer import model_inputs
-    from hemafed.core.rounds.plan import FederationPlan
-    from hemafed.network.sim.simulate import SimulationOptions, hospitals
+
+    images, labels = sites_training(h)
+    xt = model_inputs(h.plan, model, images, "train").double()
+    yt = torch.as_tensor(labels.reshape(-1)).long()
+    fed = recommended_plan(eps, len(yt), 10)
+    noise = round_noise(fed)
+    error, share, rounds = _centre_scheme("R:10", SHARE, fed.rounds)  # the product's ten-round centre
+    k = lr_times_sigma(fed.model, eps, fed.rounds)
+
+    def head(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        centre = noisy_centre(xt.mean(0), error, noise, fed, radius, seed)
+        zt, _ = _rescale("block:3,1,1", xt - centre, xt[:1] - centre, xt)
+        return fit_head(zt, yt, len(fed.classes), fed.noise_multiplier, noise, fed.sample_rate, rounds, k, seed,
+                        share), centre
+
+    return xt, head
+
+
+def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--eps", type=float, default=8.0)
@@ -131,20 +153,11 @@ def main() -> None:
     for sim_seed in args.sim_seeds:
         for appearance in ("same", "shifted"):
             h = hospitals(SimulationOptions(quiet=True, seed=sim_seed, appearance=appearance))
-            images, labels = sites_training(h)
-            xt = model_inputs(h.plan, model, images, "train").double()
-            yt = torch.as_tensor(labels.reshape(-1)).long()
-            fed = recommended_plan(args.eps, len(yt), 10)
-            noise = round_noise(fed)
-            error, share, rounds = _centre_scheme("R:10", SHARE, fed.rounds)  # the product's ten-round centre
-            k = lr_times_sigma(fed.model, args.eps, fed.rounds)
+            xt, head = _proxy(h, model, args.eps, radius)
             for seed in args.seeds:
                 started = time.perf_counter()
-                centre = noisy_centre(xt.mean(0), error, noise, fed, radius, seed)
-                zt, zv = _rescale("block:3,1,1", xt - centre, xv - centre, xt)
-                w = fit_head(zt, yt, len(fed.classes), fed.noise_multiplier, noise, fed.sample_rate, rounds, k,
-                             seed, share)
-                logits = head_logits(w, zv)
+                w, centre = head(seed)
+                logits = head_logits(w, _rescale("block:3,1,1", xt - centre, xv - centre, xt)[1])
                 row = {"sim_seed": sim_seed, "appearance": appearance, "seed": seed, "epsilon": args.eps,
                        "released": float((logits[judged].argmax(1) == yv[judged]).double().mean())}
                 for n in args.fit_images:
@@ -165,25 +178,9 @@ def _sites(args: argparse.Namespace) -> None:
     (what the product's hospitals hold), plainly or weighted to the federation's validation class mix (the row sums
     of the validation confusion counts every round already opens), with a prior τ = 1 and the guard. Judged: the
     second half of the untouched validation split, rendered in that hospital's look (`--judged` images)."""
-    from bench.accuracy.pca_screen import (
-        SHARE,
-        _centre_scheme,
-        _rescale,
-        fit_head,
-        head_logits,
-        noisy_centre,
-        round_noise,
-        sites_training,
-    )
     from hemafed.core.data.appearance import apply_look, hospital_looks
-    from hemafed.core.data.bloodmnist import load_splits, locate
     from hemafed.core.learning.class_offsets import refit_offsets
     from hemafed.core.learning.confidence import fit_temperature
-    from hemafed.core.learning.models import build_model, split_features
-    from hemafed.core.learning.recipe import lr_times_sigma, recommended_plan
-    from hemafed.core.learning.site_trainer import model_inputs
-    from hemafed.core.rounds.plan import FederationPlan
-    from hemafed.network.sim.simulate import SimulationOptions, hospitals
 
     plan = FederationPlan()
     model = build_model(plan.model)
@@ -197,9 +194,7 @@ def _sites(args: argparse.Namespace) -> None:
     for sim_seed in args.sim_seeds:
         for appearance in ("same", "shifted"):
             h = hospitals(SimulationOptions(quiet=True, seed=sim_seed, appearance=appearance))
-            images, labels = sites_training(h)
-            xt = model_inputs(h.plan, model, images, "train").double()
-            yt = torch.as_tensor(labels.reshape(-1)).long()
+            xt, head = _proxy(h, model, args.eps, radius)
             sites = list(h.site_data().values())
             site_val = [(model_inputs(h.plan, model, d.val_images, "eval").double(),
                          torch.as_tensor(np.asarray(d.val_labels).reshape(-1)).long()) for d in sites]
@@ -208,15 +203,8 @@ def _sites(args: argparse.Namespace) -> None:
             looks = hospital_looks(len(sites), sim_seed)
             xj = [untouched if appearance == "same" else
                   model_inputs(h.plan, model, apply_look(val.images[judged], look), "eval").double() for look in looks]
-            fed = recommended_plan(args.eps, len(yt), 10)
-            noise = round_noise(fed)
-            error, share, rounds = _centre_scheme("R:10", SHARE, fed.rounds)
-            k = lr_times_sigma(fed.model, args.eps, fed.rounds)
             for seed in args.seeds:
-                centre = noisy_centre(xt.mean(0), error, noise, fed, radius, seed)
-                zt, _ = _rescale("block:3,1,1", xt - centre, xt[:1] - centre, xt)
-                w = fit_head(zt, yt, len(fed.classes), fed.noise_multiplier, noise, fed.sample_rate, rounds, k,
-                             seed, share)
+                w, centre = head(seed)
 
                 def logits_of(x: torch.Tensor, w=w, centre=centre, xt=xt) -> torch.Tensor:
                     return head_logits(w, _rescale("block:3,1,1", xt - centre, x - centre, xt)[1])
