@@ -36,11 +36,13 @@ NOT_DIAGNOSTIC = ("⚠ Research model, not a diagnostic device. Its predictions 
 
 
 def site_validation_confusion(model_path: Path, source: str, val_fraction: float, seed: int):
-    """(model file, confusion matrix on this site's validation split): the split the driver uses."""
+    """(model file, confusion matrix on this site's validation split): the split the driver uses, answered as the
+    file answers (with its class offsets, when it has them)."""
+    import numpy as np
+
     from hemafed.core.data.partition import stratified_split
     from hemafed.core.data.scan import scan_source
     from hemafed.core.learning.classify import load_model_file
-    from hemafed.core.learning.dp_train import evaluate
 
     model = load_model_file(model_path)
     if not source or not Path(source).exists():
@@ -49,8 +51,18 @@ def site_validation_confusion(model_path: Path, source: str, val_fraction: float
     if len(site.labels) == 0:
         return model, None
     _, val = stratified_split(site.labels, val_fraction, seed=seed)
-    return model, evaluate(model.model, site.images[val], site.labels[val], len(model.classes))
+    logits = model.logits(site.images[val])
+    answers = (model.calibration.adjusted(logits) if model.calibration is not None else logits).argmax(1)
+    k = len(model.classes)
+    truth = np.asarray(site.labels[val], int).reshape(-1)
+    return model, np.bincount(truth * k + answers, minlength=k * k).reshape(k, k).astype(np.int64)
 
+
+ADAPT_TIP = ("Re-fit a copy of this model to labelled images of your own (folders named after the classes): its "
+             "class scores and its 'uncertain' threshold, for images that look unlike the federation's (another "
+             "stain, lamp or microscope). Nothing is sent; the model file you opened stays as it is.")
+CANNOT_ADAPT_TIP = ("This model file cannot be adapted: it does not carry the federation's calibration and class "
+                    "counts (saved before 2026-12-05, by a plan without secure aggregation, or not by a federation).")
 
 COLUMNS = ["", "image", "class folder", "predicted class", "probability", "next most likely"]
 THUMB_COL, NAME_COL, FOLDER_COL, PRED_COL, PROB_COL, NEXT_COL = range(len(COLUMNS))
@@ -353,6 +365,8 @@ class ResultsPage(QWidget):
         self.job: Job | None = None
         self._model_cache: tuple[Path, float, object] | None = None
         self.confusion = None
+        self._adapted_path: Path | None = None  # the copy "Adapt to our images…" wrote, opened when its job ends
+        self.adapt_note = ""  # what that copy was fitted on, shown once beside it
 
         self.accuracy_chart = Chart(height=2.2)
         self.accuracy_chart.empty("No rounds yet: accuracy per round appears here during a federation.")
@@ -365,10 +379,7 @@ class ResultsPage(QWidget):
         open_model = QPushButton("Open model file…")
         open_model.clicked.connect(self._open_model)
         self.adapt_btn = QPushButton("Adapt to our images…")
-        self.adapt_btn.setToolTip("Re-fit a copy of this model to labelled images of your own (folders named after "
-                                  "the classes): its class scores and its 'uncertain' threshold, for images that "
-                                  "look unlike the federation's (another stain, lamp or microscope). Nothing is "
-                                  "sent; the model file you opened stays as it is.")
+        self.adapt_btn.setToolTip(ADAPT_TIP)
         self.adapt_btn.clicked.connect(self._adapt_dialog)
         self.adapt_btn.setEnabled(False)
         mrow = QHBoxLayout()
@@ -480,20 +491,17 @@ class ResultsPage(QWidget):
             path, self._adapted_path = self._adapted_path, None
             self.state.set_model(path)  # refresh_model runs now that no job holds the page
 
-    _adapted_path: Path | None = None
-
     def _adapted(self, result) -> None:
+        from hemafed.core.learning.local_calibration import small_sample_note
+
         path, images, skipped = result
         self._adapted_path = path
-        from hemafed.core.learning.local_calibration import small_sample_note
 
         caution = small_sample_note(images)
         self.adapt_note = (f"Adapted on {images} labelled images of your own"
                            + (f" ({len(skipped)} files skipped: not in a class folder, or unreadable)" if skipped
                               else "") + f"; saved as {path.name}."
                            + (f" <i>Caution: {caution}.</i>" if caution else ""))
-
-    adapt_note = ""
 
     def refresh_rounds(self) -> None:
         rows = [r for r in self.state.rounds if r.accuracy is not None]
@@ -543,11 +551,9 @@ class ResultsPage(QWidget):
                                  + (f"{self.adapt_note}<br>" if self.adapt_note else "")
                                  + (f"{scores}." if cal is not None else "This model file is not calibrated."))
         self.adapt_note = ""
-        self.adapt_btn.setEnabled(cal is not None and cal.federation_classes is not None)
-        if cal is None or cal.federation_classes is None:
-            self.adapt_btn.setToolTip("This model file cannot be adapted: it does not carry the federation's "
-                                      "calibration and class counts (saved before 2026-12-05, by a plan without "
-                                      "secure aggregation, or not by a federation).")
+        adaptable = cal is not None and cal.federation_classes is not None
+        self.adapt_btn.setEnabled(adaptable)
+        self.adapt_btn.setToolTip(ADAPT_TIP if adaptable else CANNOT_ADAPT_TIP)
         if confusion is None:
             self.confusion_chart.empty("No validation images: check the images on the Data page.")
         else:

@@ -225,3 +225,23 @@ def test_an_operator_adapts_a_copy_of_the_model_to_labelled_images_of_their_own(
     window.state.set_model(model_file)
     qtbot.waitUntil(lambda: page.job is None and str(model_file) in page.model_label.text(), timeout=60_000)
     assert not page.adapt_btn.isEnabled()
+
+
+def test_the_sites_confusion_matrix_answers_as_the_model_file_does(pbc: Path, model_file: Path, tmp_path: Path):
+    from hemafed.core.learning.confidence import Calibration
+    from hemafed.gui.app.results_page import site_validation_confusion
+    from hemafed.network.site import save_model_file
+
+    _, plain = site_validation_confusion(model_file, str(pbc), 0.2, 0)
+    assert plain.sum() == 40 and (plain.sum(axis=1) > 0).all()  # 5 of each class's 25 images
+    old = load_model_file(model_file)
+    offsets = [0.0] * len(old.classes)
+    offsets[2] = 40.0  # this file's hospital shifts every answer to one class
+    cal = Calibration(temperature=1.0, threshold=0.5, coverage_target=0.95, images=100, ece_before=None,
+                      ece_after=None, nll_before=None, nll_after=None, class_offsets=tuple(offsets))
+    plan_like = type("Plan", (), {"model": old.name, "classes": old.classes, "input_size": old.input_size,
+                                  "federation_id": "gui-test"})
+    with np.load(model_file) as data:
+        shifted = save_model_file(tmp_path / "ours.npz", data["weights"], plan_like, 2, cal)
+    _, confusion = site_validation_confusion(shifted, str(pbc), 0.2, 0)
+    assert (confusion.sum(axis=1) == plain.sum(axis=1)).all() and confusion[:, 2].sum() == 40
