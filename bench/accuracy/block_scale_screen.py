@@ -9,6 +9,9 @@ fits them (`core.learning.class_offsets`), or offsets and log-scales together (p
 each log-scale), kept only when five folds say they predict held-out images better. Validation only.
 
     python -m bench.accuracy.block_scale_screen results/appear/same-s0 results/appear/shifted-s0 ...
+
+With `--guards`, instead: the offsets alone, kept when the five folds' mean held-out improvement is above 0 (the
+product), one standard error or two; three random draws of n = 100 and 250 labelled images from the fitting half.
 """
 
 from __future__ import annotations
@@ -51,6 +54,33 @@ def _loss(logits: np.ndarray, labels: np.ndarray, temperature: float, shift: np.
     return float(torch.nn.functional.cross_entropy(z, torch.as_tensor(labels), reduction="sum"))
 
 
+def _guards(logits: np.ndarray, y: np.ndarray, fit: np.ndarray, judged: np.ndarray, mix: np.ndarray,
+            t: float) -> dict[str, float]:
+    from hemafed.core.learning.class_offsets import fit_offsets, mix_shift
+
+    row = {"released": float((logits[judged].argmax(1) == y[judged]).mean())}
+    for n in (100, 250, 856):
+        for draw in range(3 if n < len(fit) else 1):
+            mine = np.random.default_rng(100 + draw).permutation(fit)[:n] if n < len(fit) else fit
+            lg, lb = logits[mine], y[mine]
+            shift = mix_shift(lb, mix)
+            gain = np.zeros(n)  # held-out loss of the released scores minus the re-fitted, per image
+            for part in np.array_split(np.random.default_rng(11).permutation(n), 5):
+                rest = np.setdiff1d(np.arange(n), part)
+                b = fit_offsets(lg[rest], lb[rest], shift, t)
+                for sign, z in ((1, lg[part]), (-1, lg[part] + b)):
+                    gain[part] += sign * torch.nn.functional.cross_entropy(
+                        torch.as_tensor(z / t + shift), torch.as_tensor(lb[part]), reduction="none").numpy()
+            b = fit_offsets(lg, lb, shift, t)
+            se = gain.std(ddof=1) / np.sqrt(n)
+            for name, margin in (("above_0", 0.0), ("above_1se", se), ("above_2se", 2 * se)):
+                answer = logits + (b if gain.mean() > margin else 0.0)
+                key = f"{name}_{n}"
+                row[key] = row.get(key, 0.0) + float((answer[judged].argmax(1) == y[judged]).mean()) / (
+                    3 if n < len(fit) else 1)
+    return row
+
+
 def main() -> None:
     from hemafed.core.data.bloodmnist import load_splits, locate
     from hemafed.core.learning.class_offsets import mix_shift, refit_offsets
@@ -61,6 +91,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="`hemafed simulate` results folders")
+    ap.add_argument("--guards", action="store_true", help="screen stricter guards for the offsets instead")
     args = ap.parse_args()
     torch.set_num_threads(2)
     plan = SimulationOptions().plan()
@@ -83,6 +114,9 @@ def main() -> None:
         parts = torch.stack([z[:, a:b] @ w[:, a:b].T for a, b in itertools.pairwise(edges)], 1)
         t, mix = cal.temperature, np.asarray(cal.federation_classes)
         logits = (parts.sum(1) + bias).numpy()
+        if args.guards:
+            print(json.dumps({"run": str(run), **_guards(logits, y, fit, judged, mix, t)}), flush=True)
+            continue
         row = {"run": str(run), "released": float((logits[judged].argmax(1) == y[judged]).mean())}
         for n in (250, 856):
             mine = fit[:n]
