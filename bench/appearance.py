@@ -38,17 +38,6 @@ PER_LOOK = 500
 REMEDIES = {"scatter_synth_inv_cc_sn_28": "stain-normalised", "scatter_synth_inv_cc_lf_28": "canonical lamp and focus"}
 
 
-def _accuracy(model_name: str, weights: np.ndarray, images: np.ndarray, labels: np.ndarray) -> float:
-    opts = SimulationOptions(model=model_name)
-    plan = opts.plan()
-    model = build_model(model_name, len(plan.classes))
-    head = split_features(model)[1]
-    set_flat_params(head, weights)
-    with torch.no_grad():
-        logits = head(model_inputs(plan, model, images, "eval")).numpy()
-    return float(np.mean(logits.argmax(1) == np.asarray(labels).reshape(-1)))
-
-
 def _logits(model_name: str, weights: np.ndarray, images: np.ndarray) -> np.ndarray:
     plan = SimulationOptions(model=model_name).plan()
     model = build_model(model_name, len(plan.classes))
@@ -56,6 +45,11 @@ def _logits(model_name: str, weights: np.ndarray, images: np.ndarray) -> np.ndar
     set_flat_params(head, weights)
     with torch.no_grad():
         return head(model_inputs(plan, model, images, "eval")).double().numpy()
+
+
+def _accuracy(model_name: str, weights: np.ndarray, images: np.ndarray, labels: np.ndarray) -> float:
+    logits = _logits(model_name, weights, images)
+    return float(np.mean(logits.argmax(1) == np.asarray(labels).reshape(-1)))
 
 
 def hospital_files(run: Path) -> list[Path]:

@@ -17,7 +17,7 @@ Two things keep the re-fit from harming a hospital:
   counts once; importance weights to the federation's mix were screened too and lean on a rare class's few
   images (docs/appearance-remedies.md, ninth pass).
 - A guard: the offsets are kept only if, over `FOLDS` folds of the validation images (each fitted on the others),
-  they predict the held-out images with a lower weighted cross-entropy than the released biases. Where the look did
+  they predict the held-out images with a lower cross-entropy than the released biases. Where the look did
   not move, or the split is too small to tell, the released biases stay.
 """
 
@@ -38,7 +38,7 @@ class OffsetFit:
 
     offsets: tuple[float, ...] | None  # added to the logits (None: the released biases are kept)
     images: int
-    held_out_loss_released: float | None  # weighted cross-entropy per image over the folds
+    held_out_loss_released: float | None  # held-out cross-entropy per image over the folds (mix shift added)
     held_out_loss_refitted: float | None
 
     @property

@@ -21,8 +21,9 @@ import numpy as np
 
 from ..atomic import atomic_write_bytes
 from ..data.imaging import ImageRejected
+from .class_offsets import MIN_IMAGES as OFFSET_IMAGES
 from .classify import ModelFile, ModelFileError, collect_inputs, prepare_image
-from .confidence import Calibration
+from .confidence import MIN_IMAGES, Calibration
 
 # Below this many labelled images the re-fit's own noise shows: where the images look like the federation's it cost
 # 0.25 points with 100 and 0.1 with 250 (docs/appearance-remedies.md, ninth pass); said, not refused.
@@ -56,8 +57,8 @@ def recalibrate_logits(model: ModelFile, logits: np.ndarray, labels: np.ndarray)
     fitted = Calibration.fit(logits, np.asarray(labels, int), temperature=cal.temperature,
                              federation_mix=np.asarray(cal.federation_classes))
     if fitted is None or fitted.threshold is None:
-        raise ValueError(f"{len(labels)} labelled images are too few to re-calibrate (at least 20; the class "
-                         "offsets need 40)")
+        raise ValueError(f"{len(labels)} labelled images are too few to re-calibrate (at least {MIN_IMAGES}; the "
+                         f"class offsets need {OFFSET_IMAGES})")
     return replace(fitted, temperature_from=cal.temperature_from, not_a_cell_threshold=cal.not_a_cell_threshold,
                    not_a_cell_false_alarms=cal.not_a_cell_false_alarms, not_a_cell_from=cal.not_a_cell_from)
 

@@ -430,6 +430,12 @@ class FedSGDTrainer(SiteTrainer):
                                  self.moments)
 
 
+def confusion_counts(labels: np.ndarray, predicted: np.ndarray, k: int) -> np.ndarray:
+    """The k × k confusion matrix (int64, rows = true class, columns = predicted)."""
+    labels = np.asarray(labels, np.int64).reshape(-1)
+    return np.bincount(labels * k + np.asarray(predicted, np.int64), minlength=k * k).reshape(k, k).astype(np.int64)
+
+
 def validation_figures(logits: np.ndarray, labels: np.ndarray, k: int,
                        cell_scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(confusion matrix, the extras a secure round's masked vector carries: the confusion counts, the NLL sums at
@@ -437,7 +443,7 @@ def validation_figures(logits: np.ndarray, labels: np.ndarray, k: int,
     lie above each of `CELL_SCORE_EDGES` — zeros without them) of this site's validation images."""
     labels = np.asarray(labels, np.int64).reshape(-1)
     predicted = np.asarray(logits).argmax(axis=1) if len(labels) else np.zeros(0, np.int64)
-    confusion = np.bincount(labels * k + predicted, minlength=k * k).reshape(k, k).astype(np.int64)
+    confusion = confusion_counts(labels, predicted, k)
     tails = cell_tails(cell_scores) if cell_scores is not None else np.zeros(len(CELL_SCORE_EDGES), np.int64)
     return confusion, np.concatenate([confusion.reshape(-1), nll_sums(logits, labels), tails]).astype(np.int64)
 

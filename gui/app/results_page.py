@@ -38,11 +38,10 @@ NOT_DIAGNOSTIC = ("⚠ Research model, not a diagnostic device. Its predictions 
 def site_validation_confusion(model_path: Path, source: str, val_fraction: float, seed: int):
     """(model file, confusion matrix on this site's validation split): the split the driver uses, answered as the
     file answers (with its class offsets, when it has them)."""
-    import numpy as np
-
     from hemafed.core.data.partition import stratified_split
     from hemafed.core.data.scan import scan_source
     from hemafed.core.learning.classify import load_model_file
+    from hemafed.core.learning.site_trainer import confusion_counts
 
     model = load_model_file(model_path)
     if not source or not Path(source).exists():
@@ -53,9 +52,7 @@ def site_validation_confusion(model_path: Path, source: str, val_fraction: float
     _, val = stratified_split(site.labels, val_fraction, seed=seed)
     logits = model.logits(site.images[val])
     answers = (model.calibration.adjusted(logits) if model.calibration is not None else logits).argmax(1)
-    k = len(model.classes)
-    truth = np.asarray(site.labels[val], int).reshape(-1)
-    return model, np.bincount(truth * k + answers, minlength=k * k).reshape(k, k).astype(np.int64)
+    return model, confusion_counts(site.labels[val], answers, len(model.classes))
 
 
 ADAPT_TIP = ("Re-fit a copy of this model to labelled images of your own (folders named after the classes): its "

@@ -120,15 +120,16 @@ def _calibrate(args: argparse.Namespace) -> int:
         out = save_recalibrated(model, cal, args.out)
     except (ModelFileError, ValueError) as exc:
         raise UserFacingError(str(exc)) from exc
+    caution = small_sample_note(len(labels))
     if args.json:
         print(json.dumps({"out": str(out), "images": len(labels), "skipped": problems,
-                          "class_scores": offsets_text(cal), "caution": small_sample_note(len(labels)) or None,
+                          "class_scores": offsets_text(cal), "caution": caution or None,
                           "calibration": cal.to_dict()}, indent=2))
         return 0
     for problem in problems:
         print(f"skipped: {problem}")
-    if small_sample_note(len(labels)):
-        print(f"caution: {small_sample_note(len(labels))}")
+    if caution:
+        print(f"caution: {caution}")
     print(f"re-calibrated on {len(labels)} labelled images: {offsets_text(cal)}; below {percent(cal.threshold)} "
           f"an answer is UNCERTAIN (answers {cal.coverage_target:.0%} of these images)")
     print(f"written to {out} (the federation's file is unchanged; nothing was sent)")
