@@ -4,6 +4,7 @@ the stated share of validation images, a model file carries both, and classify r
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,13 @@ def test_classify_answers_with_the_hospitals_class_offsets(small_model: Path, tm
         assert after.raw_probabilities == pytest.approx(before.probabilities)  # the model's own, unchanged
         assert after.predicted == model.classes[shifted % len(offsets)]  # the offsets decide the answer
     assert "class_scores" not in plain.to_dict()
+    assert report.class_offsets_applied and not plain.class_offsets_applied
+    # a re-fit the guard turned down: the file says so, and its answers are the federation's
+    declined = replace(cal, class_offsets=None, offsets_loss_refitted=0.95)
+    kept_out = classify_paths(load_model_file(_with_calibration(small_model, tmp_path, declined.to_dict(),
+                                                                "declined.npz")), [folder])
+    assert not kept_out.class_offsets_applied and "did not predict" in kept_out.to_dict()["class_scores"]
+    assert [p.predicted for p in kept_out.predictions] == [p.predicted for p in plain.predictions]
 
 
 def test_a_damaged_calibration_is_refused_with_the_reason(small_model: Path, tmp_path: Path) -> None:

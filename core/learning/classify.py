@@ -237,6 +237,7 @@ class ClassifyReport:
     # whether the model file's hospital re-fitted the federation's class scores to its own images (None: the file
     # carries no calibration)
     class_scores: str | None = None
+    class_offsets_applied: bool = False  # the answers include that hospital's class offsets
 
     def accuracy_per_class(self) -> dict[str, dict[str, float | int]]:
         """For files whose folder names their class: images, correct and accuracy per class."""
@@ -347,4 +348,5 @@ def classify_paths(model: ModelFile, paths: Iterable[str | Path], *, batch_size:
     if progress:
         progress(len(inputs), len(inputs))
     return ClassifyReport(model=model.name, predictions=predictions, problems=problems,
-                          class_scores=None if cal is None else offsets_text(cal))
+                          class_scores=None if cal is None else offsets_text(cal),
+                          class_offsets_applied=cal is not None and cal.class_offsets is not None)

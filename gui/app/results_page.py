@@ -304,7 +304,7 @@ class ClassifyPanel(QWidget):
             parts.append("calibrated probabilities (this model file has no 'uncertain' threshold)")
         elif ok:
             parts.append("probabilities as the model gives them (this model file is not calibrated)")
-        if ok and report.class_scores and "re-fitted to this hospital" in report.class_scores:
+        if ok and report.class_offsets_applied:
             parts.append("class scores adjusted to this hospital's images")
         self.status.setText(" · ".join(parts) + ". Click a column title to sort.")
         self.export_btn.setEnabled(bool(preds))

@@ -245,3 +245,18 @@ def test_the_sites_confusion_matrix_answers_as_the_model_file_does(pbc: Path, mo
         shifted = save_model_file(tmp_path / "ours.npz", data["weights"], plan_like, 2, cal)
     _, confusion = site_validation_confusion(shifted, str(pbc), 0.2, 0)
     assert (confusion.sum(axis=1) == plain.sum(axis=1)).all() and confusion[:, 2].sum() == 40
+
+
+def test_the_status_says_class_scores_were_adjusted_only_when_they_were(qtbot, window, tmp_path: Path) -> None:
+    from hemafed.core.learning.classify import ClassifyReport, Prediction
+
+    panel = window.results_page.classify_panel
+    pred = Prediction(str(tmp_path / "a.png"), "basophil")
+    pred.probabilities = {"basophil": 0.9, "ig": 0.1}
+    declined = "class scores as the federation released them: re-fitted to this hospital's 80 labelled images, " \
+               "they did not predict held-out ones better (loss 0.1 → 0.1)"
+    panel.show_report(ClassifyReport("m", [pred], [], class_scores=declined), ["basophil", "ig"])
+    assert "adjusted" not in panel.status.text()
+    panel.show_report(ClassifyReport("m", [pred], [], class_scores="class scores re-fitted …",
+                                     class_offsets_applied=True), ["basophil", "ig"])
+    assert "class scores adjusted to this hospital's images" in panel.status.text()
