@@ -77,6 +77,16 @@ def test_the_recipe_lr_falls_with_the_noise_unless_the_plan_sets_it() -> None:
     assert recommended_plan(3, 10761, 10, server_lr=0.25).server_lr == 0.25
 
 
+def test_the_budget_schedule_serves_the_models_it_was_screened_for() -> None:
+    """Fewer rounds with a larger step at small budgets: for the recipe's model and the same head with a second
+    scattering block; another model keeps the recipe's 500 rounds at its own step."""
+    from hemafed.core.learning.recipe import RECIPE, schedule
+
+    for model in (RECIPE["model"], "scatter_synth_inv_cc_ms4p_lf_looks_hed_s56_bw_64"):
+        assert [schedule(e, model) for e in (1, 2, 3, 8)] == [(125, 2.6), (250, 2.6), (500, 1.3), (500, 1.3)]
+    assert schedule(1, "scatter_synth_inv_cc_lf_looks_hed_28") == (500, 2.6)
+
+
 def test_the_recipe_threshold_leaves_one_dropout_and_a_plan_may_set_its_own() -> None:
     from hemafed.core.learning.recipe import recommended_plan
 

@@ -177,7 +177,8 @@ def test_multiscale_model_sees_the_28_px_image_and_the_64_px_one() -> None:
 
 @pytest.mark.realdata
 @pytest.mark.parametrize("name", ["scatter_synth_inv_cc_ms_64", "scatter_synth_inv_cc_ms4p_64",
-                                  "scatter_synth_inv_cc_ms4p_looks_64"])
+                                  "scatter_synth_inv_cc_ms4p_looks_64",
+                                  "scatter_synth_inv_cc_ms4p_lf_looks_hed_s56_bw_64"])
 def test_multiscale_radius_is_above_the_feature_norms_of_real_64_px_cells(shared_data, name: str) -> None:
     """The centring round clips each record's feature vector to the head's radius: it should clip none of
     BloodMNIST's (8-view averages of 64-px validation images: median 52.4, largest 57.2 over all 1,712; with the
@@ -259,3 +260,39 @@ def test_the_block_weighted_model_reads_the_same_cached_features_and_weighs_the_
     scatter, coarse, _ = MULTISCALE_BLOCK_WEIGHTS
     assert scale[0] == scale[scatter[0] - 1] == pytest.approx(3 * scale[-1], rel=1e-3)
     assert scale[scatter[0]] == scale[scatter[0] + coarse[0]] == scale[-1]
+
+
+def test_the_56_px_scattering_model_adds_a_finer_scattering_block_after_the_default_features() -> None:
+    """`…_s56_bw_64`: the default model's 4,747 features unchanged, then the wavelet scattering (J = 2, pooled 3×3)
+    of the stain densities of the image resized to 56 px in the canonical lamp and focus, over its 4 rotations; the
+    head weighs both scattering blocks three times the procedural maps."""
+    import torch.nn.functional as F
+
+    from hemafed.core.data.appearance import canonical_look, stain_densities
+    from hemafed.core.learning.features import Scattering2D, dihedral, scatter_features
+    from hemafed.core.learning.models import (
+        FINE_SCATTER_BLOCK_WEIGHTS,
+        MULTISCALE_DIM,
+        _normalisation,
+        split_features,
+    )
+
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    default = split_features(build_model("scatter_synth_inv_cc_ms4p_lf_looks_hed_bw_64", 8, seed=0))[0](x)
+    features, head = split_features(build_model("scatter_synth_inv_cc_ms4p_lf_looks_hed_s56_bw_64", 8, seed=0))
+    f = features(x)
+    assert f.shape == (2, MULTISCALE_DIM + 243 * 9) and torch.equal(f[:, :MULTISCALE_DIM], default)
+    mean, std = _normalisation()
+    scattering = Scattering2D(56, 2, 8)
+    views = []
+    for k in range(4):
+        small = F.interpolate(dihedral(x, k), size=(56, 56), mode="bilinear", antialias=True, align_corners=False)
+        looked = stain_densities(canonical_look(small * std + mean, "lamp-focus"))
+        views.append(F.adaptive_avg_pool2d(F.group_norm(scatter_features(looked, scattering), 27), 3).flatten(1))
+    assert torch.allclose(f[:, MULTISCALE_DIM:], sum(views) / 4, atol=1e-5)
+    assert torch.allclose(features(dihedral(x, 1)), f, atol=1e-4)
+    assert (features(dihedral(x, 4))[:, MULTISCALE_DIM:] - f[:, MULTISCALE_DIM:]).abs().max() > 1e-3
+    scale = head.scale.tolist()
+    assert [n for n, _ in FINE_SCATTER_BLOCK_WEIGHTS] == [243 * 9, 128 * 4, 128 * 16, 243 * 9]
+    assert scale[0] == scale[-1] == pytest.approx(3 * scale[243 * 9], rel=1e-3)
+    assert len(get_flat_params(head)) == (MULTISCALE_DIM + 243 * 9) * 9 + 8 + len(head.cell_moments)

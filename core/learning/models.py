@@ -189,8 +189,9 @@ class ScatterSynthNet(ScatterNet):
         # haematoxylin (nuclei) and eosin (granules, cytoplasm) structure apart (docs/accuracy-levers.md, tenth pass)
         self.densities = densities
 
-    @torch.no_grad()
-    def features(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    def _looked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the image in [0, 1] for the procedural encoder, the scattering's input) of normalised images `x`, each
+        in the canonical look first."""
         mean, std = _normalisation()
         plain = x * std + mean  # the procedural encoder was trained on [0, 1] images
         if self.look:
@@ -202,6 +203,11 @@ class ScatterSynthNet(ScatterNet):
             from ..data.appearance import stain_densities
 
             x = stain_densities(plain)
+        return plain, x
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        plain, x = self._looked(x)
         learned = procedural_features(plain, batch_size, self.learned_pool, body=load_encoder(self.encoder))
         return torch.cat([super().features(x, batch_size).flatten(1), learned.flatten(1)], 1)
 
@@ -301,16 +307,29 @@ class MultiScaleNet(ScatterSynthNet):
 
     def __init__(self, head: nn.Module, fine_pool: int = 4, fine_views: tuple[int, ...] = tuple(range(8)),
                  fine_depth: int | None = None, encoder: str | None = None, densities: bool = False,
-                 look: str | None = None) -> None:
+                 look: str | None = None, fine_scatter: int | None = None,
+                 fine_scatter_views: tuple[int, ...] = (0, 1, 2, 3)) -> None:
         # `look`: both scales in this canonical look (core.data.appearance.canonical_look, its blur scaled to each)
         super().__init__(head, learned_pool=2, orbit=True, look=look, encoder=encoder, densities=densities)
         self.fine_pool = fine_pool
         self.fine_views = fine_views  # the dihedral views (features.dihedral) the 64-px maps are averaged over
         self.fine_depth = fine_depth  # the 64-px maps after this many encoder blocks (None: all 5)
+        # a second scattering block after the others: the image resized to `fine_scatter` px (J = 2, its maps pooled
+        # 3×3 to 2,187 numbers), averaged over `fine_scatter_views`; at 56 px it sees twice as fine a texture as the
+        # 28-px one (docs/accuracy-levers.md, seventeenth pass)
+        self.fine_scatter = fine_scatter
+        self.fine_scatter_views = fine_scatter_views
+        self.fine_scattering = Scattering2D(fine_scatter, 2, 8) if fine_scatter else None
 
-    def _coarse(self, x: torch.Tensor) -> torch.Tensor:
+    def _coarse(self, x: torch.Tensor, size: int | None = None) -> torch.Tensor:
         # antialiased bilinear, as the 28-px BloodMNIST images were made (bloodmnist/PROVENANCE.md)
-        return F.interpolate(x, size=(self.COARSE, self.COARSE), mode="bilinear", antialias=True, align_corners=False)
+        size = size or self.COARSE
+        return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+    def _scattered(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        x = self._looked(self._coarse(x, self.fine_scatter))[1]
+        f = F.group_norm(scatter_features(x, self.fine_scattering, batch_size), self.groups)
+        return F.adaptive_avg_pool2d(f, self.pool).flatten(1)
 
     def _fine(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
         mean, std = _normalisation()
@@ -324,15 +343,25 @@ class MultiScaleNet(ScatterSynthNet):
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        return torch.cat([super().features(self._coarse(x), batch_size), self._fine(x, batch_size)], 1)
+        parts = [super().features(self._coarse(x), batch_size), self._fine(x, batch_size)]
+        if self.fine_scattering is not None:
+            parts.append(self._scattered(x, batch_size))
+        return torch.cat(parts, 1)
 
     @torch.no_grad()
     def eval_features(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """The 28-px features averaged over all 8 views, the 64-px maps over `fine_views` (the 64-px encoder pass is
-        most of the cost; over the 4 rotations only it screened as good as over all 8: docs/accuracy-levers.md)."""
-        c = sum(ScatterSynthNet.features(self, self._coarse(dihedral(x, k)), batch_size) for k in range(8)) / 8
-        f = sum(self._fine(dihedral(x, k), batch_size) for k in self.fine_views) / len(self.fine_views)
-        return torch.cat([c, f], 1)
+        most of the cost; over the 4 rotations only it screened as good as over all 8: docs/accuracy-levers.md), the
+        finer scattering (`fine_scatter`) over `fine_scatter_views`."""
+
+        def mean(part: Callable[[torch.Tensor, int], torch.Tensor], views: tuple[int, ...]) -> torch.Tensor:
+            return sum(part(dihedral(x, k), batch_size) for k in views) / len(views)
+
+        parts = [mean(lambda v, b: ScatterSynthNet.features(self, self._coarse(v), b), tuple(range(8))),
+                 mean(self._fine, self.fine_views)]
+        if self.fine_scattering is not None:
+            parts.append(mean(self._scattered, self.fine_scatter_views))
+        return torch.cat(parts, 1)
 
 
 MULTISCALE_DIM = 243 * 3 * 3 + 128 * 2 * 2 + 128 * 4 * 4
@@ -347,20 +376,26 @@ MULTISCALE_RADIUS = 60.0
 # (docs/accuracy-levers.md, fifteenth pass, with its test rows). Public constants chosen on validation: no record of a
 # hospital in them.
 MULTISCALE_BLOCK_WEIGHTS = ((243 * 3 * 3, 2.206), (128 * 2 * 2, 0.735), (128 * 4 * 4, 0.735))
+# The same with a second scattering block (of the image at 56 px, `MultiScaleNet.fine_scatter`) after them, weighed as
+# the 28-px one: 3, 1, 1, 3, scaled so that the median centred norm is 19.4 again (docs/accuracy-levers.md,
+# seventeenth pass).
+FINE_SCATTER_SIZE = 56
+FINE_SCATTER_BLOCK_WEIGHTS = ((243 * 3 * 3, 2.008), (128 * 2 * 2, 0.669), (128 * 4 * 4, 0.669), (243 * 3 * 3, 2.008))
 
 
 def multiscale_checked(num_classes: int, fine_views: tuple[int, ...] = tuple(range(8)),
                        fine_depth: int | None = None, encoder: str | None = None,
                        densities: bool = False, look: str | None = None,
-                       block_weights: tuple[tuple[int, float], ...] = ()) -> MultiScaleNet:
+                       block_weights: tuple[tuple[int, float], ...] = (),
+                       fine_scatter: int | None = None) -> MultiScaleNet:
     """`MultiScaleNet` with a centred head carrying the cell check's moments (measured on the 28-px image)."""
     from .cell_check import MOMENT_LEN
 
     # radius: above every feature norm on BloodMNIST's 64-px validation split (8-view averages; see its test)
-    head = CenteredLinear(MULTISCALE_DIM, num_classes, radius=MULTISCALE_RADIUS, moments=MOMENT_LEN,
-                          block_weights=block_weights)
+    dim = MULTISCALE_DIM + (243 * 3 * 3 if fine_scatter else 0)
+    head = CenteredLinear(dim, num_classes, radius=MULTISCALE_RADIUS, moments=MOMENT_LEN, block_weights=block_weights)
     return MultiScaleNet(head, fine_views=fine_views, fine_depth=fine_depth, encoder=encoder, densities=densities,
-                         look=look)
+                         look=look, fine_scatter=fine_scatter)
 
 
 def split_features(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
@@ -478,6 +513,13 @@ MODELS: dict[str, ModelSpec] = {
                   lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4, encoder=LOOKS_ENCODER_ASSET,
                                                densities=True, look="lamp-focus",
                                                block_weights=MULTISCALE_BLOCK_WEIGHTS), centred=True),
+        ModelSpec("scatter_synth_inv_cc_ms4p_lf_looks_hed_s56_bw_64", 64,
+                  "scatter_synth_inv_cc_ms4p_lf_looks_hed_bw_64 with a second wavelet scattering of the stain "
+                  "densities, of the image at 56 px (twice as fine a texture as at 28 px), averaged over its 4 "
+                  "rotations and weighed as the 28-px one; 64×64 input; built for DP",
+                  lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4, encoder=LOOKS_ENCODER_ASSET,
+                                               densities=True, look="lamp-focus", fine_scatter=FINE_SCATTER_SIZE,
+                                               block_weights=FINE_SCATTER_BLOCK_WEIGHTS), centred=True),
         ModelSpec("cnn4_28", 28, "plain 4-conv GroupNorm CNN (32/64 channels), 28×28 input; fast reference",
                   lambda n: SmallCNN(n)),
     )
