@@ -47,7 +47,8 @@ def test_results_summarise_the_other_recipes_docs(tmp_path: Path) -> None:
         "# Results\n\nCommand: ...\n\n## Summary\n\n- at ε = 8: **95.0%** ± 0.1% (distributed DP, dirichlet:0.5).\n"
         "- Centralised, non-private, same model: 96.7%.\n\n## Baselines\n\n| a | b |\n\n## Accuracy against ε\n\n"
         "| ε | distributed DP + secure aggregation | local DP + secure aggregation |\n|---|---:|---:|\n"
-        "| 8 | 0.950 ± 0.001 | – |\n\nThe main recipe: [RESULTS.md](RESULTS.md).\n\n| unrelated | table |\n")
+        "| 8 | 0.950 ± 0.001 | – |\n\nThe main recipe: [RESULTS.md](RESULTS.md).\n\n| unrelated | table |\n\n"
+        "## At 28 pixels (another recipe)\n\n- at ε = 8: **94.0%** (not this recipe's).\n")
     section = other_recipes(tmp_path)
     assert section[0] == "## At 64 pixels (`hemafed simulate --model scatter_synth_inv_cc_ms_64`)"
     assert "[results-64px.md](results-64px.md)" in section[2]

@@ -623,13 +623,16 @@ OTHER_RECIPES = {"results-64px.md": "scatter_synth_inv_cc_ms_64", "results-64px-
                  "results-looks-hed-full.md": "scatter_synth_inv_cc_lf_looks_hed_28",
                  "results-64px-ms4p-looks-hed.md": "scatter_synth_inv_cc_ms4p_looks_hed_64",
                  "results-64px-ms4p-lf-looks-hed.md": "scatter_synth_inv_cc_ms4p_lf_looks_hed_64",
-                 "results-looks-full.md": "scatter_synth_inv_cc_lf_looks_28"}
+                 "results-looks-full.md": "scatter_synth_inv_cc_lf_looks_28",
+                 "results-64px-s56.md": "scatter_synth_inv_cc_ms4p_lf_looks_hed_s56_bw_64"}
 
 
 def _summary_lines(lines: list[str]) -> list[str]:
-    """The bullet lines under a result doc's "## Summary"."""
+    """The bullet lines under a result doc's "## Summary", up to its next section (a recipe's doc has the other
+    recipes' summaries further down, which are not its own)."""
     start = lines.index("## Summary") + 2 if "## Summary" in lines else len(lines)
-    return [line for line in lines[start:] if line.startswith("- ")]
+    section = itertools.takewhile(lambda line: not line.startswith("## "), lines[start:])
+    return [line for line in section if line.startswith("- ")]
 
 
 def default_elsewhere(docs: Path, rows_model: str) -> list[str]:
