@@ -34,8 +34,10 @@ from hemafed.core.learning.site_trainer import model_inputs
 from hemafed.core.rounds.plan import FederationPlan
 from hemafed.network.sim.simulate import SimulationOptions, hospitals
 
-# the default, the 28-px previous default, and the 64-px default without the canonical look
-MODELS = (RECIPE["model"], "scatter_synth_inv_cc_lf_looks_hed_28", "scatter_synth_inv_cc_ms4p_looks_hed_64")
+# the default, the 28-px previous default, the 64-px default without the canonical look, and the default with the
+# 56-px scattering beside it (accuracy-levers.md, seventeenth pass)
+MODELS = (RECIPE["model"], "scatter_synth_inv_cc_lf_looks_hed_28", "scatter_synth_inv_cc_ms4p_looks_hed_64",
+          "scatter_synth_inv_cc_ms4p_lf_looks_hed_s56_bw_64")
 
 
 def seconds_per_image(model_name: str, images: np.ndarray, threads: int) -> float:

@@ -51,7 +51,9 @@ def test_results_summarise_the_other_recipes_docs(tmp_path: Path) -> None:
         "## At 28 pixels (another recipe)\n\n- at ε = 8: **94.0%** (not this recipe's).\n")
     section = other_recipes(tmp_path)
     assert section[0] == "## At 64 pixels (`hemafed simulate --model scatter_synth_inv_cc_ms_64`)"
-    assert "[results-64px.md](results-64px.md)" in section[2]
+    assert "[results-64px.md](results-64px.md)" in section[2] and "not been timed cold" in section[2]
+    (tmp_path / "main-job-fresh.md").write_text("| 2026-12-03, `--model scatter_synth_inv_cc_ms_64` | 18 min |\n")
+    assert "[main-job-fresh.md](main-job-fresh.md)" in other_recipes(tmp_path)[2]
     assert [line for line in section if line.startswith("- ")] == [
         "- at ε = 8: **95.0%** ± 0.1% (distributed DP, dirichlet:0.5).",
         "- Centralised, non-private, same model: 96.7%."]

@@ -670,10 +670,13 @@ def other_recipes(docs: Path) -> list[str]:
         sweep += [f"Hospitals whose images look different ([{shift.name}]({shift.name})): {loss[0]}", ""] \
             if loss else []
         size = get_spec(model).input_size
+        fresh = docs / "main-job-fresh.md"
+        cold = ("the main job with it, cold and as a new user runs it: [main-job-fresh.md](main-job-fresh.md)"
+                if fresh.exists() and f"`{model}`" in fresh.read_text().replace("--model ", "") else
+                "its main job has not been timed cold")
         out += [f"## At {size} pixels (`hemafed simulate --model {model}`)", "",
                 f"The same federation with `{model}` ({get_spec(model).description.split(';')[0]}), measured "
-                f"the same way: [{name}]({name}) (its command, commit, every row and its time per run); the main "
-                "job with it, cold and as a new user runs it: [main-job-fresh.md](main-job-fresh.md).", "",
+                f"the same way: [{name}]({name}) (its command, commit, every row and its time per run); {cold}.", "",
                 *summary, "", *sweep]
     return out
 
