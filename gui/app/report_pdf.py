@@ -11,7 +11,16 @@ import os
 import sys
 
 from PySide6.QtCore import QBuffer, QIODevice, QMarginsF, QRectF, QSizeF, Qt
-from PySide6.QtGui import QFont, QGuiApplication, QPageLayout, QPageSize, QPainter, QPdfWriter, QTextDocument
+from PySide6.QtGui import (
+    QFont,
+    QGuiApplication,
+    QImage,
+    QPageLayout,
+    QPageSize,
+    QPainter,
+    QPdfWriter,
+    QTextDocument,
+)
 from PySide6.QtWidgets import QApplication
 
 RESOLUTION = 300  # dots per inch of the PDF's layout units
@@ -44,33 +53,100 @@ def html_to_pdf(html: str, title: str, footer: str = "") -> bytes:
     writer.setPageLayout(QPageLayout(QPageSize(QPageSize.PageSizeId.A4), QPageLayout.Orientation.Portrait,
                                      MARGINS_MM, QPageLayout.Unit.Millimeter))
     page = writer.pageLayout().paintRectPixels(RESOLUTION)
-    footer_h = int(RESOLUTION * 0.25)  # a quarter inch under the text for the footer
-    doc = QTextDocument()
-    font = QFont("DejaVu Sans")
-    font.setPointSizeF(9.5)
-    doc.setDefaultFont(font)
-    doc.documentLayout().setPaintDevice(writer)
-    doc.setHtml(html)
-    doc.setPageSize(QSizeF(page.width(), page.height() - footer_h))
-    n = doc.pageCount()
+    doc = _document(html, writer, page.width(), page.height())
     painter = QPainter(writer)
-    small = QFont("DejaVu Sans")
-    small.setPointSizeF(7.5)
     try:
-        for i in range(n):
+        for i in range(doc.pageCount()):
             if i:
                 writer.newPage()
-            painter.save()
-            painter.translate(0, -i * doc.pageSize().height())
-            doc.drawContents(painter, QRectF(0, i * doc.pageSize().height(), page.width(), doc.pageSize().height()))
-            painter.restore()
-            painter.setFont(small)
-            painter.setPen(Qt.GlobalColor.darkGray)
-            band = QRectF(0, page.height() - footer_h * 0.8, page.width(), footer_h * 0.8)
-            painter.drawText(band, int(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignBottom), footer)
-            painter.drawText(band, int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignBottom),
-                             f"page {i + 1} of {n}")
+            _draw_page(painter, doc, i, page.width(), page.height(), footer)
     finally:
         painter.end()
     buffer.close()
     return bytes(buffer.data())
+
+
+def html_to_images(html: str, footer: str = "", pages: int | None = None, width: int = 1240) -> list[QImage]:
+    """The same A4 pages as `html_to_pdf` lays out (the same resolution, margins and footer), painted on images
+    `width` pixels wide: the first `pages` of them (all when None). For the documentation's example pages."""
+    _ensure_app()
+    layout = QPageLayout(QPageSize(QPageSize.PageSizeId.A4), QPageLayout.Orientation.Portrait, MARGINS_MM,
+                         QPageLayout.Unit.Millimeter)
+    full, page = layout.fullRectPixels(RESOLUTION), layout.paintRectPixels(RESOLUTION)
+
+    def blank() -> QImage:
+        image = QImage(full.width(), full.height(), QImage.Format.Format_RGB32)
+        image.setDotsPerMeterX(round(RESOLUTION / 0.0254))  # so the fonts' points lay out as on the PDF's page
+        image.setDotsPerMeterY(round(RESOLUTION / 0.0254))
+        image.fill(Qt.GlobalColor.white)
+        return image
+
+    doc = _document(html, blank(), page.width(), page.height())
+    images = []
+    for i in range(min(doc.pageCount(), pages or doc.pageCount())):
+        image = blank()
+        painter = QPainter(image)
+        painter.translate(page.x(), page.y())
+        _draw_page(painter, doc, i, page.width(), page.height(), footer)
+        painter.end()
+        images.append(image.scaledToWidth(width, Qt.TransformationMode.SmoothTransformation))
+    return images
+
+
+def _footer_height() -> int:
+    return int(RESOLUTION * 0.25)  # a quarter inch under the text for the footer
+
+
+def _document(html: str, device, width: int, height: int) -> QTextDocument:
+    doc = QTextDocument()
+    font = QFont("DejaVu Sans")
+    font.setPointSizeF(9.5)
+    doc.setDefaultFont(font)
+    doc.documentLayout().setPaintDevice(device)
+    doc.setHtml(html)
+    doc.setPageSize(QSizeF(width, height - _footer_height()))
+    return doc
+
+
+def _draw_page(painter: QPainter, doc: QTextDocument, i: int, width: int, height: int, footer: str) -> None:
+    """Page `i` of `doc` and its footer ("page i of n"), with the painter's origin at the page's top left."""
+    painter.save()
+    painter.translate(0, -i * doc.pageSize().height())
+    doc.drawContents(painter, QRectF(0, i * doc.pageSize().height(), width, doc.pageSize().height()))
+    painter.restore()
+    small = QFont("DejaVu Sans")
+    small.setPointSizeF(7.5)
+    painter.setFont(small)
+    painter.setPen(Qt.GlobalColor.darkGray)
+    footer_h = _footer_height()
+    band = QRectF(0, height - footer_h * 0.8, width, footer_h * 0.8)
+    painter.drawText(band, int(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignBottom), footer)
+    painter.drawText(band, int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignBottom),
+                     f"page {i + 1} of {doc.pageCount()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hemafed.gui.app.report_pdf REPORT.html OUT_PREFIX [--pages N] [--footer TEXT] [--width PX]`: the
+    report's first pages as OUT_PREFIX-1.png, -2.png, … (the documentation's example pages; the signed files are
+    the report)."""
+    import argparse
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
+    ap.add_argument("html", type=Path)
+    ap.add_argument("prefix")
+    ap.add_argument("--pages", type=int, default=2)
+    ap.add_argument("--footer", default="")
+    ap.add_argument("--width", type=int, default=1240, help="pixels (1240: 150 dots per inch)")
+    args = ap.parse_args(argv)
+    pages = html_to_images(args.html.read_text(encoding="utf-8"), args.footer, args.pages, args.width)
+    for i, image in enumerate(pages, 1):
+        path = f"{args.prefix}-{i}.png"
+        if not image.save(path):
+            raise SystemExit(f"could not write {path}")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

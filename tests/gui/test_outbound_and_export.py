@@ -4,6 +4,7 @@ ledger, outbound log and acceptance record (no federation needed), shown and exp
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +88,28 @@ def test_the_operator_name_is_kept_and_goes_into_the_site_config(qtbot, window) 
     fed.operator.editingFinished.emit()
     assert window.state.operator == "Dr. B. Example"
     assert window.state.settings.get_str("site/operator") == "Dr. B. Example"
+
+
+def test_the_reports_example_pages_are_the_pdfs_pages_as_images(qtbot, tmp_path: Path) -> None:
+    """`report_pdf.html_to_images` lays the report out as `html_to_pdf` does (A4, the same margins and footer), so
+    the documentation's example pages show what the PDF holds: as many pages, text on each, the footer's "page i of
+    n"; `main` writes the first of them as PNG files."""
+    from PySide6.QtGui import QImage
+
+    from hemafed.gui.app.report_pdf import html_to_images, html_to_pdf, main
+
+    html = "<h1>Privacy report</h1>" + "".join(f"<p>Round {i}: one clipped, noised sum.</p>" for i in range(150))
+    pdf = html_to_pdf(html, "t", "footer text")
+    pages = html_to_images(html, "footer text")
+    assert len(pages) == len(re.findall(rb"/Type\s*/Page(?![a-z])", pdf)) > 1
+    for image in pages:
+        assert image.width() == 1240 and abs(image.height() / image.width() - 297 / 210) < 0.01
+        grey = image.convertToFormat(QImage.Format.Format_Grayscale8)
+        dark = sum(1 for y in range(0, grey.height(), 7) for x in range(0, grey.width(), 7)
+                   if grey.pixel(x, y) & 0xFF < 128)
+        assert dark > 100  # text, not a blank page
+    assert len(html_to_images(html, pages=1, width=600)) == 1
+    source = tmp_path / "r.html"
+    source.write_text(html, encoding="utf-8")
+    assert main([str(source), str(tmp_path / "page"), "--pages", "2"]) == 0
+    assert QImage(str(tmp_path / "page-2.png")).width() == 1240 and not (tmp_path / "page-3.png").exists()
