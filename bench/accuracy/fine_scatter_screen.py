@@ -33,8 +33,7 @@ from bench.accuracy.pca_screen import (
     SHARE,
     _centre_scheme,
     _features,
-    fit_head,
-    head_logits,
+    _train,
     noisy_centre,
     round_noise,
     sites_training,
@@ -80,8 +79,8 @@ def _private(xt, yt, xv, yv, eps: float, seeds, factor: torch.Tensor | None = No
         if factor is not None:
             zt, zv = zt * factor, zv * factor
         scale = MEDIAN_NORM / zt.norm(dim=1).median()
-        w = fit_head(zt * scale, yt, 8, fed.noise_multiplier, noise, fed.sample_rate, rounds, k, seed, share)
-        accs.append(float((head_logits(w, zv * scale).argmax(1) == yv).double().mean()))
+        accs.append(_train(zt * scale, yt, zv * scale, yv, 8, fed.noise_multiplier, noise, fed.sample_rate, rounds, k,
+                           seed, share))
     return accs
 
 

@@ -137,7 +137,10 @@ class ScatterNet(nn.Module):
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        f = F.group_norm(scatter_features(x, self.scattering, batch_size), self.groups)
+        return self._pooled(x, self.scattering, batch_size)
+
+    def _pooled(self, x: torch.Tensor, scattering: Scattering2D, batch_size: int) -> torch.Tensor:
+        f = F.group_norm(scatter_features(x, scattering, batch_size), self.groups)
         return F.adaptive_avg_pool2d(f, self.pool)
 
     @torch.no_grad()
@@ -328,8 +331,7 @@ class MultiScaleNet(ScatterSynthNet):
 
     def _scattered(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
         x = self._looked(self._coarse(x, self.fine_scatter))[1]
-        f = F.group_norm(scatter_features(x, self.fine_scattering, batch_size), self.groups)
-        return F.adaptive_avg_pool2d(f, self.pool).flatten(1)
+        return self._pooled(x, self.fine_scattering, batch_size).flatten(1)
 
     def _fine(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
         mean, std = _normalisation()

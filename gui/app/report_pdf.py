@@ -25,6 +25,7 @@ from PySide6.QtWidgets import QApplication
 
 RESOLUTION = 300  # dots per inch of the PDF's layout units
 MARGINS_MM = QMarginsF(16, 14, 16, 16)
+FOOTER_HEIGHT = int(RESOLUTION * 0.25)  # a quarter inch under the text for the footer
 
 _app: QApplication | None = None
 
@@ -50,8 +51,7 @@ def html_to_pdf(html: str, title: str, footer: str = "") -> bytes:
     writer.setTitle(title)
     writer.setCreator("hemafed")
     writer.setResolution(RESOLUTION)
-    writer.setPageLayout(QPageLayout(QPageSize(QPageSize.PageSizeId.A4), QPageLayout.Orientation.Portrait,
-                                     MARGINS_MM, QPageLayout.Unit.Millimeter))
+    writer.setPageLayout(_a4())
     page = writer.pageLayout().paintRectPixels(RESOLUTION)
     doc = _document(html, writer, page.width(), page.height())
     painter = QPainter(writer)
@@ -70,8 +70,7 @@ def html_to_images(html: str, footer: str = "", pages: int | None = None, width:
     """The same A4 pages as `html_to_pdf` lays out (the same resolution, margins and footer), painted on images
     `width` pixels wide: the first `pages` of them (all when None). For the documentation's example pages."""
     _ensure_app()
-    layout = QPageLayout(QPageSize(QPageSize.PageSizeId.A4), QPageLayout.Orientation.Portrait, MARGINS_MM,
-                         QPageLayout.Unit.Millimeter)
+    layout = _a4()
     full, page = layout.fullRectPixels(RESOLUTION), layout.paintRectPixels(RESOLUTION)
 
     def blank() -> QImage:
@@ -93,8 +92,9 @@ def html_to_images(html: str, footer: str = "", pages: int | None = None, width:
     return images
 
 
-def _footer_height() -> int:
-    return int(RESOLUTION * 0.25)  # a quarter inch under the text for the footer
+def _a4() -> QPageLayout:
+    return QPageLayout(QPageSize(QPageSize.PageSizeId.A4), QPageLayout.Orientation.Portrait, MARGINS_MM,
+                       QPageLayout.Unit.Millimeter)
 
 
 def _document(html: str, device, width: int, height: int) -> QTextDocument:
@@ -104,7 +104,7 @@ def _document(html: str, device, width: int, height: int) -> QTextDocument:
     doc.setDefaultFont(font)
     doc.documentLayout().setPaintDevice(device)
     doc.setHtml(html)
-    doc.setPageSize(QSizeF(width, height - _footer_height()))
+    doc.setPageSize(QSizeF(width, height - FOOTER_HEIGHT))
     return doc
 
 
@@ -118,8 +118,7 @@ def _draw_page(painter: QPainter, doc: QTextDocument, i: int, width: int, height
     small.setPointSizeF(7.5)
     painter.setFont(small)
     painter.setPen(Qt.GlobalColor.darkGray)
-    footer_h = _footer_height()
-    band = QRectF(0, height - footer_h * 0.8, width, footer_h * 0.8)
+    band = QRectF(0, height - FOOTER_HEIGHT * 0.8, width, FOOTER_HEIGHT * 0.8)
     painter.drawText(band, int(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignBottom), footer)
     painter.drawText(band, int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignBottom),
                      f"page {i + 1} of {doc.pageCount()}")

@@ -654,6 +654,8 @@ def other_recipes(docs: Path) -> list[str]:
     the loss under the appearance shift when `appearance-<same suffix, less "-full">.md` (bench.appearance) exists
     beside it."""
     out: list[str] = []
+    fresh = docs / "main-job-fresh.md"
+    timed = fresh.read_text().replace("--model ", "") if fresh.exists() else ""
     for name, model in OTHER_RECIPES.items():
         path = docs / name
         if not path.exists() or model == SimulationOptions().model:  # the default's summary heads RESULTS.md
@@ -670,10 +672,8 @@ def other_recipes(docs: Path) -> list[str]:
         sweep += [f"Hospitals whose images look different ([{shift.name}]({shift.name})): {loss[0]}", ""] \
             if loss else []
         size = get_spec(model).input_size
-        fresh = docs / "main-job-fresh.md"
         cold = ("the main job with it, cold and as a new user runs it: [main-job-fresh.md](main-job-fresh.md)"
-                if fresh.exists() and f"`{model}`" in fresh.read_text().replace("--model ", "") else
-                "its main job has not been timed cold")
+                if f"`{model}`" in timed else "its main job has not been timed cold")
         out += [f"## At {size} pixels (`hemafed simulate --model {model}`)", "",
                 f"The same federation with `{model}` ({get_spec(model).description.split(';')[0]}), measured "
                 f"the same way: [{name}]({name}) (its command, commit, every row and its time per run); {cold}.", "",
