@@ -18,6 +18,8 @@ Reads the product's feature cache (warm after any run of the default model).
     python -m bench.accuracy.pca_screen --eps 1 --dims 128 512 --basis oracle synthetic random   # projections
     python -m bench.accuracy.pca_screen --eps 1 3 --basis --centre R:1 R:4 R:10 s:0.2           # the centre
     python -m bench.accuracy.pca_screen --eps 1 3 8 --basis --centre R:10 --scale none block:3,1,1  # block weights
+    python -m bench.accuracy.pca_screen --eps 8 --basis --centre exact --scale block:3,1,1 \
+        --noise-factor 1 0.5 0 --lr-schedule constant cosine --rounds 0 1000 --smoothing 0 0.1   # eighteenth pass
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import time
 from pathlib import Path
 
@@ -93,32 +96,72 @@ def _basis(kind: str, dim: int, xt: torch.Tensor, xs: torch.Tensor | None, seed:
     return v[:dim].T
 
 
+# The server's step over the rounds, as a factor on lr at the fraction f of the rounds done (`--lr-schedule`).
+LR_SCHEDULES = {
+    "constant": lambda f: 1.0,
+    "cosine": lambda f: 0.5 * (1 + math.cos(math.pi * f)),
+    "linear-half": lambda f: min(1.0, 2 * (1 - f)),  # constant, then down to 0 over the second half
+    "step-80": lambda f: 1.0 if f < 0.8 else 0.2,
+}
+
+
 def fit_head(zt, yt, classes: int, sigma: float, noise_sigma: float, q: float, rounds: int, k: float, seed: int,
-             share: float = 1.0, bias: float = 1.0) -> torch.Tensor:
+             share: float = 1.0, bias: float = 1.0, schedule: str = "constant", smoothing: float = 0.0,
+             prior_bias: bool = False) -> torch.Tensor:
     """The head's weights (classes, d + 1; the bias's column last, its input `bias`) after `rounds` of the
     federation's step on the centred training features `zt`: Poisson(q) batches, each record's gradient clipped to
-    `share`, Gaussian noise of std `noise_sigma` on the sum, server SGD with momentum 0.9 at lr = min(1, k/σ)."""
+    `share`, Gaussian noise of std `noise_sigma` on the sum, server SGD with momentum 0.9 at lr = min(1, k/σ) times
+    `schedule`'s factor. `smoothing`: label smoothing of the targets; `prior_bias`: the biases start at the centred
+    log class frequencies of `yt` (not private: an upper bound on what a private prior could give)."""
     from hemafed.core.learning.fedsgd import FedSGDServer
 
     g = torch.Generator().manual_seed(seed)
     n, d = zt.shape
     w = torch.zeros(classes, d + 1, dtype=torch.float64)
-    server = FedSGDServer(min(1.0, k / sigma), 0.9)
+    if prior_bias:
+        log_prior = torch.log(torch.bincount(yt, minlength=classes).double().clamp_min(1) / n)
+        w[:, -1] = (log_prior - log_prior.mean()) / bias
+    base_lr = min(1.0, k / sigma)
+    server = FedSGDServer(base_lr, 0.9)
     flat = w.reshape(-1).numpy().copy()
-    onehot = torch.nn.functional.one_hot(yt, classes).double()
+    target = torch.nn.functional.one_hot(yt, classes).double() * (1 - smoothing) + smoothing / classes
     ones = torch.full((n, 1), bias, dtype=torch.float64)
     za = torch.cat([zt, ones], 1)
     norms = za.norm(dim=1)
-    for _ in range(rounds):
+    for step in range(rounds):
         idx = torch.nonzero(torch.rand(n, generator=g) < q).reshape(-1)
         w = torch.as_tensor(flat, dtype=torch.float64).reshape(classes, d + 1)
         p = torch.softmax(za[idx] @ w.T, 1)
-        r = p - onehot[idx]
+        r = p - target[idx]
         scale = torch.clamp(share / (r.norm(dim=1) * norms[idx] + 1e-12), max=1.0)
         grad = (r * scale[:, None]).T @ za[idx]
         grad += torch.randn(grad.shape, generator=g, dtype=torch.float64) * noise_sigma
+        server.lr = base_lr * LR_SCHEDULES[schedule](step / rounds)
         flat = server.apply(flat, grad.reshape(-1).numpy(), q * n, None, 1.0)
     return torch.as_tensor(flat, dtype=torch.float64).reshape(classes, d + 1)
+
+
+def ceiling(xt, yt, xv, yv, classes: int, hidden: int = 0, epochs: int = 40, seed: int = 0) -> float:
+    """Validation accuracy of a head trained without privacy on standardised features (AdamW, lr 1e-3, weight
+    decay 1e-4, batches of 256): linear, or with one hidden layer of `hidden` units (dropout 0.3)."""
+    torch.manual_seed(seed)
+    mean, std = xt.mean(0), xt.std(0) + 1e-6
+    zt, zv = ((xt - mean) / std).float(), ((xv - mean) / std).float()
+    d = zt.shape[1]
+    model = torch.nn.Linear(d, classes) if not hidden else torch.nn.Sequential(
+        torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(hidden, classes))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    for _ in range(epochs):
+        order = torch.randperm(len(zt))
+        for i in range(0, len(zt), 256):
+            idx = order[i:i + 256]
+            loss = torch.nn.functional.cross_entropy(model(zt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        return float((model(zv).argmax(1) == yv).float().mean())
 
 
 def head_logits(w: torch.Tensor, z: torch.Tensor, bias: float = 1.0) -> torch.Tensor:
@@ -126,8 +169,8 @@ def head_logits(w: torch.Tensor, z: torch.Tensor, bias: float = 1.0) -> torch.Te
 
 
 def _train(zt, yt, zv, yv, classes: int, sigma: float, noise_sigma: float, q: float, rounds: int, k: float,
-           seed: int, share: float = 1.0, bias: float = 1.0) -> float:
-    w = fit_head(zt, yt, classes, sigma, noise_sigma, q, rounds, k, seed, share, bias)
+           seed: int, share: float = 1.0, bias: float = 1.0, **head) -> float:
+    w = fit_head(zt, yt, classes, sigma, noise_sigma, q, rounds, k, seed, share, bias, **head)
     return float((head_logits(w, zv, bias).argmax(1) == yv).double().mean())
 
 
@@ -240,6 +283,17 @@ def main() -> None:
                     help="training records: 'sites' (the hospitals' training splits, as the product trains; each "
                          "keeps its validation split back) or 'all' (every training image: the proxy before the "
                          "sixteenth pass, which read about 0.2–0.6 points above the product)")
+    ap.add_argument("--rounds", type=int, nargs="+", default=[0],
+                    help="rounds at the same ε, σ re-calibrated (0: the recipe's for the budget)")
+    ap.add_argument("--lr-schedule", nargs="+", default=["constant"], choices=tuple(LR_SCHEDULES),
+                    help="the server's lr over the rounds")
+    ap.add_argument("--noise-factor", type=float, nargs="+", default=[1.0],
+                    help="times the round's noise (below 1: what less noise would give; not a private setting)")
+    ap.add_argument("--smoothing", type=float, nargs="+", default=[0.0], help="label smoothing of the targets")
+    ap.add_argument("--prior-bias", action="store_true",
+                    help="the biases start at the log class frequencies (not private: an upper bound)")
+    ap.add_argument("--ceiling", type=int, nargs="*", default=None,
+                    help="only the non-private heads: linear, and one hidden layer of each of these sizes")
     ap.add_argument("--synthetic", type=int, default=2000, help="procedural images for the synthetic basis")
     ap.add_argument("--out", type=Path, default=Path("/tmp/pca_screen.json"))
     args = ap.parse_args()
@@ -249,14 +303,21 @@ def main() -> None:
     from hemafed.core.learning.recipe import lr_times_sigma, recommended_plan
 
     xt, yt, xv, yv, xs, plan = _features(args.synthetic if "synthetic" in args.basis else 0, args.records)
+    if args.ceiling is not None:
+        for hidden in [0, *args.ceiling]:
+            acc = ceiling(xt, yt, xv, yv, len(plan.classes), hidden)
+            print(f"no privacy, {f'{hidden} hidden units' if hidden else 'linear'}: {100 * acc:.2f} %", flush=True)
+        return
     mean = xt.mean(0)
     radius = split_features(build_model(plan.model, len(plan.classes)))[1].radius
     results = []
     settings = [("none", 0)] + [(b, d) for b in args.basis for d in args.dims if d]
-    for (kind, dim), eps, k, scheme, scale, norm, bias in itertools.product(settings, args.eps, args.k, args.centre,
-                                                                            args.scale, args.norm, args.bias):
-        fed = recommended_plan(eps, len(yt), 10)
-        noise = round_noise(fed)
+    grid = itertools.product(settings, args.eps, args.k, args.centre, args.scale, args.norm, args.bias, args.rounds,
+                             args.lr_schedule, args.noise_factor, args.smoothing)
+    for (kind, dim), eps, k, scheme, scale, norm, bias, t, schedule, factor, smoothing in grid:
+        fed = recommended_plan(eps, len(yt), 10, **({"rounds": t} if t else {}))
+        noise = round_noise(fed) * factor
+        head = {"schedule": schedule, "smoothing": smoothing, "prior_bias": args.prior_bias}
         cn, share, rounds = _centre_scheme(scheme, args.share, fed.rounds)
         k = k or lr_times_sigma(fed.model, eps, fed.rounds)
         accs = []
@@ -268,15 +329,17 @@ def main() -> None:
             zt, zv = _rescale(scale, zt, zv, xt)
             zt, zv = _per_record(norm, zt, zv)
             accs.append(_train(zt, yt, zv, yv, len(plan.classes), fed.noise_multiplier, noise, fed.sample_rate,
-                               rounds, k, seed, share, bias))
+                               rounds, k, seed, share, bias, **head))
         row = {"basis": kind, "dim": dim or xt.shape[1], "epsilon": eps, "rounds": fed.rounds, "k": k,
                "centre": scheme, "centre_noise": cn, "share": share, "gradient_rounds": rounds, "val": accs,
                "mean": float(np.mean(accs)), "std": float(np.std(accs)), "seconds": time.perf_counter() - started,
-               "scale": scale, "norm": norm, "bias": bias, "records": args.records}
+               "scale": scale, "norm": norm, "bias": bias, "records": args.records,
+               "noise_factor": factor, "sigma": fed.noise_multiplier, **head}
         results.append(row)
         print(f"{kind:9s} d={row['dim']:5d} ε={eps:g} T={fed.rounds} k={k:g} centre {scheme} "
               f"(error ×{cn:.2f}, share {share:.3f}, {rounds} gradient rounds): "
-              f"scale {scale}, norm {norm}, bias input {bias:g}: "
+              f"scale {scale}, norm {norm}, bias input {bias:g}, lr {schedule}, noise ×{factor:g}, "
+              f"smoothing {smoothing:g}{', prior bias' if args.prior_bias else ''}: "
               f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f} %", flush=True)
     args.out.write_text(json.dumps(results, indent=1))
 

@@ -95,6 +95,7 @@ class SimulationOptions:
     server_lr: float | None = None  # None: private fedsgd takes the recipe's lr for its σ (core.recipe), else 0.5
     stage_timeout_s: float = 120.0
     eval_every: int | None = None  # test-evaluate every k-th checkpoint (default: about 50 points per run)
+    val_fraction: float = FederationPlan.val_fraction  # of each hospital's images kept back as its validation split
     quiet: bool = False
 
     @property
@@ -126,7 +127,7 @@ class SimulationOptions:
             delta=self.delta, dp=self.dp, secagg=self.secagg, threshold=t, min_sites=t if self.secagg else 1,
             max_sites=max(self.sites, 2), server_optimizer=self.server_optimizer,
             server_lr=0.5 if self.server_lr is None else self.server_lr, stage_timeout_s=self.stage_timeout_s,
-            seed=self.seed, join_timeout_s=300.0, **kind)
+            seed=self.seed, join_timeout_s=300.0, val_fraction=self.val_fraction, **kind)
         if self.algorithm != "fedsgd" or train_sizes is None or dim is None:
             return plan
         from dataclasses import replace

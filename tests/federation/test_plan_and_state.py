@@ -87,3 +87,20 @@ def test_a_fedsgd_plan_without_dp_or_secure_aggregation_is_refused_with_the_alte
     for off in ({"dp": False}, {"secagg": False}):
         with pytest.raises(PlanError, match="baseline uses algorithm 'fedavg'"):
             FederationPlan(algorithm="fedsgd", sample_rate=0.1, **off)
+
+
+def test_a_simulation_keeps_back_the_validation_share_its_options_give(shared_data) -> None:
+    """`SimulationOptions.val_fraction` reaches the plan, every hospital's split, and the plan's expected batch (the
+    research screens vary it: accuracy-levers.md, eighteenth pass)."""
+    from hemafed.network.sim.simulate import SimulationOptions, hospitals
+
+    kept = {}
+    for share in (0.1, 0.05):
+        h = hospitals(SimulationOptions(data=shared_data, subset=2000, test_subset=20, val_fraction=share))
+        assert h.plan.val_fraction == share
+        data = h.site_data().values()
+        val, train = sum(len(d.val_labels) for d in data), sum(len(d.train_labels) for d in data)
+        assert val + train == 2000 and abs(val / 2000 - share) < 0.02
+        assert h.plan.batch_size == round(h.plan.sample_rate * train)
+        kept[share] = val
+    assert kept[0.05] < kept[0.1]
