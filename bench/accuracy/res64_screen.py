@@ -12,7 +12,7 @@ J = 2 pooled 3×3 and the procedural encoder's maps pooled 2×2) beside features
     python -m bench.accuracy.res64_screen dp --eps 8 # DP-SGD screen, 3 seeds, validation
     python -m bench.accuracy.res64_screen cache-views             # 8-view 28-px features, each 64-px view apart
     python -m bench.accuracy.res64_screen dp-views --eps 8 --lr 0.5 # the 64-px maps from 1, 2, 4 or 8 views
-    python -m bench.accuracy.res64_screen encoders --encoders A.npz B.checkpoint.pt  # quick probe per encoder
+    python -m bench.accuracy.res64_screen encoders --encoders A.npz B.checkpoint.pt [--depths 4 0]  # quick probe
     python -m bench.accuracy.res64_screen cache-views --encoder A.npz --tag a  # the DP screen's cache with it
     python -m bench.accuracy.res64_screen cache-layers           # 64-px maps of the encoder's last two blocks
     python -m bench.accuracy.res64_screen dp-layers --eps 8 --lr 0.5  # DP screen: which block's maps
@@ -173,9 +173,13 @@ def load_body(path: Path | None) -> torch.nn.Module | None:
     return body.requires_grad_(False).to(memory_format=torch.channels_last).eval()
 
 
-def encoders(paths: list[Path], n_train: int, epochs: int) -> None:
+def encoders(paths: list[Path], n_train: int, epochs: int, depths: list[int | None] | None = None,
+             look: str | None = None) -> None:
     """The quick probe (`cache`'s 6,000 training images, one view, non-private linear head, validation) of the 64-px
-    encoder maps 4×4 made by each encoder, alone and beside the recipe's 28-px features (the shipped encoder's)."""
+    encoder maps 4×4 made by each encoder, alone and beside the recipe's 28-px features (the shipped encoder's);
+    `depths`: the maps after that many of the encoder's blocks (None: all 5; the product's 64-px model takes 4);
+    `look`: the 64-px images first in this canonical look (the product's is "lamp-focus")."""
+    from hemafed.core.data.appearance import canonical_look
     from hemafed.core.data.bloodmnist import load_splits, locate
     from hemafed.core.learning.models import _normalisation, build_model, images_to_tensor
     from hemafed.core.learning.procedural_features import procedural_features
@@ -190,18 +194,22 @@ def encoders(paths: list[Path], n_train: int, epochs: int) -> None:
         data[split] = (torch.as_tensor(s28[split].labels[idx].reshape(-1)).long(),
                        model.features(images_to_tensor(s28[split].images[idx], 28)).flatten(1).float(),
                        images_to_tensor(s64[split].images[idx], 64) * std + mean)
+        if look:
+            data[split] = (*data[split][:2], canonical_look(data[split][2], look))
     for path in [None, *paths]:
         body = load_body(path)
-        f64 = {split: procedural_features(x64, 256, 4, body=body).flatten(1).float()
-               for split, (_, _, x64) in data.items()}
-        for label, (tx, vx) in (("64 px encoder 4×4", (f64["train"], f64["val"])),
-                                ("28 px + 64 px encoder 4×4", (torch.cat([data["train"][1], f64["train"]], 1),
-                                                               torch.cat([data["val"][1], f64["val"]], 1)))):
-            mu, sd = tx.mean(0), tx.std(0) + 1e-6
-            torch.manual_seed(0)
-            last, best = fit(torch.nn.Linear(tx.shape[1], 8), (tx - mu) / sd, data["train"][0], (vx - mu) / sd,
-                             data["val"][0], epochs)
-            print(f"| {path or 'shipped encoder'} | {label} | {last:.2%} | {best:.2%} |", flush=True)
+        for depth in depths or [None]:
+            f64 = {split: procedural_features(x64, 256, 4, body=body, depth=depth).flatten(1).float()
+                   for split, (_, _, x64) in data.items()}
+            maps = f"64 px encoder 4×4 ({f'blocks 1–{depth}' if depth else 'all blocks'})"
+            for label, (tx, vx) in ((maps, (f64["train"], f64["val"])),
+                                    (f"28 px + {maps}", (torch.cat([data["train"][1], f64["train"]], 1),
+                                                         torch.cat([data["val"][1], f64["val"]], 1)))):
+                mu, sd = tx.mean(0), tx.std(0) + 1e-6
+                torch.manual_seed(0)
+                last, best = fit(torch.nn.Linear(tx.shape[1], 8), (tx - mu) / sd, data["train"][0],
+                                 (vx - mu) / sd, data["val"][0], epochs)
+                print(f"| {path or 'shipped encoder'} | {label} | {last:.2%} | {best:.2%} |", flush=True)
 
 
 def cache_views(encoder: Path | None = None, tag: str = "") -> None:
@@ -337,6 +345,9 @@ def main() -> None:
                                      "cache-layers", "dp-layers", "dp-pca"))
     ap.add_argument("--ks", type=int, nargs="+", default=[4747, 1024, 256], help="dp-pca: projection sizes")
     ap.add_argument("--encoders", type=Path, nargs="+", default=[], help="encoder weights (.npz) or checkpoints (.pt)")
+    ap.add_argument("--depths", type=int, nargs="+", default=[0],
+                    help="encoders: the 64-px maps after this many blocks (0: all 5)")
+    ap.add_argument("--look", default=None, help="encoders: the 64-px images in this canonical look (lamp-focus)")
     ap.add_argument("--encoder", type=Path, default=None, help="cache-views: the encoder for the 64-px maps")
     ap.add_argument("--tag", default="", help="cache-views / dp-views: the cache's name suffix")
     ap.add_argument("--views", nargs="+", default=[], help="dp-views: only these FINE_VIEWS entries")
@@ -367,7 +378,7 @@ def main() -> None:
     elif args.step == "dp-pca":
         dp_pca(args.eps, args.lr, args.rounds, args.seeds, args.ks)
     elif args.step == "encoders":
-        encoders(args.encoders, args.train, args.epochs)
+        encoders(args.encoders, args.train, args.epochs, [d or None for d in args.depths], args.look)
     else:
         dp(args.eps, args.lr, args.rounds, args.seeds, args.orbit)
 
