@@ -68,7 +68,8 @@ def _one(run: Run) -> list[dict]:
     out = []
     for d, weights in [(0.0, result.weights), *averages.items()]:
         set_flat_params(trainable, np.asarray(weights, np.float32))
-        out.append({"epsilon": opts.epsilon, "k": run.k, "rounds": opts.planned_rounds, "q": opts.sample_rate,
+        out.append({"appearance": opts.appearance, "epsilon": opts.epsilon, "k": run.k,
+                    "rounds": opts.planned_rounds, "q": opts.sample_rate,
                     "val_fraction": opts.val_fraction,
                     "ema": d, "seed": opts.seed, "sigma": sigma, "server_lr": opts.server_lr,
                     "threshold": h.plan.threshold,
@@ -88,6 +89,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--val-fraction", type=float, nargs="+", default=[SimulationOptions.val_fraction],
                     help="of each hospital's images kept back as its validation split")
+    ap.add_argument("--appearance", nargs="+", default=["same"], choices=("same", "shifted"),
+                    help="the hospitals' looks (simulate --appearance); validation stays as it is")
     ap.add_argument("--threshold", type=int, default=None, help="default: simulate's (all sites but one)")
     ap.add_argument("--data", type=Path)
     ap.add_argument("--workers", type=int, default=2)
@@ -96,22 +99,22 @@ def main() -> None:
 
     base = SimulationOptions(model=args.model, threshold=args.threshold, data=args.data, quiet=True)
     emas = tuple(d for d in args.ema if d)
-    runs = [Run(replace(base, epsilon=e, seed=s, rounds=t, sample_rate=q, val_fraction=v), k, emas)
-            for v in args.val_fraction for e in args.eps for t in args.rounds for q in args.q for k in args.k
-            for s in args.seeds]
+    runs = [Run(replace(base, epsilon=e, seed=s, rounds=t, sample_rate=q, val_fraction=v, appearance=a), k, emas)
+            for a in args.appearance for v in args.val_fraction for e in args.eps for t in args.rounds
+            for q in args.q for k in args.k for s in args.seeds]
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
         results = [row for rows in pool.map(_one, runs) for row in rows]
     args.out.write_text(json.dumps(results, indent=1))
     print(f"{args.model}, t = {results[0]['threshold']}, validation, seeds {args.seeds}")
-    print("| hospitals' validation share | ε | T | q | σ | lr·σ | server lr | EMA | validation accuracy | s/run |\n"
-          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    fields = ("val_fraction", "epsilon", "rounds", "q", "k", "ema")
+    print("| hospitals | hospitals' validation share | ε | T | q | σ | lr·σ | server lr | EMA | validation accuracy "
+          "| s/run |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    fields = ("appearance", "val_fraction", "epsilon", "rounds", "q", "k", "ema")
     for key in dict.fromkeys(tuple(r[f] for f in fields) for r in results):
         rs = [r for r in results if tuple(r[f] for f in fields) == key]
         accs = [100 * r["val_accuracy"] for r in rs]
-        v, e, t, q, k, d = key
-        print(f"| {v:g} | {e:g} | {t} | {q:g} | {rs[0]['sigma']:.2f} | {k:g} | {rs[0]['server_lr']:.3f} | {d:g} | "
-              f"{statistics.mean(accs):.2f} ± {statistics.pstdev(accs):.2f} % | "
+        a, v, e, t, q, k, d = key
+        print(f"| {a} | {v:g} | {e:g} | {t} | {q:g} | {rs[0]['sigma']:.2f} | {k:g} | {rs[0]['server_lr']:.3f} | "
+              f"{d:g} | {statistics.mean(accs):.2f} ± {statistics.pstdev(accs):.2f} % | "
               f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
 
 
