@@ -130,14 +130,6 @@ def stain_densities(x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bchw,cs->bshw", od, torch.as_tensor(HED_FROM_RGB, dtype=od.dtype))
 
 
-def stain_scaled(x: torch.Tensor, haematoxylin: float, eosin: float) -> torch.Tensor:
-    """(B, 3, H, W) images in [0, 1] with their haematoxylin and eosin optical densities scaled by these factors
-    (as `apply_look` stains a hospital's images, without its tint, lamp, focus or zoom)."""
-    hed = stain_densities(x) * torch.tensor([haematoxylin, eosin, 1.0], dtype=x.dtype)[None, :, None, None]
-    od = torch.einsum("bshw,sc->bchw", hed, torch.as_tensor(RGB_FROM_HED, dtype=hed.dtype))
-    return torch.exp(-od).clamp(0.0, 1.0)
-
-
 # The canonical focus: every image is low-passed this much (Gaussian σ in pixels at 28 px) before its features, so
 # that focus differences within LOOK_RANGE's blur change it less (docs/appearance-remedies.md).
 CANONICAL_FOCUS = 0.5

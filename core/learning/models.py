@@ -311,8 +311,7 @@ class MultiScaleNet(ScatterSynthNet):
     def __init__(self, head: nn.Module, fine_pool: int = 4, fine_views: tuple[int, ...] = tuple(range(8)),
                  fine_depth: int | None = None, encoder: str | None = None, densities: bool = False,
                  look: str | None = None, fine_scatter: int | None = None,
-                 fine_scatter_views: tuple[int, ...] = (0, 1, 2, 3),
-                 stain_views: tuple[tuple[float, float], ...] = ()) -> None:
+                 fine_scatter_views: tuple[int, ...] = (0, 1, 2, 3)) -> None:
         # `look`: both scales in this canonical look (core.data.appearance.canonical_look, its blur scaled to each)
         super().__init__(head, learned_pool=2, orbit=True, look=look, encoder=encoder, densities=densities)
         self.fine_pool = fine_pool
@@ -324,18 +323,6 @@ class MultiScaleNet(ScatterSynthNet):
         self.fine_scatter = fine_scatter
         self.fine_scatter_views = fine_scatter_views
         self.fine_scattering = Scattering2D(fine_scatter, 2, 8) if fine_scatter else None
-        # (haematoxylin, eosin) factors for dihedral view k: each view of the average also in another stain strength,
-        # so the averaged features change less with a hospital's stain (docs/appearance-remedies.md, tenth pass)
-        self.stain_views = stain_views
-
-    def _view(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        x = dihedral(x, k)
-        if not self.stain_views:
-            return x
-        from ..data.appearance import stain_scaled
-
-        mean, std = _normalisation()
-        return (stain_scaled(x * std + mean, *self.stain_views[k]) - mean) / std
 
     def _coarse(self, x: torch.Tensor, size: int | None = None) -> torch.Tensor:
         # antialiased bilinear, as the 28-px BloodMNIST images were made (bloodmnist/PROVENANCE.md)
@@ -370,7 +357,7 @@ class MultiScaleNet(ScatterSynthNet):
         finer scattering (`fine_scatter`) over `fine_scatter_views`."""
 
         def mean(part: Callable[[torch.Tensor, int], torch.Tensor], views: tuple[int, ...]) -> torch.Tensor:
-            return sum(part(self._view(x, k), batch_size) for k in views) / len(views)
+            return sum(part(dihedral(x, k), batch_size) for k in views) / len(views)
 
         parts = [mean(lambda v, b: ScatterSynthNet.features(self, self._coarse(v), b), tuple(range(8))),
                  mean(self._fine, self.fine_views)]
@@ -398,17 +385,11 @@ FINE_SCATTER_SIZE = 56
 FINE_SCATTER_BLOCK_WEIGHTS = ((243 * 3 * 3, 2.008), (128 * 2 * 2, 0.669), (128 * 4 * 4, 0.669), (243 * 3 * 3, 2.008))
 
 
-# (haematoxylin, eosin) factors of dihedral views 0–7 (`MultiScaleNet.stain_views`): views 0–3, over which the 64-px
-# maps are averaged, and 4–7 each take the four corners of ±0.2 about the image's own strengths once.
-STAIN_VIEWS = ((0.8, 0.8), (1.2, 1.2), (0.8, 1.2), (1.2, 0.8), (1.2, 1.2), (0.8, 0.8), (1.2, 0.8), (0.8, 1.2))
-
-
 def multiscale_checked(num_classes: int, fine_views: tuple[int, ...] = tuple(range(8)),
                        fine_depth: int | None = None, encoder: str | None = None,
                        densities: bool = False, look: str | None = None,
                        block_weights: tuple[tuple[int, float], ...] = (),
-                       fine_scatter: int | None = None,
-                       stain_views: tuple[tuple[float, float], ...] = ()) -> MultiScaleNet:
+                       fine_scatter: int | None = None) -> MultiScaleNet:
     """`MultiScaleNet` with a centred head carrying the cell check's moments (measured on the 28-px image)."""
     from .cell_check import MOMENT_LEN
 
@@ -416,7 +397,7 @@ def multiscale_checked(num_classes: int, fine_views: tuple[int, ...] = tuple(ran
     dim = MULTISCALE_DIM + (243 * 3 * 3 if fine_scatter else 0)
     head = CenteredLinear(dim, num_classes, radius=MULTISCALE_RADIUS, moments=MOMENT_LEN, block_weights=block_weights)
     return MultiScaleNet(head, fine_views=fine_views, fine_depth=fine_depth, encoder=encoder, densities=densities,
-                         look=look, fine_scatter=fine_scatter, stain_views=stain_views)
+                         look=look, fine_scatter=fine_scatter)
 
 
 def split_features(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
@@ -541,14 +522,6 @@ MODELS: dict[str, ModelSpec] = {
                   lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4, encoder=LOOKS_ENCODER_ASSET,
                                                densities=True, look="lamp-focus", fine_scatter=FINE_SCATTER_SIZE,
                                                block_weights=FINE_SCATTER_BLOCK_WEIGHTS), centred=True),
-        ModelSpec("scatter_synth_inv_cc_ms4p_lf_looks_hed_sv_bw_64", 64,
-                  "scatter_synth_inv_cc_ms4p_lf_looks_hed_bw_64 with each of the views its features are averaged over "
-                  "also in another haematoxylin and eosin strength (0.8 or 1.2 times the image's own), so that they "
-                  "change less with a hospital's stain; 64×64 input; built for DP",
-                  lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4, encoder=LOOKS_ENCODER_ASSET,
-                                               densities=True, look="lamp-focus",
-                                               block_weights=MULTISCALE_BLOCK_WEIGHTS, stain_views=STAIN_VIEWS),
-                  centred=True),
         ModelSpec("cnn4_28", 28, "plain 4-conv GroupNorm CNN (32/64 channels), 28×28 input; fast reference",
                   lambda n: SmallCNN(n)),
     )
