@@ -71,6 +71,16 @@ class ModelFile:
         with torch.no_grad():
             return self.model(images_to_tensor(images, self.input_size)).numpy()  # type: ignore[operator]
 
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """What the model's trainable part sees (N, D) for (N, H, W, 3) uint8 images at any size: its fixed features
+        as evaluation computes them (`models.evaluation_features`), so `head(features)` gives `logits`."""
+        import torch
+
+        from .models import evaluation_features
+
+        with torch.no_grad():
+            return evaluation_features(self.model)(images_to_tensor(images, self.input_size)).numpy()
+
 
 def load_model_file(path: str | Path) -> ModelFile:
     """Load a model file written by the site (`network.site.save_model_file`): flat
@@ -237,7 +247,8 @@ class ClassifyReport:
     # whether the model file's hospital re-fitted the federation's class scores to its own images (None: the file
     # carries no calibration)
     class_scores: str | None = None
-    class_offsets_applied: bool = False  # the answers include that hospital's class offsets
+    # the answers include that hospital's class offsets or its re-fitted final layer
+    class_offsets_applied: bool = False
 
     def accuracy_per_class(self) -> dict[str, dict[str, float | int]]:
         """For files whose folder names their class: images, correct and accuracy per class."""
@@ -349,4 +360,5 @@ def classify_paths(model: ModelFile, paths: Iterable[str | Path], *, batch_size:
         progress(len(inputs), len(inputs))
     return ClassifyReport(model=model.name, predictions=predictions, problems=problems,
                           class_scores=None if cal is None else offsets_text(cal),
-                          class_offsets_applied=cal is not None and cal.class_offsets is not None)
+                          class_offsets_applied=cal is not None and (cal.class_offsets is not None
+                                                                     or cal.head_refitted))

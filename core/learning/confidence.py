@@ -131,6 +131,9 @@ class Calibration:
     # them with the final model), kept so that a hospital can re-fit a copy of this file later
     # (core.learning.local_calibration, `hemafed calibrate`)
     federation_classes: tuple[int, ...] | None = None
+    # this hospital re-fitted the federation's whole final layer (core.learning.head_refit, `hemafed calibrate`): the
+    # file's weights are then its own, and the re-fit's held-out losses are in offsets_loss_released / _refitted
+    head_refitted: bool = False
 
     def adjusted(self, logits: np.ndarray) -> np.ndarray:
         """The logits with this hospital's class offsets (unchanged without them)."""
@@ -204,6 +207,8 @@ class Calibration:
             if values.ndim != 1 or not np.all(np.isfinite(values)) or np.abs(values).max(initial=0.0) > 50.0:
                 raise ValueError("calibration's class offsets are not a list of numbers within ±50")
             fields["class_offsets"] = tuple(float(v) for v in values)
+        if not isinstance(fields.get("head_refitted", False), bool):
+            raise ValueError("calibration's head_refitted is not true or false")
         counts = fields.get("federation_classes")
         if counts is not None:
             if not (isinstance(counts, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
@@ -218,6 +223,9 @@ def offsets_text(cal: Calibration | None) -> str:
     if cal is None or cal.offsets_loss_released is None:
         return "class scores as the federation released them (not re-fitted here)"
     loss = f"loss {cal.offsets_loss_released:.3f} → {cal.offsets_loss_refitted:.3f}"
+    if cal.head_refitted:
+        return (f"class scores re-fitted to this hospital's images, every weight of the model's final layer (it "
+                f"predicted held-out ones among its {cal.images} labelled images better: {loss})")
     if cal.class_offsets is None:
         return (f"class scores as the federation released them: re-fitted to this hospital's {cal.images} labelled "
                 f"images, they did not predict held-out ones better ({loss})")

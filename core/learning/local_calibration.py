@@ -3,18 +3,21 @@
 A hospital that did not take part in training, or whose microscope, stain or camera changed since, holds images
 that look unlike the federation's. With a few hundred labelled images of its own (class-named folders, as the Data
 page reads them) it fits, locally, what a participating site fits on its validation split when the federation
-ends: its class offsets (`core.learning.class_offsets`, guarded, against the federation's validation class mix the
-model file carries) and its "uncertain" threshold, with the federation's temperature and cell-check threshold kept
-as the file has them. The result is a new model file for this hospital; nothing is sent anywhere (docs/privacy.md,
-"Calibration"). The labelled images must not be ones the model will later be judged on.
+ends, and more: the federation's whole final layer re-fitted near the released one (`core.learning.head_refit`,
+guarded by five folds, against the federation's validation class mix the model file carries), or where that does not
+predict held-out images better, its class offsets alone (`core.learning.class_offsets`, guarded the same way); then
+its "uncertain" threshold, with the federation's temperature and cell-check threshold kept as the file has them. The
+result is a new model file for this hospital; nothing is sent anywhere (docs/privacy.md, "Calibration"). The
+labelled images must not be ones the model will later be judged on.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +41,27 @@ def small_sample_note(images: int) -> str:
             "point where your images already look like the federation's; add more if you have them")
 
 
-def recalibrate(model: ModelFile, images: np.ndarray, labels: np.ndarray) -> Calibration:
+@dataclass(frozen=True)
+class Recalibrated:
+    """A hospital's calibration of a model file, and the final layer it re-fitted (if the re-fit was kept)."""
+
+    calibration: Calibration
+    weights: np.ndarray | None = None  # the file's flat weights with the re-fitted layer; None: as released
+
+
+def recalibrate(model: ModelFile, images: np.ndarray, labels: np.ndarray) -> Recalibrated:
     """This hospital's calibration of `model` from its labelled `images` (N, H, W, 3 uint8 at any size) and their
     class indices. Raises ModelFileError when the file lacks what a re-fit needs, ValueError for too few images."""
-    return recalibrate_logits(model, model.logits(images), labels)
+    return recalibrate_features(model, model.features(images), labels)
 
 
-def recalibrate_logits(model: ModelFile, logits: np.ndarray, labels: np.ndarray) -> Calibration:
-    """`recalibrate` from the model's logits for the labelled images."""
+def recalibrate_features(model: ModelFile, features: np.ndarray, labels: np.ndarray) -> Recalibrated:
+    """`recalibrate` from the model's fixed features of the labelled images (`ModelFile.features`)."""
+    import torch
+
+    from .head_refit import refit_head
+    from .models import CenteredLinear, get_flat_params, split_features
+
     cal = model.calibration
     if cal is None or cal.federation_classes is None:
         raise ModelFileError(f"{model.path}: this model file does not say how many validation images of each class "
@@ -54,13 +70,36 @@ def recalibrate_logits(model: ModelFile, logits: np.ndarray, labels: np.ndarray)
     if len(cal.federation_classes) != len(model.classes):
         raise ModelFileError(f"{model.path}: its federation class counts do not match its {len(model.classes)} "
                              "classes")
-    fitted = Calibration.fit(logits, np.asarray(labels, int), temperature=cal.temperature,
-                             federation_mix=np.asarray(cal.federation_classes))
+    labels = np.asarray(labels, int)
+    mix = np.asarray(cal.federation_classes)
+    head = split_features(model.model)[1]
+    with torch.no_grad():
+        x = torch.as_tensor(np.asarray(features, np.float32))
+        logits = head(x).double().numpy()
+        fit = None
+        if isinstance(head, CenteredLinear) and len(labels) >= MIN_IMAGES:
+            fit = refit_head(head.centred_inputs(x).double().numpy(), head.linear.weight.double().numpy(),
+                             head.linear.bias.double().numpy(), labels, mix, cal.temperature)
+    if fit is not None and fit.kept:
+        # the threshold from the held-out logits: each image scored by a layer that was not fitted to it
+        fitted = Calibration.fit(fit.held_out_logits, labels, temperature=cal.temperature)
+        fitted = replace(fitted, head_refitted=True, offsets_loss_released=fit.held_out_loss_released,
+                         offsets_loss_refitted=fit.held_out_loss_refitted,
+                         federation_classes=cal.federation_classes)
+        layer = copy.deepcopy(head)
+        with torch.no_grad():
+            layer.linear.weight.copy_(torch.as_tensor(fit.weight))
+            layer.linear.bias.copy_(torch.as_tensor(fit.bias))
+        weights = get_flat_params(layer)
+    else:
+        fitted = Calibration.fit(logits, labels, temperature=cal.temperature, federation_mix=mix)
+        weights = None
     if fitted is None or fitted.threshold is None:
         raise ValueError(f"{len(labels)} labelled images are too few to re-calibrate (at least {MIN_IMAGES}; the "
                          f"class offsets need {OFFSET_IMAGES})")
-    return replace(fitted, temperature_from=cal.temperature_from, not_a_cell_threshold=cal.not_a_cell_threshold,
-                   not_a_cell_false_alarms=cal.not_a_cell_false_alarms, not_a_cell_from=cal.not_a_cell_from)
+    fitted = replace(fitted, temperature_from=cal.temperature_from, not_a_cell_threshold=cal.not_a_cell_threshold,
+                     not_a_cell_false_alarms=cal.not_a_cell_false_alarms, not_a_cell_from=cal.not_a_cell_from)
+    return Recalibrated(fitted, weights)
 
 
 def labelled_images(model: ModelFile, paths: Iterable[str | Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -84,15 +123,16 @@ def labelled_images(model: ModelFile, paths: Iterable[str | Path]) -> tuple[np.n
             problems)
 
 
-def save_recalibrated(model: ModelFile, calibration: Calibration, out: str | Path) -> Path:
-    """A copy of `model`'s file with this hospital's `calibration` (written atomically; the original is kept)."""
+def save_recalibrated(model: ModelFile, result: Recalibrated, out: str | Path) -> Path:
+    """A copy of `model`'s file with this hospital's calibration and re-fitted layer (written atomically; the
+    original is kept)."""
     out = Path(out)
     if out.resolve() == Path(model.path).resolve():
         raise ModelFileError(f"{out}: write the re-calibrated model to a new file; the federation's stays as it is")
     with np.load(model.path) as data:
-        weights = np.asarray(data["weights"])
+        weights = np.asarray(data["weights"]) if result.weights is None else np.asarray(result.weights, np.float32)
         meta = json.loads(bytes(np.asarray(data["meta"], np.uint8)).decode("utf-8"))
-    meta["calibration"] = calibration.to_dict()
+    meta["calibration"] = result.calibration.to_dict()
     meta["recalibrated_from"] = str(model.path)
     buf = io.BytesIO()
     np.savez(buf, weights=weights, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))

@@ -37,7 +37,7 @@ NOT_DIAGNOSTIC = ("⚠ Research model, not a diagnostic device. Its predictions 
 
 def site_validation_confusion(model_path: Path, source: str, val_fraction: float, seed: int):
     """(model file, confusion matrix on this site's validation split): the split the driver uses, answered as the
-    file answers (with its class offsets, when it has them)."""
+    file answers (with its class offsets or re-fitted final layer, when it has them)."""
     from hemafed.core.data.partition import stratified_split
     from hemafed.core.data.scan import scan_source
     from hemafed.core.learning.classify import load_model_file
@@ -56,8 +56,9 @@ def site_validation_confusion(model_path: Path, source: str, val_fraction: float
 
 
 ADAPT_TIP = ("Re-fit a copy of this model to labelled images of your own (folders named after the classes): its "
-             "class scores and its 'uncertain' threshold, for images that look unlike the federation's (another "
-             "stain, lamp or microscope). Nothing is sent; the model file you opened stays as it is.")
+             "class scores (the final layer, kept near the federation's) and its 'uncertain' threshold, for images "
+             "that look unlike the federation's (another stain, lamp or microscope). Nothing is sent; the model file "
+             "you opened stays as it is.")
 CANNOT_ADAPT_TIP = ("This model file cannot be adapted: it does not carry the federation's calibration and class "
                     "counts (saved before 2026-12-05, by a plan without secure aggregation, or not by a federation).")
 
@@ -470,8 +471,8 @@ class ResultsPage(QWidget):
         def work(job: Job):
             model = self.loaded_model(path)
             images, labels, skipped = labelled_images(model, [folder])
-            cal = recalibrate(model, images, labels)  # ModelFileError, ValueError: said in the label
-            return save_recalibrated(model, cal, out), len(labels), skipped
+            result = recalibrate(model, images, labels)  # ModelFileError, ValueError: said in the label
+            return save_recalibrated(model, result, out), len(labels), skipped
 
         self.job = Job(work)
         self.job.signals.result.connect(self._adapted)
@@ -497,7 +498,8 @@ class ResultsPage(QWidget):
         caution = small_sample_note(images)
         self.adapt_note = (f"Adapted on {images} labelled images of your own"
                            + (f" ({len(skipped)} files skipped: not in a class folder, or unreadable)" if skipped
-                              else "") + f"; saved as {path.name}."
+                              else "") + f"; saved as {path.name}. Keep this copy at your hospital: it is "
+                           "fitted to your labelled images."
                            + (f" <i>Caution: {caution}.</i>" if caution else ""))
 
     def refresh_rounds(self) -> None:

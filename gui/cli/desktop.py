@@ -116,10 +116,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     try:
         model = load_model_file(args.model)
         images, labels, problems = labelled_images(model, args.paths)
-        cal = recalibrate(model, images, labels)
-        out = save_recalibrated(model, cal, args.out)
+        result = recalibrate(model, images, labels)
+        out = save_recalibrated(model, result, args.out)
     except (ModelFileError, ValueError) as exc:
         raise UserFacingError(str(exc)) from exc
+    cal = result.calibration
     caution = small_sample_note(len(labels))
     if args.json:
         print(json.dumps({"out": str(out), "images": len(labels), "skipped": problems,
@@ -132,5 +133,6 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"caution: {caution}")
     print(f"re-calibrated on {len(labels)} labelled images: {offsets_text(cal)}; below {percent(cal.threshold)} "
           f"an answer is UNCERTAIN (answers {cal.coverage_target:.0%} of these images)")
-    print(f"written to {out} (the federation's file is unchanged; nothing was sent)")
+    print(f"written to {out} (the federation's file is unchanged; nothing was sent). Keep this copy at your "
+          "hospital: it is fitted to your labelled images")
     return 0
