@@ -117,3 +117,8 @@ def test_hemafed_calibrate_saves_the_refitted_layer_and_classify_answers_with_it
     right = [sum(p.predicted == p.true_class for p in r.predictions) for r in (released, adapted)]
     assert right[1] > right[0] and adapted.class_offsets_applied and not released.class_offsets_applied
     assert theirs.read_bytes() == before
+    # re-calibrating the adapted copy again keeps saying its layer is this hospital's, whether or not it moves again
+    again = tmp_path / "again.npz"
+    assert cli_main(["calibrate", "--model", str(ours), str(folder), "--out", str(again), "--json"]) == 0
+    said = json.loads(capsys.readouterr().out)
+    assert load_model_file(again).calibration.head_refitted and "final layer" in said["class_scores"]

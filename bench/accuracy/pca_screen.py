@@ -107,17 +107,18 @@ LR_SCHEDULES = {
 
 def fit_head(zt, yt, classes: int, sigma: float, noise_sigma: float, q: float, rounds: int, k: float, seed: int,
              share: float = 1.0, bias: float = 1.0, schedule: str = "constant", smoothing: float = 0.0,
-             prior_bias: bool = False) -> torch.Tensor:
+             prior_bias: bool = False, init: torch.Tensor | None = None) -> torch.Tensor:
     """The head's weights (classes, d + 1; the bias's column last, its input `bias`) after `rounds` of the
     federation's step on the centred training features `zt`: Poisson(q) batches, each record's gradient clipped to
     `share`, Gaussian noise of std `noise_sigma` on the sum, server SGD with momentum 0.9 at lr = min(1, k/σ) times
-    `schedule`'s factor. `smoothing`: label smoothing of the targets; `prior_bias`: the biases start at the centred
+    `schedule`'s factor. `init`: the weights to start from (zeros by default). `smoothing`: label smoothing of the
+    targets; `prior_bias`: the biases start at the centred
     log class frequencies of `yt` (not private: an upper bound on what a private prior could give)."""
     from hemafed.core.learning.fedsgd import FedSGDServer
 
     g = torch.Generator().manual_seed(seed)
     n, d = zt.shape
-    w = torch.zeros(classes, d + 1, dtype=torch.float64)
+    w = torch.zeros(classes, d + 1, dtype=torch.float64) if init is None else init.clone()
     if prior_bias:
         log_prior = torch.log(torch.bincount(yt, minlength=classes).double().clamp_min(1) / n)
         w[:, -1] = (log_prior - log_prior.mean()) / bias
@@ -171,6 +172,26 @@ def noisy_centre(mean: torch.Tensor, error: float, noise: float, plan, radius: f
     g = torch.Generator().manual_seed(1000 + seed)
     return mean + error * torch.randn(mean.shape, generator=g, dtype=torch.float64) * (
         noise / plan.clip_norm * radius / plan.batch_size)
+
+
+def noisy_class_means(xt: torch.Tensor, yt: torch.Tensor, classes: int, noise: float, plan, radius: float,
+                      rounds: int, seed: int) -> torch.Tensor:
+    """Each class's mean feature vector as `rounds` rounds of noisy per-class feature sums would estimate it: each
+    round's per-class sums carry the centre's noise (a record lies in one class, so releasing the class sums costs
+    what the total does); the true class sizes stand in for their noisy counts."""
+    g = torch.Generator().manual_seed(2000 + seed)
+    means = []
+    for c in range(classes):
+        members = xt[yt == c]
+        error = noise / plan.clip_norm * radius / (plan.sample_rate * max(len(members), 1)) / rounds ** 0.5
+        means.append(members.mean(0) + torch.randn(xt.shape[1], generator=g, dtype=torch.float64) * error)
+    return torch.stack(means)
+
+
+def class_means_init(m: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Head weights (classes, d + 1) of the nearest-class-mean rule on class means `m` in the head's coordinates:
+    W_c = α m_c, b_c = −α |m_c|² / 2."""
+    return torch.cat([alpha * m, (-alpha * (m * m).sum(1) / 2)[:, None]], 1)
 
 
 def _scattering_weights(part: str) -> torch.Tensor:
@@ -280,6 +301,9 @@ def main() -> None:
                     help="the server's lr over the rounds")
     ap.add_argument("--noise-factor", type=float, nargs="+", default=[1.0],
                     help="times the round's noise (below 1: what less noise would give; not a private setting)")
+    ap.add_argument("--init", nargs="+", default=["zero"],
+                    help="the head's start: 'zero', or 'ncm:ALPHA' (the nearest-class-mean rule from noisy per-class "
+                         "feature sums of the centre's 10 rounds, times ALPHA)")
     ap.add_argument("--smoothing", type=float, nargs="+", default=[0.0], help="label smoothing of the targets")
     ap.add_argument("--prior-bias", action="store_true",
                     help="the biases start at the log class frequencies (not private: an upper bound)")
@@ -304,8 +328,8 @@ def main() -> None:
     results = []
     settings = [("none", 0)] + [(b, d) for b in args.basis for d in args.dims if d]
     grid = itertools.product(settings, args.eps, args.k, args.centre, args.scale, args.norm, args.bias, args.rounds,
-                             args.lr_schedule, args.noise_factor, args.smoothing)
-    for (kind, dim), eps, k, scheme, scale, norm, bias, t, schedule, factor, smoothing in grid:
+                             args.lr_schedule, args.noise_factor, args.smoothing, args.init)
+    for (kind, dim), eps, k, scheme, scale, norm, bias, t, schedule, factor, smoothing, init in grid:
         fed = recommended_plan(eps, len(yt), 10, **({"rounds": t} if t else {}))
         noise = round_noise(fed) * factor
         head = {"schedule": schedule, "smoothing": smoothing, "prior_bias": args.prior_bias}
@@ -317,20 +341,27 @@ def main() -> None:
         for seed in args.seeds:
             centre = noisy_centre(mean, cn, noise, fed, radius, seed)
             zt, zv = (xt - centre, xv - centre) if basis is None else ((xt - centre) @ basis, (xv - centre) @ basis)
+            classes = len(plan.classes)
+            if init.startswith("ncm:"):  # the class means ride as extra rows through the same transforms
+                m = noisy_class_means(xt, yt, classes, noise, fed, radius, 10, seed) - centre
+                zv = torch.cat([zv, m if basis is None else m @ basis])
             zt, zv = _rescale(scale, zt, zv, xt)
             zt, zv = _per_record(norm, zt, zv)
+            start = None
+            if init.startswith("ncm:"):
+                zv, start = zv[:-classes], class_means_init(zv[-classes:], float(init[4:]))
             accs.append(_train(zt, yt, zv, yv, len(plan.classes), fed.noise_multiplier, noise, fed.sample_rate,
-                               rounds, k, seed, share, bias, **head))
+                               rounds, k, seed, share, bias, init=start, **head))
         row = {"basis": kind, "dim": dim or xt.shape[1], "epsilon": eps, "rounds": fed.rounds, "k": k,
                "centre": scheme, "centre_noise": cn, "share": share, "gradient_rounds": rounds, "val": accs,
                "mean": float(np.mean(accs)), "std": float(np.std(accs)), "seconds": time.perf_counter() - started,
                "scale": scale, "norm": norm, "bias": bias, "records": args.records,
-               "noise_factor": factor, "sigma": fed.noise_multiplier, **head}
+               "noise_factor": factor, "sigma": fed.noise_multiplier, "init": init, **head}
         results.append(row)
         print(f"{kind:9s} d={row['dim']:5d} ε={eps:g} T={fed.rounds} k={k:g} centre {scheme} "
               f"(error ×{cn:.2f}, share {share:.3f}, {rounds} gradient rounds): "
               f"scale {scale}, norm {norm}, bias input {bias:g}, lr {schedule}, noise ×{factor:g}, "
-              f"smoothing {smoothing:g}{', prior bias' if args.prior_bias else ''}: "
+              f"smoothing {smoothing:g}{', prior bias' if args.prior_bias else ''}, init {init}: "
               f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f} %", flush=True)
     args.out.write_text(json.dumps(results, indent=1))
 

@@ -223,6 +223,10 @@ def offsets_text(cal: Calibration | None) -> str:
     if cal is None or cal.offsets_loss_released is None:
         return "class scores as the federation released them (not re-fitted here)"
     loss = f"loss {cal.offsets_loss_released:.3f} → {cal.offsets_loss_refitted:.3f}"
+    if cal.head_refitted and not cal.offsets_loss_refitted < cal.offsets_loss_released:
+        return (f"class scores as re-fitted earlier at this hospital (every weight of the model's final layer); "
+                f"re-fitted again to its {cal.images} labelled images, they did not predict held-out ones better "
+                f"({loss})")
     if cal.head_refitted:
         return (f"class scores re-fitted to this hospital's images, every weight of the model's final layer (it "
                 f"predicted held-out ones among its {cal.images} labelled images better: {loss})")

@@ -94,6 +94,8 @@ def recalibrate_features(model: ModelFile, features: np.ndarray, labels: np.ndar
     else:
         fitted = Calibration.fit(logits, labels, temperature=cal.temperature, federation_mix=mix)
         weights = None
+        if fitted is not None and cal.head_refitted:  # a copy re-fitted before keeps that layer, and says so
+            fitted = replace(fitted, head_refitted=True)
     if fitted is None or fitted.threshold is None:
         raise ValueError(f"{len(labels)} labelled images are too few to re-calibrate (at least {MIN_IMAGES}; the "
                          f"class offsets need {OFFSET_IMAGES})")
