@@ -107,11 +107,12 @@ LR_SCHEDULES = {
 
 def fit_head(zt, yt, classes: int, sigma: float, noise_sigma: float, q: float, rounds: int, k: float, seed: int,
              share: float = 1.0, bias: float = 1.0, schedule: str = "constant", smoothing: float = 0.0,
-             prior_bias: bool = False, init: torch.Tensor | None = None) -> torch.Tensor:
+             prior_bias: bool = False, init: torch.Tensor | None = None, momentum: float = 0.9) -> torch.Tensor:
     """The head's weights (classes, d + 1; the bias's column last, its input `bias`) after `rounds` of the
     federation's step on the centred training features `zt`: Poisson(q) batches, each record's gradient clipped to
     `share`, Gaussian noise of std `noise_sigma` on the sum, server SGD with momentum 0.9 at lr = min(1, k/σ) times
-    `schedule`'s factor. `init`: the weights to start from (zeros by default). `smoothing`: label smoothing of the
+    `schedule`'s factor (`momentum`: the server's, 0.9 in the product). `init`: the weights to start from (zeros by
+    default). `smoothing`: label smoothing of the
     targets; `prior_bias`: the biases start at the centred
     log class frequencies of `yt` (not private: an upper bound on what a private prior could give)."""
     from hemafed.core.learning.fedsgd import FedSGDServer
@@ -123,7 +124,7 @@ def fit_head(zt, yt, classes: int, sigma: float, noise_sigma: float, q: float, r
         log_prior = torch.log(torch.bincount(yt, minlength=classes).double().clamp_min(1) / n)
         w[:, -1] = (log_prior - log_prior.mean()) / bias
     base_lr = min(1.0, k / sigma)
-    server = FedSGDServer(base_lr, 0.9)
+    server = FedSGDServer(base_lr, momentum)
     flat = w.reshape(-1).numpy().copy()
     target = torch.nn.functional.one_hot(yt, classes).double() * (1 - smoothing) + smoothing / classes
     ones = torch.full((n, 1), bias, dtype=torch.float64)
@@ -301,6 +302,8 @@ def main() -> None:
                     help="the server's lr over the rounds")
     ap.add_argument("--noise-factor", type=float, nargs="+", default=[1.0],
                     help="times the round's noise (below 1: what less noise would give; not a private setting)")
+    ap.add_argument("--momentum", type=float, nargs="+", default=[0.9],
+                    help="the server's momentum (the product's: 0.9); lr·σ is --k as given")
     ap.add_argument("--init", nargs="+", default=["zero"],
                     help="the head's start: 'zero', or 'ncm:ALPHA' (the nearest-class-mean rule from noisy per-class "
                          "feature sums of the centre's 10 rounds, times ALPHA)")
@@ -328,11 +331,11 @@ def main() -> None:
     results = []
     settings = [("none", 0)] + [(b, d) for b in args.basis for d in args.dims if d]
     grid = itertools.product(settings, args.eps, args.k, args.centre, args.scale, args.norm, args.bias, args.rounds,
-                             args.lr_schedule, args.noise_factor, args.smoothing, args.init)
-    for (kind, dim), eps, k, scheme, scale, norm, bias, t, schedule, factor, smoothing, init in grid:
+                             args.lr_schedule, args.noise_factor, args.smoothing, args.init, args.momentum)
+    for (kind, dim), eps, k, scheme, scale, norm, bias, t, schedule, factor, smoothing, init, momentum in grid:
         fed = recommended_plan(eps, len(yt), 10, **({"rounds": t} if t else {}))
         noise = round_noise(fed) * factor
-        head = {"schedule": schedule, "smoothing": smoothing, "prior_bias": args.prior_bias}
+        head = {"schedule": schedule, "smoothing": smoothing, "prior_bias": args.prior_bias, "momentum": momentum}
         cn, share, rounds = _centre_scheme(scheme, args.share, fed.rounds)
         k = k or lr_times_sigma(fed.model, eps, fed.rounds)
         accs = []
@@ -361,7 +364,8 @@ def main() -> None:
         print(f"{kind:9s} d={row['dim']:5d} ε={eps:g} T={fed.rounds} k={k:g} centre {scheme} "
               f"(error ×{cn:.2f}, share {share:.3f}, {rounds} gradient rounds): "
               f"scale {scale}, norm {norm}, bias input {bias:g}, lr {schedule}, noise ×{factor:g}, "
-              f"smoothing {smoothing:g}{', prior bias' if args.prior_bias else ''}, init {init}: "
+              f"smoothing {smoothing:g}{', prior bias' if args.prior_bias else ''}, init {init}, momentum "
+              f"{momentum:g}: "
               f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f} %", flush=True)
     args.out.write_text(json.dumps(results, indent=1))
 
