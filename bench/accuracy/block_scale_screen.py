@@ -10,9 +10,9 @@ each log-scale), kept only when five folds say they predict held-out images bett
 
     python -m bench.accuracy.block_scale_screen results/appear/same-s0 results/appear/shifted-s0 ...
 
-With `--head TAU…`, instead: every weight of the head re-fitted beside the offsets, under a Gaussian prior of std
-TAU·(the released weights' root mean square) centred on the released weights, guarded by the same five folds; n =
-250 and 856.
+With `--head TAU…`, instead: every weight of the head re-fitted beside the offsets as `hemafed calibrate` does
+(`core.learning.head_refit`), under a Gaussian prior of std TAU·(the released weights' root mean square) centred on
+the released weights, guarded by the same five folds; n = 250 and 856.
 
 With `--guards`, instead: the offsets alone, kept when the five folds' mean held-out improvement is above 0 (the
 product), one standard error or two; three random draws of n = 100 and 250 labelled images from the fitting half.
@@ -49,44 +49,16 @@ def fit_scaled(parts: torch.Tensor, bias: torch.Tensor, labels: np.ndarray, shif
     return log_scale.detach().exp(), (offsets - offsets.mean()).detach()
 
 
-def fit_head_prior(z: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, labels: np.ndarray, shift: np.ndarray,
-                   temperature: float, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights, biases) re-fitted on centred inputs `z`: cross-entropy plus a Gaussian prior of std `tau` on each
-    weight's change from `w` and of std 1 on each offset, as a posterior mode."""
-    y, s = torch.as_tensor(labels), torch.as_tensor(shift)
-    dw = torch.zeros_like(w, requires_grad=True)
-    offsets = torch.zeros(len(bias), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([dw, offsets], max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        logits = z @ (w + dw).T + bias + offsets
-        prior = (dw ** 2).sum() / (2 * tau ** 2) + (offsets ** 2).sum() / 2
-        loss = torch.nn.functional.cross_entropy(logits / temperature + s, y) + prior / len(y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return (w + dw).detach(), (bias + offsets - offsets.mean()).detach()
-
-
 def _head_rows(z: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, logits: np.ndarray, y: np.ndarray,
                fit: np.ndarray, judged: np.ndarray, mix: np.ndarray, t: float, taus: list[float]) -> dict:
-    from hemafed.core.learning.class_offsets import mix_shift
+    """The product's guarded whole-layer re-fit (`core.learning.head_refit.refit_head`) at each prior scale."""
+    from hemafed.core.learning.head_refit import refit_head
 
-    rms = float(w.pow(2).mean().sqrt())
     row = {"released": float((logits[judged].argmax(1) == y[judged]).mean())}
     for n, tau in itertools.product((250, 856), taus):
         mine = fit[:n]
-        shift = mix_shift(y[mine], mix)
-        released = refitted = 0.0
-        for part in np.array_split(np.random.default_rng(11).permutation(n), 5):
-            rest = np.setdiff1d(np.arange(n), part)
-            wf, bf = fit_head_prior(z[mine][rest], w, bias, y[mine][rest], shift, t, tau * rms)
-            refitted += _loss((z[mine][part] @ wf.T + bf).numpy(), y[mine][part], t, shift)
-            released += _loss(logits[mine][part], y[mine][part], t, shift)
-        wf, bf = fit_head_prior(z[mine], w, bias, y[mine], shift, t, tau * rms)
-        answer = (z @ wf.T + bf).numpy() if refitted < released else logits
+        got = refit_head(z[mine].numpy(), w.numpy(), bias.numpy(), y[mine], mix, t, prior_scale=tau)
+        answer = z.numpy() @ got.weight.T + got.bias if got.kept else logits
         row[f"head_{n}_tau{tau:g}"] = float((answer[judged].argmax(1) == y[judged]).mean())
     return row
 
