@@ -110,11 +110,10 @@ def fit_head(zt, yt, classes: int, sigma: float, noise_sigma: float, q: float, r
              prior_bias: bool = False, init: torch.Tensor | None = None, momentum: float = 0.9) -> torch.Tensor:
     """The head's weights (classes, d + 1; the bias's column last, its input `bias`) after `rounds` of the
     federation's step on the centred training features `zt`: Poisson(q) batches, each record's gradient clipped to
-    `share`, Gaussian noise of std `noise_sigma` on the sum, server SGD with momentum 0.9 at lr = min(1, k/σ) times
-    `schedule`'s factor (`momentum`: the server's, 0.9 in the product). `init`: the weights to start from (zeros by
-    default). `smoothing`: label smoothing of the
-    targets; `prior_bias`: the biases start at the centred
-    log class frequencies of `yt` (not private: an upper bound on what a private prior could give)."""
+    `share`, Gaussian noise of std `noise_sigma` on the sum, server SGD with `momentum` (the product's 0.9) at lr =
+    min(1, k/σ) times `schedule`'s factor. `init`: the weights to start from (zeros by default). `smoothing`: label
+    smoothing of the targets; `prior_bias`: the biases start at the centred log class frequencies of `yt` (not
+    private: an upper bound on what a private prior could give)."""
     from hemafed.core.learning.fedsgd import FedSGDServer
 
     g = torch.Generator().manual_seed(seed)
@@ -353,7 +352,7 @@ def main() -> None:
             start = None
             if init.startswith("ncm:"):
                 zv, start = zv[:-classes], class_means_init(zv[-classes:], float(init[4:]))
-            accs.append(_train(zt, yt, zv, yv, len(plan.classes), fed.noise_multiplier, noise, fed.sample_rate,
+            accs.append(_train(zt, yt, zv, yv, classes, fed.noise_multiplier, noise, fed.sample_rate,
                                rounds, k, seed, share, bias, init=start, **head))
         row = {"basis": kind, "dim": dim or xt.shape[1], "epsilon": eps, "rounds": fed.rounds, "k": k,
                "centre": scheme, "centre_noise": cn, "share": share, "gradient_rounds": rounds, "val": accs,
