@@ -6,11 +6,13 @@ reports the accuracy of the answered ones at a fixed coverage (95 %: issue 18's 
 
 - from the product's logits (its 8-view test-time augmentation): the top probability at several temperatures
   (the ranking is not quite temperature-free), the margin between the top two, the entropy, the logit margin;
+- the top probability less λ times the cell check's distance (`--cell-check`);
 - from each of the 8 views' own logits: how many views agree with the answer, the mean and the smallest probability
   the views give the answer, and the top probability less k times the views' spread.
 
     python -m bench.accuracy.referral_screen results/calibration-64px-bw/hospital_01-final.npz
     python -m bench.accuracy.referral_screen RUN/final_model.npz --halves-seed 0   # per-class offsets, held out
+    python -m bench.accuracy.referral_screen results/appear/same-s{0,1,2}/final_model.npz --cell-check 0.01 0.1 0.3
 """
 
 from __future__ import annotations
@@ -107,6 +109,22 @@ def halves_rows(p: np.ndarray, right: np.ndarray, coverage: float, seed: int) ->
             "top probability less a per-class offset fitted on the other half": float(np.mean(offset))}
 
 
+def cell_check_rows(model_file: Path, split: str, confidence: np.ndarray, right: np.ndarray, coverage: float,
+                    lambdas: list[float]) -> dict[str, float]:
+    """The top probability less λ × the cell check's squared distance over the federation's threshold: an image
+    unlike the federation's cells may also be one the model is more often wrong about. Costs no privacy: the
+    statistics and the threshold are already in the released file."""
+    from hemafed.core.data.bloodmnist import load_splits, locate
+    from hemafed.core.learning.classify import load_model_file
+
+    mf = load_model_file(model_file)
+    stats, threshold = mf.cell_stats(), mf.calibration.not_a_cell_threshold
+    data = load_splits(locate(None, size=mf.input_size))[split]
+    distance = stats.scores(data.images) / threshold
+    return {f"top probability − {lam:g} × cell-check score / threshold":
+            answered_accuracy(confidence - lam * distance, right, coverage) for lam in lambdas}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model_file", type=Path, nargs="+", help="released model files (one per run)")
@@ -114,6 +132,8 @@ def main() -> None:
     ap.add_argument("--coverage", type=float, default=0.95)
     ap.add_argument("--halves-seed", type=int, default=None,
                     help="also fit a per-class offset on one random half and judge it on the other (this seed)")
+    ap.add_argument("--cell-check", type=float, nargs="*", default=None, metavar="LAMBDA",
+                    help="also rank by the top probability less LAMBDA × the cell check's score over its threshold")
     ap.add_argument("--out", type=Path, default=Path("/tmp/referral_screen.json"))
     args = ap.parse_args()
     import torch
@@ -130,6 +150,9 @@ def main() -> None:
                "accuracy": float(right.mean()), "seconds": time.perf_counter() - started,
                "answered": {name: answered_accuracy(s, right, args.coverage)
                             for name, s in scores(logits, views, temperature).items()}}
+        if args.cell_check:
+            row["answered"].update(cell_check_rows(path, args.split, softmax(logits, temperature).max(1), right,
+                                                   args.coverage, args.cell_check))
         if args.halves_seed is not None:
             row["answered"].update(halves_rows(softmax(logits, temperature), right, args.coverage, args.halves_seed))
         rows.append(row)
