@@ -105,17 +105,55 @@ LR_SCHEDULES = {
 }
 
 
+class NoisyAdam:
+    """The server's step as Adam (β 0.9, 0.999) on the noisy mean gradient, instead of SGD with momentum. With
+    `noise_var` (DP-AdamBC, Tang et al. 2024) the noise's known variance per coordinate is taken off the second
+    moment before it scales the step, floored at `floor` × that variance, so the step is scaled by the gradient's own
+    size rather than by the noise's."""
+
+    def __init__(self, lr: float, noise_var: float | None = None, floor: float = 0.1) -> None:
+        self.lr, self.noise_var, self.floor = lr, noise_var, floor
+        self.m = self.v = None
+        self.t = 0
+
+    def apply(self, weights: np.ndarray, noisy_sum: np.ndarray, expected_batch: float, _center=None,
+              _clip: float = 1.0) -> np.ndarray:
+        g = noisy_sum / expected_batch
+        if self.m is None:
+            self.m, self.v = np.zeros_like(g), np.zeros_like(g)
+        self.t += 1
+        self.m = 0.9 * self.m + 0.1 * g
+        self.v = 0.999 * self.v + 0.001 * g * g
+        m, v = self.m / (1 - 0.9 ** self.t), self.v / (1 - 0.999 ** self.t)
+        if self.noise_var is not None:
+            v = np.maximum(v - self.noise_var, self.floor * self.noise_var)
+        return weights - self.lr * m / (np.sqrt(v) + 1e-12)
+
+
+def server_for(optimizer: str, base_lr: float, momentum: float, noise_sigma: float, expected_batch: float):
+    """'sgd' (the product's `FedSGDServer`), 'adam:LR' or 'adambc:LR[:FLOOR]' (`NoisyAdam`)."""
+    from hemafed.core.learning.fedsgd import FedSGDServer
+
+    kind, *rest = optimizer.split(":")
+    if kind == "sgd":
+        return FedSGDServer(base_lr, momentum)
+    if kind == "adam":
+        return NoisyAdam(float(rest[0]))
+    if kind == "adambc":
+        return NoisyAdam(float(rest[0]), (noise_sigma / expected_batch) ** 2, *(float(f) for f in rest[1:]))
+    raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
 def fit_head(zt, yt, classes: int, sigma: float, noise_sigma: float, q: float, rounds: int, k: float, seed: int,
              share: float = 1.0, bias: float = 1.0, schedule: str = "constant", smoothing: float = 0.0,
-             prior_bias: bool = False, init: torch.Tensor | None = None, momentum: float = 0.9) -> torch.Tensor:
+             prior_bias: bool = False, init: torch.Tensor | None = None, momentum: float = 0.9,
+             optimizer: str = "sgd") -> torch.Tensor:
     """The head's weights (classes, d + 1; the bias's column last, its input `bias`) after `rounds` of the
     federation's step on the centred training features `zt`: Poisson(q) batches, each record's gradient clipped to
     `share`, Gaussian noise of std `noise_sigma` on the sum, server SGD with `momentum` (the product's 0.9) at lr =
     min(1, k/σ) times `schedule`'s factor. `init`: the weights to start from (zeros by default). `smoothing`: label
     smoothing of the targets; `prior_bias`: the biases start at the centred log class frequencies of `yt` (not
-    private: an upper bound on what a private prior could give)."""
-    from hemafed.core.learning.fedsgd import FedSGDServer
-
+    private: an upper bound on what a private prior could give); `optimizer`: `server_for`'s."""
     g = torch.Generator().manual_seed(seed)
     n, d = zt.shape
     w = torch.zeros(classes, d + 1, dtype=torch.float64) if init is None else init.clone()
@@ -123,7 +161,7 @@ def fit_head(zt, yt, classes: int, sigma: float, noise_sigma: float, q: float, r
         log_prior = torch.log(torch.bincount(yt, minlength=classes).double().clamp_min(1) / n)
         w[:, -1] = (log_prior - log_prior.mean()) / bias
     base_lr = min(1.0, k / sigma)
-    server = FedSGDServer(base_lr, momentum)
+    server = server_for(optimizer, base_lr, momentum, noise_sigma, q * n)
     flat = w.reshape(-1).numpy().copy()
     target = torch.nn.functional.one_hot(yt, classes).double() * (1 - smoothing) + smoothing / classes
     ones = torch.full((n, 1), bias, dtype=torch.float64)
@@ -137,7 +175,8 @@ def fit_head(zt, yt, classes: int, sigma: float, noise_sigma: float, q: float, r
         scale = torch.clamp(share / (r.norm(dim=1) * norms[idx] + 1e-12), max=1.0)
         grad = (r * scale[:, None]).T @ za[idx]
         grad += torch.randn(grad.shape, generator=g, dtype=torch.float64) * noise_sigma
-        server.lr = base_lr * LR_SCHEDULES[schedule](step / rounds)
+        if optimizer == "sgd":
+            server.lr = base_lr * LR_SCHEDULES[schedule](step / rounds)
         flat = server.apply(flat, grad.reshape(-1).numpy(), q * n, None, 1.0)
     return torch.as_tensor(flat, dtype=torch.float64).reshape(classes, d + 1)
 
@@ -306,6 +345,8 @@ def main() -> None:
     ap.add_argument("--init", nargs="+", default=["zero"],
                     help="the head's start: 'zero', or 'ncm:ALPHA' (the nearest-class-mean rule from noisy per-class "
                          "feature sums of the centre's 10 rounds, times ALPHA)")
+    ap.add_argument("--optimizer", nargs="+", default=["sgd"],
+                    help="the server's step: 'sgd' (the product's), 'adam:LR', 'adambc:LR[:FLOOR]' (DP-AdamBC)")
     ap.add_argument("--smoothing", type=float, nargs="+", default=[0.0], help="label smoothing of the targets")
     ap.add_argument("--prior-bias", action="store_true",
                     help="the biases start at the log class frequencies (not private: an upper bound)")
@@ -330,11 +371,13 @@ def main() -> None:
     results = []
     settings = [("none", 0)] + [(b, d) for b in args.basis for d in args.dims if d]
     grid = itertools.product(settings, args.eps, args.k, args.centre, args.scale, args.norm, args.bias, args.rounds,
-                             args.lr_schedule, args.noise_factor, args.smoothing, args.init, args.momentum)
-    for (kind, dim), eps, k, scheme, scale, norm, bias, t, schedule, factor, smoothing, init, momentum in grid:
+                             args.lr_schedule, args.noise_factor, args.smoothing, args.init, args.momentum,
+                             args.optimizer)
+    for (kind, dim), eps, k, scheme, scale, norm, bias, t, schedule, factor, smoothing, init, momentum, opt in grid:
         fed = recommended_plan(eps, len(yt), 10, **({"rounds": t} if t else {}))
         noise = round_noise(fed) * factor
-        head = {"schedule": schedule, "smoothing": smoothing, "prior_bias": args.prior_bias, "momentum": momentum}
+        head = {"schedule": schedule, "smoothing": smoothing, "prior_bias": args.prior_bias, "momentum": momentum,
+                "optimizer": opt}
         cn, share, rounds = _centre_scheme(scheme, args.share, fed.rounds)
         k = k or lr_times_sigma(fed.model, eps, fed.rounds)
         accs = []
@@ -364,7 +407,7 @@ def main() -> None:
               f"(error ×{cn:.2f}, share {share:.3f}, {rounds} gradient rounds): "
               f"scale {scale}, norm {norm}, bias input {bias:g}, lr {schedule}, noise ×{factor:g}, "
               f"smoothing {smoothing:g}{', prior bias' if args.prior_bias else ''}, init {init}, momentum "
-              f"{momentum:g}: "
+              f"{momentum:g}, {opt}: "
               f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f} %", flush=True)
     args.out.write_text(json.dumps(results, indent=1))
 
