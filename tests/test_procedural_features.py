@@ -43,6 +43,17 @@ def test_pretraining_saves_a_loadable_trained_encoder(tmp_path) -> None:
     assert not torch.allclose(body[0][0].weight, encoder_body()[0][0].weight)  # the steps changed it
 
 
+def test_pretraining_draws_its_images_from_the_scenes_it_is_given(tmp_path) -> None:
+    calls = []
+
+    def flat(n: int, gen: torch.Generator, size: int = 28) -> torch.Tensor:
+        calls.append((n, size))
+        return torch.rand(n, 3, 1, 1, generator=gen).expand(n, 3, size, size).clone()
+
+    assert pretrain(steps=2, out=tmp_path / "enc.npz", batch=8, log_every=0, size=32, scenes=flat) == 2
+    assert calls == [(8, 32), (8, 32)]  # one batch a step, at the size asked for, and no dead leaves
+
+
 def test_dead_leaves_at_another_size_are_the_same_scene_kind_in_more_pixels() -> None:
     small = dead_leaves(32, torch.Generator().manual_seed(5))
     large = dead_leaves(32, torch.Generator().manual_seed(5), size=64)

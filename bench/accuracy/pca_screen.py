@@ -38,7 +38,7 @@ import torch
 SHARE = 0.917
 
 
-def _features(synthetic: int, records: str = "sites"):
+def _features(synthetic: int, records: str = "sites", encoder: Path | None = None):
     from hemafed.core.data.bloodmnist import load_splits, locate
     from hemafed.core.learning.models import build_model
     from hemafed.core.learning.site_trainer import model_inputs
@@ -46,6 +46,8 @@ def _features(synthetic: int, records: str = "sites"):
 
     h = hospitals(SimulationOptions(quiet=True))
     model = build_model(h.plan.model, len(h.plan.classes))
+    if encoder is not None:  # the same model with another procedural encoder (the feature cache keys on its digest)
+        model.encoder = str(encoder)
     images, labels = sites_training(h) if records == "sites" else (h.train.images, h.train.labels)
     xt = model_inputs(h.plan, model, images, "train").double()
     val = load_splits(locate(None, size=h.plan.input_size))["val"]
@@ -352,6 +354,8 @@ def main() -> None:
                     help="the biases start at the log class frequencies (not private: an upper bound)")
     ap.add_argument("--ceiling", type=int, nargs="*", default=None,
                     help="only the non-private heads: linear, and one hidden layer of each of these sizes")
+    ap.add_argument("--encoder", type=Path, default=None,
+                    help="the default model's features with this procedural encoder (.npz) in place of the shipped one")
     ap.add_argument("--synthetic", type=int, default=2000, help="procedural images for the synthetic basis")
     ap.add_argument("--out", type=Path, default=Path("/tmp/pca_screen.json"))
     args = ap.parse_args()
@@ -360,7 +364,8 @@ def main() -> None:
     from hemafed.core.learning.models import build_model, split_features
     from hemafed.core.learning.recipe import lr_times_sigma, recommended_plan
 
-    xt, yt, xv, yv, xs, plan = _features(args.synthetic if "synthetic" in args.basis else 0, args.records)
+    xt, yt, xv, yv, xs, plan = _features(args.synthetic if "synthetic" in args.basis else 0, args.records,
+                                             args.encoder)
     if args.ceiling is not None:
         for hidden in [0, *args.ceiling]:
             acc = ceiling(xt, yt, xv, yv, len(plan.classes), hidden)

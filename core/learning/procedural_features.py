@@ -25,6 +25,7 @@ import argparse
 import math
 import threading
 import time
+from collections.abc import Callable
 from functools import cache
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -155,7 +156,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2) -> torch.Tenso
 
 def pretrain(steps: int, out: Path, batch: int = 256, lr: float = 1e-3, seed: int = 0,
              minutes: float | None = None, log_every: int = 100, size: int = SIZE, start: Path | None = None,
-             checkpoint_every: int = 0, looks: bool = False) -> int:
+             checkpoint_every: int = 0, looks: bool = False, scenes: Callable[..., torch.Tensor] | None = None) -> int:
     """SimCLR on dead-leaves images of `size` pixels (with `looks`, each view also in a random microscope look);
     saves the encoder body's weights to `out` (.npz) once `steps` steps are done. `start`: encoder weights (.npz) to
     begin from instead of a random initialisation.
@@ -163,7 +164,7 @@ def pretrain(steps: int, out: Path, batch: int = 256, lr: float = 1e-3, seed: in
     every that many steps, and a later call with the same `out` resumes from it, so a long pre-training can run in
     parts. Stops after `steps` steps in all or `minutes` in this part, whichever comes first; returns the steps
     taken in all. With `checkpoint_every` the weights are written only once they reach `steps`; without, whenever
-    it stops."""
+    it stops. `scenes(n, gen, size=)`: another generator of the images in place of `dead_leaves` (research screens)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     body = encoder_body().to(memory_format=torch.channels_last)
@@ -196,7 +197,7 @@ def pretrain(steps: int, out: Path, batch: int = 256, lr: float = 1e-3, seed: in
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     while step < steps and (minutes is None or time.monotonic() - started < 60 * minutes):
-        x = dead_leaves(batch, gen, size=size)
+        x = (scenes or dead_leaves)(batch, gen, size=size)
         loss = nt_xent(embed(augment(x, gen, looks)), embed(augment(x, gen, looks)))
         opt.zero_grad()
         loss.backward()
