@@ -20,6 +20,10 @@ Reads the product's feature cache (warm after any run of the default model).
     python -m bench.accuracy.pca_screen --eps 1 3 8 --basis --centre R:10 --scale none block:3,1,1  # block weights
     python -m bench.accuracy.pca_screen --eps 8 --basis --centre exact --scale block:3,1,1 \
         --noise-factor 1 0.5 0 --lr-schedule constant cosine --rounds 0 1000 --smoothing 0 0.1   # eighteenth pass
+    python -m bench.accuracy.pca_screen --eps 8 --basis --centre R:10 --scale block:3,1,1 \
+        --optimizer sgd adam:0.01 adambc:0.003                # the server's step (twenty-second pass)
+    python -m bench.accuracy.pca_screen --eps 8 3 --basis --centre R:10 --scale block:3,1,1 \
+        --encoder results/cellscenes/enc_cells_looks.npz     # another procedural encoder (twenty-third pass)
 """
 
 from __future__ import annotations
