@@ -12,6 +12,7 @@ and no reported test number is chosen on.
 
     python -m bench.accuracy.lr_screen --model scatter_synth_inv_cc_ms4p_looks_hed_64 --eps 8 3 --k 1.3 1.8 2.6
     python -m bench.accuracy.lr_screen --model M --eps 1 --k 1.3 --rounds 250 500 1000 --q 0.1713 0.34 --ema 0.99
+    python -m bench.accuracy.lr_screen --model M --eps 8 --k 1.3 --encoder results/cellscenes/enc_cells_looks.npz
 """
 
 from __future__ import annotations
@@ -36,6 +37,25 @@ class Run:
     opts: SimulationOptions
     k: float
     emas: tuple[float, ...] = ()
+    encoder: str | None = None
+
+
+def _with_encoder(model: str, encoder: str) -> None:
+    """In this worker only: the registry entry `model` builds its model with the procedural encoder `encoder` (a
+    weights file) in place of the shipped one, so that a candidate encoder runs through the product's federation
+    before it is shipped. The feature cache keys on the encoder's digest, so no features are mixed up."""
+    from dataclasses import replace as replace_spec
+
+    from hemafed.core.learning import models
+
+    spec = models.MODELS[model]
+
+    def factory(num_classes: int):
+        net = spec.factory(num_classes)
+        net.encoder = encoder
+        return net
+
+    models.MODELS[model] = replace_spec(spec, factory=factory)
 
 
 def _one(run: Run) -> list[dict]:
@@ -50,6 +70,8 @@ def _one(run: Run) -> list[dict]:
     from hemafed.network.sim.simulate import evaluation_inputs, hospitals
 
     torch.set_num_threads(1)
+    if run.encoder:
+        _with_encoder(run.opts.model, run.encoder)
     sigma = hospitals(run.opts).plan.noise_multiplier
     opts = replace(run.opts, server_lr=round(min(1.0, run.k / sigma), 3))
     averages: dict[float, np.ndarray] = {}
@@ -92,6 +114,8 @@ def main() -> None:
     ap.add_argument("--appearance", nargs="+", default=["same"], choices=("same", "shifted"),
                     help="the hospitals' looks (simulate --appearance); validation stays as it is")
     ap.add_argument("--threshold", type=int, default=None, help="default: simulate's (all sites but one)")
+    ap.add_argument("--encoder", type=Path, default=None,
+                    help="the model with this procedural encoder (.npz) in place of the shipped one (research)")
     ap.add_argument("--data", type=Path)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("/tmp/lr_screen.json"))
@@ -99,13 +123,15 @@ def main() -> None:
 
     base = SimulationOptions(model=args.model, threshold=args.threshold, data=args.data, quiet=True)
     emas = tuple(d for d in args.ema if d)
-    runs = [Run(replace(base, epsilon=e, seed=s, rounds=t, sample_rate=q, val_fraction=v, appearance=a), k, emas)
+    runs = [Run(replace(base, epsilon=e, seed=s, rounds=t, sample_rate=q, val_fraction=v, appearance=a), k, emas,
+                str(args.encoder) if args.encoder else None)
             for a in args.appearance for v in args.val_fraction for e in args.eps for t in args.rounds
             for q in args.q for k in args.k for s in args.seeds]
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
         results = [row for rows in pool.map(_one, runs) for row in rows]
     args.out.write_text(json.dumps(results, indent=1))
-    print(f"{args.model}, t = {results[0]['threshold']}, validation, seeds {args.seeds}")
+    print(f"{args.model}{f' with {args.encoder}' if args.encoder else ''}, t = {results[0]['threshold']}, "
+          f"validation, seeds {args.seeds}")
     print("| hospitals | hospitals' validation share | ε | T | q | σ | lr·σ | server lr | EMA | validation accuracy "
           "| s/run |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     fields = ("appearance", "val_fraction", "epsilon", "rounds", "q", "k", "ema")
