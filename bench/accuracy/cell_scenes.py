@@ -25,13 +25,6 @@ import torch
 from hemafed.core.learning import procedural_features as pf
 
 
-def _ellipse(ys, xs, cy, cx, r, ratio, theta) -> torch.Tensor:
-    dy, dx = ys - cy, xs - cx
-    a = dx * torch.cos(theta) + dy * torch.sin(theta)
-    b = -dx * torch.sin(theta) + dy * torch.cos(theta)
-    return ((a / r) ** 2 + (b / (r * ratio)) ** 2 <= 1.0).unsqueeze(1)
-
-
 def cell_scenes(n: int, gen: torch.Generator, size: int = pf.SIZE) -> torch.Tensor:
     """(n, 3, size, size) images in [0, 1]: pale discs with paler centres around one large cell near the middle,
     whose cytoplasm carries granules of one size and density and whose nucleus is one to four overlapping ellipses.
@@ -48,21 +41,21 @@ def cell_scenes(n: int, gen: torch.Generator, size: int = pf.SIZE) -> torch.Tens
     for _ in range(14):  # red cells: about a cell's width apart, some cut by the edge, some under the centre cell
         cy, cx = u(1, 1) * (size + 6 * s) - 3 * s, u(1, 1) * (size + 6 * s) - 3 * s
         r, ratio, theta = (2.5 + 2.0 * u(1, 1)) * s, 0.75 + 0.25 * u(1, 1), u(1, 1) * math.pi
-        rim = _ellipse(ys, xs, cy, cx, r, ratio, theta) & (u(1, 1, 1) < 0.85)
-        pale = _ellipse(ys, xs, cy, cx, 0.5 * r, ratio, theta)
+        rim = pf.ellipse_mask(ys, xs, cy, cx, r, ratio, theta) & (u(1, 1, 1) < 0.85)
+        pale = pf.ellipse_mask(ys, xs, cy, cx, 0.5 * r, ratio, theta)
         colour = (disc + 0.1 * (u(3, 1, 1) - 0.5)).clamp(0, 1)
         img = torch.where(rim, torch.where(pale, 0.5 * (colour + img), colour), img)
     # the centre cell
     cy, cx = size / 2 + (u(1, 1) - 0.5) * 6 * s, size / 2 + (u(1, 1) - 0.5) * 6 * s
     r = (4.0 + 5.0 * u(1, 1)) * s
-    cell = _ellipse(ys, xs, cy, cx, r, 0.8 + 0.2 * u(1, 1), u(1, 1) * math.pi)
+    cell = pf.ellipse_mask(ys, xs, cy, cx, r, 0.8 + 0.2 * u(1, 1), u(1, 1) * math.pi)
     img = torch.where(cell, u(3, 1, 1), img)
     grain_r, density = (0.35 + 0.8 * u(1, 1)) * s, u(1, 1, 1)
     grain_colour = u(3, 1, 1)
     for _ in range(40):  # granules: one size and colour per cell, as many as its density lets through
         gy = cy + (u(1, 1) * 2 - 1) * r
         gx = cx + (u(1, 1) * 2 - 1) * r
-        g = _ellipse(ys, xs, gy, gx, grain_r, torch.ones(n, 1, 1), torch.zeros(n, 1, 1)) & cell
+        g = pf.ellipse_mask(ys, xs, gy, gx, grain_r, torch.ones(n, 1, 1), torch.zeros(n, 1, 1)) & cell
         img = torch.where(g & (u(1, 1, 1) < density), grain_colour, img)
     lobes = 1 + (u(1, 1, 1) * 4).floor()  # 1–4
     nucleus = torch.zeros(n, 1, size, size, dtype=torch.bool)
@@ -71,7 +64,7 @@ def cell_scenes(n: int, gen: torch.Generator, size: int = pf.SIZE) -> torch.Tens
         angle = u(1, 1) * 2 * math.pi
         ly, lx = cy + spread * torch.sin(angle), cx + spread * torch.cos(angle)
         lr = (0.3 + 0.35 * u(1, 1)) * r
-        lobe = _ellipse(ys, xs, ly, lx, lr, 0.5 + 0.5 * u(1, 1), u(1, 1) * math.pi) & cell
+        lobe = pf.ellipse_mask(ys, xs, ly, lx, lr, 0.5 + 0.5 * u(1, 1), u(1, 1) * math.pi) & cell
         nucleus = nucleus | (lobe & (k < lobes))
     chromatin = 0.15 * torch.randn(n, 1, size, size, generator=gen)  # a nucleus's mottled texture
     nuc = (u(3, 1, 1) * 0.6 + chromatin).clamp(0, 1)

@@ -48,6 +48,16 @@ CHANNELS = 128  # of the encoder's last maps (7×7 at 28 px)
 GROUPS = 16  # GroupNorm groups of the pooled features (8 channels each)
 
 
+def ellipse_mask(ys: torch.Tensor, xs: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, r: torch.Tensor,
+                 ratio: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """(n, 1, H, W): which pixels of the grid `ys`, `xs` lie inside each image's ellipse (centre, semi-axes r and
+    r·ratio, turned by theta; each (n, 1, 1))."""
+    dy, dx = ys - cy, xs - cx
+    a = dx * torch.cos(theta) + dy * torch.sin(theta)
+    b = -dx * torch.sin(theta) + dy * torch.cos(theta)
+    return ((a / r) ** 2 + (b / (r * ratio)) ** 2 <= 1.0).unsqueeze(1)
+
+
 def dead_leaves(n: int, gen: torch.Generator, shapes: int = 48, size: int = SIZE) -> torch.Tensor:
     """(n, 3, size, size) images in [0, 1]: ellipses painted back to front, radii from a power law. At another
     `size` the same kind of scene at that resolution: radii, margins and grating periods scale with size/SIZE."""
@@ -65,10 +75,7 @@ def dead_leaves(n: int, gen: torch.Generator, shapes: int = 48, size: int = SIZE
         r = (lo + (hi - lo) * u(1, 1)) ** -0.5
         cy, cx = u(1, 1) * (size + 8 * s) - 4 * s, u(1, 1) * (size + 8 * s) - 4 * s
         theta, ratio = u(1, 1) * math.pi, 0.4 + 0.6 * u(1, 1)
-        dy, dx = ys - cy, xs - cx
-        a = dx * torch.cos(theta) + dy * torch.sin(theta)
-        b = -dx * torch.sin(theta) + dy * torch.cos(theta)
-        inside = ((a / r) ** 2 + (b / (r * ratio)) ** 2 <= 1.0).unsqueeze(1)
+        inside = ellipse_mask(ys, xs, cy, cx, r, ratio, theta)
         colour = u(3, 1, 1)
         freq, phase, ang = (0.2 + 1.3 * u(1, 1)) / s, u(1, 1) * 2 * math.pi, u(1, 1) * math.pi
         grating = torch.sin(freq * (xs * torch.cos(ang) + ys * torch.sin(ang)) + phase).unsqueeze(1)
