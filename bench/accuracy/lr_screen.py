@@ -40,6 +40,9 @@ class Run:
     encoder: str | None = None
 
 
+_REGISTERED: dict = {}  # the registry entries as shipped, in this worker
+
+
 def _with_encoder(model: str, encoder: str) -> None:
     """In this worker only: the registry entry `model` builds its model with the procedural encoder `encoder` (a
     weights file) in place of the shipped one, so that a candidate encoder runs through the product's federation
@@ -48,7 +51,7 @@ def _with_encoder(model: str, encoder: str) -> None:
 
     from hemafed.core.learning import models
 
-    spec = models.MODELS[model]
+    spec = _REGISTERED.setdefault(model, models.MODELS[model])  # a worker's later runs wrap the original, once
 
     def factory(num_classes: int):
         net = spec.factory(num_classes)
