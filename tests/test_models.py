@@ -262,6 +262,23 @@ def test_the_block_weighted_model_reads_the_same_cached_features_and_weighs_the_
     assert scale[scatter[0]] == scale[scatter[0] + coarse[0]] == scale[-1]
 
 
+def test_the_cells_model_is_the_looks_model_with_the_cells_encoder_and_its_own_cache_entry() -> None:
+    """`…_lf_cells_hed_bw_64`: the same scattering block and head as `…_lf_looks_hed_bw_64`, the procedural maps
+    from the encoder pre-trained on cell scenes; the feature cache keys them apart by the encoder's digest."""
+    from hemafed.core.learning.models import MULTISCALE_BLOCK_WEIGHTS, feature_kinds, split_features
+
+    looks, cells = "scatter_synth_inv_cc_ms4p_lf_looks_hed_bw_64", "scatter_synth_inv_cc_ms4p_lf_cells_hed_bw_64"
+    a, b = build_model(looks, 8, seed=0), build_model(cells, 8, seed=0)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    fa, fb = split_features(a)[0](x), split_features(b)[0](x)
+    scatter = MULTISCALE_BLOCK_WEIGHTS[0][0]
+    assert fa.shape == fb.shape and torch.equal(fa[:, :scatter], fb[:, :scatter])
+    assert (fa[:, scatter:] - fb[:, scatter:]).abs().max() > 1e-2
+    assert torch.equal(split_features(a)[1].scale, split_features(b)[1].scale)
+    (ka, _), (kb, _) = feature_kinds(looks, a), feature_kinds(cells, b)
+    assert ka.version != kb.version
+
+
 def test_the_56_px_scattering_model_adds_a_finer_scattering_block_after_the_default_features() -> None:
     """`…_s56_bw_64`: the default model's 4,747 features unchanged, then the wavelet scattering (J = 2, pooled 3×3)
     of the stain densities of the image resized to 56 px in the canonical lamp and focus, over its 4 rotations; the

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from hemafed.core.learning.cell_scenes import cell_scenes, mixed
 from hemafed.core.learning.models import build_model, get_flat_params, split_features
 from hemafed.core.learning.procedural_features import (
+    CELLS_ENCODER_ASSET,
     CHANNELS,
     ENCODER_ASSET,
     LOOKS_ENCODER_ASSET,
@@ -87,10 +89,10 @@ def test_pretraining_in_parts_resumes_to_the_same_weights(tmp_path) -> None:
     assert torch.allclose(first, load_encoder()[0][0].weight, atol=0.05)
 
 
-def _view_retrieval(body: torch.nn.Module) -> float:
-    """Top-1: how often an image's second augmented view is the nearest to its first, among 128."""
+def _view_retrieval(body: torch.nn.Module, scenes=dead_leaves) -> float:
+    """Top-1: how often an image's second augmented view is the nearest to its first, among 128 `scenes`."""
     gen = torch.Generator().manual_seed(7)
-    x = dead_leaves(128, gen)
+    x = scenes(128, gen)
     with torch.no_grad():
         a, b = (torch.nn.functional.normalize(body(standardise(augment(x, gen))).mean((2, 3)), dim=1)
                 for _ in range(2))
@@ -105,7 +107,7 @@ def test_shipped_encoder_learned_its_task() -> None:
     assert _view_retrieval(load_encoder()) > _view_retrieval(untrained) + 0.2
 
 
-@pytest.mark.parametrize("asset", [ENCODER_ASSET, LOOKS_ENCODER_ASSET])
+@pytest.mark.parametrize("asset", [ENCODER_ASSET, LOOKS_ENCODER_ASSET, CELLS_ENCODER_ASSET])
 def test_shipped_encoder_is_complete_and_deterministic(asset: str) -> None:
     body = load_encoder(asset)
     assert [k for k in body.state_dict()] == [k for k in encoder_body().state_dict()]
@@ -137,6 +139,35 @@ def test_looks_encoder_started_from_the_shipped_one_and_ignores_looks_more() -> 
         assert 0 < (w - start).norm() < 0.8 * (far - start).norm()
     assert _look_change(looks) < 0.8 * _look_change(shipped)
     assert _view_retrieval(looks) > _view_retrieval(encoder_body().eval()) + 0.2
+
+
+def test_cells_encoder_started_from_the_looks_one_and_learned_cell_scenes() -> None:
+    """`cell_scenes --start assets/procedural_encoder_28_looks.npz`: every block moved from the looks encoder, less
+    than a random network lies from it; it tells cell scenes' views apart better than the looks encoder does, and
+    kept its indifference to microscope looks."""
+    looks, cells = load_encoder(LOOKS_ENCODER_ASSET), load_encoder(CELLS_ENCODER_ASSET)
+    torch.manual_seed(0)
+    untrained = encoder_body()
+    for block in range(5):
+        w, start, far = (b[block][0].weight.detach() for b in (cells, looks, untrained))
+        assert 0 < (w - start).norm() < 0.8 * (far - start).norm()
+    assert _view_retrieval(cells, cell_scenes) > _view_retrieval(looks, cell_scenes) + 0.05
+    assert _look_change(cells) < 0.8 * _look_change(load_encoder())
+
+
+def test_cell_scenes_are_seeded_images_with_a_centre_cell_and_mix_with_dead_leaves() -> None:
+    a = cell_scenes(32, torch.Generator().manual_seed(4))
+    assert a.shape == (32, 3, 28, 28) and torch.equal(a, cell_scenes(32, torch.Generator().manual_seed(4)))
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+    # each scene's centre (the cell) differs from its corners (background and red cells) more than corners differ
+    centre = a[:, :, 11:17, 11:17].mean((2, 3))
+    corners = torch.stack([a[:, :, :4, :4], a[:, :, :4, -4:], a[:, :, -4:, :4], a[:, :, -4:, -4:]]).mean((3, 4))
+    assert float((centre - corners.mean(0)).abs().mean()) > float((corners[0] - corners[3]).abs().mean())
+    big = cell_scenes(4, torch.Generator().manual_seed(4), size=64)
+    assert big.shape == (4, 3, 64, 64)
+    m = mixed(0.25)(8, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    assert torch.equal(m[:2], cell_scenes(2, gen)) and torch.equal(m[2:], dead_leaves(6, gen))
 
 
 def test_microscope_look_stays_in_range_and_differs_per_image() -> None:

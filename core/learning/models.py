@@ -23,7 +23,13 @@ from ..data.imaging import resize_array_batch
 from ..trust.text import safe_text
 from .feature_cache import FeatureKind
 from .features import Scattering2D, dihedral, scatter_features
-from .procedural_features import LOOKS_ENCODER_ASSET, encoder_source, load_encoder, procedural_features
+from .procedural_features import (
+    CELLS_ENCODER_ASSET,
+    LOOKS_ENCODER_ASSET,
+    encoder_source,
+    load_encoder,
+    procedural_features,
+)
 
 # Per-channel mean/std of the BloodMNIST training split (RGB, 0..1 scale); images
 # from other sources go through the same transform so all sites agree on it.
@@ -515,6 +521,18 @@ MODELS: dict[str, ModelSpec] = {
                   lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4, encoder=LOOKS_ENCODER_ASSET,
                                                densities=True, look="lamp-focus",
                                                block_weights=MULTISCALE_BLOCK_WEIGHTS), centred=True),
+        ModelSpec("scatter_synth_inv_cc_ms4p_lf_cells_hed_bw_64", 64, "fixed image features that no patient data "
+                  "went into (wavelet scattering of the image's haematoxylin and eosin stain densities at 28 px, "
+                  "weighed three times, beside a small network trained only on computer-generated images, half of "
+                  "them shaped like a blood-cell image, shown in random microscope looks, at 28 and 64 px), each "
+                  "image first brought to a canonical lamp and focus and its features averaged over its rotations "
+                  "and flips; only the final layer is trained, on centred features, with a check for images that "
+                  "are not a single blood cell; 64×64 input; built for DP "
+                  "(scatter_synth_inv_cc_ms4p_lf_looks_hed_bw_64 with the network trained further on cell-like "
+                  "scenes)",
+                  lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4, encoder=CELLS_ENCODER_ASSET,
+                                               densities=True, look="lamp-focus",
+                                               block_weights=MULTISCALE_BLOCK_WEIGHTS), centred=True),
         ModelSpec("scatter_synth_inv_cc_ms4p_lf_looks_hed_s56_bw_64", 64,
                   "scatter_synth_inv_cc_ms4p_lf_looks_hed_bw_64 with a second wavelet scattering of the stain "
                   "densities, of the image at 56 px (twice as fine a texture as at 28 px), averaged over its 4 "
@@ -561,9 +579,11 @@ def feature_kinds(name: str, model: nn.Module):
     return FeatureKind(name, train_view, version), FeatureKind(name, eval_view, version)
 
 
-# models whose fixed features are another's (the cache serves both)
+# models whose fixed features are another's (the cache serves both). The key's version carries the encoder's
+# digest, so the cells model shares the looks model's feature code but never its features.
 _SAME_FEATURES = {"scatter_synth_inv_cc_28": "scatter_synth_inv_28",
-                  "scatter_synth_inv_cc_ms4p_lf_looks_hed_bw_64": "scatter_synth_inv_cc_ms4p_lf_looks_hed_64"}
+                  "scatter_synth_inv_cc_ms4p_lf_looks_hed_bw_64": "scatter_synth_inv_cc_ms4p_lf_looks_hed_64",
+                  "scatter_synth_inv_cc_ms4p_lf_cells_hed_bw_64": "scatter_synth_inv_cc_ms4p_lf_looks_hed_64"}
 
 
 def model_problems(plan) -> list[str]:

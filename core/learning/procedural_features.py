@@ -17,6 +17,9 @@ stop (`--minutes`) and resume; a 200-step 64-px fine-tune of the shipped weights
 
     python -m hemafed.core.learning.procedural_features --steps 2000 --start assets/procedural_encoder_28.npz \
         --looks --out assets/procedural_encoder_28_looks.npz
+
+`CELLS_ENCODER_ASSET` is the looks encoder pre-trained 2,000 steps more on scenes half of which are shaped like a
+blood-cell image (`cell_scenes`, which has its command), still under random looks.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ ENCODER_ASSET = "procedural_encoder_28.npz"
 # The same encoder pre-trained further with every view in a random microscope look (`--looks`), so that its features
 # change less between hospitals' stains, lamps and focus (docs/appearance-remedies.md, third pass).
 LOOKS_ENCODER_ASSET = "procedural_encoder_28_looks.npz"
+# The looks encoder pre-trained further on procedural scenes shaped like a blood-cell image (one large cell with a
+# lobed, mottled nucleus and granules among pale discs): +0.8 / +0.3 points on validation through the product at
+# ε = 8 / 3 (docs/accuracy-levers.md, twenty-third pass).
+CELLS_ENCODER_ASSET = "procedural_encoder_28_cells.npz"
+SHIPPED_ENCODERS = (ENCODER_ASSET, LOOKS_ENCODER_ASSET, CELLS_ENCODER_ASSET)
 CHANNELS = 128  # of the encoder's last maps (7×7 at 28 px)
 GROUPS = 16  # GroupNorm groups of the pooled features (8 channels each)
 
@@ -239,7 +247,7 @@ def encoder_source(name: str | None = None) -> Traversable | Path:
     """The weights file `name`: a file shipped in `hemafed.assets` (by its name; None: `ENCODER_ASSET`) or a path."""
     from importlib.resources import files
 
-    if name is None or name in (ENCODER_ASSET, LOOKS_ENCODER_ASSET):
+    if name is None or name in SHIPPED_ENCODERS:
         return files("hemafed.assets") / (name or ENCODER_ASSET)
     return Path(name)
 

@@ -20,7 +20,7 @@ from .models import MODELS
 from .site_trainer import fedsgd_plan_sigma
 
 RECIPE: dict[str, Any] = {
-    "model": "scatter_synth_inv_cc_ms4p_lf_looks_hed_bw_64",
+    "model": "scatter_synth_inv_cc_ms4p_lf_cells_hed_bw_64",
     "algorithm": "fedsgd",
     "rounds": 500,  # above ε = 2.5; fewer at smaller budgets (`BUDGET_SCHEDULE`)
     "sample_rate": 0.1713,  # q: ≈ 2,048 of BloodMNIST's 11,959 training images per round
@@ -37,7 +37,8 @@ MODEL_LR_TIMES_SIGMA = {"scatter_synth_inv_cc_ms_64": 1.3, "scatter_synth_inv_cc
                         "scatter_synth_inv_cc_ms4p_64": 1.3, "scatter_synth_inv_cc_ms4p_looks_64": 1.3,
                         "scatter_synth_inv_cc_ms4p_looks_hed_64": 1.3, "scatter_synth_inv_cc_ms4p_lf_looks_hed_64": 1.3,
                         "scatter_synth_inv_cc_ms4p_lf_looks_hed_bw_64": 1.3,
-                        "scatter_synth_inv_cc_ms4p_lf_looks_hed_s56_bw_64": 1.3}
+                        "scatter_synth_inv_cc_ms4p_lf_looks_hed_s56_bw_64": 1.3,
+                        "scatter_synth_inv_cc_ms4p_lf_cells_hed_bw_64": 1.3}
 
 
 # Fewer, less noisy rounds at small budgets, each with twice the model's step (thirteenth pass of
@@ -47,9 +48,11 @@ MODEL_LR_TIMES_SIGMA = {"scatter_synth_inv_cc_ms_64": 1.3, "scatter_synth_inv_cc
 # Screened again for the block-weighted head (fifteenth pass) at ε = 1: 90, 125 and 170 rounds within 0.2 points,
 # lr·σ 2.0–3.4 within 0.2. (largest ε, rounds, lr·σ) for `SCHEDULED_MODELS` only: no other model's was screened.
 BUDGET_SCHEDULE: tuple[tuple[float, int, float], ...] = ((1.5, 125, 2.6), (2.5, 250, 2.6))
-# the recipe's model, and the same head with a second scattering block, screened with the same schedule
-# (seventeenth pass)
-SCHEDULED_MODELS = frozenset({RECIPE["model"], "scatter_synth_inv_cc_ms4p_lf_looks_hed_s56_bw_64"})
+# the recipe's model (its encoder's lr·σ and schedule taken over from the looks encoder's and checked at ε = 8, 3
+# and 1: twenty-third pass), the looks encoder's, and the same head with a second scattering block, screened with the
+# same schedule (seventeenth pass)
+SCHEDULED_MODELS = frozenset({RECIPE["model"], "scatter_synth_inv_cc_ms4p_lf_looks_hed_bw_64",
+                              "scatter_synth_inv_cc_ms4p_lf_looks_hed_s56_bw_64"})
 
 
 def schedule(epsilon: float | None = None, model: str | None = None) -> tuple[int, float]:

@@ -43,13 +43,14 @@ def model_input_size(model: str) -> int:
 @dataclass(frozen=True)
 class FederationPlan:
     """The defaults are the recommended recipe (`core.learning.recipe.recommended_plan(8, 11_959, 10)`, checked by
-    tests/test_recipe.py): DP-FedSGD on `scatter_synth_inv_cc_ms4p_lf_looks_hed_bw_64`'s fixed features (64-px
+    tests/test_recipe.py): DP-FedSGD on `scatter_synth_inv_cc_ms4p_lf_cells_hed_bw_64`'s fixed features (64-px
     images in a canonical lamp and focus, seen at 28 and 64 px: wavelet scattering of the stains' densities, weighed
-    three times, beside the procedural encoder trained to ignore microscope looks; the cell check), 500 rounds,
-    distributed DP at ε = 8 per site for 10 sites holding BloodMNIST's 11,959 training images between them."""
+    three times, beside the procedural encoder trained on cell-like scenes and to ignore microscope looks; the cell
+    check), 500 rounds, distributed DP at ε = 8 per site for 10 sites holding BloodMNIST's 11,959 training images
+    between them."""
 
     federation_id: str = "bloodmnist-demo"
-    model: str = "scatter_synth_inv_cc_ms4p_lf_looks_hed_bw_64"
+    model: str = "scatter_synth_inv_cc_ms4p_lf_cells_hed_bw_64"
     # the images' side in pixels; 0 (the default): the model's own (`model_input_size`), so a plan that names a model
     # never disagrees with it unless it says so
     input_size: int = 0

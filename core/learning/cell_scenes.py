@@ -1,17 +1,19 @@
 """Procedural scenes shaped like a blood smear's field of view, for pre-training the encoder (issue 16, lever 1:
-"other generators"; research script).
+"other generators").
 
-The shipped encoder learned from dead leaves: ellipses of every size with smooth gratings. A blood-cell image is
+The first encoder learned from dead leaves: ellipses of every size with smooth gratings. A blood-cell image is
 one large cell in the middle (cytoplasm, a nucleus of one to four lobes, granules of one size and density), pale
 discs around it (red cells, with a paler centre), and the classes differ in the nucleus's shape and the granules
 (docs/accuracy-levers.md, nineteenth pass: the fine texture is what the 64-px maps are there for). `cell_scenes`
 draws such scenes with random colours, sizes and counts. No real image goes into them: the features learned from
 them cost no privacy.
 
-    python -m bench.accuracy.cell_scenes --steps 2000 --start assets/procedural_encoder_28_looks.npz \
-        --out results/cellscenes/enc_cells_looks.npz [--share 0.5]
-    python -m bench.accuracy.res64_screen encoders --encoders results/cellscenes/enc_cells_looks.npz \
-        --depths 4 --look lamp-focus
+The shipped `procedural_features.CELLS_ENCODER_ASSET` is the looks encoder pre-trained 2,000 steps more on batches
+of half such scenes, half dead leaves, every view in a random microscope look (20.4 min on this project's 2 cores;
+docs/accuracy-levers.md, twenty-third pass):
+
+    python -m hemafed.core.learning.cell_scenes --steps 2000 --start assets/procedural_encoder_28_looks.npz \
+        --out assets/procedural_encoder_28_cells.npz
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hemafed.core.learning import procedural_features as pf
+from . import procedural_features as pf
 
 
 def cell_scenes(n: int, gen: torch.Generator, size: int = pf.SIZE) -> torch.Tensor:
