@@ -601,9 +601,10 @@ def _confidence_sections(docs: Path) -> list[str]:
         "## Hospitals whose images look different", "",
         f"The main job's model: [{APPEARANCE_DOC}]({APPEARANCE_DOC}) (`python -m bench.appearance`):", "",
         *tables(APPEARANCE_DOC),
-        f"The default before it (the same features, the head unweighted): "
-        f"[{PREVIOUS_APPEARANCE_DOC}]({PREVIOUS_APPEARANCE_DOC}); the 28-px default before that: "
-        "[appearance-looks-hed.md](appearance-looks-hed.md):", "",
+        f"The default before it (the same features from the encoder before its cell-scene pre-training): "
+        f"[{PREVIOUS_APPEARANCE_DOC}]({PREVIOUS_APPEARANCE_DOC}); before that "
+        "[appearance-64px-ms4p-lf-looks-hed.md](appearance-64px-ms4p-lf-looks-hed.md) (the head unweighted) and "
+        "the 28-px [appearance-looks-hed.md](appearance-looks-hed.md):", "",
         *tables(PREVIOUS_APPEARANCE_DOC),
         "Earlier models and remedies: [appearance-looks.md](appearance-looks.md), "
         "[appearance.md](appearance.md), [appearance-remedies.md](appearance-remedies.md).", "",
@@ -613,8 +614,8 @@ def _confidence_sections(docs: Path) -> list[str]:
 
 # the main job's model's calibration, cell check and appearance shift (`python -m bench.calibration --doc ...`,
 # `bench.ood_check --doc ...`, `bench.appearance --doc ...`); earlier defaults' docs stay beside them
-CALIBRATION_DOC, OOD_DOC = "calibration-64px-bw", "ood-check-64px-bw"
-APPEARANCE_DOC, PREVIOUS_APPEARANCE_DOC = "appearance-64px-bw.md", "appearance-64px-ms4p-lf-looks-hed.md"
+CALIBRATION_DOC, OOD_DOC = "calibration-64px-cells", "ood-check-64px-cells"
+APPEARANCE_DOC, PREVIOUS_APPEARANCE_DOC = "appearance-64px-cells.md", "appearance-64px-bw.md"
 
 # other recipes' result docs (written by `hemafed experiment --model M --doc docs/<file>`), summarised in RESULTS.md
 OTHER_RECIPES = {"results-64px.md": "scatter_synth_inv_cc_ms_64", "results-64px-ms4.md": "scatter_synth_inv_cc_ms4_64",
@@ -624,7 +625,8 @@ OTHER_RECIPES = {"results-64px.md": "scatter_synth_inv_cc_ms_64", "results-64px-
                  "results-64px-ms4p-looks-hed.md": "scatter_synth_inv_cc_ms4p_looks_hed_64",
                  "results-64px-ms4p-lf-looks-hed.md": "scatter_synth_inv_cc_ms4p_lf_looks_hed_64",
                  "results-looks-full.md": "scatter_synth_inv_cc_lf_looks_28",
-                 "results-64px-s56.md": "scatter_synth_inv_cc_ms4p_lf_looks_hed_s56_bw_64"}
+                 "results-64px-s56.md": "scatter_synth_inv_cc_ms4p_lf_looks_hed_s56_bw_64",
+                 "results-64px-bw.md": "scatter_synth_inv_cc_ms4p_lf_looks_hed_bw_64"}
 
 
 def _summary_lines(lines: list[str]) -> list[str]:
