@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--start", type=Path, default=None)
     ap.add_argument("--share", type=float, default=0.5, help="of each batch in cell scenes (the rest dead leaves)")
     ap.add_argument("--size", type=int, default=pf.SIZE)
+    ap.add_argument("--seed", type=int, default=0, help="of the scenes, views and initial projection head")
     ap.add_argument("--no-looks", action="store_true", help="views without the random microscope looks")
     ap.add_argument("--sample", type=Path, default=None, help="only write a PNG of 16 scenes here")
     args = ap.parse_args()
@@ -100,7 +101,7 @@ def main() -> None:
         Image.fromarray((grid * 255).round().byte().numpy()).resize((512, 512), Image.NEAREST).save(args.sample)
         return
     steps = pf.pretrain(args.steps, args.out, size=args.size, start=args.start, looks=not args.no_looks,
-                        scenes=mixed(args.share))
+                        scenes=mixed(args.share), seed=args.seed)
     print(f"{steps} steps; encoder saved to {args.out}")
 
 

@@ -406,6 +406,14 @@ def multiscale_checked(num_classes: int, fine_views: tuple[int, ...] = tuple(ran
                          look=look, fine_scatter=fine_scatter)
 
 
+def weighted_multiscale(encoder: str) -> Callable[[int], MultiScaleNet]:
+    """The default's recipe with the procedural encoder `encoder` (a shipped asset's name): 64-px images in the
+    canonical lamp and focus, the stains' densities scattered at 28 px, the encoder's maps at 28 px and one block
+    before its last at 64 px over the 4 rotations, the head weighing the blocks (`MULTISCALE_BLOCK_WEIGHTS`)."""
+    return lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4, encoder=encoder, densities=True,
+                                        look="lamp-focus", block_weights=MULTISCALE_BLOCK_WEIGHTS)
+
+
 def split_features(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
     """(fixed feature map, trainable part): a site computes the first once and trains the second."""
     if isinstance(model, ScatterNet):
@@ -518,9 +526,7 @@ MODELS: dict[str, ModelSpec] = {
                   "and its features averaged over its rotations and flips; only the final layer is trained, on "
                   "centred features, with a check for images that are not a single blood cell; 64×64 input; built "
                   "for DP (scatter_synth_inv_cc_ms4p_lf_looks_hed_64 with its blocks weighed)",
-                  lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4, encoder=LOOKS_ENCODER_ASSET,
-                                               densities=True, look="lamp-focus",
-                                               block_weights=MULTISCALE_BLOCK_WEIGHTS), centred=True),
+                  weighted_multiscale(LOOKS_ENCODER_ASSET), centred=True),
         ModelSpec("scatter_synth_inv_cc_ms4p_lf_cells_hed_bw_64", 64, "fixed image features that no patient data "
                   "went into (wavelet scattering of the image's haematoxylin and eosin stain densities at 28 px, "
                   "weighed three times, beside a small network trained only on computer-generated images, half of "
@@ -530,9 +536,7 @@ MODELS: dict[str, ModelSpec] = {
                   "are not a single blood cell; 64×64 input; built for DP "
                   "(scatter_synth_inv_cc_ms4p_lf_looks_hed_bw_64 with the network trained further on cell-like "
                   "scenes)",
-                  lambda n: multiscale_checked(n, fine_views=(0, 1, 2, 3), fine_depth=4, encoder=CELLS_ENCODER_ASSET,
-                                               densities=True, look="lamp-focus",
-                                               block_weights=MULTISCALE_BLOCK_WEIGHTS), centred=True),
+                  weighted_multiscale(CELLS_ENCODER_ASSET), centred=True),
         ModelSpec("scatter_synth_inv_cc_ms4p_lf_looks_hed_s56_bw_64", 64,
                   "scatter_synth_inv_cc_ms4p_lf_looks_hed_bw_64 with a second wavelet scattering of the stain "
                   "densities, of the image at 56 px (twice as fine a texture as at 28 px), averaged over its 4 "

@@ -48,8 +48,8 @@ ENCODER_ASSET = "procedural_encoder_28.npz"
 # change less between hospitals' stains, lamps and focus (docs/appearance-remedies.md, third pass).
 LOOKS_ENCODER_ASSET = "procedural_encoder_28_looks.npz"
 # The looks encoder pre-trained further on procedural scenes shaped like a blood-cell image (one large cell with a
-# lobed, mottled nucleus and granules among pale discs): +0.8 / +0.3 points on validation through the product at
-# ε = 8 / 3 (docs/accuracy-levers.md, twenty-third pass).
+# lobed, mottled nucleus and granules among pale discs): +0.7 / +0.2 / +0.3 points on validation through the product
+# at ε = 8 / 3 / 1, +0.4 / +0.3 / +0.6 on the test split (docs/accuracy-levers.md, twenty-third pass).
 CELLS_ENCODER_ASSET = "procedural_encoder_28_cells.npz"
 SHIPPED_ENCODERS = (ENCODER_ASSET, LOOKS_ENCODER_ASSET, CELLS_ENCODER_ASSET)
 CHANNELS = 128  # of the encoder's last maps (7×7 at 28 px)
