@@ -277,6 +277,9 @@ def test_the_cells_model_is_the_looks_model_with_the_cells_encoder_and_its_own_c
     assert torch.equal(split_features(a)[1].scale, split_features(b)[1].scale)
     (ka, _), (kb, _) = feature_kinds(looks, a), feature_kinds(cells, b)
     assert ka.version != kb.version
+    # both share the looks model's feature code; the cache's log names the model the operator chose
+    assert ka.model == kb.model == "scatter_synth_inv_cc_ms4p_lf_looks_hed_64"
+    assert (ka.label, kb.label) == (looks, cells)
 
 
 def test_the_56_px_scattering_model_adds_a_finer_scattering_block_after_the_default_features() -> None:

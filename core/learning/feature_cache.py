@@ -22,7 +22,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,8 @@ class FeatureKind:
     model: str
     view: str  # "train" | "eval" (the same name for both when the model trains on its evaluation view)
     version: str  # changes whenever the feature code or the shipped weights change
+    # the model the operator chose, where it shares `model`'s feature code (the log names it; not part of the key)
+    label: str = field(default="", compare=False)
 
 
 def image_digests(images: np.ndarray) -> list[bytes]:
@@ -132,8 +134,8 @@ class FeatureCache:
         first: dict[bytes, int] = {}
         todo = [i for i in missing if first.setdefault(digests[i], i) == i]
         done = n - len(missing)
-        log.info("features of %d images (%s, %s): %d cached, %d to compute", n, kind.model, kind.view, done,
-                 len(todo))
+        log.info("features of %d images (%s, %s): %d cached, %d to compute", n, kind.label or kind.model, kind.view,
+                 done, len(todo))
         if progress is not None:
             progress(done, n, None if todo else 0.0)
         computed: dict[bytes, np.ndarray] = {}

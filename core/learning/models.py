@@ -579,8 +579,9 @@ def feature_kinds(name: str, model: nn.Module):
     version = FEATURE_CODE_VERSION + (f"+{_encoder_digest(model.encoder)}" if synth else "")
     eval_view = "eval" if model.tta else "train"
     train_view = eval_view if model.orbit else "train"
-    name = _SAME_FEATURES.get(name, name)
-    return FeatureKind(name, train_view, version), FeatureKind(name, eval_view, version)
+    code = _SAME_FEATURES.get(name, name)
+    label = name if code != name else ""
+    return FeatureKind(code, train_view, version, label), FeatureKind(code, eval_view, version, label)
 
 
 # models whose fixed features are another's (the cache serves both). The key's version carries the encoder's
