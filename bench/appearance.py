@@ -82,29 +82,45 @@ def own_look_scores(model_name: str, run: Path, shifted: bool, images: np.ndarra
 
 def deploy_scores(model_name: str, run: Path, val: tuple[np.ndarray, np.ndarray],
                   test: tuple[np.ndarray, np.ndarray], sizes: list[int]) -> list[float]:
-    """The run's final model file (the aggregator's) on the untouched test split: as released, then re-calibrated by
-    a hospital in the untouched look on the first n of `val` (labelled images it holds), for each n."""
+    """The run's final model file (the aggregator's) on the untouched test split: as released; then with the test
+    images shown in the look matched on the first n of `val` (a hospital in the untouched look, its images
+    unlabelled; `core.learning.look_match`), for each n; then re-calibrated (`hemafed calibrate`: that look, and the
+    re-fit on those n images with their labels), for each n."""
     from hemafed.core.learning.classify import load_model_file
-    from hemafed.core.learning.local_calibration import recalibrate_features
+    from hemafed.core.learning.local_calibration import matched_look, recalibrate_features
+    from hemafed.core.learning.look_match import shown_in
 
     model = load_model_file(run / "final_model.npz")
     weights = np.load(run / "final_model.npz")["weights"]
     plan = SimulationOptions(model=model_name).plan()
     net = build_model(model_name, len(plan.classes))
     head = split_features(net)[1]
-    val_features = model_inputs(plan, net, val[0][:max(sizes)], "eval")
-    test_features = model_inputs(plan, net, test[0], "eval")
+    inputs: dict = {}
 
-    def test_logits(w: np.ndarray) -> np.ndarray:
+    def features_in(look) -> tuple[torch.Tensor, torch.Tensor]:
+        key = None if look is None else (look.haematoxylin, look.blur)
+        if key not in inputs:
+            inputs[key] = (model_inputs(plan, net, shown_in(val[0][:max(sizes)], look), "eval"),
+                           model_inputs(plan, net, shown_in(test[0], look), "eval"))
+        return inputs[key]
+
+    def accuracy(w: np.ndarray, features: torch.Tensor, cal) -> float:
         set_flat_params(head, w)
         with torch.no_grad():
-            return head(test_features).double().numpy()
+            logits = head(features).double().numpy()
+        return float(np.mean(cal.probabilities(logits).argmax(1) == test[1]))
 
-    out = [float(np.mean(model.calibration.probabilities(test_logits(weights)).argmax(1) == test[1]))]
-    for n in sizes:
-        result = recalibrate_features(model, val_features[:n].numpy(), val[1][:n])
-        logits = test_logits(weights if result.weights is None else result.weights)
-        out.append(float(np.mean(result.calibration.probabilities(logits).argmax(1) == test[1])))
+    out = [accuracy(weights, features_in(None)[1], model.calibration)]
+    matches = [matched_look(model, val[0][:n]) for n in sizes]
+    looks = [None if m is None else m.look for m in matches]
+    out += [accuracy(weights, features_in(look)[1], model.calibration) for look in looks]
+    for n, match, look in zip(sizes, matches, looks, strict=True):
+        held, tested = features_in(look)
+        result = recalibrate_features(model, held[:n].numpy(), val[1][:n], match)
+        out.append(accuracy(weights if result.weights is None else result.weights, tested, result.calibration))
+    for n, look in zip(sizes, looks, strict=True):
+        print(f"  {run.name}: look matched on {n} images: "
+              f"{'as they come' if look is None else f'H {look.haematoxylin:g}, blur {look.blur:g}'}", flush=True)
     return out
 
 
@@ -116,18 +132,27 @@ def _deploy_section(groups: dict, test_images: np.ndarray, test_labels: np.ndarr
     order = np.random.default_rng(0).permutation(len(val.labels))[:max(sizes)]
     held = (val.images[order], np.asarray(val.labels).reshape(-1)[order])
     lines = [
-        "## A hospital in the untouched look re-calibrates the federation's model file (`hemafed calibrate`)",
+        "## A hospital in the untouched look: its images in the federation's look, then re-calibrated "
+        "(`hemafed calibrate`)",
         "",
-        "The untouched test split stands for a hospital whose look none of the training hospitals has. It takes the "
-        "federation's final model file (the aggregator's) and re-fits its final layer near the released one (or, "
+        "The untouched test split stands for a hospital whose look none of the training hospitals has. From n "
+        "images of its own, without their labels, it finds the look (haematoxylin strength and focus) in which their "
+        "mean cell-check measurements come closest to the federation's DP mean that the model file carries, and "
+        "shows every image in that look before the model sees it (core/learning/look_match.py; \"look matched\" "
+        "columns: the federation's weights and calibration otherwise as released). With the labels too "
+        "(\"re-calibrated\" columns), it takes the "
+        "federation's final model file (the aggregator's), matches the look and re-fits its final layer near the "
+        "released one (or, "
         "where that does not predict held-out images better, its class offsets alone) and its \"uncertain\" "
         "threshold on n labelled images of its own (`hemafed calibrate`; here the first n of a fixed order of "
         "BloodMNIST's validation split, in the same untouched look; core/learning/head_refit.py and "
         "class_offsets.py: guarded by five folds, against the federation's validation class mix the file carries). "
         "Accuracy of its answers on the untouched test split (mean ± std over seeds):",
         "",
-        "| hospitals | model | seeds | as released | " + " | ".join(f"re-calibrated on {n}" for n in sizes) + " |",
-        "|---|---|---:|---:|" + "---:|" * len(sizes),
+        "| hospitals | model | seeds | as released | "
+        + " | ".join(f"look matched on {n}, no labels" for n in sizes) + " | "
+        + " | ".join(f"re-calibrated on {n}" for n in sizes) + " |",
+        "|---|---|---:|---:|" + "---:|" * 2 * len(sizes),
     ]
     for model, pairs in groups.items():
         got = {}

@@ -63,17 +63,23 @@ class ModelFile:
         return CellStats.from_moments(head.cell_moments.detach().double().numpy())
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        """The model's logits (N, C) for (N, H, W, 3) uint8 images at any size."""
+        """The model's logits (N, C) for (N, H, W, 3) uint8 images at any size, each shown in this hospital's look
+        first where its calibration has one (`core.learning.look_match`)."""
         import torch
 
         if len(images) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
+        if self.calibration is not None and self.calibration.look is not None:
+            from .look_match import shown_in
+
+            images = shown_in(np.asarray(images), self.calibration.image_look())
         with torch.no_grad():
             return self.model(images_to_tensor(images, self.input_size)).numpy()  # type: ignore[operator]
 
     def features(self, images: np.ndarray) -> np.ndarray:
-        """What the model's trainable part sees (N, D) for (N, H, W, 3) uint8 images at any size: its fixed features
-        as evaluation computes them (`models.evaluation_features`), so `head(features)` gives `logits`."""
+        """What the model's trainable part sees (N, D) for (N, H, W, 3) uint8 images at any size, as they come (no
+        hospital look): its fixed features as evaluation computes them (`models.evaluation_features`), so
+        `head(features)` gives `logits` of a file without a look."""
         import torch
 
         from .models import evaluation_features

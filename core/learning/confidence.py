@@ -134,6 +134,19 @@ class Calibration:
     # this hospital re-fitted the federation's whole final layer (core.learning.head_refit, `hemafed calibrate`): the
     # file's weights are then its own, and the re-fit's held-out losses are in offsets_loss_released / _refitted
     head_refitted: bool = False
+    # this hospital's images are shown to the model in this look first (core.learning.look_match, `hemafed
+    # calibrate`): (haematoxylin strength, focus blur σ in pixels at 28 px); None: as they come
+    look: tuple[float, float] | None = None
+    # the squared distance of their mean measurements to the federation's, as they come → in that look
+    look_distance: tuple[float, float] | None = None
+
+    def image_look(self):
+        """The look (`core.data.appearance.HospitalLook`) this hospital's images are shown in, or None."""
+        if self.look is None:
+            return None
+        from ..data.appearance import HospitalLook
+
+        return HospitalLook(haematoxylin=self.look[0], blur=self.look[1])
 
     def adjusted(self, logits: np.ndarray) -> np.ndarray:
         """The logits with this hospital's class offsets (unchanged without them)."""
@@ -207,6 +220,15 @@ class Calibration:
             if values.ndim != 1 or not np.all(np.isfinite(values)) or np.abs(values).max(initial=0.0) > 50.0:
                 raise ValueError("calibration's class offsets are not a list of numbers within ±50")
             fields["class_offsets"] = tuple(float(v) for v in values)
+        for key, limits in (("look", ((0.5, 2.0), (0.0, 2.0))), ("look_distance", ((0.0, 1e6), (0.0, 1e6)))):
+            pair = fields.get(key)
+            if pair is None:
+                continue
+            if not (isinstance(pair, list | tuple) and len(pair) == 2
+                    and all(isinstance(v, int | float) and not isinstance(v, bool) and lo <= v <= hi
+                            for v, (lo, hi) in zip(pair, limits, strict=True))):
+                raise ValueError(f"calibration's {key.replace('_', ' ')} is not two numbers in range")
+            fields[key] = (float(pair[0]), float(pair[1]))
         if not isinstance(fields.get("head_refitted", False), bool):
             raise ValueError("calibration's head_refitted is not true or false")
         counts = fields.get("federation_classes")
@@ -216,6 +238,22 @@ class Calibration:
                 raise ValueError("calibration's federation class counts are not counts")
             fields["federation_classes"] = tuple(counts)
         return cls(**fields)
+
+
+def look_text(cal: Calibration | None) -> str:
+    """In words: the look this hospital's images are shown in before the model sees them ("" when none was
+    searched for)."""
+    if cal is None or cal.look_distance is None:
+        return ""
+    before, after = cal.look_distance
+    if cal.look is None:
+        return (f"images shown as they come: they already look like the federation's (distance of their mean "
+                f"measurements {before:.1f})")
+    h, blur = cal.look
+    return (f"images shown with the haematoxylin at {h:.0%} of its strength"
+            + (f" and a focus blur of {blur:g} px (at 28 px)" if blur else "")
+            + f" first: closest to the federation's look (distance of their mean measurements {before:.1f} → "
+            f"{after:.1f})")
 
 
 def offsets_text(cal: Calibration | None) -> str:

@@ -27,6 +27,7 @@ from ..data.imaging import ImageRejected
 from .class_offsets import MIN_IMAGES as OFFSET_IMAGES
 from .classify import ModelFile, ModelFileError, collect_inputs, prepare_image
 from .confidence import MIN_IMAGES, Calibration
+from .look_match import LookMatch, match_look, shown_in
 
 # Below this many labelled images the re-fit's own noise shows: where the images look like the federation's it cost
 # 0.25 points with 100 and 0.1 with 250 (docs/appearance-remedies.md, ninth pass); said, not refused.
@@ -51,12 +52,35 @@ class Recalibrated:
 
 def recalibrate(model: ModelFile, images: np.ndarray, labels: np.ndarray) -> Recalibrated:
     """This hospital's calibration of `model` from its labelled `images` (N, H, W, 3 uint8 at any size) and their
-    class indices. Raises ModelFileError when the file lacks what a re-fit needs, ValueError for too few images."""
-    return recalibrate_features(model, model.features(images), labels)
+    class indices: first the look its images are best shown in (`core.learning.look_match`, from the images alone),
+    then the re-fit on the images in that look. Raises ModelFileError when the file lacks what a re-fit needs,
+    ValueError for too few images."""
+    match = matched_look(model, images)
+    shown = shown_in(np.asarray(images), None if match is None else match.look)
+    return recalibrate_features(model, model.features(shown), labels, match)
 
 
-def recalibrate_features(model: ModelFile, features: np.ndarray, labels: np.ndarray) -> Recalibrated:
-    """`recalibrate` from the model's fixed features of the labelled images (`ModelFile.features`)."""
+def matched_look(model: ModelFile, images: np.ndarray) -> LookMatch | None:
+    """The look this hospital's `images` are best shown in (`core.learning.look_match`); None without the cell
+    check's statistics in the file or with too few images."""
+    stats = model.cell_stats()
+    return None if stats is None else match_look(stats, images)
+
+
+def recalibrate_features(model: ModelFile, features: np.ndarray, labels: np.ndarray,
+                         match: LookMatch | None = None) -> Recalibrated:
+    """`recalibrate` from the model's fixed features of the labelled images (`ModelFile.features`), computed in
+    the look `match` chose (as they come without one)."""
+    result = _refit(model, features, labels)
+    if match is None:
+        return replace(result, calibration=replace(result.calibration, look=None, look_distance=None))
+    look = match.look
+    return replace(result, calibration=replace(
+        result.calibration, look=None if look is None else (look.haematoxylin, look.blur),
+        look_distance=(match.distance_before, match.distance_after)))
+
+
+def _refit(model: ModelFile, features: np.ndarray, labels: np.ndarray) -> Recalibrated:
     import torch
 
     from .head_refit import refit_head
@@ -107,10 +131,21 @@ def recalibrate_features(model: ModelFile, features: np.ndarray, labels: np.ndar
 def labelled_images(model: ModelFile, paths: Iterable[str | Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The images under `paths` that sit in a folder named like one of the model's classes, as the model's input,
     with their class indices; everything skipped is listed in words (unlabelled files, unreadable images)."""
+    return _read_images(model, paths, labelled=True)
+
+
+def any_images(model: ModelFile, paths: Iterable[str | Path]) -> tuple[np.ndarray, list[str]]:
+    """Every readable image under `paths`, labelled or not, as the model's input; unreadable ones listed."""
+    images, _, problems = _read_images(model, paths, labelled=False)
+    return images, problems
+
+
+def _read_images(model: ModelFile, paths: Iterable[str | Path],
+                 labelled: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
     inputs, problems = collect_inputs(paths, model.classes)
     images, labels = [], []
     for item in inputs:
-        if item.true_class is None:
+        if labelled and item.true_class is None:
             problems.append(f"{item.path}: not in a folder named after a class, skipped")
             continue
         try:
@@ -119,10 +154,27 @@ def labelled_images(model: ModelFile, paths: Iterable[str | Path]) -> tuple[np.n
             problems.append(f"{item.path}: {exc.reason}" + (f" ({exc.detail})" if exc.detail else ""))
             continue
         images.append(image)
-        labels.append(model.classes.index(item.true_class))
+        labels.append(-1 if item.true_class is None else model.classes.index(item.true_class))
     size = model.input_size
     return (np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8), np.asarray(labels, int),
             problems)
+
+
+def look_only(model: ModelFile, images: np.ndarray) -> Recalibrated:
+    """`model`'s calibration as it is, with the look this hospital's `images` (unlabelled) are best shown in
+    (`core.learning.look_match`); the weights as released. Raises ModelFileError without the cell check's statistics
+    or a calibration in the file, ValueError with too few images."""
+    from .look_match import MIN_IMAGES as LOOK_IMAGES
+
+    if model.calibration is None or model.cell_stats() is None:
+        raise ModelFileError(f"{model.path}: this model file carries no calibration or no cell-check statistics, so "
+                             "the federation's look is not known")
+    match = matched_look(model, images)
+    if match is None:
+        raise ValueError(f"{len(images)} images are too few to choose a look by (at least {LOOK_IMAGES})")
+    look = match.look
+    return Recalibrated(replace(model.calibration, look=None if look is None else (look.haematoxylin, look.blur),
+                                look_distance=(match.distance_before, match.distance_after)))
 
 
 def save_recalibrated(model: ModelFile, result: Recalibrated, out: str | Path) -> Path:

@@ -540,11 +540,11 @@ class ResultsPage(QWidget):
         model, confusion = result
         self.confusion = confusion
         rnd = f", after round {model.round}" if model.round is not None else ""
-        from hemafed.core.learning.confidence import offsets_text
+        from hemafed.core.learning.confidence import look_text, offsets_text
 
         cal = model.calibration
         scores = offsets_text(cal)
-        scores = scores[0].upper() + scores[1:]
+        scores = scores[0].upper() + scores[1:] + (f"; {look_text(cal)}" if look_text(cal) else "")
         self.model_label.setText(f"Model file: <b>{model.path}</b><br>{model.name}, {len(model.classes)} classes, "
                                  f"federation {model.federation_id}{rnd}. Use it on the Classify images tab.<br>"
                                  + (f"{self.adapt_note}<br>" if self.adapt_note else "")

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="labelled images: folders named after the classes (files elsewhere are skipped); not the "
                         "images you will judge the model on")
     p.add_argument("--out", required=True, metavar="OURS.npz", help="the re-calibrated copy to write")
+    p.add_argument("--look-only", action="store_true",
+                   help="only choose the look your images are shown in (haematoxylin strength and focus closest to "
+                        "the federation's), from at least 100 images with or without labels; nothing is re-fitted")
     p.add_argument("--json", action="store_true", help="print what was fitted as JSON")
     p.set_defaults(func=_calibrate)
 
@@ -52,7 +55,7 @@ def _gui(args: argparse.Namespace) -> int:
 
 def _classify(args: argparse.Namespace) -> int:
     from hemafed.core.learning.classify import ModelFileError, classify_paths, load_model_file, percent
-    from hemafed.core.learning.confidence import offsets_text
+    from hemafed.core.learning.confidence import look_text, offsets_text
     from hemafed.gui.cli import UserFacingError
 
     try:
@@ -76,6 +79,8 @@ def _classify(args: argparse.Namespace) -> int:
                      "validation images of the hospital that saved the file)" if cal.threshold is not None else
                      "; no 'uncertain' threshold in this file (each hospital fits its own)"))
             print(offsets_text(cal))
+            if look_text(cal):
+                print(look_text(cal))
             if cal.not_a_cell_threshold is not None:
                 print("images unlike the federation's (not a single blood cell) are NOT RECOGNISED (threshold "
                       f"flags {cal.not_a_cell_false_alarms:.1%} of {cal.not_a_cell_from or 'the validation images'})")
@@ -104,9 +109,11 @@ def _classify(args: argparse.Namespace) -> int:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from hemafed.core.learning.classify import ModelFileError, load_model_file, percent
-    from hemafed.core.learning.confidence import offsets_text
+    from hemafed.core.learning.confidence import look_text, offsets_text
     from hemafed.core.learning.local_calibration import (
+        any_images,
         labelled_images,
+        look_only,
         recalibrate,
         save_recalibrated,
         small_sample_note,
@@ -115,22 +122,41 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     try:
         model = load_model_file(args.model)
-        images, labels, problems = labelled_images(model, args.paths)
-        result = recalibrate(model, images, labels)
+        if args.look_only:
+            images, problems = any_images(model, args.paths)
+            result = look_only(model, images)
+        else:
+            images, labels, problems = labelled_images(model, args.paths)
+            result = recalibrate(model, images, labels)
         out = save_recalibrated(model, result, args.out)
     except (ModelFileError, ValueError) as exc:
         raise UserFacingError(str(exc)) from exc
     cal = result.calibration
+    if args.look_only:
+        if args.json:
+            print(json.dumps({"out": str(out), "images": len(images), "skipped": problems, "look": look_text(cal),
+                              "calibration": cal.to_dict()}, indent=2))
+            return 0
+        for problem in problems:
+            print(f"skipped: {problem}")
+        print(f"{look_text(cal)} ({len(images)} images; the federation's weights and calibration otherwise as they "
+              "were)")
+        print(f"written to {out} (the federation's file is unchanged; nothing was sent). Keep this copy at your "
+              "hospital: it is fitted to your images")
+        return 0
     caution = small_sample_note(len(labels))
     if args.json:
         print(json.dumps({"out": str(out), "images": len(labels), "skipped": problems,
-                          "class_scores": offsets_text(cal), "caution": caution or None,
+                          "class_scores": offsets_text(cal), "look": look_text(cal) or None,
+                          "caution": caution or None,
                           "calibration": cal.to_dict()}, indent=2))
         return 0
     for problem in problems:
         print(f"skipped: {problem}")
     if caution:
         print(f"caution: {caution}")
+    if look_text(cal):
+        print(look_text(cal))
     print(f"re-calibrated on {len(labels)} labelled images: {offsets_text(cal)}; below {percent(cal.threshold)} "
           f"an answer is UNCERTAIN (answers {cal.coverage_target:.0%} of these images)")
     print(f"written to {out} (the federation's file is unchanged; nothing was sent). Keep this copy at your "
