@@ -114,7 +114,7 @@ def test_hemafed_calibrate_look_only_writes_the_look_from_unlabelled_images(
     and too few images are refused in words."""
     from PIL import Image
 
-    from hemafed.core.learning.classify import load_model_file
+    from hemafed.core.learning.classify import classify_paths, load_model_file
     from hemafed.core.learning.confidence import Calibration
     from hemafed.core.learning.models import build_model, get_flat_params, split_features
     from hemafed.core.rounds.plan import FederationPlan
@@ -147,6 +147,9 @@ def test_hemafed_calibrate_look_only_writes_the_look_from_unlabelled_images(
     cal = load_model_file(ours).calibration
     assert cal.look == (0.8, 0.4) and cal.threshold is None and cal.federation_classes == (50,) * 8
     assert theirs.read_bytes() == before
+    one = [folder / "1.png"]
+    assert "80%" in classify_paths(load_model_file(ours), one).to_dict()["look"]
+    assert classify_paths(load_model_file(theirs), one).look is None
     (folder / "0.png").unlink()
     assert cli_main(["calibrate", "--look-only", "--model", str(theirs), str(folder), "--out",
                      str(tmp_path / "x.npz")]) == 1

@@ -24,7 +24,7 @@ from ..data.classes import normalise_class_name
 from ..data.imaging import ImageRejected, centre_crop_resize, is_image_name, is_junk, open_rgb
 from ..errors import HemafedError
 from ..npz_lock import open_npz
-from .confidence import Calibration, offsets_text, softmax
+from .confidence import Calibration, look_text, offsets_text, softmax
 from .models import build_model, get_spec, images_to_tensor, num_parameters, set_flat_params
 
 ProgressFn = Callable[[int, int], None]
@@ -255,6 +255,8 @@ class ClassifyReport:
     class_scores: str | None = None
     # the answers include that hospital's class offsets or its re-fitted final layer
     class_offsets_applied: bool = False
+    # the look every image was shown in first, in words (core.learning.look_match; None: as they came)
+    look: str | None = None
 
     def accuracy_per_class(self) -> dict[str, dict[str, float | int]]:
         """For files whose folder names their class: images, correct and accuracy per class."""
@@ -295,6 +297,8 @@ class ClassifyReport:
         out: dict = {"model": self.model, "files": [p.to_dict() for p in self.predictions]}
         if self.class_scores is not None:
             out["class_scores"] = self.class_scores
+        if self.look is not None:
+            out["look"] = self.look
         if self.problems:
             out["problems"] = self.problems
         per_class = self.accuracy_per_class()
@@ -367,4 +371,5 @@ def classify_paths(model: ModelFile, paths: Iterable[str | Path], *, batch_size:
     return ClassifyReport(model=model.name, predictions=predictions, problems=problems,
                           class_scores=None if cal is None else offsets_text(cal),
                           class_offsets_applied=cal is not None and (cal.class_offsets is not None
-                                                                     or cal.head_refitted))
+                                                                     or cal.head_refitted),
+                          look=None if cal is None or cal.look is None else look_text(cal))

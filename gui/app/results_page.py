@@ -307,6 +307,8 @@ class ClassifyPanel(QWidget):
             parts.append("probabilities as the model gives them (this model file is not calibrated)")
         if ok and report.class_offsets_applied:
             parts.append("class scores adjusted to this hospital's images")
+        if ok and report.look:
+            parts.append("images shown in the federation's look (this hospital's adaptation)")
         self.status.setText(" · ".join(parts) + ". Click a column title to sort.")
         self.export_btn.setEnabled(bool(preds))
         if ok:
