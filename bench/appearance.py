@@ -115,9 +115,12 @@ def deploy_scores(model_name: str, run: Path, val: tuple[np.ndarray, np.ndarray]
     looks = [None if m is None else m.look for m in matches]
     out += [accuracy(weights, features_in(look)[1], model.calibration) for look in looks]
     for n, match, look in zip(sizes, matches, looks, strict=True):
-        held, tested = features_in(look)
-        result = recalibrate_features(model, held[:n].numpy(), val[1][:n], match)
+        looked = None if look is None else features_in(look)[0][:n].numpy()
+        result = recalibrate_features(model, features_in(None)[0][:n].numpy(), val[1][:n], match, looked)
+        tested = features_in(result.calibration.image_look())[1]
         out.append(accuracy(weights if result.weights is None else result.weights, tested, result.calibration))
+        print(f"  {run.name}: re-calibrated on {n}: "
+              f"{'in the look' if result.calibration.look else 'as they come'}", flush=True)
     for n, look in zip(sizes, looks, strict=True):
         print(f"  {run.name}: look matched on {n} images: "
               f"{'as they come' if look is None else f'H {look.haematoxylin:g}, blur {look.blur:g}'}", flush=True)
@@ -141,8 +144,9 @@ def _deploy_section(groups: dict, test_images: np.ndarray, test_labels: np.ndarr
         "shows every image in that look before the model sees it (core/learning/look_match.py; \"look matched\" "
         "columns: the federation's weights and calibration otherwise as released). With the labels too "
         "(\"re-calibrated\" columns), it takes the "
-        "federation's final model file (the aggregator's), matches the look and re-fits its final layer near the "
-        "released one (or, "
+        "federation's final model file (the aggregator's), matches the look, re-fits its final layer near the "
+        "released one on the images in that look and as they come, and keeps the look only where its re-fit predicts "
+        "held-out labelled images at least as well (re-fit: the final layer near the released one, or, "
         "where that does not predict held-out images better, its class offsets alone) and its \"uncertain\" "
         "threshold on n labelled images of its own (`hemafed calibrate`; here the first n of a fixed order of "
         "BloodMNIST's validation split, in the same untouched look; core/learning/head_refit.py and "

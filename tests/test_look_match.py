@@ -72,9 +72,28 @@ def test_a_calibration_keeps_its_look_and_refuses_one_out_of_range() -> None:
     again = Calibration.from_dict(json.loads(json.dumps(looked.to_dict())))
     assert again.look == (0.9, 0.4) and again.image_look() == HospitalLook(haematoxylin=0.9, blur=0.4)
     assert "90%" in look_text(again) and "0.4 px" in look_text(again) and "12.5 → 1.5" in look_text(again)
+    turned_down = replace(cal, look_distance=(12.5, 1.5))  # searched, found, and the labelled re-fit preferred none
+    assert turned_down.image_look() is None and "predicted held-out labelled images worse" in look_text(turned_down)
+    alike = replace(cal, look_distance=(0.4, 0.4))
+    assert "already look like the federation's" in look_text(alike)
     bad = looked.to_dict() | {"look": [5.0, 0.4]}
     with pytest.raises(ValueError, match="look"):
         Calibration.from_dict(bad)
+
+
+def test_the_labelled_refit_keeps_the_look_only_where_held_out_images_are_predicted_at_least_as_well() -> None:
+    """`recalibrate_features` compares the two re-fits by the five-fold held-out loss of what each answers with."""
+    from dataclasses import replace
+
+    from hemafed.core.learning.confidence import Calibration
+    from hemafed.core.learning.local_calibration import held_out_loss
+
+    cal = Calibration.federation_only(1.0, federation_classes=[5] * 8)
+    assert held_out_loss(cal) is None
+    rejected = replace(cal, offsets_loss_released=0.30, offsets_loss_refitted=0.35)
+    assert held_out_loss(rejected) == 0.30  # the guard kept the released scores: those are what it answers with
+    assert held_out_loss(replace(rejected, offsets_loss_refitted=0.2, head_refitted=True)) == 0.2
+    assert held_out_loss(replace(rejected, offsets_loss_refitted=0.25, class_offsets=(0.1,) * 8)) == 0.25
 
 
 def test_a_model_file_with_a_look_answers_as_for_images_taken_in_that_look(tmp_path: Path) -> None:

@@ -246,6 +246,10 @@ def look_text(cal: Calibration | None) -> str:
     if cal is None or cal.look_distance is None:
         return ""
     before, after = cal.look_distance
+    if cal.look is None and after < before:
+        return (f"images shown as they come: in the look closest to the federation's (distance of their mean "
+                f"measurements {before:.1f} → {after:.1f}) the re-fitted model predicted held-out labelled images "
+                "worse")
     if cal.look is None:
         return (f"images shown as they come: they already look like the federation's (distance of their mean "
                 f"measurements {before:.1f})")

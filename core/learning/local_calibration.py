@@ -52,12 +52,13 @@ class Recalibrated:
 
 def recalibrate(model: ModelFile, images: np.ndarray, labels: np.ndarray) -> Recalibrated:
     """This hospital's calibration of `model` from its labelled `images` (N, H, W, 3 uint8 at any size) and their
-    class indices: first the look its images are best shown in (`core.learning.look_match`, from the images alone),
-    then the re-fit on the images in that look. Raises ModelFileError when the file lacks what a re-fit needs,
-    ValueError for too few images."""
+    class indices: the look its images are best shown in (`core.learning.look_match`, from the images alone), then
+    the re-fit on the images in that look, kept in that look only where it predicts held-out labelled images at
+    least as well as the re-fit on the images as they come. Raises ModelFileError when the file lacks what a re-fit
+    needs, ValueError for too few images."""
     match = matched_look(model, images)
-    shown = shown_in(np.asarray(images), None if match is None else match.look)
-    return recalibrate_features(model, model.features(shown), labels, match)
+    looked = None if match is None or match.look is None else model.features(shown_in(np.asarray(images), match.look))
+    return recalibrate_features(model, model.features(images), labels, match, looked)
 
 
 def matched_look(model: ModelFile, images: np.ndarray) -> LookMatch | None:
@@ -67,17 +68,29 @@ def matched_look(model: ModelFile, images: np.ndarray) -> LookMatch | None:
     return None if stats is None else match_look(stats, images)
 
 
-def recalibrate_features(model: ModelFile, features: np.ndarray, labels: np.ndarray,
-                         match: LookMatch | None = None) -> Recalibrated:
-    """`recalibrate` from the model's fixed features of the labelled images (`ModelFile.features`), computed in
-    the look `match` chose (as they come without one)."""
-    result = _refit(model, features, labels)
-    if match is None:
-        return replace(result, calibration=replace(result.calibration, look=None, look_distance=None))
-    look = match.look
-    return replace(result, calibration=replace(
-        result.calibration, look=None if look is None else (look.haematoxylin, look.blur),
-        look_distance=(match.distance_before, match.distance_after)))
+def recalibrate_features(model: ModelFile, features: np.ndarray, labels: np.ndarray, match: LookMatch | None = None,
+                         looked_features: np.ndarray | None = None) -> Recalibrated:
+    """`recalibrate` from the model's fixed features of the labelled images as they come (`ModelFile.features`) and,
+    where `match` chose a look, of the same images in it (`looked_features`)."""
+    plain = _refit(model, features, labels)
+    distance = None if match is None else (match.distance_before, match.distance_after)
+    plain = replace(plain, calibration=replace(plain.calibration, look=None, look_distance=distance))
+    if match is None or match.look is None or looked_features is None:
+        return plain
+    looked = _refit(model, looked_features, labels)
+    look = (match.look.haematoxylin, match.look.blur)
+    looked = replace(looked, calibration=replace(looked.calibration, look=look, look_distance=distance))
+    a, b = held_out_loss(plain.calibration), held_out_loss(looked.calibration)
+    return plain if a is not None and b is not None and a < b else looked
+
+
+def held_out_loss(cal: Calibration) -> float | None:
+    """The five-fold held-out cross-entropy per image of the class scores a calibration answers with (re-fitted or
+    as released); None where no re-fit ran."""
+    if cal.offsets_loss_released is None:
+        return None
+    refitted = cal.head_refitted or cal.class_offsets is not None
+    return cal.offsets_loss_refitted if refitted else cal.offsets_loss_released
 
 
 def _refit(model: ModelFile, features: np.ndarray, labels: np.ndarray) -> Recalibrated:
