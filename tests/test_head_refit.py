@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from model_files import federation_file
 
 from hemafed.core.learning.class_offsets import MIN_IMAGES
 from hemafed.core.learning.head_refit import refit_head
@@ -71,22 +72,17 @@ def test_hemafed_calibrate_saves_the_refitted_layer_and_classify_answers_with_it
 
     from hemafed.core.learning.classify import classify_paths, load_model_file
     from hemafed.core.learning.confidence import Calibration
-    from hemafed.core.learning.models import build_model, get_flat_params, split_features
-    from hemafed.core.rounds.plan import FederationPlan
+    from hemafed.core.learning.models import build_model, split_features
     from hemafed.gui.cli import main as cli_main
-    from hemafed.network.site import save_model_file
 
     net = build_model("scatter_synth_inv_cc_28", 8, seed=4)
     head = split_features(net)[1]
     head.center.data.normal_(0, 0.1)
     head.cell_moments.data.fill_(0.5)
-    plan = FederationPlan(federation_id="refit", model="scatter_synth_inv_cc_28", threshold=2, min_sites=2)
-    theirs = save_model_file(tmp_path / "final.npz", get_flat_params(head), plan, 5)
+    theirs = federation_file(tmp_path / "final.npz", head, "scatter_synth_inv_cc_28",
+                             Calibration.federation_only(1.0, federation_classes=[50] * 8), "refit")
     with np.load(theirs) as data:
-        meta = json.loads(bytes(data["meta"]).decode())
         weights = data["weights"]
-    meta["calibration"] = Calibration.federation_only(1.0, federation_classes=[50] * 8).to_dict()
-    np.savez(theirs, weights=weights, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
     before = theirs.read_bytes()
 
     model = load_model_file(theirs)

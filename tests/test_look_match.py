@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_files import federation_file
 
 from hemafed.core.data.appearance import HospitalLook, apply_look
 from hemafed.core.learning.cell_check import DIM, CellStats, moment_vector, standardised
@@ -103,21 +104,14 @@ def test_a_model_file_with_a_look_answers_as_for_images_taken_in_that_look(tmp_p
 
     from hemafed.core.learning.classify import load_model_file
     from hemafed.core.learning.confidence import Calibration
-    from hemafed.core.learning.models import build_model, get_flat_params, split_features
-    from hemafed.core.rounds.plan import FederationPlan
-    from hemafed.network.site import save_model_file
+    from hemafed.core.learning.models import build_model, split_features
 
     net = build_model("scatter_synth_inv_cc_28", 8, seed=4)
     head = split_features(net)[1]
-    plan = FederationPlan(federation_id="look", model="scatter_synth_inv_cc_28", threshold=2, min_sites=2)
-    path = save_model_file(tmp_path / "final.npz", get_flat_params(head), plan, 5)
-    with np.load(path) as data:
-        meta = json.loads(bytes(data["meta"]).decode())
-        weights = data["weights"]
     cal = Calibration.federation_only(1.0, federation_classes=[50] * 8)
-    meta["calibration"] = replace(cal, look=(0.8, 0.4), look_distance=(9.0, 1.0)).to_dict()
-    looked_path = tmp_path / "ours.npz"
-    np.savez(looked_path, weights=weights, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    path = federation_file(tmp_path / "final.npz", head, "scatter_synth_inv_cc_28", cal, "look")
+    looked_path = federation_file(tmp_path / "ours.npz", head, "scatter_synth_inv_cc_28",
+                                  replace(cal, look=(0.8, 0.4), look_distance=(9.0, 1.0)), "look")
 
     images = _cells(6, seed=5, size=28)
     plain, looked = load_model_file(path), load_model_file(looked_path)
@@ -135,23 +129,16 @@ def test_hemafed_calibrate_look_only_writes_the_look_from_unlabelled_images(
 
     from hemafed.core.learning.classify import classify_paths, load_model_file
     from hemafed.core.learning.confidence import Calibration
-    from hemafed.core.learning.models import build_model, get_flat_params, split_features
-    from hemafed.core.rounds.plan import FederationPlan
+    from hemafed.core.learning.models import build_model, split_features
     from hemafed.gui.cli import main as cli_main
-    from hemafed.network.site import save_model_file
 
     hospital, others = pbc
     net = build_model("scatter_synth_inv_cc_28", 8, seed=4)
     head = split_features(net)[1]
     seen = standardised(apply_look(others, HospitalLook(haematoxylin=0.8, blur=0.4)))
     head.cell_moments.data.copy_(torch.as_tensor(moment_vector(seen).mean(0)))
-    plan = FederationPlan(federation_id="look", model="scatter_synth_inv_cc_28", threshold=2, min_sites=2)
-    theirs = save_model_file(tmp_path / "final.npz", get_flat_params(head), plan, 5)
-    with np.load(theirs) as data:
-        meta = json.loads(bytes(data["meta"]).decode())
-        weights = data["weights"]
-    meta["calibration"] = Calibration.federation_only(1.0, federation_classes=[50] * 8).to_dict()
-    np.savez(theirs, weights=weights, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    theirs = federation_file(tmp_path / "final.npz", head, "scatter_synth_inv_cc_28",
+                             Calibration.federation_only(1.0, federation_classes=[50] * 8), "look")
     before = theirs.read_bytes()
     folder = tmp_path / "archive"
     folder.mkdir()

@@ -28,13 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.accuracy.look_sensitivity import final_weights
+from bench.accuracy.look_sensitivity import default_model, final_weights
 from hemafed.core.data.appearance import HospitalLook, apply_look
-from hemafed.core.data.bloodmnist import load_splits, locate
 from hemafed.core.learning.cell_check import CellStats, standardised
-from hemafed.core.learning.models import build_model, set_flat_params, split_features
+from hemafed.core.learning.models import set_flat_params
 from hemafed.core.learning.site_trainer import model_inputs
-from hemafed.network.sim.simulate import SimulationOptions
 
 
 def main() -> None:
@@ -47,10 +45,7 @@ def main() -> None:
     ap.add_argument("--metric", choices=("mahalanobis", "euclidean"), default="mahalanobis")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    plan = SimulationOptions().plan()
-    model = build_model(plan.model, len(plan.classes))
-    head = split_features(model)[1]
-    val = load_splits(locate(None, size=plan.input_size))["val"]
+    plan, model, head, val = default_model()
     yv = np.asarray(val.labels).reshape(-1)
     order = torch.randperm(len(yv), generator=torch.Generator().manual_seed(7)).numpy()
     own, judged = order[: len(yv) // 2], order[len(yv) // 2:]

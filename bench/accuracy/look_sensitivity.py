@@ -36,6 +36,13 @@ COMPONENTS = {
 }
 
 
+def default_model():
+    """(plan, model, head, validation split) of `hemafed simulate`'s default model."""
+    plan = SimulationOptions().plan()
+    model = build_model(plan.model, len(plan.classes))
+    return plan, model, split_features(model)[1], load_splits(locate(None, size=plan.input_size))["val"]
+
+
 def final_weights(run: Path) -> np.ndarray:
     store = CheckpointStore(run / "federation" / "state" / "checkpoints")
     return store.load(max(store.rounds())).weights
@@ -47,10 +54,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=600)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    plan = SimulationOptions().plan()
-    model = build_model(plan.model, len(plan.classes))
-    head = split_features(model)[1]
-    val = load_splits(locate(None, size=plan.input_size))["val"]
+    plan, model, head, val = default_model()
     keep = np.sort(np.random.default_rng(1).permutation(len(val.labels))[:args.images])
     images, labels = val.images[keep], np.asarray(val.labels).reshape(-1)[keep]
     weights = {run.name: final_weights(run) for run in args.runs}
