@@ -156,6 +156,15 @@ def test_hemafed_calibrate_look_only_writes_the_look_from_unlabelled_images(
     one = [folder / "1.png"]
     assert "80%" in classify_paths(load_model_file(ours), one).to_dict()["look"]
     assert classify_paths(load_model_file(theirs), one).look is None
+    from dataclasses import replace
+
+    from hemafed.core.learning.classify import ModelFileError
+    from hemafed.core.learning.local_calibration import look_only
+
+    refitted = federation_file(tmp_path / "refitted.npz", head, "scatter_synth_inv_cc_28",
+                               replace(Calibration.federation_only(1.0), head_refitted=True), "look")
+    with pytest.raises(ModelFileError, match="start from the federation's file"):
+        look_only(load_model_file(refitted), hospital)
     (folder / "0.png").unlink()
     assert cli_main(["calibrate", "--look-only", "--model", str(theirs), str(folder), "--out",
                      str(tmp_path / "x.npz")]) == 1

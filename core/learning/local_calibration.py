@@ -3,7 +3,9 @@
 A hospital that did not take part in training, or whose microscope, stain or camera changed since, holds images
 that look unlike the federation's. With a few hundred labelled images of its own (class-named folders, as the Data
 page reads them) it fits, locally, what a participating site fits on its validation split when the federation
-ends, and more: the federation's whole final layer re-fitted near the released one (`core.learning.head_refit`,
+ends, and more: the look its images are best shown in (`core.learning.look_match`, from the images alone; kept
+where the re-fit in it predicts held-out images at least as well as the re-fit on the images as they come), the
+federation's whole final layer re-fitted near the released one (`core.learning.head_refit`,
 guarded by five folds, against the federation's validation class mix the model file carries), or where that does not
 predict held-out images better, its class offsets alone (`core.learning.class_offsets`, guarded the same way); then
 its "uncertain" threshold, with the federation's temperature and cell-check threshold kept as the file has them. The
@@ -179,9 +181,14 @@ def look_only(model: ModelFile, images: np.ndarray) -> Recalibrated:
     or a calibration in the file, ValueError with too few images."""
     from .look_match import MIN_IMAGES as LOOK_IMAGES
 
-    if model.calibration is None or model.cell_stats() is None:
+    cal = model.calibration
+    if cal is None or model.cell_stats() is None:
         raise ModelFileError(f"{model.path}: this model file carries no calibration or no cell-check statistics, so "
                              "the federation's look is not known")
+    if cal.head_refitted or cal.class_offsets is not None:
+        raise ModelFileError(f"{model.path}: its class scores were re-fitted to labelled images as they were shown "
+                             "then, and another look would not match them; start from the federation's file (the "
+                             "aggregator's), or re-calibrate with labelled images, which chooses the look too")
     match = matched_look(model, images)
     if match is None:
         raise ValueError(f"{len(images)} images are too few to choose a look by (at least {LOOK_IMAGES})")
