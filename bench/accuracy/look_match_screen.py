@@ -16,12 +16,14 @@ untouched validation split (seed 7's order, as bias_refit_screen), unlabelled; t
 only. "oracle" is the best judged accuracy over the grid (an upper bound, not a method).
 
     python -m bench.accuracy.look_match_screen results/appear-cells/{same,shifted}-s{0,1,2} --fit-images 100 250 856
+    python -m bench.accuracy.look_match_screen --sites results/appear-cells/shifted-s{0,1,2}   # each site's own
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 import time
 from pathlib import Path
 
@@ -89,5 +91,46 @@ def main() -> None:
         print(f"| {run.name} | " + " | ".join(cells) + " |", flush=True)
 
 
+def sites() -> None:
+    """`--sites`: would each participating hospital gain from its own look match when the federation ends? Each of
+    the shifted runs' hospitals matches on its own validation split (in its look; at least `MIN_IMAGES`), and 600
+    images of BloodMNIST's validation split shown in its look are judged with the federation's final weights, as
+    they come and in the matched look. Validation only."""
+    from hemafed.core.learning.look_match import MIN_IMAGES, match_look, shown_in
+    from hemafed.network.sim.simulate import SimulationOptions, hospitals
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sites", action="store_true")
+    ap.add_argument("runs", type=Path, nargs="+", help="shifted runs, named …-sS for simulation seed S")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    plan, model, head, val = default_model()
+    keep = np.sort(np.random.default_rng(1).permutation(len(val.labels))[:600])
+    judged, yj = val.images[keep], np.asarray(val.labels).reshape(-1)[keep]
+    from hemafed.core.data.appearance import hospital_looks
+
+    print("| run | hospital | validation images | look | as they come | in the matched look |")
+    print("|---|---:|---:|---|---:|---:|")
+    gains = []
+    for run in args.runs:
+        seed = int(run.name.rsplit("-s", 1)[1])
+        h = hospitals(SimulationOptions(quiet=True, seed=seed, appearance="shifted"))
+        set_flat_params(head, final_weights(run))
+        stats = CellStats.from_moments(head.cell_moments.detach().double().numpy())
+        for k, (data, look) in enumerate(zip(h.site_data().values(), hospital_looks(10, seed), strict=True)):
+            if len(data.val_images) < MIN_IMAGES:
+                continue
+            match = match_look(stats, data.val_images)
+            own = apply_look(judged, look)
+            acc = []
+            for shown in (own, shown_in(own, match.look)):
+                with torch.no_grad():
+                    acc.append(float((head(model_inputs(plan, model, shown, "eval")).argmax(1).numpy() == yj).mean()))
+            gains.append(acc[1] - acc[0])
+            t = "as they come" if match.look is None else f"H {match.haematoxylin:g}, blur {match.blur:g}"
+            print(f"| {run.name} | {k + 1} | {len(data.val_images)} | {t} | {acc[0]:.2%} | {acc[1]:.2%} |", flush=True)
+    print(f"mean gain {100 * np.mean(gains):+.2f} points over {len(gains)} hospitals (worst {100 * min(gains):+.2f})")
+
+
 if __name__ == "__main__":
-    main()
+    sites() if "--sites" in sys.argv else main()
