@@ -73,6 +73,8 @@ def test_a_calibration_keeps_its_look_and_refuses_one_out_of_range() -> None:
     again = Calibration.from_dict(json.loads(json.dumps(looked.to_dict())))
     assert again.look == (0.9, 0.4) and again.image_look() == HospitalLook(haematoxylin=0.9, blur=0.4)
     assert "90%" in look_text(again) and "0.4 px" in look_text(again) and "12.5 → 1.5" in look_text(again)
+    focus_only = replace(looked, look=(1.0, 0.4))
+    assert "haematoxylin" not in look_text(focus_only) and "a focus blur of 0.4 px" in look_text(focus_only)
     turned_down = replace(cal, look_distance=(12.5, 1.5))  # searched, found, and the labelled re-fit preferred none
     assert turned_down.image_look() is None and "predicted held-out labelled images worse" in look_text(turned_down)
     alike = replace(cal, look_distance=(0.4, 0.4))

@@ -254,10 +254,10 @@ def look_text(cal: Calibration | None) -> str:
         return (f"images shown as they come: they already look like the federation's (distance of their mean "
                 f"measurements {before:.1f})")
     h, blur = cal.look
-    return (f"images shown with the haematoxylin at {h:.0%} of its strength"
-            + (f" and a focus blur of {blur:g} px (at 28 px)" if blur else "")
-            + f" first: closest to the federation's look (distance of their mean measurements {before:.1f} → "
-            f"{after:.1f})")
+    parts = ([f"the haematoxylin at {h:.0%} of its strength"] if h != 1.0 else []) + (
+        [f"a focus blur of {blur:g} px (at 28 px)"] if blur else [])
+    return (f"images shown with {' and '.join(parts)} first: closest to the federation's look (distance of their "
+            f"mean measurements {before:.1f} → {after:.1f})")
 
 
 def offsets_text(cal: Calibration | None) -> str:
