@@ -29,6 +29,7 @@ from ..data.imaging import ImageRejected
 from .class_offsets import MIN_IMAGES as OFFSET_IMAGES
 from .classify import ModelFile, ModelFileError, collect_inputs, prepare_image
 from .confidence import MIN_IMAGES, Calibration
+from .look_match import MIN_IMAGES as LOOK_IMAGES
 from .look_match import LookMatch, match_look, shown_in
 
 # Below this many labelled images the re-fit's own noise shows: where the images look like the federation's it cost
@@ -75,15 +76,22 @@ def recalibrate_features(model: ModelFile, features: np.ndarray, labels: np.ndar
     """`recalibrate` from the model's fixed features of the labelled images as they come (`ModelFile.features`) and,
     where `match` chose a look, of the same images in it (`looked_features`)."""
     plain = _refit(model, features, labels)
-    distance = None if match is None else (match.distance_before, match.distance_after)
-    plain = replace(plain, calibration=replace(plain.calibration, look=None, look_distance=distance))
+    plain = replace(plain, calibration=with_look(plain.calibration, match, shown=False))
     if match is None or match.look is None or looked_features is None:
         return plain
     looked = _refit(model, looked_features, labels)
-    look = (match.look.haematoxylin, match.look.blur)
-    looked = replace(looked, calibration=replace(looked.calibration, look=look, look_distance=distance))
+    looked = replace(looked, calibration=with_look(looked.calibration, match, shown=True))
     a, b = held_out_loss(plain.calibration), held_out_loss(looked.calibration)
     return plain if a is not None and b is not None and a < b else looked
+
+
+def with_look(cal: Calibration, match: LookMatch | None, shown: bool = True) -> Calibration:
+    """`cal` recording the search `match` (None: none ran) and, with `shown`, the look it chose."""
+    if match is None:
+        return replace(cal, look=None, look_distance=None)
+    look = match.look if shown else None
+    return replace(cal, look=None if look is None else (look.haematoxylin, look.blur),
+                   look_distance=(match.distance_before, match.distance_after))
 
 
 def held_out_loss(cal: Calibration) -> float | None:
@@ -179,8 +187,6 @@ def look_only(model: ModelFile, images: np.ndarray) -> Recalibrated:
     """`model`'s calibration as it is, with the look this hospital's `images` (unlabelled) are best shown in
     (`core.learning.look_match`); the weights as released. Raises ModelFileError without the cell check's statistics
     or a calibration in the file, ValueError with too few images."""
-    from .look_match import MIN_IMAGES as LOOK_IMAGES
-
     cal = model.calibration
     if cal is None or model.cell_stats() is None:
         raise ModelFileError(f"{model.path}: this model file carries no calibration or no cell-check statistics, so "
@@ -192,9 +198,7 @@ def look_only(model: ModelFile, images: np.ndarray) -> Recalibrated:
     match = matched_look(model, images)
     if match is None:
         raise ValueError(f"{len(images)} images are too few to choose a look by (at least {LOOK_IMAGES})")
-    look = match.look
-    return Recalibrated(replace(model.calibration, look=None if look is None else (look.haematoxylin, look.blur),
-                                look_distance=(match.distance_before, match.distance_after)))
+    return Recalibrated(with_look(cal, match))
 
 
 def save_recalibrated(model: ModelFile, result: Recalibrated, out: str | Path) -> Path:
