@@ -98,7 +98,7 @@ def deploy_scores(model_name: str, run: Path, val: tuple[np.ndarray, np.ndarray]
     inputs: dict = {}
 
     def features_in(look) -> tuple[torch.Tensor, torch.Tensor]:
-        key = None if look is None else (look.haematoxylin, look.blur)
+        key = look  # a frozen dataclass (None: as they come)
         if key not in inputs:
             inputs[key] = (model_inputs(plan, net, shown_in(val[0][:max(sizes)], look), "eval"),
                            model_inputs(plan, net, shown_in(test[0], look), "eval"))
@@ -123,8 +123,13 @@ def deploy_scores(model_name: str, run: Path, val: tuple[np.ndarray, np.ndarray]
               f"{'in the look' if result.calibration.look else 'as they come'}", flush=True)
     for n, look in zip(sizes, looks, strict=True):
         print(f"  {run.name}: look matched on {n} images: "
-              f"{'as they come' if look is None else f'H {look.haematoxylin:g}, blur {look.blur:g}'}", flush=True)
+              f"{'as they come' if look is None else _look_named(look)}", flush=True)
     return out
+
+
+def _look_named(look) -> str:
+    return (f"H {look.haematoxylin:g}, E {look.eosin:g}, blur {look.blur:g}"
+            + (f", lamp {look.brightness:g}" if look.brightness != 1 else ""))
 
 
 def _deploy_section(groups: dict, test_images: np.ndarray, test_labels: np.ndarray, sizes: list[int]) -> list[str]:
@@ -139,7 +144,8 @@ def _deploy_section(groups: dict, test_images: np.ndarray, test_labels: np.ndarr
         "(`hemafed calibrate`)",
         "",
         "The untouched test split stands for a hospital whose look none of the training hospitals has. From n "
-        "images of its own, without their labels, it finds the look (haematoxylin strength and focus) in which their "
+        "images of its own, without their labels, it finds the look (haematoxylin and eosin strength, focus and lamp) "
+        "in which their "
         "mean cell-check measurements come closest to the federation's DP mean that the model file carries, and "
         "shows every image in that look before the model sees it (core/learning/look_match.py; \"look matched\" "
         "columns: the federation's weights and calibration otherwise as released). With the labels too "

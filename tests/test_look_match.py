@@ -39,15 +39,18 @@ def pbc(shared_data: Path) -> tuple[np.ndarray, np.ndarray]:
     return images[order[:MIN_IMAGES]], images[order[MIN_IMAGES:]]
 
 
-@pytest.mark.parametrize(("haematoxylin", "blur"), [(0.8, 0.4), (1.2, 0.0), (0.9, 0.2)])
-def test_the_search_finds_the_federations_stain_and_focus_from_other_unlabelled_images(
-        pbc, haematoxylin: float, blur: float) -> None:
+@pytest.mark.parametrize("look", [HospitalLook(haematoxylin=0.8, blur=0.4), HospitalLook(haematoxylin=1.2),
+                                  HospitalLook(haematoxylin=0.9, blur=0.2),
+                                  HospitalLook(eosin=0.9, brightness=1.07, blur=0.4)])
+def test_the_search_finds_the_federations_stain_focus_and_lamp_from_other_unlabelled_images(
+        pbc, look: HospitalLook) -> None:
     """The hospital's cells are not the federation's: only the look is shared."""
     hospital, others = pbc
-    match = match_look(_stats(apply_look(others, HospitalLook(haematoxylin=haematoxylin, blur=blur))), hospital)
+    match = match_look(_stats(apply_look(others, look)), hospital)
     assert match is not None and match.images == MIN_IMAGES
-    assert (match.haematoxylin, match.blur) == (haematoxylin, blur)
-    assert match.look == HospitalLook(haematoxylin=haematoxylin, blur=blur)
+    assert (match.haematoxylin, match.eosin, match.blur, match.lamp) == (
+        look.haematoxylin, look.eosin, look.blur, look.brightness)
+    assert match.look == look
     assert match.distance_after < 0.2 * match.distance_before
 
 
@@ -79,9 +82,13 @@ def test_a_calibration_keeps_its_look_and_refuses_one_out_of_range() -> None:
     assert turned_down.image_look() is None and "predicted held-out labelled images worse" in look_text(turned_down)
     alike = replace(cal, look_distance=(0.4, 0.4))
     assert "already look like the federation's" in look_text(alike)
-    bad = looked.to_dict() | {"look": [5.0, 0.4]}
-    with pytest.raises(ValueError, match="look"):
-        Calibration.from_dict(bad)
+    full = replace(looked, look=(1.0, 0.4, 0.9, 1.07))  # eosin and lamp, as the search writes them now
+    again = Calibration.from_dict(json.loads(json.dumps(full.to_dict())))
+    assert again.image_look() == HospitalLook(eosin=0.9, brightness=1.07, blur=0.4)
+    assert "the eosin at 90%, the lamp 7% brighter and a focus blur of 0.4 px" in look_text(again)
+    for bad in ([5.0, 0.4], [1.0, 0.4, 0.9], [1.0, 0.4, 0.9, 9.0]):
+        with pytest.raises(ValueError, match="look"):
+            Calibration.from_dict(looked.to_dict() | {"look": bad})
 
 
 def test_the_labelled_refit_keeps_the_look_only_where_held_out_images_are_predicted_at_least_as_well() -> None:
@@ -153,7 +160,7 @@ def test_hemafed_calibrate_look_only_writes_the_look_from_unlabelled_images(
     said = json.loads(capsys.readouterr().out)
     assert said["images"] == MIN_IMAGES and "80%" in said["look"]
     cal = load_model_file(ours).calibration
-    assert cal.look == (0.8, 0.4) and cal.threshold is None and cal.federation_classes == (50,) * 8
+    assert cal.look == (0.8, 0.4, 1.0, 1.0) and cal.threshold is None and cal.federation_classes == (50,) * 8
     assert theirs.read_bytes() == before
     one = [folder / "1.png"]
     assert "80%" in classify_paths(load_model_file(ours), one).to_dict()["look"]

@@ -135,8 +135,9 @@ class Calibration:
     # file's weights are then its own, and the re-fit's held-out losses are in offsets_loss_released / _refitted
     head_refitted: bool = False
     # this hospital's images are shown to the model in this look first (core.learning.look_match, `hemafed
-    # calibrate`): (haematoxylin strength, focus blur σ in pixels at 28 px); None: as they come
-    look: tuple[float, float] | None = None
+    # calibrate`): (haematoxylin strength, focus blur σ in pixels at 28 px, eosin strength, lamp level); files
+    # written before eosin and lamp were searched carry the first two; None: as they come
+    look: tuple[float, ...] | None = None
     # the squared distance of their mean measurements to the federation's, as they come → in that look
     look_distance: tuple[float, float] | None = None
 
@@ -146,7 +147,8 @@ class Calibration:
             return None
         from ..data.appearance import HospitalLook
 
-        return HospitalLook(haematoxylin=self.look[0], blur=self.look[1])
+        h, blur, eosin, lamp = (*self.look, 1.0, 1.0)[:4]
+        return HospitalLook(haematoxylin=h, eosin=eosin, brightness=lamp, blur=blur)
 
     def adjusted(self, logits: np.ndarray) -> np.ndarray:
         """The logits with this hospital's class offsets (unchanged without them)."""
@@ -220,15 +222,17 @@ class Calibration:
             if values.ndim != 1 or not np.all(np.isfinite(values)) or np.abs(values).max(initial=0.0) > 50.0:
                 raise ValueError("calibration's class offsets are not a list of numbers within ±50")
             fields["class_offsets"] = tuple(float(v) for v in values)
-        for key, limits in (("look", ((0.5, 2.0), (0.0, 2.0))), ("look_distance", ((0.0, 1e6), (0.0, 1e6)))):
-            pair = fields.get(key)
-            if pair is None:
+        for key, limits, sizes in (("look", ((0.5, 2.0), (0.0, 2.0), (0.5, 2.0), (0.5, 2.0)), (2, 4)),
+                                   ("look_distance", ((0.0, 1e6), (0.0, 1e6)), (2,))):
+            values = fields.get(key)
+            if values is None:
                 continue
-            if not (isinstance(pair, list | tuple) and len(pair) == 2
+            if not (isinstance(values, list | tuple) and len(values) in sizes
                     and all(isinstance(v, int | float) and not isinstance(v, bool) and lo <= v <= hi
-                            for v, (lo, hi) in zip(pair, limits, strict=True))):
-                raise ValueError(f"calibration's {key.replace('_', ' ')} is not two numbers in range")
-            fields[key] = (float(pair[0]), float(pair[1]))
+                            for v, (lo, hi) in zip(values, limits, strict=False))):
+                raise ValueError(f"calibration's {key.replace('_', ' ')} is not {' or '.join(map(str, sizes))} "
+                                 "numbers in range")
+            fields[key] = tuple(float(v) for v in values)
         if not isinstance(fields.get("head_refitted", False), bool):
             raise ValueError("calibration's head_refitted is not true or false")
         counts = fields.get("federation_classes")
@@ -253,9 +257,14 @@ def look_text(cal: Calibration | None) -> str:
     if cal.look is None:
         return (f"images shown as they come: they already look like the federation's (distance of their mean "
                 f"measurements {before:.1f})")
-    h, blur = cal.look
-    parts = ([f"the haematoxylin at {h:.0%} of its strength"] if h != 1.0 else []) + (
-        [f"a focus blur of {blur:g} px (at 28 px)"] if blur else [])
+    look = cal.image_look()
+    parts = ([f"the haematoxylin at {look.haematoxylin:.0%} of its strength"] if look.haematoxylin != 1.0 else []) + (
+        [f"the eosin at {look.eosin:.0%}"] if look.eosin != 1.0 else []) + (
+        [f"the lamp {look.brightness - 1:.0%} brighter"] if look.brightness > 1.0 else []) + (
+        [f"the lamp {1 - look.brightness:.0%} dimmer"] if look.brightness < 1.0 else []) + (
+        [f"a focus blur of {look.blur:g} px (at 28 px)"] if look.blur else [])
+    if len(parts) > 1:
+        parts = [", ".join(parts[:-1]), parts[-1]]
     return (f"images shown with {' and '.join(parts)} first: closest to the federation's look (distance of their "
             f"mean measurements {before:.1f} → {after:.1f})")
 

@@ -90,7 +90,7 @@ def with_look(cal: Calibration, match: LookMatch | None, shown: bool = True) -> 
     if match is None:
         return replace(cal, look=None, look_distance=None)
     look = match.look if shown else None
-    return replace(cal, look=None if look is None else (look.haematoxylin, look.blur),
+    return replace(cal, look=None if look is None else (look.haematoxylin, look.blur, look.eosin, look.brightness),
                    look_distance=(match.distance_before, match.distance_after))
 
 

@@ -56,10 +56,10 @@ def site_validation_confusion(model_path: Path, source: str, val_fraction: float
 
 
 ADAPT_TIP = ("Re-fit a copy of this model to labelled images of your own (folders named after the classes), for "
-             "images that look unlike the federation's (another stain, lamp or microscope): the stain strength and "
-             "focus your images are shown in (the ones closest to the federation's look), its class scores (the final "
-             "layer, kept near the federation's) and its 'uncertain' threshold. Nothing is sent; the model file you "
-             "opened stays as it is.")
+             "images that look unlike the federation's (another stain, lamp or microscope): the stain strength, "
+             "lamp and focus your images are shown in (the ones closest to the federation's look), its class scores "
+             "(the final layer, kept near the federation's) and its 'uncertain' threshold. Nothing is sent; the "
+             "model file you opened stays as it is.")
 CANNOT_ADAPT_TIP = ("This model file cannot be adapted: it does not carry the federation's calibration and class "
                     "counts (saved before 2026-12-05, by a plan without secure aggregation, or not by a federation).")
 
