@@ -547,7 +547,8 @@ class ResultsPage(QWidget):
 
         cal = model.calibration
         scores = offsets_text(cal)
-        scores = scores[0].upper() + scores[1:] + (f"; {look_text(cal)}" if look_text(cal) else "")
+        looked = look_text(cal)
+        scores = scores[0].upper() + scores[1:] + (f"; {looked}" if looked else "")
         self.model_label.setText(f"Model file: <b>{model.path}</b><br>{model.name}, {len(model.classes)} classes, "
                                  f"federation {model.federation_id}{rnd}. Use it on the Classify images tab.<br>"
                                  + (f"{self.adapt_note}<br>" if self.adapt_note else "")

@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "images you will judge the model on")
     p.add_argument("--out", required=True, metavar="OURS.npz", help="the re-calibrated copy to write")
     p.add_argument("--look-only", action="store_true",
-                   help="only choose the look your images are shown in (haematoxylin strength and focus closest to "
+                   help="only choose the look your images are shown in (stain strength, focus and lamp closest to "
                         "the federation's), from at least 100 images with or without labels; nothing is re-fitted")
     p.add_argument("--json", action="store_true", help="print what was fitted as JSON")
     p.set_defaults(func=_calibrate)
@@ -79,8 +79,8 @@ def _classify(args: argparse.Namespace) -> int:
                      "validation images of the hospital that saved the file)" if cal.threshold is not None else
                      "; no 'uncertain' threshold in this file (each hospital fits its own)"))
             print(offsets_text(cal))
-            if look_text(cal):
-                print(look_text(cal))
+            if looked := look_text(cal):
+                print(looked)
             if cal.not_a_cell_threshold is not None:
                 print("images unlike the federation's (not a single blood cell) are NOT RECOGNISED (threshold "
                       f"flags {cal.not_a_cell_false_alarms:.1%} of {cal.not_a_cell_from or 'the validation images'})")
